@@ -1,0 +1,159 @@
+"""`compressor` command line: demo, run, bench, inspect, recipe.
+
+Every failure ends in one line `error: …` on stderr and a non-zero exit; `--debug` shows the
+traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+from compressor.errors import CompressorError
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="compressor", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="train the reference MNIST model and run the default recipe end to end")
+    demo.add_argument("--out", required=True, help="output folder")
+    demo.add_argument("--recipe", help="YAML recipe (default: the built-in fusion recipe)")
+    demo.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
+    demo.add_argument("--seed", type=int, help="override the recipe's seed")
+    _common(demo)
+
+    run = sub.add_parser("run", help="compress your own model")
+    run.add_argument("--model", required=True, help="Keras model: .keras, .h5 (tf-keras or Keras 3) or SavedModel dir")
+    run.add_argument("--data", required=True, help=".npz with x_train,y_train,x_test,y_test; or mnist5k / digits; or pkg.mod:func")
+    run.add_argument("--out", required=True, help="output folder")
+    run.add_argument("--recipe", help="YAML recipe (default: the built-in fusion recipe)")
+    run.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
+    run.add_argument("--seed", type=int, help="override the recipe's seed")
+    _common(run)
+
+    bench = sub.add_parser("bench", help="benchmark a .tflite or .onnx file")
+    bench.add_argument("--model", required=True, help="FILE.tflite or FILE.onnx")
+    bench.add_argument("--data", help="labelled data for accuracy (else random inputs)")
+    bench.add_argument("--threads", type=int, default=1)
+    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--runs", type=int, default=300)
+    bench.add_argument("--warmup", type=int, default=50)
+    bench.add_argument("--compare", help="a second file, run interleaved with the first (A B A B …)")
+    bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _common(bench)
+
+    inspect = sub.add_parser("inspect", help="per-tensor sparsity and storage as stored in a file")
+    inspect.add_argument("file", help="FILE.tflite, FILE.onnx or FILE.keras")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _common(inspect)
+
+    recipe = sub.add_parser("recipe", help="print the default recipe")
+    recipe.add_argument("--example", action="store_true", help="the default recipe with a comment on every field")
+    _common(recipe)
+    return parser
+
+
+def _recipe(args):
+    from compressor.recipe import load_recipe
+
+    recipe = load_recipe(getattr(args, "recipe", None))
+    if getattr(args, "seed", None) is not None:
+        recipe = recipe.model_copy(update={"seed": args.seed})
+    return recipe
+
+
+def cmd_demo(args, reporter) -> int:
+    from compressor.api import demo
+
+    report = demo(args.out, recipe=_recipe(args), force=args.force, reporter=reporter)
+    _summary(report, reporter)
+    return 0
+
+
+def cmd_run(args, reporter) -> int:
+    from compressor.api import compress_file
+
+    report = compress_file(args.model, args.data, args.out, recipe=_recipe(args), force=args.force, reporter=reporter)
+    _summary(report, reporter)
+    return 0
+
+
+def cmd_bench(args, reporter) -> int:
+    from exporters.bench_cli import bench_command
+
+    print(bench_command(args, reporter))
+    return 0
+
+
+def cmd_inspect(args, reporter) -> int:
+    from exporters.inspect import format_inspect, inspect_file
+
+    report = inspect_file(args.file)
+    print(json.dumps(report, indent=2) if args.json else format_inspect(report))
+    return 0
+
+
+def cmd_recipe(args, reporter) -> int:
+    from compressor.recipe import example_yaml
+
+    print(example_yaml())
+    return 0
+
+
+def _summary(report: dict, reporter) -> None:
+    """The final table on stdout: one line per file at batch 1, 1 thread."""
+    from rich.console import Console
+    from rich.table import Table
+
+    if reporter.quiet:
+        return
+    table = Table(title="compressor: dense vs pruned (batch 1, 1 thread)")
+    for col in ("variant", "runtime", "accuracy", "p50 ms", "gzip bytes", "verified"):
+        table.add_column(col)
+    ok = {v["file"]: v["ok"] for v in report["verification"]}
+    for r in report["results"]:
+        if r["batch"] == 1 and r["threads"] == 1:
+            table.add_row(r["variant"], r["runtime"], f"{r['accuracy']:.4f}", f"{r['latency_ms']['p50']:.4f}",
+                          f"{r['gzip_bytes']:,}", "ok" if ok.get(r["file"]) else "FAILED")
+    Console().print(table)
+
+
+COMMANDS = {"demo": cmd_demo, "run": cmd_run, "bench": cmd_bench, "inspect": cmd_inspect, "recipe": cmd_recipe}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from compressor.progress import Reporter
+
+    reporter = Reporter(quiet=args.quiet)
+    try:
+        return COMMANDS[args.command](args, reporter)
+    except CompressorError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("error: interrupted; no partial artifact was kept under its final name", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # an unexpected failure still gets one line, the traceback with --debug
+        if args.debug:
+            traceback.print_exc()
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        print(f"error: unexpected {type(exc).__name__}: {first} (rerun with --debug for the traceback)", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,552 @@
+"""Import a model saved by Keras 3 into tf-keras (Keras 2).
+
+tfmot only prunes tf-keras models, and tf-keras cannot read Keras 3 files (DESIGN.md fact 1). So
+we let Keras 3 load its own file, then rebuild the same graph in tf-keras layer by layer from the
+live model's config (translating the few config keys that differ), copy the weights layer by
+layer, and prove the rebuild on random inputs before anyone prunes it.
+
+Keras 3 is imported lazily, as `keras3`, only here: the rest of the project never touches it.
+"""
+from __future__ import annotations
+
+import inspect
+import re
+from typing import Any
+
+import numpy as np
+
+from compressor._tf import keras, tf
+from compressor.errors import CompressorError
+
+#: Max |tf-keras - Keras 3| allowed on the parity check, scaled by max(1, |reference output|).
+PARITY_TOL = 1e-4
+
+_MODEL_CLASSES = {"Functional", "Sequential", "Model"}
+# tf-keras has these names but the Keras 3 object cannot be carried over faithfully.
+_NO_EQUIVALENT = {"Lambda", "TFSMLayer", "JaxLayer", "FlaxLayer", "TorchModuleWrapper"}
+# Keyword arguments every tf-keras Layer accepts through **kwargs (base Layer allow-list).
+_BASE_LAYER_KWARGS = {
+    "name", "trainable", "dtype", "dynamic", "input_dim", "input_shape", "batch_input_shape",
+    "batch_size", "weights", "activity_regularizer", "autocast", "implementation",
+}
+# Keras 3 config keys renamed in tf-keras, per class.
+_RENAMES = {
+    "LeakyReLU": {"negative_slope": "alpha"},
+    "InputLayer": {"batch_shape": "batch_input_shape"},
+}
+# Keras 3 activation names that tf-keras spells differently (same function).
+_ACTIVATION_ALIASES = {"silu": "swish"}
+# Same name, different function in tf-keras (Keras 3: relu6(x + 3) / 6; tf-keras: 0.2 x + 0.5).
+_DIFFERENT_ACTIVATIONS = {"hard_sigmoid"}
+_QUANTIZED_POLICY = re.compile(r"int8|int4|float8|gptq", re.I)
+_NESTED_LAYER_KEYS = {"layer", "backward_layer", "cell"}
+
+
+def _keras3():
+    import keras as keras3  # noqa: PLC0415 - Keras 3 only where its files are read
+
+    return keras3
+
+
+def precheck_config(config: dict, path: str) -> None:
+    """Refuse, before loading anything, files whose layers tf-keras can never rebuild.
+
+    Keras 3 reports an unknown custom class as a generic "could not be deserialized" error, so
+    scanning the stored config is the only way to name the layer and its class for the user.
+    """
+    top = config.get("class_name")
+    if top not in _MODEL_CLASSES:
+        raise CompressorError(
+            f"error: cannot read model '{path}': it is a subclassed Keras 3 model (class '{top}') whose "
+            "graph cannot be rebuilt; pass a tf-keras model, or save a Sequential/functional model"
+        )
+    layers = list(_walk_layer_configs(config.get("config") or {}))
+    if not any(l.get("class_name") != "InputLayer" for l in layers):
+        raise CompressorError(f"error: model '{path}' has no layers; save a trained model with at least one layer")
+    for lcfg in layers:
+        class_name = lcfg.get("class_name", "?")
+        name = (lcfg.get("config") or {}).get("name") or lcfg.get("name") or "?"
+        registered = lcfg.get("registered_name")
+        custom = (
+            ("module" in lcfg and not str(lcfg.get("module") or "").startswith("keras"))
+            or (registered not in (None, class_name))
+            or (class_name not in _MODEL_CLASSES and getattr(keras.layers, class_name, None) is None)
+        )
+        if custom:
+            raise CompressorError(
+                f"error: cannot read model '{path}': layer '{name}' has custom class '{registered or class_name}' "
+                "that cannot be deserialized into tf-keras; pass a tf-keras model (with the class registered "
+                "via keras.saving.register_keras_serializable) or save the model without it"
+            )
+        if class_name in _NO_EQUIVALENT:
+            raise CompressorError(
+                f"error: cannot read model '{path}': Keras 3 layer '{name}' ({class_name}) has no tf-keras "
+                "equivalent; save the model without it (e.g. built-in layers instead of Lambda) or as tf-keras"
+            )
+
+
+def _walk_layer_configs(model_cfg: dict):
+    for lcfg in model_cfg.get("layers", []) or []:
+        if not isinstance(lcfg, dict):
+            continue
+        yield lcfg
+        inner = lcfg.get("config") or {}
+        if lcfg.get("class_name") in _MODEL_CLASSES:
+            yield from _walk_layer_configs(inner)
+        for key in _NESTED_LAYER_KEYS:
+            if isinstance(inner.get(key), dict):
+                yield from _walk_layer_configs({"layers": [inner[key]]})
+        if isinstance(inner.get("cells"), list):
+            yield from _walk_layer_configs({"layers": inner["cells"]})
+
+
+def load_keras3(path: str, kind: str, config: dict | None = None) -> tuple["keras.Model", list[str], Any]:
+    """Load a Keras 3 `.keras`/`.h5` file with Keras 3 and return (tf-keras model, notes, k3 model).
+
+    `kind` is the format label used in messages ("Keras 3 .keras"); `config` is the model config
+    stored in the file, checked first when given. Raises CompressorError for anything that cannot
+    be imported faithfully.
+    """
+    if config:
+        precheck_config(config, path)
+    keras3 = _keras3()
+    try:
+        k3_model = keras3.saving.load_model(path, compile=False)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one user-facing line
+        raise _keras3_load_error(path, exc) from None
+    if not isinstance(k3_model, keras3.Model):
+        raise CompressorError(
+            f"error: '{path}' holds a {type(k3_model).__name__}, not a Keras model; "
+            "save a Keras Sequential or functional model"
+        )
+    notes: list[str] = []
+    importer = _Importer(notes)
+    try:
+        tf_model = importer.rebuild(k3_model)
+        importer.copy_weights(k3_model, tf_model)
+        diff = check_parity(k3_model, tf_model)
+    except CompressorError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - an unforeseen config: still one clear line
+        raise CompressorError(
+            f"error: cannot import Keras 3 model '{path}' into tf-keras: {_first_line(exc)}; "
+            "save the model with tf-keras instead"
+        ) from None
+    version = getattr(keras3, "__version__", "3")
+    notes.insert(
+        0,
+        f"imported from {kind} (Keras {version}): rebuilt {importer.n_layers} layers in tf-keras; "
+        f"outputs match Keras 3 on random inputs (max abs diff {diff:.2e})",
+    )
+    return tf_model, notes, k3_model
+
+
+def _keras3_load_error(path: str, exc: Exception) -> CompressorError:
+    msg = _first_line(exc)
+    m = re.search(r"(?:Could not locate class|Could not deserialize class|Unknown \w+:?) '?([\w.>]+)'?", msg)
+    if m:
+        return CompressorError(
+            f"error: cannot read model '{path}': custom class '{m.group(1)}' cannot be deserialized; "
+            "pass a tf-keras model, or register the class "
+            "(@keras.saving.register_keras_serializable) and save the model without it"
+        )
+    if "Lambda" in msg and "safe_mode" in msg:
+        return CompressorError(
+            f"error: cannot read model '{path}': it contains a Lambda layer (arbitrary Python code, "
+            "refused for safety); replace the Lambda with built-in layers and re-save"
+        )
+    return CompressorError(
+        f"error: cannot read model '{path}' with Keras 3: {msg}; re-save it with model.save()"
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+def _accepted_kwargs(cls: type) -> set[str]:
+    """Every keyword a tf-keras layer class takes: its own __init__ chain plus the base allow-list."""
+    names = set(_BASE_LAYER_KWARGS)
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            params = inspect.signature(init).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        names.update(
+            p.name for p in params
+            if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        )
+    return names
+
+
+class _Importer:
+    """Rebuilds Keras 3 models in tf-keras; collects notes for the user along the way."""
+
+    def __init__(self, notes: list[str]):
+        self.notes = notes
+        self.n_layers = 0
+
+    # ----------------------------------------------------------------- graph
+    def rebuild(self, k3_model) -> "keras.Model":
+        cls = type(k3_model).__name__
+        cfg = k3_model.get_config()
+        if cls == "Sequential" or (isinstance(cfg, dict) and "layers" in cfg and "input_layers" not in cfg):
+            return self._rebuild_sequential(k3_model, cfg)
+        if isinstance(cfg, dict) and "input_layers" in cfg and "layers" in cfg:
+            return self._rebuild_functional(k3_model, cfg)
+        raise CompressorError(
+            f"error: model '{k3_model.name}' is a subclassed Keras 3 model ({cls}) whose graph cannot "
+            "be read; save a Sequential or functional model instead"
+        )
+
+    def _rebuild_sequential(self, k3_model, cfg: dict) -> "keras.Model":
+        layers = []
+        for lcfg in cfg["layers"]:
+            name = lcfg.get("config", {}).get("name") or lcfg.get("name")
+            if lcfg["class_name"] == "InputLayer":
+                kwargs = self._input_kwargs(lcfg["config"])
+                kwargs["batch_input_shape"] = kwargs.pop("batch_shape")
+                layers.append(keras.layers.InputLayer(**kwargs))
+                continue
+            layers.append(self._make_layer(lcfg, self._k3_sublayer(k3_model, name)))
+        model = keras.Sequential(layers, name=cfg.get("name"))
+        if not model.built and cfg.get("build_input_shape"):
+            model.build(tuple(cfg["build_input_shape"]))
+        return model
+
+    def _rebuild_functional(self, k3_model, cfg: dict) -> "keras.Model":
+        produced: dict[tuple[str, int], list] = {}
+        for lcfg in cfg["layers"]:
+            name = lcfg.get("name") or lcfg["config"]["name"]
+            if lcfg["class_name"] == "InputLayer":
+                produced[(name, 0)] = [keras.Input(**self._input_kwargs(lcfg["config"]))]
+                continue
+            layer = self._make_layer(lcfg, self._k3_sublayer(k3_model, name))
+            for node_index, node in enumerate(lcfg.get("inbound_nodes", [])):
+                args, kwargs = self._node_call(node, produced, name)
+                try:
+                    out = layer(*args, **kwargs)
+                except Exception as exc:  # noqa: BLE001
+                    raise CompressorError(
+                        f"error: cannot rebuild Keras 3 layer '{name}' ({lcfg['class_name']}) in "
+                        f"tf-keras: {_first_line(exc)}; save the model without it or as tf-keras"
+                    ) from None
+                produced[(name, node_index)] = tf.nest.flatten(out)
+
+        def pick(spec):
+            if isinstance(spec, dict):
+                return {k: pick(v) for k, v in spec.items()}
+            if isinstance(spec, (list, tuple)) and len(spec) == 3 and isinstance(spec[0], str):
+                return produced[(spec[0], spec[1])][spec[2]]
+            return [pick(s) for s in spec]
+
+        return keras.Model(pick(cfg["input_layers"]), pick(cfg["output_layers"]), name=cfg.get("name"))
+
+    def _node_call(self, node, produced, layer_name):
+        """Turn a Keras 3 node ({"args", "kwargs"} holding __keras_tensor__ refs) into call args."""
+        if isinstance(node, list):  # older nested-list node format: [[layer, node, tensor, kwargs], ...]
+            tensors = [produced[(r[0], r[1])][r[2]] for r in node]
+            return ([tensors[0] if len(tensors) == 1 else tensors], {})
+
+        def resolve(value):
+            if isinstance(value, dict) and value.get("class_name") == "__keras_tensor__":
+                src, idx, t = value["config"]["keras_history"]
+                return produced[(src, idx)][t]
+            if isinstance(value, dict):
+                return {k: resolve(v) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return [resolve(v) for v in value]
+            return value
+
+        try:
+            args = resolve(node.get("args", []))
+            kwargs = {k: v for k, v in resolve(node.get("kwargs", {})).items() if v is not None}
+        except KeyError as exc:
+            raise CompressorError(
+                f"error: Keras 3 layer '{layer_name}' reads tensor {exc} that the graph never "
+                "produces; re-save the model with Keras 3"
+            ) from None
+        return args, kwargs
+
+    @staticmethod
+    def _k3_sublayer(k3_model, name):
+        try:
+            return k3_model.get_layer(name)
+        except ValueError:
+            return None
+
+    @staticmethod
+    def _input_kwargs(cfg: dict) -> dict:
+        shape = cfg.get("batch_shape") or cfg.get("batch_input_shape")
+        kwargs = {"batch_shape": tuple(shape), "name": cfg.get("name"), "dtype": _plain_dtype(cfg.get("dtype"), cfg.get("name"))}
+        if cfg.get("sparse"):
+            kwargs["sparse"] = True
+        if cfg.get("ragged"):
+            kwargs["ragged"] = True
+        return kwargs
+
+    # ----------------------------------------------------------------- layers
+    def _make_layer(self, lcfg: dict, k3_layer):
+        class_name = lcfg["class_name"]
+        name = lcfg.get("config", {}).get("name") or lcfg.get("name")
+        if class_name in _MODEL_CLASSES:
+            if k3_layer is None:
+                raise CompressorError(f"error: nested Keras 3 model '{name}' not found; re-save the model")
+            self.notes.append(f"nested model '{name}' ({class_name}) imported as a tf-keras sub-model")
+            return self.rebuild(k3_layer)
+        self.n_layers += 1
+        return self._layer_from_config(name, class_name, lcfg)
+
+    def _layer_from_config(self, name: str, class_name: str, lcfg: dict):
+        registered = lcfg.get("registered_name")
+        tf_cls = getattr(keras.layers, class_name, None)
+        if (registered and registered != class_name) or tf_cls is None or class_name in _NO_EQUIVALENT:
+            label = registered or class_name
+            raise CompressorError(
+                f"error: Keras 3 layer '{name}' ({label}) has no tf-keras equivalent; save the model "
+                "without it, or build and save it with tf-keras"
+            )
+        cfg = self._translate(name, class_name, tf_cls, dict(lcfg.get("config", {})))
+        try:
+            return tf_cls.from_config(cfg)
+        except Exception as exc:  # noqa: BLE001
+            raise CompressorError(
+                f"error: cannot rebuild Keras 3 layer '{name}' ({class_name}) in tf-keras: "
+                f"{_first_line(exc)}; save the model without it or as tf-keras"
+            ) from None
+
+    def _translate(self, name: str, class_name: str, tf_cls: type, cfg: dict) -> dict:
+        """Keras 3 layer config -> tf-keras layer config (same semantics, tf-keras spelling)."""
+        for old, new in _RENAMES.get(class_name, {}).items():
+            if old in cfg:
+                cfg[new] = cfg.pop(old)
+        if class_name == "LayerNormalization" and cfg.get("rms_scaling"):
+            raise CompressorError(
+                f"error: Keras 3 layer '{name}' (LayerNormalization) uses rms_scaling, which tf-keras "
+                "lacks; save the model without it or as tf-keras"
+            )
+        accepted = _accepted_kwargs(tf_cls)
+        out: dict[str, Any] = {}
+        for key, value in cfg.items():
+            if key not in accepted:
+                if value not in (None, False, {}, [], ()):
+                    self.notes.append(
+                        f"layer '{name}' ({class_name}): Keras 3 option {key}={value!r} has no tf-keras "
+                        "equivalent and was dropped (outputs were verified)"
+                    )
+                continue
+            translated = self._translate_value(name, class_name, key, value)
+            if translated is not _DROP:
+                out[key] = translated
+        return out
+
+    def _translate_value(self, name: str, class_name: str, key: str, value):
+        if key == "dtype":
+            return _plain_dtype(value, name)
+        if key in ("activation", "recurrent_activation"):
+            return _activation(value, name, class_name)
+        if key.endswith("_initializer"):
+            return self._serialized(value, keras.initializers, name, key)
+        if key.endswith("_regularizer"):
+            return self._serialized(value, keras.regularizers, name, key)
+        if key.endswith("_constraint"):
+            return self._serialized(value, keras.constraints, name, key)
+        if key in _NESTED_LAYER_KEYS and isinstance(value, dict) and "class_name" in value:
+            return self._nested_layer(value)
+        if key == "cells" and isinstance(value, list):
+            return [self._nested_layer(v) for v in value]
+        return value
+
+    def _nested_layer(self, value: dict) -> dict:
+        """Wrapped layers (Bidirectional, TimeDistributed, RNN cells): translate recursively."""
+        class_name = value["class_name"]
+        name = value.get("config", {}).get("name", class_name)
+        tf_cls = getattr(keras.layers, class_name, None)
+        if tf_cls is None or class_name in _NO_EQUIVALENT or (value.get("registered_name") or class_name) != class_name:
+            raise CompressorError(
+                f"error: Keras 3 layer '{name}' ({value.get('registered_name') or class_name}) has no "
+                "tf-keras equivalent; save the model without it, or build and save it with tf-keras"
+            )
+        return {"class_name": class_name, "config": self._translate(name, class_name, tf_cls, dict(value.get("config", {})))}
+
+    def _serialized(self, value, module, layer_name: str, key: str):
+        """Initializers/regularizers/constraints: keep class and the arguments tf-keras knows."""
+        if value is None or isinstance(value, str):
+            return value
+        if not isinstance(value, dict) or "class_name" not in value:
+            return value
+        cls = getattr(module, value["class_name"], None)
+        if cls is None or not isinstance(cls, type):
+            self.notes.append(
+                f"layer '{layer_name}': {key} {value['class_name']} is unknown to tf-keras; the tf-keras "
+                "default is used (weights were copied, so outputs are unaffected)"
+            )
+            return None if key.endswith(("_regularizer", "_constraint")) else _DROP
+        accepted = _accepted_kwargs(cls)
+        cfg = {k: v for k, v in (value.get("config") or {}).items() if k in accepted}
+        return {"class_name": value["class_name"], "config": cfg}
+
+    # ----------------------------------------------------------------- weights
+    def copy_weights(self, k3_model, tf_model) -> None:
+        """Copy weights layer by layer (by name), checking every shape."""
+        for tf_layer in tf_model.layers:
+            if isinstance(tf_layer, keras.layers.InputLayer):
+                continue
+            k3_layer = self._k3_sublayer(k3_model, tf_layer.name)
+            if k3_layer is None:
+                raise CompressorError(
+                    f"error: imported layer '{tf_layer.name}' has no Keras 3 counterpart; re-save the model"
+                )
+            if isinstance(tf_layer, keras.Model):
+                self.copy_weights(k3_layer, tf_layer)
+                continue
+            src = [np.asarray(w) for w in k3_layer.get_weights()]
+            dst = tf_layer.get_weights()
+            shapes_src = [w.shape for w in src]
+            shapes_dst = [w.shape for w in dst]
+            if shapes_src != shapes_dst:
+                raise CompressorError(
+                    f"error: Keras 3 layer '{tf_layer.name}' ({type(k3_layer).__name__}) has weights "
+                    f"{shapes_src} but its tf-keras rebuild expects {shapes_dst}; save the model "
+                    "without it or as tf-keras"
+                )
+            if src:
+                tf_layer.set_weights(src)
+
+
+class _Drop:
+    """Marker: leave this initializer argument out (tf-keras default)."""
+
+
+_DROP = _Drop()
+
+
+def _plain_dtype(value, layer_name) -> str | None:
+    """Keras 3 DTypePolicy dicts -> the dtype / policy name string tf-keras takes."""
+    if isinstance(value, dict):
+        value = (value.get("config") or {}).get("name", "float32")
+    if isinstance(value, str) and _QUANTIZED_POLICY.search(value):
+        raise CompressorError(
+            f"error: Keras 3 layer '{layer_name}' is quantized (dtype policy '{value}'), which tf-keras "
+            "cannot import; save the float model before calling quantize()"
+        )
+    return value
+
+
+def _activation(value, layer_name: str, class_name: str):
+    if isinstance(value, dict):
+        module = str(value.get("module", ""))
+        inner = value.get("config")
+        if module.startswith("keras") and isinstance(inner, str):
+            value = inner
+        else:
+            raise CompressorError(
+                f"error: Keras 3 layer '{layer_name}' ({class_name}) uses custom activation "
+                f"'{inner or value.get('class_name')}'; use a built-in activation or save the model as tf-keras"
+            )
+    if value is None:
+        return value
+    value = _ACTIVATION_ALIASES.get(value, value)
+    if value in _DIFFERENT_ACTIVATIONS:
+        raise CompressorError(
+            f"error: Keras 3 layer '{layer_name}' ({class_name}) uses activation '{value}', which tf-keras "
+            "defines differently; use another activation or save the model as tf-keras"
+        )
+    try:
+        keras.activations.get(value)
+    except Exception:  # noqa: BLE001
+        raise CompressorError(
+            f"error: Keras 3 layer '{layer_name}' ({class_name}) uses activation '{value}', which tf-keras "
+            "lacks; use another activation or save the model as tf-keras"
+        ) from None
+    return value
+
+
+# --------------------------------------------------------------------- parity
+
+
+def _random_inputs(k3_model, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    vocab = [
+        int(layer.input_dim) for layer in _flat_layers(k3_model) if type(layer).__name__ == "Embedding"
+    ]
+    high = max(1, min(vocab)) if vocab else 2
+    batch = []
+    for tensor in k3_model.inputs:
+        shape = [3 if i == 0 and d is None else (5 if d is None else int(d)) for i, d in enumerate(tensor.shape)]
+        dtype = np.dtype(str(getattr(tensor.dtype, "name", tensor.dtype)))
+        if np.issubdtype(dtype, np.integer):
+            batch.append(rng.integers(0, high, size=shape).astype(dtype))
+        elif dtype == np.bool_:
+            batch.append(rng.random(shape) > 0.5)
+        else:
+            batch.append(rng.standard_normal(shape).astype(dtype))
+    return batch
+
+
+def _flat_layers(model):
+    for layer in model.layers:
+        yield layer
+        if hasattr(layer, "layers") and layer is not model:
+            yield from _flat_layers(layer)
+
+
+def _as_list(out) -> list[np.ndarray]:
+    return [np.asarray(o, dtype=np.float64) for o in tf.nest.flatten(out)]
+
+
+def _max_diff(ref, got) -> tuple[float, float]:
+    """(max abs diff, allowed) over all outputs; allowed grows with large-magnitude outputs."""
+    worst, allowed = 0.0, PARITY_TOL
+    for r, g in zip(ref, got):
+        if r.shape != g.shape:
+            return float("inf"), allowed
+        if r.size:
+            worst = max(worst, float(np.max(np.abs(r - g))))
+            allowed = max(allowed, PARITY_TOL * float(np.max(np.abs(r))))
+    return worst, allowed
+
+
+def check_parity(k3_model, tf_model, seed: int = 0) -> float:
+    """Run both models on the same random inputs; raise naming the worst layer if they differ."""
+    inputs = _random_inputs(k3_model, seed)
+    ref = _as_list(k3_model(inputs if len(inputs) > 1 else inputs[0], training=False))
+    got = _as_list(tf_model(inputs if len(inputs) > 1 else inputs[0], training=False))
+    if len(ref) != len(got):
+        raise CompressorError(
+            f"error: imported model has {len(got)} outputs but the Keras 3 model has {len(ref)}; "
+            "save the model as tf-keras"
+        )
+    diff, allowed = _max_diff(ref, got)
+    if diff <= allowed:
+        return diff
+    culprit = _first_diverging_layer(k3_model, tf_model, inputs)
+    where = f" first at layer {culprit}" if culprit else ""
+    raise CompressorError(
+        f"error: imported model's outputs differ from Keras 3 by {diff:.3g} (> {allowed:.1g}){where}; "
+        "save the model without that layer, or build and save it with tf-keras"
+    )
+
+
+def _first_diverging_layer(k3_model, tf_model, inputs) -> str | None:
+    """Best effort: compare every single-output layer of both models in graph order."""
+    keras3 = _keras3()
+    for tf_layer in tf_model.layers:
+        if isinstance(tf_layer, keras.layers.InputLayer):
+            continue
+        try:
+            k3_layer = k3_model.get_layer(tf_layer.name)
+            k3_probe = keras3.Model(k3_model.inputs, k3_layer.output)
+            tf_probe = keras.Model(tf_model.inputs, tf_layer.output)
+            diff, allowed = _max_diff(
+                _as_list(k3_probe(inputs, training=False)), _as_list(tf_probe(inputs, training=False))
+            )
+        except Exception:  # noqa: BLE001 - shared / nested layers have no single output
+            continue
+        if diff > allowed:
+            return f"'{tf_layer.name}' ({type(tf_layer).__name__}, diff {diff:.3g})"
+    return None

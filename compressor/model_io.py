@@ -1,0 +1,355 @@
+"""Load user models (tf-keras or Keras 3), list what pruning cannot touch, save atomically.
+
+Every model the pipeline prunes comes through `load_model`, which always returns a tf-keras
+model (tfmot needs Keras 2, DESIGN.md fact 1). The input path is only ever read.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from compressor._tf import keras
+from compressor.errors import CompressorError
+
+FORMAT_TFK_KERAS = "tf-keras .keras"
+FORMAT_TFK_H5 = "tf-keras .h5"
+FORMAT_SAVEDMODEL = "SavedModel"
+FORMAT_K3_KERAS = "Keras 3 .keras (imported)"
+FORMAT_K3_H5 = "Keras 3 .h5 (imported)"
+
+_H5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_H5_SUFFIXES = {".h5", ".hdf5"}
+
+#: Layer classes the pruning stages prune, or pass through unchanged while pruning around them.
+#: Anything else (recurrent layers, Lambda, attention, custom classes, ...) stays unpruned.
+PRUNING_SUPPORTED = frozenset({
+    "InputLayer", "Dense", "Conv1D", "Conv2D", "DepthwiseConv2D", "SeparableConv2D",
+    "BatchNormalization", "LayerNormalization", "Activation", "ReLU", "LeakyReLU", "PReLU", "ELU",
+    "Softmax", "Dropout", "SpatialDropout1D", "SpatialDropout2D", "GaussianNoise", "GaussianDropout",
+    "Flatten", "Reshape", "MaxPooling1D", "MaxPooling2D", "AveragePooling1D", "AveragePooling2D",
+    "GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalMaxPooling1D", "GlobalMaxPooling2D",
+    "ZeroPadding1D", "ZeroPadding2D", "Cropping1D", "Cropping2D", "UpSampling1D", "UpSampling2D",
+    "Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum", "Concatenate",
+    "Rescaling", "Normalization", "Embedding",
+})
+
+
+@dataclass
+class LoadedModel:
+    """A tf-keras model ready for tfmot, plus where it came from and what the user should know."""
+
+    model: "keras.Model"
+    source: str
+    format: str
+    warnings: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_model(path: str | Path) -> LoadedModel:
+    """Load a tf-keras or Keras 3 model (.keras, .h5, SavedModel dir) as a tf-keras model.
+
+    Keras 3 files are rebuilt in tf-keras and verified against Keras 3 on random inputs.
+    Every user-facing failure is a one-line CompressorError.
+    """
+    source = str(path)
+    p = Path(path)
+    if not p.exists():
+        raise CompressorError(f"error: model '{source}' not found; check the path passed to --model")
+    if p.is_dir():
+        model, fmt, notes = _load_savedmodel(p, source)
+    else:
+        suffix = p.suffix.lower()
+        if suffix == ".keras":
+            model, fmt, notes = _load_keras_zip(p, source)
+        elif suffix in _H5_SUFFIXES:
+            model, fmt, notes = _load_h5(p, source)
+        else:
+            raise CompressorError(
+                f"error: cannot read model '{source}': unknown extension '{p.suffix or '(none)'}'; "
+                "pass a .keras or .h5 file or a SavedModel directory"
+            )
+    _check_is_model(model, source)
+    warnings = list(notes)
+    for item in unsupported_layers(model):
+        warnings.append(f"layer {item} is not supported by the pruning stages; it stays unpruned")
+    return LoadedModel(model=model, source=source, format=fmt, warnings=warnings)
+
+
+def _check_is_model(model, source: str) -> None:
+    if not isinstance(model, keras.Model):
+        raise CompressorError(
+            f"error: '{source}' does not hold a Keras model ({type(model).__name__}); "
+            "save a Keras model with model.save()"
+        )
+    real = [l for l in model.layers if not isinstance(l, keras.layers.InputLayer)]
+    if not real:
+        raise CompressorError(
+            f"error: model '{source}' has no layers; save a trained model with at least one layer"
+        )
+
+
+def _load_keras_zip(p: Path, source: str):
+    if not zipfile.is_zipfile(p):
+        raise CompressorError(
+            f"error: cannot read model '{source}': file is not a Keras zip archive (corrupt or truncated?); "
+            f"re-save it with model.save('{p.name}')"
+        )
+    try:
+        with zipfile.ZipFile(p) as zf:
+            names = set(zf.namelist())
+            bad = zf.testzip()
+            meta = json.loads(zf.read("metadata.json")) if "metadata.json" in names else {}
+            config = json.loads(zf.read("config.json")) if "config.json" in names else None
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as exc:
+        raise CompressorError(
+            f"error: cannot read model '{source}': damaged Keras zip archive ({_one_line(exc)}); "
+            f"re-save it with model.save('{p.name}')"
+        ) from None
+    if bad is not None:
+        raise CompressorError(
+            f"error: cannot read model '{source}': archive member '{bad}' is corrupt (truncated?); "
+            f"re-save it with model.save('{p.name}')"
+        )
+    if "config.json" not in names:
+        raise CompressorError(
+            f"error: cannot read model '{source}': zip archive has no config.json, so it is not a Keras "
+            f"model file; re-save it with model.save('{p.name}')"
+        )
+    version = str(meta.get("keras_version", ""))
+    if version.startswith("3"):
+        return _import_keras3(source, "Keras 3 .keras", FORMAT_K3_KERAS, config)
+    if version:
+        return _load_tf_keras(source), FORMAT_TFK_KERAS, []
+    # No version recorded: try tf-keras first, then Keras 3.
+    try:
+        return _load_tf_keras(source), FORMAT_TFK_KERAS, []
+    except CompressorError:
+        return _import_keras3(source, "Keras 3 .keras", FORMAT_K3_KERAS, config)
+
+
+def _load_h5(p: Path, source: str):
+    with open(p, "rb") as fh:
+        head = fh.read(8)
+    if head != _H5_SIGNATURE:
+        raise CompressorError(
+            f"error: cannot read model '{source}': file is not an HDF5 file (corrupt or truncated?); "
+            f"re-save it with model.save('{p.name}')"
+        )
+    import h5py  # noqa: PLC0415 - ships with tf-keras; only needed here
+
+    try:
+        with h5py.File(p, "r") as f:
+            attrs = f.attrs
+            has_config = "model_config" in attrs
+            version = attrs.get("keras_version", b"")
+            raw_config = attrs.get("model_config") if has_config else None
+    except OSError as exc:
+        raise CompressorError(
+            f"error: cannot read model '{source}': damaged HDF5 file ({_one_line(exc)}); "
+            f"re-save it with model.save('{p.name}')"
+        ) from None
+    if isinstance(version, bytes):
+        version = version.decode("utf-8", "replace")
+    if not has_config:
+        raise CompressorError(
+            f"error: '{source}' has no Keras model config (a weights-only file?); save the whole model with "
+            "model.save('model.keras'), not save_weights()"
+        )
+    if str(version).startswith("3"):
+        try:
+            config = json.loads(raw_config.decode("utf-8") if isinstance(raw_config, bytes) else raw_config)
+        except (TypeError, ValueError):
+            config = None
+        return _import_keras3(source, "Keras 3 .h5", FORMAT_K3_H5, config)
+    return _load_tf_keras(source), FORMAT_TFK_H5, []
+
+
+def _load_savedmodel(p: Path, source: str):
+    if not ((p / "saved_model.pb").exists() or (p / "saved_model.pbtxt").exists()):
+        raise CompressorError(
+            f"error: '{source}' is a directory but not a SavedModel (no saved_model.pb); pass a .keras "
+            "or .h5 file or a SavedModel directory saved by tf-keras"
+        )
+    no_meta = CompressorError(
+        f"error: SavedModel '{source}' has no Keras metadata (saved by tf.saved_model.save or Keras 3 "
+        "export?); re-save the Keras model with model.save('model.keras')"
+    )
+    try:
+        model = _load_tf_keras(source)
+    except CompressorError as exc:
+        if not (p / "keras_metadata.pb").exists():
+            raise no_meta from None
+        raise exc
+    if not isinstance(model, keras.Model):
+        raise no_meta
+    return model, FORMAT_SAVEDMODEL, []
+
+
+def _load_tf_keras(source: str):
+    try:
+        return keras.models.load_model(source, compile=False)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one user-facing line
+        raise _tf_keras_error(source, exc) from None
+
+
+def _tf_keras_error(source: str, exc: Exception) -> CompressorError:
+    msg = _one_line(exc)
+    m = re.search(
+        r"(?:Unknown (?:layer|object|class|activation|initializer|regularizer|constraint|loss|metric)"
+        r"|Cannot deserialize object of type|Could not locate class|Could not deserialize class)"
+        r":?\s*[`']?([\w.>]+)[`']?",
+        msg,
+    )
+    if m:
+        return CompressorError(
+            f"error: cannot read model '{source}': custom class '{m.group(1)}' cannot be deserialized; "
+            "pass a tf-keras model of built-in layers, or register the class "
+            "(@keras.saving.register_keras_serializable) before loading"
+        )
+    if "Lambda" in msg and "safe_mode" in msg:
+        return CompressorError(
+            f"error: cannot read model '{source}': it contains a Lambda layer (arbitrary Python code, "
+            "refused for safety); replace the Lambda with built-in layers and re-save"
+        )
+    if isinstance(exc, (zipfile.BadZipFile, EOFError)) or "truncated" in msg.lower() or "CRC" in msg:
+        return CompressorError(
+            f"error: cannot read model '{source}': file is damaged ({msg}) (corrupt or truncated?); "
+            "re-save it with model.save()"
+        )
+    return CompressorError(f"error: cannot read model '{source}' with tf-keras: {msg}; re-save it with model.save()")
+
+
+def _import_keras3(source: str, kind: str, fmt: str, config: dict | None = None):
+    from compressor.keras3_import import load_keras3  # noqa: PLC0415 - pulls in Keras 3 lazily
+
+    model, notes, _ = load_keras3(source, kind, config)
+    return model, fmt, notes
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+# --------------------------------------------------------------------------- inspection
+
+
+def unsupported_layers(model) -> list[str]:
+    """Layers the pruning stages cannot handle, as "'name' (Class)"; they are left unpruned.
+
+    Nested models are searched too (reported as 'outer/inner').
+    """
+    found: list[str] = []
+
+    def walk(m, prefix: str) -> None:
+        for layer in m.layers:
+            cls = type(layer).__name__
+            if isinstance(layer, keras.Model):
+                walk(layer, f"{prefix}{layer.name}/")
+            elif cls not in PRUNING_SUPPORTED or not _is_builtin(layer):
+                found.append(f"'{prefix}{layer.name}' ({cls})")
+
+    walk(model, "")
+    return found
+
+
+def _is_builtin(layer) -> bool:
+    """True for tf-keras's own layer classes (a user subclass named 'Dense' is still custom)."""
+    module = type(layer).__module__ or ""
+    return module.startswith(("tf_keras.", "keras.")) and getattr(keras.layers, type(layer).__name__, None) is type(layer)
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def save_model_atomic(model, path: str | Path) -> None:
+    """Save so that the final name only ever points at a complete model.
+
+    Writes to a hidden temp name in the same folder (same file system, same extension so Keras
+    picks the same format), then os.replace()s it into place. A path without .keras/.h5 is saved
+    as a SavedModel directory and swapped in the same way.
+    """
+    final = Path(path)
+    folder = final.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = final.suffix.lower()
+    tmp = folder / f".{final.stem}.tmp-{uuid.uuid4().hex[:8]}{final.suffix}"
+    try:
+        if suffix in (".keras", ".h5", ".hdf5"):
+            model.save(str(tmp))
+            _fsync(tmp)
+            os.replace(tmp, final)
+        else:
+            model.save(str(tmp))
+            _replace_dir(tmp, final)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """os.replace cannot overwrite a non-empty directory: move the old one aside first."""
+    if final.is_dir():
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(final, old)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            os.replace(old, final)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        if final.exists():
+            final.unlink()
+        os.replace(tmp, final)
+
+
+def _fsync(p: Path) -> None:
+    with open(p, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir():
+        shutil.rmtree(p, ignore_errors=True)
+    elif p.exists():
+        p.unlink()
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, or of a directory tree (relative paths + contents, in sorted order).
+
+    Used to prove an input model was not modified by a run.
+    """
+    p = Path(path)
+    if p.is_dir():
+        digest = hashlib.sha256()
+        for f in sorted(q for q in p.rglob("*") if q.is_file()):
+            digest.update(f.relative_to(p).as_posix().encode("utf-8") + b"\0")
+            digest.update(_hash_file(f).encode("ascii") + b"\n")
+        return digest.hexdigest()
+    return _hash_file(p)
+
+
+def _hash_file(p: Path) -> str:
+    digest = hashlib.sha256()
+    with open(p, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+__all__ = [
+    "LoadedModel", "load_model", "unsupported_layers", "save_model_atomic", "file_sha256",
+    "PRUNING_SUPPORTED",
+]

@@ -1,0 +1,234 @@
+"""The fusion pipeline: load -> baseline -> stages under the accuracy budget -> export -> verify -> bench -> report.
+
+This module only orchestrates; each step lives in its own module.
+"""
+from __future__ import annotations
+
+import importlib
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from compressor._tf import keras
+from compressor.data import Dataset, check_against_model
+from compressor.errors import CompressorError
+from compressor.progress import Reporter
+from compressor.recipe import Recipe
+from compressor.stages.base import StageContext
+from compressor.training import accuracy, clone_with_weights, count_params, predictions
+
+BACKOFF_AMOUNTS = (1.0, 0.75, 0.5, 0.25)
+
+
+def prepare_out_dir(out: str | Path, force: bool) -> Path:
+    """Refuse a non-empty folder unless --force, so a previous result is never silently mixed in."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CompressorError(f"output '{out}' is a file; pass a folder path to --out")
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise CompressorError(f"output folder '{out}' is not empty; pass --force to overwrite it or choose another --out")
+        for child in out.iterdir():
+            if child.is_dir():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _stage_module(name: str):
+    """Stages are modules named after the recipe's stage names; each exposes `apply`."""
+    return importlib.import_module(f"compressor.stages.{name}")
+
+
+def run_stages(model: keras.Model, recipe: Recipe, data: Dataset, reporter: Reporter,
+               baseline_accuracy: float) -> tuple[keras.Model, list[dict]]:
+    """Apply the recipe's stages in order; a stage that crosses the budget is retried with less."""
+    budget_x, budget_y = _budget_split(data)
+    ctx = StageContext(recipe=recipe, data=data, log=reporter.step, epoch_progress=reporter.epoch_callback)
+    records = []
+    current = model
+    for index, cfg in enumerate(recipe.stages):
+        module = _stage_module(cfg.name)
+        params_before, nonzero_before = count_params(current)
+        start = time.perf_counter()
+        chosen, tried = None, []
+        for amount in BACKOFF_AMOUNTS:
+            keras.utils.set_random_seed(recipe.seed + index)
+            reporter.step(f"stage {index + 1}/{len(recipe.stages)} {cfg.name} (amount {amount:.0%})")
+            outcome = module.apply(current, cfg, ctx, amount=amount)
+            acc = accuracy(outcome.model, budget_x, budget_y)
+            drop = baseline_accuracy - acc
+            tried.append({"amount": amount, "accuracy": acc, "drop": drop})
+            if drop <= recipe.max_accuracy_drop:
+                chosen = (amount, outcome, acc)
+                break
+            reporter.step(f"{cfg.name}: accuracy drop {drop:.2%} exceeds budget {recipe.max_accuracy_drop:.2%}; backing off")
+        notes = []
+        if chosen is None:
+            notes.append(f"{cfg.name}: every amount crossed the {recipe.max_accuracy_drop:.2%} budget; stage skipped")
+            reporter.warn(notes[-1])
+            outcome_model, amount, acc, details = current, 0.0, tried[-1]["accuracy"], {}
+        else:
+            amount, outcome, acc = chosen
+            outcome_model, details = outcome.model, outcome.details
+            notes.extend(outcome.notes)
+            if amount < 1.0:
+                notes.append(f"{cfg.name}: backed off to {amount:.0%} of the recipe's amount to stay within budget")
+        params_after, nonzero_after = count_params(outcome_model)
+        records.append({
+            "name": cfg.name, "params_before": params_before, "params_after": params_after,
+            "nonzero_before": nonzero_before, "nonzero_after": nonzero_after,
+            "accuracy_after": acc, "seconds": round(time.perf_counter() - start, 2),
+            "amount": amount, "tried": tried, "details": details, "notes": notes,
+        })
+        current = outcome_model
+    return current, records
+
+
+def compress(model: keras.Model, data: Dataset, recipe: Recipe, out: str | Path, *, source: str = "model",
+             reporter: Reporter | None = None, load_notes: list[str] | None = None) -> dict:
+    """Run the whole pipeline on an in-memory tf_keras model; returns the report dict (also written)."""
+    from exporters import onnx_export, tflite_export
+    from exporters.benchmark import Artifact, machine_info, run_benchmark
+    from exporters.flops import model_macs
+    from exporters.report import write_reports
+    from exporters.runtimes import open_runner
+    from exporters.verify import verify_file
+    from compressor.model_io import save_model_atomic
+
+    reporter = reporter or Reporter()
+    out = Path(out)  # the caller has checked it with prepare_out_dir before any work started
+    out.mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(recipe.seed)
+    check_against_model(data, tuple(model.input_shape[1:]), int(np.prod(model.output_shape[1:])))
+    dense = clone_with_weights(model)  # the caller's model object is never touched
+    baseline_acc = accuracy(dense, data.x_test, data.y_test)
+    reporter.step(f"dense baseline: test accuracy {baseline_acc:.4f}")
+
+    pruned, stage_records = run_stages(dense, recipe, data, reporter,
+                                       accuracy(dense, *(_budget_split(data))))
+    save_model_atomic(pruned, out / "pruned.keras")
+
+    reporter.step("exporting dense and pruned models to TFLite and ONNX")
+    artifacts: list[tuple[Artifact, keras.Model, bool]] = []
+    dense_flops, pruned_flops = model_macs(dense), model_macs(pruned)
+    tflite_export.export_float(dense, out / "dense.tflite", sparse=False)
+    onnx_export.export_float(dense, out / "dense.onnx", compact=False)
+    tflite_export.export_float(pruned, out / "pruned.tflite", sparse=True)
+    onnx_export.export_float(pruned, out / "pruned.onnx", compact=recipe.compact_onnx)
+    for variant, runtime, name, km, flops in (
+        ("dense", "tflite", "dense.tflite", dense, dense_flops),
+        ("dense", "onnxruntime", "dense.onnx", dense, dense_flops),
+        ("pruned", "tflite", "pruned.tflite", pruned, pruned_flops),
+        ("pruned", "onnxruntime", "pruned.onnx", pruned, pruned_flops),
+    ):
+        artifacts.append((Artifact(variant, runtime, out / name, flops), km, False))
+    if "tflite-int8" in recipe.targets:
+        tflite_export.export_int8(pruned, out / "pruned-int8.tflite", data.x_calib)
+        artifacts.append((Artifact("pruned-int8", "tflite", out / "pruned-int8.tflite", pruned_flops), pruned, True))
+    if "onnxruntime-int8" in recipe.targets:
+        _export_onnx_int8(pruned, out, data)
+        artifacts.append((Artifact("pruned-int8", "onnxruntime", out / "pruned-int8.onnx", pruned_flops), pruned, True))
+
+    reporter.step("verifying every exported file")
+    x_check = data.x_test
+    expected = {id(dense): predictions(dense, x_check), id(pruned): predictions(pruned, x_check)}
+    verification = []
+    for art, km, quantized in artifacts:
+        runner, resolver_note = _open_safely(art)
+        if resolver_note:
+            art.notes.append(resolver_note)
+            reporter.warn(resolver_note)
+        verification.append(verify_file(art.path, runner, km, expected[id(km)], x_check, quantized=quantized))
+    failed = [v for v in verification if not v["ok"]]
+
+    reporter.step(f"benchmarking {len(artifacts)} files ({recipe.bench.runs} timed runs each, interleaved)")
+    results, correct = run_benchmark([a for a, _, _ in artifacts], data.x_test, data.y_test, recipe.bench.runs,
+                                     recipe.bench.warmup, recipe.bench.threads, recipe.bench.batch, reporter)
+    params, _ = count_params(model)
+    report = {
+        "tool_version": _version(),
+        "machine": machine_info(),
+        "model": {"source": source, "input_shape": [None, *model.input_shape[1:]], "params": params,
+                  "load_notes": list(load_notes or [])},
+        "data": {"name": data.name, "train": len(data.x_train), "test": len(data.x_test),
+                 "budget_split": "x_val" if data.x_val is not None else "x_test"},
+        "recipe": recipe.model_dump(mode="json"),
+        "baseline": {"accuracy": baseline_acc},
+        "stages": stage_records,
+        "layers": _layer_table(dense, pruned),
+        "results": results,
+        "verification": verification,
+    }
+    write_reports(report, out, correct)
+    reporter.step(f"report written to {out / 'report.md'}")
+    if failed:
+        names = ", ".join(f"{v['file']} ({v['problem']})" for v in failed)
+        raise CompressorError(f"verification failed for {names}; see {out / 'report.json'}")
+    return report
+
+
+def _budget_split(data: Dataset):
+    return (data.x_val, data.y_val) if data.x_val is not None else (data.x_test, data.y_test)
+
+
+def _export_onnx_int8(pruned: keras.Model, out: Path, data: Dataset) -> None:
+    """Quantize from an uncompacted float export; dynamic for MatMul models, static QDQ for conv models."""
+    from exporters import onnx_export
+
+    has_conv = any(isinstance(l, (keras.layers.Conv2D, keras.layers.Conv1D)) for l in pruned.layers)
+    plain = out / ".pruned-float-for-int8.onnx"
+    try:
+        onnx_export.export_float(pruned, plain, compact=False)
+        onnx_export.export_int8(plain, out / "pruned-int8.onnx", data.x_calib, mode="static" if has_conv else "dynamic")
+    finally:
+        plain.unlink(missing_ok=True)
+
+
+def _open_safely(art):
+    """Open a file as a user would; if the default LiteRT delegate rejects it, fall back and say so."""
+    from exporters.runtimes import open_runner
+
+    try:
+        runner = open_runner(art.path, resolver=art.resolver)
+        runner.predict(np.zeros((1, *runner.input_shape), np.float32))
+        return runner, None
+    except Exception as exc:
+        if art.runtime != "tflite" or art.resolver != "default":
+            raise
+        art.resolver = "builtin"
+        runner = open_runner(art.path, resolver="builtin")
+        return runner, (f"{art.path.name}: the default XNNPACK delegate rejects it ({str(exc).splitlines()[0][:120]}); "
+                        "it needs OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES and was benchmarked with it")
+
+
+def _layer_table(dense: keras.Model, pruned: keras.Model) -> list[dict]:
+    """Units and kernel sparsity per layer, before and after."""
+    rows = []
+    for layer in dense.layers:
+        kernel = getattr(layer, "kernel", None) if hasattr(layer, "kernel") else None
+        if kernel is None:
+            continue
+        try:
+            after = pruned.get_layer(layer.name)
+        except ValueError:
+            after = None
+        k0 = kernel.numpy()
+        k1 = after.kernel.numpy() if after is not None and hasattr(after, "kernel") else None
+        rows.append({
+            "layer": layer.name, "type": type(layer).__name__,
+            "units_before": int(k0.shape[-1]), "units_after": int(k1.shape[-1]) if k1 is not None else 0,
+            "sparsity_before": float(np.mean(k0 == 0)), "sparsity_after": float(np.mean(k1 == 0)) if k1 is not None else 1.0,
+            "params_before": int(k0.size), "params_after": int(k1.size) if k1 is not None else 0,
+        })
+    return rows
+
+
+def _version() -> str:
+    from compressor import __version__
+
+    return __version__

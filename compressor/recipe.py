@@ -1,0 +1,196 @@
+"""The recipe: which stages run in which order, for which runtime targets, under what accuracy budget.
+
+Validated with pydantic before any work starts, so a typo fails in one line naming the field, the
+value and what is allowed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from compressor.errors import CompressorError
+
+Target = Literal["tflite", "tflite-int8", "onnxruntime", "onnxruntime-int8"]
+TARGETS = ("tflite", "tflite-int8", "onnxruntime", "onnxruntime-int8")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WeightStage(_Strict):
+    """Magnitude pruning through tfmot with a polynomial-decay schedule, masks held while fine-tuning."""
+
+    name: Literal["weight"] = "weight"
+    sparsity: float = Field(0.9, gt=0.0, lt=1.0, description="final fraction of zero weights per pruned kernel")
+    initial_sparsity: float = Field(0.0, ge=0.0, lt=1.0, description="sparsity at the start of the schedule")
+    block: Literal["auto", "unstructured", "4x1", "16x1"] = Field(
+        "auto", description="zero pattern on Dense kernels; auto = what the targets' kernels execute"
+    )
+    epochs: int = Field(6, ge=1, le=1000, description="fine-tuning epochs while the sparsity ramps up")
+    prune_last_layer: bool = Field(False, description="also prune the classifier layer (costs accuracy for little size)")
+
+
+class ActivationStage(_Strict):
+    """Remove neurons/channels that are idle on calibration data (mean |activation| or APoZ)."""
+
+    name: Literal["activation"] = "activation"
+    criterion: Literal["mean_abs", "apoz"] = Field("mean_abs", description="unit score")
+    threshold: float = Field(0.1, ge=0.0, le=1.0, description="tau_a: remove units whose normalised score is below")
+    max_fraction: float = Field(0.5, ge=0.0, lt=1.0, description="never remove more than this fraction of a layer")
+    epochs: int = Field(2, ge=0, le=1000, description="fine-tuning epochs after removal")
+
+
+class ClusterStage(_Strict):
+    """K-means on activation patterns: drop units of tiny clusters, merge redundant units of a cluster."""
+
+    name: Literal["cluster"] = "cluster"
+    clusters_fraction: float = Field(
+        0.5, gt=0.0, le=1.0, description="K = this fraction of a layer's units (at least 2)"
+    )
+    min_cluster_size: float = Field(
+        0.0, ge=0.0, lt=1.0, description="tau_k: drop clusters holding fewer than this fraction of the layer's units"
+    )
+    merge_distance: float = Field(
+        0.05, ge=0.0, description="merge units whose normalised pattern distance to the kept unit is below this"
+    )
+    max_fraction: float = Field(0.5, ge=0.0, lt=1.0, description="never remove more than this fraction of a layer")
+    epochs: int = Field(2, ge=0, le=1000, description="fine-tuning epochs after merging")
+
+
+class SparseOptStage(_Strict):
+    """Group-lasso / BN-gamma L1 training that drives whole units to zero, then removes them."""
+
+    name: Literal["sparse_opt"] = "sparse_opt"
+    penalty: Literal["group_lasso", "bn_l1", "both"] = Field("group_lasso", description="sparsity-inducing penalty")
+    strength: float = Field(1e-3, gt=0.0, description="penalty weight added to the loss")
+    threshold: float = Field(0.05, ge=0.0, description="remove units whose group norm (relative to the layer max) is below")
+    max_fraction: float = Field(0.7, ge=0.0, lt=1.0, description="never remove more than this fraction of a layer")
+    epochs: int = Field(3, ge=1, le=1000, description="penalised training epochs")
+    finetune_epochs: int = Field(2, ge=0, le=1000, description="fine-tuning epochs after removal")
+
+
+Stage = Annotated[Union[WeightStage, ActivationStage, ClusterStage, SparseOptStage], Field(discriminator="name")]
+
+
+class BenchSettings(_Strict):
+    runs: int = Field(300, ge=200, le=100000, description="timed runs per file (at least 200)")
+    warmup: int = Field(50, ge=1, le=10000, description="untimed runs first")
+    threads: list[int] = Field([1], min_length=1, description="thread counts to measure")
+    batch: list[int] = Field([1], min_length=1, description="batch sizes to measure")
+
+    @field_validator("threads", "batch")
+    @classmethod
+    def _positive(cls, values: list[int]) -> list[int]:
+        if any(v < 1 for v in values):
+            raise ValueError("every entry must be >= 1")
+        return values
+
+
+class Recipe(_Strict):
+    """A whole compression run."""
+
+    targets: list[Target] = Field(["tflite", "tflite-int8", "onnxruntime", "onnxruntime-int8"], min_length=1)
+    stages: list[Stage] = Field(default_factory=lambda: [WeightStage()], min_length=1)
+    max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0, description="accuracy budget, as a fraction (0.01 = 1 point)")
+    batch_size: int = Field(32, ge=1, le=65536, description="fine-tuning batch size")
+    learning_rate: float = Field(1e-3, gt=0.0, le=1.0, description="fine-tuning learning rate (Adam)")
+    seed: int = Field(0, ge=0, description="makes masks and files reproducible")
+    compact_onnx: bool = Field(True, description="store pruned ONNX initializers as sparse_initializer")
+    bench: BenchSettings = Field(default_factory=BenchSettings)
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    @property
+    def wants_int8(self) -> bool:
+        return any(t.endswith("-int8") for t in self.targets)
+
+    def dense_block(self) -> tuple[int, int]:
+        """The (in, out) block on Dense kernels that the targets' sparse kernels execute (DESIGN facts 2-4)."""
+        weight = next((s for s in self.stages if isinstance(s, WeightStage)), None)
+        choice = weight.block if weight else "auto"
+        if choice == "unstructured":
+            return (1, 1)
+        if choice == "4x1":
+            return (4, 1)
+        if choice == "16x1":
+            return (16, 1)
+        if "tflite-int8" in self.targets:
+            return (16, 1)
+        if "tflite" in self.targets:
+            return (4, 1)
+        return (1, 1)
+
+
+def _describe(err: dict) -> str:
+    where = ".".join(str(p) for p in err["loc"])
+    value = err.get("input")
+    msg = err["msg"]
+    if err["type"] == "union_tag_invalid" or "tag" in err["type"]:
+        msg = "unknown stage; allowed: weight, activation, cluster, sparse_opt"
+    return f"recipe field '{where}' = {value!r}: {msg}"
+
+
+def parse_recipe(raw: dict | None, source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(raw or {})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        more = len(exc.errors()) - 1
+        suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+        raise CompressorError(f"invalid {source}: {_describe(first)}{suffix}") from exc
+
+
+def load_recipe(path: str | Path | None) -> Recipe:
+    """Read a YAML recipe; None gives the built-in default fusion recipe."""
+    if path is None:
+        return default_recipe()
+    path = Path(path)
+    if not path.is_file():
+        raise CompressorError(f"recipe '{path}' not found; pass an existing YAML file or omit --recipe for the default")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise CompressorError(f"recipe '{path}' is not valid YAML ({str(exc).splitlines()[0]}); check its indentation") from exc
+    if raw is not None and not isinstance(raw, dict):
+        raise CompressorError(f"recipe '{path}' must be a mapping of fields (see `compressor recipe --example`)")
+    return parse_recipe(raw, f"recipe '{path}'")
+
+
+def default_recipe() -> Recipe:
+    """The built-in recipe: the source article's order weight -> activation -> cluster."""
+    return Recipe(stages=[WeightStage()])
+
+
+EXAMPLE_YAML = """\
+# compressor recipe: stages run in this order, then the model is exported for every target.
+targets: [tflite, tflite-int8, onnxruntime, onnxruntime-int8]  # runtimes to ship to; picks the sparsity pattern
+max_accuracy_drop: 0.01   # accuracy budget as a fraction (0.01 = 1 point); stages back off to stay inside
+batch_size: 32            # fine-tuning batch size
+learning_rate: 0.001      # fine-tuning learning rate (Adam)
+seed: 0                   # same seed, same masks and files
+compact_onnx: true        # store pruned ONNX initializers as sparse_initializer (smaller .onnx)
+stages:
+  - name: weight          # magnitude pruning (tfmot), masks held while fine-tuning
+    sparsity: 0.9         # tau_w as a target: fraction of each kernel set to zero
+    initial_sparsity: 0.0 # where the polynomial-decay schedule starts
+    block: auto           # auto | unstructured | 4x1 | 16x1 ; auto = what the targets' kernels execute
+    epochs: 6             # fine-tuning epochs while sparsity ramps up
+    prune_last_layer: false  # the classifier is small and sensitive: leave it dense
+bench:
+  runs: 300               # timed runs per file (>= 200)
+  warmup: 50              # untimed runs first
+  threads: [1]            # thread counts to measure
+  batch: [1]              # batch sizes to measure
+"""
+
+
+def example_yaml() -> str:
+    """The default recipe with a comment on every field (`compressor recipe --example`)."""
+    return EXAMPLE_YAML

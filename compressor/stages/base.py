@@ -1,0 +1,28 @@
+"""The uniform stage interface: every stage takes a model and returns a new one plus what it did.
+
+A stage is one module with `apply(model, config, context, amount) -> StageOutcome`. `amount` in
+(0, 1] scales how aggressive the stage is; the pipeline lowers it when the accuracy budget is
+crossed, so a new criterion only has to say what "less" means for it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from compressor.data import Dataset
+from compressor.recipe import Recipe
+
+
+@dataclass
+class StageContext:
+    recipe: Recipe
+    data: Dataset
+    log: Callable[[str], None] = print
+    epoch_progress: Callable[[str, int], object] | None = None  # (label, epochs) -> keras callback or None
+
+
+@dataclass
+class StageOutcome:
+    model: object
+    details: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)

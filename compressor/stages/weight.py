@@ -1,0 +1,81 @@
+"""Weight-magnitude stage: tfmot `prune_low_magnitude` with a block shape the target can execute.
+
+Two silent tfmot traps are handled here (DESIGN fact 12): the schedule's update frequency is set
+from the real number of steps, and the sparsity reached is asserted; the model is cloned first
+because tfmot wraps the layer objects in place.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import tensorflow_model_optimization as tfmot
+
+from compressor._tf import keras
+from compressor.errors import CompressorError
+from compressor.recipe import WeightStage
+from compressor.stages.base import StageContext, StageOutcome
+from compressor.training import clone_with_weights, fit
+
+PRUNABLE = (keras.layers.Dense, keras.layers.Conv2D, keras.layers.Conv1D)
+
+
+def _pruned_layers(model: keras.Model, cfg: WeightStage) -> list[str]:
+    names = [layer.name for layer in model.layers if type(layer) in PRUNABLE or isinstance(layer, PRUNABLE)]
+    names = [n for n in names if not isinstance(model.get_layer(n), (keras.layers.DepthwiseConv2D,))]
+    if not cfg.prune_last_layer and names and model.layers[-1].name == names[-1]:
+        names = names[:-1]
+    return names
+
+
+def _block_for(layer, dense_block: tuple[int, int]) -> tuple[int, int]:
+    """Blocks only on Dense kernels whose input width divides evenly; conv kernels stay unstructured."""
+    if isinstance(layer, keras.layers.Dense) and layer.kernel.shape[0] % dense_block[0] == 0:
+        return dense_block
+    return (1, 1)
+
+
+def kernel_sparsity(model: keras.Model, names: list[str]) -> dict[str, float]:
+    return {n: float(np.mean(model.get_layer(n).kernel.numpy() == 0)) for n in names}
+
+
+def apply(model: keras.Model, cfg: WeightStage, ctx: StageContext, amount: float = 1.0) -> StageOutcome:
+    target = cfg.sparsity * amount
+    recipe, data = ctx.recipe, ctx.data
+    dense_block = recipe.dense_block()
+    names = _pruned_layers(model, cfg)
+    if not names:
+        return StageOutcome(clone_with_weights(model), {"sparsity": 0.0, "block": list(dense_block)},
+                            ["weight stage: no Dense/Conv kernels to prune"])
+    steps_per_epoch = math.ceil(len(data.x_train) / recipe.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    end_step = max(1, int(total * 0.7))  # ramp up, then train the last 30% at the final mask
+    schedule = tfmot.sparsity.keras.PolynomialDecay(
+        initial_sparsity=min(cfg.initial_sparsity, target), final_sparsity=target,
+        begin_step=0, end_step=end_step, frequency=max(1, end_step // 20),
+    )
+    blocks = {}
+
+    def wrap(layer):
+        if layer.name in names:
+            blocks[layer.name] = _block_for(layer, dense_block)
+            return tfmot.sparsity.keras.prune_low_magnitude(layer, pruning_schedule=schedule, block_size=blocks[layer.name])
+        return layer
+
+    base = clone_with_weights(model)  # tfmot wraps the layer objects: never touch the caller's model
+    wrapped = keras.models.clone_model(base, clone_function=wrap)
+    callbacks = [tfmot.sparsity.keras.UpdatePruningStep()]
+    progress = ctx.epoch_progress("weight: fine-tune with masks", cfg.epochs) if ctx.epoch_progress else None
+    fit(wrapped, data, epochs=cfg.epochs, batch_size=recipe.batch_size, learning_rate=recipe.learning_rate,
+        callbacks=callbacks, hold_zeros=False, progress=progress)
+    stripped = tfmot.sparsity.keras.strip_pruning(wrapped)
+    pruned = clone_with_weights(stripped)
+    reached = kernel_sparsity(pruned, names)
+    short = {n: s for n, s in reached.items() if s < target - 0.02}
+    if short:
+        raise CompressorError(
+            f"weight stage reached only {short} of the {target:.0%} target; raise weight.epochs or lower batch_size"
+        )
+    notes = [f"weight: {target:.0%} magnitude sparsity on {len(names)} kernels, Dense blocks {tuple(dense_block)} (in, out)"]
+    return StageOutcome(pruned, {"sparsity": target, "block": list(dense_block), "layers": reached,
+                                 "blocks": {n: list(b) for n, b in blocks.items()}}, notes)

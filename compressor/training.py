@@ -1,0 +1,134 @@
+"""Training helpers: the source article's reference model, accuracy, and fine-tuning that keeps zeros.
+
+Fine-tuning after a structural change would regrow every pruned weight (the source article's
+mistake); `finetune` re-applies the zero masks after every batch so the weight stage's sparsity
+survives the later stages.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from compressor._tf import keras, tf
+from compressor.data import Dataset
+
+
+def reference_model(input_shape=(784,), classes: int = 10, hidden: int = 128) -> keras.Model:
+    """The source article's model: Flatten -> Dense(128, relu) -> Dense(10, softmax)."""
+    return keras.Sequential(
+        [
+            keras.layers.Flatten(input_shape=input_shape, name="flatten"),
+            keras.layers.Dense(hidden, activation="relu", name="hidden"),
+            keras.layers.Dense(classes, activation="softmax", name="classifier"),
+        ],
+        name="reference_mlp",
+    )
+
+
+def output_is_probability(model: keras.Model) -> bool:
+    """True when the last layer applies softmax, so the loss must not apply it again."""
+    last = model.layers[-1]
+    last = getattr(last, "layer", last)  # see through tfmot's PruneLowMagnitude wrapper
+    act = getattr(last, "activation", None)
+    return getattr(act, "__name__", "") == "softmax" or type(last).__name__ == "Softmax"
+
+
+def compile_for_training(model: keras.Model, learning_rate: float) -> keras.Model:
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=not output_is_probability(model))
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=["accuracy"])
+    return model
+
+
+def accuracy(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> float:
+    pred = model.predict(x, batch_size=batch_size, verbose=0)
+    return float(np.mean(np.argmax(pred.reshape(len(x), -1), axis=1) == y))
+
+
+def predictions(model: keras.Model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    return model.predict(x, batch_size=batch_size, verbose=0)
+
+
+def kernel_masks(model: keras.Model) -> dict[str, np.ndarray]:
+    """Where each kernel is zero now; these zeros must stay zero."""
+    masks = {}
+    for layer in model.layers:
+        for weight in layer.trainable_weights:
+            if len(weight.shape) >= 2:
+                value = weight.numpy()
+                if np.any(value == 0):
+                    masks[weight.name] = value != 0
+    return masks
+
+
+class HoldZeros(keras.callbacks.Callback):
+    """Re-apply fixed masks after every training batch so pruned weights never regrow."""
+
+    def __init__(self, masks: dict[str, np.ndarray]):
+        super().__init__()
+        self.masks = masks
+        self._targets: list = []
+
+    def on_train_begin(self, logs=None):
+        by_name = {w.name: w for w in self.model.weights}
+        self._targets = [(by_name[n], tf.constant(m, dtype=by_name[n].dtype)) for n, m in self.masks.items() if n in by_name]
+        self._apply()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._apply()
+
+    def _apply(self):
+        for weight, mask in self._targets:
+            weight.assign(weight * mask)
+
+
+def fit(model: keras.Model, data: Dataset, epochs: int, batch_size: int, learning_rate: float,
+        callbacks: list | None = None, hold_zeros: bool = True, progress=None) -> keras.Model:
+    """Fine-tune `model` in place; existing kernel zeros are held when `hold_zeros`."""
+    if epochs <= 0:
+        return model
+    compile_for_training(model, learning_rate)
+    cbs = list(callbacks or [])
+    if hold_zeros:
+        masks = kernel_masks(model)
+        if masks:
+            cbs.append(HoldZeros(masks))
+    if progress is not None:
+        cbs.append(progress)
+    model.fit(data.x_train, data.y_train, epochs=epochs, batch_size=batch_size, verbose=0, callbacks=cbs, shuffle=True)
+    return model
+
+
+def train_reference(data: Dataset, epochs: int = 10, seed: int = 0, progress=None) -> keras.Model:
+    """Train the article's MLP on `data` (the demo's starting point)."""
+    keras.utils.set_random_seed(seed)
+    model = reference_model(input_shape=data.input_shape, classes=data.num_classes)
+    fit(model, data, epochs=epochs, batch_size=32, learning_rate=1e-3, hold_zeros=False, progress=progress)
+    return model
+
+
+def clone_with_weights(model: keras.Model) -> keras.Model:
+    """An independent copy: tfmot wraps layer objects in place, so the baseline must be cloned first."""
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def count_params(model: keras.Model) -> tuple[int, int]:
+    """(all weights, non-zero weights) over every weight of the model."""
+    total = nonzero = 0
+    for w in model.weights:
+        value = w.numpy()
+        total += value.size
+        nonzero += int(np.count_nonzero(value))
+    return total, nonzero
+
+
+def kernel_zeros(model: keras.Model) -> tuple[int, int]:
+    """(zeros, size) over kernels (rank >= 2 weights): what verification compares with the files."""
+    zeros = size = 0
+    for layer in model.layers:
+        for w in layer.weights:
+            if len(w.shape) >= 2:
+                value = w.numpy()
+                zeros += int(value.size - np.count_nonzero(value))
+                size += value.size
+    return zeros, size

@@ -1,0 +1,115 @@
+"""The side-by-side benchmark of exported files: accuracy, latency distribution, size, params, FLOPs.
+
+Files of one runtime are timed in the same process, interleaved (dense, pruned, int8, dense, …),
+at fixed thread counts and batch sizes, after warm-up, so ratios between them survive a noisy
+machine.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from exporters.files import gzip_size
+from exporters.latency import measure_interleaved
+from exporters.readback import stored_weights
+from exporters.runtimes import open_runner
+from exporters.stats import accuracy_interval, latency_summary, throughput
+
+
+@dataclass
+class Artifact:
+    variant: str            # dense | pruned | pruned-int8 | …
+    runtime: str            # tflite | onnxruntime
+    path: Path
+    flops: int = 0
+    resolver: str = "default"
+    notes: list[str] = field(default_factory=list)
+
+
+def machine_info() -> dict:
+    versions = {}
+    for pkg in ("tensorflow", "tf-keras", "tensorflow-model-optimization", "onnxruntime", "ai-edge-litert",
+                "tf2onnx", "onnx", "numpy"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "versions": versions}
+
+
+def file_params(path: Path) -> tuple[int, int]:
+    """(weights, non-zero weights) stored in the file, decoded from the file itself."""
+    total = nonzero = 0
+    for tensor in stored_weights(path):
+        if np.issubdtype(tensor.values.dtype, np.floating) or tensor.dtype.startswith("int8") or tensor.dtype == "uint8":
+            total += tensor.size
+            nonzero += tensor.size - tensor.zeros
+    return total, nonzero
+
+
+def accuracy_of(runner, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+    pred = runner.predict(x).reshape(len(x), -1)
+    correct = pred.argmax(axis=1) == y
+    return float(correct.mean()), correct
+
+
+def run_benchmark(artifacts: list[Artifact], x_test: np.ndarray, y_test: np.ndarray, runs: int, warmup: int,
+                  threads_list: list[int], batches: list[int], reporter=None) -> tuple[list[dict], dict]:
+    """Rows for report.json `results`, plus per-file correctness vectors for paired tests."""
+    rows, correct_by_file = [], {}
+    static = {}
+    for art in artifacts:
+        runner = open_runner(art.path, threads=1, resolver=art.resolver)
+        acc, correct = accuracy_of(runner, x_test, y_test)
+        params, nonzero = file_params(art.path)
+        correct_by_file[art.path.name] = correct
+        static[art.path] = {
+            "accuracy": acc, "accuracy_ci95": list(accuracy_interval(correct)),
+            "size_bytes": art.path.stat().st_size, "gzip_bytes": gzip_size(art.path),
+            "params": params, "nonzero_params": nonzero,
+        }
+    by_runtime: dict[str, list[Artifact]] = {}
+    for art in artifacts:
+        by_runtime.setdefault(art.runtime, []).append(art)
+    combos = [(rt, t, b) for rt in by_runtime for t in threads_list for b in batches]
+    for runtime, threads, batch in combos:
+        group = by_runtime[runtime]
+        runners = {str(a.path): open_runner(a.path, threads=threads, resolver=a.resolver) for a in group}
+        x = np.resize(x_test[: max(batch, 1)], (batch,) + x_test.shape[1:]).astype(np.float32)
+        label = f"bench {runtime} batch {batch} threads {threads}"
+        if reporter is not None:
+            with reporter.bar(label, runs) as bar:
+                times = measure_interleaved(runners, x, runs, warmup, on_round=lambda i: bar.advance())
+        else:
+            times = measure_interleaved(runners, x, runs, warmup)
+        for art in group:
+            samples = times[str(art.path)]
+            rows.append({
+                "variant": art.variant, "runtime": runtime, "file": art.path.name,
+                **{k: static[art.path][k] for k in ("accuracy", "accuracy_ci95")},
+                "latency_ms": {**latency_summary(samples), "warmup": warmup},
+                "throughput_per_s": throughput(samples, batch),
+                "batch": batch, "threads": threads,
+                **{k: static[art.path][k] for k in ("size_bytes", "gzip_bytes", "params", "nonzero_params")},
+                "flops": art.flops, "resolver": art.resolver, "notes": art.notes,
+            })
+    return rows, correct_by_file
+
+
+def python_version() -> str:
+    return sys.version.split()[0]

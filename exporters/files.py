@@ -1,0 +1,34 @@
+"""Atomic writes and size figures: a file carries its final name only once it is complete."""
+from __future__ import annotations
+
+import gzip
+import os
+import tempfile
+from pathlib import Path
+
+
+def write_bytes_atomic(path: str | Path, payload: bytes) -> Path:
+    """Write to a temp file in the same folder, fsync, then rename over the final name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def gzip_size(path: str | Path) -> int:
+    """Size after gzip -9: what a download or an OTA update actually costs."""
+    return len(gzip.compress(Path(path).read_bytes(), compresslevel=9, mtime=0))

@@ -1,0 +1,70 @@
+"""ONNX writer through tf2onnx, and onnxruntime's int8 quantization."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from compressor._tf import keras, tf
+from compressor.errors import CompressorError
+from exporters.files import write_bytes_atomic
+
+OPSET = 17
+
+
+def keras_to_onnx(model: keras.Model) -> onnx.ModelProto:
+    import tf2onnx
+
+    shape = (None,) + tuple(model.input_shape[1:])
+    signature = (tf.TensorSpec(shape, tf.float32, name="input"),)
+    try:
+        proto, _ = tf2onnx.convert.from_keras(model, input_signature=signature, opset=OPSET)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise CompressorError(f"ONNX conversion of model '{model.name}' failed: {first}") from exc
+    return proto
+
+
+def export_float(model: keras.Model, path: str | Path, compact: bool = False) -> Path:
+    """Write the model; `compact` moves pruned initializers into sparse_initializer (smaller file)."""
+    proto = keras_to_onnx(model)
+    if compact:
+        from exporters.onnx_sparse import to_sparse_initializers
+
+        proto = to_sparse_initializers(proto)
+    return write_bytes_atomic(path, proto.SerializeToString())
+
+
+def export_int8(float_path: str | Path, path: str | Path, calibration: np.ndarray | None = None,
+                mode: str = "dynamic") -> Path:
+    """int8 via onnxruntime.quantization: dynamic for MatMul models, static QDQ for conv models."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.calibrate import CalibrationDataReader
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    try:
+        if mode == "dynamic":
+            quantize_dynamic(str(float_path), tmp, weight_type=QuantType.QInt8)
+        else:
+            samples = calibration[:200].astype(np.float32)
+
+            class Reader(CalibrationDataReader):
+                def __init__(self):
+                    self._iter = iter(samples[i : i + 1] for i in range(len(samples)))
+
+                def get_next(self):
+                    item = next(self._iter, None)
+                    return None if item is None else {"input": item}
+
+            quantize_static(str(float_path), tmp, Reader(), weight_type=QuantType.QInt8,
+                            activation_type=QuantType.QUInt8, per_channel=True)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

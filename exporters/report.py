@@ -1,0 +1,127 @@
+"""report.json (the contract in CONTRACTS.md), report.md (side-by-side tables) and the PNG plots."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from exporters.files import write_text_atomic
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "n/a"
+
+
+def _base_rows(results: list[dict]) -> list[dict]:
+    return [r for r in results if r["batch"] == 1 and r["threads"] == 1] or results
+
+
+def comparisons(results: list[dict], correct: dict[str, np.ndarray]) -> list[dict]:
+    """Each non-dense row against the dense row of the same runtime, batch and threads."""
+    from exporters.stats import mcnemar
+
+    rows = []
+    for r in results:
+        if r["variant"] == "dense":
+            continue
+        base = next((d for d in results if d["variant"] == "dense" and d["runtime"] == r["runtime"]
+                     and d["batch"] == r["batch"] and d["threads"] == r["threads"]), None)
+        if base is None:
+            continue
+        paired = mcnemar(correct[base["file"]], correct[r["file"]]) if base["file"] in correct and r["file"] in correct else None
+        rows.append({
+            "variant": r["variant"], "runtime": r["runtime"], "batch": r["batch"], "threads": r["threads"],
+            "speedup_p50": base["latency_ms"]["p50"] / r["latency_ms"]["p50"] if r["latency_ms"]["p50"] else None,
+            "size_ratio_gzip": base["gzip_bytes"] / r["gzip_bytes"] if r["gzip_bytes"] else None,
+            "size_ratio_raw": base["size_bytes"] / r["size_bytes"] if r["size_bytes"] else None,
+            "ideal_speedup": base["flops"] / r["flops"] if r["flops"] else None,
+            "accuracy_drop": base["accuracy"] - r["accuracy"],
+            "paired_test": paired,
+        })
+    return rows
+
+
+def render_markdown(report: dict, plots: list[str]) -> str:
+    results = report["results"]
+    lines = [f"# Compression report: {report['model']['source']}", ""]
+    m = report["machine"]
+    lines += [f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}; "
+              + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v), ""]
+    lines += [f"Dense baseline test accuracy: **{report['baseline']['accuracy']:.4f}**; targets: "
+              f"{', '.join(report['recipe']['targets'])}; accuracy budget: "
+              f"{report['recipe']['max_accuracy_drop'] * 100:.1f} points.", ""]
+    lines += ["## Side by side (batch 1, 1 thread unless noted)", "",
+              "| variant | runtime | file | accuracy (95% CI) | p50 ms | p90 ms | p99 ms | speedup p50 | size | gzip | gzip ratio | params | non-zero | MACs |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        base = next((d for d in results if d["variant"] == "dense" and d["runtime"] == r["runtime"]
+                     and d["batch"] == r["batch"] and d["threads"] == r["threads"]), r)
+        lat = r["latency_ms"]
+        ci = r.get("accuracy_ci95") or [r["accuracy"], r["accuracy"]]
+        tag = "" if (r["batch"], r["threads"]) == (1, 1) else f" (b{r['batch']}, t{r['threads']})"
+        lines.append(
+            f"| {r['variant']}{tag} | {r['runtime']} | {r['file']} | {r['accuracy']:.4f} ({ci[0]:.3f}-{ci[1]:.3f}) | "
+            f"{lat['p50']:.4f} | {lat['p90']:.4f} | {lat['p99']:.4f} | {_ratio(base['latency_ms']['p50'], lat['p50'])} | "
+            f"{r['size_bytes']:,} | {r['gzip_bytes']:,} | {_ratio(base['gzip_bytes'], r['gzip_bytes'])} | "
+            f"{r['params']:,} | {r['nonzero_params']:,} | {r['flops']:,} |")
+    comps = report.get("comparisons", [])
+    if comps:
+        lines += ["", "## Against the dense baseline", "",
+                  "| variant | runtime | batch | threads | speedup p50 | ideal (MAC ratio) | of ideal | gzip smaller | accuracy drop (points) | McNemar p |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for c in comps:
+            frac = (c["speedup_p50"] / c["ideal_speedup"]) if c["speedup_p50"] and c["ideal_speedup"] else None
+            p = c["paired_test"]["p_value"] if c["paired_test"] else None
+            lines.append(
+                f"| {c['variant']} | {c['runtime']} | {c['batch']} | {c['threads']} | {c['speedup_p50']:.2f}x | "
+                f"{c['ideal_speedup']:.2f}x | {'' if frac is None else f'{frac:.0%}'} | {c['size_ratio_gzip']:.2f}x | "
+                f"{c['accuracy_drop'] * 100:+.2f} | {'' if p is None else f'{p:.3f}'} |")
+    lines += ["", "## Stages", "", "| stage | amount | params before | params after | non-zero after | accuracy after | seconds | notes |",
+              "|---|---|---|---|---|---|---|---|"]
+    for s in report["stages"]:
+        lines.append(f"| {s['name']} | {s['amount']:.0%} | {s['params_before']:,} | {s['params_after']:,} | "
+                     f"{s['nonzero_after']:,} | {s['accuracy_after']:.4f} | {s['seconds']:.1f} | {'; '.join(s['notes'])} |")
+    lines += ["", "## Layers", "", "| layer | type | units before | units after | sparsity before | sparsity after | kernel params before | after |",
+              "|---|---|---|---|---|---|---|---|"]
+    for l in report["layers"]:
+        lines.append(f"| {l['layer']} | {l['type']} | {l['units_before']} | {l['units_after']} | {l['sparsity_before']:.1%} | "
+                     f"{l['sparsity_after']:.1%} | {l['params_before']:,} | {l['params_after']:,} |")
+    lines += ["", "## Verification", "", "| file | max abs diff | prediction agreement | zeros expected | zeros in file | ok |",
+              "|---|---|---|---|---|---|"]
+    for v in report["verification"]:
+        ok = "ok" if v["ok"] else f"FAILED: {v.get('problem', '')}"
+        lines.append(f"| {v['file']} | {v['max_abs_diff']:.2e} | {v['prediction_agreement']:.2%} | {v['zeros_expected']:,} | "
+                     f"{v['zeros_in_file']:,} | {ok} |")
+    notes = [n for r in results for n in r.get("notes", [])] + report.get("target_notes", [])
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in dict.fromkeys(notes)]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
+    lines += ["", "Latency: interleaved runs in one process after warm-up; compare ratios, not absolute times.", ""]
+    return "\n".join(lines)
+
+
+def write_reports(report: dict, out: Path, correct: dict[str, np.ndarray]) -> None:
+    from exporters.plots import plot_accuracy_vs_size, plot_latency, plot_layers
+
+    report["comparisons"] = comparisons(report["results"], correct)
+    plots = [
+        plot_latency(report["results"], out / "latency.png"),
+        plot_accuracy_vs_size(report["results"], out / "accuracy_vs_size.png"),
+        plot_layers(report["layers"], out / "layers.png"),
+    ]
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2, default=_jsonable))
+    write_text_atomic(out / "report.md", render_markdown(report, [str(p) for p in plots]))
+
+
+def _jsonable(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -1,0 +1,129 @@
+"""One small runner per runtime, so verification, accuracy and latency all run files the same way.
+
+LiteRT: `ai_edge_litert.interpreter` (tf.lite.Interpreter is deprecated), default resolver
+(XNNPACK) unless the file needs the builtin one. onnxruntime: fixed intra-op threads, sequential.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from compressor.errors import CompressorError
+
+RESOLVERS = ("default", "builtin")
+
+
+class TFLiteRunner:
+    runtime = "tflite"
+
+    def __init__(self, path: str | Path, threads: int = 1, resolver: str = "default"):
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+        kind = OpResolverType.AUTO if resolver == "default" else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        self.path, self.threads, self.resolver = Path(path), threads, resolver
+        try:
+            self.interpreter = Interpreter(model_path=str(path), num_threads=threads, experimental_op_resolver_type=kind)
+        except (ValueError, RuntimeError) as exc:
+            raise CompressorError(f"LiteRT cannot load '{path}': {str(exc).splitlines()[0]}; is it a .tflite file?") from exc
+        self._input = self.interpreter.get_input_details()[0]
+        self._output = self.interpreter.get_output_details()[0]
+        self._batch = None
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self._input["shape"][1:])
+
+    def _prepare(self, batch: int) -> None:
+        if batch != self._batch:
+            self.interpreter.resize_tensor_input(self._input["index"], [batch, *self.input_shape])
+            self.interpreter.allocate_tensors()
+            self._batch = batch
+
+    def _encode(self, x: np.ndarray) -> np.ndarray:
+        dtype = self._input["dtype"]
+        if dtype == np.float32:
+            return x.astype(np.float32)
+        scale, zero = self._input["quantization"]
+        info = np.iinfo(dtype)
+        return np.clip(np.round(x / scale + zero), info.min, info.max).astype(dtype)
+
+    def _decode(self, y: np.ndarray) -> np.ndarray:
+        if y.dtype == np.float32:
+            return y
+        scale, zero = self._output["quantization"]
+        return (y.astype(np.float32) - zero) * scale
+
+    def set_input(self, x: np.ndarray) -> None:
+        self._prepare(len(x))
+        self.interpreter.set_tensor(self._input["index"], self._encode(x))
+
+    def invoke(self) -> None:
+        self.interpreter.invoke()
+
+    def output(self) -> np.ndarray:
+        return self._decode(self.interpreter.get_tensor(self._output["index"]))
+
+    def predict(self, x: np.ndarray, batch: int = 64) -> np.ndarray:
+        outs = []
+        for start in range(0, len(x), batch):
+            self.set_input(x[start : start + batch])
+            self.invoke()
+            outs.append(self.output().copy())
+        return np.concatenate(outs)
+
+    def op_names(self) -> list[str]:
+        self._prepare(self._batch or 1)
+        return [op["op_name"] for op in self.interpreter._get_ops_details()]
+
+
+class OnnxRunner:
+    runtime = "onnxruntime"
+
+    def __init__(self, path: str | Path, threads: int = 1):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.log_severity_level = 3
+        self.path, self.threads = Path(path), threads
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise CompressorError(f"onnxruntime cannot load '{path}': {str(exc).splitlines()[0][:200]}") from exc
+        self._input = self.session.get_inputs()[0]
+        self._feed = None
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) if isinstance(d, int) else 1 for d in self._input.shape[1:])
+
+    def set_input(self, x: np.ndarray) -> None:
+        self._feed = {self._input.name: x.astype(np.float32)}
+
+    def invoke(self) -> None:
+        self._last = self.session.run(None, self._feed)[0]
+
+    def output(self) -> np.ndarray:
+        return self._last
+
+    def predict(self, x: np.ndarray, batch: int = 256) -> np.ndarray:
+        outs = []
+        for start in range(0, len(x), batch):
+            self.set_input(x[start : start + batch])
+            self.invoke()
+            outs.append(self.output())
+        return np.concatenate(outs)
+
+
+def open_runner(path: str | Path, threads: int = 1, resolver: str = "default"):
+    suffix = Path(path).suffix.lower()
+    if not Path(path).is_file():
+        raise CompressorError(f"model file '{path}' not found; pass an existing .tflite or .onnx file")
+    if suffix == ".tflite":
+        return TFLiteRunner(path, threads, resolver)
+    if suffix == ".onnx":
+        return OnnxRunner(path, threads)
+    raise CompressorError(f"cannot run '{path}': unknown extension '{suffix}'; pass a .tflite or .onnx file")
