@@ -67,12 +67,16 @@ def precheck_config(config: dict, path: str) -> None:
         class_name = lcfg.get("class_name", "?")
         name = (lcfg.get("config") or {}).get("name") or lcfg.get("name") or "?"
         registered = lcfg.get("registered_name")
-        custom = (
-            ("module" in lcfg and not str(lcfg.get("module") or "").startswith("keras"))
-            or (registered not in (None, class_name))
-            or (class_name not in _MODEL_CLASSES and getattr(keras.layers, class_name, None) is None)
+        custom = ("module" in lcfg and not str(lcfg.get("module") or "").startswith("keras")) or (
+            registered not in (None, class_name)
         )
-        if custom:
+        known_to_tf_keras = class_name in _MODEL_CLASSES or getattr(keras.layers, class_name, None) is not None
+        if not custom and not known_to_tf_keras and getattr(_keras3().layers, class_name, None) is not None:
+            raise CompressorError(
+                f"error: cannot read model '{path}': Keras 3 layer '{name}' ({class_name}) has no tf-keras "
+                "equivalent; save the model without it, or build and save it with tf-keras"
+            )
+        if custom or not known_to_tf_keras:
             raise CompressorError(
                 f"error: cannot read model '{path}': layer '{name}' has custom class '{registered or class_name}' "
                 "that cannot be deserialized into tf-keras; pass a tf-keras model (with the class registered "

@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import uuid
 import zipfile
 from dataclasses import dataclass, field
@@ -81,7 +80,7 @@ def load_model(path: str | Path) -> LoadedModel:
     _check_is_model(model, source)
     warnings = list(notes)
     for item in unsupported_layers(model):
-        warnings.append(f"layer {item} is not supported by the pruning stages; it stays unpruned")
+        warnings.append(f"layer {item} is not supported by the pruning stages and is left unpruned")
     return LoadedModel(model=model, source=source, format=fmt, warnings=warnings)
 
 

@@ -190,20 +190,11 @@ def _export_onnx_int8(pruned: keras.Model, out: Path, data: Dataset) -> None:
 
 
 def _open_safely(art):
-    """Open a file as a user would; if the default LiteRT delegate rejects it, fall back and say so."""
-    from exporters.runtimes import open_runner
+    """Open as a user would; a file the default delegate rejects is measured with the builtin resolver."""
+    from exporters.runtimes import open_runner_safely
 
-    try:
-        runner = open_runner(art.path, resolver=art.resolver)
-        runner.predict(np.zeros((1, *runner.input_shape), np.float32))
-        return runner, None
-    except Exception as exc:
-        if art.runtime != "tflite" or art.resolver != "default":
-            raise
-        art.resolver = "builtin"
-        runner = open_runner(art.path, resolver="builtin")
-        return runner, (f"{art.path.name}: the default XNNPACK delegate rejects it ({str(exc).splitlines()[0][:120]}); "
-                        "it needs OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES and was benchmarked with it")
+    runner, art.resolver, note = open_runner_safely(art.path)
+    return runner, note
 
 
 def _layer_table(dense: keras.Model, pruned: keras.Model) -> list[dict]:

@@ -206,7 +206,8 @@ class _Layout:
                 for repeat in range(self.outer):
                     base = repeat * self.block_width + offset
                     for j in range(seg.inner):
-                        pairs.append((base + removed * seg.inner + j, base + kept * seg.inner + j, seg))
+                        removed_at = base + removed * seg.inner + j
+                        pairs.append((removed_at, base + kept * seg.inner + j, seg))
             offset += seg.width
         return pairs
 
@@ -296,7 +297,7 @@ class _Analysis:
     layers: dict[str, object]
     order: list[str]
     producers: dict[str, int]  # name -> unit count, in model order
-    input_layouts: dict[str, list[_Layout]]
+    input_layouts: dict[str, list[_Layout]]  # layers understood -> layouts of their inputs
     uf: _UnionFind
     blocked: dict[str, str]  # space -> reason (naming the blocking layer)
     reshape_kind: dict[str, str]  # Reshape layer name -> "keep_last" | "flat"
@@ -388,13 +389,16 @@ def _analyze(model) -> _Analysis:
         in_layouts = [
             input_layout_of(src, _last_dim(shape)) for src, shape in zip(sources, input_shapes)
         ]
-        analysis.input_layouts[name] = in_layouts
 
-        # A layout we derived must agree with the real tensor width, or we understood nothing.
-        if any(lay.width != _last_dim(shape) for lay, shape in zip(in_layouts, input_shapes)):
-            block(in_layouts, f"channel layout mismatch at '{name}' ({kind.__name__})")
-            output_layouts[name] = _opaque_output(analysis, layer, in_layouts, "layout mismatch")
-            continue
+        # A derived layout must agree with the real tensor width (it may not, e.g. for the 2nd
+        # output of a multi-output layer): otherwise treat that input as an unknown source.
+        for position, shape in enumerate(input_shapes):
+            if in_layouts[position].width != _last_dim(shape):
+                block([in_layouts[position]], f"channel layout mismatch at '{name}'")
+                space = f"<input {position} of {name}>"
+                analysis.uf.find(space)
+                analysis.blocked[space] = f"input {position} of '{name}' is not understood"
+                in_layouts[position] = _opaque(space, _last_dim(shape))
 
         reason = _unsupported_reason(layer)
         out = None
@@ -453,6 +457,8 @@ def _analyze(model) -> _Analysis:
 
         if out is None:
             out = _opaque_output(analysis, layer, in_layouts, "unsupported")
+        else:
+            analysis.input_layouts[name] = in_layouts  # only for layers the rebuild may slice
         output_layouts[name] = out
 
     for layout in list(output_layouts.values()) + [
@@ -623,7 +629,7 @@ def _plan_groups(
         removal |= set(group_folds)
         bad_targets = sorted(kept for kept in group_folds.values() if kept in removal)
         if bad_targets:
-            raise ValueError(f"merge targets {bad_targets} of '{members[0]}' are themselves removed")
+            raise ValueError(f"merge targets {bad_targets} of '{members[0]}' are removed too")
         if len(removal) >= units:
             survivor = min(removal)
             removal.discard(survivor)
@@ -767,7 +773,7 @@ def remove_units(
         root = analysis.root(space)
         if root in kept_by_root:
             return kept_by_root[root]
-        return np.arange(_space_width(analysis, space), dtype=np.int64)
+        return np.arange(analysis.space_width[space], dtype=np.int64)
 
     def merges_of(space: str) -> dict[int, int]:
         return folds_by_root.get(analysis.root(space), {})
@@ -781,11 +787,10 @@ def remove_units(
     for name in analysis.order:
         layer = analysis.layers[name]
         kind = type(layer)
-        in_layouts = analysis.input_layouts.get(name, [])
-        understood = kind in _PRODUCERS | _DEPTHWISE | {_L.BatchNormalization, _L.PReLU}
-        if not understood or len(in_layouts) != 1 or _unsupported_reason(layer):
+        has_channel_weights = kind in _PRODUCERS | _DEPTHWISE | {_L.BatchNormalization, _L.PReLU}
+        if not has_channel_weights or name not in analysis.input_layouts:
             continue
-        layout = in_layouts[0]
+        layout = analysis.input_layouts[name][0]
         in_positions = layout.kept_positions(kept_of)
         in_pairs = layout.merge_pairs(merges_of) if kind in _PRODUCERS else []
         out_kept = kept_of(name) if kind in _PRODUCERS else None
@@ -851,6 +856,3 @@ def remove_units(
     _compile_like(new_model, model)
     return new_model, result
 
-
-def _space_width(analysis: _Analysis, space: str) -> int:
-    return analysis.space_width.get(space, analysis.producers.get(space, 0))

@@ -242,11 +242,13 @@ def tflite_weights(path) -> list[StoredTensor]:
     out: list[StoredTensor] = []
     for sg_i, sg in enumerate(model.subgraphs or []):
         for t_i, t in enumerate(sg.tensors or []):
-            if t.buffer is None or t.buffer <= 0 or t.buffer >= len(model.buffers):
+            sparse = t.sparsity is not None and bool(t.sparsity.dimMetadata)
+            has_buffer = t.buffer is not None and 0 < t.buffer < len(model.buffers)
+            raw = model.buffers[t.buffer].data if has_buffer else None
+            # A fully pruned tensor is stored sparse with *no* values: still a weight, all zeros.
+            if not sparse and (raw is None or len(raw) == 0):
                 continue
-            raw = model.buffers[t.buffer].data
-            if raw is None or len(raw) == 0:
-                continue
+            raw = b"" if raw is None else raw
             if t.type not in _TFL_NAMES:
                 continue
             name = t.name.decode("utf-8", "replace") if isinstance(t.name, bytes) else str(t.name)
@@ -255,7 +257,7 @@ def tflite_weights(path) -> list[StoredTensor]:
             shape = tuple(int(s) for s in (t.shape if t.shape is not None else []))
             try:
                 flat = _decode_buffer(bytes(raw), t.type)
-                if t.sparsity is not None and t.sparsity.dimMetadata:
+                if sparse:
                     dense, block = decode_tflite_sparse(flat, shape, t.sparsity)
                     storage = "sparse"
                 else:
@@ -263,11 +265,12 @@ def tflite_weights(path) -> list[StoredTensor]:
                     if flat.size < n:
                         raise ValueError(f"buffer holds {flat.size} values, shape needs {n}")
                     dense, block, storage = flat[:n].reshape(shape), None, "dense"
-            except ValueError as exc:
+            except (ValueError, IndexError, TypeError) as exc:
                 raise CompressorError(
                     f"{path}: tensor {name!r} cannot be decoded ({exc}); the file is corrupt, re-export it"
                 ) from exc
             zp, quantized = _zero_point(t.quantization, shape)
+            quantized = quantized and dense.dtype.kind in "iu"
             zeros = int(np.count_nonzero(dense == zp)) if quantized else int(np.count_nonzero(dense == 0))
             out.append(
                 StoredTensor(
@@ -279,7 +282,7 @@ def tflite_weights(path) -> list[StoredTensor]:
                     storage=storage,
                     block=block,
                     values=dense,
-                    quantized=quantized and t.type not in (0, 1, 10, _TFL_BF16),
+                    quantized=quantized,
                     index=t_i,
                     subgraph=sg_i,
                 )

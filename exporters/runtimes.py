@@ -127,3 +127,22 @@ def open_runner(path: str | Path, threads: int = 1, resolver: str = "default"):
     if suffix == ".onnx":
         return OnnxRunner(path, threads)
     raise CompressorError(f"cannot run '{path}': unknown extension '{suffix}'; pass a .tflite or .onnx file")
+
+
+def open_runner_safely(path: str | Path, threads: int = 1) -> tuple[object, str, str | None]:
+    """Open a file as a user would; if the default LiteRT delegate rejects it, use the builtin resolver.
+
+    int8 files with a sparsity pattern XNNPACK cannot take crash the default interpreter
+    (DESIGN fact 4). Returns (runner, resolver, note); the note is for the report.
+    """
+    try:
+        runner = open_runner(path, threads=threads)
+        runner.predict(np.zeros((1, *runner.input_shape), np.float32))
+        return runner, "default", None
+    except (RuntimeError, ValueError) as exc:
+        if Path(path).suffix.lower() != ".tflite":
+            raise CompressorError(f"onnxruntime cannot run '{path}': {str(exc).splitlines()[0][:200]}") from exc
+        runner = open_runner(path, threads=threads, resolver="builtin")
+        note = (f"{Path(path).name}: the default XNNPACK delegate rejects it ({str(exc).splitlines()[0][:100]}); "
+                "it needs OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES and was measured with it")
+        return runner, "builtin", note

@@ -221,6 +221,11 @@ def test_keras3_layer_without_tf_keras_equivalent(tmp_path):
     message = _error(path)
     assert "'fancy'" in message and "hard_silu" in message and "tf-keras" in message
 
+    keras3.Model(inp, L3.RMSNormalization(name="rms")(inp)).save(tmp_path / "rms.h5")
+    message = _error(tmp_path / "rms.h5")
+    assert "Keras 3 layer 'rms' (RMSNormalization) has no tf-keras equivalent" in message
+    assert "save the model without it" in message
+
     out = L3.UnitNormalization(name="unitnorm")(inp)
     keras3.Model(inp, L3.Lambda(lambda t: t * 2, name="lam")(out)).save(tmp_path / "lam.keras")
     message = _error(tmp_path / "lam.keras")

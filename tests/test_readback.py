@@ -324,3 +324,14 @@ def test_dense_initializers_round_trip_for_quantization(tmp, onnx_pair):
     q = tmp / "round-trip-int8.onnx"
     quantize_dynamic(str(path), str(q), weight_type=QuantType.QInt8)
     assert readback.count_weight_zeros(q)[0] >= keras_kernel_zeros(m)
+
+
+def test_fully_pruned_kernel_is_counted(tmp):
+    """The converter stores an all-zero kernel sparse with an empty buffer: it must still count."""
+    m = make_model("none", seed=6)
+    kernel, bias = m.layers[0].get_weights()
+    m.layers[0].set_weights([np.zeros_like(kernel), bias])
+    path = to_tflite(m, tmp / "all-zero.tflite")
+    k = first_kernel(readback.tflite_weights(path))
+    assert k.storage == "sparse" and k.zeros == k.size == IN * HID
+    assert readback.count_weight_zeros(path) == (IN * HID, IN * HID + HID * OUT)

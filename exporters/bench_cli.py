@@ -1,0 +1,219 @@
+"""`compressor bench`: latency distribution, throughput, accuracy and size of one exported file,
+or of two files run interleaved (A B A B …) so their ratio survives a noisy machine.
+
+JSON shape (`--json`):
+
+    {"machine": {...}, "settings": {...},
+     "files": [{"file", "runtime", "resolver", "input_shape", "inputs", "size_bytes", "gzip_bytes",
+                "latency_ms": {"p50", "p90", "p99", "mean", "std", "min", "max", "runs", "warmup"},
+                "throughput_per_s", "accuracy", "accuracy_ci95", "test_samples", "notes"}, ...],
+     "compare": {"latency_ratio": {"median", "p10", "p90", "ci95_low", "ci95_high", "rounds"},
+                 "speedup_of_model": float, "mcnemar": {...} | null}}     # only with --compare
+
+`latency_ratio` is model / compare per interleaved round (below 1.0 the --model file is faster);
+`speedup_of_model` = 1 / its median: how many times as fast --model runs as --compare.
+"""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from compressor.errors import CompressorError
+
+RANDOM_SEED = 0
+EXTENSIONS = (".tflite", ".onnx")
+
+
+def check_file(path: str | Path, flag: str = "--model") -> Path:
+    """Fail before any runtime is loaded, with the fix in the message."""
+    path = Path(path)
+    if path.suffix.lower() not in EXTENSIONS:
+        raise CompressorError(f"{flag} '{path}': unknown extension '{path.suffix}'; pass a .tflite or .onnx file")
+    if not path.is_file():
+        raise CompressorError(f"{flag} '{path}' not found; pass an existing .tflite or .onnx file")
+    return path
+
+
+def open_checked(path: Path, threads: int):
+    """Open a file as a user would; if the default LiteRT delegate rejects it (DESIGN fact 4),
+    fall back to the builtin kernels and say so rather than crash. Returns (runner, resolver, note)."""
+    from exporters.runtimes import open_runner
+
+    runner = open_runner(path, threads=threads)
+    try:
+        runner.predict(np.zeros((1, *runner.input_shape), np.float32))
+        return runner, "default", None
+    except CompressorError:
+        raise
+    except Exception as exc:
+        if path.suffix.lower() != ".tflite":
+            raise CompressorError(f"onnxruntime cannot run '{path}': {str(exc).splitlines()[0][:200]}") from exc
+        first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+    runner = open_runner(path, threads=threads, resolver="builtin")
+    try:
+        runner.predict(np.zeros((1, *runner.input_shape), np.float32))
+    except Exception as exc:
+        raise CompressorError(f"LiteRT cannot run '{path}' ({str(exc).splitlines()[0][:160]}); "
+                              "re-export it with `compressor run`") from exc
+    return runner, "builtin", (f"{path.name}: the default XNNPACK delegate rejects it ({first}); "
+                               "timed with OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES")
+
+
+def fit_samples(x: np.ndarray, input_shape: tuple[int, ...], data_name: str, path: Path) -> np.ndarray:
+    """Reshape data samples to the file's input (784 <-> 28x28x1); a different size is an error."""
+    if tuple(x.shape[1:]) == tuple(input_shape):
+        return x.astype(np.float32)
+    if int(np.prod(x.shape[1:])) != int(np.prod(input_shape)):
+        raise CompressorError(f"data '{data_name}': samples have shape {tuple(x.shape[1:])} but '{path.name}' expects "
+                              f"{tuple(input_shape)}; pass data that matches the model's input")
+    return x.reshape((len(x), *input_shape)).astype(np.float32)
+
+
+def correctness(runner, x: np.ndarray, y: np.ndarray, path: Path) -> np.ndarray:
+    """Per-sample top-1 correctness (a bool vector, for the CI and the paired test)."""
+    out = runner.predict(x).reshape(len(x), -1)
+    if int(y.max()) >= out.shape[1]:
+        raise CompressorError(f"labels go up to {int(y.max())} but '{path.name}' has {out.shape[1]} outputs; "
+                              "pass data labelled for this model")
+    return out.argmax(axis=1) == y
+
+
+def batch_input(input_shape: tuple[int, ...], batch: int, x: np.ndarray | None) -> np.ndarray:
+    """The timed input: real samples when there are any (repeated to fill the batch), else fixed-seed noise."""
+    if x is not None:
+        return np.resize(x[:batch], (batch, *input_shape)).astype(np.float32)
+    return np.random.default_rng(RANDOM_SEED).random((batch, *input_shape), dtype=np.float32)
+
+
+def _validate(args) -> None:
+    for name, low in (("runs", 1), ("warmup", 0), ("threads", 1), ("batch", 1)):
+        value = getattr(args, name)
+        if value < low:
+            raise CompressorError(f"--{name} {value} is invalid; pass --{name} >= {low}")
+
+
+def bench_command(args, reporter) -> str:
+    """Run the benchmark described by the parsed `compressor bench` arguments; returns the text to print."""
+    from exporters.benchmark import machine_info
+    from exporters.files import gzip_size
+    from exporters.latency import measure_interleaved
+    from exporters.stats import accuracy_interval, latency_summary, mcnemar, ratio_summary, throughput
+
+    _validate(args)
+    paths = [check_file(args.model)]
+    if args.compare:
+        paths.append(check_file(args.compare, "--compare"))
+    dataset = None
+    if args.data:
+        from compressor.data import load_dataset
+
+        dataset = load_dataset(args.data)
+
+    files, runners, correct = [], {}, []
+    for i, path in enumerate(paths):
+        runner, resolver, note = open_checked(path, args.threads)
+        shape = runner.input_shape
+        entry = {"file": str(path), "runtime": runner.runtime, "resolver": resolver, "input_shape": list(shape),
+                 "size_bytes": path.stat().st_size, "gzip_bytes": gzip_size(path), "notes": [note] if note else []}
+        x = None
+        if dataset is not None:
+            x = fit_samples(dataset.x_test, shape, dataset.name, path)
+            reporter.step(f"accuracy of {path.name} on {len(x)} test samples of '{dataset.name}'")
+            ok = correctness(runner, x, dataset.y_test, path)
+            correct.append(ok)
+            low, high = accuracy_interval(ok)
+            entry.update(accuracy=float(ok.mean()), accuracy_ci95=[low, high], test_samples=int(ok.size))
+        entry["inputs"] = f"data '{dataset.name}'" if dataset is not None else "random (fixed seed)"
+        files.append(entry)
+        runners[f"{i}:{path}"] = (runner, batch_input(shape, args.batch, x))
+
+    times = _time(runners, args, reporter, measure_interleaved)
+    for entry, samples in zip(files, times):
+        entry["latency_ms"] = {**latency_summary(samples), "warmup": args.warmup}
+        entry["throughput_per_s"] = throughput(samples, args.batch)
+
+    result = {
+        "machine": machine_info(),
+        "settings": {"threads": args.threads, "batch": args.batch, "runs": args.runs, "warmup": args.warmup,
+                     "data": args.data, "interleaved": len(paths) > 1},
+        "files": files,
+    }
+    if len(paths) > 1:
+        ratio = ratio_summary(times[0], times[1])
+        result["compare"] = {"latency_ratio": ratio, "speedup_of_model": 1.0 / ratio["median"],
+                             "mcnemar": mcnemar(correct[0], correct[1]) if len(correct) == 2 else None}
+    return json.dumps(result, indent=2) if args.json else render_table(result)
+
+
+def _time(runners: dict, args, reporter, measure) -> list[np.ndarray]:
+    """Interleaved invoke() timings. Each runner keeps its own input, so files with different
+    input shapes can still be compared round by round."""
+    class _Fixed:
+        """Give measure_interleaved one shared `x` while each runner keeps its own input."""
+
+        def __init__(self, runner, x):
+            self.runner, self.x = runner, x
+
+        def set_input(self, _shared):
+            self.runner.set_input(self.x)
+
+        def invoke(self):
+            self.runner.invoke()
+
+    wrapped = {label: _Fixed(r, x) for label, (r, x) in runners.items()}
+    label = f"timing {len(wrapped)} file{'s' if len(wrapped) > 1 else ''} ({args.runs} runs, {args.warmup} warm-up)"
+    with reporter.bar(label, args.runs) as bar:
+        out = measure(wrapped, None, args.runs, args.warmup, on_round=lambda i: bar.advance())
+    return [out[label] for label in wrapped]
+
+
+def render_table(result: dict) -> str:
+    """A rich table rendered to a string, so the CLI decides where it goes."""
+    from rich.console import Console
+    from rich.table import Table
+
+    s = result["settings"]
+    table = Table(title=f"compressor bench: batch {s['batch']}, {s['threads']} thread{'s' if s['threads'] > 1 else ''}, "
+                        f"{s['runs']} runs after {s['warmup']} warm-up" + (", interleaved" if s["interleaved"] else ""))
+    table.add_column("metric")
+    for f in result["files"]:
+        table.add_column(Path(f["file"]).name, justify="right")
+    rows = [
+        ("runtime", lambda f: f["runtime"] + ("" if f["resolver"] == "default" else " (builtin ops)")),
+        ("input", lambda f: "x".join(map(str, f["input_shape"])) + f", {f['inputs']}"),
+        ("p50 ms", lambda f: f"{f['latency_ms']['p50']:.4f}"),
+        ("p90 ms", lambda f: f"{f['latency_ms']['p90']:.4f}"),
+        ("p99 ms", lambda f: f"{f['latency_ms']['p99']:.4f}"),
+        ("mean ms", lambda f: f"{f['latency_ms']['mean']:.4f}"),
+        ("throughput /s", lambda f: f"{f['throughput_per_s']:,.0f}"),
+        ("size bytes", lambda f: f"{f['size_bytes']:,}"),
+        ("gzip bytes", lambda f: f"{f['gzip_bytes']:,}"),
+    ]
+    if "accuracy" in result["files"][0]:
+        rows.append(("accuracy (95% CI)", lambda f: f"{f['accuracy']:.4f} ({f['accuracy_ci95'][0]:.4f}-"
+                                                    f"{f['accuracy_ci95'][1]:.4f}), n={f['test_samples']}"))
+    for name, cell in rows:
+        table.add_row(name, *(cell(f) for f in result["files"]))
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=120, force_terminal=False, color_system=None)
+    console.print(table)
+    lines = []
+    cmp = result.get("compare")
+    if cmp:
+        r = cmp["latency_ratio"]
+        a, b = (Path(f["file"]).name for f in result["files"])
+        ci = (f", 95% CI {r['ci95_low']:.3f}-{r['ci95_high']:.3f}" if r["ci95_low"] is not None else "")
+        lines.append(f"latency ratio {a} / {b}: median {r['median']:.3f} (p10 {r['p10']:.3f}, p90 {r['p90']:.3f}{ci}, "
+                     f"{r['rounds']} rounds): {a} runs {cmp['speedup_of_model']:.2f}x as fast as {b}")
+        if cmp["mcnemar"]:
+            m = cmp["mcnemar"]
+            lines.append(f"McNemar paired test: {m['a_only']} samples only {a} gets right, {m['b_only']} only {b}; "
+                         f"p = {m['p_value']:.3g} ({m['method']})")
+    notes = [n for f in result["files"] for n in f["notes"]]
+    lines += [f"note: {n}" for n in notes]
+    m = result["machine"]
+    lines.append(f"machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}")
+    return buffer.getvalue().rstrip("\n") + "\n" + "\n".join(lines)

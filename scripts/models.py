@@ -1,0 +1,116 @@
+"""Reference models for the benchmark suite (scripts/benchmark.py), trained on the embedded mnist5k.
+
+Four shapes that stress different parts of the pipeline: the source article's small MLP, a wide
+MLP where FULLY_CONNECTED dominates (block sparsity and unit removal pay off most), a plain CNN
+with BatchNormalization, and a MobileNet-style depthwise-separable CNN (depthwise kernels are
+tiny, so pruning them barely changes the work). Fixed seeds and few epochs keep the suite
+reproducible and inside its time budget.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from compressor._tf import keras
+from compressor.data import Dataset
+from compressor.training import fit, reference_model
+
+L = keras.layers
+CLASSES = 10
+
+
+def mlp_small() -> keras.Model:
+    return reference_model(input_shape=(784,), classes=CLASSES, hidden=128)
+
+
+def mlp_wide() -> keras.Model:
+    return keras.Sequential([
+        L.Input((784,)),
+        L.Dense(1024, activation="relu", name="hidden1"),
+        L.Dense(1024, activation="relu", name="hidden2"),
+        L.Dense(CLASSES, activation="softmax", name="classifier"),
+    ], name="mlp_784_1024_1024_10")
+
+
+def _conv_bn(x, filters: int, kernel: int, name: str, strides: int = 1):
+    x = L.Conv2D(filters, kernel, strides=strides, padding="same", use_bias=False, name=name)(x)
+    x = L.BatchNormalization(name=f"{name}_bn")(x)
+    return L.ReLU(name=f"{name}_relu")(x)
+
+
+def cnn_small() -> keras.Model:
+    inputs = L.Input((28, 28, 1), name="image")
+    x = _conv_bn(inputs, 32, 3, "conv1")
+    x = L.MaxPooling2D(name="pool1")(x)
+    x = _conv_bn(x, 64, 3, "conv2")
+    x = L.MaxPooling2D(name="pool2")(x)
+    x = L.Flatten(name="flatten")(x)
+    x = L.Dense(128, activation="relu", name="fc")(x)
+    outputs = L.Dense(CLASSES, activation="softmax", name="classifier")(x)
+    return keras.Model(inputs, outputs, name="cnn_small")
+
+
+def _dw_block(x, filters: int, name: str, strides: int = 1):
+    """MobileNet v1 block: depthwise 3x3 + BN + ReLU, then pointwise 1x1 + BN + ReLU."""
+    x = L.DepthwiseConv2D(3, strides=strides, padding="same", use_bias=False, name=f"{name}_dw")(x)
+    x = L.BatchNormalization(name=f"{name}_dw_bn")(x)
+    x = L.ReLU(name=f"{name}_dw_relu")(x)
+    return _conv_bn(x, filters, 1, f"{name}_pw")
+
+
+def dscnn() -> keras.Model:
+    inputs = L.Input((28, 28, 1), name="image")
+    x = _conv_bn(inputs, 32, 3, "stem", strides=2)                       # 14x14x32
+    x = _dw_block(x, 64, "block1")                                       # 14x14x64
+    x = _dw_block(x, 128, "block2", strides=2)                           # 7x7x128
+    x = L.SeparableConv2D(128, 3, padding="same", use_bias=False, name="sep3")(x)
+    x = L.BatchNormalization(name="sep3_bn")(x)
+    x = L.ReLU(name="sep3_relu")(x)
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    outputs = L.Dense(CLASSES, activation="softmax", name="classifier")(x)
+    return keras.Model(inputs, outputs, name="dscnn")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    title: str
+    build: Callable[[], keras.Model]
+    input_shape: tuple[int, ...]
+    epochs: int
+
+
+MODELS: dict[str, ModelSpec] = {s.name: s for s in (
+    ModelSpec("mlp-128", "reference MLP 784-128-10 (source article)", mlp_small, (784,), 8),
+    ModelSpec("mlp-1024", "MLP 784-1024-1024-10", mlp_wide, (784,), 5),
+    ModelSpec("cnn", "small CNN: 2x (Conv2D + BN + MaxPool) + Dense 128", cnn_small, (28, 28, 1), 4),
+    ModelSpec("dscnn", "MobileNet-style CNN: stem + 2 depthwise-separable blocks + SeparableConv2D + GAP", dscnn,
+              (28, 28, 1), 8),
+)}
+
+
+def dataset_for(spec: ModelSpec, data: Dataset) -> Dataset:
+    """The same samples, shaped for the model's input (784 or 28x28x1)."""
+    def shaped(x):
+        return None if x is None else x.reshape((len(x), *spec.input_shape))
+
+    return dataclasses.replace(data, x_train=shaped(data.x_train), x_test=shaped(data.x_test),
+                               x_calib=shaped(data.x_calib), x_val=shaped(data.x_val))
+
+
+def train(spec: ModelSpec, data: Dataset, seed: int = 0, epochs: int | None = None) -> keras.Model:
+    """Build and train with a fixed seed (Adam 1e-3, batch 32), as a user's baseline would be."""
+    keras.utils.set_random_seed(seed)
+    model = spec.build()
+    fit(model, dataset_for(spec, data), epochs=spec.epochs if epochs is None else epochs, batch_size=32,
+        learning_rate=1e-3, hold_zeros=False)
+    return model
+
+
+def test_accuracy(model: keras.Model, spec: ModelSpec, data: Dataset) -> float:
+    ds = dataset_for(spec, data)
+    pred = model.predict(ds.x_test, batch_size=256, verbose=0)
+    return float(np.mean(pred.argmax(axis=1) == ds.y_test))

@@ -1,0 +1,87 @@
+"""The command line on a tiny model: the output folder contract, report.json, and one-line errors."""
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from compressor.cli import main
+from tests.conftest import save_npz
+
+EXPECTED_FILES = {"report.json", "report.md", "dense.tflite", "dense.onnx", "pruned.keras", "pruned.tflite",
+                  "pruned.onnx", "latency.png", "accuracy_vs_size.png", "layers.png"}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, small_mlp, digits):
+    folder = tmp_path_factory.mktemp("inputs")
+    small_mlp.save(folder / "m.keras")
+    recipe = {"targets": ["tflite", "onnxruntime"], "max_accuracy_drop": 0.05,
+              "stages": [{"name": "weight", "sparsity": 0.8, "epochs": 2}], "bench": {"runs": 200, "warmup": 5}}
+    (folder / "r.yaml").write_text(yaml.safe_dump(recipe))
+    return folder / "m.keras", save_npz(folder / "d.npz", digits), folder / "r.yaml"
+
+
+def test_run_writes_the_contracted_folder(inputs, tmp_path, capsys):
+    model, data, recipe = inputs
+    out = tmp_path / "out"
+    code = main(["run", "--model", str(model), "--data", str(data), "--recipe", str(recipe), "--out", str(out), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert EXPECTED_FILES <= {p.name for p in out.iterdir()}
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp leftovers
+    report = json.loads((out / "report.json").read_text())
+    for key in ("tool_version", "machine", "model", "recipe", "stages", "results", "verification"):
+        assert key in report
+    assert report["model"]["input_shape"] == [None, 64]
+    assert {(r["variant"], r["runtime"]) for r in report["results"]} >= {
+        ("dense", "tflite"), ("dense", "onnxruntime"), ("pruned", "tflite"), ("pruned", "onnxruntime")}
+    row = next(r for r in report["results"] if r["file"] == "pruned.tflite")
+    assert row["latency_ms"]["runs"] == 200 and row["latency_ms"]["p50"] <= row["latency_ms"]["p99"]
+    assert row["nonzero_params"] < row["params"] and row["batch"] == 1 and row["threads"] == 1
+    assert all(v["ok"] and v["zeros_in_file"] == v["zeros_expected"] for v in report["verification"])
+    assert report["recipe"]["stages"][0]["block"] == "auto"  # resolved recipe, defaults filled in
+    assert "| pruned | tflite |" in (out / "report.md").read_text()
+
+
+def test_existing_output_folder_is_refused_without_force(inputs, tmp_path, capsys):
+    model, data, recipe = inputs
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code = main(["run", "--model", str(model), "--data", str(data), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err[-1].startswith("error: output folder") and "--force" in err[-1]
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "missing.keras"], "not found"),
+    (["--data", "missing.npz"], "not found"),
+    (["--recipe", "missing.yaml"], "not found"),
+])
+def test_missing_inputs_give_one_line_errors(inputs, tmp_path, capsys, args, message):
+    model, data, recipe = inputs
+    base = {"--model": str(model), "--data": str(data), "--recipe": str(recipe)}
+    base[args[0]] = str(tmp_path / args[1])
+    argv = ["run", "--out", str(tmp_path / "o")] + [x for kv in base.items() for x in kv]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_recipe_example_is_a_valid_recipe(capsys):
+    from compressor.recipe import parse_recipe
+
+    assert main(["recipe", "--example"]) == 0
+    text = capsys.readouterr().out
+    assert parse_recipe(yaml.safe_load(text)) == parse_recipe(None)
+
+
+def test_inspect_cli_reads_zeros_from_file(inputs, tmp_path, capsys, small_mlp):
+    from exporters.onnx_export import export_float
+
+    path = export_float(small_mlp, tmp_path / "m.onnx")
+    assert main(["inspect", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["totals"]["size"] == sum(np.prod(w.shape) for w in small_mlp.weights if len(w.shape) == 2)
