@@ -113,20 +113,19 @@ def compress(model: keras.Model, data: Dataset, recipe: Recipe, out: str | Path,
                                        accuracy(dense, *(_budget_split(data))))
     save_model_atomic(pruned, out / "pruned.keras")
 
-    reporter.step("exporting dense and pruned models to TFLite and ONNX")
+    reporter.step("exporting dense and pruned models for " + ", ".join(recipe.targets))
     artifacts: list[tuple[Artifact, keras.Model, bool]] = []
     dense_flops, pruned_flops = model_macs(dense), model_macs(pruned)
-    tflite_export.export_float(dense, out / "dense.tflite", sparse=False)
-    onnx_export.export_float(dense, out / "dense.onnx", compact=False)
-    tflite_export.export_float(pruned, out / "pruned.tflite", sparse=True)
-    onnx_export.export_float(pruned, out / "pruned.onnx", compact=recipe.compact_onnx)
-    for variant, runtime, name, km, flops in (
-        ("dense", "tflite", "dense.tflite", dense, dense_flops),
-        ("dense", "onnxruntime", "dense.onnx", dense, dense_flops),
-        ("pruned", "tflite", "pruned.tflite", pruned, pruned_flops),
-        ("pruned", "onnxruntime", "pruned.onnx", pruned, pruned_flops),
-    ):
-        artifacts.append((Artifact(variant, runtime, out / name, flops), km, False))
+    if any(t.startswith("tflite") for t in recipe.targets):
+        tflite_export.export_float(dense, out / "dense.tflite", sparse=False)
+        tflite_export.export_float(pruned, out / "pruned.tflite", sparse=True)
+        artifacts.append((Artifact("dense", "tflite", out / "dense.tflite", dense_flops), dense, False))
+        artifacts.append((Artifact("pruned", "tflite", out / "pruned.tflite", pruned_flops), pruned, False))
+    if any(t.startswith("onnxruntime") for t in recipe.targets):
+        onnx_export.export_float(dense, out / "dense.onnx", compact=False)
+        onnx_export.export_float(pruned, out / "pruned.onnx", compact=recipe.compact_onnx)
+        artifacts.append((Artifact("dense", "onnxruntime", out / "dense.onnx", dense_flops), dense, False))
+        artifacts.append((Artifact("pruned", "onnxruntime", out / "pruned.onnx", pruned_flops), pruned, False))
     if "tflite-int8" in recipe.targets:
         tflite_export.export_int8(pruned, out / "pruned-int8.tflite", data.x_calib)
         artifacts.append((Artifact("pruned-int8", "tflite", out / "pruned-int8.tflite", pruned_flops), pruned, True))

@@ -41,6 +41,9 @@ class ActivationStage(_Strict):
     criterion: Literal["mean_abs", "apoz"] = Field("mean_abs", description="unit score")
     threshold: float = Field(0.1, ge=0.0, le=1.0, description="tau_a: remove units whose normalised score is below")
     max_fraction: float = Field(0.5, ge=0.0, lt=1.0, description="never remove more than this fraction of a layer")
+    compensate: bool = Field(
+        True, description="fold each removed unit's mean activation into the next layer's bias (exact for constant units)"
+    )
     epochs: int = Field(2, ge=0, le=1000, description="fine-tuning epochs after removal")
 
 
@@ -58,6 +61,7 @@ class ClusterStage(_Strict):
         0.05, ge=0.0, description="merge units whose normalised pattern distance to the kept unit is below this"
     )
     max_fraction: float = Field(0.5, ge=0.0, lt=1.0, description="never remove more than this fraction of a layer")
+    n_init: int = Field(3, ge=1, le=100, description="K-means restarts (best inertia kept)")
     epochs: int = Field(2, ge=0, le=1000, description="fine-tuning epochs after merging")
 
 

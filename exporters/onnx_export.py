@@ -25,6 +25,20 @@ def keras_to_onnx(model: keras.Model) -> onnx.ModelProto:
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise CompressorError(f"ONNX conversion of model '{model.name}' failed: {first}") from exc
+    return _stable_dim_names(proto)
+
+
+def _stable_dim_names(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """tf2onnx names unknown dims from a process-wide counter ("unk__21"); the same model must give
+    the same bytes, so rename them by first appearance: the batch dim becomes "batch"."""
+    names: dict[str, str] = {}
+    values = list(proto.graph.input) + list(proto.graph.output) + list(proto.graph.value_info)
+    for value in values:
+        for index, dim in enumerate(value.type.tensor_type.shape.dim):
+            if dim.HasField("dim_param") and dim.dim_param.startswith("unk__"):
+                if dim.dim_param not in names:
+                    names[dim.dim_param] = "batch" if index == 0 else f"dim_{len(names)}"
+                dim.dim_param = names[dim.dim_param]
     return proto
 
 

@@ -5,6 +5,10 @@ kernel then runs depends on the block pattern (DESIGN facts 2-4), which the weig
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -41,11 +45,38 @@ def export_int8(model: keras.Model, path: str | Path, calibration: np.ndarray, s
     return write_bytes_atomic(path, _convert(conv, model))
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """The converter prints pages of MLIR diagnostics straight to fd 2; keep them for the error only."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 2)
+        captured = []
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            captured.append(sink.read().decode("utf-8", "replace"))
+
+
+def _first_error(text: str) -> str:
+    """The converter's own summary line, e.g. "error: 'tf.TensorListReserve' op requires …"."""
+    for line in text.splitlines():
+        if "error:" in line:
+            return line[line.rindex("error:") + len("error:"):].strip()[:240]
+    return ""
+
+
 def _convert(conv, model) -> bytes:
     try:
-        return conv.convert()
-    except Exception as exc:  # the converter raises many types; the user needs the layer, not the stack
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        with _quiet_stderr() as captured:
+            return conv.convert()
+    except Exception as exc:  # the converter raises many types; the user needs the cause, not the stack
+        detail = _first_error("".join(captured)) or _first_error(str(exc)) or str(exc).strip().splitlines()[0][:240]
         raise CompressorError(
-            f"TFLite conversion of model '{model.name}' failed: {first}; check for layers without TFLite builtins"
+            f"TFLite conversion of model '{model.name}' failed: {detail}; drop the tflite targets from the recipe "
+            "or replace the layer that needs TF ops"
         ) from exc

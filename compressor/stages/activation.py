@@ -1,0 +1,71 @@
+"""Activation stage (tau_a): remove neurons/channels that are idle on calibration data.
+
+Scores, normalised so that low = idle: `mean_abs` = mean |activation| / the layer's max (the
+source article's criterion), `apoz` = 1 - Average Percentage of Zeros after ReLU. Units with an
+all-zero incoming kernel (left by the weight stage) or that never fire score 0 and go first.
+A removed unit's mean activation is folded into the next layer's bias, so removing a constant unit
+is exact and the others cost less before fine-tuning.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from compressor.recipe import ActivationStage
+from compressor.stages import scoring
+from compressor.stages.base import StageContext, StageOutcome
+
+
+def unit_scores(model, producer: str, activity: scoring.Activity, criterion: str) -> np.ndarray:
+    """Normalised score in [0, 1] per unit; dead units get 0."""
+    if criterion == "mean_abs":
+        top = float(activity.mean_abs.max())
+        score = activity.mean_abs / top if top > 0 else np.zeros_like(activity.mean_abs)
+    else:
+        score = 1.0 - activity.apoz
+    score = np.asarray(score, dtype=np.float64)
+    score[scoring.dead_units(model, producer) | (activity.mean_abs == 0)] = 0.0
+    return score
+
+
+def apply(model, cfg: ActivationStage, ctx: StageContext, amount: float = 1.0) -> StageOutcome:
+    base = scoring.copy(model)  # biases get compensated before surgery: never on the caller's model
+    groups = scoring.groups(base)
+    if not groups:
+        return StageOutcome(base, {"layers": {}, "removed": 0}, ["activation: no prunable Dense/Conv layers"])
+    graph = scoring._graph(base)
+    traces = {m: scoring.trace(base, m, graph) for g in groups for m in g.members}
+    activity = scoring.collect(base, ctx.data.x_calib, list(traces.values()))
+    threshold = cfg.threshold * amount
+    plan, extra = {}, {}
+    for group in groups:
+        per_member = [unit_scores(base, m, activity[m], cfg.criterion) for m in group.members]
+        score = np.mean(per_member, axis=0)  # a residual group loses the same channels: joint score
+        dead = np.any([s == 0 for s in per_member], axis=0) & (score == 0)
+        drop = scoring.below(score, threshold, scoring.cap(group.units, cfg.max_fraction, amount))
+        compensated = False
+        if drop and cfg.compensate and len(group.members) == 1:
+            tr = traces[group.name]
+            compensated = scoring.fold_into_consumers(
+                base, tr, group.units, offset={i: float(activity[group.name].mean[i]) for i in drop})
+        if drop:
+            plan[group.name] = drop
+        for m in group.members:
+            extra[m] = {"observed_at": traces[m].observe, "dead": int(dead.sum()),
+                        "dead_removed": int(sum(dead[i] for i in drop)), "scores": scoring.summary(score),
+                        "compensated": compensated, "coupled_with": [o for o in group.members if o != m]}
+    if plan:
+        pruned, result = scoring.remove(base, plan)
+    else:
+        pruned, result = scoring.remove(base, {})
+    scoring.finetune(pruned, ctx, cfg.epochs, "activation: fine-tune")
+    layers = scoring.layer_details(result, extra)
+    removed = sum(row["removed"] for row in layers.values())
+    total = sum(row["units_before"] for row in layers.values())
+    dead_removed = sum(row["dead_removed"] for row in layers.values())
+    notes = [f"activation ({cfg.criterion}, tau_a={threshold:.3g}, cap {cfg.max_fraction * amount:.0%}/layer): "
+             f"removed {removed} of {total} units in {sum(1 for r in layers.values() if r['removed'])} layers"
+             + (f", {dead_removed} of them dead" if dead_removed else "")]
+    if any(r["compensated"] for r in layers.values()):
+        notes.append("activation: removed units' mean activation folded into the next layer's bias")
+    return StageOutcome(pruned, {"criterion": cfg.criterion, "threshold": threshold, "max_fraction": cfg.max_fraction * amount,
+                                 "removed": removed, "layers": layers, "skipped": dict(result.skipped)}, notes)

@@ -1,0 +1,277 @@
+"""Shared machinery of the structured stages: where to observe a unit, what it does on calibration
+data, and how to fold a removed unit's signal into the layers that read it.
+
+A producer's unit is judged by what the *next* weighted layer sees, so activity is taken after the
+pass-through layers that follow it (BatchNormalization, activations, dropout): for Dense+ReLU that
+is the Dense output, for Conv -> BN -> ReLU the ReLU output. Removal then goes through
+`compressor.surgery`; before it, a removed unit's mean activation is folded into the consumers'
+bias ("mean replacement"), which makes removing a constant unit (zero kernel, gamma = 0, a ReLU
+that never fires) exact and is the least-squares best guess for any other unit.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from compressor import surgery
+from compressor._tf import keras
+from compressor.training import clone_with_weights, fit
+
+_L = keras.layers
+_WEIGHTED = (_L.Dense, _L.Conv1D, _L.Conv2D, _L.Conv3D)
+# Layers between a producer and its observation point: per-channel, no mixing of units.
+_OBSERVE_THROUGH = (
+    _L.BatchNormalization, _L.Activation, _L.ReLU, _L.LeakyReLU, _L.ELU, _L.PReLU, _L.ThresholdedReLU,
+    _L.Dropout, _L.SpatialDropout1D, _L.SpatialDropout2D, _L.SpatialDropout3D,
+    _L.GaussianNoise, _L.GaussianDropout, _L.AlphaDropout, _L.ActivityRegularization,
+)
+# Layers between the observation point and a consumer that keep a channel's identity.
+_ROUTE_THROUGH = (
+    _L.Dropout, _L.SpatialDropout1D, _L.SpatialDropout2D, _L.SpatialDropout3D,
+    _L.GaussianNoise, _L.GaussianDropout, _L.AlphaDropout, _L.ActivityRegularization,
+    _L.MaxPooling1D, _L.MaxPooling2D, _L.MaxPooling3D,
+    _L.AveragePooling1D, _L.AveragePooling2D, _L.AveragePooling3D,
+    _L.GlobalMaxPooling1D, _L.GlobalMaxPooling2D, _L.GlobalMaxPooling3D,
+    _L.GlobalAveragePooling1D, _L.GlobalAveragePooling2D, _L.GlobalAveragePooling3D,
+)
+
+
+# ------------------------------------------------------------------------------------ graph
+
+
+def _graph(model) -> tuple[dict[str, list[str]], set[str]]:
+    """Consumers of each layer (by name) and the names of output layers."""
+    if isinstance(model, keras.Sequential):
+        names = [layer.name for layer in model.layers if not isinstance(layer, _L.InputLayer)]
+        consumers = {a: [b] for a, b in zip(names, names[1:])}
+        consumers[names[-1]] = []
+        return consumers, {names[-1]}
+    config = model.get_config()
+    consumers: dict[str, list[str]] = {lc["name"]: [] for lc in config["layers"]}
+    for lc in config["layers"]:
+        for node in lc.get("inbound_nodes") or []:
+            for entry in node:
+                if lc["name"] not in consumers[entry[0]]:
+                    consumers[entry[0]].append(lc["name"])
+    return consumers, {entry[0] for entry in config["output_layers"]}
+
+
+@dataclass
+class Consumer:
+    """A weighted layer that reads the producer's channels; `outer` = repetitions after Flatten."""
+
+    name: str
+    outer: int = 1
+
+
+@dataclass
+class Trace:
+    """Where a producer's units are observed and which layers read them."""
+
+    producer: str
+    observe: str  # layer whose output is the units' activity
+    chain: list[str] = field(default_factory=list)  # pass-through layers between producer and observe
+    consumers: list[Consumer] | None = None  # None: a route we cannot fold into (merge, concat, output...)
+    batch_norm: str | None = None  # first BatchNormalization in the chain (network slimming's gamma)
+
+
+def trace(model, producer: str, graph=None) -> Trace:
+    """Follow single-consumer pass-through layers to the observation point, then find the consumers."""
+    consumers, outputs = graph or _graph(model)
+    current, chain, bn = producer, [], None
+    while current not in outputs and len(consumers[current]) == 1:
+        nxt = model.get_layer(consumers[current][0])
+        if type(nxt) not in _OBSERVE_THROUGH:
+            break
+        chain.append(nxt.name)
+        if bn is None and type(nxt) is _L.BatchNormalization:
+            bn = nxt.name
+        current = nxt.name
+    return Trace(producer, current, chain, _route(model, current, consumers, outputs), bn)
+
+
+def _route(model, start: str, consumers, outputs) -> list[Consumer] | None:
+    found, frontier = [], [(start, 1)]
+    while frontier:
+        name, outer = frontier.pop()
+        if name in outputs:
+            return None
+        for nxt_name in consumers[name]:
+            layer = model.get_layer(nxt_name)
+            kind = type(layer)
+            if kind in _WEIGHTED:
+                if kind is not _L.Dense and outer != 1:
+                    return None
+                found.append(Consumer(nxt_name, outer))
+            elif kind in _ROUTE_THROUGH:
+                frontier.append((nxt_name, outer))
+            elif kind is _L.Flatten:
+                spatial = tuple(layer.input_shape[1:-1])
+                if any(d is None for d in spatial):
+                    return None
+                frontier.append((nxt_name, outer * int(math.prod(spatial))))
+            else:
+                return None
+    return found
+
+
+# ------------------------------------------------------------------------------------ activity
+
+
+@dataclass
+class Activity:
+    """Per-unit statistics of one observation point over the calibration samples."""
+
+    mean: np.ndarray  # (C,) mean activation
+    mean_abs: np.ndarray  # (C,) mean |activation|
+    apoz: np.ndarray  # (C,) fraction of outputs <= 0 (Average Percentage of Zeros after ReLU)
+    std: np.ndarray  # (C,) standard deviation over all positions
+    patterns: np.ndarray  # (N, C) per-sample activation (spatial mean for conv maps)
+
+
+def collect(model, x: np.ndarray, traces: list[Trace], batch_size: int = 128, limit: int = 500) -> dict[str, Activity]:
+    """Run `model` on up to `limit` calibration samples; activity of every traced producer."""
+    x = np.asarray(x)[:limit]
+    observe = sorted({t.observe for t in traces})
+    extractor = keras.Model(model.inputs, [model.get_layer(n).output for n in observe])
+    sums = {n: None for n in observe}
+    patterns = {n: [] for n in observe}
+    for start in range(0, len(x), batch_size):
+        outs = extractor(x[start:start + batch_size], training=False)
+        outs = outs if isinstance(outs, (list, tuple)) else [outs]
+        for name, out in zip(observe, outs):
+            a = out.numpy().astype(np.float64)
+            flat = a.reshape(-1, a.shape[-1])
+            stats = np.stack([flat.sum(0), np.abs(flat).sum(0), (flat <= 0).sum(0), (flat ** 2).sum(0)])
+            sums[name] = stats if sums[name] is None else sums[name] + stats
+            patterns[name].append(a.reshape(len(a), -1, a.shape[-1]).mean(axis=1))
+    result = {}
+    for name in observe:
+        per_sample = np.concatenate(patterns[name]).astype(np.float32)
+        n_pos = _positions(model.get_layer(name).output_shape) * len(per_sample)
+        s, sa, zeros, sq = sums[name] / n_pos
+        result[name] = Activity(s, sa, zeros, np.sqrt(np.maximum(sq - s ** 2, 0.0)), per_sample)
+    return {t.producer: result[t.observe] for t in traces}
+
+
+def _positions(shape) -> int:
+    inner = shape[1:-1]
+    return int(math.prod(inner)) if inner else 1
+
+
+def dead_units(model, producer: str) -> np.ndarray:
+    """Units whose whole incoming kernel is zero (e.g. after weight pruning): a constant output."""
+    kernel = model.get_layer(producer).kernel.numpy()
+    return np.all(kernel.reshape(-1, kernel.shape[-1]) == 0, axis=0)
+
+
+# ------------------------------------------------------------------------------------ planning
+
+
+@dataclass
+class Group:
+    """Producers that must lose the same units (one residual group, or a single layer)."""
+
+    members: list[str]
+    units: int
+
+    @property
+    def name(self) -> str:
+        return self.members[0]
+
+
+def groups(model) -> list[Group]:
+    """Coupled producer groups in which every member is prunable, in model order."""
+    prunable = surgery.prunable_layers(model)
+    out = []
+    for members in surgery.coupled_groups(model):
+        if members and all(m in prunable for m in members):
+            out.append(Group(list(members), prunable[members[0]]))
+    return out
+
+
+def cap(units: int, max_fraction: float, amount: float) -> int:
+    """Most units a layer may lose: max_fraction*amount of it, and never the last one."""
+    return max(0, min(units - 1, int(math.floor(units * max_fraction * amount + 1e-9))))
+
+
+def below(scores: np.ndarray, threshold: float, limit: int) -> list[int]:
+    """Indices with score < threshold, lowest first, at most `limit`."""
+    order = np.argsort(scores, kind="stable")
+    return [int(i) for i in order if scores[i] < threshold][:limit]
+
+
+def summary(scores: np.ndarray) -> dict:
+    return {"min": float(np.min(scores)), "median": float(np.median(scores)), "max": float(np.max(scores))}
+
+
+# ------------------------------------------------------------------------------------ folding
+
+
+def fold_into_consumers(model, tr: Trace, channels: int, scale: dict[int, float] | None = None,
+                        offset: dict[int, float] | None = None) -> bool:
+    """In place: multiply the consumer rows that read unit c by scale[c], and add offset[c] times
+    those rows (before scaling) to the consumer bias. False, and nothing changed, if impossible.
+
+    With offset = mean activation this replaces a removed unit by its mean (exact for a constant
+    unit); with a_r ~ s * a_k + t it prepares surgery's unscaled merge of r into k.
+    """
+    scale, offset = scale or {}, {c: t for c, t in (offset or {}).items() if t != 0.0}
+    if tr.consumers is None or (not scale and not offset):
+        return tr.consumers is not None
+    layers = [model.get_layer(c.name) for c in tr.consumers]
+    if offset and any(not getattr(layer, "use_bias", False) for layer in layers):
+        return False
+    for cons, layer in zip(tr.consumers, layers):
+        weights = layer.get_weights()
+        kernel = weights[0]
+        for c in set(scale) | set(offset):
+            if type(layer) is _L.Dense:
+                rows = np.arange(cons.outer) * channels + c
+                if c in offset:
+                    weights[1] += offset[c] * kernel[rows].sum(axis=0)
+                kernel[rows] *= scale.get(c, 1.0)
+            else:  # conv: exact for 'valid' padding; 'same' borders see zeros instead
+                part = kernel[..., c, :]
+                if c in offset:
+                    weights[1] += offset[c] * part.reshape(-1, part.shape[-1]).sum(axis=0)
+                kernel[..., c, :] = part * scale.get(c, 1.0)
+        layer.set_weights(weights)
+    return True
+
+
+def remove(model, plan: dict[str, list[int]], merge: dict[str, dict[int, int]] | None = None):
+    """surgery.remove_units, silencing its 'merge is approximate' warning: our merge relations are
+    measured after BN, where surgery cannot see them, so they are exact there."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*merging units of.*", category=surgery.SurgeryWarning)
+        return surgery.remove_units(model, plan, merge or {})
+
+
+def finetune(model, ctx, epochs: int, label: str):
+    """Fine-tune with the weight stage's zeros held (training.fit's HoldZeros)."""
+    if epochs > 0:
+        progress = ctx.epoch_progress(label, epochs) if ctx.epoch_progress else None
+        fit(model, ctx.data, epochs=epochs, batch_size=ctx.recipe.batch_size,
+            learning_rate=ctx.recipe.learning_rate, progress=progress)
+    return model
+
+
+def layer_details(result, extra: dict[str, dict]) -> dict[str, dict]:
+    """Per-producer units before/after from the surgery result, merged with the stage's own notes."""
+    out = {}
+    for name, info in extra.items():
+        row = {"units_before": int(result.units_before.get(name, 0)), "units_after": int(result.units_after.get(name, 0))}
+        row["removed"] = row["units_before"] - row["units_after"]
+        row.update(info)
+        if name in result.skipped:
+            row["skipped"] = result.skipped[name]
+        out[name] = row
+    return out
+
+
+def copy(model):
+    return clone_with_weights(model)

@@ -1,0 +1,114 @@
+"""Sparse-optimisation stage: train with a penalty that drives whole units to zero, then remove them.
+
+`group_lasso` adds strength * sum_j ||(kernel[..., j], bias[j])||_2 over every prunable producer
+(one group per output unit); `bn_l1` adds strength * sum |gamma| of the BatchNormalization right
+after a producer (network slimming); `both` adds the two. The penalty sits in the loss, so Adam
+weighs it against the data term per weight: a unit the data does not need has only the penalty's
+gradient and is pushed to zero at about the learning rate per step, while a useful unit's data
+gradient outweighs it. (A proximal shrink, w *= max(0, 1 - lr*strength/||w||), needs a plain SGD
+step size to be meaningful; under Adam it is either negligible or fights the optimiser.)
+Units whose norm (|gamma|) relative to the layer's largest is below `threshold` are then removed,
+their mean activation folded into the next layer's bias, and the model is fine-tuned without the
+penalty. The weight stage's zeros are held throughout (training.fit's HoldZeros).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from compressor._tf import tf
+from compressor.recipe import SparseOptStage
+from compressor.stages import scoring
+from compressor.stages.base import StageContext, StageOutcome
+from compressor.training import clone_with_weights
+
+_EPS = 1e-12  # keeps the norm differentiable at an all-zero unit (weight-stage masks can make one)
+
+
+def group_norms(layer) -> np.ndarray:
+    """L2 norm of each unit's incoming kernel slice and bias."""
+    kernel = layer.kernel.numpy()
+    sq = np.sum(kernel.reshape(-1, kernel.shape[-1]).astype(np.float64) ** 2, axis=0)
+    if getattr(layer, "use_bias", False) and layer.bias is not None:
+        sq = sq + layer.bias.numpy().astype(np.float64) ** 2
+    return np.sqrt(sq)
+
+
+def _penalty(model, producers: list[str], bns: list[str], strength: float):
+    """A zero-argument loss for `model.add_loss`."""
+    layers = [model.get_layer(n) for n in producers]
+    gammas = [model.get_layer(n).gamma for n in bns if model.get_layer(n).gamma is not None]
+
+    def loss():
+        total = tf.constant(0.0)
+        for layer in layers:
+            kernel = tf.reshape(layer.kernel, (-1, layer.kernel.shape[-1]))
+            sq = tf.reduce_sum(tf.square(kernel), axis=0)
+            if getattr(layer, "use_bias", False) and layer.bias is not None:
+                sq = sq + tf.square(layer.bias)
+            total += tf.reduce_sum(tf.sqrt(sq + _EPS))
+        for gamma in gammas:
+            total += tf.reduce_sum(tf.abs(gamma))
+        return strength * total
+
+    return loss
+
+
+def relative(values: np.ndarray) -> np.ndarray:
+    top = float(np.max(values)) if len(values) else 0.0
+    return values / top if top > 0 else np.zeros_like(values)
+
+
+def apply(model, cfg: SparseOptStage, ctx: StageContext, amount: float = 1.0) -> StageOutcome:
+    work = scoring.copy(model)  # trained in place below: never the caller's model
+    groups = scoring.groups(work)
+    if not groups:
+        return StageOutcome(work, {"layers": {}, "removed": 0}, ["sparse_opt: no prunable Dense/Conv layers"])
+    graph = scoring._graph(work)
+    traces = {m: scoring.trace(work, m, graph) for g in groups for m in g.members}
+    producers = [m for g in groups for m in g.members]
+    bns = sorted({t.batch_norm for t in traces.values() if t.batch_norm})
+    use_groups = cfg.penalty in ("group_lasso", "both")
+    use_bn = cfg.penalty in ("bn_l1", "both")
+    notes = []
+    if use_bn and not bns:
+        notes.append("sparse_opt: no BatchNormalization after a prunable layer; bn_l1 has nothing to act on")
+    work.add_loss(_penalty(work, producers if use_groups else [], bns if use_bn else [], cfg.strength))
+    scoring.finetune(work, ctx, cfg.epochs, f"sparse_opt: {cfg.penalty} training")
+    trained = clone_with_weights(work)  # drops the penalty: clone_model does not copy add_loss callables
+
+    activity = scoring.collect(trained, ctx.data.x_calib, [scoring.trace(trained, m) for m in producers])
+    threshold = cfg.threshold * amount
+    plan, extra = {}, {}
+    for group in groups:
+        per_member = []
+        for m in group.members:
+            scores = []
+            if use_groups:
+                scores.append(relative(group_norms(trained.get_layer(m))))
+            bn = traces[m].batch_norm
+            if use_bn and bn:
+                scores.append(relative(np.abs(trained.get_layer(bn).gamma.numpy().astype(np.float64))))
+            # a unit is idle if either its incoming group or its BN scale is gone
+            per_member.append(np.min(scores, axis=0) if scores else np.ones(group.units))
+        score = np.mean(per_member, axis=0)
+        drop = scoring.below(score, threshold, scoring.cap(group.units, cfg.max_fraction, amount))
+        compensated = False
+        if drop and len(group.members) == 1:
+            compensated = scoring.fold_into_consumers(
+                trained, traces[group.name], group.units,
+                offset={i: float(activity[group.name].mean[i]) for i in drop})
+        if drop:
+            plan[group.name] = drop
+        for m in group.members:
+            extra[m] = {"scores": scoring.summary(score), "near_zero": int(np.sum(score < threshold)),
+                        "batch_norm": traces[m].batch_norm, "compensated": compensated,
+                        "coupled_with": [o for o in group.members if o != m]}
+    pruned, result = scoring.remove(trained, plan)
+    scoring.finetune(pruned, ctx, cfg.finetune_epochs, "sparse_opt: fine-tune")
+    layers = scoring.layer_details(result, extra)
+    removed = sum(r["removed"] for r in layers.values())
+    notes.insert(0, f"sparse_opt ({cfg.penalty}, strength {cfg.strength:g}, {cfg.epochs} epochs): removed {removed} of "
+                    f"{sum(r['units_before'] for r in layers.values())} units whose norm fell below "
+                    f"{threshold:.3g} of their layer's largest")
+    return StageOutcome(pruned, {"penalty": cfg.penalty, "strength": cfg.strength, "threshold": threshold,
+                                 "removed": removed, "layers": layers, "skipped": dict(result.skipped)}, notes)

@@ -1,0 +1,167 @@
+"""`compressor bench` end to end on tiny exported files, plus the benchmark suite's model builders."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from compressor.cli import main
+from tests.conftest import save_npz
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["--runs", "30", "--warmup", "3", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def files(small_mlp, digits, tmp_path_factory):
+    """The conftest 64-64-10 MLP as .tflite and .onnx, and the digits data as an .npz."""
+    from exporters import onnx_export, tflite_export
+
+    folder = tmp_path_factory.mktemp("bench")
+    return {
+        "tflite": tflite_export.export_float(small_mlp, folder / "tiny.tflite", sparse=False),
+        "onnx": onnx_export.export_float(small_mlp, folder / "tiny.onnx"),
+        "npz": save_npz(folder / "digits.npz", digits),
+        "folder": folder,
+    }
+
+
+def _run(capsys, *argv):
+    code = main(["bench", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _single_error(code, err):
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 1
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    return lines[0]
+
+
+def test_table_for_tflite_with_random_inputs(files, capsys):
+    code, out, _ = _run(capsys, "--model", files["tflite"], *FAST)
+    assert code == 0
+    for word in ("tiny.tflite", "p50 ms", "p99 ms", "throughput", "gzip bytes", "random"):
+        assert word in out
+    assert "accuracy" not in out  # no --data: no accuracy claimed
+
+
+def test_json_for_onnx_with_data(files, capsys, small_mlp, digits):
+    code, out, _ = _run(capsys, "--model", files["onnx"], "--data", files["npz"], "--json", "--batch", "4", *FAST)
+    assert code == 0
+    result = json.loads(out)
+    f = result["files"][0]
+    assert f["runtime"] == "onnxruntime"
+    assert {"p50", "p90", "p99", "mean", "runs", "warmup"} <= set(f["latency_ms"])
+    assert f["latency_ms"]["runs"] == 30 and f["latency_ms"]["p50"] <= f["latency_ms"]["p99"]
+    keras_acc = float(np.mean(small_mlp.predict(digits.x_test, verbose=0).argmax(1) == digits.y_test))
+    assert f["accuracy"] == pytest.approx(keras_acc, abs=0.01)
+    low, high = f["accuracy_ci95"]
+    assert low < f["accuracy"] < high and f["test_samples"] == len(digits.y_test)
+    assert f["gzip_bytes"] < f["size_bytes"]
+    assert result["settings"]["batch"] == 4 and result["machine"]["cores"] >= 1
+    assert "compare" not in result
+
+
+def test_data_is_reshaped_to_the_input_and_a_wrong_size_fails(files, digits, capsys, tmp_path):
+    as_images = tmp_path / "images.npz"
+    np.savez(as_images, x_train=digits.x_train.reshape(-1, 8, 8), y_train=digits.y_train,
+             x_test=digits.x_test.reshape(-1, 8, 8), y_test=digits.y_test)
+    code, out, _ = _run(capsys, "--model", files["tflite"], "--data", as_images, "--json", *FAST)
+    assert code == 0 and json.loads(out)["files"][0]["accuracy"] > 0.8
+
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, x_train=digits.x_train[:, :60], y_train=digits.y_train,
+             x_test=digits.x_test[:, :60], y_test=digits.y_test)
+    code, _, err = _run(capsys, "--model", files["tflite"], "--data", wrong, *FAST)
+    assert "(60,)" in _single_error(code, err)
+
+
+def test_compare_two_copies_ratio_near_one(files, capsys):
+    copy = files["folder"] / "copy.tflite"
+    shutil.copy(files["tflite"], copy)
+    code, out, _ = _run(capsys, "--model", files["tflite"], "--compare", copy, "--data", files["npz"], "--json",
+                        "--runs", "1500", "--warmup", "100", "--quiet")
+    assert code == 0
+    result = json.loads(out)
+    ratio = result["compare"]["latency_ratio"]
+    assert ratio["rounds"] == 1500
+    assert abs(ratio["median"] - 1.0) < 0.10, ratio
+    assert ratio["ci95_low"] <= ratio["median"] <= ratio["ci95_high"]
+    paired = result["compare"]["mcnemar"]
+    assert paired["a_only"] == paired["b_only"] == 0 and paired["p_value"] == 1.0
+    assert result["settings"]["interleaved"] is True
+
+
+def test_compare_across_runtimes_renders_ratio_and_paired_test(files, capsys):
+    code, out, _ = _run(capsys, "--model", files["tflite"], "--compare", files["onnx"], "--data", files["npz"], *FAST)
+    assert code == 0
+    assert "tiny.tflite" in out and "tiny.onnx" in out
+    assert "latency ratio tiny.tflite / tiny.onnx" in out and "McNemar" in out
+
+
+@pytest.mark.parametrize("problem", ["missing", "extension", "corrupt", "runs", "compare-missing"])
+def test_bad_inputs_fail_in_one_line(problem, files, capsys, tmp_path):
+    args = ["--model", files["tflite"], "--quiet"]
+    if problem == "missing":
+        args[1] = tmp_path / "nope.tflite"
+    elif problem == "extension":
+        other = tmp_path / "model.pb"
+        other.write_bytes(b"x")
+        args[1] = other
+    elif problem == "corrupt":
+        bad = tmp_path / "bad.onnx"
+        bad.write_bytes(b"not a model" * 100)
+        args[1] = bad
+    elif problem == "runs":
+        args += ["--runs", "0"]
+    else:
+        args += ["--compare", tmp_path / "nope.onnx"]
+    code, out, err = _run(capsys, *args)
+    line = _single_error(code, err)
+    assert out == ""
+    expected = {"missing": "not found", "extension": "unknown extension", "corrupt": "cannot load",
+                "runs": "--runs", "compare-missing": "--compare"}[problem]
+    assert expected in line
+
+
+# ---- scripts/benchmark.py: model builders and the tfmot peer, not the whole suite -----------------
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_suite_model_builders_build_and_run(digits):
+    from exporters.flops import model_macs
+
+    models = _load_script("models")
+    assert set(models.MODELS) == {"mlp-128", "mlp-1024", "cnn", "dscnn"}
+    x = np.random.default_rng(0).random((2, 784), dtype=np.float32)
+    for spec in models.MODELS.values():
+        model = spec.build()
+        assert tuple(model.input_shape[1:]) == spec.input_shape
+        out = model.predict(x.reshape((2, *spec.input_shape)), verbose=0)
+        assert out.shape == (2, 10) and np.allclose(out.sum(axis=1), 1.0, atol=1e-4)
+        assert model_macs(model) > 0
+    names = {type(l).__name__ for l in models.MODELS["dscnn"].build().layers}
+    assert {"DepthwiseConv2D", "SeparableConv2D", "BatchNormalization", "GlobalAveragePooling2D"} <= names
+
+
+def test_tfmot_peer_reaches_its_target_without_touching_the_dense_model(small_mlp, digits):
+    bench = _load_script("benchmark")
+    before = [w.copy() for w in small_mlp.get_weights()]
+    peer, reached = bench.tfmot_peer(small_mlp, digits, seed=0)
+    assert reached and all(s >= 0.78 for s in reached.values()), reached
+    assert all(np.array_equal(a, b) for a, b in zip(before, small_mlp.get_weights()))
+    acc = float(np.mean(peer.predict(digits.x_test, verbose=0).argmax(1) == digits.y_test))
+    assert acc > 0.8
