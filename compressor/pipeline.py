@@ -144,6 +144,7 @@ def compress(model: keras.Model, data: Dataset, recipe: Recipe, out: str | Path,
             reporter.warn(resolver_note)
         verification.append(verify_file(art.path, runner, km, expected[id(km)], x_check, quantized=quantized))
     failed = [v for v in verification if not v["ok"]]
+    execution = _execution_table([a for a, _, _ in artifacts])
 
     reporter.step(f"benchmarking {len(artifacts)} files ({recipe.bench.runs} timed runs each, interleaved)")
     results, correct = run_benchmark([a for a, _, _ in artifacts], data.x_test, data.y_test, recipe.bench.runs,
@@ -162,6 +163,7 @@ def compress(model: keras.Model, data: Dataset, recipe: Recipe, out: str | Path,
         "layers": _layer_table(dense, pruned),
         "results": results,
         "verification": verification,
+        "execution": execution,
     }
     write_reports(report, out, correct)
     reporter.step(f"report written to {out / 'report.md'}")
@@ -194,6 +196,24 @@ def _open_safely(art):
 
     runner, art.resolver, note = open_runner_safely(art.path)
     return runner, note
+
+
+def _execution_table(artifacts) -> list[dict]:
+    """Per weight tensor of every file: how it is stored and whether the sparse kernel runs on it,
+    read from the file itself (the same decoding `compressor inspect` shows)."""
+    from exporters.inspect import inspect_file
+
+    rows = []
+    for art in artifacts:
+        if art.variant == "dense":
+            continue
+        for t in inspect_file(art.path)["tensors"]:
+            if len(t["shape"]) < 2:
+                continue
+            rows.append({"file": art.path.name, "tensor": t["name"], "shape": t["shape"], "dtype": t["dtype"],
+                         "sparsity": t["sparsity"], "storage": t["storage"], "block": t["block"],
+                         "sparse_kernel": t["sparse_kernel"], "note": t["note"]})
+    return rows
 
 
 def _layer_table(dense: keras.Model, pruned: keras.Model) -> list[dict]:

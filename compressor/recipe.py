@@ -74,6 +74,11 @@ class SparseOptStage(_Strict):
     threshold: float = Field(0.05, ge=0.0, description="remove units whose group norm (relative to the layer max) is below")
     max_fraction: float = Field(0.7, ge=0.0, lt=1.0, description="never remove more than this fraction of a layer")
     epochs: int = Field(3, ge=1, le=1000, description="penalised training epochs")
+    lr_scale: float = Field(
+        10.0, gt=0.0, le=1000.0,
+        description="penalised phase runs Adam at this multiple of the recipe's learning rate: an idle unit "
+        "needs about |w|/lr steps to reach zero",
+    )
     finetune_epochs: int = Field(2, ge=0, le=1000, description="fine-tuning epochs after removal")
 
 

@@ -93,6 +93,16 @@ def render_markdown(report: dict, plots: list[str]) -> str:
         ok = "ok" if v["ok"] else f"FAILED: {v.get('problem', '')}"
         lines.append(f"| {v['file']} | {v['max_abs_diff']:.2e} | {v['prediction_agreement']:.2%} | {v['zeros_expected']:,} | "
                      f"{v['zeros_in_file']:,} | {ok} |")
+    if report.get("execution"):
+        lines += ["", "## How each pruned weight is stored and run (read back from the files)", "",
+                  "| file | tensor | shape | dtype | sparsity | storage | sparse kernel runs | note |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for e in report["execution"]:
+            storage = e["storage"] + (f" {e['block'][0]}x{e['block'][1]}" if e.get("block") else "")
+            runs = {True: "yes", False: "no", None: "n/a"}[e["sparse_kernel"]]
+            name = e["tensor"] if len(e["tensor"]) <= 48 else "…" + e["tensor"][-47:]
+            lines.append(f"| {e['file']} | {name} | {'x'.join(map(str, e['shape']))} | {e['dtype']} | "
+                         f"{e['sparsity']:.1%} | {storage} | {runs} | {e['note']} |")
     notes = [n for r in results for n in r.get("notes", [])] + report.get("target_notes", [])
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in dict.fromkeys(notes)]

@@ -9,14 +9,15 @@ from compressor.cli import main
 from tests.conftest import save_npz
 
 EXPECTED_FILES = {"report.json", "report.md", "dense.tflite", "dense.onnx", "pruned.keras", "pruned.tflite",
-                  "pruned.onnx", "latency.png", "accuracy_vs_size.png", "layers.png"}
+                  "pruned.onnx", "pruned-int8.tflite", "pruned-int8.onnx", "latency.png", "accuracy_vs_size.png",
+                  "layers.png"}
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, small_mlp, digits):
     folder = tmp_path_factory.mktemp("inputs")
     small_mlp.save(folder / "m.keras")
-    recipe = {"targets": ["tflite", "onnxruntime"], "max_accuracy_drop": 0.05,
+    recipe = {"targets": ["tflite", "tflite-int8", "onnxruntime", "onnxruntime-int8"], "max_accuracy_drop": 0.05,
               "stages": [{"name": "weight", "sparsity": 0.8, "epochs": 2}], "bench": {"runs": 200, "warmup": 5}}
     (folder / "r.yaml").write_text(yaml.safe_dump(recipe))
     return folder / "m.keras", save_npz(folder / "d.npz", digits), folder / "r.yaml"
@@ -41,6 +42,15 @@ def test_run_writes_the_contracted_folder(inputs, tmp_path, capsys):
     assert all(v["ok"] and v["zeros_in_file"] == v["zeros_expected"] for v in report["verification"])
     assert report["recipe"]["stages"][0]["block"] == "auto"  # resolved recipe, defaults filled in
     assert "| pruned | tflite |" in (out / "report.md").read_text()
+    # int8 files: accuracy measured like the float ones, and the tflite one runs in the default interpreter
+    int8 = {r["runtime"]: r for r in report["results"] if r["variant"] == "pruned-int8"}
+    assert set(int8) == {"tflite", "onnxruntime"} and all(0.5 < r["accuracy"] <= 1 for r in int8.values())
+    assert int8["tflite"]["resolver"] == "default"
+    # what `inspect` reads from each file is what verification read back
+    from exporters.inspect import inspect_file
+
+    for row in report["verification"]:
+        assert inspect_file(out / row["file"])["totals"]["zeros"] == row["zeros_in_file"], row["file"]
 
 
 def test_existing_output_folder_is_refused_without_force(inputs, tmp_path, capsys):

@@ -50,7 +50,7 @@ def apply(model, cfg: ActivationStage, ctx: StageContext, amount: float = 1.0) -
         if drop:
             plan[group.name] = drop
         for m in group.members:
-            extra[m] = {"observed_at": traces[m].observe, "dead": int(dead.sum()),
+            extra[m] = {"observed_at": traces[m].observe, "removed_units": list(drop), "dead": int(dead.sum()),
                         "dead_removed": int(sum(dead[i] for i in drop)), "scores": scoring.summary(score),
                         "compensated": compensated, "coupled_with": [o for o in group.members if o != m]}
     if plan:

@@ -103,6 +103,8 @@ def apply(model, cfg: ClusterStage, ctx: StageContext, amount: float = 1.0) -> S
             merge[group.name] = {r: k for r, (k, _d) in chosen["merge"].items()}
         for m in group.members:
             extra[m] = {"observed_at": traces[m].observe, "clusters": chosen["k"],
+                        "removed_units": sorted(drop + list(chosen["merge"])),
+                        "merged_into": {int(r): int(k) for r, (k, _d) in chosen["merge"].items()},
                         "constant_removed": len(chosen["constant"]), "merged": len(chosen["merge"]),
                         "rare_dropped": len(chosen["rare"]), "compensated": bool(folded),
                         "merge_scales": summary_of(list(scales.values())),

@@ -251,12 +251,12 @@ def remove(model, plan: dict[str, list[int]], merge: dict[str, dict[int, int]] |
         return surgery.remove_units(model, plan, merge or {})
 
 
-def finetune(model, ctx, epochs: int, label: str):
+def finetune(model, ctx, epochs: int, label: str, learning_rate: float | None = None):
     """Fine-tune with the weight stage's zeros held (training.fit's HoldZeros)."""
     if epochs > 0:
         progress = ctx.epoch_progress(label, epochs) if ctx.epoch_progress else None
         fit(model, ctx.data, epochs=epochs, batch_size=ctx.recipe.batch_size,
-            learning_rate=ctx.recipe.learning_rate, progress=progress)
+            learning_rate=learning_rate or ctx.recipe.learning_rate, progress=progress)
     return model
 
 

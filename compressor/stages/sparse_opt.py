@@ -73,7 +73,8 @@ def apply(model, cfg: SparseOptStage, ctx: StageContext, amount: float = 1.0) ->
     if use_bn and not bns:
         notes.append("sparse_opt: no BatchNormalization after a prunable layer; bn_l1 has nothing to act on")
     work.add_loss(_penalty(work, producers if use_groups else [], bns if use_bn else [], cfg.strength))
-    scoring.finetune(work, ctx, cfg.epochs, f"sparse_opt: {cfg.penalty} training")
+    scoring.finetune(work, ctx, cfg.epochs, f"sparse_opt: {cfg.penalty} training",
+                     learning_rate=ctx.recipe.learning_rate * cfg.lr_scale)
     trained = clone_with_weights(work)  # drops the penalty: clone_model does not copy add_loss callables
 
     activity = scoring.collect(trained, ctx.data.x_calib, [scoring.trace(trained, m) for m in producers])
@@ -100,7 +101,7 @@ def apply(model, cfg: SparseOptStage, ctx: StageContext, amount: float = 1.0) ->
         if drop:
             plan[group.name] = drop
         for m in group.members:
-            extra[m] = {"scores": scoring.summary(score), "near_zero": int(np.sum(score < threshold)),
+            extra[m] = {"removed_units": list(drop), "scores": scoring.summary(score), "near_zero": int(np.sum(score < threshold)),
                         "batch_norm": traces[m].batch_norm, "compensated": compensated,
                         "coupled_with": [o for o in group.members if o != m]}
     pruned, result = scoring.remove(trained, plan)
