@@ -70,7 +70,7 @@ class SparseOptStage(_Strict):
 
     name: Literal["sparse_opt"] = "sparse_opt"
     penalty: Literal["group_lasso", "bn_l1", "both"] = Field("group_lasso", description="sparsity-inducing penalty")
-    strength: float = Field(1e-3, gt=0.0, description="penalty weight added to the loss")
+    strength: float = Field(3e-3, gt=0.0, description="penalty weight added to the loss (per unit norm / |gamma|)")
     threshold: float = Field(0.05, ge=0.0, description="remove units whose group norm (relative to the layer max) is below")
     max_fraction: float = Field(0.7, ge=0.0, lt=1.0, description="never remove more than this fraction of a layer")
     epochs: int = Field(3, ge=1, le=1000, description="penalised training epochs")

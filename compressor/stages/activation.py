@@ -32,7 +32,7 @@ def apply(model, cfg: ActivationStage, ctx: StageContext, amount: float = 1.0) -
     groups = scoring.groups(base)
     if not groups:
         return StageOutcome(base, {"layers": {}, "removed": 0}, ["activation: no prunable Dense/Conv layers"])
-    graph = scoring._graph(base)
+    graph = scoring.layer_graph(base)
     traces = {m: scoring.trace(base, m, graph) for g in groups for m in g.members}
     activity = scoring.collect(base, ctx.data.x_calib, list(traces.values()))
     threshold = cfg.threshold * amount

@@ -42,7 +42,7 @@ _ROUTE_THROUGH = (
 # ------------------------------------------------------------------------------------ graph
 
 
-def _graph(model) -> tuple[dict[str, list[str]], set[str]]:
+def layer_graph(model) -> tuple[dict[str, list[str]], set[str]]:
     """Consumers of each layer (by name) and the names of output layers."""
     if isinstance(model, keras.Sequential):
         names = [layer.name for layer in model.layers if not isinstance(layer, _L.InputLayer)]
@@ -80,7 +80,7 @@ class Trace:
 
 def trace(model, producer: str, graph=None) -> Trace:
     """Follow single-consumer pass-through layers to the observation point, then find the consumers."""
-    consumers, outputs = graph or _graph(model)
+    consumers, outputs = graph or layer_graph(model)
     current, chain, bn = producer, [], None
     while current not in outputs and len(consumers[current]) == 1:
         nxt = model.get_layer(consumers[current][0])

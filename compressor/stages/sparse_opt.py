@@ -63,7 +63,7 @@ def apply(model, cfg: SparseOptStage, ctx: StageContext, amount: float = 1.0) ->
     groups = scoring.groups(work)
     if not groups:
         return StageOutcome(work, {"layers": {}, "removed": 0}, ["sparse_opt: no prunable Dense/Conv layers"])
-    graph = scoring._graph(work)
+    graph = scoring.layer_graph(work)
     traces = {m: scoring.trace(work, m, graph) for g in groups for m in g.members}
     producers = [m for g in groups for m in g.members]
     bns = sorted({t.batch_norm for t in traces.values() if t.batch_norm})
