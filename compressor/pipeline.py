@@ -86,7 +86,36 @@ def run_stages(model: keras.Model, recipe: Recipe, data: Dataset, reporter: Repo
             "amount": amount, "tried": tried, "details": details, "notes": notes,
         })
         current = outcome_model
+    current = _align_blocks(current, recipe, ctx, reporter, records)
     return current, records
+
+
+STRUCTURED = ("activation", "cluster", "sparse_opt")
+
+
+def _align_blocks(model, recipe: Recipe, ctx: StageContext, reporter: Reporter, records: list[dict]):
+    """After structured removal, make block-pruned Dense inputs multiples of the block height."""
+    from compressor.stages import align
+
+    names = [s.name for s in recipe.stages]
+    block_height = recipe.dense_block()[0]
+    if "weight" not in names or not any(n in STRUCTURED for n in names[names.index("weight"):]):
+        return model
+    start = time.perf_counter()
+    params_before, nonzero_before = count_params(model)
+    outcome = align.apply(model, ctx, block_height)
+    if not outcome.details.get("removed"):
+        return model
+    reporter.step(outcome.notes[0])
+    params_after, nonzero_after = count_params(outcome.model)
+    records.append({
+        "name": "align", "params_before": params_before, "params_after": params_after,
+        "nonzero_before": nonzero_before, "nonzero_after": nonzero_after,
+        "accuracy_after": accuracy(outcome.model, *_budget_split(ctx.data)),
+        "seconds": round(time.perf_counter() - start, 2), "amount": 1.0, "tried": [],
+        "details": outcome.details, "notes": outcome.notes,
+    })
+    return outcome.model
 
 
 def compress(model: keras.Model, data: Dataset, recipe: Recipe, out: str | Path, *, source: str = "model",
@@ -115,10 +144,12 @@ def compress(model: keras.Model, data: Dataset, recipe: Recipe, out: str | Path,
 
     reporter.step("exporting dense and pruned models for " + ", ".join(recipe.targets))
     artifacts: list[tuple[Artifact, keras.Model, bool]] = []
+    target_notes: list[str] = []
     dense_flops, pruned_flops = model_macs(dense), model_macs(pruned)
     if any(t.startswith("tflite") for t in recipe.targets):
         tflite_export.export_float(dense, out / "dense.tflite", sparse=False)
-        tflite_export.export_float(pruned, out / "pruned.tflite", sparse=True)
+        encode = _tflite_can_encode(pruned, 4, reporter, target_notes)
+        tflite_export.export_float(pruned, out / "pruned.tflite", sparse=encode)
         artifacts.append((Artifact("dense", "tflite", out / "dense.tflite", dense_flops), dense, False))
         artifacts.append((Artifact("pruned", "tflite", out / "pruned.tflite", pruned_flops), pruned, False))
     if any(t.startswith("onnxruntime") for t in recipe.targets):
@@ -127,7 +158,8 @@ def compress(model: keras.Model, data: Dataset, recipe: Recipe, out: str | Path,
         artifacts.append((Artifact("dense", "onnxruntime", out / "dense.onnx", dense_flops), dense, False))
         artifacts.append((Artifact("pruned", "onnxruntime", out / "pruned.onnx", pruned_flops), pruned, False))
     if "tflite-int8" in recipe.targets:
-        tflite_export.export_int8(pruned, out / "pruned-int8.tflite", data.x_calib)
+        encode = _tflite_can_encode(pruned, 16, reporter, target_notes)
+        tflite_export.export_int8(pruned, out / "pruned-int8.tflite", data.x_calib, sparse=encode)
         artifacts.append((Artifact("pruned-int8", "tflite", out / "pruned-int8.tflite", pruned_flops), pruned, True))
     if "onnxruntime-int8" in recipe.targets:
         _export_onnx_int8(pruned, out, data)
@@ -164,6 +196,7 @@ def compress(model: keras.Model, data: Dataset, recipe: Recipe, out: str | Path,
         "results": results,
         "verification": verification,
         "execution": execution,
+        "target_notes": target_notes,
     }
     write_reports(report, out, correct)
     reporter.step(f"report written to {out / 'report.md'}")
@@ -196,6 +229,20 @@ def _open_safely(art):
 
     runner, art.resolver, note = open_runner_safely(art.path)
     return runner, note
+
+
+def _tflite_can_encode(model, block_height: int, reporter: Reporter, notes: list[str]) -> bool:
+    """Sparse encoding corrupts Dense kernels whose input width is not a multiple of the block
+    (see stages/align.py); such a model is written with dense storage instead, and the report says so."""
+    from compressor.stages.align import misaligned_dense
+
+    bad = misaligned_dense(model, block_height)
+    if bad:
+        notes.append(f"TFLite {'int8' if block_height == 16 else 'float'} file stored dense: Dense input width of "
+                     f"{', '.join(bad)} is not a multiple of {block_height}, which the converter's block encoding "
+                     "gets wrong; use a weight block matching the target or let the align step run")
+        reporter.warn(notes[-1])
+    return not bad
 
 
 def _execution_table(artifacts) -> list[dict]:

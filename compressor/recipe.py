@@ -69,8 +69,8 @@ class SparseOptStage(_Strict):
     """Group-lasso / BN-gamma L1 training that drives whole units to zero, then removes them."""
 
     name: Literal["sparse_opt"] = "sparse_opt"
-    penalty: Literal["group_lasso", "bn_l1", "both"] = Field("group_lasso", description="sparsity-inducing penalty")
-    strength: float = Field(3e-3, gt=0.0, description="penalty weight added to the loss (per unit norm / |gamma|)")
+    penalty: Literal["group_lasso", "bn_l1", "both"] = Field("both", description="sparsity-inducing penalty (BN undoes group lasso on conv kernels; both covers either)")
+    strength: float = Field(1e-2, gt=0.0, description="penalty weight added to the loss (per unit norm / |gamma|)")
     threshold: float = Field(0.05, ge=0.0, description="remove units whose group norm (relative to the layer max) is below")
     max_fraction: float = Field(0.7, ge=0.0, lt=1.0, description="never remove more than this fraction of a layer")
     epochs: int = Field(3, ge=1, le=1000, description="penalised training epochs")
@@ -89,7 +89,7 @@ class BenchSettings(_Strict):
     runs: int = Field(300, ge=200, le=100000, description="timed runs per file (at least 200)")
     warmup: int = Field(50, ge=1, le=10000, description="untimed runs first")
     threads: list[int] = Field([1], min_length=1, description="thread counts to measure")
-    batch: list[int] = Field([1], min_length=1, description="batch sizes to measure")
+    batch: list[int] = Field([1, 32], min_length=1, description="batch sizes to measure")
 
     @field_validator("threads", "batch")
     @classmethod
@@ -103,7 +103,10 @@ class Recipe(_Strict):
     """A whole compression run."""
 
     targets: list[Target] = Field(["tflite", "tflite-int8", "onnxruntime", "onnxruntime-int8"], min_length=1)
-    stages: list[Stage] = Field(default_factory=lambda: [WeightStage()], min_length=1)
+    stages: list[Stage] = Field(
+        default_factory=lambda: [WeightStage(), ActivationStage(), ClusterStage(), SparseOptStage()], min_length=1,
+        description="applied in this order; default: the source article's weight -> activation -> cluster, then sparse_opt",
+    )
     max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0, description="accuracy budget, as a fraction (0.01 = 1 point)")
     batch_size: int = Field(32, ge=1, le=65536, description="fine-tuning batch size")
     learning_rate: float = Field(1e-3, gt=0.0, le=1.0, description="fine-tuning learning rate (Adam)")
@@ -173,8 +176,9 @@ def load_recipe(path: str | Path | None) -> Recipe:
 
 
 def default_recipe() -> Recipe:
-    """The built-in recipe: the source article's order weight -> activation -> cluster."""
-    return Recipe(stages=[WeightStage()])
+    """The built-in fusion recipe: the source article's order weight -> activation -> cluster, then
+    sparse-optimisation, which removes most of the units on the measured MLP and CNN."""
+    return Recipe()
 
 
 EXAMPLE_YAML = """\
@@ -192,11 +196,32 @@ stages:
     block: auto           # auto | unstructured | 4x1 | 16x1 ; auto = what the targets' kernels execute
     epochs: 6             # fine-tuning epochs while sparsity ramps up
     prune_last_layer: false  # the classifier is small and sensitive: leave it dense
+  - name: activation      # remove units idle on calibration data
+    criterion: mean_abs   # mean_abs (mean |activation| / layer max) | apoz (1 - fraction of zero outputs)
+    threshold: 0.1        # tau_a: remove units scoring below this
+    max_fraction: 0.5     # never remove more than this fraction of a layer
+    compensate: true      # fold a removed unit's mean activation into the next layer's bias
+    epochs: 2             # fine-tuning epochs after removal (zeros held)
+  - name: cluster         # K-means on activation patterns
+    clusters_fraction: 0.5  # K = this fraction of a layer's units
+    min_cluster_size: 0.0   # tau_k: drop clusters smaller than this fraction of the layer
+    merge_distance: 0.05    # merge units whose pattern is this close to their cluster's kept unit
+    max_fraction: 0.5     # never remove more than this fraction of a layer
+    n_init: 3             # K-means restarts
+    epochs: 2             # fine-tuning epochs after merging
+  - name: sparse_opt      # penalised training that drives whole units to zero, then removes them
+    penalty: both         # group_lasso (unit weight norms) | bn_l1 (BatchNorm gamma) | both
+    strength: 0.01        # penalty weight
+    threshold: 0.05       # remove units whose norm relative to the layer max falls below
+    max_fraction: 0.7     # never remove more than this fraction of a layer
+    epochs: 3             # penalised epochs
+    lr_scale: 10.0        # learning-rate multiple during the penalised phase
+    finetune_epochs: 2    # fine-tuning epochs after removal
 bench:
   runs: 300               # timed runs per file (>= 200)
   warmup: 50              # untimed runs first
   threads: [1]            # thread counts to measure
-  batch: [1]              # batch sizes to measure
+  batch: [1, 32]          # batch sizes to measure
 """
 
 

@@ -1,0 +1,58 @@
+"""Keep block-sparse Dense kernels encodable after structured removal.
+
+TFLite's block-sparse encoding (TF 2.21) silently drops the values of a trailing partial block when
+a FULLY_CONNECTED input width is not a multiple of the block height: measured on a CNN whose
+Flatten gave 3,038 inputs, 12 weights were lost and outputs moved by 1e-3. Structured stages
+remove arbitrary numbers of units, so after them each producer that feeds a block-pruned Dense
+gives up its few weakest units (smallest incoming-kernel norm) until the consumer's input width
+is a multiple of the block height; one epoch of fine-tuning with the zeros held follows.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from compressor import surgery
+from compressor._tf import keras
+from compressor.stages import scoring
+from compressor.stages.base import StageContext, StageOutcome
+
+
+def units_needed(model, producer: str, block_height: int, graph) -> int:
+    """The multiple the producer's unit count must be so every block-pruned Dense it feeds lines up."""
+    need = 1
+    tr = scoring.trace(model, producer, graph)
+    for consumer in tr.consumers or []:
+        layer = model.get_layer(consumer.name)
+        if isinstance(layer, keras.layers.Dense) and np.any(layer.kernel.numpy() == 0):
+            need = math.lcm(need, block_height // math.gcd(block_height, consumer.outer))
+    return need
+
+
+def misaligned_dense(model, block_height: int) -> list[str]:
+    """Sparse Dense kernels whose input width the converter cannot block-encode correctly."""
+    return [layer.name for layer in model.layers
+            if isinstance(layer, keras.layers.Dense) and layer.kernel.shape[0] % block_height
+            and np.mean(layer.kernel.numpy() == 0) >= 0.3]
+
+
+def apply(model, ctx: StageContext, block_height: int, epochs: int = 1) -> StageOutcome:
+    if block_height <= 1:
+        return StageOutcome(model, {"removed": 0})
+    graph = scoring.layer_graph(model)
+    plan = {}
+    for producer, units in surgery.prunable_layers(model).items():
+        extra = units % units_needed(model, producer, block_height, graph)
+        if extra and units - extra >= 1:
+            kernel = model.get_layer(producer).kernel.numpy()
+            norms = np.sqrt(np.sum(kernel.reshape(-1, kernel.shape[-1]) ** 2, axis=0))
+            plan[producer] = sorted(int(i) for i in np.argsort(norms, kind="stable")[:extra])
+    if not plan:
+        return StageOutcome(model, {"removed": 0})
+    aligned, result = scoring.remove(model, plan)
+    scoring.finetune(aligned, ctx, epochs, "align: fine-tune")
+    removed = {p: len(units) for p, units in plan.items()}
+    note = ("align: removed " + ", ".join(f"{n} unit(s) of {p}" for p, n in removed.items())
+            + f" so block-pruned Dense inputs are multiples of {block_height}")
+    return StageOutcome(aligned, {"removed": sum(removed.values()), "layers": removed}, [note])
