@@ -63,12 +63,15 @@ def test_keras3_cnn_with_bn_and_residual_add_goes_through_run(tmp_path, image_da
     model.save(path)
     digest = _sha(path)
     out_dir = tmp_path / "out"
-    code = main(["run", "--model", str(path), "--data", str(image_data), "--recipe", _recipe(tmp_path),
-                 "--out", str(out_dir), "--quiet"])
+    fusion = [{"name": "weight", "sparsity": 0.8, "epochs": 2}, {"name": "activation", "epochs": 1},
+              {"name": "sparse_opt", "epochs": 1, "finetune_epochs": 1}]
+    code = main(["run", "--model", str(path), "--data", str(image_data), "--recipe",
+                 _recipe(tmp_path, stages=fusion, max_accuracy_drop=0.2), "--out", str(out_dir), "--quiet"])
     assert code == 0, capsys.readouterr().err
     report = json.loads((out_dir / "report.json").read_text())
     assert "Keras 3" in report["model"]["load_notes"][0]
     assert report["verification"] and all(v["ok"] for v in report["verification"])
+    assert [s["name"] for s in report["stages"]][:3] == ["weight", "activation", "sparse_opt"]
     assert _sha(path) == digest
 
 
