@@ -22,25 +22,25 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
 
+def _pipeline_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--recipe", help="YAML recipe (default: the built-in fusion recipe)")
+    parser.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
+    parser.add_argument("--seed", type=int, help="override the recipe's seed")
+    _common(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compressor", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="train the reference MNIST model and run the default recipe end to end")
-    demo.add_argument("--out", required=True, help="output folder")
-    demo.add_argument("--recipe", help="YAML recipe (default: the built-in fusion recipe)")
-    demo.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
-    demo.add_argument("--seed", type=int, help="override the recipe's seed")
-    _common(demo)
+    _pipeline_options(demo)
 
     run = sub.add_parser("run", help="compress your own model")
     run.add_argument("--model", required=True, help="Keras model: .keras, .h5 (tf-keras or Keras 3) or SavedModel dir")
     run.add_argument("--data", required=True, help=".npz with x_train,y_train,x_test,y_test; or mnist5k / digits; or pkg.mod:func")
-    run.add_argument("--out", required=True, help="output folder")
-    run.add_argument("--recipe", help="YAML recipe (default: the built-in fusion recipe)")
-    run.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
-    run.add_argument("--seed", type=int, help="override the recipe's seed")
-    _common(run)
+    _pipeline_options(run)
 
     bench = sub.add_parser("bench", help="benchmark a .tflite or .onnx file")
     bench.add_argument("--model", required=True, help="FILE.tflite or FILE.onnx")
