@@ -417,7 +417,7 @@ def render_page(results: dict) -> str:
         "(noted per row). Speedups are medians of per-round ratios, which cancel slow drift on a shared machine; "
         "absolute milliseconds are less trustworthy than ratios. The 95% CI covers round-to-round noise within "
         "this run only, not run-to-run variation (thread placement, other load): across repeated runs the same "
-        "ratio moved by up to ~3% at 1 thread, so differences below ~5% are not meaningful.",
+        "ratio moved by up to ~4% at 1 thread, so differences below ~5% are not meaningful.",
         *(["- **Machine load**: the 1-minute load average during timing "
             f"({meta['load_average_1m']['before_timing']} / {meta['load_average_1m']['after_timing']}) exceeded the "
             f"{mi['cores']} cores, so other processes competed for the CPU: 2-thread rows are contention-dominated and "
