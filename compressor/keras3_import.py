@@ -57,12 +57,12 @@ def precheck_config(config: dict, path: str) -> None:
     top = config.get("class_name")
     if top not in _MODEL_CLASSES:
         raise CompressorError(
-            f"error: cannot read model '{path}': it is a subclassed Keras 3 model (class '{top}') whose "
+            f"cannot read model '{path}': it is a subclassed Keras 3 model (class '{top}') whose "
             "graph cannot be rebuilt; pass a tf-keras model, or save a Sequential/functional model"
         )
     layers = list(_walk_layer_configs(config.get("config") or {}))
     if not any(l.get("class_name") != "InputLayer" for l in layers):
-        raise CompressorError(f"error: model '{path}' has no layers; save a trained model with at least one layer")
+        raise CompressorError(f"model '{path}' has no layers; save a trained model with at least one layer")
     for lcfg in layers:
         class_name = lcfg.get("class_name", "?")
         name = (lcfg.get("config") or {}).get("name") or lcfg.get("name") or "?"
@@ -73,18 +73,18 @@ def precheck_config(config: dict, path: str) -> None:
         known_to_tf_keras = class_name in _MODEL_CLASSES or getattr(keras.layers, class_name, None) is not None
         if not custom and not known_to_tf_keras and getattr(_keras3().layers, class_name, None) is not None:
             raise CompressorError(
-                f"error: cannot read model '{path}': Keras 3 layer '{name}' ({class_name}) has no tf-keras "
+                f"cannot read model '{path}': Keras 3 layer '{name}' ({class_name}) has no tf-keras "
                 "equivalent; save the model without it, or build and save it with tf-keras"
             )
         if custom or not known_to_tf_keras:
             raise CompressorError(
-                f"error: cannot read model '{path}': layer '{name}' has custom class '{registered or class_name}' "
+                f"cannot read model '{path}': layer '{name}' has custom class '{registered or class_name}' "
                 "that cannot be deserialized into tf-keras; pass a tf-keras model (with the class registered "
                 "via keras.saving.register_keras_serializable) or save the model without it"
             )
         if class_name in _NO_EQUIVALENT:
             raise CompressorError(
-                f"error: cannot read model '{path}': Keras 3 layer '{name}' ({class_name}) has no tf-keras "
+                f"cannot read model '{path}': Keras 3 layer '{name}' ({class_name}) has no tf-keras "
                 "equivalent; save the model without it (e.g. built-in layers instead of Lambda) or as tf-keras"
             )
 
@@ -120,7 +120,7 @@ def load_keras3(path: str, kind: str, config: dict | None = None) -> tuple["kera
         raise _keras3_load_error(path, exc) from None
     if not isinstance(k3_model, keras3.Model):
         raise CompressorError(
-            f"error: '{path}' holds a {type(k3_model).__name__}, not a Keras model; "
+            f"'{path}' holds a {type(k3_model).__name__}, not a Keras model; "
             "save a Keras Sequential or functional model"
         )
     notes: list[str] = []
@@ -133,7 +133,7 @@ def load_keras3(path: str, kind: str, config: dict | None = None) -> tuple["kera
         raise
     except Exception as exc:  # noqa: BLE001 - an unforeseen config: still one clear line
         raise CompressorError(
-            f"error: cannot import Keras 3 model '{path}' into tf-keras: {_first_line(exc)}; "
+            f"cannot import Keras 3 model '{path}' into tf-keras: {_first_line(exc)}; "
             "save the model with tf-keras instead"
         ) from None
     version = getattr(keras3, "__version__", "3")
@@ -150,17 +150,17 @@ def _keras3_load_error(path: str, exc: Exception) -> CompressorError:
     m = re.search(r"(?:Could not locate class|Could not deserialize class|Unknown \w+:?) '?([\w.>]+)'?", msg)
     if m:
         return CompressorError(
-            f"error: cannot read model '{path}': custom class '{m.group(1)}' cannot be deserialized; "
+            f"cannot read model '{path}': custom class '{m.group(1)}' cannot be deserialized; "
             "pass a tf-keras model, or register the class "
             "(@keras.saving.register_keras_serializable) and save the model without it"
         )
     if "Lambda" in msg and "safe_mode" in msg:
         return CompressorError(
-            f"error: cannot read model '{path}': it contains a Lambda layer (arbitrary Python code, "
+            f"cannot read model '{path}': it contains a Lambda layer (arbitrary Python code, "
             "refused for safety); replace the Lambda with built-in layers and re-save"
         )
     return CompressorError(
-        f"error: cannot read model '{path}' with Keras 3: {msg}; re-save it with model.save()"
+        f"cannot read model '{path}' with Keras 3: {msg}; re-save it with model.save()"
     )
 
 
@@ -203,7 +203,7 @@ class _Importer:
         if isinstance(cfg, dict) and "input_layers" in cfg and "layers" in cfg:
             return self._rebuild_functional(k3_model, cfg)
         raise CompressorError(
-            f"error: model '{k3_model.name}' is a subclassed Keras 3 model ({cls}) whose graph cannot "
+            f"model '{k3_model.name}' is a subclassed Keras 3 model ({cls}) whose graph cannot "
             "be read; save a Sequential or functional model instead"
         )
 
@@ -236,7 +236,7 @@ class _Importer:
                     out = layer(*args, **kwargs)
                 except Exception as exc:  # noqa: BLE001
                     raise CompressorError(
-                        f"error: cannot rebuild Keras 3 layer '{name}' ({lcfg['class_name']}) in "
+                        f"cannot rebuild Keras 3 layer '{name}' ({lcfg['class_name']}) in "
                         f"tf-keras: {_first_line(exc)}; save the model without it or as tf-keras"
                     ) from None
                 produced[(name, node_index)] = tf.nest.flatten(out)
@@ -271,7 +271,7 @@ class _Importer:
             kwargs = {k: v for k, v in resolve(node.get("kwargs", {})).items() if v is not None}
         except KeyError as exc:
             raise CompressorError(
-                f"error: Keras 3 layer '{layer_name}' reads tensor {exc} that the graph never "
+                f"Keras 3 layer '{layer_name}' reads tensor {exc} that the graph never "
                 "produces; re-save the model with Keras 3"
             ) from None
         return args, kwargs
@@ -299,7 +299,7 @@ class _Importer:
         name = lcfg.get("config", {}).get("name") or lcfg.get("name")
         if class_name in _MODEL_CLASSES:
             if k3_layer is None:
-                raise CompressorError(f"error: nested Keras 3 model '{name}' not found; re-save the model")
+                raise CompressorError(f"nested Keras 3 model '{name}' not found; re-save the model")
             self.notes.append(f"nested model '{name}' ({class_name}) imported as a tf-keras sub-model")
             return self.rebuild(k3_layer)
         self.n_layers += 1
@@ -311,7 +311,7 @@ class _Importer:
         if (registered and registered != class_name) or tf_cls is None or class_name in _NO_EQUIVALENT:
             label = registered or class_name
             raise CompressorError(
-                f"error: Keras 3 layer '{name}' ({label}) has no tf-keras equivalent; save the model "
+                f"Keras 3 layer '{name}' ({label}) has no tf-keras equivalent; save the model "
                 "without it, or build and save it with tf-keras"
             )
         cfg = self._translate(name, class_name, tf_cls, dict(lcfg.get("config", {})))
@@ -319,7 +319,7 @@ class _Importer:
             return tf_cls.from_config(cfg)
         except Exception as exc:  # noqa: BLE001
             raise CompressorError(
-                f"error: cannot rebuild Keras 3 layer '{name}' ({class_name}) in tf-keras: "
+                f"cannot rebuild Keras 3 layer '{name}' ({class_name}) in tf-keras: "
                 f"{_first_line(exc)}; save the model without it or as tf-keras"
             ) from None
 
@@ -330,7 +330,7 @@ class _Importer:
                 cfg[new] = cfg.pop(old)
         if class_name == "LayerNormalization" and cfg.get("rms_scaling"):
             raise CompressorError(
-                f"error: Keras 3 layer '{name}' (LayerNormalization) uses rms_scaling, which tf-keras "
+                f"Keras 3 layer '{name}' (LayerNormalization) uses rms_scaling, which tf-keras "
                 "lacks; save the model without it or as tf-keras"
             )
         accepted = _accepted_kwargs(tf_cls)
@@ -372,7 +372,7 @@ class _Importer:
         tf_cls = getattr(keras.layers, class_name, None)
         if tf_cls is None or class_name in _NO_EQUIVALENT or (value.get("registered_name") or class_name) != class_name:
             raise CompressorError(
-                f"error: Keras 3 layer '{name}' ({value.get('registered_name') or class_name}) has no "
+                f"Keras 3 layer '{name}' ({value.get('registered_name') or class_name}) has no "
                 "tf-keras equivalent; save the model without it, or build and save it with tf-keras"
             )
         return {"class_name": class_name, "config": self._translate(name, class_name, tf_cls, dict(value.get("config", {})))}
@@ -403,7 +403,7 @@ class _Importer:
             k3_layer = self._k3_sublayer(k3_model, tf_layer.name)
             if k3_layer is None:
                 raise CompressorError(
-                    f"error: imported layer '{tf_layer.name}' has no Keras 3 counterpart; re-save the model"
+                    f"imported layer '{tf_layer.name}' has no Keras 3 counterpart; re-save the model"
                 )
             if isinstance(tf_layer, keras.Model):
                 self.copy_weights(k3_layer, tf_layer)
@@ -414,7 +414,7 @@ class _Importer:
             shapes_dst = [w.shape for w in dst]
             if shapes_src != shapes_dst:
                 raise CompressorError(
-                    f"error: Keras 3 layer '{tf_layer.name}' ({type(k3_layer).__name__}) has weights "
+                    f"Keras 3 layer '{tf_layer.name}' ({type(k3_layer).__name__}) has weights "
                     f"{shapes_src} but its tf-keras rebuild expects {shapes_dst}; save the model "
                     "without it or as tf-keras"
                 )
@@ -435,7 +435,7 @@ def _plain_dtype(value, layer_name) -> str | None:
         value = (value.get("config") or {}).get("name", "float32")
     if isinstance(value, str) and _QUANTIZED_POLICY.search(value):
         raise CompressorError(
-            f"error: Keras 3 layer '{layer_name}' is quantized (dtype policy '{value}'), which tf-keras "
+            f"Keras 3 layer '{layer_name}' is quantized (dtype policy '{value}'), which tf-keras "
             "cannot import; save the float model before calling quantize()"
         )
     return value
@@ -449,7 +449,7 @@ def _activation(value, layer_name: str, class_name: str):
             value = inner
         else:
             raise CompressorError(
-                f"error: Keras 3 layer '{layer_name}' ({class_name}) uses custom activation "
+                f"Keras 3 layer '{layer_name}' ({class_name}) uses custom activation "
                 f"'{inner or value.get('class_name')}'; use a built-in activation or save the model as tf-keras"
             )
     if value is None:
@@ -457,14 +457,14 @@ def _activation(value, layer_name: str, class_name: str):
     value = _ACTIVATION_ALIASES.get(value, value)
     if value in _DIFFERENT_ACTIVATIONS:
         raise CompressorError(
-            f"error: Keras 3 layer '{layer_name}' ({class_name}) uses activation '{value}', which tf-keras "
+            f"Keras 3 layer '{layer_name}' ({class_name}) uses activation '{value}', which tf-keras "
             "defines differently; use another activation or save the model as tf-keras"
         )
     try:
         keras.activations.get(value)
     except Exception:  # noqa: BLE001
         raise CompressorError(
-            f"error: Keras 3 layer '{layer_name}' ({class_name}) uses activation '{value}', which tf-keras "
+            f"Keras 3 layer '{layer_name}' ({class_name}) uses activation '{value}', which tf-keras "
             "lacks; use another activation or save the model as tf-keras"
         ) from None
     return value
@@ -522,7 +522,7 @@ def check_parity(k3_model, tf_model, seed: int = 0) -> float:
     got = _as_list(tf_model(inputs if len(inputs) > 1 else inputs[0], training=False))
     if len(ref) != len(got):
         raise CompressorError(
-            f"error: imported model has {len(got)} outputs but the Keras 3 model has {len(ref)}; "
+            f"imported model has {len(got)} outputs but the Keras 3 model has {len(ref)}; "
             "save the model as tf-keras"
         )
     diff, allowed = _max_diff(ref, got)
@@ -531,7 +531,7 @@ def check_parity(k3_model, tf_model, seed: int = 0) -> float:
     culprit = _first_diverging_layer(k3_model, tf_model, inputs)
     where = f" first at layer {culprit}" if culprit else ""
     raise CompressorError(
-        f"error: imported model's outputs differ from Keras 3 by {diff:.3g} (> {allowed:.1g}){where}; "
+        f"imported model's outputs differ from Keras 3 by {diff:.3g} (> {allowed:.1g}){where}; "
         "save the model without that layer, or build and save it with tf-keras"
     )
 

@@ -63,7 +63,7 @@ def load_model(path: str | Path) -> LoadedModel:
     source = str(path)
     p = Path(path)
     if not p.exists():
-        raise CompressorError(f"error: model '{source}' not found; check the path passed to --model")
+        raise CompressorError(f"model '{source}' not found; check the path passed to --model")
     if p.is_dir():
         model, fmt, notes = _load_savedmodel(p, source)
     else:
@@ -74,7 +74,7 @@ def load_model(path: str | Path) -> LoadedModel:
             model, fmt, notes = _load_h5(p, source)
         else:
             raise CompressorError(
-                f"error: cannot read model '{source}': unknown extension '{p.suffix or '(none)'}'; "
+                f"cannot read model '{source}': unknown extension '{p.suffix or '(none)'}'; "
                 "pass a .keras or .h5 file or a SavedModel directory"
             )
     _check_is_model(model, source)
@@ -87,20 +87,20 @@ def load_model(path: str | Path) -> LoadedModel:
 def _check_is_model(model, source: str) -> None:
     if not isinstance(model, keras.Model):
         raise CompressorError(
-            f"error: '{source}' does not hold a Keras model ({type(model).__name__}); "
+            f"'{source}' does not hold a Keras model ({type(model).__name__}); "
             "save a Keras model with model.save()"
         )
     real = [l for l in model.layers if not isinstance(l, keras.layers.InputLayer)]
     if not real:
         raise CompressorError(
-            f"error: model '{source}' has no layers; save a trained model with at least one layer"
+            f"model '{source}' has no layers; save a trained model with at least one layer"
         )
 
 
 def _load_keras_zip(p: Path, source: str):
     if not zipfile.is_zipfile(p):
         raise CompressorError(
-            f"error: cannot read model '{source}': file is not a Keras zip archive (corrupt or truncated?); "
+            f"cannot read model '{source}': file is not a Keras zip archive (corrupt or truncated?); "
             f"re-save it with model.save('{p.name}')"
         )
     try:
@@ -111,17 +111,17 @@ def _load_keras_zip(p: Path, source: str):
             config = json.loads(zf.read("config.json")) if "config.json" in names else None
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as exc:
         raise CompressorError(
-            f"error: cannot read model '{source}': damaged Keras zip archive ({_one_line(exc)}); "
+            f"cannot read model '{source}': damaged Keras zip archive ({_one_line(exc)}); "
             f"re-save it with model.save('{p.name}')"
         ) from None
     if bad is not None:
         raise CompressorError(
-            f"error: cannot read model '{source}': archive member '{bad}' is corrupt (truncated?); "
+            f"cannot read model '{source}': archive member '{bad}' is corrupt (truncated?); "
             f"re-save it with model.save('{p.name}')"
         )
     if "config.json" not in names:
         raise CompressorError(
-            f"error: cannot read model '{source}': zip archive has no config.json, so it is not a Keras "
+            f"cannot read model '{source}': zip archive has no config.json, so it is not a Keras "
             f"model file; re-save it with model.save('{p.name}')"
         )
     version = str(meta.get("keras_version", ""))
@@ -141,7 +141,7 @@ def _load_h5(p: Path, source: str):
         head = fh.read(8)
     if head != _H5_SIGNATURE:
         raise CompressorError(
-            f"error: cannot read model '{source}': file is not an HDF5 file (corrupt or truncated?); "
+            f"cannot read model '{source}': file is not an HDF5 file (corrupt or truncated?); "
             f"re-save it with model.save('{p.name}')"
         )
     import h5py  # noqa: PLC0415 - ships with tf-keras; only needed here
@@ -154,14 +154,14 @@ def _load_h5(p: Path, source: str):
             raw_config = attrs.get("model_config") if has_config else None
     except OSError as exc:
         raise CompressorError(
-            f"error: cannot read model '{source}': damaged HDF5 file ({_one_line(exc)}); "
+            f"cannot read model '{source}': damaged HDF5 file ({_one_line(exc)}); "
             f"re-save it with model.save('{p.name}')"
         ) from None
     if isinstance(version, bytes):
         version = version.decode("utf-8", "replace")
     if not has_config:
         raise CompressorError(
-            f"error: '{source}' has no Keras model config (a weights-only file?); save the whole model with "
+            f"'{source}' has no Keras model config (a weights-only file?); save the whole model with "
             "model.save('model.keras'), not save_weights()"
         )
     if str(version).startswith("3"):
@@ -176,11 +176,11 @@ def _load_h5(p: Path, source: str):
 def _load_savedmodel(p: Path, source: str):
     if not ((p / "saved_model.pb").exists() or (p / "saved_model.pbtxt").exists()):
         raise CompressorError(
-            f"error: '{source}' is a directory but not a SavedModel (no saved_model.pb); pass a .keras "
+            f"'{source}' is a directory but not a SavedModel (no saved_model.pb); pass a .keras "
             "or .h5 file or a SavedModel directory saved by tf-keras"
         )
     no_meta = CompressorError(
-        f"error: SavedModel '{source}' has no Keras metadata (saved by tf.saved_model.save or Keras 3 "
+        f"SavedModel '{source}' has no Keras metadata (saved by tf.saved_model.save or Keras 3 "
         "export?); re-save the Keras model with model.save('model.keras')"
     )
     try:
@@ -211,21 +211,21 @@ def _tf_keras_error(source: str, exc: Exception) -> CompressorError:
     )
     if m:
         return CompressorError(
-            f"error: cannot read model '{source}': custom class '{m.group(1)}' cannot be deserialized; "
+            f"cannot read model '{source}': custom class '{m.group(1)}' cannot be deserialized; "
             "pass a tf-keras model of built-in layers, or register the class "
             "(@keras.saving.register_keras_serializable) before loading"
         )
     if "Lambda" in msg and "safe_mode" in msg:
         return CompressorError(
-            f"error: cannot read model '{source}': it contains a Lambda layer (arbitrary Python code, "
+            f"cannot read model '{source}': it contains a Lambda layer (arbitrary Python code, "
             "refused for safety); replace the Lambda with built-in layers and re-save"
         )
     if isinstance(exc, (zipfile.BadZipFile, EOFError)) or "truncated" in msg.lower() or "CRC" in msg:
         return CompressorError(
-            f"error: cannot read model '{source}': file is damaged ({msg}) (corrupt or truncated?); "
+            f"cannot read model '{source}': file is damaged ({msg}) (corrupt or truncated?); "
             "re-save it with model.save()"
         )
-    return CompressorError(f"error: cannot read model '{source}' with tf-keras: {msg}; re-save it with model.save()")
+    return CompressorError(f"cannot read model '{source}' with tf-keras: {msg}; re-save it with model.save()")
 
 
 def _import_keras3(source: str, kind: str, fmt: str, config: dict | None = None):

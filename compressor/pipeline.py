@@ -66,6 +66,8 @@ def run_stages(model: keras.Model, recipe: Recipe, data: Dataset, reporter: Repo
             if drop <= recipe.max_accuracy_drop:
                 chosen = (amount, outcome, acc)
                 break
+            if outcome.details.get("removed", None) == 0:
+                break  # nothing was removed, so a smaller amount cannot do better: skip the stage
             reporter.step(f"{cfg.name}: accuracy drop {drop:.2%} exceeds budget {recipe.max_accuracy_drop:.2%}; backing off")
         notes = []
         if chosen is None:
@@ -86,32 +88,47 @@ def run_stages(model: keras.Model, recipe: Recipe, data: Dataset, reporter: Repo
             "amount": amount, "tried": tried, "details": details, "notes": notes,
         })
         current = outcome_model
-    current = _align_blocks(current, recipe, ctx, reporter, records)
+    current = _align_blocks(current, recipe, ctx, reporter, records, model)
     return current, records
 
 
 STRUCTURED = ("activation", "cluster", "sparse_opt")
 
 
-def _align_blocks(model, recipe: Recipe, ctx: StageContext, reporter: Reporter, records: list[dict]):
-    """After structured removal, make block-pruned Dense inputs multiples of the block height."""
+def _align_blocks(model, recipe: Recipe, ctx: StageContext, reporter: Reporter, records: list[dict],
+                  dense: keras.Model):
+    """After structured removal, round narrowed widths and block-align Dense inputs (stages/align.py).
+
+    Rounding costs a few more units, so it is checked against the budget like a stage and dropped
+    if it crosses it; block alignment is kept regardless, because without it the TFLite file would
+    be stored dense.
+    """
+    from compressor import surgery
     from compressor.stages import align
 
     names = [s.name for s in recipe.stages]
-    block_height = recipe.dense_block()[0]
-    if "weight" not in names or not any(n in STRUCTURED for n in names[names.index("weight"):]):
+    if not any(n in STRUCTURED for n in names):
         return model
+    block_height = recipe.dense_block()[0] if "weight" in names else 1
+    before = surgery.prunable_layers(dense)
+    now = surgery.prunable_layers(model)
+    narrowed = {name for name, units in now.items() if before.get(name, units) != units}
+    baseline = accuracy(dense, *_budget_split(ctx.data))
     start = time.perf_counter()
     params_before, nonzero_before = count_params(model)
-    outcome = align.apply(model, ctx, block_height)
+    for round_to in dict.fromkeys((recipe.round_units, 1)):
+        outcome = align.apply(model, ctx, block_height, round_to=round_to, narrowed=narrowed)
+        acc = accuracy(outcome.model, *_budget_split(ctx.data))
+        if baseline - acc <= recipe.max_accuracy_drop or round_to == 1:
+            break
+        reporter.step(f"align: rounding widths to {round_to} crosses the budget; aligning blocks only")
     if not outcome.details.get("removed"):
         return model
     reporter.step(outcome.notes[0])
     params_after, nonzero_after = count_params(outcome.model)
     records.append({
         "name": "align", "params_before": params_before, "params_after": params_after,
-        "nonzero_before": nonzero_before, "nonzero_after": nonzero_after,
-        "accuracy_after": accuracy(outcome.model, *_budget_split(ctx.data)),
+        "nonzero_before": nonzero_before, "nonzero_after": nonzero_after, "accuracy_after": acc,
         "seconds": round(time.perf_counter() - start, 2), "amount": 1.0, "tried": [],
         "details": outcome.details, "notes": outcome.notes,
     })
@@ -159,7 +176,7 @@ def compress(model: keras.Model, data: Dataset, recipe: Recipe, out: str | Path,
         artifacts.append((Artifact("pruned", "onnxruntime", out / "pruned.onnx", pruned_flops), pruned, False))
     if "tflite-int8" in recipe.targets:
         encode = _tflite_can_encode(pruned, 16, reporter, target_notes)
-        tflite_export.export_int8(pruned, out / "pruned-int8.tflite", data.x_calib, sparse=encode)
+        _export_tflite_int8_that_runs(pruned, out / "pruned-int8.tflite", data, encode, reporter, target_notes)
         artifacts.append((Artifact("pruned-int8", "tflite", out / "pruned-int8.tflite", pruned_flops), pruned, True))
     if "onnxruntime-int8" in recipe.targets:
         _export_onnx_int8(pruned, out, data)
@@ -229,6 +246,27 @@ def _open_safely(art):
 
     runner, art.resolver, note = open_runner_safely(art.path)
     return runner, note
+
+
+def _export_tflite_int8_that_runs(model, path: Path, data: Dataset, encode: bool, reporter: Reporter,
+                                  notes: list[str]) -> None:
+    """int8 sparse tensors XNNPACK cannot take (conv kernels, non-(16, 1) patterns) crash the default
+    LiteRT interpreter (DESIGN fact 4). A user must never meet that: such a file is rewritten with
+    dense storage, which the default interpreter runs, and the report says so."""
+    from exporters import tflite_export
+    from exporters.runtimes import open_runner_safely
+
+    tflite_export.export_int8(model, path, data.x_calib, sparse=encode)
+    if not encode:
+        return
+    _, resolver, why = open_runner_safely(path)
+    if resolver == "default":
+        return
+    tflite_export.export_int8(model, path, data.x_calib, sparse=False)
+    notes.append(f"{path.name}: stored with dense int8 tensors because the sparse encoding is rejected by the "
+                 f"default XNNPACK delegate ({why.split('(', 1)[-1].split(')')[0]}); zeros are still stored, "
+                 "gzip shrinks them, and the file runs in the default interpreter")
+    reporter.warn(notes[-1])
 
 
 def _tflite_can_encode(model, block_height: int, reporter: Reporter, notes: list[str]) -> bool:

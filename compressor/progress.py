@@ -7,8 +7,6 @@ import time
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from compressor._tf import keras
-
 
 class Reporter:
     def __init__(self, quiet: bool = False):
@@ -27,7 +25,7 @@ class Reporter:
         return _Bar(self, label, total)
 
     def epoch_callback(self, label: str, epochs: int):
-        return None if self.quiet else _EpochBar(self, label, epochs)
+        return None if self.quiet else _epoch_bar_class()(self, label, epochs)
 
 
 class _Bar:
@@ -54,21 +52,29 @@ class _Bar:
             self._progress.stop()
 
 
-class _EpochBar(keras.callbacks.Callback):
-    """A keras callback that shows epochs, loss and accuracy while training."""
+def _epoch_bar_class():
+    """Built on first use so `bench` and `inspect` never pay for importing TensorFlow."""
+    from compressor._tf import keras
 
-    def __init__(self, reporter: Reporter, label: str, epochs: int):
-        super().__init__()
-        self.reporter, self.label, self.epochs = reporter, label, epochs
-        self._bar = None
+    class EpochBar(keras.callbacks.Callback):
+        """A keras callback that shows epochs while training, then the final train accuracy."""
 
-    def on_train_begin(self, logs=None):
-        self._bar = _Bar(self.reporter, self.label, self.epochs).__enter__()
+        def __init__(self, reporter: Reporter, label: str, epochs: int):
+            super().__init__()
+            self.reporter, self.label, self.epochs = reporter, label, epochs
+            self._bar = None
+            self._logs = {}
 
-    def on_epoch_end(self, epoch, logs=None):
-        self._bar.advance()
+        def on_train_begin(self, logs=None):
+            self._bar = _Bar(self.reporter, self.label, self.epochs).__enter__()
 
-    def on_train_end(self, logs=None):
-        self._bar.__exit__(None, None, None)
-        if logs and "accuracy" in logs:
-            self.reporter.step(f"{self.label}: train accuracy {logs['accuracy']:.3f}")
+        def on_epoch_end(self, epoch, logs=None):
+            self._logs = logs or {}
+            self._bar.advance()
+
+        def on_train_end(self, logs=None):
+            self._bar.__exit__(None, None, None)
+            if "accuracy" in self._logs:
+                self.reporter.step(f"{self.label}: train accuracy {self._logs['accuracy']:.3f}")
+
+    return EpochBar

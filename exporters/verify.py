@@ -16,8 +16,20 @@ FLOAT_TOLERANCE = 1e-4
 
 
 def keras_kernels(model) -> list[np.ndarray]:
-    """Kernels (rank >= 2 weights) of every layer: what the pruning stages zero."""
-    return [w.numpy() for layer in model.layers for w in layer.weights if len(w.shape) >= 2]
+    """Kernels (rank >= 2 weights) of every layer: what the pruning stages zero.
+
+    Depthwise kernels (h, w, in, multiplier) are returned as (h, w, in * multiplier) so that the
+    last axis is the output channel, the axis int8 per-channel scales run along.
+    """
+    kernels = []
+    for layer in model.layers:
+        for w in layer.weights:
+            if len(w.shape) >= 2:
+                value = w.numpy()
+                if "depthwise_kernel" in w.name and value.ndim == 4:
+                    value = value.reshape(value.shape[0], value.shape[1], -1)
+                kernels.append(value)
+    return kernels
 
 
 def zeros_in_file_kernels(path: str | Path, kernels: list[np.ndarray]) -> int:
@@ -48,12 +60,20 @@ def int8_zero_predictions(kernel: np.ndarray) -> dict[str, int]:
     Keras axis (TFLite, onnxruntime static QDQ).
     """
     flat = kernel.reshape(-1, kernel.shape[-1]) if kernel.ndim > 1 else kernel.reshape(-1, 1)
+
     def zeros(scale):
+        # |w| / scale < 0.5 rounds to 0 under both half-to-even (onnxruntime) and half-away (TFLite)
         with np.errstate(divide="ignore", invalid="ignore"):
-            q = np.where(scale > 0, np.round(flat / np.where(scale > 0, scale, 1.0)), 0.0)
-        return int(np.sum(q == 0))
-    return {"per-tensor": zeros(np.abs(flat).max() / 127.0),
-            "per-channel": zeros(np.abs(flat).max(axis=0, keepdims=True) / 127.0)}
+            ratio = np.where(scale > 0, np.abs(flat) / np.where(scale > 0, scale, 1.0), 0.0)
+        return int(np.sum(ratio < 0.5)), int(np.sum(ratio <= 0.5))
+
+    out = {}
+    for scheme, scale in (("per-tensor", np.abs(flat).max() / 127.0),
+                          ("per-channel", np.abs(flat).max(axis=0, keepdims=True) / 127.0)):
+        strict, with_ties = zeros(scale)
+        out[scheme] = strict
+        out[f"{scheme}, ties to zero"] = with_ties
+    return out
 
 
 def verify_file(path: str | Path, runner, keras_model, keras_outputs: np.ndarray, x: np.ndarray,
@@ -67,7 +87,7 @@ def verify_file(path: str | Path, runner, keras_model, keras_outputs: np.ndarray
     pruned_zeros = expected
     if quantized:
         predictions = [int8_zero_predictions(k) for k in kernels]
-        by_scheme = {s: sum(p[s] for p in predictions) for s in ("per-channel", "per-tensor")}
+        by_scheme = {s: sum(p[s] for p in predictions) for s in predictions[0]} if predictions else {"per-channel": 0}
         scheme = next((s for s, n in by_scheme.items() if n == in_file), "per-channel")
         expected = by_scheme[scheme]
     agreement = float(np.mean(outputs.reshape(len(x), -1).argmax(1) == keras_outputs.reshape(len(x), -1).argmax(1)))

@@ -58,14 +58,15 @@ def bn_cnn(images):
     return _train(model, images, 6)
 
 
-def _stage(data, **cfg):
-    recipe = parse_recipe({"stages": [cfg], "seed": 0})
+def _stage(data, round_units=1, **cfg):
+    """Exact unit counts are under test here, so widths are not rounded unless asked."""
+    recipe = parse_recipe({"stages": [cfg], "seed": 0, "round_units": round_units})
     return recipe.stages[0], StageContext(recipe, data, log=lambda s: None)
 
 
-def _run(model, data, amount=1.0, **cfg):
+def _run(model, data, amount=1.0, round_units=1, **cfg):
     keras.utils.set_random_seed(0)
-    stage, ctx = _stage(data, **cfg)
+    stage, ctx = _stage(data, round_units=round_units, **cfg)
     return MODULES[cfg["name"]].apply(model, stage, ctx, amount)
 
 
@@ -217,3 +218,13 @@ def test_smaller_amount_removes_fewer_units(stage, mlp, digits):
     full = _run(mlp, digits, 1.0, **cfg).details["removed"]
     quarter = _run(mlp, digits, 0.25, **cfg).details["removed"]
     assert 0 <= quarter < full
+
+
+def test_widths_are_rounded_to_fast_multiples_by_removing_fewer_units(mlp, digits):
+    """Odd widths make CPU kernels slow (stages/align.py); rounding keeps more units, never fewer."""
+    exact = _run(mlp, digits, name="activation", threshold=0.6, epochs=0)
+    rounded = _run(mlp, digits, name="activation", threshold=0.6, epochs=0, round_units=8)
+    for name, row in rounded.details["layers"].items():
+        assert row["units_after"] % 8 == 0 or row["units_after"] == row["units_before"]
+        assert row["units_after"] >= exact.details["layers"][name]["units_after"]
+    assert any(r["units_after"] < r["units_before"] for r in rounded.details["layers"].values())

@@ -41,7 +41,7 @@ def affine_fit(removed: np.ndarray, kept: np.ndarray) -> tuple[float, float]:
 
 
 def plan_group(patterns: np.ndarray, mean_abs: np.ndarray, cfg: ClusterStage, amount: float, seed: int,
-               can_merge: bool) -> dict:
+               can_merge: bool, round_to: int = 1) -> dict:
     """Which units go and how: {'constant': [...], 'merge': {r: (k, dist)}, 'rare': [...], 'k': K}."""
     units = patterns.shape[1]
     vectors, constant = normalised_patterns(patterns)
@@ -67,7 +67,7 @@ def plan_group(patterns: np.ndarray, mean_abs: np.ndarray, cfg: ClusterStage, am
     order = [("constant", int(u)) for u in np.flatnonzero(constant)]
     order += [("merge", r) for r in sorted(merges, key=lambda r: merges[r][1])]
     order += [("rare", u) for u in sorted(rare, key=lambda u: mean_abs[u])]
-    chosen = order[:scoring.cap(units, cfg.max_fraction, amount)]
+    chosen = scoring.rounded(order[:scoring.cap(units, cfg.max_fraction, amount)], units, round_to)
     return {"k": k, "constant": [u for kind, u in chosen if kind == "constant"],
             "merge": {u: merges[u] for kind, u in chosen if kind == "merge"},
             "rare": [u for kind, u in chosen if kind == "rare"]}
@@ -90,7 +90,8 @@ def apply(model, cfg: ClusterStage, ctx: StageContext, amount: float = 1.0) -> S
         patterns = np.concatenate([activity[m].patterns for m in group.members], axis=0)
         mean_abs = np.mean([activity[m].mean_abs for m in group.members], axis=0)
         can_fold = single and tr.consumers is not None
-        chosen = plan_group(patterns, mean_abs, cfg, amount, ctx.recipe.seed, can_merge=can_fold)
+        chosen = plan_group(patterns, mean_abs, cfg, amount, ctx.recipe.seed, can_merge=can_fold,
+                            round_to=ctx.recipe.round_units)
         act = activity[group.name]
         offsets = {u: float(act.mean[u]) for u in chosen["constant"] + chosen["rare"]}
         scales = {}

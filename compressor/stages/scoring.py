@@ -162,9 +162,14 @@ def _positions(shape) -> int:
     return int(math.prod(inner)) if inner else 1
 
 
+def unit_kernel(layer):
+    """The kernel whose last axis is the layer's units: SeparableConv2D's units are its pointwise filters."""
+    return layer.pointwise_kernel if hasattr(layer, "pointwise_kernel") else layer.kernel
+
+
 def dead_units(model, producer: str) -> np.ndarray:
     """Units whose whole incoming kernel is zero (e.g. after weight pruning): a constant output."""
-    kernel = model.get_layer(producer).kernel.numpy()
+    kernel = unit_kernel(model.get_layer(producer)).numpy()
     return np.all(kernel.reshape(-1, kernel.shape[-1]) == 0, axis=0)
 
 
@@ -196,6 +201,19 @@ def groups(model) -> list[Group]:
 def cap(units: int, max_fraction: float, amount: float) -> int:
     """Most units a layer may lose: max_fraction*amount of it, and never the last one."""
     return max(0, min(units - 1, int(math.floor(units * max_fraction * amount + 1e-9))))
+
+
+def rounded(chosen: list, units: int, round_to: int) -> list:
+    """Trim an ordered removal list (cheapest first) so the units kept are a multiple of `round_to`.
+
+    Rounds the kept width *up*, i.e. removes fewer units, which never costs accuracy: CPU kernels
+    (onnxruntime's blocked convolutions, XNNPACK) slow down sharply on odd widths.
+    """
+    if round_to <= 1 or units < round_to:
+        return chosen
+    keep = units - len(chosen)
+    keep = min(units, -(-keep // round_to) * round_to)
+    return chosen[: units - keep]
 
 
 def below(scores: np.ndarray, threshold: float, limit: int) -> list[int]:

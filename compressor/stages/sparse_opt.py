@@ -26,7 +26,7 @@ _EPS = 1e-12  # keeps the norm differentiable at an all-zero unit (weight-stage 
 
 def group_norms(layer) -> np.ndarray:
     """L2 norm of each unit's incoming kernel slice and bias."""
-    kernel = layer.kernel.numpy()
+    kernel = scoring.unit_kernel(layer).numpy()
     sq = np.sum(kernel.reshape(-1, kernel.shape[-1]).astype(np.float64) ** 2, axis=0)
     if getattr(layer, "use_bias", False) and layer.bias is not None:
         sq = sq + layer.bias.numpy().astype(np.float64) ** 2
@@ -41,7 +41,8 @@ def _penalty(model, producers: list[str], bns: list[str], strength: float):
     def loss():
         total = tf.constant(0.0)
         for layer in layers:
-            kernel = tf.reshape(layer.kernel, (-1, layer.kernel.shape[-1]))
+            unit_kernel = scoring.unit_kernel(layer)
+            kernel = tf.reshape(unit_kernel, (-1, unit_kernel.shape[-1]))
             sq = tf.reduce_sum(tf.square(kernel), axis=0)
             if getattr(layer, "use_bias", False) and layer.bias is not None:
                 sq = sq + tf.square(layer.bias)
@@ -72,9 +73,12 @@ def apply(model, cfg: SparseOptStage, ctx: StageContext, amount: float = 1.0) ->
     notes = []
     if use_bn and not bns:
         notes.append("sparse_opt: no BatchNormalization after a prunable layer; bn_l1 has nothing to act on")
-    work.add_loss(_penalty(work, producers if use_groups else [], bns if use_bn else [], cfg.strength))
+    # backing off (amount < 1) also trains more gently: a weaker penalty at a lower learning rate
+    strength = cfg.strength * amount
+    lr_scale = 1.0 + (cfg.lr_scale - 1.0) * amount
+    work.add_loss(_penalty(work, producers if use_groups else [], bns if use_bn else [], strength))
     scoring.finetune(work, ctx, cfg.epochs, f"sparse_opt: {cfg.penalty} training",
-                     learning_rate=ctx.recipe.learning_rate * cfg.lr_scale)
+                     learning_rate=ctx.recipe.learning_rate * lr_scale)
     trained = clone_with_weights(work)  # drops the penalty: clone_model does not copy add_loss callables
 
     activity = scoring.collect(trained, ctx.data.x_calib, [scoring.trace(trained, m) for m in producers])
@@ -93,6 +97,7 @@ def apply(model, cfg: SparseOptStage, ctx: StageContext, amount: float = 1.0) ->
             per_member.append(np.min(scores, axis=0) if scores else np.ones(group.units))
         score = np.mean(per_member, axis=0)
         drop = scoring.below(score, threshold, scoring.cap(group.units, cfg.max_fraction, amount))
+        drop = scoring.rounded(drop, group.units, ctx.recipe.round_units)
         compensated = False
         if drop and len(group.members) == 1:
             compensated = scoring.fold_into_consumers(
@@ -108,8 +113,8 @@ def apply(model, cfg: SparseOptStage, ctx: StageContext, amount: float = 1.0) ->
     scoring.finetune(pruned, ctx, cfg.finetune_epochs, "sparse_opt: fine-tune")
     layers = scoring.layer_details(result, extra)
     removed = sum(r["removed"] for r in layers.values())
-    notes.insert(0, f"sparse_opt ({cfg.penalty}, strength {cfg.strength:g}, {cfg.epochs} epochs): removed {removed} of "
+    notes.insert(0, f"sparse_opt ({cfg.penalty}, strength {strength:g}, {cfg.epochs} epochs): removed {removed} of "
                     f"{sum(r['units_before'] for r in layers.values())} units whose norm fell below "
                     f"{threshold:.3g} of their layer's largest")
-    return StageOutcome(pruned, {"penalty": cfg.penalty, "strength": cfg.strength, "threshold": threshold,
+    return StageOutcome(pruned, {"penalty": cfg.penalty, "strength": strength, "threshold": threshold,
                                  "removed": removed, "layers": layers, "skipped": dict(result.skipped)}, notes)

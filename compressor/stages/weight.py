@@ -17,12 +17,14 @@ from compressor.recipe import WeightStage
 from compressor.stages.base import StageContext, StageOutcome
 from compressor.training import clone_with_weights, fit
 
-PRUNABLE = (keras.layers.Dense, keras.layers.Conv2D, keras.layers.Conv1D)
+# tfmot prunes these layers' kernels (SeparableConv2D: its pointwise kernel). DepthwiseConv2D is
+# left alone: tfmot 0.8.1 wraps it but its mask stays at 0% (measured), and its kernel is tiny.
+PRUNABLE = (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.SeparableConv2D)
 
 
 def _pruned_layers(model: keras.Model, cfg: WeightStage) -> list[str]:
-    names = [layer.name for layer in model.layers if type(layer) in PRUNABLE or isinstance(layer, PRUNABLE)]
-    names = [n for n in names if not isinstance(model.get_layer(n), (keras.layers.DepthwiseConv2D,))]
+    names = [layer.name for layer in model.layers
+             if isinstance(layer, PRUNABLE) and not isinstance(layer, keras.layers.DepthwiseConv2D)]
     if not cfg.prune_last_layer and names and model.layers[-1].name == names[-1]:
         names = names[:-1]
     return names
@@ -35,8 +37,14 @@ def _block_for(layer, dense_block: tuple[int, int]) -> tuple[int, int]:
     return (1, 1)
 
 
+def _pruned_kernel(layer):
+    for attr in ("pointwise_kernel", "depthwise_kernel", "kernel"):
+        if hasattr(layer, attr):
+            return getattr(layer, attr)
+
+
 def kernel_sparsity(model: keras.Model, names: list[str]) -> dict[str, float]:
-    return {n: float(np.mean(model.get_layer(n).kernel.numpy() == 0)) for n in names}
+    return {n: float(np.mean(_pruned_kernel(model.get_layer(n)).numpy() == 0)) for n in names}
 
 
 def apply(model: keras.Model, cfg: WeightStage, ctx: StageContext, amount: float = 1.0) -> StageOutcome:
