@@ -52,6 +52,19 @@ def export_float(model: keras.Model, path: str | Path, compact: bool = False) ->
     return write_bytes_atomic(path, proto.SerializeToString())
 
 
+SMALL_MATMUL = 4096  # weights below this many elements stay float in dynamic int8
+
+
+def small_matmuls(float_path: str | Path) -> list[str]:
+    """MatMul nodes whose constant weight is tiny (a classifier head): quantizing their input at run
+    time costs more than the int8 product saves (measured on the demo MLP: int8 everywhere 9.9 us vs
+    9.5 us with the 64x10 head left float, float 9.7 us)."""
+    model = onnx.load(str(float_path))
+    sizes = {init.name: int(np.prod(init.dims)) for init in model.graph.initializer}
+    return [node.name for node in model.graph.node
+            if node.op_type == "MatMul" and any(sizes.get(i, SMALL_MATMUL) < SMALL_MATMUL for i in node.input)]
+
+
 def export_int8(float_path: str | Path, path: str | Path, calibration: np.ndarray | None = None,
                 mode: str = "dynamic") -> Path:
     """int8 via onnxruntime.quantization: dynamic for MatMul models, static QDQ for conv models."""
@@ -59,11 +72,12 @@ def export_int8(float_path: str | Path, path: str | Path, calibration: np.ndarra
     from onnxruntime.quantization.calibrate import CalibrationDataReader
 
     path = Path(path)
+    skip = small_matmuls(float_path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
     try:
         if mode == "dynamic":
-            quantize_dynamic(str(float_path), tmp, weight_type=QuantType.QInt8)
+            quantize_dynamic(str(float_path), tmp, weight_type=QuantType.QInt8, nodes_to_exclude=skip)
         else:
             samples = calibration[:200].astype(np.float32)
 

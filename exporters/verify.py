@@ -32,24 +32,23 @@ def keras_kernels(model) -> list[np.ndarray]:
     return kernels
 
 
-def zeros_in_file_kernels(path: str | Path, kernels: list[np.ndarray]) -> int:
-    """Zeros of the file tensors that hold the Keras kernels, decoded from the file.
+def pair_kernels(path: str | Path, kernels: list[np.ndarray]) -> list[tuple[np.ndarray, object]]:
+    """Each Keras kernel with the stored tensor that holds it (None when none does).
 
     Converters add constants of their own (e.g. an LSTM's zero initial state) and transpose or
     reshape kernels, so each Keras kernel is paired with an unused stored weight of the same
     number of elements; stored tensors without a Keras kernel are not counted.
     """
-    stored = [t for t in stored_weights(path) if is_weight(t) and len(t.shape) >= 2]
-    stored += [t for t in stored_weights(path) if is_weight(t) and len(t.shape) < 2]  # a kernel stored flat
+    weights = [t for t in stored_weights(path) if is_weight(t)]
+    stored = [t for t in weights if len(t.shape) >= 2] + [t for t in weights if len(t.shape) < 2]
     used: set[int] = set()
-    zeros = 0
+    pairs = []
     for kernel in kernels:
         match = next((i for i, t in enumerate(stored) if i not in used and t.size == kernel.size), None)
-        if match is None:
-            continue  # folded away (e.g. fused into another tensor): counted as missing zeros below
-        used.add(match)
-        zeros += stored[match].zeros
-    return zeros
+        if match is not None:
+            used.add(match)
+        pairs.append((kernel, None if match is None else stored[match]))
+    return pairs
 
 
 def int8_zero_predictions(kernel: np.ndarray) -> dict[str, int]:
@@ -81,13 +80,18 @@ def verify_file(path: str | Path, runner, keras_model, keras_outputs: np.ndarray
     """One verification row (CONTRACTS.md); `ok` false names why in `problem`."""
     outputs = runner.predict(x)
     diff = float(np.max(np.abs(outputs.reshape(keras_outputs.shape) - keras_outputs)))
-    kernels = keras_kernels(keras_model)
-    expected = int(sum(k.size - np.count_nonzero(k) for k in kernels))
-    in_file = zeros_in_file_kernels(path, kernels)
+    pairs = pair_kernels(path, keras_kernels(keras_model))
+    expected = int(sum(k.size - np.count_nonzero(k) for k, _ in pairs))
+    in_file = int(sum(t.zeros for _, t in pairs if t is not None))
     pruned_zeros = expected
     if quantized:
-        predictions = [int8_zero_predictions(k) for k in kernels]
-        by_scheme = {s: sum(p[s] for p in predictions) for s in predictions[0]} if predictions else {"per-channel": 0}
+        # a quantized kernel gains rounding zeros; one the quantizer left in float keeps Keras' zeros
+        by_scheme: dict[str, int] = {}
+        for kernel, tensor in pairs:
+            exact = int(kernel.size - np.count_nonzero(kernel))
+            for name, count in int8_zero_predictions(kernel).items():
+                by_scheme[name] = by_scheme.get(name, 0) + (count if tensor is not None and tensor.quantized else exact)
+        by_scheme = by_scheme or {"per-channel": 0}
         scheme = next((s for s, n in by_scheme.items() if n == in_file), "per-channel")
         expected = by_scheme[scheme]
     agreement = float(np.mean(outputs.reshape(len(x), -1).argmax(1) == keras_outputs.reshape(len(x), -1).argmax(1)))
