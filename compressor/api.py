@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from compressor.data import Dataset, load_dataset
 from compressor.errors import CompressorError
 from compressor.progress import Reporter
@@ -36,36 +38,55 @@ def compress(model, data, out, recipe=None, *, force: bool = False, quiet: bool 
     """Compress a tf_keras model object or a model file; returns the report dict (also in `out`)."""
     if isinstance(model, (str, Path)):
         return compress_file(model, data, out, recipe, force=force, reporter=reporter or Reporter(quiet))
-    from compressor.pipeline import compress as run_pipeline, prepare_out_dir
+    from compressor.pipeline import check_out_dir
 
     recipe, dataset = _as_recipe(recipe), _as_data(data)
-    prepare_out_dir(out, force)
-    return run_pipeline(model, dataset, recipe, out, source=getattr(model, "name", "model"),
-                        reporter=reporter or Reporter(quiet))
+    check_out_dir(out, force)
+    return _run_into(out, force, (), lambda: (model, getattr(model, "name", "model"), []), dataset, recipe,
+                     reporter or Reporter(quiet))
+
+
+def _run_into(out, force: bool, inputs: tuple, get_model, dataset, recipe, reporter) -> dict:
+    """Create the output folder only after everything was validated; a run that fails before
+    writing anything leaves no empty folder behind."""
+    from compressor.pipeline import compress as run_pipeline, prepare_out_dir, remove_if_empty
+
+    model, source, notes = get_model()
+    existed = Path(out).exists()
+    prepare_out_dir(out, force, inputs)
+    try:
+        return run_pipeline(model, dataset, recipe, out, source=source, reporter=reporter, load_notes=notes)
+    except BaseException:
+        if not existed:
+            remove_if_empty(out)
+        raise
 
 
 def compress_file(model_path, data, out, recipe=None, *, force: bool = False, reporter: Reporter | None = None) -> dict:
     """Everything is validated (recipe, data, output folder, model) before any training starts."""
+    from compressor.data import check_against_model
     from compressor.model_io import file_sha256, load_model, unsupported_layers
-    from compressor.pipeline import compress as run_pipeline, prepare_out_dir
+    from compressor.pipeline import check_out_dir
 
     reporter = reporter or Reporter()
+    recipe_path = recipe if isinstance(recipe, (str, Path)) else None
+    data_path = data if isinstance(data, (str, Path)) and Path(data).exists() else None
     recipe = _as_recipe(recipe)
     dataset = _as_data(data)
-    out = Path(out)
-    if out.resolve() == Path(model_path).resolve() or Path(model_path).resolve().is_relative_to(out.resolve()):
-        raise CompressorError(f"--out '{out}' contains the input model; choose a different output folder")
-    prepare_out_dir(out, force)
+    inputs = (model_path, data_path, recipe_path)
+    check_out_dir(out, force, inputs)
     digest = file_sha256(model_path) if Path(model_path).exists() else None
     loaded = load_model(model_path)
+    model = loaded.model
+    check_against_model(dataset, tuple(model.input_shape[1:]), int(np.prod(model.output_shape[1:])))
     notes = list(loaded.warnings)
-    for name in unsupported_layers(loaded.model):
+    for name in unsupported_layers(model):
         notes.append(f"layer {name} is not supported by the pruning stages and is left unpruned")
     for note in dict.fromkeys(notes):
-        reporter.warn(note)
+        (reporter.step if note.startswith("imported from") else reporter.warn)(note)
     reporter.step(f"loaded {model_path} ({loaded.format})")
-    report = run_pipeline(loaded.model, dataset, recipe, out, source=str(model_path), reporter=reporter,
-                          load_notes=[loaded.format, *notes])
+    report = _run_into(out, force, inputs, lambda: (model, str(model_path), [loaded.format, *notes]), dataset,
+                       recipe, reporter)
     if digest is not None and file_sha256(model_path) != digest:
         raise CompressorError(f"input model '{model_path}' changed during the run; this is a bug, please report it")
     return report
@@ -74,18 +95,18 @@ def compress_file(model_path, data, out, recipe=None, *, force: bool = False, re
 def demo(out, recipe=None, *, force: bool = False, reporter: Reporter | None = None) -> dict:
     """Train the source article's MLP on the embedded MNIST digits and run the recipe end to end."""
     from compressor.model_io import save_model_atomic
-    from compressor.pipeline import compress as run_pipeline, prepare_out_dir
+    from compressor.pipeline import check_out_dir
     from compressor.training import accuracy, train_reference
 
     reporter = reporter or Reporter()
     recipe = _as_recipe(recipe)
-    out = prepare_out_dir(out, force)
+    check_out_dir(out, force)
     data = load_dataset("mnist5k")
     reporter.step(f"demo: training Flatten -> Dense(128, relu) -> Dense(10, softmax) on {len(data.x_train)} MNIST digits")
     model = train_reference(data, epochs=DEMO_TRAIN_EPOCHS, seed=recipe.seed,
                             progress=reporter.epoch_callback("train reference model", DEMO_TRAIN_EPOCHS))
     reporter.step(f"reference model test accuracy {accuracy(model, data.x_test, data.y_test):.4f}")
-    report = run_pipeline(model, data, recipe, out, source="demo: reference MLP 784-128-10 on mnist5k",
-                          reporter=reporter)
-    save_model_atomic(model, out / "dense.keras")
+    report = _run_into(out, force, (), lambda: (model, "demo: reference MLP 784-128-10 on mnist5k", []), data,
+                       recipe, reporter)
+    save_model_atomic(model, Path(out) / "dense.keras")
     return report

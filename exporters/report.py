@@ -68,7 +68,7 @@ def render_markdown(report: dict, plots: list[str]) -> str:
     comps = report.get("comparisons", [])
     if comps:
         lines += ["", "## Against the dense baseline", "",
-                  "| variant | runtime | batch | threads | speedup p50 | ideal (MAC ratio) | of ideal | gzip smaller | accuracy drop (points) | McNemar p |",
+                  "| variant | runtime | batch | threads | speedup p50 | ideal (structural MAC ratio) | of ideal | gzip smaller | accuracy drop (points) | McNemar p |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for c in comps:
             frac = (c["speedup_p50"] / c["ideal_speedup"]) if c["speedup_p50"] and c["ideal_speedup"] else None

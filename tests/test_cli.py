@@ -95,3 +95,21 @@ def test_inspect_cli_reads_zeros_from_file(inputs, tmp_path, capsys, small_mlp):
     assert main(["inspect", str(path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["totals"]["size"] == sum(np.prod(w.shape) for w in small_mlp.weights if len(w.shape) == 2)
+
+
+def test_force_never_deletes_files_it_did_not_write(inputs, tmp_path, capsys):
+    model, data, recipe = inputs
+    out = tmp_path / "mixed"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "report.json").write_text("{}")
+    code = main(["run", "--model", str(model), "--data", str(data), "--out", str(out), "--force"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and "did not write (notes.txt)" in err[-1]
+    assert (out / "notes.txt").read_text() == "mine" and (out / "report.json").exists()
+
+
+def test_failed_run_leaves_no_empty_output_folder(tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["run", "--model", str(tmp_path / "missing.keras"), "--data", "digits", "--out", str(out)]) == 1
+    assert not out.exists()
