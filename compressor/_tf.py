@@ -10,8 +10,11 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
-import tensorflow as tf  # noqa: E402
-import tf_keras as keras  # noqa: E402
+from compressor.quiet import quiet_stderr  # noqa: E402
+
+with quiet_stderr():  # absl/oneDNN/CUDA start-up lines that TF_CPP_MIN_LOG_LEVEL does not stop
+    import tensorflow as tf  # noqa: E402
+    import tf_keras as keras  # noqa: E402
 
 tf.get_logger().setLevel("ERROR")
 

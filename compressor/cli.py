@@ -9,7 +9,6 @@ import argparse
 import json
 import sys
 import traceback
-from pathlib import Path
 
 from compressor.errors import CompressorError
 
@@ -30,9 +29,16 @@ def _pipeline_options(parser: argparse.ArgumentParser) -> None:
     _common(parser)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes end like every other failure: one `error: …` line naming the fix."""
+
+    def error(self, message):
+        self.exit(EXIT_ERROR, f"error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="compressor", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="compressor", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     demo = sub.add_parser("demo", help="train the reference MNIST model and run the default recipe end to end")
     _pipeline_options(demo)

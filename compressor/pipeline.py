@@ -5,7 +5,6 @@ This module only orchestrates; each step lives in its own module.
 from __future__ import annotations
 
 import importlib
-import shutil
 import time
 from pathlib import Path
 
@@ -105,9 +104,12 @@ def run_stages(model: keras.Model, recipe: Recipe, data: Dataset, reporter: Repo
             reporter.step(f"{cfg.name}: accuracy drop {drop:.2%} exceeds budget {recipe.max_accuracy_drop:.2%}; backing off")
         notes = []
         if chosen is None:
-            notes.append(f"{cfg.name}: every amount crossed the {recipe.max_accuracy_drop:.2%} budget; stage skipped")
+            why = ("it removed nothing and its fine-tuning alone" if tried[-1]["amount"] == 1.0
+                   else "every amount it tried")
+            notes.append(f"{cfg.name}: {why} crossed the {recipe.max_accuracy_drop:.2%} budget; stage skipped")
             reporter.warn(notes[-1])
-            outcome_model, amount, acc, details = current, 0.0, tried[-1]["accuracy"], {}
+            outcome_model, amount, details = current, 0.0, {}
+            acc = accuracy(current, budget_x, budget_y)
         else:
             amount, outcome, acc = chosen
             outcome_model, details = outcome.model, outcome.details
@@ -176,7 +178,6 @@ def compress(model: keras.Model, data: Dataset, recipe: Recipe, out: str | Path,
     from exporters.benchmark import Artifact, machine_info, run_benchmark
     from exporters.flops import model_macs
     from exporters.report import write_reports
-    from exporters.runtimes import open_runner
     from exporters.verify import verify_file
     from compressor.model_io import save_model_atomic
 

@@ -121,10 +121,6 @@ class Recipe(_Strict):
     def _one_or_many(cls, value):
         return [value] if isinstance(value, str) else value
 
-    @property
-    def wants_int8(self) -> bool:
-        return any(t.endswith("-int8") for t in self.targets)
-
     def dense_block(self) -> tuple[int, int]:
         """The (in, out) block on Dense kernels that the targets' sparse kernels execute (DESIGN facts 2-4)."""
         weight = next((s for s in self.stages if isinstance(s, WeightStage)), None)

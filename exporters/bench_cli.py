@@ -37,31 +37,6 @@ def check_file(path: str | Path, flag: str = "--model") -> Path:
     return path
 
 
-def open_checked(path: Path, threads: int):
-    """Open a file as a user would; if the default LiteRT delegate rejects it (DESIGN fact 4),
-    fall back to the builtin kernels and say so rather than crash. Returns (runner, resolver, note)."""
-    from exporters.runtimes import open_runner
-
-    runner = open_runner(path, threads=threads)
-    try:
-        runner.predict(np.zeros((1, *runner.input_shape), np.float32))
-        return runner, "default", None
-    except CompressorError:
-        raise
-    except Exception as exc:
-        if path.suffix.lower() != ".tflite":
-            raise CompressorError(f"onnxruntime cannot run '{path}': {str(exc).splitlines()[0][:200]}") from exc
-        first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-    runner = open_runner(path, threads=threads, resolver="builtin")
-    try:
-        runner.predict(np.zeros((1, *runner.input_shape), np.float32))
-    except Exception as exc:
-        raise CompressorError(f"LiteRT cannot run '{path}' ({str(exc).splitlines()[0][:160]}); "
-                              "re-export it with `compressor run`") from exc
-    return runner, "builtin", (f"{path.name}: the default XNNPACK delegate rejects it ({first}); "
-                               "timed with OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES")
-
-
 def fit_samples(x: np.ndarray, input_shape: tuple[int, ...], data_name: str, path: Path) -> np.ndarray:
     """Reshape data samples to the file's input (784 <-> 28x28x1); a different size is an error."""
     if tuple(x.shape[1:]) == tuple(input_shape):
@@ -98,6 +73,7 @@ def _validate(args) -> None:
 def bench_command(args, reporter) -> str:
     """Run the benchmark described by the parsed `compressor bench` arguments; returns the text to print."""
     from exporters.benchmark import machine_info
+    from exporters.runtimes import open_runner_safely
     from exporters.files import gzip_size
     from exporters.latency import measure_interleaved
     from exporters.stats import accuracy_interval, latency_summary, mcnemar, ratio_summary, throughput
@@ -114,7 +90,7 @@ def bench_command(args, reporter) -> str:
 
     files, runners, correct = [], {}, []
     for i, path in enumerate(paths):
-        runner, resolver, note = open_checked(path, args.threads)
+        runner, resolver, note = open_runner_safely(path, args.threads)
         shape = runner.input_shape
         entry = {"file": str(path), "runtime": runner.runtime, "resolver": resolver, "input_shape": list(shape),
                  "size_bytes": path.stat().st_size, "gzip_bytes": gzip_size(path), "notes": [note] if note else []}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import platform
-import sys
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -110,6 +109,3 @@ def run_benchmark(artifacts: list[Artifact], x_test: np.ndarray, y_test: np.ndar
             })
     return rows, correct_by_file
 
-
-def python_version() -> str:
-    return sys.version.split()[0]

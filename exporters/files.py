@@ -7,6 +7,13 @@ import tempfile
 from pathlib import Path
 
 
+def make_readable(path: str | Path) -> None:
+    """mkstemp creates 0600 files; a published artifact gets the usual mode (0666 minus umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_bytes_atomic(path: str | Path, payload: bytes) -> Path:
     """Write to a temp file in the same folder, fsync, then rename over the final name."""
     path = Path(path)
@@ -17,6 +24,7 @@ def write_bytes_atomic(path: str | Path, payload: bytes) -> Path:
             handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
+        make_readable(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from compressor.errors import CompressorError
+from compressor.quiet import quiet_stderr
 from exporters import readback
 
 __all__ = ["inspect_file", "format_inspect", "KERAS_EXTENSIONS"]
@@ -55,8 +56,9 @@ def _xnnpack_inputs(path) -> tuple[set[int] | None, str]:
     from ai_edge_litert.interpreter import Interpreter
 
     try:
-        interp = Interpreter(model_path=str(path), num_threads=1)
-        interp.allocate_tensors()
+        with quiet_stderr():  # LiteRT announces its XNNPACK delegate on fd 2
+            interp = Interpreter(model_path=str(path), num_threads=1)
+            interp.allocate_tensors()
         ops = interp._get_ops_details()
     except Exception as exc:  # the delegate failure surfaces as RuntimeError/ValueError
         msg = " ".join(str(exc).split())[:160]

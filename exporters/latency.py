@@ -1,4 +1,4 @@
-"""Interleaved latency measurement: A B C A B C … so drift on a noisy machine hits every file alike."""
+"""Interleaved latency measurement: A B C C B A … so drift on a noisy machine hits every file alike."""
 from __future__ import annotations
 
 import time
@@ -16,8 +16,10 @@ def measure_interleaved(runners: dict[str, object], x: np.ndarray, runs: int, wa
             runner.invoke()
     times = {label: np.empty(runs) for label in runners}
     clock = time.perf_counter
+    forward = list(runners.items())
+    backward = forward[::-1]
     for i in range(runs):
-        for label, runner in runners.items():
+        for label, runner in (forward if i % 2 == 0 else backward):  # alternate order: no position bias
             runner.set_input(x)
             start = clock()
             runner.invoke()

@@ -1,6 +1,7 @@
 """ONNX writer through tf2onnx, and onnxruntime's int8 quantization."""
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -10,7 +11,7 @@ import onnx
 
 from compressor._tf import keras, tf
 from compressor.errors import CompressorError
-from exporters.files import write_bytes_atomic
+from exporters.files import make_readable, write_bytes_atomic
 
 OPSET = 17
 
@@ -75,6 +76,9 @@ def export_int8(float_path: str | Path, path: str | Path, calibration: np.ndarra
     skip = small_matmuls(float_path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # onnxruntime.quantization logs a generic "consider pre-processing" warning
     try:
         if mode == "dynamic":
             quantize_dynamic(str(float_path), tmp, weight_type=QuantType.QInt8, nodes_to_exclude=skip)
@@ -91,8 +95,10 @@ def export_int8(float_path: str | Path, path: str | Path, calibration: np.ndarra
 
             quantize_static(str(float_path), tmp, Reader(), weight_type=QuantType.QInt8,
                             activation_type=QuantType.QUInt8, per_channel=True)
+        make_readable(tmp)
         os.replace(tmp, path)
     finally:
+        root.setLevel(level)
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path

@@ -10,11 +10,11 @@ has at least `min_sparsity` zeros *and* its sparse form is smaller than its dens
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from exporters.files import write_bytes_atomic
 
 from compressor.errors import CompressorError
 
@@ -113,20 +113,7 @@ def to_dense_initializers(model):
 
 def _atomic_save(model, dst: Path) -> None:
     """Write next to the destination, then rename: a crash never leaves a half-written model."""
-    import onnx
-
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
-        onnx.save_model(model, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_bytes_atomic(dst, model.SerializeToString())
 
 
 def compact_onnx_file(src, dst=None, min_sparsity: float = 0.3, min_size: int = 256, check: bool = True) -> dict:

@@ -7,8 +7,7 @@ leaves a half-written PNG where the report expects a finished one.
 """
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+
+from exporters.files import write_bytes_atomic
 
 __all__ = ["plot_latency", "plot_accuracy_vs_size", "plot_layers"]
 
@@ -31,21 +32,10 @@ def _new_figure(width: float, height: float) -> Figure:
 
 
 def _save(fig: Figure, path) -> Path:
-    """Render to a temp file beside `path`, then atomically replace it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=_DPI)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    """Render in memory, then write atomically (temp file beside `path`, then rename)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=_DPI)
+    return write_bytes_atomic(path, buffer.getvalue())
 
 
 def _color(runtime: str) -> str:

@@ -13,23 +13,24 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "n/a"
 
 
-def _base_rows(results: list[dict]) -> list[dict]:
-    return [r for r in results if r["batch"] == 1 and r["threads"] == 1] or results
+def dense_row(results: list[dict], row: dict) -> dict | None:
+    """The dense baseline measured beside `row`: same runtime, batch and threads."""
+    return next((d for d in results if d["variant"] == "dense" and d["runtime"] == row["runtime"]
+                 and d["batch"] == row["batch"] and d["threads"] == row["threads"]), None)
 
 
-def comparisons(results: list[dict], correct: dict[str, np.ndarray]) -> list[dict]:
-    """Each non-dense row against the dense row of the same runtime, batch and threads."""
-    from exporters.stats import mcnemar
+def comparisons(results: list[dict], correct: dict[str, np.ndarray], max_drop: float) -> list[dict]:
+    """Each non-dense row against the dense row of the same runtime, batch and threads, with the
+    paired (McNemar) verdict on the accuracy budget."""
+    from exporters.stats import within_budget
 
     rows = []
     for r in results:
-        if r["variant"] == "dense":
+        base = dense_row(results, r)
+        if r["variant"] == "dense" or base is None:
             continue
-        base = next((d for d in results if d["variant"] == "dense" and d["runtime"] == r["runtime"]
-                     and d["batch"] == r["batch"] and d["threads"] == r["threads"]), None)
-        if base is None:
-            continue
-        paired = mcnemar(correct[base["file"]], correct[r["file"]]) if base["file"] in correct and r["file"] in correct else None
+        paired = (within_budget(correct[base["file"]], correct[r["file"]], max_drop)
+                  if base["file"] in correct and r["file"] in correct else None)
         rows.append({
             "variant": r["variant"], "runtime": r["runtime"], "batch": r["batch"], "threads": r["threads"],
             "speedup_p50": base["latency_ms"]["p50"] / r["latency_ms"]["p50"] if r["latency_ms"]["p50"] else None,
@@ -55,8 +56,7 @@ def render_markdown(report: dict, plots: list[str]) -> str:
               "| variant | runtime | file | accuracy (95% CI) | p50 ms | p90 ms | p99 ms | speedup p50 | size | gzip | gzip ratio | params | non-zero | MACs |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        base = next((d for d in results if d["variant"] == "dense" and d["runtime"] == r["runtime"]
-                     and d["batch"] == r["batch"] and d["threads"] == r["threads"]), r)
+        base = dense_row(results, r) or r
         lat = r["latency_ms"]
         ci = r.get("accuracy_ci95") or [r["accuracy"], r["accuracy"]]
         tag = "" if (r["batch"], r["threads"]) == (1, 1) else f" (b{r['batch']}, t{r['threads']})"
@@ -68,15 +68,16 @@ def render_markdown(report: dict, plots: list[str]) -> str:
     comps = report.get("comparisons", [])
     if comps:
         lines += ["", "## Against the dense baseline", "",
-                  "| variant | runtime | batch | threads | speedup p50 | ideal (structural MAC ratio) | of ideal | gzip smaller | accuracy drop (points) | McNemar p |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| variant | runtime | batch | threads | speedup p50 | ideal (structural MAC ratio) | of ideal | gzip smaller | accuracy drop (points) | McNemar p | budget |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for c in comps:
             frac = (c["speedup_p50"] / c["ideal_speedup"]) if c["speedup_p50"] and c["ideal_speedup"] else None
             p = c["paired_test"]["p_value"] if c["paired_test"] else None
+            verdict = c["paired_test"]["verdict"].replace("_", " ") if c["paired_test"] else ""
             lines.append(
                 f"| {c['variant']} | {c['runtime']} | {c['batch']} | {c['threads']} | {c['speedup_p50']:.2f}x | "
                 f"{c['ideal_speedup']:.2f}x | {'' if frac is None else f'{frac:.0%}'} | {c['size_ratio_gzip']:.2f}x | "
-                f"{c['accuracy_drop'] * 100:+.2f} | {'' if p is None else f'{p:.3f}'} |")
+                f"{c['accuracy_drop'] * 100:+.2f} | {'' if p is None else f'{p:.3f}'} | {verdict} |")
     lines += ["", "## Stages", "", "| stage | amount | params before | params after | non-zero after | accuracy after | seconds | notes |",
               "|---|---|---|---|---|---|---|---|"]
     for s in report["stages"]:
@@ -115,7 +116,7 @@ def render_markdown(report: dict, plots: list[str]) -> str:
 def write_reports(report: dict, out: Path, correct: dict[str, np.ndarray]) -> None:
     from exporters.plots import plot_accuracy_vs_size, plot_latency, plot_layers
 
-    report["comparisons"] = comparisons(report["results"], correct)
+    report["comparisons"] = comparisons(report["results"], correct, report["recipe"]["max_accuracy_drop"])
     plots = [
         plot_latency(report["results"], out / "latency.png"),
         plot_accuracy_vs_size(report["results"], out / "accuracy_vs_size.png"),

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from compressor.errors import CompressorError
+from compressor.quiet import quiet_stderr
 
 RESOLVERS = ("default", "builtin")
 
@@ -23,7 +24,9 @@ class TFLiteRunner:
         kind = OpResolverType.AUTO if resolver == "default" else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         self.path, self.threads, self.resolver = Path(path), threads, resolver
         try:
-            self.interpreter = Interpreter(model_path=str(path), num_threads=threads, experimental_op_resolver_type=kind)
+            with quiet_stderr():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+                self.interpreter = Interpreter(model_path=str(path), num_threads=threads,
+                                               experimental_op_resolver_type=kind)
         except (ValueError, RuntimeError) as exc:
             raise CompressorError(f"LiteRT cannot load '{path}': {str(exc).splitlines()[0]}; is it a .tflite file?") from exc
         self._input = self.interpreter.get_input_details()[0]
@@ -37,7 +40,8 @@ class TFLiteRunner:
     def _prepare(self, batch: int) -> None:
         if batch != self._batch:
             self.interpreter.resize_tensor_input(self._input["index"], [batch, *self.input_shape])
-            self.interpreter.allocate_tensors()
+            with quiet_stderr():
+                self.interpreter.allocate_tensors()
             self._batch = batch
 
     def _encode(self, x: np.ndarray) -> np.ndarray:
@@ -135,14 +139,22 @@ def open_runner_safely(path: str | Path, threads: int = 1) -> tuple[object, str,
     int8 files with a sparsity pattern XNNPACK cannot take crash the default interpreter
     (DESIGN fact 4). Returns (runner, resolver, note); the note is for the report.
     """
+    runner = open_runner(path, threads=threads)
     try:
-        runner = open_runner(path, threads=threads)
         runner.predict(np.zeros((1, *runner.input_shape), np.float32))
         return runner, "default", None
-    except (RuntimeError, ValueError) as exc:
+    except CompressorError:
+        raise
+    except Exception as exc:  # the delegate failure surfaces as RuntimeError or ValueError
         if Path(path).suffix.lower() != ".tflite":
             raise CompressorError(f"onnxruntime cannot run '{path}': {str(exc).splitlines()[0][:200]}") from exc
-        runner = open_runner(path, threads=threads, resolver="builtin")
-        note = (f"{Path(path).name}: the default XNNPACK delegate rejects it ({str(exc).splitlines()[0][:100]}); "
-                "it needs OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES and was measured with it")
-        return runner, "builtin", note
+        first = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
+    runner = open_runner(path, threads=threads, resolver="builtin")
+    try:
+        runner.predict(np.zeros((1, *runner.input_shape), np.float32))
+    except Exception as exc:
+        raise CompressorError(f"LiteRT cannot run '{path}' ({str(exc).splitlines()[0][:160]}); "
+                              "re-export it with `compressor run`") from exc
+    note = (f"{Path(path).name}: the default XNNPACK delegate rejects it ({first}); "
+            "it needs OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES and was measured with it")
+    return runner, "builtin", note

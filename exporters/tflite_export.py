@@ -5,16 +5,13 @@ kernel then runs depends on the block pattern (DESIGN facts 2-4), which the weig
 """
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from compressor._tf import keras, tf
 from compressor.errors import CompressorError
+from compressor.quiet import quiet_stderr
 from exporters.files import write_bytes_atomic
 
 
@@ -45,23 +42,6 @@ def export_int8(model: keras.Model, path: str | Path, calibration: np.ndarray, s
     return write_bytes_atomic(path, _convert(conv, model))
 
 
-@contextlib.contextmanager
-def _quiet_stderr():
-    """The converter prints pages of MLIR diagnostics straight to fd 2; keep them for the error only."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as sink:
-        os.dup2(sink.fileno(), 2)
-        captured = []
-        try:
-            yield captured
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            captured.append(sink.read().decode("utf-8", "replace"))
-
-
 def _first_error(text: str) -> str:
     """The converter's own summary line, e.g. "error: 'tf.TensorListReserve' op requires …"."""
     for line in text.splitlines():
@@ -72,7 +52,7 @@ def _first_error(text: str) -> str:
 
 def _convert(conv, model) -> bytes:
     try:
-        with _quiet_stderr() as captured:
+        with quiet_stderr() as captured:
             return conv.convert()
     except Exception as exc:  # the converter raises many types; the user needs the cause, not the stack
         detail = _first_error("".join(captured)) or _first_error(str(exc)) or str(exc).strip().splitlines()[0][:240]

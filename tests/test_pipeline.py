@@ -7,7 +7,7 @@ from compressor.progress import Reporter
 from compressor.recipe import parse_recipe
 from compressor.stages import align
 from compressor.stages.base import StageContext
-from compressor.training import accuracy, fit
+from compressor.training import accuracy
 
 
 def _stages(model, digits, raw):
