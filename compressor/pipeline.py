@@ -195,27 +195,27 @@ def compress(model: keras.Model, data: Dataset, recipe: Recipe, out: str | Path,
     save_model_atomic(pruned, out / "pruned.keras")
 
     reporter.step("exporting dense and pruned models for " + ", ".join(recipe.targets))
-    artifacts: list[tuple[Artifact, keras.Model, bool]] = []
+    artifacts: list[tuple[Artifact, keras.Model, str | None]] = []  # (file, its Keras model, int8 scheme)
     target_notes: list[str] = []
     dense_flops, pruned_flops = model_macs(dense), model_macs(pruned)
     if any(t.startswith("tflite") for t in recipe.targets):
         tflite_export.export_float(dense, out / "dense.tflite", sparse=False)
         encode = _tflite_can_encode(pruned, 4, reporter, target_notes)
         tflite_export.export_float(pruned, out / "pruned.tflite", sparse=encode)
-        artifacts.append((Artifact("dense", "tflite", out / "dense.tflite", dense_flops), dense, False))
-        artifacts.append((Artifact("pruned", "tflite", out / "pruned.tflite", pruned_flops), pruned, False))
+        artifacts.append((Artifact("dense", "tflite", out / "dense.tflite", dense_flops), dense, None))
+        artifacts.append((Artifact("pruned", "tflite", out / "pruned.tflite", pruned_flops), pruned, None))
     if any(t.startswith("onnxruntime") for t in recipe.targets):
         onnx_export.export_float(dense, out / "dense.onnx", compact=False)
         onnx_export.export_float(pruned, out / "pruned.onnx", compact=recipe.compact_onnx)
-        artifacts.append((Artifact("dense", "onnxruntime", out / "dense.onnx", dense_flops), dense, False))
-        artifacts.append((Artifact("pruned", "onnxruntime", out / "pruned.onnx", pruned_flops), pruned, False))
+        artifacts.append((Artifact("dense", "onnxruntime", out / "dense.onnx", dense_flops), dense, None))
+        artifacts.append((Artifact("pruned", "onnxruntime", out / "pruned.onnx", pruned_flops), pruned, None))
     if "tflite-int8" in recipe.targets:
         encode = _tflite_can_encode(pruned, 16, reporter, target_notes)
         _export_tflite_int8_that_runs(pruned, out / "pruned-int8.tflite", data, encode, reporter, target_notes)
-        artifacts.append((Artifact("pruned-int8", "tflite", out / "pruned-int8.tflite", pruned_flops), pruned, True))
+        artifacts.append((Artifact("pruned-int8", "tflite", out / "pruned-int8.tflite", pruned_flops), pruned, "tflite"))
     if "onnxruntime-int8" in recipe.targets:
-        _export_onnx_int8(pruned, out, data)
-        artifacts.append((Artifact("pruned-int8", "onnxruntime", out / "pruned-int8.onnx", pruned_flops), pruned, True))
+        scheme = _export_onnx_int8(pruned, out, data)
+        artifacts.append((Artifact("pruned-int8", "onnxruntime", out / "pruned-int8.onnx", pruned_flops), pruned, scheme))
 
     reporter.step("verifying every exported file")
     x_check = data.x_test
@@ -262,7 +262,7 @@ def _budget_split(data: Dataset):
     return (data.x_val, data.y_val) if data.x_val is not None else (data.x_test, data.y_test)
 
 
-def _export_onnx_int8(pruned: keras.Model, out: Path, data: Dataset) -> None:
+def _export_onnx_int8(pruned: keras.Model, out: Path, data: Dataset) -> str:
     """Quantize from an uncompacted float export; dynamic for MatMul models, static QDQ for conv models."""
     from exporters import onnx_export
 
@@ -270,9 +270,11 @@ def _export_onnx_int8(pruned: keras.Model, out: Path, data: Dataset) -> None:
     plain = out / ".pruned-float-for-int8.onnx"
     try:
         onnx_export.export_float(pruned, plain, compact=False)
-        onnx_export.export_int8(plain, out / "pruned-int8.onnx", data.x_calib, mode="static" if has_conv else "dynamic")
+        mode = "static" if has_conv else "dynamic"
+        onnx_export.export_int8(plain, out / "pruned-int8.onnx", data.x_calib, mode=mode)
     finally:
         plain.unlink(missing_ok=True)
+    return f"onnxruntime-{mode}"
 
 
 def _open_safely(art):

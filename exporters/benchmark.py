@@ -16,7 +16,7 @@ import numpy as np
 
 from exporters.files import gzip_size
 from exporters.latency import measure_interleaved
-from exporters.readback import stored_weights
+from exporters.readback import is_weight, stored_weights
 from exporters.runtimes import open_runner
 from exporters.stats import accuracy_interval, latency_summary, throughput
 
@@ -52,10 +52,15 @@ def machine_info() -> dict:
 
 
 def file_params(path: Path) -> tuple[int, int]:
-    """(weights, non-zero weights) stored in the file, decoded from the file itself."""
+    """(weights, non-zero weights) stored in the file, decoded from the file itself.
+
+    Every weight tensor counts, biases included (int32 in int8 TFLite files); quantization scales
+    and zero points are bookkeeping, not weights, and shape/index constants are not weights.
+    """
     total = nonzero = 0
     for tensor in stored_weights(path):
-        if np.issubdtype(tensor.values.dtype, np.floating) or tensor.dtype.startswith("int8") or tensor.dtype == "uint8":
+        bookkeeping = tensor.size == 1 and any(k in tensor.name.lower() for k in ("scale", "zero_point"))
+        if is_weight(tensor) and not bookkeeping:
             total += tensor.size
             nonzero += tensor.size - tensor.zeros
     return total, nonzero

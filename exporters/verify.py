@@ -51,33 +51,37 @@ def pair_kernels(path: str | Path, kernels: list[np.ndarray]) -> list[tuple[np.n
     return pairs
 
 
-def int8_zero_predictions(kernel: np.ndarray) -> dict[str, int]:
-    """How many weights symmetric int8 quantization turns into 0, per scheme.
+# How each exporter quantizes weights (symmetric int8): the scale granularity, and whether an exact
+# half rounds to zero (onnxruntime rounds half to even) or away from it (TFLite).
+SCHEMES = {
+    "tflite": ("per-channel", False),
+    "onnxruntime-dynamic": ("per-tensor", True),
+    "onnxruntime-static": ("per-channel", True),
+}
 
-    A pruned zero stays 0; a small non-zero weight becomes 0 when |w| / scale < 0.5. Per-tensor
-    uses one scale (onnxruntime dynamic MatMul); per-channel one per output unit/filter, the last
-    Keras axis (TFLite, onnxruntime static QDQ).
+
+def int8_zero_prediction(kernel: np.ndarray, scheme: str) -> int:
+    """How many weights of `kernel` the exporter's int8 quantization stores as 0.
+
+    A pruned zero stays 0; a small weight becomes 0 when |w| / scale < 0.5. Per-tensor uses one
+    scale, per-channel one per output unit/filter (the last Keras axis).
     """
-    flat = kernel.reshape(-1, kernel.shape[-1]) if kernel.ndim > 1 else kernel.reshape(-1, 1)
-
-    def zeros(scale):
-        # |w| / scale < 0.5 rounds to 0 under both half-to-even (onnxruntime) and half-away (TFLite)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.where(scale > 0, np.abs(flat) / np.where(scale > 0, scale, 1.0), 0.0)
-        return int(np.sum(ratio < 0.5)), int(np.sum(ratio <= 0.5))
-
-    out = {}
-    for scheme, scale in (("per-tensor", np.abs(flat).max() / 127.0),
-                          ("per-channel", np.abs(flat).max(axis=0, keepdims=True) / 127.0)):
-        strict, with_ties = zeros(scale)
-        out[scheme] = strict
-        out[f"{scheme}, ties to zero"] = with_ties
-    return out
+    granularity, half_to_zero = SCHEMES[scheme]
+    flat = (kernel.reshape(-1, kernel.shape[-1]) if kernel.ndim > 1 else kernel.reshape(-1, 1)).astype(np.float32)
+    peak = np.abs(flat).max(axis=0, keepdims=True) if granularity == "per-channel" else np.abs(flat).max()
+    scale = np.float32(peak) / np.float32(127.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(scale > 0, np.abs(flat) / np.where(scale > 0, scale, 1.0), 0.0)
+    return int(np.sum(ratio <= 0.5) if half_to_zero else np.sum(ratio < 0.5))
 
 
 def verify_file(path: str | Path, runner, keras_model, keras_outputs: np.ndarray, x: np.ndarray,
-                quantized: bool = False) -> dict:
-    """One verification row (CONTRACTS.md); `ok` false names why in `problem`."""
+                quantized: str | None = None) -> dict:
+    """One verification row (CONTRACTS.md); `ok` false names why in `problem`.
+
+    `quantized` names the int8 scheme (a SCHEMES key) for int8 files: their expected zeros are the
+    Keras zeros plus the weights that scheme rounds to zero, predicted from the Keras weights.
+    """
     outputs = runner.predict(x)
     diff = float(np.max(np.abs(outputs.reshape(keras_outputs.shape) - keras_outputs)))
     pairs = pair_kernels(path, keras_kernels(keras_model))
@@ -86,14 +90,8 @@ def verify_file(path: str | Path, runner, keras_model, keras_outputs: np.ndarray
     pruned_zeros = expected
     if quantized:
         # a quantized kernel gains rounding zeros; one the quantizer left in float keeps Keras' zeros
-        by_scheme: dict[str, int] = {}
-        for kernel, tensor in pairs:
-            exact = int(kernel.size - np.count_nonzero(kernel))
-            for name, count in int8_zero_predictions(kernel).items():
-                by_scheme[name] = by_scheme.get(name, 0) + (count if tensor is not None and tensor.quantized else exact)
-        by_scheme = by_scheme or {"per-channel": 0}
-        scheme = next((s for s, n in by_scheme.items() if n == in_file), "per-channel")
-        expected = by_scheme[scheme]
+        expected = int(sum(int8_zero_prediction(k, quantized) if t is not None and t.quantized
+                           else k.size - np.count_nonzero(k) for k, t in pairs))
     agreement = float(np.mean(outputs.reshape(len(x), -1).argmax(1) == keras_outputs.reshape(len(x), -1).argmax(1)))
     problems = []
     if in_file != expected:
@@ -114,7 +112,7 @@ def verify_file(path: str | Path, runner, keras_model, keras_outputs: np.ndarray
     }
     if quantized:
         row["pruned_zeros"] = pruned_zeros  # zeros in the Keras kernels; the rest come from int8 rounding
-        row["quantization"] = f"symmetric int8, {scheme}"
+        row["quantization"] = f"symmetric int8, {SCHEMES[quantized][0]} ({quantized})"
     if problems:
         row["problem"] = "; ".join(problems)
     return row
