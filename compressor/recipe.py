@@ -111,8 +111,8 @@ class Recipe(_Strict):
     batch_size: int = Field(32, ge=1, le=65536, description="fine-tuning batch size")
     learning_rate: float = Field(1e-3, gt=0.0, le=1.0, description="fine-tuning learning rate (Adam)")
     seed: int = Field(0, ge=0, description="makes masks and files reproducible")
-    round_units: int = Field(8, ge=1, le=256, description="round widths narrowed by structured stages down to a "
-                             "multiple of this (CPU kernels slow down on odd channel counts)")
+    round_units: int = Field(8, ge=1, le=256, description="keep widths narrowed by structured stages at a multiple "
+                             "of this: stages remove fewer units to get there (CPU kernels slow down on odd widths)")
     compact_onnx: bool = Field(True, description="store pruned ONNX initializers as sparse_initializer")
     bench: BenchSettings = Field(default_factory=BenchSettings)
 
@@ -187,7 +187,7 @@ batch_size: 32            # fine-tuning batch size
 learning_rate: 0.001      # fine-tuning learning rate (Adam)
 seed: 0                   # same seed, same masks and files
 compact_onnx: true        # store pruned ONNX initializers as sparse_initializer (smaller .onnx)
-round_units: 8            # round narrowed widths down to a multiple of this (fast CPU kernels)
+round_units: 8            # narrowed widths stay multiples of this (odd widths slow CPU kernels)
 stages:
   - name: weight          # magnitude pruning (tfmot), masks held while fine-tuning
     sparsity: 0.9         # tau_w as a target: fraction of each kernel set to zero
