@@ -199,7 +199,8 @@ def build(spec, data, work: Path) -> dict:
 
 def static_metrics(entry: dict, x: np.ndarray, y: np.ndarray) -> dict:
     """Accuracy (+ Wilson CI), sizes and stored weights of every file; correctness kept for McNemar."""
-    from exporters.bench_cli import correctness, fit_samples, open_checked
+    from exporters.bench_cli import correctness, fit_samples
+    from exporters.runtimes import open_runner_safely
     from exporters.benchmark import file_params
     from exporters.files import gzip_size
     from exporters.stats import accuracy_interval
@@ -208,7 +209,7 @@ def static_metrics(entry: dict, x: np.ndarray, y: np.ndarray) -> dict:
     verified = {Path(v["file"]).name: v["ok"] for v in entry.get("verification", [])}
     for variant, by_runtime in entry["files"].items():
         for runtime, path in by_runtime.items():
-            runner, resolver, note = open_checked(path, 1)
+            runner, resolver, note = open_runner_safely(path, 1)
             ok = correctness(runner, fit_samples(x, runner.input_shape, "mnist5k", path), y, path)
             try:
                 params, nonzero = file_params(path)

@@ -165,3 +165,17 @@ def test_tfmot_peer_reaches_its_target_without_touching_the_dense_model(small_ml
     assert all(np.array_equal(a, b) for a, b in zip(before, small_mlp.get_weights()))
     acc = float(np.mean(peer.predict(digits.x_test, verbose=0).argmax(1) == digits.y_test))
     assert acc > 0.8
+
+
+def test_suite_static_metrics_reads_each_file(small_mlp, digits, tmp_path):
+    """The suite's per-file pass (accuracy, sizes, stored weights) on one float file per runtime."""
+    from exporters import onnx_export, tflite_export
+
+    script = _load_script("benchmark")
+    files = {"dense": {"tflite": tflite_export.export_float(small_mlp, tmp_path / "d.tflite", sparse=False),
+                       "onnxruntime": onnx_export.export_float(small_mlp, tmp_path / "d.onnx")}}
+    static = script.static_metrics({"files": files}, digits.x_test, digits.y_test)
+    for runtime in ("tflite", "onnxruntime"):
+        row = static[("dense", runtime)]
+        assert row["resolver"] == "default" and row["params"] == small_mlp.count_params()
+        assert abs(row["accuracy"] - static[("dense", "tflite")]["accuracy"]) < 0.01
