@@ -28,13 +28,10 @@ def unit_scores(model, producer: str, activity: scoring.Activity, criterion: str
 
 
 def apply(model, cfg: ActivationStage, ctx: StageContext, amount: float = 1.0) -> StageOutcome:
-    base = scoring.copy(model)  # biases get compensated before surgery: never on the caller's model
-    groups = scoring.groups(base)
+    # biases get compensated before surgery: never on the caller's model
+    base, groups, traces, activity = scoring.observe(model, ctx.data.x_calib)
     if not groups:
         return StageOutcome(base, {"layers": {}, "removed": 0}, ["activation: no prunable Dense/Conv layers"])
-    graph = scoring.layer_graph(base)
-    traces = {m: scoring.trace(base, m, graph) for g in groups for m in g.members}
-    activity = scoring.collect(base, ctx.data.x_calib, list(traces.values()))
     threshold = cfg.threshold * amount
     plan, extra = {}, {}
     for group in groups:

@@ -74,13 +74,10 @@ def plan_group(patterns: np.ndarray, mean_abs: np.ndarray, cfg: ClusterStage, am
 
 
 def apply(model, cfg: ClusterStage, ctx: StageContext, amount: float = 1.0) -> StageOutcome:
-    base = scoring.copy(model)  # consumer rows get rescaled before surgery: never the caller's model
-    groups = scoring.groups(base)
+    # consumer rows get rescaled before surgery: never the caller's model
+    base, groups, traces, activity = scoring.observe(model, ctx.data.x_calib)
     if not groups:
         return StageOutcome(base, {"layers": {}, "removed": 0}, ["cluster: no prunable Dense/Conv layers"])
-    graph = scoring.layer_graph(base)
-    traces = {m: scoring.trace(base, m, graph) for g in groups for m in g.members}
-    activity = scoring.collect(base, ctx.data.x_calib, list(traces.values()))
     plan, merge, extra = {}, {}, {}
     for group in groups:
         tr = traces[group.name]

@@ -162,6 +162,18 @@ def _positions(shape) -> int:
     return int(math.prod(inner)) if inner else 1
 
 
+def observe(model, x_calib: np.ndarray):
+    """A working copy of `model`, its prunable groups, each producer's trace and its activity on
+    the calibration samples: what every activity-based stage starts from."""
+    base = copy(model)
+    found = groups(base)
+    if not found:
+        return base, [], {}, {}
+    graph = layer_graph(base)
+    traces = {m: trace(base, m, graph) for g in found for m in g.members}
+    return base, found, traces, collect(base, x_calib, list(traces.values()))
+
+
 def unit_kernel(layer):
     """The kernel whose last axis is the layer's units: SeparableConv2D's units are its pointwise filters."""
     return layer.pointwise_kernel if hasattr(layer, "pointwise_kernel") else layer.kernel
