@@ -14,16 +14,22 @@ import tempfile
 
 @contextlib.contextmanager
 def quiet_stderr():
-    """Redirect fd 2 to a temp file; yields a list that holds the captured text afterwards."""
+    """Redirect fd 2 to a temp file; yields a list that holds the captured text afterwards.
+
+    The redirect happens inside the `try`, so an interrupt (Ctrl-C) at any point still gets fd 2
+    back before the CLI prints its one-line error.
+    """
     sys.stderr.flush()
     saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as sink:
-        os.dup2(sink.fileno(), 2)
-        captured: list[str] = []
-        try:
-            yield captured
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            captured.append(sink.read().decode("utf-8", "replace"))
+    captured: list[str] = []
+    try:
+        with tempfile.TemporaryFile(mode="w+b") as sink:
+            try:
+                os.dup2(sink.fileno(), 2)
+                yield captured
+            finally:
+                os.dup2(saved, 2)
+                sink.seek(0)
+                captured.append(sink.read().decode("utf-8", "replace"))
+    finally:
+        os.close(saved)
