@@ -124,7 +124,7 @@ def run_stages(model: keras.Model, recipe: Recipe, data: Dataset, reporter: Repo
             "amount": amount, "tried": tried, "details": details, "notes": notes,
         })
         current = outcome_model
-    current = _align_blocks(current, recipe, ctx, reporter, records, model)
+    current = _align_blocks(current, recipe, ctx, reporter, records, model, baseline_accuracy)
     return current, records
 
 
@@ -132,7 +132,7 @@ STRUCTURED = ("activation", "cluster", "sparse_opt")
 
 
 def _align_blocks(model, recipe: Recipe, ctx: StageContext, reporter: Reporter, records: list[dict],
-                  dense: keras.Model):
+                  dense: keras.Model, baseline: float):
     """After structured removal, round narrowed widths and block-align Dense inputs (stages/align.py).
 
     Rounding costs a few more units, so it is checked against the budget like a stage and dropped
@@ -149,7 +149,6 @@ def _align_blocks(model, recipe: Recipe, ctx: StageContext, reporter: Reporter, 
     before = surgery.prunable_layers(dense)
     now = surgery.prunable_layers(model)
     narrowed = {name for name, units in now.items() if before.get(name, units) != units}
-    baseline = accuracy(dense, *_budget_split(ctx.data))
     start = time.perf_counter()
     params_before, nonzero_before = count_params(model)
     for round_to in dict.fromkeys((recipe.round_units, 1)):

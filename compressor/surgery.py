@@ -73,15 +73,21 @@ class SurgeryResult:
 _PRODUCERS = {_L.Dense, _L.Conv1D, _L.Conv2D, _L.Conv3D, _L.SeparableConv1D, _L.SeparableConv2D}
 _SEPARABLE = {_L.SeparableConv1D, _L.SeparableConv2D}
 _DEPTHWISE = {_L.DepthwiseConv1D, _L.DepthwiseConv2D}
-# Layers that act on every channel independently and with no per-channel parameters.
-_PASS_THROUGH = {
+# Channel-preserving layer families, shared with the stages' observation rules (stages/scoring.py).
+DROPOUT_LAYERS = (
     _L.Dropout, _L.SpatialDropout1D, _L.SpatialDropout2D, _L.SpatialDropout3D,
     _L.GaussianNoise, _L.GaussianDropout, _L.AlphaDropout, _L.ActivityRegularization,
-    _L.ReLU, _L.LeakyReLU, _L.ELU, _L.ThresholdedReLU,
+)
+POOLING_LAYERS = (
     _L.MaxPooling1D, _L.MaxPooling2D, _L.MaxPooling3D,
     _L.AveragePooling1D, _L.AveragePooling2D, _L.AveragePooling3D,
     _L.GlobalMaxPooling1D, _L.GlobalMaxPooling2D, _L.GlobalMaxPooling3D,
     _L.GlobalAveragePooling1D, _L.GlobalAveragePooling2D, _L.GlobalAveragePooling3D,
+)
+# Layers that act on every channel independently and with no per-channel parameters.
+_PASS_THROUGH = {
+    *DROPOUT_LAYERS, *POOLING_LAYERS,
+    _L.ReLU, _L.LeakyReLU, _L.ELU, _L.ThresholdedReLU,
     _L.ZeroPadding1D, _L.ZeroPadding2D, _L.ZeroPadding3D,
     _L.Cropping1D, _L.Cropping2D, _L.Cropping3D,
     _L.UpSampling1D, _L.UpSampling2D, _L.UpSampling3D,

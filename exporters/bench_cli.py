@@ -47,15 +47,6 @@ def fit_samples(x: np.ndarray, input_shape: tuple[int, ...], data_name: str, pat
     return x.reshape((len(x), *input_shape)).astype(np.float32)
 
 
-def correctness(runner, x: np.ndarray, y: np.ndarray, path: Path) -> np.ndarray:
-    """Per-sample top-1 correctness (a bool vector, for the CI and the paired test)."""
-    out = runner.predict(x).reshape(len(x), -1)
-    if int(y.max()) >= out.shape[1]:
-        raise CompressorError(f"labels go up to {int(y.max())} but '{path.name}' has {out.shape[1]} outputs; "
-                              "pass data labelled for this model")
-    return out.argmax(axis=1) == y
-
-
 def batch_input(input_shape: tuple[int, ...], batch: int, x: np.ndarray | None) -> np.ndarray:
     """The timed input: real samples when there are any (repeated to fill the batch), else fixed-seed noise."""
     if x is not None:
@@ -72,7 +63,7 @@ def _validate(args) -> None:
 
 def bench_command(args, reporter) -> str:
     """Run the benchmark described by the parsed `compressor bench` arguments; returns the text to print."""
-    from exporters.benchmark import machine_info
+    from exporters.benchmark import correctness, machine_info
     from exporters.runtimes import open_runner_safely
     from exporters.files import gzip_size
     from exporters.latency import measure_interleaved

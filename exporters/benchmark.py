@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from compressor.errors import CompressorError
 from exporters.files import gzip_size
 from exporters.latency import measure_interleaved
 from exporters.readback import is_weight, stored_weights
@@ -66,10 +67,13 @@ def file_params(path: Path) -> tuple[int, int]:
     return total, nonzero
 
 
-def accuracy_of(runner, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-    pred = runner.predict(x).reshape(len(x), -1)
-    correct = pred.argmax(axis=1) == y
-    return float(correct.mean()), correct
+def correctness(runner, x: np.ndarray, y: np.ndarray, path: Path) -> np.ndarray:
+    """Per-sample top-1 correctness (a bool vector, for the CI and the paired test)."""
+    out = runner.predict(x).reshape(len(x), -1)
+    if int(y.max()) >= out.shape[1]:
+        raise CompressorError(f"labels go up to {int(y.max())} but '{path.name}' has {out.shape[1]} outputs; "
+                              "pass data labelled for this model")
+    return out.argmax(axis=1) == y
 
 
 def run_benchmark(artifacts: list[Artifact], x_test: np.ndarray, y_test: np.ndarray, runs: int, warmup: int,
@@ -79,7 +83,8 @@ def run_benchmark(artifacts: list[Artifact], x_test: np.ndarray, y_test: np.ndar
     static = {}
     for art in artifacts:
         runner = open_runner(art.path, threads=1, resolver=art.resolver)
-        acc, correct = accuracy_of(runner, x_test, y_test)
+        correct = correctness(runner, x_test, y_test, art.path)
+        acc = float(correct.mean())
         params, nonzero = file_params(art.path)
         correct_by_file[art.path.name] = correct
         static[art.path] = {

@@ -10,26 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
+from compressor.training import keras_kernels
 from exporters.readback import is_weight, stored_weights
 
 FLOAT_TOLERANCE = 1e-4
-
-
-def keras_kernels(model) -> list[np.ndarray]:
-    """Kernels (rank >= 2 weights) of every layer: what the pruning stages zero.
-
-    Depthwise kernels (h, w, in, multiplier) are returned as (h, w, in * multiplier) so that the
-    last axis is the output channel, the axis int8 per-channel scales run along.
-    """
-    kernels = []
-    for layer in model.layers:
-        for w in layer.weights:
-            if len(w.shape) >= 2:
-                value = w.numpy()
-                if "depthwise_kernel" in w.name and value.ndim == 4:
-                    value = value.reshape(value.shape[0], value.shape[1], -1)
-                kernels.append(value)
-    return kernels
 
 
 def pair_kernels(path: str | Path, kernels: list[np.ndarray]) -> list[tuple[np.ndarray, object]]:

@@ -25,18 +25,10 @@ _WEIGHTED = (_L.Dense, _L.Conv1D, _L.Conv2D, _L.Conv3D)
 # Layers between a producer and its observation point: per-channel, no mixing of units.
 _OBSERVE_THROUGH = (
     _L.BatchNormalization, _L.Activation, _L.ReLU, _L.LeakyReLU, _L.ELU, _L.PReLU, _L.ThresholdedReLU,
-    _L.Dropout, _L.SpatialDropout1D, _L.SpatialDropout2D, _L.SpatialDropout3D,
-    _L.GaussianNoise, _L.GaussianDropout, _L.AlphaDropout, _L.ActivityRegularization,
+    *surgery.DROPOUT_LAYERS,
 )
 # Layers between the observation point and a consumer that keep a channel's identity.
-_ROUTE_THROUGH = (
-    _L.Dropout, _L.SpatialDropout1D, _L.SpatialDropout2D, _L.SpatialDropout3D,
-    _L.GaussianNoise, _L.GaussianDropout, _L.AlphaDropout, _L.ActivityRegularization,
-    _L.MaxPooling1D, _L.MaxPooling2D, _L.MaxPooling3D,
-    _L.AveragePooling1D, _L.AveragePooling2D, _L.AveragePooling3D,
-    _L.GlobalMaxPooling1D, _L.GlobalMaxPooling2D, _L.GlobalMaxPooling3D,
-    _L.GlobalAveragePooling1D, _L.GlobalAveragePooling2D, _L.GlobalAveragePooling3D,
-)
+_ROUTE_THROUGH = (*surgery.DROPOUT_LAYERS, *surgery.POOLING_LAYERS)
 
 
 # ------------------------------------------------------------------------------------ graph

@@ -15,6 +15,7 @@ from compressor._tf import keras
 from compressor.errors import CompressorError
 from compressor.recipe import WeightStage
 from compressor.stages.base import StageContext, StageOutcome
+from compressor.stages.scoring import unit_kernel
 from compressor.training import clone_with_weights, fit
 
 # tfmot prunes these layers' kernels (SeparableConv2D: its pointwise kernel). DepthwiseConv2D is
@@ -37,14 +38,8 @@ def _block_for(layer, dense_block: tuple[int, int]) -> tuple[int, int]:
     return (1, 1)
 
 
-def _pruned_kernel(layer):
-    for attr in ("pointwise_kernel", "depthwise_kernel", "kernel"):
-        if hasattr(layer, attr):
-            return getattr(layer, attr)
-
-
 def kernel_sparsity(model: keras.Model, names: list[str]) -> dict[str, float]:
-    return {n: float(np.mean(_pruned_kernel(model.get_layer(n)).numpy() == 0)) for n in names}
+    return {n: float(np.mean(unit_kernel(model.get_layer(n)).numpy() == 0)) for n in names}
 
 
 def apply(model: keras.Model, cfg: WeightStage, ctx: StageContext, amount: float = 1.0) -> StageOutcome:
