@@ -17,6 +17,7 @@ from pathlib import Path
 
 from compressor._tf import keras
 from compressor.errors import CompressorError
+from compressor.layers import handler_for, supported_class_names
 
 FORMAT_TFK_KERAS = "tf-keras .keras"
 FORMAT_TFK_H5 = "tf-keras .h5"
@@ -27,18 +28,9 @@ FORMAT_K3_H5 = "Keras 3 .h5 (imported)"
 _H5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _H5_SUFFIXES = {".h5", ".hdf5"}
 
-#: Layer classes the pruning stages prune, or pass through unchanged while pruning around them.
-#: Anything else (recurrent layers, Lambda, attention, custom classes, ...) stays unpruned.
-PRUNING_SUPPORTED = frozenset({
-    "InputLayer", "Dense", "Conv1D", "Conv2D", "DepthwiseConv2D", "SeparableConv2D",
-    "BatchNormalization", "LayerNormalization", "Activation", "ReLU", "LeakyReLU", "PReLU", "ELU",
-    "Softmax", "Dropout", "SpatialDropout1D", "SpatialDropout2D", "GaussianNoise", "GaussianDropout",
-    "Flatten", "Reshape", "MaxPooling1D", "MaxPooling2D", "AveragePooling1D", "AveragePooling2D",
-    "GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalMaxPooling1D", "GlobalMaxPooling2D",
-    "ZeroPadding1D", "ZeroPadding2D", "Cropping1D", "Cropping2D", "UpSampling1D", "UpSampling2D",
-    "Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum", "Concatenate",
-    "Rescaling", "Normalization", "Embedding",
-})
+#: Layer classes the pruning stages prune, or prune around (the layer table, compressor/layers).
+#: Anything else (recurrent layers, Lambda, custom classes, ...) stays unpruned.
+PRUNING_SUPPORTED = supported_class_names() | {"InputLayer"}
 
 
 @dataclass
@@ -255,17 +247,18 @@ def unsupported_layers(model) -> list[str]:
             cls = type(layer).__name__
             if isinstance(layer, keras.Model):
                 walk(layer, f"{prefix}{layer.name}/")
-            elif cls not in PRUNING_SUPPORTED or not _is_builtin(layer):
+            elif not isinstance(layer, keras.layers.InputLayer) and cls not in _supported(layer):
                 found.append(f"'{prefix}{layer.name}' ({cls})")
 
     walk(model, "")
     return found
 
 
-def _is_builtin(layer) -> bool:
-    """True for tf-keras's own layer classes (a user subclass named 'Dense' is still custom)."""
-    module = type(layer).__module__ or ""
-    return module.startswith(("tf_keras.", "keras.")) and getattr(keras.layers, type(layer).__name__, None) is type(layer)
+def _supported(layer) -> frozenset[str]:
+    """The layer's class name if the layer table handles its exact type and prunes around it (a user
+    subclass named 'Dense' is still custom), else nothing."""
+    handler = handler_for(layer)
+    return frozenset({type(layer).__name__}) if handler is not None and not handler.left_whole else frozenset()
 
 
 # --------------------------------------------------------------------------- saving

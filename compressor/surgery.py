@@ -21,7 +21,6 @@ How it works, in three steps:
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -29,8 +28,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from compressor._tf import keras
+from compressor.layers import Blocked, Cut, handler_for
+from compressor.layers.layout import Layout as _Layout
+from compressor.layers.layout import opaque as _opaque
 
 __all__ = [
+    "ModelGraph",
+    "model_graph",
     "SurgeryResult",
     "SurgeryWarning",
     "prunable_layers",
@@ -38,7 +42,6 @@ __all__ = [
     "remove_units",
 ]
 
-_L = keras.layers
 _MODEL_INPUT = "<model input>"
 
 
@@ -66,178 +69,11 @@ class SurgeryResult:
         }
 
 
-# --------------------------------------------------------------------------------------------
-# Layer classification. Exact type matches: a user subclass of Dense may change `call`, so it is
-# treated as unknown rather than trusted.
-
-_PRODUCERS = {_L.Dense, _L.Conv1D, _L.Conv2D, _L.Conv3D, _L.SeparableConv1D, _L.SeparableConv2D}
-_SEPARABLE = {_L.SeparableConv1D, _L.SeparableConv2D}
-_DEPTHWISE = {_L.DepthwiseConv1D, _L.DepthwiseConv2D}
-# Channel-preserving layer families, shared with the stages' observation rules (stages/scoring.py).
-DROPOUT_LAYERS = (
-    _L.Dropout, _L.SpatialDropout1D, _L.SpatialDropout2D, _L.SpatialDropout3D,
-    _L.GaussianNoise, _L.GaussianDropout, _L.AlphaDropout, _L.ActivityRegularization,
-)
-POOLING_LAYERS = (
-    _L.MaxPooling1D, _L.MaxPooling2D, _L.MaxPooling3D,
-    _L.AveragePooling1D, _L.AveragePooling2D, _L.AveragePooling3D,
-    _L.GlobalMaxPooling1D, _L.GlobalMaxPooling2D, _L.GlobalMaxPooling3D,
-    _L.GlobalAveragePooling1D, _L.GlobalAveragePooling2D, _L.GlobalAveragePooling3D,
-)
-# Layers that act on every channel independently and with no per-channel parameters.
-_PASS_THROUGH = {
-    *DROPOUT_LAYERS, *POOLING_LAYERS,
-    _L.ReLU, _L.LeakyReLU, _L.ELU, _L.ThresholdedReLU,
-    _L.ZeroPadding1D, _L.ZeroPadding2D, _L.ZeroPadding3D,
-    _L.Cropping1D, _L.Cropping2D, _L.Cropping3D,
-    _L.UpSampling1D, _L.UpSampling2D, _L.UpSampling3D,
-    _L.RepeatVector,
-}
-_ELEMENTWISE_MERGES = {_L.Add, _L.Subtract, _L.Average, _L.Maximum, _L.Minimum}
-# Activations that mix units: removing one changes the others.
-_CROSS_UNIT_ACTIVATIONS = {"softmax", "log_softmax"}
-
-
-def _is_known(kind) -> bool:
-    return (
-        kind in _PRODUCERS
-        or kind in _DEPTHWISE
-        or kind in _PASS_THROUGH
-        or kind in _ELEMENTWISE_MERGES
-        or kind
-        in {_L.Activation, _L.BatchNormalization, _L.PReLU, _L.Flatten, _L.Reshape, _L.Concatenate}
-    )
-
-
-def _activation_name(layer) -> str:
-    activation = getattr(layer, "activation", None)
-    if activation is None:
-        return "linear"
-    return getattr(activation, "__name__", type(activation).__name__)
-
-
-def _channels_last(layer) -> bool:
-    return getattr(layer, "data_format", "channels_last") in (None, "channels_last")
-
-
-def _is_last_axis(axis, rank: int) -> bool:
-    if isinstance(axis, (list, tuple)):
-        if len(axis) != 1:
-            return False
-        axis = axis[0]
-    return axis == -1 or axis == rank - 1
-
-
-def _unsupported_reason(layer) -> str | None:
-    """Why a layer of a known type cannot be handled in this configuration (None if it can)."""
-    kind = type(layer)
-    if not _channels_last(layer):
-        return "data_format channels_first"
-    if kind in _PRODUCERS or kind in _DEPTHWISE:
-        if getattr(layer, "groups", 1) != 1:
-            return "grouped convolution"
-    if kind is _L.Activation and _activation_name(layer) in _CROSS_UNIT_ACTIVATIONS:
-        return f"activation {_activation_name(layer)} normalises across channels"
-    return None
-
-
-def _unit_count(layer) -> int:
-    return int(layer.units if type(layer) is _L.Dense else layer.filters)
-
-
 def _shape_of(shape) -> tuple:
     """A layer's input/output shape as a plain tuple (single-tensor layers only)."""
     if isinstance(shape, list) and len(shape) == 1 and isinstance(shape[0], (tuple, list)):
         shape = shape[0]
     return tuple(shape)
-
-
-# --------------------------------------------------------------------------------------------
-# Channel layouts
-
-
-@dataclass(frozen=True)
-class _Segment:
-    """`length` consecutive channels of one space, each repeated `inner` times in a row
-    (DepthwiseConv with depth_multiplier m makes channel c occupy positions c*m..c*m+m-1)."""
-
-    space: str
-    length: int
-    inner: int = 1
-    # A layer with per-channel parameters on the way (BN, depthwise): merging is then inexact.
-    touched_by: str | None = None
-
-    @property
-    def width(self) -> int:
-        return self.length * self.inner
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Last-axis layout: `outer` repetitions (spatial positions after Flatten) of the segments.
-    After Flatten of (H, W, C) channel c of position (h, w) sits at (h*W + w)*C + c."""
-
-    segments: tuple[_Segment, ...]
-    outer: int = 1
-
-    @property
-    def block_width(self) -> int:
-        return sum(seg.width for seg in self.segments)
-
-    @property
-    def width(self) -> int:
-        return self.outer * self.block_width
-
-    @property
-    def spaces(self) -> set[str]:
-        return {seg.space for seg in self.segments}
-
-    def kept_positions(self, kept_of) -> np.ndarray:
-        """Positions of the last axis that survive, given kept channel indices per space."""
-        block = []
-        offset = 0
-        for seg in self.segments:
-            kept = np.asarray(kept_of(seg.space), dtype=np.int64)
-            block.append(offset + (kept[:, None] * seg.inner + np.arange(seg.inner)).ravel())
-            offset += seg.width
-        block = np.concatenate(block) if block else np.zeros(0, np.int64)
-        return (np.arange(self.outer)[:, None] * self.block_width + block[None, :]).ravel()
-
-    def merge_pairs(self, merges_of) -> list[tuple[int, int, _Segment]]:
-        """(removed position, kept position, segment) for every folded unit, in input positions."""
-        pairs = []
-        offset = 0
-        for seg in self.segments:
-            for removed, kept in sorted(merges_of(seg.space).items()):
-                for repeat in range(self.outer):
-                    base = repeat * self.block_width + offset
-                    for j in range(seg.inner):
-                        removed_at = base + removed * seg.inner + j
-                        pairs.append((removed_at, base + kept * seg.inner + j, seg))
-            offset += seg.width
-        return pairs
-
-    def touched(self, layer_name: str) -> _Layout:
-        segments = tuple(
-            _Segment(s.space, s.length, s.inner, s.touched_by or layer_name) for s in self.segments
-        )
-        return _Layout(segments, self.outer)
-
-    def times_inner(self, multiplier: int, layer_name: str) -> _Layout:
-        segments = tuple(
-            _Segment(s.space, s.length, s.inner * multiplier, s.touched_by or layer_name)
-            for s in self.segments
-        )
-        return _Layout(segments, self.outer)
-
-    def same_structure(self, other: _Layout) -> bool:
-        return self.outer == other.outer and [(s.length, s.inner) for s in self.segments] == [
-            (s.length, s.inner) for s in other.segments
-        ]
-
-
-def _opaque(space: str, width: int) -> _Layout:
-    return _Layout((_Segment(space, max(int(width), 0)),))
 
 
 class _UnionFind:
@@ -261,33 +97,56 @@ class _UnionFind:
 # Graph analysis
 
 
-def _layer_graph(model) -> tuple[list, dict[str, list[str]], set[str], list[str]]:
-    """Layers in topological order, their inbound layer names, the names of shared layers
-    (called more than once: inbound then lists every call's sources) and the output layers."""
+@dataclass
+class ModelGraph:
+    """A functional or Sequential model's layer graph, read from its config."""
+
+    order: list  # layers in topological order
+    inbound: dict[str, list[str]]  # positional input sources of each layer
+    keyword: dict[str, list[str]]  # sources passed as keyword tensors (attention's value/key)
+    shared: set[str]  # layers called more than once (inbound then lists every call's sources)
+    outputs: list[str]
+
+    @functools.cached_property
+    def consumers(self) -> dict[str, list[str]]:
+        found: dict[str, list[str]] = {layer.name: [] for layer in self.order}
+        found.setdefault(_MODEL_INPUT, [])
+        for layer in self.order:
+            for src in self.inbound[layer.name] + self.keyword[layer.name]:
+                if layer.name not in found[src]:
+                    found[src].append(layer.name)
+        return found
+
+
+def _keyword_sources(entry) -> list[str]:
+    kwargs = entry[3] if len(entry) > 3 and isinstance(entry[3], dict) else {}
+    return [v[0] for v in kwargs.values() if isinstance(v, (list, tuple)) and len(v) == 3 and isinstance(v[0], str)]
+
+
+def model_graph(model) -> ModelGraph:
+    """The layer graph every analysis walks (surgery, the stages' scoring, the align step)."""
     if not model.built:
         raise ValueError("remove_units needs a built model (give it an input shape first).")
     if isinstance(model, keras.Sequential):
-        layers = [layer for layer in model.layers if not isinstance(layer, _L.InputLayer)]
-        inbound = {}
-        previous = _MODEL_INPUT
-        for layer in layers:
-            inbound[layer.name] = [previous]
-            previous = layer.name
-        return layers, inbound, set(), [layers[-1].name]
+        layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+        sources = [_MODEL_INPUT] + [layer.name for layer in layers[:-1]]
+        return ModelGraph(layers, {layer.name: [src] for layer, src in zip(layers, sources)},
+                          {layer.name: [] for layer in layers}, set(), [layers[-1].name])
 
     config = model.get_config()
     by_name = {layer.name: layer for layer in model.layers}
-    inbound, shared = {}, set()
+    inbound, keyword, shared = {}, {}, set()
     for layer_config in config["layers"]:
         nodes = layer_config.get("inbound_nodes") or []
         if len(nodes) > 1:
             shared.add(layer_config["name"])
         inbound[layer_config["name"]] = [entry[0] for node in nodes for entry in node]
+        keyword[layer_config["name"]] = [src for node in nodes for entry in node for src in _keyword_sources(entry)]
     # Topological order (model.layers usually already is; do not rely on it).
     order, done = [], set()
     pending = [layer_config["name"] for layer_config in config["layers"]]
     while pending:
-        ready = [name for name in pending if all(src in done for src in inbound[name])]
+        ready = [name for name in pending if all(src in done for src in inbound[name] + keyword[name])]
         if not ready:
             raise ValueError(f"cannot order the layer graph (cycle near {pending[:3]})")
         for name in ready:
@@ -295,22 +154,52 @@ def _layer_graph(model) -> tuple[list, dict[str, list[str]], set[str], list[str]
             done.add(name)
             pending.remove(name)
     outputs = [entry[0] for entry in config["output_layers"]]
-    return order, inbound, shared, outputs
+    return ModelGraph(order, inbound, keyword, shared, outputs)
 
 
 @dataclass
 class _Analysis:
+    """Channel spaces of every tensor, their couplings and why blocked ones must keep their units.
+    It is the GraphView handlers talk to while propagating layouts."""
+
     layers: dict[str, object]
     order: list[str]
-    producers: dict[str, int]  # name -> unit count, in model order
-    input_layouts: dict[str, list[_Layout]]  # layers understood -> layouts of their inputs
-    uf: _UnionFind
-    blocked: dict[str, str]  # space -> reason (naming the blocking layer)
-    reshape_kind: dict[str, str]  # Reshape layer name -> "keep_last" | "flat"
+    producers: dict[str, int] = field(default_factory=dict)  # name -> unit count, in model order
+    input_layouts: dict[str, list[_Layout]] = field(default_factory=dict)  # layers the rebuild may cut
+    uf: _UnionFind = field(default_factory=_UnionFind)
+    blocked: dict[str, str] = field(default_factory=dict)  # space -> reason (naming the blocking layer)
     space_width: dict[str, int] = field(default_factory=dict)  # channels of each space
 
     def root(self, space: str) -> str:
         return self.uf.find(space)
+
+    # --- GraphView
+    def add_producer(self, name: str, units: int) -> None:
+        self.producers[name] = units
+        self.uf.find(name)
+        self.space_width[name] = units
+
+    def block_space(self, space: str, reason: str) -> None:
+        self.uf.find(space)
+        self.blocked.setdefault(space, reason)
+
+    def couple(self, a: str, b: str) -> None:
+        self.uf.union(a, b)
+
+    def fresh_output(self, layer, reason: str) -> _Layout:
+        """A fresh space nobody may prune: an output whose channels we do not reason about."""
+        space = f"<output {layer.name}>"
+        self.block_space(space, f"channels come from '{layer.name}' ({reason})")
+        try:
+            width = _last_dim(layer.output_shape)
+        except (AttributeError, RuntimeError, ValueError, TypeError):
+            width = -1
+        return _opaque(space, width)
+
+    def block(self, layouts, reason: str) -> None:
+        for layout in layouts:
+            for space in layout.spaces:
+                self.block_space(space, reason)
 
     @functools.cached_property
     def group_members(self) -> dict[str, list[str]]:
@@ -335,147 +224,65 @@ class _Analysis:
 
 
 def _analyze(model) -> _Analysis:
-    layers, inbound, shared, outputs = _layer_graph(model)
-    analysis = _Analysis(
-        layers={layer.name: layer for layer in layers},
-        order=[layer.name for layer in layers],
-        producers={},
-        input_layouts={},
-        uf=_UnionFind(),
-        blocked={},
-        reshape_kind={},
-    )
+    graph = model_graph(model)
+    analysis = _Analysis(layers={layer.name: layer for layer in graph.order},
+                         order=[layer.name for layer in graph.order])
     output_layouts: dict[str, _Layout] = {}
-
-    def block(layout_list, reason):
-        for layout in layout_list:
-            for space in layout.spaces:
-                analysis.blocked.setdefault(space, reason)
 
     def input_layout_of(source: str, width: int) -> _Layout:
         if source == _MODEL_INPUT:
-            analysis.uf.find(_MODEL_INPUT)
-            analysis.blocked.setdefault(_MODEL_INPUT, "channels come from the model input")
+            analysis.block_space(_MODEL_INPUT, "channels come from the model input")
             return _opaque(_MODEL_INPUT, width)
         return output_layouts[source]
 
-    for layer in layers:
-        name = layer.name
-        kind = type(layer)
-        sources = inbound[name]
-
-        if kind is _L.InputLayer:
+    for layer in graph.order:
+        name, kind, sources = layer.name, type(layer), graph.inbound[layer.name]
+        handler = handler_for(layer)
+        if isinstance(layer, keras.layers.InputLayer):
             space = f"<input {name}>"
-            analysis.uf.find(space)
-            analysis.blocked[space] = f"channels come from model input '{name}'"
+            analysis.block_space(space, f"channels come from model input '{name}'")
             output_layouts[name] = _opaque(space, _last_dim(layer.output_shape))
             continue
-
-        if name in shared:
-            # Its weights serve several call sites: do not reason about it.
-            block(
-                [output_layouts[src] for src in sources if src in output_layouts],
-                f"consumed by shared layer '{name}' ({kind.__name__}, called more than once)",
-            )
-            output_layouts[name] = _opaque_output(analysis, layer, [], "shared layer")
-            continue
-
-        if not _is_known(kind):
+        # Keyword tensors (attention's value/key) are read whole: never cut them.
+        analysis.block([output_layouts[src] for src in graph.keyword[name] if src in output_layouts],
+                       f"read by '{name}' ({kind.__name__}) as a keyword input")
+        if name in graph.shared:
+            why, label = "shared layer", f"shared layer '{name}' ({kind.__name__}, called more than once)"
+        elif handler is None:
+            why, label = "unsupported", f"unsupported layer '{name}' ({kind.__name__})"
+        else:
+            why = handler.check(layer)
+            label = f"'{name}' ({kind.__name__}: {why})"
+        if why is not None:
             # Do not even ask for its input shapes: nested or keyword inputs may not have one.
-            block(
-                [output_layouts[src] for src in sources if src in output_layouts],
-                f"consumed by unsupported layer '{name}' ({kind.__name__})",
-            )
-            output_layouts[name] = _opaque_output(analysis, layer, [], "unsupported")
+            analysis.block([output_layouts[src] for src in sources if src in output_layouts], f"consumed by {label}")
+            output_layouts[name] = analysis.fresh_output(layer, why)
             continue
-
         input_shapes = layer.input_shape
         if len(sources) == 1:
             input_shapes = [input_shapes]
-        in_layouts = [
-            input_layout_of(src, _last_dim(shape)) for src, shape in zip(sources, input_shapes)
-        ]
-
+        input_shapes = [_shape_of(shape) for shape in input_shapes]
+        in_layouts = [input_layout_of(src, _last_dim(shape)) for src, shape in zip(sources, input_shapes)]
         # A derived layout must agree with the real tensor width (it may not, e.g. for the 2nd
         # output of a multi-output layer): otherwise treat that input as an unknown source.
         for position, shape in enumerate(input_shapes):
             if in_layouts[position].width != _last_dim(shape):
-                block([in_layouts[position]], f"channel layout mismatch at '{name}'")
+                analysis.block([in_layouts[position]], f"channel layout mismatch at '{name}'")
                 space = f"<input {position} of {name}>"
-                analysis.uf.find(space)
-                analysis.blocked[space] = f"input {position} of '{name}' is not understood"
+                analysis.block_space(space, f"input {position} of '{name}' is not understood")
                 in_layouts[position] = _opaque(space, _last_dim(shape))
-
-        reason = _unsupported_reason(layer)
-        out = None
-        if reason is not None:
-            block(in_layouts, f"consumed by '{name}' ({kind.__name__}: {reason})")
-        elif kind in _PRODUCERS:
-            units = _unit_count(layer)
-            analysis.producers[name] = units
-            analysis.uf.find(name)
-            if _activation_name(layer) in _CROSS_UNIT_ACTIVATIONS:
-                analysis.blocked[name] = (
-                    f"'{name}' has activation {_activation_name(layer)}, which mixes its units"
-                )
-            out = _Layout((_Segment(name, units),))
-        elif kind in _PASS_THROUGH:
-            out = in_layouts[0]
-        elif kind is _L.Activation:
-            out = in_layouts[0]
-        elif kind is _L.BatchNormalization:
-            if _is_last_axis(layer.axis, len(input_shapes[0])):
-                out = in_layouts[0].touched(name)
-            else:
-                block(in_layouts, f"consumed by '{name}' (BatchNormalization not on channel axis)")
-        elif kind is _L.PReLU:
-            out = in_layouts[0].touched(name)
-        elif kind in _DEPTHWISE:
-            out = in_layouts[0].times_inner(int(layer.depth_multiplier), name)
-        elif kind is _L.Flatten:
-            out = _flattened(in_layouts[0], input_shapes[0])
-            if out is None:
-                block(in_layouts, f"consumed by '{name}' (Flatten of unknown spatial size)")
-        elif kind is _L.Reshape:
-            out, reshape_kind = _reshaped(in_layouts[0], input_shapes[0], layer.target_shape)
-            if out is None:
-                block(in_layouts, f"consumed by '{name}' (Reshape that moves channels)")
-            else:
-                analysis.reshape_kind[name] = reshape_kind
-        elif kind in _ELEMENTWISE_MERGES:
-            first = in_layouts[0]
-            if all(first.same_structure(other) for other in in_layouts[1:]):
-                for other in in_layouts[1:]:
-                    for seg_a, seg_b in zip(first.segments, other.segments):
-                        analysis.uf.union(seg_a.space, seg_b.space)
-                touched = next(
-                    (s.touched_by for lay in in_layouts for s in lay.segments if s.touched_by), None
-                )
-                out = first.touched(touched) if touched else first
-            else:
-                block(in_layouts, f"consumed by '{name}' ({kind.__name__} of different layouts)")
-        elif kind is _L.Concatenate:
-            rank = len(input_shapes[0])
-            if _is_last_axis(layer.axis, rank) and all(lay.outer == 1 for lay in in_layouts):
-                out = _Layout(tuple(seg for lay in in_layouts for seg in lay.segments))
-            else:
-                block(in_layouts, f"consumed by '{name}' (Concatenate off the channel axis)")
-
-        if out is None:
-            out = _opaque_output(analysis, layer, in_layouts, "unsupported")
-        else:
+        try:
+            output_layouts[name] = handler.propagate(layer, in_layouts, input_shapes, analysis)
             analysis.input_layouts[name] = in_layouts  # only for layers the rebuild may slice
-        output_layouts[name] = out
+        except Blocked as blocked:
+            analysis.block(in_layouts, f"consumed by '{name}' ({kind.__name__}: {blocked})")
+            output_layouts[name] = analysis.fresh_output(layer, "unsupported")
 
-    for layout in list(output_layouts.values()) + [
-        lay for lays in analysis.input_layouts.values() for lay in lays
-    ]:
+    for layout in list(output_layouts.values()) + [lay for lays in analysis.input_layouts.values() for lay in lays]:
         for seg in layout.segments:
             analysis.space_width.setdefault(seg.space, seg.length)
-    for name in outputs:
-        reason = "is a model output" if name in analysis.producers else (
-            f"reaches model output '{name}'"
-        )
+    for name in graph.outputs:
+        reason = "is a model output" if name in analysis.producers else f"reaches model output '{name}'"
         for space in output_layouts[name].spaces:
             analysis.blocked.setdefault(space, reason)
     return analysis
@@ -484,37 +291,6 @@ def _analyze(model) -> _Analysis:
 def _last_dim(shape) -> int:
     shape = _shape_of(shape)
     return int(shape[-1]) if shape and shape[-1] is not None else -1
-
-
-def _opaque_output(analysis: _Analysis, layer, in_layouts, why: str) -> _Layout:
-    """A fresh space nobody may prune: the output of a layer we do not understand."""
-    space = f"<output {layer.name}>"
-    analysis.uf.find(space)
-    analysis.blocked[space] = f"channels come from '{layer.name}' ({why})"
-    try:
-        width = _last_dim(layer.output_shape)
-    except (AttributeError, RuntimeError, ValueError, TypeError):
-        width = -1
-    return _opaque(space, width)
-
-
-def _flattened(layout: _Layout, input_shape) -> _Layout | None:
-    spatial = _shape_of(input_shape)[1:-1]
-    if any(dim is None for dim in spatial):
-        return None
-    return _Layout(layout.segments, layout.outer * math.prod(spatial))
-
-
-def _reshaped(layout: _Layout, input_shape, target_shape) -> tuple[_Layout | None, str]:
-    """Reshape keeps the channel mapping if it keeps the last axis, or flattens everything."""
-    in_dims = _shape_of(input_shape)[1:]
-    target = tuple(target_shape)
-    if layout.outer == 1 and len(target) >= 1 and target[-1] == in_dims[-1]:
-        return layout, "keep_last"
-    if len(target) == 1:
-        flat = _flattened(layout, input_shape)
-        return flat, "flat"
-    return None, ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -652,71 +428,6 @@ def _plan_groups(
 # Rebuild
 
 
-def _take(array: np.ndarray, positions: np.ndarray, axis: int) -> np.ndarray:
-    if len(positions) == array.shape[axis] and np.array_equal(positions, np.arange(len(positions))):
-        return array
-    return np.take(array, positions, axis=axis)
-
-
-def _expand(positions: np.ndarray, multiplier: int) -> np.ndarray:
-    """Input positions -> rows of a tensor with `multiplier` entries per input channel."""
-    return (positions[:, None] * multiplier + np.arange(multiplier)).ravel()
-
-
-def _fold_rows(kernel: np.ndarray, pairs, axis: int, multiplier: int = 1) -> np.ndarray:
-    """Add the rows that read a removed unit onto the rows that read its kept twin."""
-    if not pairs:
-        return kernel
-    kernel = np.moveaxis(kernel.copy(), axis, 0)
-    for removed, kept, _segment in pairs:
-        for j in range(multiplier):
-            kernel[kept * multiplier + j] += kernel[removed * multiplier + j]
-    return np.moveaxis(kernel, 0, axis)
-
-
-def _short_name(variable) -> str:
-    return variable.name.split("/")[-1].split(":")[0]
-
-
-def _sliced_weights(layer, in_positions, in_pairs, out_kept) -> list[np.ndarray]:
-    """The layer's weights restricted to the kept input positions and output units."""
-    kind = type(layer)
-    new_weights = []
-    for variable in layer.weights:
-        value = variable.numpy()
-        short = _short_name(variable)
-        if kind in _PRODUCERS and kind not in _SEPARABLE:
-            if short == "kernel":
-                value = _fold_rows(value, in_pairs, axis=-2)
-                value = _take(value, in_positions, axis=-2)
-                value = _take(value, out_kept, axis=-1)
-            elif short == "bias":
-                value = _take(value, out_kept, axis=0)
-        elif kind in _SEPARABLE:
-            multiplier = int(layer.depth_multiplier)
-            if short == "depthwise_kernel":
-                value = _take(value, in_positions, axis=-2)
-            elif short == "pointwise_kernel":
-                value = _fold_rows(value, in_pairs, axis=-2, multiplier=multiplier)
-                value = _take(value, _expand(in_positions, multiplier), axis=-2)
-                value = _take(value, out_kept, axis=-1)
-            elif short == "bias":
-                value = _take(value, out_kept, axis=0)
-        elif kind in _DEPTHWISE:
-            multiplier = int(layer.depth_multiplier)
-            if short == "depthwise_kernel":
-                value = _take(value, in_positions, axis=-2)
-            elif short == "bias":
-                value = _take(value, _expand(in_positions, multiplier), axis=0)
-        elif kind is _L.BatchNormalization:
-            value = _take(value, in_positions, axis=0)
-        elif kind is _L.PReLU:
-            if value.shape[-1] != 1:
-                value = _take(value, in_positions, axis=-1)
-        new_weights.append(value)
-    return new_weights
-
-
 def _compile_like(new_model, model) -> None:
     """Compile with a fresh copy of the original optimizer, its loss and metrics (best effort)."""
     if getattr(model, "optimizer", None) is None or getattr(model, "compiled_loss", None) is None:
@@ -790,18 +501,15 @@ def remove_units(
 
     new_configs, new_weights = {}, {}
     warned_inexact = set()
-    for name in analysis.order:
+    for name, layouts in analysis.input_layouts.items():
         layer = analysis.layers[name]
-        kind = type(layer)
-        has_channel_weights = kind in _PRODUCERS | _DEPTHWISE | {_L.BatchNormalization, _L.PReLU}
-        if not has_channel_weights or name not in analysis.input_layouts:
-            continue
-        layout = analysis.input_layouts[name][0]
-        in_positions = layout.kept_positions(kept_of)
-        in_pairs = layout.merge_pairs(merges_of) if kind in _PRODUCERS else []
-        out_kept = kept_of(name) if kind in _PRODUCERS else None
-        for _removed, _kept, segment in in_pairs:
-            culprit = segment.touched_by or (name if kind in _SEPARABLE else None)
+        handler = handler_for(layer)
+        producer = name in analysis.producers
+        cut = Cut(layouts, [layout.kept_positions(kept_of) for layout in layouts],
+                  layouts[0].merge_pairs(merges_of) if producer and handler.units_on_output else [],
+                  kept_of(name) if producer else None, analysis.producers.get(name))
+        for _removed, _kept, segment in cut.pairs:
+            culprit = segment.touched_by or (None if handler.exact_fold else name)
             if culprit and (segment.space, name) not in warned_inexact:
                 warned_inexact.add((segment.space, name))
                 warnings.warn(
@@ -810,31 +518,13 @@ def remove_units(
                     SurgeryWarning,
                     stacklevel=2,
                 )
-        changed = len(in_positions) != layout.width or in_pairs or (
-            out_kept is not None and len(out_kept) != analysis.producers[name]
-        )
-        if not changed:
+        if not cut.changed:
             continue
-        new_weights[name] = _sliced_weights(layer, in_positions, in_pairs, out_kept)
-        if kind in _PRODUCERS:
-            config = layer.get_config()
-            config["units" if kind is _L.Dense else "filters"] = len(out_kept)
+        config, weights = handler.resize(layer, cut)
+        if config is not None:
             new_configs[name] = config
-
-    for name, reshape_kind in analysis.reshape_kind.items():
-        layout = analysis.input_layouts[name][0]
-        new_width = len(layout.kept_positions(kept_of))
-        if new_width == layout.width:
-            continue
-        config = analysis.layers[name].get_config()
-        target = list(config["target_shape"])
-        if reshape_kind == "keep_last":
-            target[-1] = new_width
-        elif target[0] != -1:
-            spatial = math.prod(_shape_of(analysis.layers[name].input_shape)[1:-1])
-            target[0] = spatial * new_width
-        config["target_shape"] = tuple(target)
-        new_configs[name] = config
+        if weights is not None:
+            new_weights[name] = weights
 
     def rebuild_layer(layer):
         try:

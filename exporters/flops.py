@@ -2,29 +2,21 @@
 
 Pruning removes weights, but what a reader cares about is work per inference, so the report
 shows dense MACs and the MACs left if every zero weight were skipped (`nonzero_only=True`).
-Only layers whose cost is dominated by weight multiplies are counted (Dense and the Conv
-family); everything else (activations, pooling, normalisation, bias adds) counts as 0.
-
-Every counted layer does `positions * kernel_entries` MACs, where `positions` is how many times
-the kernel is applied: the output elements divided by the output channels. That one rule covers
-Dense on 2-D or 3-D inputs, channels_first/last, strides, padding, groups and TimeDistributed.
+Only layers whose cost is dominated by weight multiplies are counted (Dense, the Conv family,
+attention); everything else (activations, pooling, normalisation, bias adds) counts as 0. Each
+layer family's handler (compressor/layers) says how many MACs one call costs: for Dense and convs
+`positions * kernel_entries`, where `positions` is how many times the kernel is applied (output
+elements divided by output channels), which covers Dense on 2-D or 3-D inputs, strides, padding,
+groups and TimeDistributed.
 """
 from __future__ import annotations
 
-import numpy as np
-
 from compressor._tf import keras
+from compressor.layers import Handler, handler_for
 
 __all__ = ["layer_macs", "model_macs"]
 
 _L = keras.layers
-
-
-def _size(weight, nonzero_only: bool) -> int:
-    """Kernel entries, or only the non-zero ones."""
-    if nonzero_only:
-        return int(np.count_nonzero(np.asarray(weight)))
-    return int(np.prod(weight.shape))
 
 
 def _node_indices(model, layer) -> list[int]:
@@ -57,49 +49,11 @@ def _shape(shape, layer, what: str) -> tuple[int, ...]:
     return tuple(int(d) for d in dims)
 
 
-def _positions(shape: tuple[int, ...], channels: int) -> int:
-    """How many times a kernel producing `channels` values is applied to give `shape`."""
-    total = int(np.prod(shape))
-    if channels <= 0 or total % channels:
-        raise ValueError(f"shape {shape} is not a multiple of {channels} channels")
-    return total // channels
-
-
-def _call_macs(layer, core, in_shape, out_shape, nonzero_only: bool) -> int:
-    """MACs for one call. `core` is the computing layer (unwrapped from e.g. TimeDistributed)."""
-    if isinstance(core, _L.Dense):
-        return _positions(out_shape, core.units) * _size(core.kernel, nonzero_only)
-    # Separable and depthwise subclass Conv, so test them first.
-    if isinstance(core, (_L.SeparableConv1D, _L.SeparableConv2D)):
-        pos = _positions(out_shape, core.filters)
-        # The depthwise step is strided; the 1x1 pointwise step runs at the same output grid.
-        return pos * (_size(core.depthwise_kernel, nonzero_only)
-                      + _size(core.pointwise_kernel, nonzero_only))
-    if isinstance(core, (_L.DepthwiseConv1D, _L.DepthwiseConv2D)):
-        kernel = core.depthwise_kernel
-        channels = int(kernel.shape[-2]) * int(kernel.shape[-1])  # C * depth_multiplier
-        return _positions(out_shape, channels) * _size(kernel, nonzero_only)
-    if isinstance(core, (_L.Conv1DTranspose, _L.Conv2DTranspose, _L.Conv3DTranspose)):
-        # Each input position scatters the whole kernel into the output.
-        kernel = core.kernel  # (..., filters, in_channels)
-        return _positions(in_shape, int(kernel.shape[-1])) * _size(kernel, nonzero_only)
-    if isinstance(core, (_L.Conv1D, _L.Conv2D, _L.Conv3D)):
-        # Kernel is (..., Cin/groups, Cout), so groups are already accounted for.
-        return _positions(out_shape, core.filters) * _size(core.kernel, nonzero_only)
-    return 0
-
-
 def _core(layer):
     """The layer doing the maths: unwraps keras Wrappers (TimeDistributed, pruning wrappers)."""
     while isinstance(layer, _L.Wrapper):
         layer = layer.layer
     return layer
-
-
-def _counted(core) -> bool:
-    return isinstance(core, (_L.Dense, _L.Conv1D, _L.Conv2D, _L.Conv3D,
-                             _L.SeparableConv1D, _L.SeparableConv2D,
-                             _L.DepthwiseConv1D, _L.DepthwiseConv2D))
 
 
 def _walk(model, nonzero_only: bool, prefix: str, repeat: int, out: dict) -> None:
@@ -110,7 +64,8 @@ def _walk(model, nonzero_only: bool, prefix: str, repeat: int, out: dict) -> Non
             _walk(layer, nonzero_only, name + "/", repeat * calls, out)
             continue
         core = _core(layer)
-        if not _counted(core):
+        handler = handler_for(core, exact=False)  # a subclass of Dense costs what Dense costs
+        if handler is None or type(handler).macs is Handler.macs:
             out[name] = 0
             continue
         total = 0
@@ -120,7 +75,7 @@ def _walk(model, nonzero_only: bool, prefix: str, repeat: int, out: dict) -> Non
         for i in nodes:
             in_shape = _shape(layer.get_input_shape_at(i), layer, "input")
             out_shape = _shape(layer.get_output_shape_at(i), layer, "output")
-            total += _call_macs(layer, core, in_shape, out_shape, nonzero_only)
+            total += handler.macs(core, in_shape, out_shape, nonzero_only)
         out[name] = out.get(name, 0) + total * repeat
 
 

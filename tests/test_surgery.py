@@ -308,7 +308,7 @@ def _multiply_model():
 
 @pytest.mark.parametrize(
     "build, blocker",
-    [(_lambda_model, "double"), (_lstm_model, "lstm"), (_multiply_model, "gating")],
+    [(_lambda_model, "double"), (_lstm_model, "lstm")],
 )
 def test_unsupported_consumer_skips_producer_only(build, blocker):
     model = build()
@@ -321,6 +321,21 @@ def test_unsupported_consumer_skips_producer_only(build, blocker):
     assert "d1" not in prunable_layers(model)
     x = np.random.default_rng(0).normal(size=(2, *model.input_shape[1:])).astype("float32")
     assert _outputs(new_model, x).shape == (2, 2)
+
+
+def test_multiply_gate_couples_gated_and_gating_units():
+    """Squeeze-excite style gating: the gate and the tensor it gates lose the same channels."""
+    model = _multiply_model()
+    assert ["d1", "gate"] in coupled_groups(model)
+    new_model, result = remove_units(model, {"d1": [0, 1]})
+    assert result.units_after["gate"] == result.units_after["d1"] == 6
+    x = np.random.default_rng(0).normal(size=(4, 6)).astype("float32")
+    zeroed = keras.models.clone_model(model)
+    zeroed.set_weights(model.get_weights())
+    kernel, bias = zeroed.get_layer("d2").get_weights()
+    kernel[[0, 1]] = 0.0  # what d2 sees once units 0 and 1 of the gated product are gone
+    zeroed.get_layer("d2").set_weights([kernel, bias])
+    np.testing.assert_allclose(_outputs(new_model, x), _outputs(zeroed, x), atol=1e-5)
 
 
 def test_model_output_and_input_coupling_are_never_pruned():

@@ -18,17 +18,9 @@ import numpy as np
 
 from compressor import surgery
 from compressor._tf import keras
+from compressor.layers import Handler, handler_for
 from compressor.training import clone_with_weights, fit
 
-_L = keras.layers
-_WEIGHTED = (_L.Dense, _L.Conv1D, _L.Conv2D, _L.Conv3D)
-# Layers between a producer and its observation point: per-channel, no mixing of units.
-_OBSERVE_THROUGH = (
-    _L.BatchNormalization, _L.Activation, _L.ReLU, _L.LeakyReLU, _L.ELU, _L.PReLU, _L.ThresholdedReLU,
-    *surgery.DROPOUT_LAYERS,
-)
-# Layers between the observation point and a consumer that keep a channel's identity.
-_ROUTE_THROUGH = (*surgery.DROPOUT_LAYERS, *surgery.POOLING_LAYERS)
 
 
 # ------------------------------------------------------------------------------------ graph
@@ -36,19 +28,12 @@ _ROUTE_THROUGH = (*surgery.DROPOUT_LAYERS, *surgery.POOLING_LAYERS)
 
 def layer_graph(model) -> tuple[dict[str, list[str]], set[str]]:
     """Consumers of each layer (by name) and the names of output layers."""
-    if isinstance(model, keras.Sequential):
-        names = [layer.name for layer in model.layers if not isinstance(layer, _L.InputLayer)]
-        consumers = {a: [b] for a, b in zip(names, names[1:])}
-        consumers[names[-1]] = []
-        return consumers, {names[-1]}
-    config = model.get_config()
-    consumers: dict[str, list[str]] = {lc["name"]: [] for lc in config["layers"]}
-    for lc in config["layers"]:
-        for node in lc.get("inbound_nodes") or []:
-            for entry in node:
-                if lc["name"] not in consumers[entry[0]]:
-                    consumers[entry[0]].append(lc["name"])
-    return consumers, {entry[0] for entry in config["output_layers"]}
+    graph = surgery.model_graph(model)
+    return graph.consumers, set(graph.outputs)
+
+
+def _handler(layer):
+    return handler_for(layer) or Handler()  # unknown layers: nothing to observe or route through
 
 
 @dataclass
@@ -76,10 +61,10 @@ def trace(model, producer: str, graph=None) -> Trace:
     current, chain, bn = producer, [], None
     while current not in outputs and len(consumers[current]) == 1:
         nxt = model.get_layer(consumers[current][0])
-        if type(nxt) not in _OBSERVE_THROUGH:
+        if not _handler(nxt).observe_through:
             break
         chain.append(nxt.name)
-        if bn is None and type(nxt) is _L.BatchNormalization:
+        if bn is None and type(nxt) is keras.layers.BatchNormalization:
             bn = nxt.name
         current = nxt.name
     return Trace(producer, current, chain, _route(model, current, consumers, outputs), bn)
@@ -93,14 +78,14 @@ def _route(model, start: str, consumers, outputs) -> list[Consumer] | None:
             return None
         for nxt_name in consumers[name]:
             layer = model.get_layer(nxt_name)
-            kind = type(layer)
-            if kind in _WEIGHTED:
-                if kind is not _L.Dense and outer != 1:
+            handler = _handler(layer)
+            if handler.foldable:
+                if type(layer) is not keras.layers.Dense and outer != 1:
                     return None
                 found.append(Consumer(nxt_name, outer))
-            elif kind in _ROUTE_THROUGH:
+            elif handler.route_through:
                 frontier.append((nxt_name, outer))
-            elif kind is _L.Flatten:
+            elif type(layer) is keras.layers.Flatten:
                 spatial = tuple(layer.input_shape[1:-1])
                 if any(d is None for d in spatial):
                     return None
@@ -158,7 +143,7 @@ def observe(model, x_calib: np.ndarray):
     """A working copy of `model`, its prunable groups, each producer's trace and its activity on
     the calibration samples: what every activity-based stage starts from."""
     base = copy(model)
-    found = groups(base)
+    found = groups(base, observable=True)
     if not found:
         return base, [], {}, {}
     graph = layer_graph(base)
@@ -168,12 +153,16 @@ def observe(model, x_calib: np.ndarray):
 
 def unit_kernel(layer):
     """The kernel whose last axis is the layer's units: SeparableConv2D's units are its pointwise filters."""
-    return layer.pointwise_kernel if hasattr(layer, "pointwise_kernel") else layer.kernel
+    return _handler(layer).unit_kernel(layer)
 
 
 def dead_units(model, producer: str) -> np.ndarray:
     """Units whose whole incoming kernel is zero (e.g. after weight pruning): a constant output."""
-    kernel = unit_kernel(model.get_layer(producer)).numpy()
+    layer = model.get_layer(producer)
+    kernel = unit_kernel(layer)
+    if kernel is None:  # units that are not kernel columns (attention heads): all their weights zero
+        return _handler(layer).unit_norms(layer) == 0
+    kernel = kernel.numpy()
     return np.all(kernel.reshape(-1, kernel.shape[-1]) == 0, axis=0)
 
 
@@ -192,12 +181,15 @@ class Group:
         return self.members[0]
 
 
-def groups(model) -> list[Group]:
-    """Coupled producer groups in which every member is prunable, in model order."""
+def groups(model, observable: bool = False) -> list[Group]:
+    """Coupled producer groups in which every member is prunable, in model order. `observable`:
+    only groups whose units are channels of their outputs (what activity statistics can see)."""
     prunable = surgery.prunable_layers(model)
     out = []
     for members in surgery.coupled_groups(model):
         if members and all(m in prunable for m in members):
+            if observable and not all(_handler(model.get_layer(m)).units_on_output for m in members):
+                continue
             out.append(Group(list(members), prunable[members[0]]))
     return out
 
@@ -251,7 +243,7 @@ def fold_into_consumers(model, tr: Trace, channels: int, scale: dict[int, float]
         weights = layer.get_weights()
         kernel = weights[0]
         for c in set(scale) | set(offset):
-            if type(layer) is _L.Dense:
+            if type(layer) is keras.layers.Dense:
                 rows = np.arange(cons.outer) * channels + c
                 if c in offset:
                     weights[1] += offset[c] * kernel[rows].sum(axis=0)

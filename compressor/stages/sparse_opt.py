@@ -17,6 +17,7 @@ import numpy as np
 
 from compressor._tf import tf
 from compressor.recipe import SparseOptStage
+from compressor.layers import handler_for
 from compressor.stages import scoring
 from compressor.stages.base import StageContext, StageOutcome
 from compressor.training import clone_with_weights
@@ -25,12 +26,8 @@ _EPS = 1e-12  # keeps the norm differentiable at an all-zero unit (weight-stage 
 
 
 def group_norms(layer) -> np.ndarray:
-    """L2 norm of each unit's incoming kernel slice and bias."""
-    kernel = scoring.unit_kernel(layer).numpy()
-    sq = np.sum(kernel.reshape(-1, kernel.shape[-1]).astype(np.float64) ** 2, axis=0)
-    if getattr(layer, "use_bias", False) and layer.bias is not None:
-        sq = sq + layer.bias.numpy().astype(np.float64) ** 2
-    return np.sqrt(sq)
+    """L2 norm of each unit's weights and bias (a whole head for attention), from the layer table."""
+    return handler_for(layer).unit_norms(layer)
 
 
 def _penalty(model, producers: list[str], bns: list[str], strength: float):
@@ -41,12 +38,7 @@ def _penalty(model, producers: list[str], bns: list[str], strength: float):
     def loss():
         total = tf.constant(0.0)
         for layer in layers:
-            unit_kernel = scoring.unit_kernel(layer)
-            kernel = tf.reshape(unit_kernel, (-1, unit_kernel.shape[-1]))
-            sq = tf.reduce_sum(tf.square(kernel), axis=0)
-            if getattr(layer, "use_bias", False) and layer.bias is not None:
-                sq = sq + tf.square(layer.bias)
-            total += tf.reduce_sum(tf.sqrt(sq + _EPS))
+            total += tf.reduce_sum(tf.sqrt(handler_for(layer).unit_sq(layer) + _EPS))
         for gamma in gammas:
             total += tf.reduce_sum(tf.abs(gamma))
         return strength * total
@@ -99,7 +91,7 @@ def apply(model, cfg: SparseOptStage, ctx: StageContext, amount: float = 1.0) ->
         drop = scoring.below(score, threshold, scoring.cap(group.units, cfg.max_fraction, amount))
         drop = scoring.rounded(drop, group.units, ctx.recipe.round_units)
         compensated = False
-        if drop and len(group.members) == 1:
+        if drop and len(group.members) == 1 and handler_for(trained.get_layer(group.name)).units_on_output:
             compensated = scoring.fold_into_consumers(
                 trained, traces[group.name], group.units,
                 offset={i: float(activity[group.name].mean[i]) for i in drop})

@@ -13,19 +13,21 @@ import tensorflow_model_optimization as tfmot
 
 from compressor._tf import keras
 from compressor.errors import CompressorError
+from compressor.layers import handler_for
 from compressor.recipe import WeightStage
 from compressor.stages.base import StageContext, StageOutcome
 from compressor.stages.scoring import unit_kernel
 from compressor.training import clone_with_weights, fit
 
-# tfmot prunes these layers' kernels (SeparableConv2D: its pointwise kernel). DepthwiseConv2D is
-# left alone: tfmot 0.8.1 wraps it but its mask stays at 0% (measured), and its kernel is tiny.
-PRUNABLE = (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.SeparableConv2D)
+def _magnitude_prunable(layer) -> bool:
+    """The layer table says which kernels tfmot masks (SeparableConv: its pointwise kernel; depthwise
+    kernels are left alone: tfmot 0.8.1 wraps them but the mask stays at 0%, measured)."""
+    handler = handler_for(layer)
+    return handler is not None and handler.magnitude_kernel is not None
 
 
 def _pruned_layers(model: keras.Model, cfg: WeightStage) -> list[str]:
-    names = [layer.name for layer in model.layers
-             if isinstance(layer, PRUNABLE) and not isinstance(layer, keras.layers.DepthwiseConv2D)]
+    names = [layer.name for layer in model.layers if _magnitude_prunable(layer)]
     if not cfg.prune_last_layer and names and model.layers[-1].name == names[-1]:
         names = names[:-1]
     return names

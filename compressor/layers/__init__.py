@@ -1,0 +1,60 @@
+"""The table of layer-family handlers: the one home of what the tool knows about each layer type.
+
+Surgery's graph analysis, the stages' scoring, the weight stage, the load-time support list, the
+FLOP counter and the Keras 3 importer all look layer types up here. Matching is by exact type: a
+user subclass of Dense may change `call`, so it is unknown rather than trusted.
+
+Adding a family is one module with a `Handler` subclass, listed in HANDLERS below.
+"""
+from __future__ import annotations
+
+from compressor.layers import attention, dense_conv, depthwise, elementwise, embedding, merge, normalization, shape
+from compressor.layers.base import Blocked, Cut, Handler
+
+HANDLERS: tuple[Handler, ...] = (
+    dense_conv.DenseConv(), dense_conv.ConvTranspose(),
+    depthwise.Depthwise(), depthwise.Separable(),
+    normalization.PerChannel(), normalization.KerasNormalization(), normalization.Rescaling(),
+    normalization.LayerNorm(),
+    elementwise.Activations(), elementwise.Softmax(), elementwise.Dropout(), elementwise.Pooling(),
+    elementwise.Spatial(),
+    shape.Flatten(), shape.Reshape(),
+    merge.Elementwise(), merge.Concatenate(),
+    attention.MultiHeadAttention(),
+    embedding.Embedding(), embedding.Recurrent(),
+)
+
+_BY_TYPE = {kind: handler for handler in HANDLERS for kind in handler.kinds}
+
+
+def register(handler: Handler) -> None:
+    """Add a handler at run time (e.g. for a tf-keras class defined by the Keras 3 importer)."""
+    global HANDLERS
+    HANDLERS = (*HANDLERS, handler)
+    _BY_TYPE.update({kind: handler for kind in handler.kinds})
+
+
+def handler_for(layer, exact: bool = True) -> Handler | None:
+    """The handler of this layer's exact type (or, with exact=False, of its nearest registered base
+    class), or None for a type the tool does not know."""
+    if exact:
+        return _BY_TYPE.get(type(layer))
+    return next((_BY_TYPE[kind] for kind in type(layer).__mro__ if kind in _BY_TYPE), None)
+
+
+def handler_for_type(kind: type) -> Handler | None:
+    return _BY_TYPE.get(kind)
+
+
+def known_class_names() -> frozenset[str]:
+    """Class names of every registered type (the load-time support list)."""
+    return frozenset(kind.__name__ for kind in _BY_TYPE)
+
+
+def supported_class_names() -> frozenset[str]:
+    """Class names the pruning stages prune or prune around (registered and not left whole)."""
+    return frozenset(kind.__name__ for kind, handler in _BY_TYPE.items() if not handler.left_whole)
+
+
+__all__ = ["HANDLERS", "Blocked", "Cut", "Handler", "handler_for", "handler_for_type", "known_class_names", "register",
+           "supported_class_names"]

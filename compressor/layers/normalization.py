@@ -1,0 +1,66 @@
+"""Per-channel normalisation and scaling: BatchNormalization, Keras' Normalization, LayerScale-style
+per-channel gains and PReLU follow their input's channels (their weights are sliced with it);
+LayerNormalization normalises *across* channels, so removing one would change every other."""
+from __future__ import annotations
+
+import numpy as np
+
+from compressor._tf import keras
+from compressor.layers.base import Blocked, Cut, Handler, is_last_axis, map_weights, take
+
+_L = keras.layers
+
+
+class PerChannel(Handler):
+    """Channel-wise affine layers: every weight with a channel axis is sliced on its last axis."""
+
+    kinds = (_L.BatchNormalization, _L.PReLU)
+    family = "per-channel normalisation"
+    observe_through = True
+
+    def propagate(self, layer, ins, shapes, graph):
+        axis = getattr(layer, "axis", -1)
+        if isinstance(layer, _L.BatchNormalization) and not is_last_axis(axis, len(shapes[0])):
+            raise Blocked("BatchNormalization not on the channel axis")
+        return ins[0].touched(layer.name)
+
+    def resize(self, layer, cut: Cut):
+        width = cut.layouts[0].width
+
+        def rule(short, value):
+            if value.ndim and value.shape[-1] == width and width > 1:
+                return take(value, cut.positions[0], axis=-1)
+            return value  # shared alpha / scalar count
+
+        return None, map_weights(layer, rule)
+
+
+class KerasNormalization(PerChannel):
+    """`keras.layers.Normalization` (EfficientNet's input standardisation): mean/variance per channel."""
+
+    kinds = (_L.Normalization,)
+    family = "input normalisation"
+    observe_through = False
+
+    def propagate(self, layer, ins, shapes, graph):
+        if not is_last_axis(getattr(layer, "axis", -1), len(shapes[0])):
+            raise Blocked("Normalization not on the channel axis")
+        return ins[0].touched(layer.name)
+
+
+class Rescaling(Handler):
+    kinds = (_L.Rescaling,)
+    family = "rescaling"
+
+    def propagate(self, layer, ins, shapes, graph):
+        if np.ndim(layer.scale) or np.ndim(layer.offset):
+            raise Blocked("per-channel scale or offset stored in the config")
+        return ins[0]
+
+
+class LayerNorm(Handler):
+    kinds = (_L.LayerNormalization,)
+    family = "layer normalisation"
+
+    def check(self, layer):
+        return "LayerNormalization normalises across channels: the residual-stream width is kept"
