@@ -1,8 +1,9 @@
 """Activation stage (tau_a): remove neurons/channels that are idle on calibration data.
 
-Scores, normalised so that low = idle: `mean_abs` = mean |activation| / the layer's max (the
-source article's criterion), `apoz` = 1 - Average Percentage of Zeros after ReLU. Units with an
-all-zero incoming kernel (left by the weight stage) or that never fire score 0 and go first.
+Scores come from a named importance criterion (compressor/criteria), normalised so that low =
+idle: `mean_abs` = mean |activation| / the layer's max (the source article's criterion), `apoz` =
+1 - Average Percentage of Zeros after ReLU, `magnitude`, `bn_scale`, ... Units with an all-zero
+incoming kernel (left by the weight stage) or that never fire score 0 and go first.
 A removed unit's mean activation is folded into the next layer's bias, so removing a constant unit
 is exact and the others cost less before fine-tuning.
 """
@@ -10,26 +11,25 @@ from __future__ import annotations
 
 import numpy as np
 
+from compressor import criteria
 from compressor.recipe import ActivationStage
 from compressor.stages import scoring
 from compressor.stages.base import StageContext, StageOutcome
 
 
 def unit_scores(model, producer: str, activity: scoring.Activity, criterion: str) -> np.ndarray:
-    """Normalised score in [0, 1] per unit; dead units get 0."""
-    if criterion == "mean_abs":
-        top = float(activity.mean_abs.max())
-        score = activity.mean_abs / top if top > 0 else np.zeros_like(activity.mean_abs)
-    else:
-        score = 1.0 - activity.apoz
-    score = np.asarray(score, dtype=np.float64)
+    """Normalised score in [0, 1] per unit from the named criterion (compressor/criteria); dead units get 0."""
+    score = np.array(criteria.get(criterion).scores(model, producer, activity), dtype=np.float64)
     score[scoring.dead_units(model, producer) | (activity.mean_abs == 0)] = 0.0
     return score
 
 
 def apply(model, cfg: ActivationStage, ctx: StageContext, amount: float = 1.0) -> StageOutcome:
     # biases get compensated before surgery: never on the caller's model
-    base, groups, traces, activity = scoring.observe(model, ctx.data.x_calib)
+    labelled = None
+    if criteria.get(cfg.criterion).needs_gradients:
+        labelled = (ctx.data.x_train[:len(ctx.data.x_calib)], ctx.data.y_train[:len(ctx.data.x_calib)])
+    base, groups, traces, activity = scoring.observe(model, ctx.data.x_calib, labelled)
     if not groups:
         return StageOutcome(base, {"layers": {}, "removed": 0}, ["activation: no prunable Dense/Conv layers"])
     threshold = cfg.threshold * amount

@@ -10,6 +10,7 @@ that never fires) exact and is the least-squares best guess for any other unit.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from compressor import surgery
-from compressor._tf import keras
+from compressor._tf import keras, tf
 from compressor.layers import Handler, handler_for
 from compressor.training import clone_with_weights, fit
 
@@ -107,31 +108,51 @@ class Activity:
     apoz: np.ndarray  # (C,) fraction of outputs <= 0 (Average Percentage of Zeros after ReLU)
     std: np.ndarray  # (C,) standard deviation over all positions
     patterns: np.ndarray  # (N, C) per-sample activation (spatial mean for conv maps)
+    taylor: np.ndarray | None = None  # (C,) mean |activation x dloss/dactivation|, when gradients were asked for
+    batch_norm: str | None = None  # the BatchNormalization right after the producer, if any
 
 
-def collect(model, x: np.ndarray, traces: list[Trace], batch_size: int = 128, limit: int = 500) -> dict[str, Activity]:
-    """Run `model` on up to `limit` calibration samples; activity of every traced producer."""
+def collect(model, x: np.ndarray, traces: list[Trace], batch_size: int = 128, limit: int = 500,
+            labels: np.ndarray | None = None) -> dict[str, Activity]:
+    """Run `model` on up to `limit` calibration samples; activity of every traced producer. With
+    `labels`, the gradient of the loss w.r.t. each observed activation is gathered too (Taylor)."""
     x = np.asarray(x)[:limit]
     observe = sorted({t.observe for t in traces})
-    extractor = keras.Model(model.inputs, [model.get_layer(n).output for n in observe])
+    extractor = keras.Model(model.inputs, [model.get_layer(n).output for n in observe] + list(model.outputs))
     sums = {n: None for n in observe}
     patterns = {n: [] for n in observe}
+    taylor = {n: 0.0 for n in observe}
     for start in range(0, len(x), batch_size):
-        outs = extractor(x[start:start + batch_size], training=False)
-        outs = outs if isinstance(outs, (list, tuple)) else [outs]
-        for name, out in zip(observe, outs):
+        outs, grads = _forward(extractor, x[start:start + batch_size], len(observe),
+                               None if labels is None else np.asarray(labels)[start:start + batch_size])
+        for name, out, grad in zip(observe, outs, grads):
             a = out.numpy().astype(np.float64)
             flat = a.reshape(-1, a.shape[-1])
             stats = np.stack([flat.sum(0), np.abs(flat).sum(0), (flat <= 0).sum(0), (flat ** 2).sum(0)])
             sums[name] = stats if sums[name] is None else sums[name] + stats
             patterns[name].append(a.reshape(len(a), -1, a.shape[-1]).mean(axis=1))
+            if grad is not None:  # first-order Taylor: |a * g| summed over positions, per sample
+                taylor[name] = taylor[name] + np.abs((a * grad.numpy()).reshape(len(a), -1, a.shape[-1]).sum(1)).sum(0)
     result = {}
     for name in observe:
         per_sample = np.concatenate(patterns[name]).astype(np.float32)
         n_pos = _positions(model.get_layer(name).output_shape) * len(per_sample)
         s, sa, zeros, sq = sums[name] / n_pos
-        result[name] = Activity(s, sa, zeros, np.sqrt(np.maximum(sq - s ** 2, 0.0)), per_sample)
-    return {t.producer: result[t.observe] for t in traces}
+        result[name] = Activity(s, sa, zeros, np.sqrt(np.maximum(sq - s ** 2, 0.0)), per_sample,
+                                None if labels is None else taylor[name] / len(per_sample))
+    return {t.producer: dataclasses.replace(result[t.observe], batch_norm=t.batch_norm) for t in traces}
+
+
+def _forward(extractor, x, n_observed: int, y):
+    """Observed activations, and with labels their loss gradients (else Nones)."""
+    if y is None:
+        outs = extractor(x, training=False)
+        outs = outs if isinstance(outs, (list, tuple)) else [outs]
+        return outs[:n_observed], [None] * n_observed
+    with tf.GradientTape() as tape:
+        outs = extractor(x, training=False)
+        loss = tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(y, outs[-1]))
+    return outs[:n_observed], tape.gradient(loss, outs[:n_observed])
 
 
 def _positions(shape) -> int:
@@ -139,16 +160,18 @@ def _positions(shape) -> int:
     return int(math.prod(inner)) if inner else 1
 
 
-def observe(model, x_calib: np.ndarray):
+def observe(model, x_calib: np.ndarray, labelled: tuple[np.ndarray, np.ndarray] | None = None):
     """A working copy of `model`, its prunable groups, each producer's trace and its activity on
-    the calibration samples: what every activity-based stage starts from."""
+    the calibration samples (or, for gradient criteria, on `labelled` (x, y) samples): what every
+    activity-based stage starts from."""
     base = copy(model)
     found = groups(base, observable=True)
     if not found:
         return base, [], {}, {}
     graph = layer_graph(base)
     traces = {m: trace(base, m, graph) for g in found for m in g.members}
-    return base, found, traces, collect(base, x_calib, list(traces.values()))
+    x, y = labelled if labelled is not None else (x_calib, None)
+    return base, found, traces, collect(base, x, list(traces.values()), labels=y)
 
 
 def unit_kernel(layer):

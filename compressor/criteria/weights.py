@@ -1,0 +1,27 @@
+"""Criteria read from the weights alone (no data): L2 magnitude of each unit, and the scale of the
+BatchNormalization right after it (network slimming's |gamma|)."""
+from __future__ import annotations
+
+import numpy as np
+
+from compressor.criteria.base import Criterion
+from compressor.layers import handler_for
+
+
+class Magnitude(Criterion):
+    name = "magnitude"
+    summary = "L2 norm of the unit's weights / layer max"
+
+    def raw(self, model, producer, activity):
+        layer = model.get_layer(producer)
+        return handler_for(layer).unit_norms(layer)
+
+
+class BNScale(Criterion):
+    name = "bn_scale"
+    summary = "|gamma| of the BatchNormalization after the unit (magnitude if there is none)"
+
+    def raw(self, model, producer, activity):
+        if activity.batch_norm is None:
+            return Magnitude().raw(model, producer, activity)
+        return np.abs(model.get_layer(activity.batch_norm).gamma.numpy())
