@@ -38,7 +38,7 @@ class ActivationStage(_Strict):
     """Remove neurons/channels that are idle on calibration data (mean |activation| or APoZ)."""
 
     name: Literal["activation"] = "activation"
-    criterion: Literal["mean_abs", "apoz", "magnitude", "bn_scale"] = Field(
+    criterion: Literal["mean_abs", "apoz", "magnitude", "bn_scale", "taylor"] = Field(
         "mean_abs", description="unit score, one of compressor/criteria's names")
     threshold: float = Field(0.1, ge=0.0, le=1.0, description="tau_a: remove units whose normalised score is below")
     max_fraction: float = Field(0.5, ge=0.0, lt=1.0, description="never remove more than this fraction of a layer")
@@ -197,7 +197,7 @@ stages:
     epochs: 6             # fine-tuning epochs while sparsity ramps up
     prune_last_layer: false  # the classifier is small and sensitive: leave it dense
   - name: activation      # remove units idle on calibration data
-    criterion: mean_abs   # mean_abs (mean |activation| / layer max) | apoz (1 - fraction of zero outputs) | magnitude | bn_scale
+    criterion: mean_abs   # mean_abs (mean |activation| / layer max) | apoz (1 - fraction of zero outputs) | magnitude | bn_scale | taylor
     threshold: 0.1        # tau_a: remove units scoring below this
     max_fraction: 0.5     # never remove more than this fraction of a layer
     compensate: true      # fold a removed unit's mean activation into the next layer's bias
