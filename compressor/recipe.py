@@ -32,6 +32,8 @@ class WeightStage(_Strict):
     )
     epochs: int = Field(6, ge=1, le=1000, description="fine-tuning epochs while the sparsity ramps up")
     prune_last_layer: bool = Field(False, description="also prune the classifier layer (costs accuracy for little size)")
+    conv_zeros: bool = Field(False, description=(
+        "also zero conv kernels: smaller files only, since LiteRT (XNNPACK on x86) and onnxruntime run them dense"))
 
 
 class ActivationStage(_Strict):
@@ -196,6 +198,7 @@ stages:
     block: auto           # auto | unstructured | 4x1 | 16x1 ; auto = what the targets' kernels execute
     epochs: 6             # fine-tuning epochs while sparsity ramps up
     prune_last_layer: false  # the classifier is small and sensitive: leave it dense
+    conv_zeros: false     # also zero conv kernels: smaller files only; x86 runtimes run them dense
   - name: activation      # remove units idle on calibration data
     criterion: mean_abs   # mean_abs (mean |activation| / layer max) | apoz (1 - fraction of zero outputs) | magnitude | bn_scale | taylor
     threshold: 0.1        # tau_a: remove units scoring below this

@@ -140,8 +140,10 @@ def model_graph(model) -> ModelGraph:
         nodes = layer_config.get("inbound_nodes") or []
         if len(nodes) > 1:
             shared.add(layer_config["name"])
-        inbound[layer_config["name"]] = [entry[0] for node in nodes for entry in node]
-        keyword[layer_config["name"]] = [src for node in nodes for entry in node for src in _keyword_sources(entry)]
+        # A TFOpLambda node is a single entry ["source", 0, 0, {kwargs}] instead of a list of entries.
+        entries = [entry for node in nodes for entry in ([node] if isinstance(node[0], str) else node)]
+        inbound[layer_config["name"]] = [entry[0] for entry in entries]
+        keyword[layer_config["name"]] = [src for entry in entries for src in _keyword_sources(entry)]
     # Topological order (model.layers usually already is; do not rely on it).
     order, done = [], set()
     pending = [layer_config["name"] for layer_config in config["layers"]]

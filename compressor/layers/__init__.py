@@ -8,7 +8,8 @@ Adding a family is one module with a `Handler` subclass, listed in HANDLERS belo
 """
 from __future__ import annotations
 
-from compressor.layers import attention, dense_conv, depthwise, elementwise, embedding, merge, normalization, shape
+from compressor.layers import (attention, dense_conv, depthwise, elementwise, embedding, merge, normalization, shape,
+                               tf_ops)
 from compressor.layers.base import Blocked, Cut, Handler
 
 HANDLERS: tuple[Handler, ...] = (
@@ -19,7 +20,7 @@ HANDLERS: tuple[Handler, ...] = (
     elementwise.Activations(), elementwise.Softmax(), elementwise.Dropout(), elementwise.Pooling(),
     elementwise.Spatial(),
     shape.Flatten(), shape.Reshape(),
-    merge.Elementwise(), merge.Concatenate(),
+    merge.Elementwise(), merge.Concatenate(), tf_ops.TFOp(),
     attention.MultiHeadAttention(),
     embedding.Embedding(), embedding.Recurrent(),
 )

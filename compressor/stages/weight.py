@@ -27,7 +27,12 @@ def _magnitude_prunable(layer) -> bool:
 
 
 def _pruned_layers(model: keras.Model, cfg: WeightStage) -> list[str]:
-    names = [layer.name for layer in model.layers if _magnitude_prunable(layer)]
+    """Kernels to mask. Conv kernels only when the recipe asks for size (`conv_zeros`): their zeros
+    are stored sparse and then run dense (a DENSIFY op in LiteRT: XNNPACK's sparse conv path is off
+    on x86 CPUs with AVX; onnxruntime has no sparse CPU kernel), so they cost accuracy for no speed;
+    the structured stages shrink convs instead."""
+    names = [layer.name for layer in model.layers if _magnitude_prunable(layer)
+             and (cfg.conv_zeros or isinstance(layer, keras.layers.Dense))]
     if not cfg.prune_last_layer and names and model.layers[-1].name == names[-1]:
         names = names[:-1]
     return names
@@ -82,5 +87,10 @@ def apply(model: keras.Model, cfg: WeightStage, ctx: StageContext, amount: float
             f"weight stage reached only {short} of the {target:.0%} target; raise weight.epochs or lower batch_size"
         )
     notes = [f"weight: {target:.0%} magnitude sparsity on {len(names)} kernels, Dense blocks {tuple(dense_block)} (in, out)"]
+    convs = [layer.name for layer in model.layers if _magnitude_prunable(layer) and layer.name not in names
+             and not isinstance(layer, keras.layers.Dense)]
+    if convs:
+        notes.append(f"weight: {len(convs)} conv kernels left without zeros (conv_zeros: false): x86 runtimes run "
+                     "conv zeros dense, so the structured stages shrink convs instead")
     return StageOutcome(pruned, {"sparsity": target, "block": list(dense_block), "layers": reached,
                                  "blocks": {n: list(b) for n, b in blocks.items()}}, notes)

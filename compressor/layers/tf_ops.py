@@ -1,0 +1,50 @@
+"""tf-keras wraps plain TensorFlow calls on Keras tensors (`x + 3.0`, `x * (1/6)`, `tf.nn.relu6(x)`)
+in TFOpLambda layers; MobileNetV3's hard-swish is built this way. An elementwise op with scalar
+constants keeps every channel's identity; the same op on two tensors couples their channels like
+an Add. Anything else (a per-channel constant, a reduction, a transpose) is unknown territory."""
+from __future__ import annotations
+
+import numpy as np
+
+from compressor._tf import keras
+from compressor.layers.base import Blocked, Handler
+
+try:  # the class is not exported publicly by tf-keras
+    from tf_keras.src.layers.core.tf_op_layer import TFOpLambda
+except ImportError:  # pragma: no cover - other tf-keras layouts
+    TFOpLambda = type("TFOpLambdaUnavailable", (keras.layers.Layer,), {})
+
+ELEMENTWISE_OPS = frozenset({
+    "__operators__.add", "math.add", "math.subtract", "math.multiply", "math.truediv", "math.divide",
+    "math.maximum", "math.minimum", "nn.relu", "nn.relu6", "nn.silu", "nn.swish", "nn.gelu", "nn.elu",
+    "nn.leaky_relu", "math.sigmoid", "math.tanh", "nn.sigmoid", "nn.tanh", "math.abs", "math.negative",
+    "math.square", "math.exp",
+})
+
+
+def _tensor(value) -> bool:
+    return hasattr(value, "_keras_history") or type(value).__name__ == "KerasTensor"
+
+
+class TFOp(Handler):
+    kinds = (TFOpLambda,)
+    family = "tf op"
+    observe_through = True
+
+    def check(self, layer):
+        if layer.symbol not in ELEMENTWISE_OPS:
+            return f"TensorFlow op {layer.symbol} is not a known elementwise op"
+        constants = [v for v in (*layer.inbound_nodes[0].call_args, *layer.inbound_nodes[0].call_kwargs.values())
+                     if not _tensor(v) and v is not None and not isinstance(v, str)]
+        if any(np.ndim(c) != 0 for c in constants) or len(layer.inbound_nodes) != 1:
+            return f"TensorFlow op {layer.symbol} with a non-scalar constant"
+        return None
+
+    def propagate(self, layer, ins, shapes, graph):
+        first = ins[0]
+        if not all(first.same_structure(other) for other in ins[1:]):
+            raise Blocked(f"{layer.symbol} of different layouts")
+        for other in ins[1:]:
+            for seg_a, seg_b in zip(first.segments, other.segments):
+                graph.couple(seg_a.space, seg_b.space)
+        return first

@@ -1,0 +1,124 @@
+"""Layer couplings on the architectures people ship (keras.applications, weights=None, 32x32, and a
+transformer encoder): which layers may shrink and why not, and that removing units is exact, i.e.
+the pruned model computes what the original computes with those units disconnected."""
+import numpy as np
+import pytest
+
+from compressor import surgery
+from compressor._tf import keras
+from compressor.layers import handler_for
+from compressor.stages import scoring
+from exporters.flops import model_macs
+
+L = keras.layers
+APPS = keras.applications
+
+
+def transformer_encoder(blocks: int = 2, d_model: int = 32, heads: int = 4, ffn: int = 64):
+    """MNIST rows as 28 tokens: a Dense projection (the row's pixels place it), post-norm encoder blocks."""
+    inputs = keras.Input((28, 28), name="rows")
+    x = L.Dense(d_model, name="tokens")(inputs)
+    for b in range(blocks):
+        attended = L.MultiHeadAttention(heads, d_model // heads, name=f"mha{b}")(x, x)
+        x = L.LayerNormalization(name=f"ln{b}a")(L.Add(name=f"res{b}a")([x, L.Dropout(0.1)(attended)]))
+        hidden = L.Dense(ffn, activation="gelu", name=f"ffn{b}_in")(x)
+        x = L.LayerNormalization(name=f"ln{b}b")(L.Add(name=f"res{b}b")([x, L.Dense(d_model, name=f"ffn{b}_out")(hidden)]))
+    outputs = L.Dense(10, activation="softmax", name="classifier")(L.GlobalAveragePooling1D()(x))
+    return keras.Model(inputs, outputs, name="encoder")
+
+
+FAMILIES = {
+    "MobileNetV2": lambda: APPS.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10),
+    "MobileNetV3Small": lambda: APPS.MobileNetV3Small(input_shape=(32, 32, 3), alpha=0.75, weights=None, classes=10,
+                                                      include_preprocessing=False),
+    "EfficientNetB0": lambda: APPS.EfficientNetB0(input_shape=(32, 32, 3), weights=None, classes=10),
+    "ResNet50V2": lambda: APPS.ResNet50V2(input_shape=(32, 32, 3), weights=None, classes=10),
+    "DenseNet121": lambda: APPS.DenseNet121(input_shape=(32, 32, 3), weights=None, classes=10),
+    "encoder": transformer_encoder,
+}
+
+
+def _plan(model, fraction: float = 0.25) -> dict[str, list[int]]:
+    """The weakest `fraction` of every prunable group's units (by weight norm)."""
+    plan = {}
+    for group in scoring.groups(model):
+        layer = model.get_layer(group.name)
+        norms = handler_for(layer).unit_norms(layer)
+        count = int(group.units * fraction)
+        if count:
+            plan[group.name] = sorted(int(i) for i in np.argsort(norms, kind="stable")[:count])
+    return plan
+
+
+def _disconnected(model, plan):
+    """A copy of `model` whose weighted layers ignore the planned units: every kernel row that reads
+    one is zero (for attention, the output projection of a removed head)."""
+    analysis = surgery._analyze(model)
+    kept_by_root, _ = surgery._plan_groups(analysis, plan, {}, surgery.SurgeryResult())
+
+    def kept_of(space):
+        return kept_by_root.get(analysis.root(space), np.arange(analysis.space_width[space]))
+
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    for name, layouts in analysis.input_layouts.items():
+        layer = copy.get_layer(name)
+        if isinstance(layer, L.MultiHeadAttention):
+            weights = layer.get_weights()
+            removed = sorted(set(range(layer._num_heads)) - set(kept_of(name).tolist()))
+            kernel = layer._output_dense.kernel.numpy()
+            kernel[removed] = 0.0
+            layer._output_dense.kernel.assign(kernel)
+            continue
+        if not (handler_for(layer) and handler_for(layer).foldable):
+            continue
+        weights = layer.get_weights()
+        removed = np.setdiff1d(np.arange(layouts[0].width), layouts[0].kept_positions(kept_of))
+        weights[0][..., removed, :] = 0.0
+        layer.set_weights(weights)
+    return copy
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request):
+    keras.backend.clear_session()
+    return request.param, FAMILIES[request.param]()
+
+
+def test_every_layer_is_known_and_most_producers_may_shrink(family):
+    name, model = family
+    unknown = [f"{l.name} ({type(l).__name__})" for l in model.layers
+               if handler_for(l) is None and not isinstance(l, L.InputLayer)]
+    assert not unknown, f"{name}: layers the layer table does not know: {unknown}"
+    analysis = surgery._analyze(model)
+    free = [p for p in analysis.producers if analysis.block_reason(p) is None]
+    assert len(free) >= 0.4 * len(analysis.producers), {p: analysis.block_reason(p) for p in analysis.producers}
+
+
+def test_removing_units_is_exact_and_cheaper(family):
+    name, model = family
+    plan = _plan(model)
+    pruned, result = surgery.remove_units(model, plan)
+    assert result.removed, f"{name}: nothing removed"
+    assert model_macs(pruned) < 0.9 * model_macs(model)
+    for producer, units in result.units_after.items():  # the units are really gone from the weights
+        layer = pruned.get_layer(producer)
+        assert handler_for(layer).units(layer) == units
+    x = np.random.default_rng(0).uniform(size=(2, *model.input_shape[1:])).astype("float32")
+    expected = _disconnected(model, plan)(x, training=False).numpy()
+    np.testing.assert_allclose(pruned(x, training=False).numpy(), expected, atol=1e-4, rtol=1e-3)
+
+
+def test_couplings_these_models_really_have():
+    mobilenet = FAMILIES["MobileNetV2"]()
+    groups = surgery.coupled_groups(mobilenet)
+    bottleneck = next(g for g in groups if "block_2_project" in g)
+    assert "block_1_project" in bottleneck  # the residual Add couples the projections...
+    assert "block_1_project" in surgery.prunable_layers(mobilenet)  # ...and they may shrink together
+    effnet = FAMILIES["EfficientNetB0"]()
+    assert ["block2a_expand_conv", "block2a_se_expand"] in surgery.coupled_groups(effnet)  # gate and gated
+    assert "block2a_se_reduce" in surgery.prunable_layers(effnet)
+    encoder = transformer_encoder()
+    prunable = surgery.prunable_layers(encoder)
+    assert prunable["mha0"] == 4 and prunable["ffn0_in"] == 64  # heads and FFN width
+    assert "ffn0_out" not in prunable and "LayerNormalization" in surgery._analyze(encoder).block_reason("ffn0_out")
