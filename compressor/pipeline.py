@@ -338,25 +338,37 @@ def _execution_table(artifacts) -> list[dict]:
 
 
 def _layer_table(dense: keras.Model, pruned: keras.Model) -> list[dict]:
-    """Units and kernel sparsity per layer, before and after."""
+    """Units and kernel sparsity per producer layer, before and after, and why a layer could not shrink."""
+    from compressor.layers import handler_for
+    from compressor.surgery import shrink_reasons
+
+    reasons = shrink_reasons(dense)
     rows = []
     for layer in dense.layers:
-        kernel = getattr(layer, "kernel", None) if hasattr(layer, "kernel") else None
-        if kernel is None:
+        handler = handler_for(layer, exact=False)
+        if handler is None or not _kernels(layer):
             continue
         try:
             after = pruned.get_layer(layer.name)
         except ValueError:
             after = None
-        k0 = kernel.numpy()
-        k1 = after.kernel.numpy() if after is not None and hasattr(after, "kernel") else None
+        k0, k1 = _kernels(layer), (_kernels(after) if after is not None else None)
+        units = handler.units(layer)
         rows.append({
             "layer": layer.name, "type": type(layer).__name__,
-            "units_before": int(k0.shape[-1]), "units_after": int(k1.shape[-1]) if k1 is not None else 0,
+            "units_before": int(units if units is not None else k0.shape[-1]),
+            "units_after": 0 if after is None else int(handler.units(after) if units is not None else k1.shape[-1]),
             "sparsity_before": float(np.mean(k0 == 0)), "sparsity_after": float(np.mean(k1 == 0)) if k1 is not None else 1.0,
             "params_before": int(k0.size), "params_after": int(k1.size) if k1 is not None else 0,
+            **reasons.get(layer.name, {"coupled_with": [], "kept_because": "its width follows its input"}),
         })
     return rows
+
+
+def _kernels(layer) -> np.ndarray | None:
+    """Every kernel (rank >= 2 weight) of the layer, flattened into one array (None if it has none)."""
+    kernels = [w.numpy().ravel() for w in layer.weights if len(w.shape) >= 2]
+    return np.concatenate(kernels) if kernels else None
 
 
 def _version() -> str:

@@ -39,6 +39,7 @@ __all__ = [
     "SurgeryWarning",
     "prunable_layers",
     "coupled_groups",
+    "shrink_reasons",
     "remove_units",
 ]
 
@@ -311,6 +312,17 @@ def prunable_layers(model) -> dict[str, int]:
         for name, units in analysis.producers.items()
         if analysis.block_reason(name) is None
     }
+
+
+def shrink_reasons(model) -> dict[str, dict]:
+    """Per producer: the producers it must shrink with, and why it cannot shrink (None if it can).
+    The report shows this so a user sees why a layer kept its width."""
+    analysis = _analyze(model)
+    rows = {}
+    for name in analysis.producers:
+        group = [s for s in analysis.group_members[analysis.root(name)] if s in analysis.producers and s != name]
+        rows[name] = {"coupled_with": group, "kept_because": analysis.block_reason(name)}
+    return rows
 
 
 def coupled_groups(model) -> list[list[str]]:

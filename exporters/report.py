@@ -83,11 +83,12 @@ def render_markdown(report: dict, plots: list[str]) -> str:
     for s in report["stages"]:
         lines.append(f"| {s['name']} | {s['amount']:.0%} | {s['params_before']:,} | {s['params_after']:,} | "
                      f"{s['nonzero_after']:,} | {s['accuracy_after']:.4f} | {s['seconds']:.1f} | {'; '.join(s['notes'])} |")
-    lines += ["", "## Layers", "", "| layer | type | units before | units after | sparsity before | sparsity after | kernel params before | after |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## Layers", "", "| layer | type | units before | units after | sparsity before | sparsity after | kernel params before | after | shrinks with | kept because |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for l in report["layers"]:
         lines.append(f"| {l['layer']} | {l['type']} | {l['units_before']} | {l['units_after']} | {l['sparsity_before']:.1%} | "
-                     f"{l['sparsity_after']:.1%} | {l['params_before']:,} | {l['params_after']:,} |")
+                     f"{l['sparsity_after']:.1%} | {l['params_before']:,} | {l['params_after']:,} | "
+                     f"{', '.join(l.get('coupled_with', [])) or '–'} | {l.get('kept_because') or '–'} |")
     lines += ["", "## Verification", "", "| file | max abs diff | prediction agreement | zeros expected | zeros in file | ok |",
               "|---|---|---|---|---|---|"]
     for v in report["verification"]:

@@ -74,6 +74,30 @@ def dscnn() -> keras.Model:
     return keras.Model(inputs, outputs, name="dscnn")
 
 
+def mobilenet_v2() -> keras.Model:
+    """keras.applications' MobileNetV2 (alpha 0.35, untrained weights) on digits padded to 32x32x3."""
+    return keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=CLASSES)
+
+
+def transformer_encoder(blocks: int = 2, d_model: int = 64, heads: int = 4, ffn: int = 128) -> keras.Model:
+    """Post-norm transformer encoder reading the 28 pixel rows as 28 tokens (keyword-spotting sized)."""
+    inputs = L.Input((28, 28), name="rows")
+    x = L.Dense(d_model, name="tokens")(inputs)
+    for b in range(blocks):
+        attended = L.MultiHeadAttention(heads, d_model // heads, name=f"mha{b}")(x, x)
+        x = L.LayerNormalization(name=f"ln{b}a")(L.Add(name=f"res{b}a")([x, attended]))
+        hidden = L.Dense(ffn, activation="gelu", name=f"ffn{b}_in")(x)
+        x = L.LayerNormalization(name=f"ln{b}b")(L.Add(name=f"res{b}b")([x, L.Dense(d_model, name=f"ffn{b}_out")(hidden)]))
+    outputs = L.Dense(CLASSES, activation="softmax", name="classifier")(L.GlobalAveragePooling1D(name="gap")(x))
+    return keras.Model(inputs, outputs, name="transformer_encoder")
+
+
+def as_rgb32(x: np.ndarray) -> np.ndarray:
+    """28x28 digits -> 32x32x3 (zero border, grey copied to three channels), as ImageNet models take them."""
+    images = np.pad(x.reshape(len(x), 28, 28), ((0, 0), (2, 2), (2, 2)))
+    return np.repeat(images[..., None], 3, axis=-1)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
@@ -81,6 +105,7 @@ class ModelSpec:
     build: Callable[[], keras.Model]
     input_shape: tuple[int, ...]
     epochs: int
+    shape: Callable[[np.ndarray], np.ndarray] | None = None  # None: a plain reshape to input_shape
 
 
 MODELS: dict[str, ModelSpec] = {s.name: s for s in (
@@ -89,13 +114,19 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in (
     ModelSpec("cnn", "small CNN: 2x (Conv2D + BN + MaxPool) + Dense 128", cnn_small, (28, 28, 1), 4),
     ModelSpec("dscnn", "MobileNet-style CNN: stem + 2 depthwise-separable blocks + SeparableConv2D + GAP", dscnn,
               (28, 28, 1), 8),
+    ModelSpec("mobilenetv2", "keras.applications MobileNetV2 (alpha 0.35) on 32x32x3", mobilenet_v2, (32, 32, 3), 8,
+              as_rgb32),
+    ModelSpec("encoder", "transformer encoder: 2 blocks, d_model 64, 4 heads, FFN 128 (28 rows as tokens)",
+              transformer_encoder, (28, 28), 8),
 )}
 
 
 def dataset_for(spec: ModelSpec, data: Dataset) -> Dataset:
-    """The same samples, shaped for the model's input (784 or 28x28x1)."""
+    """The same samples, shaped for the model's input (784, 28x28x1, 28x28 rows or 32x32x3)."""
     def shaped(x):
-        return None if x is None else x.reshape((len(x), *spec.input_shape))
+        if x is None:
+            return None
+        return spec.shape(x) if spec.shape else x.reshape((len(x), *spec.input_shape))
 
     return dataclasses.replace(data, x_train=shaped(data.x_train), x_test=shaped(data.x_test),
                                x_calib=shaped(data.x_calib), x_val=shaped(data.x_val))

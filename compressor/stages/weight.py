@@ -17,7 +17,7 @@ from compressor.layers import handler_for
 from compressor.recipe import WeightStage
 from compressor.stages.base import StageContext, StageOutcome
 from compressor.stages.scoring import unit_kernel
-from compressor.training import clone_with_weights, fit
+from compressor.training import clone_with_weights, fit, recalibrate_batchnorm
 
 def _magnitude_prunable(layer) -> bool:
     """The layer table says which kernels tfmot masks (SeparableConv: its pointwise kernel; depthwise
@@ -80,6 +80,7 @@ def apply(model: keras.Model, cfg: WeightStage, ctx: StageContext, amount: float
         callbacks=callbacks, hold_zeros=False, progress=progress)
     stripped = tfmot.sparsity.keras.strip_pruning(wrapped)
     pruned = clone_with_weights(stripped)
+    recalibrate_batchnorm(pruned, data.x_train, recipe.batch_size)
     reached = kernel_sparsity(pruned, names)
     short = {n: s for n, s in reached.items() if s < target - 0.02}
     if short:
