@@ -175,7 +175,7 @@ def compress(model: keras.Model, data: Dataset, recipe: Recipe, out: str | Path,
     """Run the whole pipeline on an in-memory tf_keras model; returns the report dict (also written)."""
     from exporters import onnx_export, tflite_export
     from exporters.benchmark import Artifact, machine_info, run_benchmark
-    from exporters.flops import model_macs
+    from compressor.flops import model_macs
     from exporters.report import write_reports
     from exporters.verify import verify_file
     from compressor.model_io import save_model_atomic

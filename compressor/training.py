@@ -146,26 +146,3 @@ def count_params(model: keras.Model) -> tuple[int, int]:
         total += value.size
         nonzero += int(np.count_nonzero(value))
     return total, nonzero
-
-
-def keras_kernels(model: keras.Model) -> list[np.ndarray]:
-    """Kernels (rank >= 2 weights) of every layer: what the pruning stages zero.
-
-    Depthwise kernels (h, w, in, multiplier) are returned as (h, w, in * multiplier) so that the
-    last axis is the output channel, the axis int8 per-channel scales run along.
-    """
-    kernels = []
-    for layer in model.layers:
-        for w in layer.weights:
-            if len(w.shape) >= 2:
-                value = w.numpy()
-                if "depthwise_kernel" in w.name and value.ndim == 4:
-                    value = value.reshape(value.shape[0], value.shape[1], -1)
-                kernels.append(value)
-    return kernels
-
-
-def kernel_zeros(model: keras.Model) -> tuple[int, int]:
-    """(zeros, size) over the kernels: what verification compares with the files."""
-    kernels = keras_kernels(model)
-    return int(sum(k.size - np.count_nonzero(k) for k in kernels)), int(sum(k.size for k in kernels))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compressor.training import keras_kernels
+from compressor.core import keras_kernels
 from exporters.readback import is_weight, stored_weights
 
 FLOAT_TOLERANCE = 1e-4

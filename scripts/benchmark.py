@@ -105,14 +105,14 @@ def tfmot_peer(dense, ds, seed: int):
 
 def overall_sparsity(model) -> float:
     """Zero fraction over every kernel (rank >= 2 weight), weighted by size."""
-    from compressor.training import kernel_zeros
+    from compressor.core import kernel_zeros
 
     zeros, size = kernel_zeros(model)
     return zeros / size if size else 0.0
 
 
 def macs(model) -> dict:
-    from exporters.flops import model_macs
+    from compressor.flops import model_macs
 
     return {"macs": model_macs(model), "macs_nonzero": model_macs(model, nonzero_only=True)}
 

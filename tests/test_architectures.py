@@ -8,7 +8,7 @@ from compressor import surgery
 from compressor._tf import keras
 from compressor.layers import handler_for
 from compressor.stages import scoring
-from exporters.flops import model_macs
+from compressor.flops import model_macs
 
 L = keras.layers
 APPS = keras.applications

@@ -6,7 +6,8 @@ from onnx import numpy_helper
 
 from compressor.stages import weight
 from compressor.stages.base import StageContext
-from compressor.training import kernel_zeros, predictions
+from compressor.core import kernel_zeros
+from compressor.training import predictions
 from exporters import onnx_export, tflite_export
 from exporters.readback import count_weight_zeros
 from exporters.runtimes import open_runner, open_runner_safely

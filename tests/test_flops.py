@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from compressor._tf import keras
-from exporters.flops import layer_macs, model_macs
+from compressor.flops import layer_macs, model_macs
 
 L = keras.layers
 

@@ -1,0 +1,37 @@
+"""The shared basics that both packages import, and the only part of `compressor` that `exporters`
+may import: TensorFlow with tf-keras as `tf.keras`, the one error type the CLI turns into a
+one-line message, stderr quieting for native libraries, and the enumeration of Keras kernels that
+the pruning stages zero and verification counts in the files (they must agree).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from compressor._tf import keras, tf
+from compressor.errors import CompressorError
+from compressor.quiet import quiet_stderr
+
+__all__ = ["CompressorError", "keras", "keras_kernels", "kernel_zeros", "quiet_stderr", "tf"]
+
+
+def keras_kernels(model: keras.Model) -> list[np.ndarray]:
+    """Kernels (rank >= 2 weights) of every layer: what the pruning stages zero.
+
+    Depthwise kernels (h, w, in, multiplier) are returned as (h, w, in * multiplier) so that the
+    last axis is the output channel, the axis int8 per-channel scales run along.
+    """
+    kernels = []
+    for layer in model.layers:
+        for w in layer.weights:
+            if len(w.shape) >= 2:
+                value = w.numpy()
+                if "depthwise_kernel" in w.name and value.ndim == 4:
+                    value = value.reshape(value.shape[0], value.shape[1], -1)
+                kernels.append(value)
+    return kernels
+
+
+def kernel_zeros(model: keras.Model) -> tuple[int, int]:
+    """(zeros, size) over the kernels: what verification compares with the files."""
+    kernels = keras_kernels(model)
+    return int(sum(k.size - np.count_nonzero(k) for k in kernels)), int(sum(k.size for k in kernels))
