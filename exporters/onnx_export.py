@@ -26,7 +26,28 @@ def keras_to_onnx(model: keras.Model) -> onnx.ModelProto:
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise CompressorError(f"ONNX conversion of model '{model.name}' failed: {first}") from exc
-    return _stable_dim_names(proto)
+    return _stable_dim_names(_erfc_as_erf(proto))
+
+
+def _erfc_as_erf(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """TensorFlow writes exact GELU as 0.5 * x * erfc(-x / sqrt(2)), and tf2onnx 1.17 passes the Erfc
+    through, but ONNX has no Erfc operator: onnxruntime refuses the whole file (measured on a
+    transformer encoder). Rewrite erfc(z) as 1 - erf(z), which ONNX has."""
+    if not any(node.op_type == "Erfc" for node in proto.graph.node):
+        return proto
+    one = "compressor_erfc_one"
+    nodes = []
+    for node in proto.graph.node:
+        if node.op_type != "Erfc":
+            nodes.append(node)
+            continue
+        erf = f"{node.output[0]}_erf"
+        nodes.append(onnx.helper.make_node("Erf", [node.input[0]], [erf], name=f"{node.name}_erf"))
+        nodes.append(onnx.helper.make_node("Sub", [one, erf], [node.output[0]], name=f"{node.name}_one_minus"))
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(np.array(1.0, np.float32), one))
+    return proto
 
 
 def _stable_dim_names(proto: onnx.ModelProto) -> onnx.ModelProto:

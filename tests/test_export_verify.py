@@ -98,3 +98,17 @@ def test_tampered_tflite_fails_verification(pruned, digits, tmp_path):
     flatbuffer_utils.write_model(model, str(path))
     row = _verify(path, pruned, digits)
     assert not row["ok"] and row["zeros_in_file"] < zeros
+
+
+def test_exact_gelu_exports_to_onnx_that_onnxruntime_loads(tmp_path):
+    """TensorFlow's exact GELU uses Erfc, which ONNX lacks; the exporter rewrites it as 1 - Erf."""
+    import onnx
+
+    from exporters import onnx_export
+    from exporters.runtimes import open_runner
+
+    model = keras.Sequential([keras.layers.Input((8,)), keras.layers.Dense(16, activation="gelu"), keras.layers.Dense(4)])
+    path = onnx_export.export_float(model, tmp_path / "gelu.onnx")
+    assert "Erfc" not in {node.op_type for node in onnx.load(str(path)).graph.node}
+    x = np.random.default_rng(0).normal(scale=3.0, size=(16, 8)).astype("float32")
+    np.testing.assert_allclose(open_runner(path).predict(x), model.predict(x, verbose=0), atol=1e-5)
