@@ -43,7 +43,7 @@ def test_run_writes_the_contracted_folder(inputs, tmp_path, capsys):
     assert report["recipe"]["stages"][0]["block"] == "auto"  # resolved recipe, defaults filled in
     assert "| pruned | tflite |" in (out / "report.md").read_text()
     classifier = next(row for row in report["layers"] if row["layer"] == "classifier")
-    assert "model output" in classifier["kept_because"]  # the report says why a layer kept its width
+    assert "softmax" in classifier["kept_because"]  # the report says why a layer kept its width
     # int8 files: accuracy measured like the float ones, and the tflite one runs in the default interpreter
     int8 = {r["runtime"]: r for r in report["results"] if r["variant"] == "pruned-int8"}
     assert set(int8) == {"tflite", "onnxruntime"} and all(0.5 < r["accuracy"] <= 1 for r in int8.values())
