@@ -26,7 +26,7 @@ def keras_to_onnx(model: keras.Model) -> onnx.ModelProto:
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise CompressorError(f"ONNX conversion of model '{model.name}' failed: {first}") from exc
-    return _stable_dim_names(_erfc_as_erf(proto))
+    return _stable_dim_names(_drop_identity_reshapes(_erfc_as_erf(proto)))
 
 
 def _erfc_as_erf(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -47,6 +47,34 @@ def _erfc_as_erf(proto: onnx.ModelProto) -> onnx.ModelProto:
     del proto.graph.node[:]
     proto.graph.node.extend(nodes)
     proto.graph.initializer.append(onnx.numpy_helper.from_array(np.array(1.0, np.float32), one))
+    return proto
+
+
+def _drop_identity_reshapes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """tf2onnx leaves Reshapes to the shape a tensor already has (measured: 21 on MobileNetV2 at
+    32x32, around depthwise convs on 1x1 maps). Each one is an op onnxruntime executes and it stops
+    the Conv+BatchNormalization fusion; rewire their readers to the input and drop them."""
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+              for v in [*inferred.graph.value_info, *inferred.graph.input]}
+    targets = {init.name: onnx.numpy_helper.to_array(init) for init in proto.graph.initializer}
+    graph_outputs = {v.name for v in proto.graph.output}
+    rename = {}
+    for node in proto.graph.node:
+        shape, target = shapes.get(node.input[0]), targets.get(node.input[1]) if len(node.input) > 1 else None
+        if (node.op_type != "Reshape" or shape is None or target is None or node.output[0] in graph_outputs
+                or len(shape) != len(target) or None in shape[1:] or target[0] != -1):
+            continue
+        if list(target[1:]) == shape[1:]:
+            rename[node.output[0]] = rename.get(node.input[0], node.input[0])
+    if not rename:
+        return proto
+    kept = [node for node in proto.graph.node if not (node.op_type == "Reshape" and node.output[0] in rename)]
+    for node in kept:
+        for i, name in enumerate(node.input):
+            node.input[i] = rename.get(name, name)
+    del proto.graph.node[:]
+    proto.graph.node.extend(kept)
     return proto
 
 

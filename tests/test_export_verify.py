@@ -110,3 +110,24 @@ def test_exact_gelu_exports_to_onnx_that_onnxruntime_loads(tmp_path):
     assert "Erfc" not in {node.op_type for node in onnx.load(str(path)).graph.node}
     x = np.random.default_rng(0).normal(scale=3.0, size=(16, 8)).astype("float32")
     np.testing.assert_allclose(open_runner(path).predict(x), model.predict(x, verbose=0), atol=1e-5)
+
+
+def test_onnx_export_drops_reshapes_to_the_same_shape(tmp_path):
+    """Depthwise convs on 1x1 maps come out of tf2onnx wrapped in identity Reshapes, which block
+    onnxruntime's Conv+BN fusion; the exporter drops them and the outputs stay the same."""
+    from compressor._tf import keras
+    from exporters.runtimes import open_runner
+
+    L = keras.layers
+    inputs = keras.Input((2, 2, 8))
+    x = L.Conv2D(16, 2, name="to_1x1")(inputs)  # 1x1 spatial map
+    x = L.ReLU()(L.BatchNormalization()(L.DepthwiseConv2D(1, use_bias=False)(x)))
+    model = keras.Model(inputs, L.Dense(3)(L.Flatten()(x)))
+    import tf2onnx
+
+    raw = tf2onnx.convert.from_keras(model, opset=onnx_export.OPSET)[0]
+    path = onnx_export.export_float(model, tmp_path / "m.onnx")
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    assert ops.count("Reshape") < [node.op_type for node in raw.graph.node].count("Reshape")
+    x_in = np.random.default_rng(0).normal(size=(5, 2, 2, 8)).astype("float32")
+    np.testing.assert_allclose(open_runner(path).predict(x_in), model.predict(x_in, verbose=0), atol=1e-5)
