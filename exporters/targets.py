@@ -21,7 +21,7 @@ from compressor.errors import CompressorError
 
 __all__ = [
     "FileFormat", "Target", "Scheme", "Fallback", "FORMATS", "TARGETS", "NAMES", "RUNTIMES",
-    "target", "format_for", "runtime_formats", "selected", "dense_block", "runs_file",
+    "target", "format_for", "runtime_formats", "selected", "dense_block", "float_target", "extension_list",
 ]
 
 
@@ -86,7 +86,7 @@ class Target:
     dense_block: tuple[int, int]   # (in, out) block of Dense-kernel zeros the runtime's sparse kernel executes
     schemes: tuple[Scheme, ...]
     fallbacks: tuple[Fallback, ...] = ()
-    float_target: str | None = None  # the float target of the same runtime (int8 targets)
+    storage_flag: str | None = None  # recipe field that can switch compact storage of pruned weights off
 
     @property
     def extension(self) -> str:
@@ -134,15 +134,15 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
                    {"int8": True, "encode": True}),
             Scheme("int8-dense", "full-integer int8, per-channel weights, dense storage",
                    {"int8": True, "encode": False})),
-           (_MISALIGNED, _XNNPACK_SPARSE_INT8), float_target="tflite"),
+           (_MISALIGNED, _XNNPACK_SPARSE_INT8)),
     Target("onnxruntime", "onnxruntime", ONNX, False, "exporters.onnx_export:export_for_target", (1, 1),
-           (Scheme("float32", "float32 weights; pruned initializers as sparse_initializer when compact"),)),
+           (Scheme("float32", "float32 weights; pruned initializers as sparse_initializer when compact"),),
+           storage_flag="compact_onnx"),
     Target("onnxruntime-int8", "onnxruntime", ONNX, True, "exporters.onnx_export:export_for_target", (1, 1),
            (Scheme("qdq-s8s8-per-channel", "static QDQ, int8 activations and per-channel int8 weights "
                    "(reduce_range on CPUs without VNNI)", {"mode": "static"}),
             Scheme("dynamic", "dynamic quantization: per-tensor int8 weights, activations scaled at run time "
-                   "(tiny MatMuls left float)", {"mode": "dynamic"})),
-           float_target="onnxruntime"),
+                   "(tiny MatMuls left float)", {"mode": "dynamic"}))),
 )}
 NAMES: tuple[str, ...] = tuple(TARGETS)
 RUNTIMES: tuple[str, ...] = tuple(dict.fromkeys(t.runtime for t in TARGETS.values()))
@@ -192,7 +192,3 @@ def format_for(path, runnable: bool = False, flag: str | None = None) -> FileFor
     raise CompressorError(f"{where}: unknown extension {ext or '(none)'!r}: unknown file type; "
                           f"pass {extension_list(runnable)}")
 
-
-def runs_file(path) -> str:
-    """The runtime that executes `path`."""
-    return format_for(path, runnable=True).runtime
