@@ -11,7 +11,6 @@ from onnx import numpy_helper
 
 from compressor._tf import keras
 from exporters import onnx_export, ship, tflite_export
-from exporters.report import render_markdown
 from exporters.runtimes import open_runner_safely
 from exporters.verify import verify_file
 
@@ -167,3 +166,18 @@ def test_report_md_and_summary_show_the_verdict(capsys):
     assert any(line in text for text in _int8_section(report))
     _summary(report, Reporter(quiet=False))
     assert line in capsys.readouterr().out
+
+
+def test_reduce_range_only_on_x86_without_vnni(monkeypatch):
+    import platform
+
+    from exporters import benchmark
+
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    for flags, expected in (({"avx2", "fma"}, True), ({"avx2", "avx512_vnni"}, False), ({"avx_vnni"}, False),
+                            (set(), False)):
+        monkeypatch.setattr(benchmark, "cpu_flags", lambda f=flags: f)
+        assert onnx_export.reduce_range_needed() is expected, flags
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(benchmark, "cpu_flags", lambda: {"asimd"})
+    assert onnx_export.reduce_range_needed() is False
