@@ -64,7 +64,7 @@ def small_matmuls(float_path: str | Path) -> list[str]:
     model = onnx.load(str(float_path))
     sizes = {init.name: int(np.prod(init.dims)) for init in model.graph.initializer}
     return [node.name for node in model.graph.node
-            if node.op_type == "MatMul" and any(sizes.get(i, SMALL_MATMUL) < SMALL_MATMUL for i in node.input)]
+            if node.op_type in ("MatMul", "Gemm") and any(sizes.get(i, SMALL_MATMUL) < SMALL_MATMUL for i in node.input[1:2])]
 
 
 def reduce_range_needed() -> bool:
@@ -125,6 +125,21 @@ def export_int8(float_path: str | Path, path: str | Path, calibration: np.ndarra
     return path
 
 
+def _preprocessed(plain: Path) -> Path:
+    """onnxruntime's recommended pre-quantization pass (shape inference, constant folding, Conv+BN and
+    Gemm fusion), so fewer float ops stay between the int8 ones (measured on MobileNetV2 at 32x32:
+    static int8 p50 0.70 -> 0.61 ms). A model the pass cannot handle is quantized as exported."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    out = plain.with_name(plain.name + ".pre")
+    try:
+        quant_pre_process(str(plain), str(out))
+    except Exception:  # the pass is an optimisation: any failure of it leaves the exported graph
+        out.unlink(missing_ok=True)
+        return plain
+    return out
+
+
 def export_for_target(model: keras.Model, path: str | Path, *, calibration: np.ndarray | None = None,
                       sparse: bool = True, mode: str | None = None) -> Path:
     """The registry's exporter (exporters/targets.py): float (compact storage when `sparse`), or int8
@@ -135,6 +150,8 @@ def export_for_target(model: keras.Model, path: str | Path, *, calibration: np.n
     plain = path.with_name(f".{path.name}.float-for-int8")
     try:
         export_float(model, plain, compact=False)
-        return export_int8(plain, path, calibration, mode=mode)
+        # dynamic mode keeps the exported MatMuls: on fused Gemms it ignores the small-head exclusion
+        return export_int8(_preprocessed(plain) if mode == "static" else plain, path, calibration, mode=mode)
     finally:
         plain.unlink(missing_ok=True)
+        plain.with_name(plain.name + ".pre").unlink(missing_ok=True)
