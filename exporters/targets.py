@@ -78,6 +78,8 @@ class Fallback:
 
 @dataclass(frozen=True)
 class Target:
+    """One thing a recipe ships to: a runtime, float or int8, and everything needed to write its file."""
+
     name: str
     runtime: str
     format: FileFormat
