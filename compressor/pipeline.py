@@ -196,9 +196,7 @@ def compress(model: keras.Model, data: Dataset, recipe: Recipe, out: str | Path,
     reporter.step(f"benchmarking {len(shipped.artifacts)} files ({recipe.bench.runs} timed runs each, interleaved)")
     results, correct = run_benchmark(shipped.artifacts, data.x_test, data.y_test, recipe.bench.runs,
                                      recipe.bench.warmup, recipe.bench.threads, recipe.bench.batch, reporter)
-    int8_notes = ship.int8_verdicts(results, shipped.int8)
-    for line in int8_notes:
-        reporter.warn(line)
+    int8_notes = ship.int8_verdicts(results, shipped.int8)  # shown in report.md and the CLI summary
     params, _ = count_params(model)
     report = {
         "tool_version": _version(),
