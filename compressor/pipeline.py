@@ -17,6 +17,7 @@ from compressor.progress import Reporter
 from compressor.recipe import Recipe
 from compressor.stages.base import StageContext
 from compressor.training import accuracy, clone_with_weights, count_params
+from exporters import ship
 from exporters.ship import budget_split
 
 BACKOFF_AMOUNTS = (1.0, 0.75, 0.5, 0.25)
@@ -174,7 +175,6 @@ def _align_blocks(model, recipe: Recipe, ctx: StageContext, reporter: Reporter, 
 def compress(model: keras.Model, data: Dataset, recipe: Recipe, out: str | Path, *, source: str = "model",
              reporter: Reporter | None = None, load_notes: list[str] | None = None) -> dict:
     """Run the whole pipeline on an in-memory tf_keras model; returns the report dict (also written)."""
-    from exporters import ship
     from exporters.benchmark import machine_info, run_benchmark
     from exporters.report import write_reports
     from compressor.model_io import save_model_atomic
