@@ -132,7 +132,10 @@ def _summary(report: dict, reporter) -> None:
         if r["batch"] == 1 and r["threads"] == 1:
             table.add_row(r["variant"], r["runtime"], f"{r['accuracy']:.4f}", f"{r['latency_ms']['p50']:.4f}",
                           f"{r['gzip_bytes']:,}", "ok" if ok.get(r["file"]) else "FAILED")
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    for line in report.get("int8_notes", []):
+        console.print(f"note: {line}")
 
 
 COMMANDS = {"demo": cmd_demo, "run": cmd_run, "bench": cmd_bench, "inspect": cmd_inspect, "recipe": cmd_recipe}

@@ -16,7 +16,9 @@ from compressor.errors import CompressorError
 from compressor.progress import Reporter
 from compressor.recipe import Recipe
 from compressor.stages.base import StageContext
-from compressor.training import accuracy, clone_with_weights, count_params, predictions
+from compressor.training import accuracy, clone_with_weights, count_params
+from exporters import ship
+from exporters.ship import budget_split
 
 BACKOFF_AMOUNTS = (1.0, 0.75, 0.5, 0.25)
 
@@ -80,7 +82,7 @@ def _stage_module(name: str):
 def run_stages(model: keras.Model, recipe: Recipe, data: Dataset, reporter: Reporter,
                baseline_accuracy: float) -> tuple[keras.Model, list[dict]]:
     """Apply the recipe's stages in order; a stage that crosses the budget is retried with less."""
-    budget_x, budget_y = _budget_split(data)
+    budget_x, budget_y = budget_split(data)
     ctx = StageContext(recipe=recipe, data=data, log=reporter.step, epoch_progress=reporter.epoch_callback)
     records = []
     current = model
@@ -153,7 +155,7 @@ def _align_blocks(model, recipe: Recipe, ctx: StageContext, reporter: Reporter, 
     params_before, nonzero_before = count_params(model)
     for round_to in dict.fromkeys((recipe.round_units, 1)):
         outcome = align.apply(model, ctx, block_height, round_to=round_to, narrowed=narrowed)
-        acc = accuracy(outcome.model, *_budget_split(ctx.data))
+        acc = accuracy(outcome.model, *budget_split(ctx.data))
         if baseline - acc <= recipe.max_accuracy_drop or round_to == 1:
             break
         reporter.step(f"align: rounding widths to {round_to} crosses the budget; aligning blocks only")
@@ -173,11 +175,9 @@ def _align_blocks(model, recipe: Recipe, ctx: StageContext, reporter: Reporter, 
 def compress(model: keras.Model, data: Dataset, recipe: Recipe, out: str | Path, *, source: str = "model",
              reporter: Reporter | None = None, load_notes: list[str] | None = None) -> dict:
     """Run the whole pipeline on an in-memory tf_keras model; returns the report dict (also written)."""
-    from exporters import onnx_export, tflite_export
-    from exporters.benchmark import Artifact, machine_info, run_benchmark
     from compressor.flops import model_macs
+    from exporters.benchmark import machine_info, run_benchmark
     from exporters.report import write_reports
-    from exporters.verify import verify_file
     from compressor.model_io import save_model_atomic
 
     reporter = reporter or Reporter()
@@ -189,49 +189,15 @@ def compress(model: keras.Model, data: Dataset, recipe: Recipe, out: str | Path,
     baseline_acc = accuracy(dense, data.x_test, data.y_test)
     reporter.step(f"dense baseline: test accuracy {baseline_acc:.4f}")
 
-    pruned, stage_records = run_stages(dense, recipe, data, reporter,
-                                       accuracy(dense, *(_budget_split(data))))
+    pruned, stage_records = run_stages(dense, recipe, data, reporter, accuracy(dense, *(budget_split(data))))
     save_model_atomic(pruned, out / "pruned.keras")
-
-    reporter.step("exporting dense and pruned models for " + ", ".join(recipe.targets))
-    artifacts: list[tuple[Artifact, keras.Model, str | None]] = []  # (file, its Keras model, int8 scheme)
-    target_notes: list[str] = []
-    dense_flops, pruned_flops = model_macs(dense), model_macs(pruned)
-    if any(t.startswith("tflite") for t in recipe.targets):
-        tflite_export.export_float(dense, out / "dense.tflite", sparse=False)
-        encode = _tflite_can_encode(pruned, 4, reporter, target_notes)
-        tflite_export.export_float(pruned, out / "pruned.tflite", sparse=encode)
-        artifacts.append((Artifact("dense", "tflite", out / "dense.tflite", dense_flops), dense, None))
-        artifacts.append((Artifact("pruned", "tflite", out / "pruned.tflite", pruned_flops), pruned, None))
-    if any(t.startswith("onnxruntime") for t in recipe.targets):
-        onnx_export.export_float(dense, out / "dense.onnx", compact=False)
-        onnx_export.export_float(pruned, out / "pruned.onnx", compact=recipe.compact_onnx)
-        artifacts.append((Artifact("dense", "onnxruntime", out / "dense.onnx", dense_flops), dense, None))
-        artifacts.append((Artifact("pruned", "onnxruntime", out / "pruned.onnx", pruned_flops), pruned, None))
-    if "tflite-int8" in recipe.targets:
-        encode = _tflite_can_encode(pruned, 16, reporter, target_notes)
-        _export_tflite_int8_that_runs(pruned, out / "pruned-int8.tflite", data, encode, reporter, target_notes)
-        artifacts.append((Artifact("pruned-int8", "tflite", out / "pruned-int8.tflite", pruned_flops), pruned, "tflite"))
-    if "onnxruntime-int8" in recipe.targets:
-        scheme = _export_onnx_int8(pruned, out, data)
-        artifacts.append((Artifact("pruned-int8", "onnxruntime", out / "pruned-int8.onnx", pruned_flops), pruned, scheme))
-
-    reporter.step("verifying every exported file")
-    x_check = data.x_test
-    expected = {id(dense): predictions(dense, x_check), id(pruned): predictions(pruned, x_check)}
-    verification = []
-    for art, km, quantized in artifacts:
-        runner, resolver_note = _open_safely(art)
-        if resolver_note:
-            art.notes.append(resolver_note)
-            reporter.warn(resolver_note)
-        verification.append(verify_file(art.path, runner, km, expected[id(km)], x_check, quantized=quantized))
-    failed = [v for v in verification if not v["ok"]]
-    execution = _execution_table([a for a, _, _ in artifacts])
-
-    reporter.step(f"benchmarking {len(artifacts)} files ({recipe.bench.runs} timed runs each, interleaved)")
-    results, correct = run_benchmark([a for a, _, _ in artifacts], data.x_test, data.y_test, recipe.bench.runs,
+    shipped = ship.export_all(dense, pruned, recipe, data, out, reporter, flops=(model_macs(dense), model_macs(pruned)))
+    verification = ship.verify_all(shipped, data.x_test, reporter)
+    execution = _execution_table(shipped.artifacts)
+    reporter.step(f"benchmarking {len(shipped.artifacts)} files ({recipe.bench.runs} timed runs each, interleaved)")
+    results, correct = run_benchmark(shipped.artifacts, data.x_test, data.y_test, recipe.bench.runs,
                                      recipe.bench.warmup, recipe.bench.threads, recipe.bench.batch, reporter)
+    int8_notes = ship.int8_verdicts(results, shipped.int8)  # shown in report.md and the CLI summary
     params, _ = count_params(model)
     report = {
         "tool_version": _version(),
@@ -247,76 +213,17 @@ def compress(model: keras.Model, data: Dataset, recipe: Recipe, out: str | Path,
         "results": results,
         "verification": verification,
         "execution": execution,
-        "target_notes": target_notes,
+        "int8": shipped.int8,
+        "int8_notes": int8_notes,
+        "target_notes": shipped.notes,
     }
     write_reports(report, out, correct)
     reporter.step(f"report written to {out / 'report.md'}")
+    failed = [v for v in verification if not v["ok"]]
     if failed:
         names = ", ".join(f"{v['file']} ({v['problem']})" for v in failed)
         raise CompressorError(f"verification failed for {names}; see {out / 'report.json'}")
     return report
-
-
-def _budget_split(data: Dataset):
-    return (data.x_val, data.y_val) if data.x_val is not None else (data.x_test, data.y_test)
-
-
-def _export_onnx_int8(pruned: keras.Model, out: Path, data: Dataset) -> str:
-    """Quantize from an uncompacted float export; dynamic for MatMul models, static QDQ for conv models."""
-    from exporters import onnx_export
-
-    has_conv = any(isinstance(l, (keras.layers.Conv2D, keras.layers.Conv1D)) for l in pruned.layers)
-    plain = out / ".pruned-float-for-int8.onnx"
-    try:
-        onnx_export.export_float(pruned, plain, compact=False)
-        mode = "static" if has_conv else "dynamic"
-        onnx_export.export_int8(plain, out / "pruned-int8.onnx", data.x_calib, mode=mode)
-    finally:
-        plain.unlink(missing_ok=True)
-    return f"onnxruntime-{mode}"
-
-
-def _open_safely(art):
-    """Open as a user would; a file the default delegate rejects is measured with the builtin resolver."""
-    from exporters.runtimes import open_runner_safely
-
-    runner, art.resolver, note = open_runner_safely(art.path)
-    return runner, note
-
-
-def _export_tflite_int8_that_runs(model, path: Path, data: Dataset, encode: bool, reporter: Reporter,
-                                  notes: list[str]) -> None:
-    """int8 sparse tensors XNNPACK cannot take (conv kernels, non-(16, 1) patterns) crash the default
-    LiteRT interpreter (DESIGN fact 4). A user must never meet that: such a file is rewritten with
-    dense storage, which the default interpreter runs, and the report says so."""
-    from exporters import tflite_export
-    from exporters.runtimes import open_runner_safely
-
-    tflite_export.export_int8(model, path, data.x_calib, sparse=encode)
-    if not encode:
-        return
-    _, resolver, why = open_runner_safely(path)
-    if resolver == "default":
-        return
-    tflite_export.export_int8(model, path, data.x_calib, sparse=False)
-    notes.append(f"{path.name}: stored with dense int8 tensors because the sparse encoding is rejected by the "
-                 f"default XNNPACK delegate ({why.split('(', 1)[-1].split(')')[0]}); zeros are still stored, "
-                 "gzip shrinks them, and the file runs in the default interpreter")
-    reporter.warn(notes[-1])
-
-
-def _tflite_can_encode(model, block_height: int, reporter: Reporter, notes: list[str]) -> bool:
-    """Sparse encoding corrupts Dense kernels whose input width is not a multiple of the block
-    (see stages/align.py); such a model is written with dense storage instead, and the report says so."""
-    from compressor.stages.align import misaligned_dense
-
-    bad = misaligned_dense(model, block_height)
-    if bad:
-        notes.append(f"TFLite {'int8' if block_height == 16 else 'float'} file stored dense: Dense input width of "
-                     f"{', '.join(bad)} is not a multiple of {block_height}, which the converter's block encoding "
-                     "gets wrong; use a weight block matching the target or let the align step run")
-        reporter.warn(notes[-1])
-    return not bad
 
 
 def _execution_table(artifacts) -> list[dict]:

@@ -12,9 +12,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from compressor.errors import CompressorError
+from exporters import targets as registry
 
-Target = Literal["tflite", "tflite-int8", "onnxruntime", "onnxruntime-int8"]
-TARGETS = ("tflite", "tflite-int8", "onnxruntime", "onnxruntime-int8")
+Target = Literal[registry.NAMES]  # the runtime targets the registry knows (exporters/targets.py)
 
 
 class _Strict(BaseModel):
@@ -105,7 +105,7 @@ class BenchSettings(_Strict):
 class Recipe(_Strict):
     """A whole compression run."""
 
-    targets: list[Target] = Field(["tflite", "tflite-int8", "onnxruntime", "onnxruntime-int8"], min_length=1)
+    targets: list[Target] = Field(list(registry.NAMES), min_length=1)
     stages: list[Stage] = Field(
         default_factory=lambda: [WeightStage(), ActivationStage(), ClusterStage(), SparseOptStage()], min_length=1,
         description="applied in this order; default: the source article's weight -> activation -> cluster, then sparse_opt",
@@ -125,7 +125,7 @@ class Recipe(_Strict):
         return [value] if isinstance(value, str) else value
 
     def dense_block(self) -> tuple[int, int]:
-        """The (in, out) block on Dense kernels that the targets' sparse kernels execute (DESIGN facts 2-4)."""
+        """The (in, out) block on Dense kernels that the targets' sparse kernels execute (the registry's)."""
         weight = next((s for s in self.stages if isinstance(s, WeightStage)), None)
         choice = weight.block if weight else "auto"
         if choice == "unstructured":
@@ -134,11 +134,7 @@ class Recipe(_Strict):
             return (4, 1)
         if choice == "16x1":
             return (16, 1)
-        if "tflite-int8" in self.targets:
-            return (16, 1)
-        if "tflite" in self.targets:
-            return (4, 1)
-        return (1, 1)
+        return registry.dense_block(self.targets)
 
 
 def _describe(err: dict) -> str:

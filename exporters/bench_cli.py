@@ -22,18 +22,17 @@ from pathlib import Path
 import numpy as np
 
 from compressor.errors import CompressorError
+from exporters import targets
 
 RANDOM_SEED = 0
-EXTENSIONS = (".tflite", ".onnx")
 
 
 def check_file(path: str | Path, flag: str = "--model") -> Path:
     """Fail before any runtime is loaded, with the fix in the message."""
     path = Path(path)
-    if path.suffix.lower() not in EXTENSIONS:
-        raise CompressorError(f"{flag} '{path}': unknown extension '{path.suffix}'; pass a .tflite or .onnx file")
+    targets.format_for(path, runnable=True, flag=flag)
     if not path.is_file():
-        raise CompressorError(f"{flag} '{path}' not found; pass an existing .tflite or .onnx file")
+        raise CompressorError(f"{flag} '{path}' not found; pass an existing {targets.extension_list(runnable=True)}")
     return path
 
 

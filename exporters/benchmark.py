@@ -32,6 +32,25 @@ class Artifact:
     notes: list[str] = field(default_factory=list)
 
 
+# Instruction-set extensions int8 and float kernels dispatch on (as /proc/cpuinfo spells them).
+ISA_FLAGS = ("sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+             "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16",
+             "asimd", "asimddp", "i8mm", "sve", "sve2")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (x86 `flags`, ARM `Features`); empty where unreadable."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
 def machine_info() -> dict:
     versions = {}
     for pkg in ("tensorflow", "tf-keras", "tensorflow-model-optimization", "onnxruntime", "ai-edge-litert",
@@ -48,8 +67,10 @@ def machine_info() -> dict:
                 break
     except OSError:
         pass
+    flags = cpu_flags()
     return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "versions": versions}
+            "python": platform.python_version(), "versions": versions,
+            "isa": [f for f in ISA_FLAGS if f in flags] if flags else None}
 
 
 def file_params(path: Path) -> tuple[int, int]:

@@ -15,15 +15,15 @@ import numpy as np
 
 from compressor.errors import CompressorError
 from compressor.quiet import quiet_stderr
-from exporters import readback
+from exporters import readback, targets
 
-__all__ = ["inspect_file", "format_inspect", "KERAS_EXTENSIONS"]
+__all__ = ["inspect_file", "format_inspect", "tflite_rows", "onnx_rows", "keras_rows"]
 
-KERAS_EXTENSIONS = (".keras", ".h5", ".hdf5")
 TOTALS_MIN_RANK = 2  # same rule as readback.count_weight_zeros: kernels/matrices, not biases
 
-# Keras (in, out) block shapes that hit TFLite's sparse FULLY_CONNECTED kernels (DESIGN fact 3).
-_KERNEL_BLOCKS = ((16, 1), (4, 1))
+# Keras (in, out) block shapes that some target's sparse kernel executes, tallest first.
+_KERNEL_BLOCKS = tuple(sorted({t.dense_block for t in targets.TARGETS.values() if t.dense_block != (1, 1)},
+                              reverse=True))
 
 
 def _row(t, sparse_kernel=None, note="") -> dict:
@@ -73,7 +73,7 @@ def _xnnpack_inputs(path) -> tuple[set[int] | None, str]:
     return taken, ""
 
 
-def _tflite_rows(path) -> tuple[list[dict], list[str]]:
+def tflite_rows(path) -> tuple[list[dict], list[str]]:
     model = readback.read_tflite_model(path)
     tensors = [t for t in readback.tflite_weights(path) if readback.is_weight(t)]
     consumers: dict[tuple[int, int], list[tuple[str, int]]] = {}
@@ -115,7 +115,7 @@ def _tflite_rows(path) -> tuple[list[dict], list[str]]:
     return rows, notes
 
 
-def _onnx_rows(path) -> tuple[list[dict], list[str]]:
+def onnx_rows(path) -> tuple[list[dict], list[str]]:
     rows = []
     for t in readback.onnx_weights(path):
         if not readback.is_weight(t):
@@ -166,7 +166,7 @@ def _load_keras3(path, tf_keras_error: Exception):
     ) from tf_keras_error
 
 
-def _keras_rows(path) -> tuple[list[dict], list[str]]:
+def keras_rows(path) -> tuple[list[dict], list[str]]:
     from compressor._tf import keras
 
     try:
@@ -204,23 +204,16 @@ def inspect_file(path) -> dict:
     if not p.exists():
         raise CompressorError(f"{p}: file not found; check the path")
     if not p.is_file():
-        raise CompressorError(f"{p}: not a file; pass a .tflite, .onnx or .keras file")
-    ext = p.suffix.lower()
-    if ext in readback.TFLITE_EXTENSIONS:
-        fmt, (rows, notes) = "tflite", _tflite_rows(p)
-    elif ext in readback.ONNX_EXTENSIONS:
-        fmt, (rows, notes) = "onnx", _onnx_rows(p)
-    elif ext in KERAS_EXTENSIONS:
-        fmt, (rows, notes) = "keras", _keras_rows(p)
-    else:
-        raise CompressorError(f"{p}: unknown file type {ext or '(none)'!r}; pass a .tflite, .onnx or .keras file")
+        raise CompressorError(f"{p}: not a file; pass {targets.extension_list()}")
+    fmt = targets.format_for(p)
+    rows, notes = fmt.inspect_rows(p)
     data = p.read_bytes()
     counted = [r for r in rows if len(r["shape"]) >= TOTALS_MIN_RANK]
     size = sum(r["size"] for r in counted)
     zeros = sum(r["zeros"] for r in counted)
     return {
         "file": str(p),
-        "format": fmt,
+        "format": fmt.name,
         "size_bytes": len(data),
         "gzip_bytes": len(gzip.compress(data, compresslevel=9, mtime=0)),
         "tensors": rows,

@@ -16,13 +16,15 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from exporters import targets
 from exporters.files import write_bytes_atomic
 
 __all__ = ["plot_latency", "plot_accuracy_vs_size", "plot_layers"]
 
 _DPI = 110
-_RUNTIME_COLORS = {"tflite": "tab:blue", "onnxruntime": "tab:orange"}
-_RUNTIME_MARKERS = {"tflite": "o", "onnxruntime": "s"}
+# one colour and marker per runtime, in the registry's order (exporters/targets.py)
+_RUNTIME_COLORS = dict(zip(targets.RUNTIMES, ("tab:blue", "tab:orange", "tab:green", "tab:purple")))
+_RUNTIME_MARKERS = dict(zip(targets.RUNTIMES, ("o", "s", "D", "v")))
 
 
 def _new_figure(width: float, height: float) -> Figure:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from compressor.errors import CompressorError
+from exporters import targets
 
 __all__ = [
     "StoredTensor",
@@ -26,12 +27,7 @@ __all__ = [
     "stored_weights",
     "count_weight_zeros",
     "is_weight",
-    "TFLITE_EXTENSIONS",
-    "ONNX_EXTENSIONS",
 ]
-
-TFLITE_EXTENSIONS = (".tflite",)
-ONNX_EXTENSIONS = (".onnx",)
 
 
 @dataclass
@@ -53,6 +49,11 @@ class StoredTensor:
     quantized: bool = False  # integer weights carrying a scale/zero point
     index: int = -1  # TFLite tensor index inside its subgraph (-1 for ONNX)
     subgraph: int = 0  # TFLite subgraph index
+    zero_point: object = 0  # quantized tensors: int or array broadcastable to `values`
+
+    def levels(self) -> np.ndarray:
+        """Quantized tensors: the integer levels relative to the zero point (0 dequantizes to 0.0)."""
+        return self.values.astype(np.int64) - np.asarray(self.zero_point, np.int64)
 
     @property
     def sparsity(self) -> float:
@@ -100,7 +101,7 @@ def _read_bytes(path) -> bytes:
     if not p.exists():
         raise CompressorError(f"{p}: file not found; check the path")
     if not p.is_file():
-        raise CompressorError(f"{p}: not a file; pass a .tflite or .onnx file")
+        raise CompressorError(f"{p}: not a file; pass {targets.extension_list(runnable=True)}")
     return p.read_bytes()
 
 
@@ -285,6 +286,7 @@ def tflite_weights(path) -> list[StoredTensor]:
                     quantized=quantized,
                     index=t_i,
                     subgraph=sg_i,
+                    zero_point=zp if quantized else 0,
                 )
             )
     return out
@@ -367,20 +369,26 @@ def _onnx_zero_points(graph, consts: dict[str, np.ndarray]) -> dict[str, tuple[n
     return zps
 
 
-def _count_zeros_onnx(arr: np.ndarray, zp_info) -> int:
+def _onnx_zero_point(arr: np.ndarray, zp_info):
+    """The zero point broadcastable to `arr` (0 for float tensors or malformed parameters)."""
     if zp_info is None or arr.dtype.kind not in "iu":
-        return int(np.count_nonzero(arr == 0))
+        return 0
     zp, axis = zp_info
     zp = zp.astype(np.int64)
     if zp.size <= 1:
-        z = int(zp.reshape(-1)[0]) if zp.size else 0
-        return int(np.count_nonzero(arr.astype(np.int64) == z))
+        return int(zp.reshape(-1)[0]) if zp.size else 0
     ax = arr.ndim - 1 if axis is None else int(axis) % max(arr.ndim, 1)
     if arr.ndim and arr.shape[ax] == zp.size:
         bshape = [1] * arr.ndim
         bshape[ax] = zp.size
-        return int(np.count_nonzero(arr.astype(np.int64) == zp.reshape(bshape)))
-    return int(np.count_nonzero(arr == 0))
+        return zp.reshape(bshape)
+    return 0
+
+
+def _count_zeros_onnx(arr: np.ndarray, zp_info) -> int:
+    if zp_info is None or arr.dtype.kind not in "iu":
+        return int(np.count_nonzero(arr == 0))
+    return int(np.count_nonzero(arr.astype(np.int64) == _onnx_zero_point(arr, zp_info)))
 
 
 def onnx_weights(path) -> list[StoredTensor]:
@@ -436,6 +444,7 @@ def onnx_weights(path) -> list[StoredTensor]:
                 block=None,
                 values=arr,
                 quantized=bool(quantized),
+                zero_point=_onnx_zero_point(arr, zp_info),
             )
         )
     return out
@@ -447,13 +456,8 @@ def onnx_weights(path) -> list[StoredTensor]:
 
 
 def stored_weights(path) -> list[StoredTensor]:
-    """Weights of a .tflite or .onnx file, chosen by extension."""
-    ext = Path(path).suffix.lower()
-    if ext in TFLITE_EXTENSIONS:
-        return tflite_weights(path)
-    if ext in ONNX_EXTENSIONS:
-        return onnx_weights(path)
-    raise CompressorError(f"{path}: unknown model file type {ext or '(none)'!r}; pass a .tflite or .onnx file")
+    """Weights of a runnable model file, read by its format's reader (see exporters/targets.py)."""
+    return targets.format_for(path, runnable=True).read_weights(path)
 
 
 def count_weight_zeros(path, min_rank: int = 2) -> tuple[int, int]:

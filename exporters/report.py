@@ -48,7 +48,8 @@ def render_markdown(report: dict, plots: list[str]) -> str:
     lines = [f"# Compression report: {report['model']['source']}", ""]
     m = report["machine"]
     lines += [f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}; "
-              + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v), ""]
+              + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
+              + (f"; ISA: {' '.join(m['isa'])}" if m.get("isa") else ""), ""]
     lines += [f"Dense baseline test accuracy: **{report['baseline']['accuracy']:.4f}**; targets: "
               f"{', '.join(report['recipe']['targets'])}; accuracy budget: "
               f"{report['recipe']['max_accuracy_drop'] * 100:.1f} points.", ""]
@@ -65,6 +66,7 @@ def render_markdown(report: dict, plots: list[str]) -> str:
             f"{lat['p50']:.4f} | {lat['p90']:.4f} | {lat['p99']:.4f} | {_ratio(base['latency_ms']['p50'], lat['p50'])} | "
             f"{r['size_bytes']:,} | {r['gzip_bytes']:,} | {_ratio(base['gzip_bytes'], r['gzip_bytes'])} | "
             f"{r['params']:,} | {r['nonzero_params']:,} | {r['flops']:,} |")
+    lines += _int8_section(report)
     comps = report.get("comparisons", [])
     if comps:
         lines += ["", "## Against the dense baseline", "",
@@ -112,6 +114,27 @@ def render_markdown(report: dict, plots: list[str]) -> str:
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
     lines += ["", "Latency: interleaved runs in one process after warm-up; compare ratios, not absolute times.", ""]
     return "\n".join(lines)
+
+
+def _int8_section(report: dict) -> list[str]:
+    """Which int8 scheme each runtime got, the measured candidates, and a line when int8 is no faster."""
+    records = report.get("int8") or []
+    if not records:
+        return []
+    lines = ["", "## int8 schemes (measured on this model at batch 1)", ""]
+    lines += [f"**{line}**" for line in report.get("int8_notes", [])]
+    if report.get("int8_notes"):
+        lines.append("")
+    lines += ["| target | scheme | accuracy (budget split) | p50 ms | chosen | note |", "|---|---|---|---|---|---|"]
+    for rec in records:
+        for c in rec["candidates"]:
+            acc = "" if c.get("accuracy") is None else f"{c['accuracy']:.4f}"
+            p50 = "" if c.get("p50_ms") is None else f"{c['p50_ms']:.4f}"
+            lines.append(f"| {rec['target']} | {c['scheme']} | {acc} | {p50} | "
+                         f"{'yes' if c['scheme'] == rec['chosen'] else ''} | {c.get('skipped') or ''} |")
+        lines.append(f"| {rec['target']} | float ({rec['float_file']}) | {rec['reference_accuracy']:.4f} (Keras) | "
+                     f"{rec['float_p50_ms']:.4f} | | reference |")
+    return lines
 
 
 def write_reports(report: dict, out: Path, correct: dict[str, np.ndarray]) -> None:

@@ -1,7 +1,7 @@
 """One small runner per runtime, so verification, accuracy and latency all run files the same way.
 
 LiteRT: `ai_edge_litert.interpreter` (tf.lite.Interpreter is deprecated), default resolver
-(XNNPACK) unless the file needs the builtin one. onnxruntime: fixed intra-op threads, sequential.
+(XNNPACK) unless the file needs the builtin one. onnxruntime: fixed intra-op threads, sequential, all graph optimisations.
 """
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ import numpy as np
 
 from compressor.errors import CompressorError
 from compressor.quiet import quiet_stderr
-
-RESOLVERS = ("default", "builtin")
-
+from exporters import targets
 
 class TFLiteRunner:
     runtime = "tflite"
@@ -84,15 +82,17 @@ class TFLiteRunner:
 class OnnxRunner:
     runtime = "onnxruntime"
 
-    def __init__(self, path: str | Path, threads: int = 1):
+    def __init__(self, path: str | Path, threads: int = 1, resolver: str = "default"):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # every fusion (QDQ -> QLinearConv, DynamicQuantizeMatMul, Conv+Relu): int8 is measured as it ships
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
-        self.path, self.threads = Path(path), threads
+        self.path, self.threads, self.resolver = Path(path), threads, resolver
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         except Exception as exc:
@@ -123,22 +123,20 @@ class OnnxRunner:
 
 
 def open_runner(path: str | Path, threads: int = 1, resolver: str = "default"):
-    suffix = Path(path).suffix.lower()
+    """A runner for the file's format (looked up in the target registry)."""
+    fmt = targets.format_for(path, runnable=True)
     if not Path(path).is_file():
-        raise CompressorError(f"model file '{path}' not found; pass an existing .tflite or .onnx file")
-    if suffix == ".tflite":
-        return TFLiteRunner(path, threads, resolver)
-    if suffix == ".onnx":
-        return OnnxRunner(path, threads)
-    raise CompressorError(f"cannot run '{path}': unknown extension '{suffix}'; pass a .tflite or .onnx file")
+        raise CompressorError(f"model file '{path}' not found; pass an existing {targets.extension_list(runnable=True)}")
+    return fmt.open_runner(path, threads, resolver)
 
 
 def open_runner_safely(path: str | Path, threads: int = 1) -> tuple[object, str, str | None]:
-    """Open a file as a user would; if the default LiteRT delegate rejects it, use the builtin resolver.
+    """Open a file as a user would; if the default op resolver rejects it, use the format's next one.
 
-    int8 files with a sparsity pattern XNNPACK cannot take crash the default interpreter
-    (DESIGN fact 4). Returns (runner, resolver, note); the note is for the report.
+    int8 LiteRT files with a sparsity pattern XNNPACK cannot take crash the default interpreter.
+    Returns (runner, resolver, note); the note is for the report.
     """
+    fmt = targets.format_for(path, runnable=True)
     runner = open_runner(path, threads=threads)
     try:
         runner.predict(np.zeros((1, *runner.input_shape), np.float32))
@@ -146,15 +144,16 @@ def open_runner_safely(path: str | Path, threads: int = 1) -> tuple[object, str,
     except CompressorError:
         raise
     except Exception as exc:  # the delegate failure surfaces as RuntimeError or ValueError
-        if Path(path).suffix.lower() != ".tflite":
-            raise CompressorError(f"onnxruntime cannot run '{path}': {str(exc).splitlines()[0][:200]}") from exc
+        if len(fmt.resolvers) < 2:
+            raise CompressorError(f"{fmt.runtime} cannot run '{path}': {str(exc).splitlines()[0][:200]}") from exc
         first = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
-    runner = open_runner(path, threads=threads, resolver="builtin")
+    fallback = fmt.resolvers[1]
+    runner = open_runner(path, threads=threads, resolver=fallback)
     try:
         runner.predict(np.zeros((1, *runner.input_shape), np.float32))
     except Exception as exc:
-        raise CompressorError(f"LiteRT cannot run '{path}' ({str(exc).splitlines()[0][:160]}); "
+        raise CompressorError(f"{fmt.runtime} cannot run '{path}' ({str(exc).splitlines()[0][:160]}); "
                               "re-export it with `compressor run`") from exc
     note = (f"{Path(path).name}: the default XNNPACK delegate rejects it ({first}); "
             "it needs OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES and was measured with it")
-    return runner, "builtin", note
+    return runner, fallback, note

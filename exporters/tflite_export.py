@@ -42,6 +42,14 @@ def export_int8(model: keras.Model, path: str | Path, calibration: np.ndarray, s
     return write_bytes_atomic(path, _convert(conv, model))
 
 
+def export_for_target(model: keras.Model, path: str | Path, *, calibration: np.ndarray | None = None,
+                      sparse: bool = True, int8: bool = False, encode: bool = True) -> Path:
+    """The registry's exporter (exporters/targets.py): float or int8, sparse storage when asked and allowed."""
+    if int8:
+        return export_int8(model, path, calibration, sparse=sparse and encode)
+    return export_float(model, path, sparse=sparse and encode)
+
+
 def _first_error(text: str) -> str:
     """The converter's own summary line, e.g. "error: 'tf.TensorListReserve' op requires …"."""
     for line in text.splitlines():

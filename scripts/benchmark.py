@@ -40,9 +40,10 @@ import numpy as np  # noqa: E402
 
 import models as suite  # noqa: E402  (scripts/models.py)
 from compressor._tf import keras  # noqa: E402
+from exporters import targets as registry  # noqa: E402
 
 VARIANTS = ("dense", "tfmot-peer", "fusion", "fusion-int8")
-RUNTIMES = {"tflite": ".tflite", "onnxruntime": ".onnx"}
+RUNTIMES = {rt: fmt.extensions[0] for rt, fmt in registry.runtime_formats(registry.NAMES)}
 BATCHES = (1, 32)
 THREADS = (1, 2)
 SEED = 0
@@ -123,7 +124,6 @@ def build(spec, data, work: Path) -> dict:
     from compressor.errors import CompressorError
     from compressor.model_io import load_model
     from compressor.training import count_params
-    from exporters import onnx_export, tflite_export
 
     folder = work / spec.name
     folder.mkdir(parents=True, exist_ok=True)
@@ -138,16 +138,17 @@ def build(spec, data, work: Path) -> dict:
     log(f"{spec.name}: trained {spec.epochs} epochs, keras test accuracy {entry['keras_accuracy']:.4f}")
 
     t = time.perf_counter()
-    tflite_export.export_float(dense, folder / "dense.tflite", sparse=False)
-    onnx_export.export_float(dense, folder / "dense.onnx", compact=False)
-    entry["files"]["dense"] = {"tflite": folder / "dense.tflite", "onnxruntime": folder / "dense.onnx"}
+    entry["files"]["dense"] = {rt: folder / f"dense{ext}" for rt, ext in RUNTIMES.items()}
+    for rt, path in entry["files"]["dense"].items():
+        registry.float_target(rt).export(dense, path, sparse=False)
     entry["macs"]["dense"] = macs(dense)
 
     try:
         peer, reached = tfmot_peer(dense, ds, SEED)
-        tflite_export.export_float(peer, folder / "tfmot-peer.tflite", sparse=True)
-        onnx_export.export_float(peer, folder / "tfmot-peer.onnx", compact=False)
-        entry["files"]["tfmot-peer"] = {"tflite": folder / "tfmot-peer.tflite", "onnxruntime": folder / "tfmot-peer.onnx"}
+        entry["files"]["tfmot-peer"] = {rt: folder / f"tfmot-peer{ext}" for rt, ext in RUNTIMES.items()}
+        for rt, path in entry["files"]["tfmot-peer"].items():
+            # the peer as tfmot users ship it: sparse-encoded LiteRT file, plain ONNX
+            registry.float_target(rt).export(peer, path, sparse=registry.float_target(rt).storage_flag is None)
         entry["macs"]["tfmot-peer"] = macs(peer)
         entry["peer_sparsity"] = {"overall": overall_sparsity(peer), "kernels": reached}
         log(f"{spec.name}: tfmot peer at {entry['peer_sparsity']['overall']:.0%} overall kernel sparsity")
@@ -169,7 +170,7 @@ def build(spec, data, work: Path) -> dict:
             report = json.loads((out / "report.json").read_text())
             entry["errors"]["fusion verification"] = str(exc).split("; see ")[0]
             log(f"{spec.name}: fusion verification failed; timing its files anyway, flagged: {exc}")
-        entry["files"]["fusion"] = {"tflite": out / "pruned.tflite", "onnxruntime": out / "pruned.onnx"}
+        entry["files"]["fusion"] = {rt: out / f"pruned{ext}" for rt, ext in RUNTIMES.items()}
         int8 = {rt: out / f"pruned-int8{ext}" for rt, ext in RUNTIMES.items() if (out / f"pruned-int8{ext}").is_file()}
         if int8:
             entry["files"]["fusion-int8"] = int8
@@ -429,7 +430,7 @@ def render_page(results: dict) -> str:
         "- **Ideal speedup** = dense MACs / variant MACs, two ways: *non-zero* (every zero weight skipped; "
         "the bound for sparse kernels) and *structural* (only physically removed units/channels; the bound "
         "for runtimes that densify, such as onnxruntime). *Of ideal* = measured speedup / ideal. MACs from "
-        "`exporters.flops.model_macs` of the Keras model (Dense and Conv family; int8 shares the float model's MACs).",
+        "`compressor.flops.model_macs` of the Keras model (Dense and Conv family; int8 shares the float model's MACs).",
         "",
     ]
     lines += ["## Full results", ""]

@@ -214,7 +214,7 @@ def test_corrupt_and_missing_tflite(tmp, block4):
         readback.stored_weights(junk)
     with pytest.raises(CompressorError, match="not found"):
         readback.stored_weights(tmp / "missing.tflite")
-    with pytest.raises(CompressorError, match="unknown model file type"):
+    with pytest.raises(CompressorError, match="unknown file type"):
         readback.stored_weights(tmp / "model.pb")
 
 

@@ -22,6 +22,7 @@ from compressor import surgery
 from compressor._tf import keras
 from compressor.stages import scoring
 from compressor.stages.base import StageContext, StageOutcome
+from exporters.ship import misaligned_dense  # noqa: F401  (the check export applies; tests use it from here)
 
 
 def units_needed(model, producer: str, block_height: int, graph) -> int:
@@ -33,13 +34,6 @@ def units_needed(model, producer: str, block_height: int, graph) -> int:
         if isinstance(layer, keras.layers.Dense) and np.any(layer.kernel.numpy() == 0):
             need = math.lcm(need, block_height // math.gcd(block_height, consumer.outer))
     return need
-
-
-def misaligned_dense(model, block_height: int) -> list[str]:
-    """Sparse Dense kernels whose input width the converter cannot block-encode correctly."""
-    return [layer.name for layer in model.layers
-            if isinstance(layer, keras.layers.Dense) and layer.kernel.shape[0] % block_height
-            and np.mean(layer.kernel.numpy() == 0) >= 0.3]
 
 
 def apply(model, ctx: StageContext, block_height: int, round_to: int = 1, narrowed: set[str] = frozenset(),

@@ -1,0 +1,207 @@
+"""Ship a compressed model: write every target's files, choose each int8 scheme by measurement, verify.
+
+The registry (exporters/targets.py) says what each target needs; this module applies it to one
+model: which storage is safe (fallbacks and their reasons), which int8 scheme wins on this model
+and this CPU, and whether each file computes what its Keras model computes.
+
+`recipe` and `data` are read by attribute (targets, compact_onnx, max_accuracy_drop, bench; x_calib,
+x_val/y_val, x_test/y_test), so this package stays free of the pipeline's own types.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from compressor._tf import keras
+from exporters import targets
+from exporters.benchmark import Artifact, correctness
+from exporters.latency import measure_interleaved
+from exporters.runtimes import open_runner_safely
+from exporters.stats import latency_summary
+from exporters.verify import verify_file
+
+SAME_SPEED = 0.03  # int8 candidates within 3% of the fastest count as tied: the registry's order decides
+
+
+@dataclass
+class Shipped:
+    """The exported files, the Keras model each came from, and what was decided on the way."""
+
+    artifacts: list[Artifact] = field(default_factory=list)
+    models: list = field(default_factory=list)            # the Keras model behind each artifact
+    quantization: list = field(default_factory=list)      # int8 scheme description per artifact (None: float)
+    notes: list[str] = field(default_factory=list)        # fallbacks taken, for the report
+    int8: list[dict] = field(default_factory=list)        # one record per int8 target: candidates and choice
+
+    def add(self, artifact: Artifact, model, quantization: str | None = None) -> None:
+        self.artifacts.append(artifact)
+        self.models.append(model)
+        self.quantization.append(quantization)
+
+
+def budget_split(data):
+    """Where the accuracy budget is checked: the validation split if there is one, else the test split."""
+    return (data.x_val, data.y_val) if data.x_val is not None else (data.x_test, data.y_test)
+
+
+def misaligned_dense(model, block_height: int) -> list[str]:
+    """Sparse Dense kernels whose input width the converter cannot block-encode correctly."""
+    return [layer.name for layer in model.layers
+            if isinstance(layer, keras.layers.Dense) and layer.kernel.shape[0] % block_height
+            and np.mean(layer.kernel.numpy() == 0) >= 0.3]
+
+
+def _can_encode(model, target: targets.Target, reporter, notes: list[str]) -> bool:
+    """Sparse storage unless the model has Dense kernels the target's block encoding would corrupt."""
+    height = target.dense_block[0]
+    bad = misaligned_dense(model, height)
+    if bad:
+        notes.append(f"{target.name} file stored dense: Dense input width of {', '.join(bad)} is not a multiple "
+                     f"of {height}; {target.fallback('misaligned').reason}; use a weight block matching the "
+                     "target or let the align step run")
+        reporter.warn(notes[-1])
+    return not bad
+
+
+def export_all(dense, pruned, recipe, data, out: Path, reporter, flops: tuple[int, int] = (0, 0)) -> Shipped:
+    """Dense and pruned float files for every runtime the targets use, then each int8 target's file.
+    `flops`: the dense and pruned models' MACs, recorded with each file."""
+    shipped = Shipped()
+    dense_flops, pruned_flops = flops
+    reporter.step("exporting dense and pruned models for " + ", ".join(recipe.targets))
+    for runtime, _ in targets.runtime_formats(recipe.targets):
+        target = targets.float_target(runtime)
+        dense_path, pruned_path = out / target.filename("dense"), out / target.filename("pruned")
+        target.export(dense, dense_path, sparse=False)
+        sparse = _can_encode(pruned, target, reporter, shipped.notes)
+        if target.storage_flag:
+            sparse = sparse and bool(getattr(recipe, target.storage_flag))
+        target.export(pruned, pruned_path, sparse=sparse)
+        shipped.add(Artifact("dense", runtime, dense_path, dense_flops), dense)
+        shipped.add(Artifact("pruned", runtime, pruned_path, pruned_flops), pruned)
+    for target in targets.selected(recipe.targets):
+        if target.int8:
+            artifact, record = choose_int8(target, pruned, recipe, data, out, reporter, shipped.notes)
+            artifact.flops = pruned_flops
+            shipped.add(artifact, pruned, record["description"])
+            shipped.int8.append(record)
+    return shipped
+
+
+def _candidates(target, pruned, data, out: Path, encode: bool) -> list[dict]:
+    """Write one file per int8 scheme of the target and open it as a user would."""
+    x, y = budget_split(data)
+    found = []
+    for scheme in target.schemes:
+        entry = {"scheme": scheme.name, "description": scheme.description}
+        if scheme.options.get("encode") and not encode:
+            entry["skipped"] = target.fallback("misaligned").reason
+            found.append(entry)
+            continue
+        path = out / f".candidate-{scheme.name}-{target.filename('pruned-int8')}"
+        target.export(pruned, path, calibration=data.x_calib, scheme=scheme, sparse=True)
+        runner, resolver, note = open_runner_safely(path)
+        entry.update(path=path, runner=runner, resolver=resolver, delegate_note=note,
+                     accuracy=float(correctness(runner, x, y, path).mean()))
+        found.append(entry)
+    return found
+
+
+def _drop_rejected(target, found: list[dict], final_name: str, notes: list[str], reporter) -> list[dict]:
+    """A file the default interpreter rejects is used only when no scheme runs there."""
+    usable = [c for c in found if "path" in c]
+    default = [c for c in usable if c["resolver"] == "default"]
+    if not default or len(default) == len(usable):
+        return usable
+    for c in usable:
+        if c["resolver"] != "default":
+            fallback = next((f for f in target.fallbacks if f.when == "delegate-rejects-sparse"), None)
+            why = c["delegate_note"].split("(", 1)[-1].split(")")[0]
+            c["skipped"] = f"{fallback.reason if fallback else 'the default interpreter rejects it'} ({why})"
+            notes.append(f"{final_name}: {c['scheme']} not used: {c['skipped']}")
+            reporter.warn(notes[-1])
+    return default
+
+
+def _pick(pool: list[dict], max_drop: float, reference: float) -> dict:
+    """The fastest candidate within the accuracy budget (near-ties go to the registry's order);
+    if none is within it, the most accurate."""
+    within = [c for c in pool if reference - c["accuracy"] <= max_drop]
+    if not within:
+        return max(pool, key=lambda c: c["accuracy"])
+    best = min(c["p50_ms"] for c in within)
+    return next(c for c in within if c["p50_ms"] <= best * (1 + SAME_SPEED))
+
+
+def choose_int8(target, pruned, recipe, data, out: Path, reporter, notes: list[str]) -> tuple[Artifact, dict]:
+    """Measure the target's int8 schemes on this model at batch 1 and keep the fastest within budget."""
+    final = out / target.filename("pruned-int8")
+    encode = _can_encode(pruned, target, reporter, notes)
+    x, y = budget_split(data)
+    reference = float(np.mean(np.argmax(pruned.predict(x, verbose=0).reshape(len(x), -1), axis=1) == y))
+    found = _candidates(target, pruned, data, out, encode)
+    try:
+        pool = _drop_rejected(target, found, final.name, notes, reporter)
+        float_path = out / targets.float_target(target.runtime).filename("pruned")
+        float_runner, _, _ = open_runner_safely(float_path)
+        reporter.step(f"{target.name}: timing {len(pool)} int8 scheme(s) against {float_path.name} at batch 1")
+        runners = {c["scheme"]: c["runner"] for c in pool} | {"float": float_runner}
+        sample = np.asarray(x[:1], np.float32)
+        times = measure_interleaved(runners, sample, recipe.bench.runs, recipe.bench.warmup)
+        for c in pool:
+            c["p50_ms"] = latency_summary(times[c["scheme"]])["p50"]
+        chosen = _pick(pool, recipe.max_accuracy_drop, reference)
+        os.replace(chosen["path"], final)
+    finally:
+        for c in found:
+            if "path" in c:
+                Path(c["path"]).unlink(missing_ok=True)
+    float_p50 = latency_summary(times["float"])["p50"]
+    record = {
+        "target": target.name, "runtime": target.runtime, "file": final.name, "chosen": chosen["scheme"],
+        "description": f"{chosen['scheme']}: {chosen['description']}",
+        "reference_accuracy": reference, "max_accuracy_drop": recipe.max_accuracy_drop,
+        "float_file": float_path.name, "float_p50_ms": float_p50,
+        "candidates": [{k: c.get(k) for k in ("scheme", "accuracy", "p50_ms", "resolver", "skipped")} for c in found],
+    }
+    reporter.step(f"{target.name}: chose {chosen['scheme']} ("
+                  + ", ".join(f"{c['scheme']} {c['p50_ms']:.4f} ms" for c in pool) + f"; float {float_p50:.4f} ms)")
+    return Artifact("pruned-int8", target.runtime, final, resolver=chosen["resolver"],
+                    notes=[chosen["delegate_note"]] if chosen["delegate_note"] else []), record
+
+
+def verify_all(shipped: Shipped, x_check: np.ndarray, reporter) -> list[dict]:
+    """One verification row per file, each against the Keras model it was exported from."""
+    reporter.step("verifying every exported file")
+    expected = {}
+    rows = []
+    for art, model, quantization in zip(shipped.artifacts, shipped.models, shipped.quantization):
+        if id(model) not in expected:
+            expected[id(model)] = model.predict(x_check, batch_size=256, verbose=0)
+        runner, art.resolver, note = open_runner_safely(art.path)
+        if note and note not in art.notes:
+            art.notes.append(note)
+            reporter.warn(note)
+        rows.append(verify_file(art.path, runner, model, expected[id(model)], x_check, quantized=quantization))
+    return rows
+
+
+def int8_verdicts(results: list[dict], records: list[dict]) -> list[str]:
+    """One line per runtime whose int8 file is not faster than its pruned float file at batch 1, 1 thread:
+    such a file buys size, not speed, and the report must not present it as an improvement."""
+    lines = []
+    for rec in records:
+        rows = {r["variant"]: r for r in results
+                if r["runtime"] == rec["runtime"] and r["batch"] == 1 and r["threads"] == 1}
+        int8, flt = rows.get("pruned-int8"), rows.get("pruned")
+        if int8 is None or flt is None:
+            continue
+        a, b = int8["latency_ms"]["p50"], flt["latency_ms"]["p50"]
+        rec["int8_p50_ms"], rec["float_p50_ms_bench"], rec["faster_than_float"] = a, b, a < b
+        if a >= b:
+            lines.append(f"{int8['file']} is not faster than {flt['file']} at batch 1 ({a:.4f} vs {b:.4f} ms p50, "
+                         f"scheme {rec['chosen']}): int8 buys size here, not speed")
+    return lines

@@ -1,0 +1,196 @@
+"""The registry of runtime targets and file formats: the one place that knows them by name.
+
+A target is what a recipe ships to (LiteRT float, LiteRT int8, onnxruntime float, onnxruntime
+int8): which runtime runs it, which file format it writes, how it is exported, which Dense block
+shape that runtime's sparse kernel executes, which int8 schemes are candidates, and which
+fallbacks apply (each with its reason). A file format maps extensions to a runner, a weight
+read-back and an `inspect` table, so `bench`, `inspect`, read-back and verification look a file up
+here instead of testing its extension.
+
+Factories are named as "module:attribute" and resolved on first use: looking up a target (the
+recipe validates its names here) never imports TensorFlow or onnxruntime, and the modules the
+registry points at may ask the registry for a file's format without an import cycle.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from compressor.errors import CompressorError
+
+__all__ = [
+    "FileFormat", "Target", "Scheme", "Fallback", "FORMATS", "TARGETS", "NAMES", "RUNTIMES",
+    "target", "format_for", "runtime_formats", "selected", "dense_block", "float_target", "extension_list",
+]
+
+
+def _resolve(ref: str):
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+@dataclass(frozen=True)
+class FileFormat:
+    """A file kind: how to run it (if a runtime does), read its weights back and inspect it."""
+
+    name: str
+    extensions: tuple[str, ...]
+    runtime: str | None         # the runtime that executes it (None: not runnable, e.g. Keras)
+    runner: str | None          # "module:Class(path, threads, resolver)"
+    reader: str | None          # "module:function(path) -> list[StoredTensor]"
+    inspector: str              # "module:function(path) -> (rows, notes)"
+    resolvers: tuple[str, ...] = ("default",)  # op resolvers the runner accepts, most preferred first
+
+    def open_runner(self, path, threads: int = 1, resolver: str = "default"):
+        if self.runner is None:
+            raise CompressorError(f"'{path}' is a {self.name} file, which no runtime runs; "
+                                  f"pass {extension_list(runnable=True)}")
+        return _resolve(self.runner)(path, threads, resolver)
+
+    def read_weights(self, path) -> list:
+        if self.reader is None:
+            raise CompressorError(f"{path}: weights of a {self.name} file are not read back; "
+                                  f"pass {extension_list(runnable=True)}")
+        return _resolve(self.reader)(path)
+
+    def inspect_rows(self, path):
+        return _resolve(self.inspector)(path)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One way to write a target's file; int8 schemes are measured against each other per model."""
+
+    name: str
+    description: str
+    options: dict = field(default_factory=dict)  # passed to the exporter
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """What is written instead when the preferred form cannot be used, and why."""
+
+    when: str
+    instead: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Target:
+    """One thing a recipe ships to: a runtime, float or int8, and everything needed to write its file."""
+
+    name: str
+    runtime: str
+    format: FileFormat
+    int8: bool
+    exporter: str                  # "module:function(model, path, calibration, scheme, sparse) -> Path"
+    dense_block: tuple[int, int]   # (in, out) block of Dense-kernel zeros the runtime's sparse kernel executes
+    schemes: tuple[Scheme, ...]
+    fallbacks: tuple[Fallback, ...] = ()
+    storage_flag: str | None = None  # recipe field that can switch compact storage of pruned weights off
+
+    @property
+    def extension(self) -> str:
+        return self.format.extensions[0]
+
+    def filename(self, variant: str) -> str:
+        return f"{variant}{self.extension}"
+
+    def export(self, model, path, *, calibration=None, scheme: Scheme | None = None, sparse: bool = True):
+        """Write `model` for this target; `sparse` asks for compact storage of pruned weights."""
+        scheme = scheme or self.schemes[0]
+        return _resolve(self.exporter)(model, path, calibration=calibration, sparse=sparse, **scheme.options)
+
+    def fallback(self, when: str) -> Fallback:
+        return next(f for f in self.fallbacks if f.when == when)
+
+    def open_runner(self, path, threads: int = 1, resolver: str = "default"):
+        return self.format.open_runner(path, threads, resolver)
+
+
+TFLITE = FileFormat("tflite", (".tflite",), "tflite", "exporters.runtimes:TFLiteRunner",
+                    "exporters.readback:tflite_weights", "exporters.inspect:tflite_rows",
+                    resolvers=("default", "builtin"))
+ONNX = FileFormat("onnx", (".onnx",), "onnxruntime", "exporters.runtimes:OnnxRunner",
+                  "exporters.readback:onnx_weights", "exporters.inspect:onnx_rows")
+KERAS = FileFormat("keras", (".keras", ".h5", ".hdf5"), None, None, None, "exporters.inspect:keras_rows")
+FORMATS = (TFLITE, ONNX, KERAS)
+
+_MISALIGNED = Fallback(
+    "misaligned", "dense storage",
+    "the converter's block encoding drops the trailing partial block of a Dense kernel whose input width is not "
+    "a multiple of the block height, so such a model is written with dense storage")
+_XNNPACK_SPARSE_INT8 = Fallback(
+    "delegate-rejects-sparse", "dense int8 storage",
+    "the default XNNPACK delegate rejects int8 sparse tensors it has no kernel for (conv kernels, blocks other "
+    "than 16x1) and the default interpreter would fail to run the file; dense int8 storage still keeps the "
+    "zeros, gzip shrinks them")
+
+TARGETS: dict[str, Target] = {t.name: t for t in (
+    Target("tflite", "tflite", TFLITE, False, "exporters.tflite_export:export_for_target", (4, 1),
+           (Scheme("float32", "float32 weights; pruned tensors block-sparse encoded"),),
+           (_MISALIGNED,)),
+    Target("tflite-int8", "tflite", TFLITE, True, "exporters.tflite_export:export_for_target", (16, 1),
+           (Scheme("int8-sparse", "full-integer int8, per-channel weights, sparse storage of pruned tensors",
+                   {"int8": True, "encode": True}),
+            Scheme("int8-dense", "full-integer int8, per-channel weights, dense storage",
+                   {"int8": True, "encode": False})),
+           (_MISALIGNED, _XNNPACK_SPARSE_INT8)),
+    Target("onnxruntime", "onnxruntime", ONNX, False, "exporters.onnx_export:export_for_target", (1, 1),
+           (Scheme("float32", "float32 weights; pruned initializers as sparse_initializer when compact"),),
+           storage_flag="compact_onnx"),
+    Target("onnxruntime-int8", "onnxruntime", ONNX, True, "exporters.onnx_export:export_for_target", (1, 1),
+           (Scheme("qdq-s8s8-per-channel", "static QDQ, int8 activations and per-channel int8 weights "
+                   "(reduce_range on CPUs without VNNI)", {"mode": "static"}),
+            Scheme("dynamic", "dynamic quantization: per-tensor int8 weights, activations scaled at run time "
+                   "(tiny MatMuls left float)", {"mode": "dynamic"}))),
+)}
+NAMES: tuple[str, ...] = tuple(TARGETS)
+RUNTIMES: tuple[str, ...] = tuple(dict.fromkeys(t.runtime for t in TARGETS.values()))
+
+
+def target(name: str) -> Target:
+    if name not in TARGETS:
+        raise CompressorError(f"unknown target '{name}'; choose from {', '.join(NAMES)}")
+    return TARGETS[name]
+
+
+def selected(names) -> list[Target]:
+    """The recipe's targets, in registry order."""
+    return [t for t in TARGETS.values() if t.name in set(names)]
+
+
+def runtime_formats(names) -> list[tuple[str, FileFormat]]:
+    """(runtime, file format) of every runtime the targets use: each gets dense and pruned float files."""
+    seen = {}
+    for t in selected(names):
+        seen.setdefault(t.runtime, t.format)
+    return list(seen.items())
+
+
+def float_target(runtime: str) -> Target:
+    return next(t for t in TARGETS.values() if t.runtime == runtime and not t.int8)
+
+
+def dense_block(names) -> tuple[int, int]:
+    """The (in, out) Dense block that every selected target's sparse kernel can execute: the tallest."""
+    blocks = [t.dense_block for t in selected(names)]
+    return max(blocks, key=lambda b: b[0] * b[1]) if blocks else (1, 1)
+
+
+def extension_list(runnable: bool = False) -> str:
+    exts = [e for f in FORMATS if f.runner or not runnable for e in f.extensions[:1]]
+    return ", ".join(f"a {e}" for e in exts[:-1]) + f" or a {exts[-1]} file" if len(exts) > 1 else f"a {exts[0]} file"
+
+
+def format_for(path, runnable: bool = False, flag: str | None = None) -> FileFormat:
+    """The file format of `path` by its extension; a one-line error naming the accepted ones."""
+    ext = Path(path).suffix.lower()
+    for fmt in FORMATS:
+        if ext in fmt.extensions and (fmt.runner or not runnable):
+            return fmt
+    where = f"{flag} '{path}'" if flag else f"'{path}'"
+    raise CompressorError(f"{where}: unknown extension {ext or '(none)'!r}: unknown file type; "
+                          f"pass {extension_list(runnable)}")
+

@@ -1,0 +1,183 @@
+"""int8 files: verification holds for BatchNorm-folded convs at the rounding edge and still catches a
+lost or gained pruned weight; the int8 scheme is chosen by measurement and a slow int8 file is named."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from compressor._tf import keras
+from exporters import onnx_export, ship, tflite_export
+from exporters.runtimes import open_runner_safely
+from exporters.verify import verify_file
+
+L = keras.layers
+
+
+def _edge_conv_bn_model(seed: int = 0) -> keras.Model:
+    """Conv-BN-ReLU6 blocks (folded by both converters) whose kept weights partly sit exactly at
+    half a quantization step of their channel, the edge where rounding to zero is decided."""
+    keras.utils.set_random_seed(seed)
+    rng = np.random.default_rng(seed)
+    inp = keras.Input((8, 8, 3))
+    x = L.ReLU(6.0)(L.BatchNormalization()(L.Conv2D(16, 3, padding="same", use_bias=False)(inp)))
+    x = L.ReLU(6.0)(L.BatchNormalization()(L.DepthwiseConv2D(3, padding="same", use_bias=False)(x)))
+    x = L.BatchNormalization()(L.Conv2D(16, 1, use_bias=False)(x))
+    model = keras.Model(inp, L.Dense(10)(L.GlobalAveragePooling2D()(x)))
+    for layer in model.layers:
+        if isinstance(layer, L.BatchNormalization):
+            n = layer.gamma.shape[0]
+            layer.set_weights([rng.uniform(0.2, 3, n), rng.normal(0, .1, n), rng.normal(0, .1, n),
+                               rng.uniform(0.05, 4, n)])
+        elif layer.weights:
+            weights = layer.get_weights()
+            k = weights[0].reshape(-1, weights[0].shape[-1])
+            k[np.abs(k) < np.quantile(np.abs(k), 0.5)] = 0  # pruned
+            step = np.abs(k).max(axis=0) / np.float32(127)
+            edge = (rng.random(k.shape) < 0.25) & (k != 0)
+            nudge = rng.choice(np.float32([1 - 1e-6, 1, 1 + 1e-6]), k.shape)
+            k[edge] = (np.sign(k) * step / 2 * nudge)[edge]
+            layer.set_weights([k.reshape(weights[0].shape)] + weights[1:])
+    return model
+
+
+@pytest.fixture(scope="module")
+def edge_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("edge")
+    model = _edge_conv_bn_model()
+    calib = np.random.default_rng(1).random((40, 8, 8, 3), dtype=np.float32)
+    plain = onnx_export.export_float(model, folder / "m.onnx")
+    files = {"tflite": tflite_export.export_int8(model, folder / "m8.tflite", calib, sparse=False),
+             "static": onnx_export.export_int8(plain, folder / "s8.onnx", calib, mode="static"),
+             "dynamic": onnx_export.export_int8(plain, folder / "d8.onnx", calib, mode="dynamic")}
+    return model, calib, files
+
+
+def _verify(path, model, x):
+    runner, _, _ = open_runner_safely(path)
+    return verify_file(path, runner, model, model.predict(x, verbose=0), x, quantized="int8")
+
+
+def test_bn_folded_conv_at_the_rounding_edge_verifies_in_every_scheme(edge_files):
+    model, x, files = edge_files
+    for scheme, path in files.items():
+        row = _verify(path, model, x)
+        assert row["ok"], (scheme, row)
+        # the edge weights really produced rounding zeros beyond the pruned ones
+        assert row["zeros_in_file"] == row["zeros_expected"] > row["pruned_zeros"], (scheme, row)
+
+
+def _tamper_onnx(path, out, change):
+    proto = onnx.load(str(path))
+    for init in proto.graph.initializer:
+        arr = numpy_helper.to_array(init)
+        if arr.dtype == np.int8 and arr.ndim == 4 and arr.shape[0] == 16 and arr.shape[1] == 3:  # the stem conv
+            arr = arr.copy()
+            change(arr)
+            init.CopyFrom(numpy_helper.from_array(arr, init.name))
+    onnx.save(proto, str(out))
+    return out
+
+
+def test_a_lost_pruned_zero_is_still_caught(edge_files, tmp_path):
+    model, x, files = edge_files
+
+    def regrow(arr):
+        idx = np.flatnonzero(arr == 0)[:3]
+        arr.reshape(-1)[idx] = 5  # three zeros come back (pruned ones, or rounding ones next to them)
+
+    row = _verify(_tamper_onnx(files["static"], tmp_path / "lost.onnx", regrow), model, x)
+    assert not row["ok"] and re.search(r"[1-3] pruned zero\(s\) lost", row["problem"]), row
+
+
+def test_a_gained_zero_that_does_not_round_is_caught(edge_files, tmp_path):
+    model, x, files = edge_files
+
+    def prune_more(arr):
+        flat = arr.reshape(-1)
+        flat[np.argsort(-np.abs(flat.astype(int)))[:2]] = 0  # two of the largest weights zeroed
+
+    row = _verify(_tamper_onnx(files["static"], tmp_path / "gained.onnx", prune_more), model, x)
+    assert not row["ok"] and "2 weight(s) zeroed that do not round to zero" in row["problem"]
+
+
+def test_int8_scheme_is_chosen_by_measurement_and_recorded(tmp_path, fast_recipe, digits):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([L.Reshape((8, 8, 1), input_shape=(64,)), L.Conv2D(8, 3, activation="relu"),
+                              L.Flatten(), L.Dense(10)])
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(digits.x_train, digits.y_train, epochs=3, verbose=0)
+    from compressor.pipeline import compress
+    from compressor.progress import Reporter
+
+    recipe = fast_recipe(targets=["tflite", "tflite-int8", "onnxruntime", "onnxruntime-int8"])
+    report = compress(model, digits, recipe, tmp_path, reporter=Reporter(quiet=True))
+    records = {r["target"]: r for r in report["int8"]}
+    assert set(records) == {"tflite-int8", "onnxruntime-int8"}
+    for rec in records.values():
+        measured = [c for c in rec["candidates"] if c["p50_ms"] is not None]
+        assert rec["chosen"] in {c["scheme"] for c in measured} and len(rec["candidates"]) == 2
+        assert all(c["accuracy"] is not None for c in measured) and rec["float_p50_ms"] > 0
+        assert "faster_than_float" in rec
+    assert {c["scheme"] for c in records["onnxruntime-int8"]["candidates"]} == {"qdq-s8s8-per-channel", "dynamic"}
+    assert all(v["ok"] for v in report["verification"])
+    assert "## int8 schemes" in (tmp_path / "report.md").read_text()
+    assert not list(tmp_path.glob(".candidate-*"))  # losing candidates are removed
+
+
+def _row(variant, runtime, p50, file):
+    return {"variant": variant, "runtime": runtime, "batch": 1, "threads": 1, "file": file,
+            "latency_ms": {"p50": p50}}
+
+
+def test_an_int8_file_that_loses_is_named_in_one_line():
+    results = [_row("pruned", "onnxruntime", 0.10, "pruned.onnx"), _row("pruned-int8", "onnxruntime", 0.12, "pruned-int8.onnx"),
+               _row("pruned", "tflite", 0.10, "pruned.tflite"), _row("pruned-int8", "tflite", 0.05, "pruned-int8.tflite")]
+    records = [{"runtime": "onnxruntime", "chosen": "dynamic"}, {"runtime": "tflite", "chosen": "int8-dense"}]
+    lines = ship.int8_verdicts(results, records)
+    assert len(lines) == 1 and lines[0].startswith("pruned-int8.onnx is not faster than pruned.onnx")
+    assert records[0]["faster_than_float"] is False and records[1]["faster_than_float"] is True
+
+
+def test_the_pick_keeps_the_fastest_within_budget():
+    pool = [{"scheme": "a", "accuracy": 0.90, "p50_ms": 1.00}, {"scheme": "b", "accuracy": 0.95, "p50_ms": 0.50},
+            {"scheme": "c", "accuracy": 0.80, "p50_ms": 0.10}]
+    assert ship._pick(pool, 0.01, 0.95)["scheme"] == "b"          # c is faster but outside the budget
+    assert ship._pick(pool, 0.2, 0.95)["scheme"] == "c"
+    assert ship._pick(pool, 0.0, 0.99)["scheme"] == "b"           # none within: the most accurate
+    tied = [{"scheme": "a", "accuracy": 0.9, "p50_ms": 0.101}, {"scheme": "b", "accuracy": 0.9, "p50_ms": 0.100}]
+    assert ship._pick(tied, 0.1, 0.9)["scheme"] == "a"            # within noise: the registry's order
+
+
+def test_report_md_and_summary_show_the_verdict(capsys):
+    from compressor.cli import _summary
+    from compressor.progress import Reporter
+
+    line = "pruned-int8.onnx is not faster than pruned.onnx at batch 1"
+    report = {"int8": [{"target": "onnxruntime-int8", "chosen": "dynamic", "float_file": "pruned.onnx",
+                        "reference_accuracy": 0.9, "float_p50_ms": 0.1,
+                        "candidates": [{"scheme": "dynamic", "accuracy": 0.9, "p50_ms": 0.12}]}],
+              "int8_notes": [line], "verification": [], "results": []}
+    from exporters.report import _int8_section
+
+    assert any(line in text for text in _int8_section(report))
+    _summary(report, Reporter(quiet=False))
+    assert line in capsys.readouterr().out
+
+
+def test_reduce_range_only_on_x86_without_vnni(monkeypatch):
+    import platform
+
+    from exporters import benchmark
+
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    for flags, expected in (({"avx2", "fma"}, True), ({"avx2", "avx512_vnni"}, False), ({"avx_vnni"}, False),
+                            (set(), False)):
+        monkeypatch.setattr(benchmark, "cpu_flags", lambda f=flags: f)
+        assert onnx_export.reduce_range_needed() is expected, flags
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(benchmark, "cpu_flags", lambda: {"asimd"})
+    assert onnx_export.reduce_range_needed() is False
