@@ -17,27 +17,19 @@ import numpy as np
 
 from compressor._tf import keras, tf
 from compressor.errors import CompressorError
+from compressor.keras3_layers import ACTIVATIONS, LAYERS, OPS, REFUSED, LayerSpec, OpSpec, is_op, recognised, same_class
 
 #: Max |tf-keras - Keras 3| allowed on the parity check, scaled by max(1, |reference output|).
 PARITY_TOL = 1e-4
 
 _MODEL_CLASSES = {"Functional", "Sequential", "Model"}
 # tf-keras has these names but the Keras 3 object cannot be carried over faithfully.
-_NO_EQUIVALENT = {"Lambda", "TFSMLayer", "JaxLayer", "FlaxLayer", "TorchModuleWrapper"}
+_NO_EQUIVALENT = frozenset(REFUSED)
 # Keyword arguments every tf-keras Layer accepts through **kwargs (base Layer allow-list).
 _BASE_LAYER_KWARGS = {
     "name", "trainable", "dtype", "dynamic", "input_dim", "input_shape", "batch_input_shape",
     "batch_size", "weights", "activity_regularizer", "autocast", "implementation",
 }
-# Keras 3 config keys renamed in tf-keras, per class.
-_RENAMES = {
-    "LeakyReLU": {"negative_slope": "alpha"},
-    "InputLayer": {"batch_shape": "batch_input_shape"},
-}
-# Keras 3 activation names that tf-keras spells differently (same function).
-_ACTIVATION_ALIASES = {"silu": "swish"}
-# Same name, different function in tf-keras (Keras 3: relu6(x + 3) / 6; tf-keras: 0.2 x + 0.5).
-_DIFFERENT_ACTIVATIONS = {"hard_sigmoid"}
 _QUANTIZED_POLICY = re.compile(r"int8|int4|float8|gptq", re.I)
 _NESTED_LAYER_KEYS = {"layer", "backward_layer", "cell"}
 
@@ -66,11 +58,20 @@ def precheck_config(config: dict, path: str) -> None:
     for lcfg in layers:
         class_name = lcfg.get("class_name", "?")
         name = (lcfg.get("config") or {}).get("name") or lcfg.get("name") or "?"
+        if is_op(lcfg):
+            if class_name not in OPS:
+                raise CompressorError(
+                    f"cannot read model '{path}': Keras 3 operation '{name}' (keras.ops {class_name}) has "
+                    "no tf-keras rebuild; express it with Keras layers and re-save, or save the model as tf-keras"
+                )
+            continue
         registered = lcfg.get("registered_name")
         custom = ("module" in lcfg and not str(lcfg.get("module") or "").startswith("keras")) or (
             registered not in (None, class_name)
         )
-        known_to_tf_keras = class_name in _MODEL_CLASSES or getattr(keras.layers, class_name, None) is not None
+        known_to_tf_keras = (
+            class_name in _MODEL_CLASSES or getattr(keras.layers, class_name, None) is not None or recognised(lcfg)
+        )
         if not custom and not known_to_tf_keras and getattr(_keras3().layers, class_name, None) is not None:
             raise CompressorError(
                 f"cannot read model '{path}': Keras 3 layer '{name}' ({class_name}) has no tf-keras "
@@ -229,9 +230,11 @@ class _Importer:
             if lcfg["class_name"] == "InputLayer":
                 produced[(name, 0)] = [keras.Input(**self._input_kwargs(lcfg["config"]))]
                 continue
-            layer = self._make_layer(lcfg, self._k3_sublayer(k3_model, name))
+            layer = None if is_op(lcfg) else self._make_layer(lcfg, self._k3_sublayer(k3_model, name))
             for node_index, node in enumerate(lcfg.get("inbound_nodes", [])):
                 args, kwargs = self._node_call(node, produced, name)
+                if is_op(lcfg):
+                    layer, args, kwargs = self._op_layer(lcfg, name, args, kwargs)
                 try:
                     out = layer(*args, **kwargs)
                 except Exception as exc:  # noqa: BLE001
@@ -249,6 +252,17 @@ class _Importer:
             return [pick(s) for s in spec]
 
         return keras.Model(pick(cfg["input_layers"]), pick(cfg["output_layers"]), name=cfg.get("name"))
+
+    def _op_layer(self, lcfg: dict, name: str, args: list, kwargs: dict):
+        """A keras.ops node (x + y, x * 0.5, ...) -> (tf-keras layer computing it, args, kwargs)."""
+        class_name = lcfg["class_name"]
+        spec = OpSpec(name, class_name, dict(lcfg.get("config") or {}), list(args), dict(kwargs))
+        handler = OPS.get(class_name)
+        if handler is None:
+            raise spec.refuse("has no tf-keras rebuild")
+        self.n_layers += 1
+        layer, call_args = handler(spec)
+        return layer, call_args, {}
 
     def _node_call(self, node, produced, layer_name):
         """Turn a Keras 3 node ({"args", "kwargs"} holding __keras_tensor__ refs) into call args."""
@@ -306,33 +320,25 @@ class _Importer:
         return self._layer_from_config(name, class_name, lcfg)
 
     def _layer_from_config(self, name: str, class_name: str, lcfg: dict):
+        """Look the class up in the handler table (keras3_layers.LAYERS); default: same tf-keras class."""
         registered = lcfg.get("registered_name")
-        tf_cls = getattr(keras.layers, class_name, None)
-        if (registered and registered != class_name) or tf_cls is None or class_name in _NO_EQUIVALENT:
+        module = str(lcfg.get("module") or "keras.layers")
+        from_keras = module == "keras" or module.startswith("keras.")
+        library = recognised(lcfg) or (from_keras and getattr(keras.layers, class_name, None) is not None)
+        if (registered and registered != class_name) or not library:
             label = registered or class_name
             raise CompressorError(
                 f"Keras 3 layer '{name}' ({label}) has no tf-keras equivalent; save the model "
                 "without it, or build and save it with tf-keras"
             )
-        cfg = self._translate(name, class_name, tf_cls, dict(lcfg.get("config", {})))
-        try:
-            return tf_cls.from_config(cfg)
-        except Exception as exc:  # noqa: BLE001
-            raise CompressorError(
-                f"cannot rebuild Keras 3 layer '{name}' ({class_name}) in tf-keras: "
-                f"{_first_line(exc)}; save the model without it or as tf-keras"
-            ) from None
+        spec = LayerSpec(
+            name, class_name, module, dict(lcfg.get("config", {})),
+            lambda tf_cls, cfg: self._translate(name, class_name, tf_cls, cfg), self.notes,
+        )
+        return LAYERS.get(class_name, same_class)(spec)
 
     def _translate(self, name: str, class_name: str, tf_cls: type, cfg: dict) -> dict:
         """Keras 3 layer config -> tf-keras layer config (same semantics, tf-keras spelling)."""
-        for old, new in _RENAMES.get(class_name, {}).items():
-            if old in cfg:
-                cfg[new] = cfg.pop(old)
-        if class_name == "LayerNormalization" and cfg.get("rms_scaling"):
-            raise CompressorError(
-                f"Keras 3 layer '{name}' (LayerNormalization) uses rms_scaling, which tf-keras "
-                "lacks; save the model without it or as tf-keras"
-            )
         accepted = _accepted_kwargs(tf_cls)
         out: dict[str, Any] = {}
         for key, value in cfg.items():
@@ -401,6 +407,8 @@ class _Importer:
             if isinstance(tf_layer, keras.layers.InputLayer):
                 continue
             k3_layer = self._k3_sublayer(k3_model, tf_layer.name)
+            if k3_layer is None and not tf_layer.weights and _is_k3_op(k3_model, tf_layer.name):
+                continue  # a keras.ops node rebuilt as a weightless layer
             if k3_layer is None:
                 raise CompressorError(
                     f"imported layer '{tf_layer.name}' has no Keras 3 counterpart; re-save the model"
@@ -420,6 +428,10 @@ class _Importer:
                 )
             if src:
                 tf_layer.set_weights(src)
+
+
+def _is_k3_op(k3_model, name: str) -> bool:
+    return any(op.name == name for op in getattr(k3_model, "operations", []))
 
 
 class _Drop:
@@ -454,12 +466,7 @@ def _activation(value, layer_name: str, class_name: str):
             )
     if value is None:
         return value
-    value = _ACTIVATION_ALIASES.get(value, value)
-    if value in _DIFFERENT_ACTIVATIONS:
-        raise CompressorError(
-            f"Keras 3 layer '{layer_name}' ({class_name}) uses activation '{value}', which tf-keras "
-            "defines differently; use another activation or save the model as tf-keras"
-        )
+    value = ACTIVATIONS.get(value, value)
     try:
         keras.activations.get(value)
     except Exception:  # noqa: BLE001

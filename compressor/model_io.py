@@ -17,6 +17,9 @@ from pathlib import Path
 
 from compressor._tf import keras
 from compressor.errors import CompressorError
+# Registers the tf-keras classes/activations that Keras 3 imports are rebuilt with, so that files
+# saved after an import (pruned.keras) load again; tf-keras only, Keras 3 stays unimported.
+from compressor.keras3_layers import IMPORT_CLASSES
 
 FORMAT_TFK_KERAS = "tf-keras .keras"
 FORMAT_TFK_H5 = "tf-keras .h5"
@@ -28,7 +31,8 @@ _H5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _H5_SUFFIXES = {".h5", ".hdf5"}
 
 #: Layer classes the pruning stages prune, or pass through unchanged while pruning around them.
-#: Anything else (recurrent layers, Lambda, attention, custom classes, ...) stays unpruned.
+#: Anything else (recurrent layers, Lambda, custom classes, ...) stays unpruned. LayerScale and
+#: StochasticDepth are the classes Keras 3 imports are rebuilt with (compressor.keras3_layers).
 PRUNING_SUPPORTED = frozenset({
     "InputLayer", "Dense", "Conv1D", "Conv2D", "DepthwiseConv2D", "SeparableConv2D",
     "BatchNormalization", "LayerNormalization", "Activation", "ReLU", "LeakyReLU", "PReLU", "ELU",
@@ -37,7 +41,7 @@ PRUNING_SUPPORTED = frozenset({
     "GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalMaxPooling1D", "GlobalMaxPooling2D",
     "ZeroPadding1D", "ZeroPadding2D", "Cropping1D", "Cropping2D", "UpSampling1D", "UpSampling2D",
     "Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum", "Concatenate",
-    "Rescaling", "Normalization", "Embedding",
+    "Rescaling", "Normalization", "Embedding", "MultiHeadAttention", "LayerScale", "StochasticDepth",
 })
 
 
@@ -264,6 +268,8 @@ def unsupported_layers(model) -> list[str]:
 
 def _is_builtin(layer) -> bool:
     """True for tf-keras's own layer classes (a user subclass named 'Dense' is still custom)."""
+    if type(layer) in IMPORT_CLASSES:
+        return True
     module = type(layer).__module__ or ""
     return module.startswith(("tf_keras.", "keras.")) and getattr(keras.layers, type(layer).__name__, None) is type(layer)
 
