@@ -115,10 +115,7 @@ def load_keras3(path: str, kind: str, config: dict | None = None) -> tuple["kera
     if config:
         precheck_config(config, path)
     keras3 = _keras3()
-    try:
-        k3_model = keras3.saving.load_model(path, compile=False)
-    except Exception as exc:  # noqa: BLE001 - every failure becomes one user-facing line
-        raise _keras3_load_error(path, exc) from None
+    k3_model = _load_with_keras3(keras3, path, config)
     if not isinstance(k3_model, keras3.Model):
         raise CompressorError(
             f"'{path}' holds a {type(k3_model).__name__}, not a Keras model; "
@@ -137,6 +134,9 @@ def load_keras3(path: str, kind: str, config: dict | None = None) -> tuple["kera
             f"cannot import Keras 3 model '{path}' into tf-keras: {_first_line(exc)}; "
             "save the model with tf-keras instead"
         ) from None
+    if importer.nested:
+        notes.append(f"nested model{'s' * (len(importer.nested) > 1)} {', '.join(importer.nested)} "
+                     "imported as tf-keras sub-models")
     version = getattr(keras3, "__version__", "3")
     notes.insert(
         0,
@@ -144,6 +144,45 @@ def load_keras3(path: str, kind: str, config: dict | None = None) -> tuple["kera
         f"outputs match Keras 3 on random inputs (max abs diff {diff:.2e})",
     )
     return tf_model, notes, k3_model
+
+
+def _load_with_keras3(keras3, path: str, config: dict | None):
+    """Keras 3's own loader; for .h5 files with keras.ops nodes, which Keras 3 writes but cannot
+    read back (its .h5 config drops the ops' module), rebuild from the checked config instead."""
+    try:
+        return keras3.saving.load_model(path, compile=False)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one user-facing line
+        patched = _ops_marked(config) if config and str(path).lower().endswith((".h5", ".hdf5")) else None
+        if patched is None:
+            raise _keras3_load_error(path, exc) from None
+        try:
+            model = keras3.Model.from_config(patched["config"])
+            model.load_weights(path)
+            return model
+        except Exception:  # noqa: BLE001 - report Keras 3's own first error
+            raise _keras3_load_error(path, exc) from None
+
+
+def _ops_marked(config: dict) -> dict | None:
+    """A copy of a Keras 3 .h5 model config with its keras.ops nodes labelled as such, or None.
+
+    Layers always store `trainable`; an op node stores only its name and arguments.
+    """
+    import copy  # noqa: PLC0415 - only for this rare path
+    import importlib  # noqa: PLC0415
+
+    modules = [importlib.import_module(m) for m in ("keras.src.ops.numpy", "keras.src.ops.nn")]
+    patched = copy.deepcopy(config)
+    marked = 0
+    for lcfg in _walk_layer_configs(patched.get("config") or {}):
+        class_name = lcfg.get("class_name")
+        if "module" in lcfg or class_name not in OPS or "trainable" in (lcfg.get("config") or {}):
+            continue
+        module = next((m for m in modules if isinstance(getattr(m, class_name, None), type)), None)
+        if module is not None:
+            lcfg.update(module=module.__name__, registered_name=class_name)
+            marked += 1
+    return patched if marked else None
 
 
 def _keras3_load_error(path: str, exc: Exception) -> CompressorError:
@@ -194,6 +233,7 @@ class _Importer:
     def __init__(self, notes: list[str]):
         self.notes = notes
         self.n_layers = 0
+        self.nested: list[str] = []
 
     # ----------------------------------------------------------------- graph
     def rebuild(self, k3_model) -> "keras.Model":
@@ -314,7 +354,7 @@ class _Importer:
         if class_name in _MODEL_CLASSES:
             if k3_layer is None:
                 raise CompressorError(f"nested Keras 3 model '{name}' not found; re-save the model")
-            self.notes.append(f"nested model '{name}' ({class_name}) imported as a tf-keras sub-model")
+            self.nested.append(f"'{name}' ({class_name})")
             return self.rebuild(k3_layer)
         self.n_layers += 1
         return self._layer_from_config(name, class_name, lcfg)
@@ -525,8 +565,9 @@ def _max_diff(ref, got) -> tuple[float, float]:
 def check_parity(k3_model, tf_model, seed: int = 0) -> float:
     """Run both models on the same random inputs; raise naming the worst layer if they differ."""
     inputs = _random_inputs(k3_model, seed)
-    ref = _as_list(k3_model(inputs if len(inputs) > 1 else inputs[0], training=False))
-    got = _as_list(tf_model(inputs if len(inputs) > 1 else inputs[0], training=False))
+    feed = inputs if len(inputs) > 1 or isinstance(k3_model.input, (list, tuple)) else inputs[0]
+    ref = _as_list(k3_model(feed, training=False))
+    got = _as_list(tf_model(feed, training=False))
     if len(ref) != len(got):
         raise CompressorError(
             f"imported model has {len(got)} outputs but the Keras 3 model has {len(ref)}; "

@@ -224,6 +224,11 @@ def _tf_keras_error(source: str, exc: Exception) -> CompressorError:
             f"cannot read model '{source}': it contains a Lambda layer (arbitrary Python code, "
             "refused for safety); replace the Lambda with built-in layers and re-save"
         )
+    if "Unknown activation function: 'function'" in str(exc):
+        return CompressorError(
+            f"cannot read model '{source}': it uses a registered activation function (e.g. hard_silu of "
+            "an imported Keras 3 model), which tf-keras cannot read back from .h5; save the model as .keras"
+        )
     if isinstance(exc, (zipfile.BadZipFile, EOFError)) or "truncated" in msg.lower() or "CRC" in msg:
         return CompressorError(
             f"cannot read model '{source}': file is damaged ({msg}) (corrupt or truncated?); "
