@@ -412,16 +412,9 @@ class _Importer:
         return value
 
     def _nested_layer(self, value: dict) -> dict:
-        """Wrapped layers (Bidirectional, TimeDistributed, RNN cells): translate recursively."""
-        class_name = value["class_name"]
-        name = value.get("config", {}).get("name", class_name)
-        tf_cls = getattr(keras.layers, class_name, None)
-        if tf_cls is None or class_name in _NO_EQUIVALENT or (value.get("registered_name") or class_name) != class_name:
-            raise CompressorError(
-                f"Keras 3 layer '{name}' ({value.get('registered_name') or class_name}) has no "
-                "tf-keras equivalent; save the model without it, or build and save it with tf-keras"
-            )
-        return {"class_name": class_name, "config": self._translate(name, class_name, tf_cls, dict(value.get("config", {})))}
+        """Wrapped layers (Bidirectional, TimeDistributed, RNN cells): rebuilt through the same table."""
+        name = value.get("config", {}).get("name", value["class_name"])
+        return keras.layers.serialize(self._layer_from_config(name, value["class_name"], value))
 
     def _serialized(self, value, module, layer_name: str, key: str):
         """Initializers/regularizers/constraints: keep class and the arguments tf-keras knows."""
@@ -565,7 +558,7 @@ def _max_diff(ref, got) -> tuple[float, float]:
 def check_parity(k3_model, tf_model, seed: int = 0) -> float:
     """Run both models on the same random inputs; raise naming the worst layer if they differ."""
     inputs = _random_inputs(k3_model, seed)
-    feed = inputs if len(inputs) > 1 or isinstance(k3_model.input, (list, tuple)) else inputs[0]
+    feed = inputs if len(inputs) > 1 or _takes_list(k3_model) else inputs[0]
     ref = _as_list(k3_model(feed, training=False))
     got = _as_list(tf_model(feed, training=False))
     if len(ref) != len(got):
@@ -582,6 +575,14 @@ def check_parity(k3_model, tf_model, seed: int = 0) -> float:
         f"imported model's outputs differ from Keras 3 by {diff:.3g} (> {allowed:.1g}){where}; "
         "save the model without that layer, or build and save it with tf-keras"
     )
+
+
+def _takes_list(k3_model) -> bool:
+    """A model built as Model([x], y) wants a list even for one input (Keras 3 warns otherwise)."""
+    try:
+        return isinstance(k3_model.input, (list, tuple))
+    except (AttributeError, ValueError):  # a Sequential that was never called
+        return False
 
 
 def _first_diverging_layer(k3_model, tf_model, inputs) -> str | None:

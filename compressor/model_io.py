@@ -82,9 +82,7 @@ def load_model(path: str | Path) -> LoadedModel:
                 "pass a .keras or .h5 file or a SavedModel directory"
             )
     _check_is_model(model, source)
-    warnings = list(notes)
-    for item in unsupported_layers(model):
-        warnings.append(f"layer {item} is not supported by the pruning stages and is left unpruned")
+    warnings = list(notes) + unsupported_notes(model)
     return LoadedModel(model=model, source=source, format=fmt, warnings=warnings)
 
 
@@ -257,7 +255,27 @@ def unsupported_layers(model) -> list[str]:
 
     Nested models are searched too (reported as 'outer/inner').
     """
-    found: list[str] = []
+    return [f"'{name}' ({cls})" for name, cls in _unsupported(model)]
+
+
+def unsupported_notes(model, shown: int = 4) -> list[str]:
+    """The same as user notes, one line per class: a model can hold dozens of one kind."""
+    by_class: dict[str, list[str]] = {}
+    for name, cls in _unsupported(model):
+        by_class.setdefault(cls, []).append(name)
+    notes = []
+    for cls, names in by_class.items():
+        if len(names) == 1:
+            notes.append(f"layer '{names[0]}' ({cls}) is not supported by the pruning stages and is left unpruned")
+            continue
+        listed = ", ".join(f"'{n}'" for n in names[:shown]) + (", ..." if len(names) > shown else "")
+        notes.append(f"{len(names)} {cls} layers ({listed}) are not supported by the pruning stages and are "
+                     "left unpruned")
+    return notes
+
+
+def _unsupported(model) -> list[tuple[str, str]]:
+    found: list[tuple[str, str]] = []
 
     def walk(m, prefix: str) -> None:
         for layer in m.layers:
@@ -265,7 +283,7 @@ def unsupported_layers(model) -> list[str]:
             if isinstance(layer, keras.Model):
                 walk(layer, f"{prefix}{layer.name}/")
             elif cls not in PRUNING_SUPPORTED or not _is_builtin(layer):
-                found.append(f"'{prefix}{layer.name}' ({cls})")
+                found.append((f"{prefix}{layer.name}", cls))
 
     walk(model, "")
     return found
@@ -360,6 +378,6 @@ def _hash_file(p: Path) -> str:
 
 
 __all__ = [
-    "LoadedModel", "load_model", "unsupported_layers", "save_model_atomic", "file_sha256",
+    "LoadedModel", "load_model", "unsupported_layers", "unsupported_notes", "save_model_atomic", "file_sha256",
     "PRUNING_SUPPORTED",
 ]
