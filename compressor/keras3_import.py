@@ -2,8 +2,9 @@
 
 tfmot only prunes tf-keras models, and tf-keras cannot read Keras 3 files (DESIGN.md fact 1). So
 we let Keras 3 load its own file, then rebuild the same graph in tf-keras layer by layer from the
-live model's config (translating the few config keys that differ), copy the weights layer by
-layer, and prove the rebuild on random inputs before anyone prunes it.
+live model's config, copy the weights layer by layer, and prove the rebuild on random inputs
+before anyone prunes it. What each layer class, `keras.ops` node and activation becomes is looked
+up in the tables of `compressor.keras3_layers`; this module is the generic machinery around them.
 
 Keras 3 is imported lazily, as `keras3`, only here: the rest of the project never touches it.
 """

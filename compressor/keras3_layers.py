@@ -176,9 +176,9 @@ def same_class(spec: LayerSpec):
     return _build(spec, tf_cls, spec.translate(tf_cls, dict(spec.config)))
 
 
-def _build(spec: LayerSpec, tf_cls: type, cfg: dict):
+def _build(spec: LayerSpec, tf_cls: type, cfg: dict, make: Callable[[dict], Any] | None = None):
     try:
-        return tf_cls.from_config(cfg)
+        return (make or tf_cls.from_config)(cfg)
     except Exception as exc:  # noqa: BLE001 - one line naming the layer
         raise spec.refuse(f"cannot be rebuilt in tf-keras ({str(exc).strip().splitlines()[0][:200]})") from None
 
@@ -219,16 +219,10 @@ def _layer_normalization(spec: LayerSpec):
 
 
 def _multi_head_attention(spec: LayerSpec):
-    """tf-keras' from_config insists on the build shapes; it builds itself on the first call."""
-    cfg = {k: v for k, v in spec.config.items() if k not in ("query_shape", "key_shape", "value_shape")}
-    if cfg.get("flash_attention"):
-        spec.notes.append(f"layer '{spec.name}' (MultiHeadAttention): flash attention is a Keras 3 "
-                          "speed option; the tf-keras rebuild computes the same attention without it")
+    """tf-keras' from_config demands build shapes (query_shape, ...) that Keras 3 does not store;
+    the constructor is enough, the layer builds itself on its first call with the same weights."""
     cls = keras.layers.MultiHeadAttention
-    try:
-        return cls(**spec.translate(cls, cfg))
-    except Exception as exc:  # noqa: BLE001
-        raise spec.refuse(f"cannot be rebuilt in tf-keras ({str(exc).strip().splitlines()[0][:200]})") from None
+    return _build(spec, cls, spec.translate(cls, dict(spec.config)), make=lambda cfg: cls(**cfg))
 
 
 #: Keras 3 classes that tf-keras also names but that cannot be carried over faithfully.

@@ -39,8 +39,8 @@ def _vary(model, seed=0):
     """Random BN statistics, LayerScale gammas and biases: a missed copy or a wrong formula shows."""
     rng = np.random.default_rng(seed)
     for w in model.weights:
-        if len(w.shape) != 1:
-            continue  # kernels are random already
+        if len(w.shape) != 1 and "bias" not in w.path:
+            continue  # kernels are random already; attention biases are (heads, head_dim)
         value = rng.uniform(0.5, 1.5, tuple(w.shape)) if "variance" in w.path or "gamma" in w.path \
             else rng.normal(0.0, 0.3, tuple(w.shape))
         w.assign(value.astype("float32"))
