@@ -286,7 +286,7 @@ def _scalar(spec: OpSpec, value) -> float:
     raise spec.refuse(f"uses constant {str(value)[:60]!r}; only scalar constants are supported")
 
 
-def _binary(merge: type | None, tensor_const: Callable[[float], tuple[float, float]],
+def _binary(merge: type | None, tensor_const: Callable[[float], tuple[float, float]] | None,
             const_tensor: Callable[[float], tuple[float, float]] | None = None):
     """x op y: two tensors -> a tf-keras merge layer; tensor and scalar -> Rescaling(scale, offset)."""
 
@@ -298,13 +298,13 @@ def _binary(merge: type | None, tensor_const: Callable[[float], tuple[float, flo
             if merge is None:
                 raise spec.refuse("combines two tensors, which has no tf-keras layer")
             return merge(name=spec.name), [[a, b]]
-        if _is_tensor(a):
+        if _is_tensor(a) and tensor_const is not None:
             scale, offset = tensor_const(_scalar(spec, b))
             return keras.layers.Rescaling(scale, offset, name=spec.name), [a]
         if _is_tensor(b) and const_tensor is not None:
             scale, offset = const_tensor(_scalar(spec, a))
             return keras.layers.Rescaling(scale, offset, name=spec.name), [b]
-        raise spec.refuse("has no tensor input")
+        raise spec.refuse("mixes a tensor and a constant in a form no tf-keras layer computes")
 
     return handler
 
