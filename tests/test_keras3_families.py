@@ -27,12 +27,13 @@ FAMILIES = {
 }
 # MobileNetV3 .h5: Keras 3 cannot read back the keras.ops nodes it wrote there (x + 3, x * 1/6);
 # the importer labels them from its table. ConvNeXt .h5: see test_layer_scale_... below.
-CASES = [(name, ".keras") for name in FAMILIES] + [
+# ResNet50V2 only from .h5 (same layer types as ResNet50 .keras): keeps the file near two minutes.
+CASES = [(name, ".keras") for name in FAMILIES if name != "ResNet50V2"] + [
     ("MobileNetV2", ".h5"), ("MobileNetV3Small", ".h5"), ("ResNet50V2", ".h5"),
 ]
 # Imported models whose tf-keras rebuild uses our classes / activations (LayerScale, hard_silu):
 # what the pipeline saves after the import (pruned.keras) must load again.
-ROUND_TRIP = {"MobileNetV3Small", "ConvNeXtTiny"}
+ROUND_TRIP = {"MobileNetV3Small"}  # LayerScale: test_layer_scale_... below
 
 
 def _vary(model, seed=0):
@@ -121,6 +122,11 @@ def test_layer_scale_and_stochastic_depth_are_rebuilt_by_our_classes(tmp_path):
     assert unsupported_layers(loaded.model) == []
     x = np.random.default_rng(0).normal(size=(64, 6, 6, 4)).astype("float32")
     _assert_same(k3_model, loaded.model, x)
+    for ext in (".keras", ".h5"):  # saved again by tf-keras (the pipeline's pruned.keras)
+        loaded.model.save(tmp_path / f"tfk{ext}")
+        again = load_model(tmp_path / f"tfk{ext}")
+        assert again.warnings == [] and isinstance(again.model.get_layer("scale"), LayerScale)
+        _assert_same(k3_model, again.model, x)
     trained = np.asarray(loaded.model.get_layer("drop_path")(np.ones((64, 3), "float32"), training=True))
     assert set(np.unique(trained)) <= {0.0, 1.25} and 0 < (trained == 0).mean() < 0.5  # dropped and rescaled
 
@@ -175,16 +181,18 @@ def test_transformer_encoder_imports(tmp_path, tokens, ops_add, ext):
 
 
 def test_tf_keras_applications_load_without_warnings(tmp_path):
-    """The same families saved by tf-keras itself."""
+    """The same families saved by tf-keras itself; its MobileNetV3 writes x + 3 and x * (1/6) as
+    TFOpLambda layers, reported in one line."""
     common = {"input_shape": (32, 32, 3), "weights": None, "classes": 10}
     for name, build, ext in [
         ("mobilenet_v2", lambda: keras.applications.MobileNetV2(alpha=0.35, **common), ".keras"),
-        ("efficientnet_b0", lambda: keras.applications.EfficientNetB0(**common), ".h5"),
+        ("mobilenet_v3", lambda: keras.applications.MobileNetV3Small(alpha=0.75, **common), ".h5"),
     ]:
         model = build()
         model.save(tmp_path / f"{name}{ext}")
         loaded = load_model(tmp_path / f"{name}{ext}")
-        assert loaded.format == f"tf-keras {ext}" and loaded.warnings == []
+        assert loaded.format == f"tf-keras {ext}"
+        assert [w.split(" (")[0] for w in loaded.warnings] == ([] if name == "mobilenet_v2" else ["56 TFOpLambda layers"])
         x = _images(seed=6)
         np.testing.assert_allclose(np.asarray(loaded.model(x)), np.asarray(model(x)), atol=1e-5)
 
