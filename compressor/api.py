@@ -65,7 +65,7 @@ def _run_into(out, force: bool, inputs: tuple, get_model, dataset, recipe, repor
 def compress_file(model_path, data, out, recipe=None, *, force: bool = False, reporter: Reporter | None = None) -> dict:
     """Everything is validated (recipe, data, output folder, model) before any training starts."""
     from compressor.data import check_against_model
-    from compressor.model_io import file_sha256, load_model, unsupported_layers
+    from compressor.model_io import file_sha256, load_model
     from compressor.pipeline import check_out_dir
 
     reporter = reporter or Reporter()
@@ -79,9 +79,7 @@ def compress_file(model_path, data, out, recipe=None, *, force: bool = False, re
     loaded = load_model(model_path)
     model = loaded.model
     check_against_model(dataset, tuple(model.input_shape[1:]), int(np.prod(model.output_shape[1:])))
-    notes = list(loaded.warnings)
-    for name in unsupported_layers(model):
-        notes.append(f"layer {name} is not supported by the pruning stages and is left unpruned")
+    notes = list(loaded.warnings)  # includes one line per layer class the stages leave unpruned
     for note in dict.fromkeys(notes):
         (reporter.step if note.startswith("imported from") else reporter.warn)(note)
     reporter.step(f"loaded {model_path} ({loaded.format})")

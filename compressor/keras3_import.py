@@ -2,8 +2,9 @@
 
 tfmot only prunes tf-keras models, and tf-keras cannot read Keras 3 files (DESIGN.md fact 1). So
 we let Keras 3 load its own file, then rebuild the same graph in tf-keras layer by layer from the
-live model's config (translating the few config keys that differ), copy the weights layer by
-layer, and prove the rebuild on random inputs before anyone prunes it.
+live model's config, copy the weights layer by layer, and prove the rebuild on random inputs
+before anyone prunes it. What each layer class, `keras.ops` node and activation becomes is looked
+up in the tables of `compressor.keras3_layers`; this module is the generic machinery around them.
 
 Keras 3 is imported lazily, as `keras3`, only here: the rest of the project never touches it.
 """
@@ -17,27 +18,20 @@ import numpy as np
 
 from compressor._tf import keras, tf
 from compressor.errors import CompressorError
+from compressor.keras3_layers import ACTIVATIONS, OPS, REFUSED, LayerSpec, OpSpec, is_op, recognised, refused, same_class
+from compressor.layers import keras3_rebuilder
 
 #: Max |tf-keras - Keras 3| allowed on the parity check, scaled by max(1, |reference output|).
 PARITY_TOL = 1e-4
 
 _MODEL_CLASSES = {"Functional", "Sequential", "Model"}
 # tf-keras has these names but the Keras 3 object cannot be carried over faithfully.
-_NO_EQUIVALENT = {"Lambda", "TFSMLayer", "JaxLayer", "FlaxLayer", "TorchModuleWrapper"}
+_NO_EQUIVALENT = frozenset(REFUSED)
 # Keyword arguments every tf-keras Layer accepts through **kwargs (base Layer allow-list).
 _BASE_LAYER_KWARGS = {
     "name", "trainable", "dtype", "dynamic", "input_dim", "input_shape", "batch_input_shape",
     "batch_size", "weights", "activity_regularizer", "autocast", "implementation",
 }
-# Keras 3 config keys renamed in tf-keras, per class.
-_RENAMES = {
-    "LeakyReLU": {"negative_slope": "alpha"},
-    "InputLayer": {"batch_shape": "batch_input_shape"},
-}
-# Keras 3 activation names that tf-keras spells differently (same function).
-_ACTIVATION_ALIASES = {"silu": "swish"}
-# Same name, different function in tf-keras (Keras 3: relu6(x + 3) / 6; tf-keras: 0.2 x + 0.5).
-_DIFFERENT_ACTIVATIONS = {"hard_sigmoid"}
 _QUANTIZED_POLICY = re.compile(r"int8|int4|float8|gptq", re.I)
 _NESTED_LAYER_KEYS = {"layer", "backward_layer", "cell"}
 
@@ -66,11 +60,20 @@ def precheck_config(config: dict, path: str) -> None:
     for lcfg in layers:
         class_name = lcfg.get("class_name", "?")
         name = (lcfg.get("config") or {}).get("name") or lcfg.get("name") or "?"
+        if is_op(lcfg):
+            if class_name not in OPS:
+                raise CompressorError(
+                    f"cannot read model '{path}': Keras 3 operation '{name}' (keras.ops {class_name}) has "
+                    "no tf-keras rebuild; express it with Keras layers and re-save, or save the model as tf-keras"
+                )
+            continue
         registered = lcfg.get("registered_name")
         custom = ("module" in lcfg and not str(lcfg.get("module") or "").startswith("keras")) or (
             registered not in (None, class_name)
         )
-        known_to_tf_keras = class_name in _MODEL_CLASSES or getattr(keras.layers, class_name, None) is not None
+        known_to_tf_keras = (
+            class_name in _MODEL_CLASSES or getattr(keras.layers, class_name, None) is not None or recognised(lcfg)
+        )
         if not custom and not known_to_tf_keras and getattr(_keras3().layers, class_name, None) is not None:
             raise CompressorError(
                 f"cannot read model '{path}': Keras 3 layer '{name}' ({class_name}) has no tf-keras "
@@ -114,10 +117,7 @@ def load_keras3(path: str, kind: str, config: dict | None = None) -> tuple["kera
     if config:
         precheck_config(config, path)
     keras3 = _keras3()
-    try:
-        k3_model = keras3.saving.load_model(path, compile=False)
-    except Exception as exc:  # noqa: BLE001 - every failure becomes one user-facing line
-        raise _keras3_load_error(path, exc) from None
+    k3_model = _load_with_keras3(keras3, path, config)
     if not isinstance(k3_model, keras3.Model):
         raise CompressorError(
             f"'{path}' holds a {type(k3_model).__name__}, not a Keras model; "
@@ -136,6 +136,9 @@ def load_keras3(path: str, kind: str, config: dict | None = None) -> tuple["kera
             f"cannot import Keras 3 model '{path}' into tf-keras: {_first_line(exc)}; "
             "save the model with tf-keras instead"
         ) from None
+    if importer.nested:
+        notes.append(f"nested model{'s' * (len(importer.nested) > 1)} {', '.join(importer.nested)} "
+                     "imported as tf-keras sub-models")
     version = getattr(keras3, "__version__", "3")
     notes.insert(
         0,
@@ -143,6 +146,45 @@ def load_keras3(path: str, kind: str, config: dict | None = None) -> tuple["kera
         f"outputs match Keras 3 on random inputs (max abs diff {diff:.2e})",
     )
     return tf_model, notes, k3_model
+
+
+def _load_with_keras3(keras3, path: str, config: dict | None):
+    """Keras 3's own loader; for .h5 files with keras.ops nodes, which Keras 3 writes but cannot
+    read back (its .h5 config drops the ops' module), rebuild from the checked config instead."""
+    try:
+        return keras3.saving.load_model(path, compile=False)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one user-facing line
+        patched = _ops_marked(config) if config and str(path).lower().endswith((".h5", ".hdf5")) else None
+        if patched is None:
+            raise _keras3_load_error(path, exc) from None
+        try:
+            model = keras3.Model.from_config(patched["config"])
+            model.load_weights(path)
+            return model
+        except Exception:  # noqa: BLE001 - report Keras 3's own first error
+            raise _keras3_load_error(path, exc) from None
+
+
+def _ops_marked(config: dict) -> dict | None:
+    """A copy of a Keras 3 .h5 model config with its keras.ops nodes labelled as such, or None.
+
+    Layers always store `trainable`; an op node stores only its name and arguments.
+    """
+    import copy  # noqa: PLC0415 - only for this rare path
+    import importlib  # noqa: PLC0415
+
+    modules = [importlib.import_module(m) for m in ("keras.src.ops.numpy", "keras.src.ops.nn")]
+    patched = copy.deepcopy(config)
+    marked = 0
+    for lcfg in _walk_layer_configs(patched.get("config") or {}):
+        class_name = lcfg.get("class_name")
+        if "module" in lcfg or class_name not in OPS or "trainable" in (lcfg.get("config") or {}):
+            continue
+        module = next((m for m in modules if isinstance(getattr(m, class_name, None), type)), None)
+        if module is not None:
+            lcfg.update(module=module.__name__, registered_name=class_name)
+            marked += 1
+    return patched if marked else None
 
 
 def _keras3_load_error(path: str, exc: Exception) -> CompressorError:
@@ -193,6 +235,7 @@ class _Importer:
     def __init__(self, notes: list[str]):
         self.notes = notes
         self.n_layers = 0
+        self.nested: list[str] = []
 
     # ----------------------------------------------------------------- graph
     def rebuild(self, k3_model) -> "keras.Model":
@@ -229,9 +272,11 @@ class _Importer:
             if lcfg["class_name"] == "InputLayer":
                 produced[(name, 0)] = [keras.Input(**self._input_kwargs(lcfg["config"]))]
                 continue
-            layer = self._make_layer(lcfg, self._k3_sublayer(k3_model, name))
+            layer = None if is_op(lcfg) else self._make_layer(lcfg, self._k3_sublayer(k3_model, name))
             for node_index, node in enumerate(lcfg.get("inbound_nodes", [])):
                 args, kwargs = self._node_call(node, produced, name)
+                if is_op(lcfg):
+                    layer, args, kwargs = self._op_layer(lcfg, name, args, kwargs)
                 try:
                     out = layer(*args, **kwargs)
                 except Exception as exc:  # noqa: BLE001
@@ -249,6 +294,17 @@ class _Importer:
             return [pick(s) for s in spec]
 
         return keras.Model(pick(cfg["input_layers"]), pick(cfg["output_layers"]), name=cfg.get("name"))
+
+    def _op_layer(self, lcfg: dict, name: str, args: list, kwargs: dict):
+        """A keras.ops node (x + y, x * 0.5, ...) -> (tf-keras layer computing it, args, kwargs)."""
+        class_name = lcfg["class_name"]
+        spec = OpSpec(name, class_name, dict(lcfg.get("config") or {}), list(args), dict(kwargs))
+        handler = OPS.get(class_name)
+        if handler is None:
+            raise spec.refuse("has no tf-keras rebuild")
+        self.n_layers += 1
+        layer, call_args = handler(spec)
+        return layer, call_args, {}
 
     def _node_call(self, node, produced, layer_name):
         """Turn a Keras 3 node ({"args", "kwargs"} holding __keras_tensor__ refs) into call args."""
@@ -300,39 +356,33 @@ class _Importer:
         if class_name in _MODEL_CLASSES:
             if k3_layer is None:
                 raise CompressorError(f"nested Keras 3 model '{name}' not found; re-save the model")
-            self.notes.append(f"nested model '{name}' ({class_name}) imported as a tf-keras sub-model")
+            self.nested.append(f"'{name}' ({class_name})")
             return self.rebuild(k3_layer)
         self.n_layers += 1
         return self._layer_from_config(name, class_name, lcfg)
 
     def _layer_from_config(self, name: str, class_name: str, lcfg: dict):
+        """Ask the layer table (compressor/layers) how to rebuild the class; default: same tf-keras class."""
         registered = lcfg.get("registered_name")
-        tf_cls = getattr(keras.layers, class_name, None)
-        if (registered and registered != class_name) or tf_cls is None or class_name in _NO_EQUIVALENT:
+        module = str(lcfg.get("module") or "keras.layers")
+        from_keras = module == "keras" or module.startswith("keras.")
+        library = recognised(lcfg) or (from_keras and getattr(keras.layers, class_name, None) is not None)
+        if (registered and registered != class_name) or not library:
             label = registered or class_name
             raise CompressorError(
                 f"Keras 3 layer '{name}' ({label}) has no tf-keras equivalent; save the model "
                 "without it, or build and save it with tf-keras"
             )
-        cfg = self._translate(name, class_name, tf_cls, dict(lcfg.get("config", {})))
-        try:
-            return tf_cls.from_config(cfg)
-        except Exception as exc:  # noqa: BLE001
-            raise CompressorError(
-                f"cannot rebuild Keras 3 layer '{name}' ({class_name}) in tf-keras: "
-                f"{_first_line(exc)}; save the model without it or as tf-keras"
-            ) from None
+        spec = LayerSpec(
+            name, class_name, module, dict(lcfg.get("config", {})),
+            lambda tf_cls, cfg: self._translate(name, class_name, tf_cls, cfg), self.notes,
+        )
+        if class_name in REFUSED:
+            return refused(REFUSED[class_name])(spec)
+        return (keras3_rebuilder(class_name) or same_class)(spec)
 
     def _translate(self, name: str, class_name: str, tf_cls: type, cfg: dict) -> dict:
         """Keras 3 layer config -> tf-keras layer config (same semantics, tf-keras spelling)."""
-        for old, new in _RENAMES.get(class_name, {}).items():
-            if old in cfg:
-                cfg[new] = cfg.pop(old)
-        if class_name == "LayerNormalization" and cfg.get("rms_scaling"):
-            raise CompressorError(
-                f"Keras 3 layer '{name}' (LayerNormalization) uses rms_scaling, which tf-keras "
-                "lacks; save the model without it or as tf-keras"
-            )
         accepted = _accepted_kwargs(tf_cls)
         out: dict[str, Any] = {}
         for key, value in cfg.items():
@@ -366,16 +416,9 @@ class _Importer:
         return value
 
     def _nested_layer(self, value: dict) -> dict:
-        """Wrapped layers (Bidirectional, TimeDistributed, RNN cells): translate recursively."""
-        class_name = value["class_name"]
-        name = value.get("config", {}).get("name", class_name)
-        tf_cls = getattr(keras.layers, class_name, None)
-        if tf_cls is None or class_name in _NO_EQUIVALENT or (value.get("registered_name") or class_name) != class_name:
-            raise CompressorError(
-                f"Keras 3 layer '{name}' ({value.get('registered_name') or class_name}) has no "
-                "tf-keras equivalent; save the model without it, or build and save it with tf-keras"
-            )
-        return {"class_name": class_name, "config": self._translate(name, class_name, tf_cls, dict(value.get("config", {})))}
+        """Wrapped layers (Bidirectional, TimeDistributed, RNN cells): rebuilt through the same table."""
+        name = value.get("config", {}).get("name", value["class_name"])
+        return keras.layers.serialize(self._layer_from_config(name, value["class_name"], value))
 
     def _serialized(self, value, module, layer_name: str, key: str):
         """Initializers/regularizers/constraints: keep class and the arguments tf-keras knows."""
@@ -401,6 +444,8 @@ class _Importer:
             if isinstance(tf_layer, keras.layers.InputLayer):
                 continue
             k3_layer = self._k3_sublayer(k3_model, tf_layer.name)
+            if k3_layer is None and not tf_layer.weights and _is_k3_op(k3_model, tf_layer.name):
+                continue  # a keras.ops node rebuilt as a weightless layer
             if k3_layer is None:
                 raise CompressorError(
                     f"imported layer '{tf_layer.name}' has no Keras 3 counterpart; re-save the model"
@@ -420,6 +465,10 @@ class _Importer:
                 )
             if src:
                 tf_layer.set_weights(src)
+
+
+def _is_k3_op(k3_model, name: str) -> bool:
+    return any(op.name == name for op in getattr(k3_model, "operations", []))
 
 
 class _Drop:
@@ -454,12 +503,7 @@ def _activation(value, layer_name: str, class_name: str):
             )
     if value is None:
         return value
-    value = _ACTIVATION_ALIASES.get(value, value)
-    if value in _DIFFERENT_ACTIVATIONS:
-        raise CompressorError(
-            f"Keras 3 layer '{layer_name}' ({class_name}) uses activation '{value}', which tf-keras "
-            "defines differently; use another activation or save the model as tf-keras"
-        )
+    value = ACTIVATIONS.get(value, value)
     try:
         keras.activations.get(value)
     except Exception:  # noqa: BLE001
@@ -518,8 +562,9 @@ def _max_diff(ref, got) -> tuple[float, float]:
 def check_parity(k3_model, tf_model, seed: int = 0) -> float:
     """Run both models on the same random inputs; raise naming the worst layer if they differ."""
     inputs = _random_inputs(k3_model, seed)
-    ref = _as_list(k3_model(inputs if len(inputs) > 1 else inputs[0], training=False))
-    got = _as_list(tf_model(inputs if len(inputs) > 1 else inputs[0], training=False))
+    feed = inputs if len(inputs) > 1 or _takes_list(k3_model) else inputs[0]
+    ref = _as_list(k3_model(feed, training=False))
+    got = _as_list(tf_model(feed, training=False))
     if len(ref) != len(got):
         raise CompressorError(
             f"imported model has {len(got)} outputs but the Keras 3 model has {len(ref)}; "
@@ -534,6 +579,14 @@ def check_parity(k3_model, tf_model, seed: int = 0) -> float:
         f"imported model's outputs differ from Keras 3 by {diff:.3g} (> {allowed:.1g}){where}; "
         "save the model without that layer, or build and save it with tf-keras"
     )
+
+
+def _takes_list(k3_model) -> bool:
+    """A model built as Model([x], y) wants a list even for one input (Keras 3 warns otherwise)."""
+    try:
+        return isinstance(k3_model.input, (list, tuple))
+    except (AttributeError, ValueError):  # a Sequential that was never called
+        return False
 
 
 def _first_diverging_layer(k3_model, tf_model, inputs) -> str | None:

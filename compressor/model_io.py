@@ -17,6 +17,9 @@ from pathlib import Path
 
 from compressor._tf import keras
 from compressor.errors import CompressorError
+# Importing keras3_layers registers the tf-keras classes/activations that Keras 3 imports are rebuilt
+# with, so that files saved after an import (pruned.keras) load again; tf-keras only.
+from compressor import keras3_layers  # noqa: F401
 from compressor.layers import handler_for, supported_class_names
 
 FORMAT_TFK_KERAS = "tf-keras .keras"
@@ -70,9 +73,7 @@ def load_model(path: str | Path) -> LoadedModel:
                 "pass a .keras or .h5 file or a SavedModel directory"
             )
     _check_is_model(model, source)
-    warnings = list(notes)
-    for item in unsupported_layers(model):
-        warnings.append(f"layer {item} is not supported by the pruning stages and is left unpruned")
+    warnings = list(notes) + unsupported_notes(model)
     return LoadedModel(model=model, source=source, format=fmt, warnings=warnings)
 
 
@@ -212,6 +213,11 @@ def _tf_keras_error(source: str, exc: Exception) -> CompressorError:
             f"cannot read model '{source}': it contains a Lambda layer (arbitrary Python code, "
             "refused for safety); replace the Lambda with built-in layers and re-save"
         )
+    if "Unknown activation function: 'function'" in str(exc):
+        return CompressorError(
+            f"cannot read model '{source}': it uses a registered activation function (e.g. hard_silu of "
+            "an imported Keras 3 model), which tf-keras cannot read back from .h5; save the model as .keras"
+        )
     if isinstance(exc, (zipfile.BadZipFile, EOFError)) or "truncated" in msg.lower() or "CRC" in msg:
         return CompressorError(
             f"cannot read model '{source}': file is damaged ({msg}) (corrupt or truncated?); "
@@ -240,7 +246,27 @@ def unsupported_layers(model) -> list[str]:
 
     Nested models are searched too (reported as 'outer/inner').
     """
-    found: list[str] = []
+    return [f"'{name}' ({cls})" for name, cls in _unsupported(model)]
+
+
+def unsupported_notes(model, shown: int = 4) -> list[str]:
+    """The same as user notes, one line per class: a model can hold dozens of one kind."""
+    by_class: dict[str, list[str]] = {}
+    for name, cls in _unsupported(model):
+        by_class.setdefault(cls, []).append(name)
+    notes = []
+    for cls, names in by_class.items():
+        if len(names) == 1:
+            notes.append(f"layer '{names[0]}' ({cls}) is not supported by the pruning stages and is left unpruned")
+            continue
+        listed = ", ".join(f"'{n}'" for n in names[:shown]) + (", ..." if len(names) > shown else "")
+        notes.append(f"{len(names)} {cls} layers ({listed}) are not supported by the pruning stages and are "
+                     "left unpruned")
+    return notes
+
+
+def _unsupported(model) -> list[tuple[str, str]]:
+    found: list[tuple[str, str]] = []
 
     def walk(m, prefix: str) -> None:
         for layer in m.layers:
@@ -248,17 +274,19 @@ def unsupported_layers(model) -> list[str]:
             if isinstance(layer, keras.Model):
                 walk(layer, f"{prefix}{layer.name}/")
             elif not isinstance(layer, keras.layers.InputLayer) and cls not in _supported(layer):
-                found.append(f"'{prefix}{layer.name}' ({cls})")
+                found.append((f"{prefix}{layer.name}", cls))
 
     walk(model, "")
     return found
 
 
 def _supported(layer) -> frozenset[str]:
-    """The layer's class name if the layer table handles its exact type and prunes around it (a user
-    subclass named 'Dense' is still custom), else nothing."""
+    """The layer's class name if the layer table handles its exact type in this configuration and
+    prunes around it (a user subclass named 'Dense' is still custom), else nothing."""
     handler = handler_for(layer)
-    return frozenset({type(layer).__name__}) if handler is not None and not handler.left_whole else frozenset()
+    if handler is None or handler.left_whole or handler.check(layer) is not None:
+        return frozenset()
+    return frozenset({type(layer).__name__})
 
 
 # --------------------------------------------------------------------------- saving
@@ -342,6 +370,6 @@ def _hash_file(p: Path) -> str:
 
 
 __all__ = [
-    "LoadedModel", "load_model", "unsupported_layers", "save_model_atomic", "file_sha256",
+    "LoadedModel", "load_model", "unsupported_layers", "unsupported_notes", "save_model_atomic", "file_sha256",
     "PRUNING_SUPPORTED",
 ]

@@ -279,7 +279,7 @@ def _analyze(model) -> _Analysis:
             analysis.input_layouts[name] = in_layouts  # only for layers the rebuild may slice
         except Blocked as blocked:
             analysis.block(in_layouts, f"consumed by '{name}' ({kind.__name__}: {blocked})")
-            output_layouts[name] = analysis.fresh_output(layer, "unsupported")
+            output_layouts[name] = analysis.fresh_output(layer, f"{kind.__name__}: {blocked}")
 
     for layout in list(output_layouts.values()) + [lay for lays in analysis.input_layouts.values() for lay in lays]:
         for seg in layout.segments:

@@ -6,6 +6,7 @@ import pytest
 
 from compressor import surgery
 from compressor._tf import keras
+from compressor.keras3_layers import LayerScale
 from compressor.layers import handler_for
 from compressor.stages import scoring
 from compressor.flops import model_macs
@@ -27,7 +28,23 @@ def transformer_encoder(blocks: int = 2, d_model: int = 32, heads: int = 4, ffn:
     return keras.Model(inputs, outputs, name="encoder")
 
 
+def convnext_blocks(blocks: int = 2, channels: int = 32):
+    """ConvNeXt's block as Keras 3 writes it and the importer rebuilds it: depthwise conv as
+    Conv2D(groups=C), LayerNormalization, Dense 4C (GELU), Dense C, LayerScale, residual Add."""
+    inputs = keras.Input((32, 32, 3))
+    x = L.Conv2D(channels, 4, strides=4, name="stem")(inputs)
+    for b in range(blocks):
+        y = L.Conv2D(channels, 7, padding="same", groups=channels, name=f"dw{b}")(x)
+        y = L.LayerNormalization(epsilon=1e-6, name=f"ln{b}")(y)
+        y = L.Dense(4 * channels, activation="gelu", name=f"pw{b}_in")(y)
+        y = LayerScale(1e-1, channels, name=f"scale{b}")(L.Dense(channels, name=f"pw{b}_out")(y))
+        x = L.Add(name=f"res{b}")([x, y])
+    outputs = L.Dense(10, activation="softmax")(L.GlobalAveragePooling2D()(x))
+    return keras.Model(inputs, outputs, name="convnext_blocks")
+
+
 FAMILIES = {
+    "ConvNeXt-blocks": convnext_blocks,
     "MobileNetV2": lambda: APPS.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10),
     "MobileNetV3Small": lambda: APPS.MobileNetV3Small(input_shape=(32, 32, 3), alpha=0.75, weights=None, classes=10,
                                                       include_preprocessing=False),
@@ -92,7 +109,9 @@ def test_every_layer_is_known_and_most_producers_may_shrink(family):
     assert not unknown, f"{name}: layers the layer table does not know: {unknown}"
     analysis = surgery._analyze(model)
     free = [p for p in analysis.producers if analysis.block_reason(p) is None]
-    assert len(free) >= 0.4 * len(analysis.producers), {p: analysis.block_reason(p) for p in analysis.producers}
+    # ConvNeXt: LayerNormalization keeps the residual stream; its inner MLP widths (1 in 3) shrink
+    share = 0.3 if name.startswith("ConvNeXt") else 0.4
+    assert len(free) >= share * len(analysis.producers), {p: analysis.block_reason(p) for p in analysis.producers}
 
 
 def test_removing_units_is_exact_and_cheaper(family):

@@ -15,7 +15,7 @@ from compressor.layers.base import Blocked, Cut, Handler
 HANDLERS: tuple[Handler, ...] = (
     dense_conv.DenseConv(), dense_conv.ConvTranspose(),
     depthwise.Depthwise(), depthwise.Separable(),
-    normalization.PerChannel(), normalization.KerasNormalization(), normalization.Rescaling(),
+    normalization.PerChannel(), normalization.KerasNormalization(), normalization.LayerScale(), normalization.Rescaling(),
     normalization.LayerNorm(),
     elementwise.Activations(), elementwise.Softmax(), elementwise.Dropout(), elementwise.Pooling(),
     elementwise.Spatial(),
@@ -52,10 +52,16 @@ def known_class_names() -> frozenset[str]:
     return frozenset(kind.__name__ for kind in _BY_TYPE)
 
 
+def keras3_rebuilder(class_name: str):
+    """How the family's handler rebuilds a Keras 3 layer of this class in tf-keras, or None."""
+    return next((h.keras3[class_name] for h in HANDLERS if class_name in h.keras3), None)
+
+
 def supported_class_names() -> frozenset[str]:
     """Class names the pruning stages prune or prune around (registered and not left whole)."""
     return frozenset(kind.__name__ for kind, handler in _BY_TYPE.items() if not handler.left_whole)
 
 
-__all__ = ["HANDLERS", "Blocked", "Cut", "Handler", "handler_for", "handler_for_type", "known_class_names", "register",
+__all__ = ["HANDLERS", "Blocked", "Cut", "Handler", "handler_for", "handler_for_type", "keras3_rebuilder", "known_class_names",
+           "register",
            "supported_class_names"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from compressor import keras3_layers
 from compressor._tf import keras, tf
 from compressor.layers.base import Cut, Handler, size, take
 
@@ -22,6 +23,7 @@ class MultiHeadAttention(Handler):
     kinds = (_L.MultiHeadAttention,)
     family = "attention"
     units_on_output = False
+    keras3 = {"MultiHeadAttention": keras3_layers.multi_head_attention}
 
     def units(self, layer):
         return int(layer._num_heads)

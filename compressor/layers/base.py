@@ -104,9 +104,9 @@ class Handler:
     def macs(self, layer, in_shape: tuple, out_shape: tuple, nonzero_only: bool) -> int:
         return 0
 
-    def keras3_config(self, class_name: str, config: dict) -> dict:
-        """A Keras 3 layer config made acceptable to the tf-keras class (default: as is)."""
-        return config
+    # Keras 3 class name -> rebuild(LayerSpec) -> tf-keras layer, for classes whose config or class
+    # differs from tf-keras' (the importer uses the tf-keras class of the same name otherwise).
+    keras3: dict = {}
 
 
 # ------------------------------------------------------------------------------------ helpers

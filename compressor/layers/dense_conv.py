@@ -18,14 +18,20 @@ class DenseConv(Handler):
     magnitude_kernel = "kernel"
 
     def check(self, layer):
-        if getattr(layer, "groups", 1) != 1:
+        if getattr(layer, "groups", 1) != 1 and not _depthwise_like(layer):
             return "grouped convolution"
         return super().check(layer)
 
     def units(self, layer):
+        if _depthwise_like(layer):
+            return None  # one filter per input channel: it follows its input, like DepthwiseConv
         return int(layer.units if isinstance(layer, _L.Dense) else layer.filters)
 
     def propagate(self, layer, ins, shapes, graph):
+        if _depthwise_like(layer):
+            if ins[0].outer != 1:
+                raise Blocked("convolution over a flattened layout")
+            return ins[0].touched(layer.name)
         units = self.units(layer)
         graph.add_producer(layer.name, units)
         if activation_name(layer) in CROSS_UNIT_ACTIVATIONS:
@@ -36,6 +42,10 @@ class DenseConv(Handler):
 
     def resize(self, layer, cut: Cut):
         config = layer.get_config()
+        if _depthwise_like(layer):  # ConvNeXt's depthwise conv (Keras 3 writes Conv2D(groups=C))
+            kept = cut.positions[0]
+            config["filters"] = config["groups"] = len(kept)
+            return config, map_weights(layer, lambda short, value: take(value, kept, axis=-1))
         config["units" if isinstance(layer, _L.Dense) else "filters"] = len(cut.out_kept)
 
         def rule(short, value):
@@ -47,7 +57,14 @@ class DenseConv(Handler):
         return config, map_weights(layer, rule)
 
     def macs(self, layer, in_shape, out_shape, nonzero_only):
-        return positions(out_shape, self.units(layer)) * size(layer.kernel, nonzero_only)
+        units = layer.units if isinstance(layer, _L.Dense) else layer.filters
+        return positions(out_shape, int(units)) * size(layer.kernel, nonzero_only)
+
+
+def _depthwise_like(layer) -> bool:
+    """A grouped conv with one group per input and output channel computes a depthwise conv."""
+    groups = int(getattr(layer, "groups", 1) or 1)
+    return groups > 1 and groups == int(layer.filters) == int(layer.kernel.shape[-1]) and int(layer.kernel.shape[-2]) == 1
 
 
 class ConvTranspose(Handler):

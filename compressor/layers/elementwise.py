@@ -3,6 +3,8 @@ and noise, pooling, padding, cropping, upsampling. A channel keeps its identity 
 from __future__ import annotations
 
 from compressor._tf import keras
+from compressor import keras3_layers
+from compressor.keras3_layers import StochasticDepth
 from compressor.layers.base import CROSS_UNIT_ACTIVATIONS, Blocked, Handler, activation_name
 
 _L = keras.layers
@@ -17,6 +19,7 @@ POOLING = (_L.MaxPooling1D, _L.MaxPooling2D, _L.MaxPooling3D, _L.AveragePooling1
 class Activations(Handler):
     kinds = (_L.Activation, _L.ReLU, _L.LeakyReLU, _L.ELU, _L.ThresholdedReLU)
     family = "activation"
+    keras3 = {"LeakyReLU": keras3_layers.renamed(_L.LeakyReLU, {"negative_slope": "alpha"})}
     observe_through = True
 
     def propagate(self, layer, ins, shapes, graph):
@@ -29,12 +32,13 @@ class Softmax(Handler):
     kinds = (_L.Softmax,)
     family = "activation"
 
-    def check(self, layer):
-        return "Softmax normalises across its axis"
+    def propagate(self, layer, ins, shapes, graph):
+        raise Blocked("Softmax normalises across its axis")
 
 
 class Dropout(Handler):
-    kinds = DROPOUT
+    kinds = (*DROPOUT, StochasticDepth)  # StochasticDepth: drops a whole sample's branch, identity at inference
+    keras3 = {"StochasticDepth": keras3_layers.ours(StochasticDepth)}
     family = "dropout/noise"
     observe_through = True
     route_through = True

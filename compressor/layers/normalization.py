@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from compressor._tf import keras
+from compressor import keras3_layers
+from compressor.keras3_layers import LayerScale as LayerScaleLayer
 from compressor.layers.base import Blocked, Cut, Handler, is_last_axis, map_weights, take
 
 _L = keras.layers
@@ -48,6 +50,22 @@ class KerasNormalization(PerChannel):
         return ins[0].touched(layer.name)
 
 
+class LayerScale(PerChannel):
+    """ConvNeXt's per-channel residual gain (the tf-keras class Keras 3 imports are rebuilt with)."""
+
+    kinds = (LayerScaleLayer,)
+    family = "layer scale"
+    keras3 = {"LayerScale": keras3_layers.ours(LayerScaleLayer)}
+
+    def propagate(self, layer, ins, shapes, graph):
+        return ins[0].touched(layer.name)
+
+    def resize(self, layer, cut: Cut):
+        config = layer.get_config()
+        config["projection_dim"] = len(cut.positions[0])
+        return config, super().resize(layer, cut)[1]
+
+
 class Rescaling(Handler):
     kinds = (_L.Rescaling,)
     family = "rescaling"
@@ -61,6 +79,7 @@ class Rescaling(Handler):
 class LayerNorm(Handler):
     kinds = (_L.LayerNormalization,)
     family = "layer normalisation"
+    keras3 = {"LayerNormalization": keras3_layers.layer_normalization}
 
-    def check(self, layer):
-        return "LayerNormalization normalises across channels: the residual-stream width is kept"
+    def propagate(self, layer, ins, shapes, graph):
+        raise Blocked("normalises across channels: the residual-stream width is kept")

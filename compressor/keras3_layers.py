@@ -1,0 +1,361 @@
+"""What each Keras 3 layer, activation and `keras.ops` graph node becomes in tf-keras.
+
+How a Keras 3 *layer* class is rebuilt is said by its family's handler in compressor/layers (its
+`keras3` entries, built with the helpers here); `keras.ops` nodes, activations and Keras-library
+classes are in the tables at the bottom (`OPS`, `ACTIVATIONS`, `LIBRARY_CLASSES`). Types
+with no tf-keras counterpart (keras.applications' `LayerScale`/`StochasticDepth`, Keras 3's
+`hard_silu`, ...) are rebuilt with the small tf-keras classes and functions defined here: they
+compute the same thing with the same weights. Nothing stored in a model file is ever executed;
+a file can only name entries of these tables.
+
+This module imports tf-keras only (never Keras 3), so loading a tf-keras file that uses these
+classes only needs `import compressor.keras3_layers` (model_io does it).
+"""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from compressor._tf import keras, tf
+from compressor.errors import CompressorError
+
+#: Package name our tf-keras classes and functions are registered under ("compressor>LayerScale").
+PACKAGE = "compressor"
+_register = keras.saving.register_keras_serializable
+
+
+# --------------------------------------------------------------------------- tf-keras classes
+
+
+@_register(package=PACKAGE)
+class LayerScale(keras.layers.Layer):
+    """ConvNeXt's per-channel residual scale: x * gamma, gamma of shape (projection_dim,)."""
+
+    def __init__(self, init_values: float = 1e-6, projection_dim: int = 1, **kwargs):
+        super().__init__(**kwargs)
+        self.init_values = float(init_values)
+        self.projection_dim = int(projection_dim)
+
+    def build(self, input_shape):
+        self.gamma = self.add_weight(
+            name="gamma", shape=(self.projection_dim,),
+            initializer=keras.initializers.Constant(self.init_values), trainable=True,
+        )
+        super().build(input_shape)
+
+    def call(self, inputs):
+        return inputs * tf.cast(self.gamma, inputs.dtype)
+
+    def get_prunable_weights(self):
+        """tfmot wraps every layer it is given; a per-channel scale has nothing to sparsify."""
+        return []
+
+    def get_config(self):
+        return {**super().get_config(), "init_values": self.init_values, "projection_dim": self.projection_dim}
+
+
+@_register(package=PACKAGE)
+class StochasticDepth(keras.layers.Layer):
+    """Drops a residual branch per sample while training (scaled by 1/keep); identity otherwise."""
+
+    def __init__(self, drop_path_rate: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.drop_path_rate = float(drop_path_rate)
+
+    def call(self, inputs, training=None):
+        if not training or self.drop_path_rate <= 0:
+            return inputs
+        keep = 1.0 - self.drop_path_rate
+        shape = tf.concat([tf.shape(inputs)[:1], tf.ones([tf.rank(inputs) - 1], tf.int32)], axis=0)
+        mask = tf.floor(keep + tf.random.uniform(shape, dtype=inputs.dtype))
+        return inputs / keep * mask
+
+    def get_prunable_weights(self):
+        return []
+
+    def get_config(self):
+        return {**super().get_config(), "drop_path_rate": self.drop_path_rate}
+
+
+# --------------------------------------------------------------------------- activations
+# Keras 3 activations that tf-keras lacks or defines differently, with Keras 3's formulas.
+
+
+@_register(package=PACKAGE, name="hard_sigmoid")
+def hard_sigmoid(x):
+    """Keras 3 hard_sigmoid, relu6(x + 3) / 6 (tf-keras' own is clip(0.2 x + 0.5))."""
+    return tf.nn.relu6(x + 3.0) * (1.0 / 6.0)
+
+
+@_register(package=PACKAGE, name="hard_silu")
+def hard_silu(x):
+    """x * hard_sigmoid(x): MobileNetV3's hard-swish."""
+    return x * hard_sigmoid(x)
+
+
+@_register(package=PACKAGE, name="relu6")
+def relu6(x):
+    return tf.nn.relu6(x)
+
+
+@_register(package=PACKAGE, name="leaky_relu")
+def leaky_relu(x):
+    """Keras 3 default slope 0.2."""
+    return tf.nn.leaky_relu(x, alpha=0.2)
+
+
+@_register(package=PACKAGE, name="log_sigmoid")
+def log_sigmoid(x):
+    return tf.math.log_sigmoid(x)
+
+
+@_register(package=PACKAGE, name="log_softmax")
+def log_softmax(x):
+    return tf.nn.log_softmax(x, axis=-1)
+
+
+@_register(package=PACKAGE, name="hard_tanh")
+def hard_tanh(x):
+    return tf.clip_by_value(x, -1.0, 1.0)
+
+
+@_register(package=PACKAGE, name="gelu_tanh")
+def gelu_tanh(x):
+    """gelu(x, approximate=True), which a tf-keras activation string cannot ask for."""
+    return tf.nn.gelu(x, approximate=True)
+
+
+def _ours(fn: Callable) -> str:
+    return keras.saving.get_registered_name(fn)
+
+
+#: Keras 3 activation name -> tf-keras activation name (builtin or registered here).
+ACTIVATIONS: dict[str, str] = {
+    "silu": "swish",
+    "hard_silu": _ours(hard_silu),
+    "hard_swish": _ours(hard_silu),
+    "hard_sigmoid": _ours(hard_sigmoid),
+    "relu6": _ours(relu6),
+    "leaky_relu": _ours(leaky_relu),
+    "log_sigmoid": _ours(log_sigmoid),
+    "log_softmax": _ours(log_softmax),
+    "hard_tanh": _ours(hard_tanh),
+}
+
+
+# --------------------------------------------------------------------------- handler context
+
+
+@dataclass
+class LayerSpec:
+    """One Keras 3 layer to rebuild: what a handler's `keras3` rebuild function gets.
+
+    `translate(tf_class, config)` is the importer's generic Keras 3 -> tf-keras config
+    translation (dtype policies, activations, initializers, unknown keys dropped with a note).
+    """
+
+    name: str
+    class_name: str
+    module: str
+    config: dict
+    translate: Callable[[type, dict], dict]
+    notes: list[str] = field(default_factory=list)
+
+    def refuse(self, why: str) -> CompressorError:
+        return CompressorError(
+            f"Keras 3 layer '{self.name}' ({self.class_name}) {why}; save the model without it, "
+            "or build and save it with tf-keras"
+        )
+
+
+def same_class(spec: LayerSpec):
+    """Default: the tf-keras class of the same name, config translated key by key."""
+    tf_cls = getattr(keras.layers, spec.class_name, None)
+    if not isinstance(tf_cls, type):
+        raise spec.refuse("has no tf-keras equivalent")
+    return _build(spec, tf_cls, spec.translate(tf_cls, dict(spec.config)))
+
+
+def _build(spec: LayerSpec, tf_cls: type, cfg: dict, make: Callable[[dict], Any] | None = None):
+    try:
+        return (make or tf_cls.from_config)(cfg)
+    except Exception as exc:  # noqa: BLE001 - one line naming the layer
+        raise spec.refuse(f"cannot be rebuilt in tf-keras ({str(exc).strip().splitlines()[0][:200]})") from None
+
+
+def renamed(tf_cls: type, keys: dict[str, str]) -> Callable[[LayerSpec], Any]:
+    """Same layer, some config keys spelled differently in tf-keras."""
+
+    def handler(spec: LayerSpec):
+        cfg = dict(spec.config)
+        for old, new in keys.items():
+            if old in cfg:
+                cfg[new] = cfg.pop(old)
+        return _build(spec, tf_cls, spec.translate(tf_cls, cfg))
+
+    return handler
+
+
+def ours(tf_cls: type) -> Callable[[LayerSpec], Any]:
+    """A Keras-library class with no tf-keras counterpart, rebuilt with our class of this module."""
+
+    def handler(spec: LayerSpec):
+        return _build(spec, tf_cls, spec.translate(tf_cls, dict(spec.config)))
+
+    return handler
+
+
+def refused(why: str) -> Callable[[LayerSpec], Any]:
+    def handler(spec: LayerSpec):
+        raise spec.refuse(why)
+
+    return handler
+
+
+def layer_normalization(spec: LayerSpec):
+    if spec.config.get("rms_scaling"):
+        raise spec.refuse("uses rms_scaling, which tf-keras lacks")
+    return same_class(spec)
+
+
+def multi_head_attention(spec: LayerSpec):
+    """tf-keras' from_config demands build shapes (query_shape, ...) that Keras 3 does not store;
+    the constructor is enough, the layer builds itself on its first call with the same weights."""
+    cls = keras.layers.MultiHeadAttention
+    return _build(spec, cls, spec.translate(cls, dict(spec.config)), make=lambda cfg: cls(**cfg))
+
+
+#: Keras 3 classes that tf-keras also names but that cannot be carried over faithfully.
+REFUSED: dict[str, str] = {
+    "Lambda": "has no tf-keras equivalent: a Lambda runs Python stored with the model, never executed here",
+    "TFSMLayer": "has no tf-keras equivalent: it wraps an exported SavedModel",
+    "JaxLayer": "has no tf-keras equivalent: it wraps JAX code",
+    "FlaxLayer": "has no tf-keras equivalent: it wraps Flax code",
+    "TorchModuleWrapper": "has no tf-keras equivalent: it wraps PyTorch code",
+}
+
+#: Classes that Keras itself defines outside `keras.layers` (keras.applications' own layers),
+#: by defining module: recognised as library classes, not user code.
+LIBRARY_CLASSES: dict[str, frozenset[str]] = {
+    "keras.src.applications.convnext": frozenset({"LayerScale", "StochasticDepth"}),
+}
+
+
+# --------------------------------------------------------------------------- keras.ops nodes
+
+
+@dataclass
+class OpSpec:
+    """One `keras.ops` call recorded in a Keras 3 functional graph: what an OPS handler gets.
+
+    `args`/`kwargs` are the call's arguments with graph tensors already resolved to tf-keras
+    tensors; constants stay Python values.
+    """
+
+    name: str
+    class_name: str
+    config: dict
+    args: list
+    kwargs: dict
+
+    def refuse(self, why: str) -> CompressorError:
+        return CompressorError(
+            f"Keras 3 operation '{self.name}' (keras.ops {self.class_name}) {why}; express it with "
+            "Keras layers and re-save, or build and save the model with tf-keras"
+        )
+
+
+def _is_tensor(value) -> bool:
+    return tf.is_tensor(value) or bool(getattr(value, "is_tensor_like", False))
+
+
+def _scalar(spec: OpSpec, value) -> float:
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    raise spec.refuse(f"uses constant {str(value)[:60]!r}; only scalar constants are supported")
+
+
+def _binary(merge: type | None, tensor_const: Callable[[float], tuple[float, float]] | None,
+            const_tensor: Callable[[float], tuple[float, float]] | None = None):
+    """x op y: two tensors -> a tf-keras merge layer; tensor and scalar -> Rescaling(scale, offset)."""
+
+    def handler(spec: OpSpec):
+        if len(spec.args) != 2 or spec.kwargs:
+            raise spec.refuse("is called in a form the importer does not know")
+        a, b = spec.args
+        if _is_tensor(a) and _is_tensor(b):
+            if merge is None:
+                raise spec.refuse("combines two tensors, which has no tf-keras layer")
+            return merge(name=spec.name), [[a, b]]
+        if _is_tensor(a) and tensor_const is not None:
+            scale, offset = tensor_const(_scalar(spec, b))
+            return keras.layers.Rescaling(scale, offset, name=spec.name), [a]
+        if _is_tensor(b) and const_tensor is not None:
+            scale, offset = const_tensor(_scalar(spec, a))
+            return keras.layers.Rescaling(scale, offset, name=spec.name), [b]
+        raise spec.refuse("mixes a tensor and a constant in a form no tf-keras layer computes")
+
+    return handler
+
+
+def _unary_activation(activation: str, allowed: dict[str, tuple] | None = None):
+    """ops.nn.relu(x) and friends: an Activation layer; options only at values we reproduce."""
+    allowed = allowed or {}
+
+    def handler(spec: OpSpec):
+        options = {k: v for k, v in spec.config.items() if k != "name"}
+        unknown = {k: v for k, v in options.items() if v not in allowed.get(k, (None,))}
+        if len(spec.args) != 1 or not _is_tensor(spec.args[0]) or spec.kwargs or unknown:
+            raise spec.refuse(f"is called with options the importer does not know ({unknown or spec.kwargs})")
+        name = ACTIVATIONS.get(activation, activation)
+        if activation == "gelu" and options.get("approximate", True):
+            name = _ours(gelu_tanh)  # keras.ops.gelu defaults to the tanh approximation
+        return keras.layers.Activation(name, name=spec.name), spec.args
+
+    return handler
+
+
+#: Keras 3 `keras.ops` class name -> handler(OpSpec) -> (tf-keras layer, call args).
+OPS: dict[str, Callable[[OpSpec], tuple[Any, list]]] = {
+    "Add": _binary(keras.layers.Add, lambda c: (1.0, c), lambda c: (1.0, c)),
+    "Subtract": _binary(keras.layers.Subtract, lambda c: (1.0, -c), lambda c: (-1.0, c)),
+    "Multiply": _binary(keras.layers.Multiply, lambda c: (c, 0.0), lambda c: (c, 0.0)),
+    "Divide": _binary(None, lambda c: (1.0 / c, 0.0)),
+    "TrueDivide": _binary(None, lambda c: (1.0 / c, 0.0)),
+    "Maximum": _binary(keras.layers.Maximum, None),
+    "Minimum": _binary(keras.layers.Minimum, None),
+    "Relu": _unary_activation("relu"),
+    "Relu6": _unary_activation("relu6"),
+    "Sigmoid": _unary_activation("sigmoid"),
+    "Silu": _unary_activation("silu"),
+    "Swish": _unary_activation("silu"),
+    "HardSigmoid": _unary_activation("hard_sigmoid"),
+    "HardSilu": _unary_activation("hard_silu"),
+    "Gelu": _unary_activation("gelu", {"approximate": (True, False)}),
+    "Tanh": _unary_activation("tanh"),
+    "Softmax": _unary_activation("softmax", {"axis": (-1, None)}),
+}
+
+
+def is_op(layer_config: dict) -> bool:
+    """True for a `keras.ops` node of a Keras 3 functional graph (not a layer)."""
+    return str(layer_config.get("module") or "").startswith("keras.src.ops")
+
+
+def recognised(layer_config: dict) -> bool:
+    """A stored class the tables know: a keras.ops node or a Keras-library class we rebuild."""
+    module = str(layer_config.get("module") or "")
+    class_name = layer_config.get("class_name")
+    if is_op(layer_config):
+        return class_name in OPS
+    return class_name in LIBRARY_CLASSES.get(module, ())
+
+
+#: Our tf-keras classes: model_io treats them like tf-keras' own layers.
+IMPORT_CLASSES = (LayerScale, StochasticDepth)
+
+__all__ = [
+    "ACTIVATIONS", "OPS", "REFUSED", "LIBRARY_CLASSES", "IMPORT_CLASSES", "LayerSpec", "OpSpec",
+    "LayerScale", "StochasticDepth", "is_op", "recognised", "same_class",
+]
