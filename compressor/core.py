@@ -7,11 +7,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from compressor._tf import keras, tf
 from compressor.errors import CompressorError
 from compressor.quiet import quiet_stderr
 
 __all__ = ["CompressorError", "keras", "keras_kernels", "kernel_zeros", "quiet_stderr", "tf"]
+
+
+def __getattr__(name: str):
+    """`tf` and `keras` on first use: `compressor bench`/`inspect` on an .onnx file never pay for
+    importing TensorFlow (a deferred import, PEP 562)."""
+    if name in ("tf", "keras"):
+        from compressor import _tf
+
+        return getattr(_tf, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def keras_kernels(model: keras.Model) -> list[np.ndarray]:

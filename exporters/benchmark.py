@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compressor.errors import CompressorError
+from compressor.core import CompressorError
 from exporters.files import gzip_size
 from exporters.latency import measure_interleaved
 from exporters.readback import is_weight, stored_weights

@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from compressor._tf import keras, tf
-from compressor.errors import CompressorError
+from compressor.core import CompressorError, keras, tf
 from exporters.files import make_readable, write_bytes_atomic
 
 OPSET = 17

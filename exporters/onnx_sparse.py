@@ -16,7 +16,7 @@ import numpy as np
 
 from exporters.files import write_bytes_atomic
 
-from compressor.errors import CompressorError
+from compressor.core import CompressorError
 
 __all__ = ["to_sparse_initializers", "to_dense_initializers", "compact_onnx_file"]
 

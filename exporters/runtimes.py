@@ -9,8 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compressor.errors import CompressorError
-from compressor.quiet import quiet_stderr
+from compressor.core import CompressorError, quiet_stderr
 from exporters import targets
 
 class TFLiteRunner:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compressor._tf import keras
+from compressor.core import keras
 from exporters import targets
 from exporters.benchmark import Artifact, correctness
 from exporters.latency import measure_interleaved

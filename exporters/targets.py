@@ -17,7 +17,7 @@ import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compressor.errors import CompressorError
+from compressor.core import CompressorError
 
 __all__ = [
     "FileFormat", "Target", "Scheme", "Fallback", "FORMATS", "TARGETS", "NAMES", "RUNTIMES",

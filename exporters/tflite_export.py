@@ -9,9 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compressor._tf import keras, tf
-from compressor.errors import CompressorError
-from compressor.quiet import quiet_stderr
+from compressor.core import CompressorError, keras, quiet_stderr, tf
 from exporters.files import write_bytes_atomic
 
 
