@@ -146,33 +146,11 @@ def _keras_block(kernel: np.ndarray) -> tuple[int, ...] | None:
     return None
 
 
-def _load_keras3(path, tf_keras_error: Exception):
-    """Fall back to the project's loader, which rebuilds Keras 3 files in tf-keras."""
-    try:
-        from compressor.model_io import load_model
-    except Exception:  # loader unavailable: report the tf-keras failure
-        load_model = None
-    if load_model is not None:
-        try:
-            return load_model(path).model
-        except CompressorError:
-            raise
-        except Exception:
-            pass
-    msg = " ".join(str(tf_keras_error).split())[:160]
-    raise CompressorError(
-        f"{path}: cannot load this Keras model ({type(tf_keras_error).__name__}: {msg}); "
-        "re-save it with tf-keras or Keras 3 as .keras/.h5"
-    ) from tf_keras_error
+def _keras_rows(path, policy=None) -> tuple[list[dict], list[str]]:
+    from compressor.model_io import load_model
+    from compressor.safety import STRICT
 
-
-def _keras_rows(path) -> tuple[list[dict], list[str]]:
-    from compressor._tf import keras
-
-    try:
-        model = keras.models.load_model(str(path), compile=False)
-    except Exception as exc:
-        model = _load_keras3(path, exc)
+    model = load_model(path, policy or STRICT).model  # checks the stored config before deserialising
     rows = []
     for w in model.weights:
         arr = np.asarray(w.numpy())
@@ -194,11 +172,11 @@ def _keras_rows(path) -> tuple[list[dict], list[str]]:
     return rows, []
 
 
-def inspect_file(path) -> dict:
+def inspect_file(path, policy=None) -> dict:
     """Per-tensor sizes, zeros and storage of a .tflite, .onnx or .keras file, read from the file.
 
     `totals` cover weight tensors of rank >= 2 (the count verification uses); every float or
-    quantized weight gets a row.
+    quantized weight gets a row. `policy` (compressor.safety.LoadPolicy) governs Keras files.
     """
     p = Path(path)
     if not p.exists():
@@ -211,7 +189,7 @@ def inspect_file(path) -> dict:
     elif ext in readback.ONNX_EXTENSIONS:
         fmt, (rows, notes) = "onnx", _onnx_rows(p)
     elif ext in KERAS_EXTENSIONS:
-        fmt, (rows, notes) = "keras", _keras_rows(p)
+        fmt, (rows, notes) = "keras", _keras_rows(p, policy)
     else:
         raise CompressorError(f"{p}: unknown file type {ext or '(none)'!r}; pass a .tflite, .onnx or .keras file")
     data = p.read_bytes()
