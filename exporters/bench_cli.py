@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from compressor.errors import CompressorError
+from exporters.untrusted import check_model_file
 
 RANDOM_SEED = 0
 EXTENSIONS = (".tflite", ".onnx")
@@ -34,6 +35,7 @@ def check_file(path: str | Path, flag: str = "--model") -> Path:
         raise CompressorError(f"{flag} '{path}': unknown extension '{path.suffix}'; pass a .tflite or .onnx file")
     if not path.is_file():
         raise CompressorError(f"{flag} '{path}' not found; pass an existing .tflite or .onnx file")
+    check_model_file(path)  # size, external data, nesting: before any runtime opens it (exporters.untrusted)
     return path
 
 
