@@ -10,7 +10,7 @@ a stack overflow or an exhausted machine. Limits (documented in the README):
   can address without external data); the environment variable COMPRESSOR_MAX_MODEL_BYTES
   raises or lowers it.
 - MAX_TENSOR_ELEMENTS: one tensor as declared (shape, or a sparse tensor's dense size), 2**29.
-- MAX_GRAPH_DEPTH: ONNX subgraphs (If/Loop/Scan bodies) nested inside each other, 32.
+- MAX_GRAPH_DEPTH: ONNX subgraphs (If/Loop/Scan bodies) nested inside each other, 16.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from compressor.errors import CompressorError
 
 MAX_FILE_BYTES = 2 << 30
 MAX_TENSOR_ELEMENTS = 1 << 29
-MAX_GRAPH_DEPTH = 32
+MAX_GRAPH_DEPTH = 16
 _LIMIT_ENV = "COMPRESSOR_MAX_MODEL_BYTES"
 
 
