@@ -127,10 +127,10 @@ def _load_keras_zip(p: Path, source: str, policy: LoadPolicy):
             f"model file; re-save it with model.save('{p.name}')"
         )
     version = str(meta.get("keras_version", "")) if isinstance(meta, dict) else ""
-    _config_object(config, source)
+    _config_object(config, source, version)
     if version.startswith("3"):
         return _import_keras3(source, "Keras 3 .keras", FORMAT_K3_KERAS, config)
-    check_config(config, source, policy)
+    check_config(config, source, policy, keras3=not version)  # no version: it may still be a Keras 3 file
     if version:
         return _load_tf_keras(source, policy), FORMAT_TFK_KERAS, []
     # No version recorded: try tf-keras first, then Keras 3.
@@ -175,16 +175,18 @@ def _load_h5(p: Path, source: str, policy: LoadPolicy):
             f"cannot read model '{source}': its stored model config is not valid JSON (corrupt file?); "
             f"re-save it with model.save('{p.name}')"
         ) from None
-    _config_object(config, source)
+    _config_object(config, source, version)
     if str(version).startswith("3"):
         return _import_keras3(source, "Keras 3 .h5", FORMAT_K3_H5, config)
     check_config(config, source, policy)
     return _load_tf_keras(source, policy), FORMAT_TFK_H5, []
 
 
-def _config_object(config, source: str) -> None:
-    """A config that is not a JSON object cannot be checked, so it is never loaded."""
-    if not isinstance(config, dict) or not isinstance(config.get("config", {}), dict):
+def _config_object(config, source: str, version: str) -> None:
+    """A config that is not a JSON object cannot be checked, so it is never loaded (old tf-keras
+    Sequential configs hold a plain list of layers; Keras 3 always writes an object)."""
+    inner = (dict,) if str(version).startswith("3") else (dict, list)
+    if not isinstance(config, dict) or not isinstance(config.get("config", {}), inner):
         raise CompressorError(
             f"cannot read model '{source}': its stored model config is not a Keras model config "
             "(corrupt file?); re-save it with model.save()"

@@ -38,6 +38,8 @@ UNSAFE_TF_NAMES = frozenset({
 })
 _MODEL_CLASSES = frozenset({"Functional", "Sequential", "Model"})
 _KERAS_MODULES = ("keras", "tf_keras")
+# Loaders here use compile=False, so a custom loss or metric in the compile config is never built.
+_NOT_LOADED = frozenset({"compile_config"})
 _LAYER_KEYS = ("layer", "backward_layer", "forward_layer", "cell")
 _MODULE_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 TRUST_WARNING = ("--trust-model-code: code stored in the model file (Lambda layers, custom classes) will run; "
@@ -113,6 +115,8 @@ def _layers(cfg: dict, where: str) -> Iterator[tuple[dict, str]]:
     """Every layer config (the model itself, its layers, nested models, wrapped layers, cells)."""
     yield cfg, where
     inner = cfg.get("config")
+    if isinstance(inner, list):  # Keras 2.1-era Sequential: the config is the list of layers
+        inner = {"layers": inner}
     if not isinstance(inner, dict):
         return
     layers = inner.get("layers")
@@ -136,8 +140,9 @@ def _objects(value: Any, where: str, depth: int = 0) -> Iterator[tuple[dict, str
         if "class_name" in value:
             yield value, where
         name = _name(value) if "class_name" in value and isinstance(value.get("config"), dict) else None
-        for item in value.values():
-            yield from _objects(item, name or where, depth + 1)
+        for key, item in value.items():
+            if key not in _NOT_LOADED:
+                yield from _objects(item, name or where, depth + 1)
     elif isinstance(value, list):
         for item in value:
             yield from _objects(item, where, depth + 1)
