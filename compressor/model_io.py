@@ -111,7 +111,7 @@ def _load_keras_zip(p: Path, source: str, policy: LoadPolicy):
             bad = zf.testzip()
             meta = json.loads(zf.read("metadata.json")) if "metadata.json" in names else {}
             config = json.loads(zf.read("config.json")) if "config.json" in names else None
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as exc:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError, RecursionError) as exc:
         raise CompressorError(
             f"cannot read model '{source}': damaged Keras zip archive ({_one_line(exc)}); "
             f"re-save it with model.save('{p.name}')"
@@ -170,7 +170,7 @@ def _load_h5(p: Path, source: str, policy: LoadPolicy):
         )
     try:
         config = json.loads(raw_config.decode("utf-8") if isinstance(raw_config, bytes) else raw_config)
-    except (TypeError, ValueError, UnicodeDecodeError):
+    except (TypeError, ValueError, RecursionError):
         raise CompressorError(
             f"cannot read model '{source}': its stored model config is not valid JSON (corrupt file?); "
             f"re-save it with model.save('{p.name}')"

@@ -37,6 +37,8 @@ UNSAFE_TF_NAMES = frozenset({
     "function", "experimental", "lookup", "tpu", "profiler", "keras", "estimator",
 })
 _MODEL_CLASSES = frozenset({"Functional", "Sequential", "Model"})
+#: Deeper configs are not Keras models (and would exhaust Python's recursion limit).
+MAX_DEPTH = 200
 _KERAS_MODULES = ("keras", "tf_keras")
 # Loaders here use compile=False, so a custom loss or metric in the compile config is never built.
 _NOT_LOADED = frozenset({"compile_config"})
@@ -92,12 +94,14 @@ def layer_classes(module_name: str) -> dict[str, type]:
     return found
 
 
-def check_config(config: Any, source: str, policy: LoadPolicy = STRICT, *, keras3: bool = False) -> None:
+def check_config(config: Any, source: str, policy: LoadPolicy = STRICT, *, keras3: bool = False,
+                 layers: bool = True) -> None:
     """Refuse a stored model config whose loading would run code that is not the user's own.
 
     Walks the whole config, nested models, wrappers and RNN cells included. Raises one
     CompressorError naming the first offending layer and the fix; returns when loading is safe.
-    `keras3`: the file is read by Keras 3, so its layer names count as built-in too.
+    `keras3`: the file is read by Keras 3, so its layer names count as built-in too. `layers=False`
+    for configs that are not layers (a SavedModel's metrics): only what they would import is checked.
     """
     if policy.trust_code:
         return
@@ -105,14 +109,24 @@ def check_config(config: Any, source: str, policy: LoadPolicy = STRICT, *, keras
         raise CompressorError(f"cannot read model '{source}': its stored model config is not a JSON object "
                               "(corrupt file?); re-save it with model.save()")
     known = _known_classes(policy, keras3)
-    for layer, where in _layers(config, "model"):
-        _check_layer(layer, where, source, known)
-    for obj, where in _objects(config, "model"):
-        _check_object(obj, where, source, known)
+    try:
+        for layer, where in _layers(config, "model") if layers else ():
+            _check_layer(layer, where, source, known)
+        for obj, where in _objects(config, "model"):
+            _check_object(obj, where, source, known)
+    except _TooDeep as exc:
+        raise CompressorError(f"cannot read model '{source}': its config is nested more than {MAX_DEPTH} levels "
+                              f"deep at '…{str(exc)[-60:]}'; not a Keras model (corrupt or crafted file)") from None
 
 
-def _layers(cfg: dict, where: str) -> Iterator[tuple[dict, str]]:
+class _TooDeep(Exception):
+    """Raised with the place where a config nests deeper than MAX_DEPTH."""
+
+
+def _layers(cfg: dict, where: str, depth: int = 0) -> Iterator[tuple[dict, str]]:
     """Every layer config (the model itself, its layers, nested models, wrapped layers, cells)."""
+    if depth > MAX_DEPTH:
+        raise _TooDeep(where)
     yield cfg, where
     inner = cfg.get("config")
     if isinstance(inner, list):  # Keras 2.1-era Sequential: the config is the list of layers
@@ -122,20 +136,20 @@ def _layers(cfg: dict, where: str) -> Iterator[tuple[dict, str]]:
     layers = inner.get("layers")
     for layer in layers if isinstance(layers, list) else []:
         if isinstance(layer, dict):
-            yield from _layers(layer, _name(layer))
+            yield from _layers(layer, _name(layer), depth + 1)
     for key in _LAYER_KEYS:
         if isinstance(inner.get(key), dict):
-            yield from _layers(inner[key], f"{where}/{_name(inner[key])}")
+            yield from _layers(inner[key], f"{where}/{_name(inner[key])}", depth + 1)
     cells = inner.get("cells")
     for cell in cells if isinstance(cells, list) else []:
         if isinstance(cell, dict):
-            yield from _layers(cell, f"{where}/{_name(cell)}")
+            yield from _layers(cell, f"{where}/{_name(cell)}", depth + 1)
 
 
 def _objects(value: Any, where: str, depth: int = 0) -> Iterator[tuple[dict, str]]:
     """Every serialized object anywhere in the config (initializers, activations, dtypes, ...)."""
-    if depth > 200:
-        raise CompressorError(f"model config is nested more than 200 levels deep at '{where}'; not a Keras model")
+    if depth > MAX_DEPTH:
+        raise _TooDeep(where)
     if isinstance(value, dict):
         if "class_name" in value:
             yield value, where
@@ -164,7 +178,7 @@ def _check_layer(layer: dict, where: str, source: str, known: set[str]) -> None:
             "would execute; refused for safety: replace it with built-in layers and re-save, or pass "
             "--trust-model-code if you made this file yourself")
     registered = layer.get("registered_name")
-    if class_name in known or (registered and registered in known):
+    if class_name in known or (isinstance(registered, str) and registered in known):
         return
     raise CompressorError(
         f"cannot read model '{source}': layer '{where}' has custom class '{registered or class_name}' that is not "
@@ -183,7 +197,7 @@ def _check_object(obj: dict, where: str, source: str, known: set[str]) -> None:
     if isinstance(module, str) and module.split(".")[0] in _KERAS_MODULES:
         return
     registered = obj.get("registered_name")
-    if class_name in known or (registered and registered in known):
+    if class_name in known or (isinstance(registered, str) and registered in known):
         return
     raise CompressorError(
         f"cannot read model '{source}': layer '{where}' refers to '{class_name}' in module '{module}', which "
@@ -233,8 +247,8 @@ def _known_classes(policy: LoadPolicy, keras3: bool) -> set[str]:
 UNSAFE_GRAPH_OPS = frozenset({"PyFunc", "PyFuncStateless", "EagerPyFunc", "WriteFile", "ReadFile", "MatchingFiles"})
 
 
-def savedmodel_configs(path, source: str) -> list[dict]:
-    """The Keras layer configs stored in a SavedModel's keras_metadata.pb (one per saved layer)."""
+def savedmodel_configs(path, source: str) -> list[tuple[str, dict]]:
+    """(kind, config) of every object in a SavedModel's keras_metadata.pb: layers, models, metrics."""
     import json
     from pathlib import Path
 
@@ -243,7 +257,7 @@ def savedmodel_configs(path, source: str) -> list[dict]:
     meta = saved_metadata_pb2.SavedMetadata()
     try:
         meta.ParseFromString(Path(path, "keras_metadata.pb").read_bytes())
-        configs = [json.loads(node.metadata) for node in meta.nodes if node.metadata]
+        configs = [(node.identifier, json.loads(node.metadata)) for node in meta.nodes if node.metadata]
     except Exception as exc:  # noqa: BLE001 - damaged metadata is one line
         raise CompressorError(f"cannot read model '{source}': damaged keras_metadata.pb ({type(exc).__name__}); "
                               "re-save the model with model.save()") from None
@@ -254,8 +268,8 @@ def check_savedmodel(path, source: str, policy: LoadPolicy = STRICT) -> None:
     """Every saved layer's config, and the stored graphs' ops, before tf-keras revives anything."""
     from pathlib import Path
 
-    for cfg in savedmodel_configs(path, source):
-        check_config(cfg, source, policy)
+    for kind, cfg in savedmodel_configs(path, source):
+        check_config(cfg, source, policy, layers=kind != "_tf_keras_metric")
     if policy.trust_code:
         return
     from tensorflow.core.protobuf import saved_model_pb2

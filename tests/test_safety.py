@@ -339,3 +339,19 @@ def test_seeded_fuzz_slice_ends_every_case_in_one_line_or_a_result():
     summary = [line for line in proc.stdout.splitlines() if line.startswith("fuzz summary")]
     assert proc.returncode == 0 and summary, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "crashes 0, hangs 0, tracebacks 0, other failures 0" in summary[0]
+
+
+def test_compiled_models_with_metrics_and_a_custom_loss_still_load(tmp_path):
+    """compile=False never builds the loss or metrics, so they are not refused."""
+    from compressor._tf import keras
+    from compressor.model_io import load_model
+
+    def my_loss(y_true, y_pred):
+        return keras.backend.mean(y_pred)
+
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(2, activation="softmax")])
+    model.compile("adam", my_loss, ["accuracy"])
+    model.fit(np.random.default_rng(0).random((8, 5)), np.zeros(8), epochs=1, verbose=0)
+    for name in ("m.keras", "m.h5", "m_savedmodel"):
+        model.save(tmp_path / name)
+        assert load_model(tmp_path / name).model.output_shape == (None, 2)
