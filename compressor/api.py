@@ -34,11 +34,17 @@ def _as_data(data: Dataset | str | Path) -> Dataset:
 
 
 def compress(model, data, out, recipe=None, *, force: bool = False, quiet: bool = False,
-             reporter: Reporter | None = None) -> dict:
-    """Compress a tf_keras model object or a model file; returns the report dict (also in `out`)."""
+             reporter: Reporter | None = None, trust_model_code: bool = False,
+             custom_objects: list[str] | str | None = None) -> dict:
+    """Compress a tf_keras model object or a model file; returns the report dict (also in `out`).
+
+    A model file is never allowed to run code it carries unless `trust_model_code` is set;
+    `custom_objects` names modules (pkg.mod) whose tf-keras layer classes the file may use.
+    """
     if isinstance(model, (str, Path)):
-        return compress_file(model, data, out, recipe, force=force, reporter=reporter or Reporter(quiet))
-    from compressor.pipeline import check_out_dir
+        return compress_file(model, data, out, recipe, force=force, reporter=reporter or Reporter(quiet),
+                             trust_model_code=trust_model_code, custom_objects=custom_objects)
+    from compressor.outdir import check_out_dir
 
     recipe, dataset = _as_recipe(recipe), _as_data(data)
     check_out_dir(out, force)
@@ -46,29 +52,39 @@ def compress(model, data, out, recipe=None, *, force: bool = False, quiet: bool 
                      reporter or Reporter(quiet))
 
 
-def _run_into(out, force: bool, inputs: tuple, get_model, dataset, recipe, reporter) -> dict:
-    """Create the output folder only after everything was validated; a run that fails before
-    writing anything leaves no empty folder behind."""
-    from compressor.pipeline import compress as run_pipeline, prepare_out_dir, remove_if_empty
+def _run_into(out, force: bool, inputs: tuple, get_model, dataset, recipe, reporter, finish=None) -> dict:
+    """Build the result in a hidden sibling folder and swap it into `out` only when complete, so a
+    failed or interrupted run never costs the previous result (compressor.outdir)."""
+    from compressor.outdir import OutputFolder
+    from compressor.pipeline import compress as run_pipeline
 
     model, source, notes = get_model()
-    existed = Path(out).exists()
-    prepare_out_dir(out, force, inputs)
-    try:
-        return run_pipeline(model, dataset, recipe, out, source=source, reporter=reporter, load_notes=notes)
-    except BaseException:
-        if not existed:
-            remove_if_empty(out)
-        raise
+    folder = OutputFolder(out, force, inputs)
+    with folder as work:
+        try:
+            report = run_pipeline(model, dataset, recipe, work, source=source, reporter=reporter, load_notes=notes)
+        except CompressorError as exc:
+            if not (work / "report.json").is_file():
+                raise
+            folder.commit()  # complete, but a file failed verification: the report says which and why
+            raise CompressorError(str(exc).replace(str(work), str(out))) from None
+        if finish is not None:
+            finish(work)
+        folder.commit()
+    reporter.step(f"result complete in {out}")
+    return report
 
 
-def compress_file(model_path, data, out, recipe=None, *, force: bool = False, reporter: Reporter | None = None) -> dict:
+def compress_file(model_path, data, out, recipe=None, *, force: bool = False, reporter: Reporter | None = None,
+                  trust_model_code: bool = False, custom_objects: list[str] | str | None = None) -> dict:
     """Everything is validated (recipe, data, output folder, model) before any training starts."""
     from compressor.data import check_against_model
     from compressor.model_io import file_sha256, load_model
-    from compressor.pipeline import check_out_dir
+    from compressor.outdir import check_out_dir
+    from compressor.safety import make_policy
 
     reporter = reporter or Reporter()
+    policy = make_policy(trust_model_code, custom_objects)
     recipe_path = recipe if isinstance(recipe, (str, Path)) else None
     data_path = data if isinstance(data, (str, Path)) and Path(data).exists() else None
     recipe = _as_recipe(recipe)
@@ -76,7 +92,7 @@ def compress_file(model_path, data, out, recipe=None, *, force: bool = False, re
     inputs = (model_path, data_path, recipe_path)
     check_out_dir(out, force, inputs)
     digest = file_sha256(model_path) if Path(model_path).exists() else None
-    loaded = load_model(model_path)
+    loaded = load_model(model_path, policy)
     model = loaded.model
     check_against_model(dataset, tuple(model.input_shape[1:]), int(np.prod(model.output_shape[1:])))
     notes = list(loaded.warnings)  # includes one line per layer class the stages leave unpruned
@@ -93,7 +109,7 @@ def compress_file(model_path, data, out, recipe=None, *, force: bool = False, re
 def demo(out, recipe=None, *, force: bool = False, reporter: Reporter | None = None) -> dict:
     """Train the source article's MLP on the embedded MNIST digits and run the recipe end to end."""
     from compressor.model_io import save_model_atomic
-    from compressor.pipeline import check_out_dir
+    from compressor.outdir import check_out_dir
     from compressor.training import accuracy, train_reference
 
     reporter = reporter or Reporter()
@@ -104,7 +120,16 @@ def demo(out, recipe=None, *, force: bool = False, reporter: Reporter | None = N
     model = train_reference(data, epochs=DEMO_TRAIN_EPOCHS, seed=recipe.seed,
                             progress=reporter.epoch_callback("train reference model", DEMO_TRAIN_EPOCHS))
     reporter.step(f"reference model test accuracy {accuracy(model, data.x_test, data.y_test):.4f}")
-    report = _run_into(out, force, (), lambda: (model, "demo: reference MLP 784-128-10 on mnist5k", []), data,
-                       recipe, reporter)
-    save_model_atomic(model, Path(out) / "dense.keras")
-    return report
+    return _run_into(out, force, (), lambda: (model, "demo: reference MLP 784-128-10 on mnist5k", []), data,
+                     recipe, reporter, finish=lambda work: save_model_atomic(model, work / "dense.keras"))
+
+
+def inspect(path, *, trust_model_code: bool = False, custom_objects: list[str] | str | None = None) -> dict:
+    """Per-tensor sizes, zeros and storage of a .tflite, .onnx or Keras file (`compressor inspect`).
+    Keras files are loaded through model_io, which checks the stored config before deserialising."""
+    from compressor.model_io import load_model
+    from compressor.safety import make_policy
+    from exporters.inspect import inspect_file
+
+    policy = make_policy(trust_model_code, custom_objects)
+    return inspect_file(path, load_keras=lambda keras_path: load_model(keras_path, policy).model)

@@ -14,6 +14,7 @@ from compressor.errors import CompressorError
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a terminated process
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +28,14 @@ def _pipeline_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
     parser.add_argument("--seed", type=int, help="override the recipe's seed")
     _common(parser)
+
+
+def _model_safety(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust-model-code", action="store_true",
+                        help="let a Keras file run the code it carries (Lambda layers, custom classes); "
+                             "only for files you made yourself")
+    parser.add_argument("--custom-objects", action="append", metavar="PKG.MOD",
+                        help="import this module (by name) and register its Keras layer classes; repeatable")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="compress your own model")
     run.add_argument("--model", required=True, help="Keras model: .keras, .h5 (tf-keras or Keras 3) or SavedModel dir")
     run.add_argument("--data", required=True, help=".npz with x_train,y_train,x_test,y_test; or mnist5k / digits; or pkg.mod:func")
+    _model_safety(run)
     _pipeline_options(run)
 
     bench = sub.add_parser("bench", help="benchmark a .tflite or .onnx file")
@@ -62,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="per-tensor sparsity and storage as stored in a file")
     inspect.add_argument("file", help="FILE.tflite, FILE.onnx or FILE.keras")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _model_safety(inspect)
     _common(inspect)
 
     recipe = sub.add_parser("recipe", help="print the default recipe")
@@ -90,22 +101,24 @@ def cmd_demo(args, reporter) -> int:
 def cmd_run(args, reporter) -> int:
     from compressor.api import compress_file
 
-    report = compress_file(args.model, args.data, args.out, recipe=_recipe(args), force=args.force, reporter=reporter)
+    report = compress_file(args.model, args.data, args.out, recipe=_recipe(args), force=args.force, reporter=reporter,
+                           trust_model_code=args.trust_model_code, custom_objects=args.custom_objects)
     _summary(report, reporter)
     return 0
 
 
 def cmd_bench(args, reporter) -> int:
-    from exporters.bench_cli import bench_command
+    from compressor.bench_cli import bench_command
 
     print(bench_command(args, reporter))
     return 0
 
 
 def cmd_inspect(args, reporter) -> int:
-    from exporters.inspect import format_inspect, inspect_file
+    from compressor.api import inspect
+    from exporters.inspect import format_inspect
 
-    report = inspect_file(args.file)
+    report = inspect(args.file, trust_model_code=args.trust_model_code, custom_objects=args.custom_objects)
     print(json.dumps(report, indent=2) if args.json else format_inspect(report))
     return 0
 
@@ -143,19 +156,23 @@ COMMANDS = {"demo": cmd_demo, "run": cmd_run, "bench": cmd_bench, "inspect": cmd
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from compressor.outdir import Terminated, sigterm_as_exception
     from compressor.progress import Reporter
 
     reporter = Reporter(quiet=args.quiet)
     try:
-        return COMMANDS[args.command](args, reporter)
+        with sigterm_as_exception():
+            return COMMANDS[args.command](args, reporter)
     except CompressorError as exc:
         if args.debug:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("error: interrupted; no partial artifact was kept under its final name", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"error: {what}; no partial artifact was kept under its final name and a previous result in "
+              "--out is untouched", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
     except Exception as exc:  # an unexpected failure still gets one line, the traceback with --debug
         if args.debug:
             traceback.print_exc()

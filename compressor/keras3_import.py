@@ -90,6 +90,9 @@ def precheck_config(config: dict, path: str) -> None:
                 f"cannot read model '{path}': Keras 3 layer '{name}' ({class_name}) has no tf-keras "
                 "equivalent; save the model without it (e.g. built-in layers instead of Lambda) or as tf-keras"
             )
+    from compressor.safety import check_config  # noqa: PLC0415 - the one safety check for every format
+
+    check_config(config, path, keras3=True)
 
 
 def _walk_layer_configs(model_cfg: dict):

@@ -21,6 +21,7 @@ from compressor.errors import CompressorError
 # with, so that files saved after an import (pruned.keras) load again; tf-keras only.
 from compressor import keras3_layers  # noqa: F401
 from compressor.layers import handler_for, supported_class_names
+from compressor.safety import STRICT, LoadPolicy, check_config, check_savedmodel
 
 FORMAT_TFK_KERAS = "tf-keras .keras"
 FORMAT_TFK_H5 = "tf-keras .h5"
@@ -49,24 +50,25 @@ class LoadedModel:
 # --------------------------------------------------------------------------- loading
 
 
-def load_model(path: str | Path) -> LoadedModel:
+def load_model(path: str | Path, policy: LoadPolicy = STRICT) -> LoadedModel:
     """Load a tf-keras or Keras 3 model (.keras, .h5, SavedModel dir) as a tf-keras model.
 
-    Keras 3 files are rebuilt in tf-keras and verified against Keras 3 on random inputs.
-    Every user-facing failure is a one-line CompressorError.
+    The stored config is checked (compressor.safety) before anything is deserialised, so a file
+    never runs code unless `policy` trusts it. Keras 3 files are rebuilt in tf-keras and verified
+    against Keras 3 on random inputs. Every user-facing failure is a one-line CompressorError.
     """
     source = str(path)
     p = Path(path)
     if not p.exists():
         raise CompressorError(f"model '{source}' not found; check the path passed to --model")
     if p.is_dir():
-        model, fmt, notes = _load_savedmodel(p, source)
+        model, fmt, notes = _load_savedmodel(p, source, policy)
     else:
         suffix = p.suffix.lower()
         if suffix == ".keras":
-            model, fmt, notes = _load_keras_zip(p, source)
+            model, fmt, notes = _load_keras_zip(p, source, policy)
         elif suffix in _H5_SUFFIXES:
-            model, fmt, notes = _load_h5(p, source)
+            model, fmt, notes = _load_h5(p, source, policy)
         else:
             raise CompressorError(
                 f"cannot read model '{source}': unknown extension '{p.suffix or '(none)'}'; "
@@ -90,7 +92,7 @@ def _check_is_model(model, source: str) -> None:
         )
 
 
-def _load_keras_zip(p: Path, source: str):
+def _load_keras_zip(p: Path, source: str, policy: LoadPolicy):
     if not zipfile.is_zipfile(p):
         raise CompressorError(
             f"cannot read model '{source}': file is not a Keras zip archive (corrupt or truncated?); "
@@ -102,7 +104,7 @@ def _load_keras_zip(p: Path, source: str):
             bad = zf.testzip()
             meta = json.loads(zf.read("metadata.json")) if "metadata.json" in names else {}
             config = json.loads(zf.read("config.json")) if "config.json" in names else None
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as exc:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError, RecursionError) as exc:
         raise CompressorError(
             f"cannot read model '{source}': damaged Keras zip archive ({_one_line(exc)}); "
             f"re-save it with model.save('{p.name}')"
@@ -117,19 +119,21 @@ def _load_keras_zip(p: Path, source: str):
             f"cannot read model '{source}': zip archive has no config.json, so it is not a Keras "
             f"model file; re-save it with model.save('{p.name}')"
         )
-    version = str(meta.get("keras_version", ""))
+    version = str(meta.get("keras_version", "")) if isinstance(meta, dict) else ""
+    _config_object(config, source, version)
     if version.startswith("3"):
         return _import_keras3(source, "Keras 3 .keras", FORMAT_K3_KERAS, config)
+    check_config(config, source, policy, keras3=not version)  # no version: it may still be a Keras 3 file
     if version:
-        return _load_tf_keras(source), FORMAT_TFK_KERAS, []
+        return _load_tf_keras(source, policy), FORMAT_TFK_KERAS, []
     # No version recorded: try tf-keras first, then Keras 3.
     try:
-        return _load_tf_keras(source), FORMAT_TFK_KERAS, []
+        return _load_tf_keras(source, policy), FORMAT_TFK_KERAS, []
     except CompressorError:
         return _import_keras3(source, "Keras 3 .keras", FORMAT_K3_KERAS, config)
 
 
-def _load_h5(p: Path, source: str):
+def _load_h5(p: Path, source: str, policy: LoadPolicy):
     with open(p, "rb") as fh:
         head = fh.read(8)
     if head != _H5_SIGNATURE:
@@ -157,16 +161,32 @@ def _load_h5(p: Path, source: str):
             f"'{source}' has no Keras model config (a weights-only file?); save the whole model with "
             "model.save('model.keras'), not save_weights()"
         )
+    try:
+        config = json.loads(raw_config.decode("utf-8") if isinstance(raw_config, bytes) else raw_config)
+    except (TypeError, ValueError, RecursionError):
+        raise CompressorError(
+            f"cannot read model '{source}': its stored model config is not valid JSON (corrupt file?); "
+            f"re-save it with model.save('{p.name}')"
+        ) from None
+    _config_object(config, source, version)
     if str(version).startswith("3"):
-        try:
-            config = json.loads(raw_config.decode("utf-8") if isinstance(raw_config, bytes) else raw_config)
-        except (TypeError, ValueError):
-            config = None
         return _import_keras3(source, "Keras 3 .h5", FORMAT_K3_H5, config)
-    return _load_tf_keras(source), FORMAT_TFK_H5, []
+    check_config(config, source, policy)
+    return _load_tf_keras(source, policy), FORMAT_TFK_H5, []
 
 
-def _load_savedmodel(p: Path, source: str):
+def _config_object(config, source: str, version: str) -> None:
+    """A config that is not a JSON object cannot be checked, so it is never loaded (old tf-keras
+    Sequential configs hold a plain list of layers; Keras 3 always writes an object)."""
+    inner = (dict,) if str(version).startswith("3") else (dict, list)
+    if not isinstance(config, dict) or not isinstance(config.get("config", {}), inner):
+        raise CompressorError(
+            f"cannot read model '{source}': its stored model config is not a Keras model config "
+            "(corrupt file?); re-save it with model.save()"
+        )
+
+
+def _load_savedmodel(p: Path, source: str, policy: LoadPolicy):
     if not ((p / "saved_model.pb").exists() or (p / "saved_model.pbtxt").exists()):
         raise CompressorError(
             f"'{source}' is a directory but not a SavedModel (no saved_model.pb); pass a .keras "
@@ -176,20 +196,19 @@ def _load_savedmodel(p: Path, source: str):
         f"SavedModel '{source}' has no Keras metadata (saved by tf.saved_model.save or Keras 3 "
         "export?); re-save the Keras model with model.save('model.keras')"
     )
-    try:
-        model = _load_tf_keras(source)
-    except CompressorError as exc:
-        if not (p / "keras_metadata.pb").exists():
-            raise no_meta from None
-        raise exc
+    if not (p / "keras_metadata.pb").is_file():
+        raise no_meta
+    check_savedmodel(p, source, policy)
+    model = _load_tf_keras(source, policy)
     if not isinstance(model, keras.Model):
         raise no_meta
     return model, FORMAT_SAVEDMODEL, []
 
 
-def _load_tf_keras(source: str):
+def _load_tf_keras(source: str, policy: LoadPolicy):
     try:
-        return keras.models.load_model(source, compile=False)
+        return keras.models.load_model(source, compile=False, safe_mode=not policy.trust_code,
+                                       custom_objects=dict(policy.custom_objects) or None)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one user-facing line
         raise _tf_keras_error(source, exc) from None
 

@@ -23,57 +23,6 @@ from exporters.ship import budget_split
 BACKOFF_AMOUNTS = (1.0, 0.75, 0.5, 0.25)
 
 
-OUTPUT_FILES = frozenset({
-    "report.json", "report.md", "dense.keras", "dense.tflite", "dense.onnx", "pruned.keras", "pruned.tflite",
-    "pruned.onnx", "pruned-int8.tflite", "pruned-int8.onnx", "latency.png", "accuracy_vs_size.png", "layers.png",
-})
-
-
-def _ours(entry: Path) -> bool:
-    """A file this tool writes (or its temp file from an interrupted run)."""
-    return entry.is_file() and (entry.name in OUTPUT_FILES or entry.name.startswith("."))
-
-
-def check_out_dir(out: str | Path, force: bool, inputs: tuple = ()) -> Path:
-    """Validate --out before any work, without touching it.
-
-    A non-empty folder is refused without --force; with --force only a folder holding nothing but
-    this tool's own outputs is accepted, so `--out . --force` can never wipe a user's files.
-    """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise CompressorError(f"output '{out}' is a file; pass a folder path to --out")
-    for path in inputs:
-        if path is not None and Path(path).exists() and Path(path).resolve().is_relative_to(out.resolve()):
-            raise CompressorError(f"--out '{out}' contains the input '{path}'; choose a different output folder")
-    entries = list(out.iterdir()) if out.exists() else []
-    if entries and not force:
-        raise CompressorError(f"output folder '{out}' is not empty; pass --force to overwrite it or choose another --out")
-    foreign = [e.name for e in entries if not _ours(e)]
-    if foreign:
-        shown = ", ".join(sorted(foreign)[:3]) + (" …" if len(foreign) > 3 else "")
-        raise CompressorError(f"output folder '{out}' holds files compressor did not write ({shown}); "
-                              "--force only replaces a previous result: choose another --out")
-    return out
-
-
-def prepare_out_dir(out: str | Path, force: bool, inputs: tuple = ()) -> Path:
-    """Check (see check_out_dir), then remove the previous result's files and create the folder."""
-    out = check_out_dir(out, force, inputs)
-    if out.exists():
-        for entry in out.iterdir():
-            entry.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def remove_if_empty(out: str | Path) -> None:
-    """A failed run that wrote nothing leaves no empty folder behind."""
-    out = Path(out)
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-
-
 def _stage_module(name: str):
     """Stages are modules named after the recipe's stage names; each exposes `apply`."""
     return importlib.import_module(f"compressor.stages.{name}")
@@ -181,7 +130,7 @@ def compress(model: keras.Model, data: Dataset, recipe: Recipe, out: str | Path,
     from compressor.model_io import save_model_atomic
 
     reporter = reporter or Reporter()
-    out = Path(out)  # the caller has checked it with prepare_out_dir before any work started
+    out = Path(out)  # the folder being built (compressor.outdir swaps it into place when complete)
     out.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(recipe.seed)
     check_against_model(data, tuple(model.input_shape[1:]), int(np.prod(model.output_shape[1:])))
@@ -218,7 +167,7 @@ def compress(model: keras.Model, data: Dataset, recipe: Recipe, out: str | Path,
         "target_notes": shipped.notes,
     }
     write_reports(report, out, correct)
-    reporter.step(f"report written to {out / 'report.md'}")
+    reporter.step("report written (report.md, report.json)")
     failed = [v for v in verification if not v["ok"]]
     if failed:
         names = ", ".join(f"{v['file']} ({v['problem']})" for v in failed)

@@ -41,7 +41,7 @@ class ActivationStage(_Strict):
 
     name: Literal["activation"] = "activation"
     criterion: Literal["mean_abs", "apoz", "magnitude", "bn_scale", "taylor"] = Field(
-        "mean_abs", description="unit score, one of compressor/criteria's names")
+        "mean_abs", description="unit score: mean_abs | apoz | magnitude | bn_scale | taylor (compressor/criteria)")
     threshold: float = Field(0.1, ge=0.0, le=1.0, description="tau_a: remove units whose normalised score is below")
     max_fraction: float = Field(0.5, ge=0.0, lt=1.0, description="never remove more than this fraction of a layer")
     compensate: bool = Field(
@@ -105,7 +105,8 @@ class BenchSettings(_Strict):
 class Recipe(_Strict):
     """A whole compression run."""
 
-    targets: list[Target] = Field(list(registry.NAMES), min_length=1)
+    targets: list[Target] = Field(list(registry.NAMES), min_length=1,
+                                  description="runtimes to ship to; they pick the sparsity pattern")
     stages: list[Stage] = Field(
         default_factory=lambda: [WeightStage(), ActivationStage(), ClusterStage(), SparseOptStage()], min_length=1,
         description="applied in this order; default: the source article's weight -> activation -> cluster, then sparse_opt",
@@ -178,52 +179,26 @@ def default_recipe() -> Recipe:
     return Recipe()
 
 
-EXAMPLE_YAML = """\
-# compressor recipe: stages run in this order, then the model is exported for every target.
-targets: [tflite, tflite-int8, onnxruntime, onnxruntime-int8]  # runtimes to ship to; picks the sparsity pattern
-max_accuracy_drop: 0.01   # accuracy budget as a fraction (0.01 = 1 point); stages back off to stay inside
-batch_size: 32            # fine-tuning batch size
-learning_rate: 0.001      # fine-tuning learning rate (Adam)
-seed: 0                   # same seed, same masks and files
-compact_onnx: true        # store pruned ONNX initializers as sparse_initializer (smaller .onnx)
-round_units: 8            # narrowed widths stay multiples of this (odd widths slow CPU kernels)
-stages:
-  - name: weight          # magnitude pruning (tfmot), masks held while fine-tuning
-    sparsity: 0.9         # tau_w as a target: fraction of each kernel set to zero
-    initial_sparsity: 0.0 # where the polynomial-decay schedule starts
-    block: auto           # auto | unstructured | 4x1 | 16x1 ; auto = what the targets' kernels execute
-    epochs: 6             # fine-tuning epochs while sparsity ramps up
-    prune_last_layer: false  # the classifier is small and sensitive: leave it dense
-    conv_zeros: false     # also zero conv kernels: smaller files only; x86 runtimes run them dense
-  - name: activation      # remove units idle on calibration data
-    criterion: mean_abs   # mean_abs (mean |activation| / layer max) | apoz (1 - fraction of zero outputs) | magnitude | bn_scale | taylor
-    threshold: 0.1        # tau_a: remove units scoring below this
-    max_fraction: 0.5     # never remove more than this fraction of a layer
-    compensate: true      # fold a removed unit's mean activation into the next layer's bias
-    epochs: 2             # fine-tuning epochs after removal (zeros held)
-  - name: cluster         # K-means on activation patterns
-    clusters_fraction: 0.5  # K = this fraction of a layer's units
-    min_cluster_size: 0.0   # tau_k: drop clusters smaller than this fraction of the layer
-    merge_distance: 0.05    # merge units whose pattern is this close to their cluster's kept unit
-    max_fraction: 0.5     # never remove more than this fraction of a layer
-    n_init: 3             # K-means restarts
-    epochs: 2             # fine-tuning epochs after merging
-  - name: sparse_opt      # penalised training that drives whole units to zero, then removes them
-    penalty: both         # group_lasso (unit weight norms) | bn_l1 (BatchNorm gamma) | both
-    strength: 0.01        # penalty weight
-    threshold: 0.05       # remove units whose norm relative to the layer max falls below
-    max_fraction: 0.7     # never remove more than this fraction of a layer
-    epochs: 3             # penalised epochs
-    lr_scale: 10.0        # learning-rate multiple during the penalised phase
-    finetune_epochs: 2    # fine-tuning epochs after removal
-bench:
-  runs: 300               # timed runs per file (>= 200)
-  warmup: 50              # untimed runs first
-  threads: [1]            # thread counts to measure
-  batch: [1, 32]          # batch sizes to measure
-"""
-
-
 def example_yaml() -> str:
-    """The default recipe with a comment on every field (`compressor recipe --example`)."""
-    return EXAMPLE_YAML
+    """The default recipe with a comment on every field (`compressor recipe --example`), generated
+    from the schema's own defaults and field descriptions, so it cannot drift from what is parsed."""
+    recipe = default_recipe()
+    lines = ["# compressor recipe: stages run in this order, then the model is exported for every target."]
+    nested = ("stages", "bench")
+    lines += [_example_line(name, getattr(recipe, name), field.description, "")
+              for name, field in Recipe.model_fields.items() if name not in nested]
+    lines.append("stages:")
+    for stage in recipe.stages:
+        fields = type(stage).model_fields
+        lines += [_example_line(name, getattr(stage, name), fields[name].description or type(stage).__doc__.split(".")[0],
+                                "  - " if i == 0 else "    ") for i, name in enumerate(fields)]
+    lines.append("bench:")
+    lines += [_example_line(name, getattr(recipe.bench, name), field.description, "  ")
+              for name, field in BenchSettings.model_fields.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _example_line(name: str, value, description: str | None, indent: str) -> str:
+    text = yaml.safe_dump({name: value}, default_flow_style=True, width=200).strip()[1:-1]
+    text = f"{indent}{text}"
+    return f"{text:<25} # {description}" if description else text

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compressor.errors import CompressorError
-from compressor.quiet import quiet_stderr
+from compressor.core import CompressorError, quiet_stderr
 from exporters import readback, targets
 
 __all__ = ["inspect_file", "format_inspect", "tflite_rows", "onnx_rows", "keras_rows"]
@@ -73,7 +72,7 @@ def _xnnpack_inputs(path) -> tuple[set[int] | None, str]:
     return taken, ""
 
 
-def tflite_rows(path) -> tuple[list[dict], list[str]]:
+def tflite_rows(path, load_keras=None) -> tuple[list[dict], list[str]]:
     model = readback.read_tflite_model(path)
     tensors = [t for t in readback.tflite_weights(path) if readback.is_weight(t)]
     consumers: dict[tuple[int, int], list[tuple[str, int]]] = {}
@@ -115,7 +114,7 @@ def tflite_rows(path) -> tuple[list[dict], list[str]]:
     return rows, notes
 
 
-def onnx_rows(path) -> tuple[list[dict], list[str]]:
+def onnx_rows(path, load_keras=None) -> tuple[list[dict], list[str]]:
     rows = []
     for t in readback.onnx_weights(path):
         if not readback.is_weight(t):
@@ -146,33 +145,13 @@ def _keras_block(kernel: np.ndarray) -> tuple[int, ...] | None:
     return None
 
 
-def _load_keras3(path, tf_keras_error: Exception):
-    """Fall back to the project's loader, which rebuilds Keras 3 files in tf-keras."""
-    try:
-        from compressor.model_io import load_model
-    except Exception:  # loader unavailable: report the tf-keras failure
-        load_model = None
-    if load_model is not None:
-        try:
-            return load_model(path).model
-        except CompressorError:
-            raise
-        except Exception:
-            pass
-    msg = " ".join(str(tf_keras_error).split())[:160]
-    raise CompressorError(
-        f"{path}: cannot load this Keras model ({type(tf_keras_error).__name__}: {msg}); "
-        "re-save it with tf-keras or Keras 3 as .keras/.h5"
-    ) from tf_keras_error
-
-
-def keras_rows(path) -> tuple[list[dict], list[str]]:
-    from compressor._tf import keras
-
-    try:
-        model = keras.models.load_model(str(path), compile=False)
-    except Exception as exc:
-        model = _load_keras3(path, exc)
+def keras_rows(path, load_keras=None) -> tuple[list[dict], list[str]]:
+    """Rows of a Keras model file. `load_keras(path) -> model` is the caller's safe loader
+    (compressor's model_io checks the stored config before deserialising): this package never
+    deserialises a Keras file itself, so it can never run code stored in one."""
+    if load_keras is None:
+        raise CompressorError(f"{path}: inspect a Keras model with `compressor inspect`, which loads it safely")
+    model = load_keras(path)
     rows = []
     for w in model.weights:
         arr = np.asarray(w.numpy())
@@ -194,11 +173,11 @@ def keras_rows(path) -> tuple[list[dict], list[str]]:
     return rows, []
 
 
-def inspect_file(path) -> dict:
+def inspect_file(path, load_keras=None) -> dict:
     """Per-tensor sizes, zeros and storage of a .tflite, .onnx or .keras file, read from the file.
 
     `totals` cover weight tensors of rank >= 2 (the count verification uses); every float or
-    quantized weight gets a row.
+    quantized weight gets a row. Keras files need `load_keras(path) -> model`, a safe loader.
     """
     p = Path(path)
     if not p.exists():
@@ -206,7 +185,7 @@ def inspect_file(path) -> dict:
     if not p.is_file():
         raise CompressorError(f"{p}: not a file; pass {targets.extension_list()}")
     fmt = targets.format_for(p)
-    rows, notes = fmt.inspect_rows(p)
+    rows, notes = fmt.inspect_rows(p, load_keras)
     data = p.read_bytes()
     counted = [r for r in rows if len(r["shape"]) >= TOTALS_MIN_RANK]
     size = sum(r["size"] for r in counted)

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from compressor.errors import CompressorError
+from compressor.core import CompressorError
 from exporters import targets
+from exporters.untrusted import check_model_file
 
 __all__ = [
     "StoredTensor",
@@ -109,6 +110,7 @@ def read_tflite_model(path):
     """Parse a .tflite file into the flatbuffer object API (`ModelT`), or fail with CompressorError."""
     from ai_edge_litert.tools import flatbuffer_utils as fbu
 
+    check_model_file(path)  # size, vector lengths, declared tensor sizes (exporters.untrusted)
     data = _read_bytes(path)
     # Every TFLite flatbuffer carries the file identifier "TFL3" at bytes 4..8.
     if len(data) < 8 or data[4:8] != b"TFL3":
@@ -312,6 +314,7 @@ def load_onnx(path):
     import onnx
 
     p = Path(path)
+    check_model_file(p)  # size, external data inside the folder, nesting (exporters.untrusted)
     _read_bytes(p)  # existence / is-file checks with the usual messages
     try:
         return onnx.load(os.fspath(p), load_external_data=True)

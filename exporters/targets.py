@@ -20,7 +20,7 @@ from pathlib import Path
 from compressor.core import CompressorError
 
 __all__ = [
-    "FileFormat", "Target", "Scheme", "Fallback", "FORMATS", "TARGETS", "NAMES", "RUNTIMES",
+    "FileFormat", "Target", "Scheme", "Fallback", "FORMATS", "known_format", "TARGETS", "NAMES", "RUNTIMES",
     "target", "format_for", "runtime_formats", "selected", "dense_block", "float_target", "extension_list",
 ]
 
@@ -39,8 +39,9 @@ class FileFormat:
     runtime: str | None         # the runtime that executes it (None: not runnable, e.g. Keras)
     runner: str | None          # "module:Class(path, threads, resolver)"
     reader: str | None          # "module:function(path) -> list[StoredTensor]"
-    inspector: str              # "module:function(path) -> (rows, notes)"
+    inspector: str              # "module:function(path, load_keras) -> (rows, notes)"
     resolvers: tuple[str, ...] = ("default",)  # op resolvers the runner accepts, most preferred first
+    untrusted: str | None = None  # "module:function(path, size, limit)": structure checks before any parser opens it
 
     def open_runner(self, path, threads: int = 1, resolver: str = "default"):
         if self.runner is None:
@@ -54,8 +55,14 @@ class FileFormat:
                                   f"pass {extension_list(runnable=True)}")
         return _resolve(self.reader)(path)
 
-    def inspect_rows(self, path):
-        return _resolve(self.inspector)(path)
+    def check_untrusted(self, path, size: int, limit: int) -> None:
+        """Structure checks (exporters/untrusted.py) for a file from elsewhere, before anything parses it."""
+        if self.untrusted is not None:
+            _resolve(self.untrusted)(path, size, limit)
+
+    def inspect_rows(self, path, load_keras=None):
+        """(rows, notes); `load_keras(path) -> model` is the caller's safe loader, for Keras files."""
+        return _resolve(self.inspector)(path, load_keras)
 
 
 @dataclass(frozen=True)
@@ -111,9 +118,10 @@ class Target:
 
 TFLITE = FileFormat("tflite", (".tflite",), "tflite", "exporters.runtimes:TFLiteRunner",
                     "exporters.readback:tflite_weights", "exporters.inspect:tflite_rows",
-                    resolvers=("default", "builtin"))
+                    resolvers=("default", "builtin"), untrusted="exporters.untrusted:check_tflite")
 ONNX = FileFormat("onnx", (".onnx",), "onnxruntime", "exporters.runtimes:OnnxRunner",
-                  "exporters.readback:onnx_weights", "exporters.inspect:onnx_rows")
+                  "exporters.readback:onnx_weights", "exporters.inspect:onnx_rows",
+                  untrusted="exporters.untrusted:check_onnx")
 KERAS = FileFormat("keras", (".keras", ".h5", ".hdf5"), None, None, None, "exporters.inspect:keras_rows")
 FORMATS = (TFLITE, ONNX, KERAS)
 
@@ -184,12 +192,18 @@ def extension_list(runnable: bool = False) -> str:
     return ", ".join(f"a {e}" for e in exts[:-1]) + f" or a {exts[-1]} file" if len(exts) > 1 else f"a {exts[0]} file"
 
 
+def known_format(path, runnable: bool = False) -> FileFormat | None:
+    """The file format of `path` by its extension, or None."""
+    ext = Path(path).suffix.lower()
+    return next((fmt for fmt in FORMATS if ext in fmt.extensions and (fmt.runner or not runnable)), None)
+
+
 def format_for(path, runnable: bool = False, flag: str | None = None) -> FileFormat:
     """The file format of `path` by its extension; a one-line error naming the accepted ones."""
+    fmt = known_format(path, runnable)
+    if fmt is not None:
+        return fmt
     ext = Path(path).suffix.lower()
-    for fmt in FORMATS:
-        if ext in fmt.extensions and (fmt.runner or not runnable):
-            return fmt
     where = f"{flag} '{path}'" if flag else f"'{path}'"
     raise CompressorError(f"{where}: unknown extension {ext or '(none)'!r}: unknown file type; "
                           f"pass {extension_list(runnable)}")

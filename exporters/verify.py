@@ -23,7 +23,9 @@ import numpy as np
 from compressor.core import keras_kernels
 from exporters.readback import is_weight, stored_weights
 
-FLOAT_TOLERANCE = 1e-4
+FLOAT_TOLERANCE = 1e-4   # absolute floor ...
+FLOAT_RELATIVE = 5e-4    # ... or this fraction of the largest |output|: deep nets (MobileNetV3, 100+ layers)
+                         # differ by ~1e-4 in float from op fusion alone; a lost weight moves outputs by ~1e-3
 ROUNDING_EDGE = 0.5      # |level| below this rounds to 0
 EDGE_BAND = 0.1          # within this of the edge, the file's own rounding is accepted either way
 MIN_AGREEMENT = 0.95
@@ -150,6 +152,7 @@ def verify_file(path: str | Path, runner, keras_model, keras_outputs: np.ndarray
         lost, gained = sum(c["lost"] for c in checks), sum(c["gained"] for c in checks)
         kept = sum(c.get("kept", 0) for c in checks)
     agreement = _agreement(outputs, keras_outputs)
+    tolerance = max(FLOAT_TOLERANCE, FLOAT_RELATIVE * float(np.max(np.abs(keras_outputs), initial=0.0)))
     problems = []
     if lost or gained:
         problems.append(f"file stores {in_file} zero weights, expected {expected}: {lost} pruned zero(s) lost, "
@@ -160,12 +163,12 @@ def verify_file(path: str | Path, runner, keras_model, keras_outputs: np.ndarray
     if quantized:
         if agreement < MIN_AGREEMENT:
             problems.append(f"int8 predictions agree with Keras on only {agreement:.1%} of samples")
-    elif diff > FLOAT_TOLERANCE:
-        problems.append(f"outputs differ from Keras by {diff:.2e} (> {FLOAT_TOLERANCE:g})")
+    elif diff > tolerance:
+        problems.append(f"outputs differ from Keras by {diff:.2e} (> {tolerance:.2g})")
     row = {
         "file": Path(path).name,
         "max_abs_diff": diff,
-        "tolerance": None if quantized else FLOAT_TOLERANCE,
+        "tolerance": None if quantized else tolerance,
         "prediction_agreement": agreement,
         "zeros_expected": expected,
         "zeros_in_file": in_file,

@@ -200,7 +200,7 @@ def build(spec, data, work: Path) -> dict:
 
 def static_metrics(entry: dict, x: np.ndarray, y: np.ndarray) -> dict:
     """Accuracy (+ Wilson CI), sizes and stored weights of every file; correctness kept for McNemar."""
-    from exporters.bench_cli import fit_samples
+    from compressor.bench_cli import fit_samples
     from exporters.benchmark import correctness, file_params
     from exporters.runtimes import open_runner_safely
     from exporters.files import gzip_size

@@ -145,12 +145,13 @@ def test_suite_model_builders_build_and_run(digits):
     from compressor.flops import model_macs
 
     models = _load_script("models")
-    assert set(models.MODELS) == {"mlp-128", "mlp-1024", "cnn", "dscnn"}
+    assert set(models.MODELS) == {"mlp-128", "mlp-1024", "cnn", "dscnn", "mobilenetv2", "encoder"}
     x = np.random.default_rng(0).random((2, 784), dtype=np.float32)
     for spec in models.MODELS.values():
         model = spec.build()
         assert tuple(model.input_shape[1:]) == spec.input_shape
-        out = model.predict(x.reshape((2, *spec.input_shape)), verbose=0)
+        shaped = spec.shape(x) if spec.shape else x.reshape((2, *spec.input_shape))
+        out = model.predict(shaped, verbose=0)
         assert out.shape == (2, 10) and np.allclose(out.sum(axis=1), 1.0, atol=1e-4)
         assert model_macs(model) > 0
     names = {type(l).__name__ for l in models.MODELS["dscnn"].build().layers}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from compressor.api import inspect as api_inspect
 from compressor.errors import CompressorError
 from exporters import readback
 from exporters.inspect import format_inspect, inspect_file
@@ -91,7 +92,9 @@ def test_keras_file(tmp):
     m = make_model("block4", seed=4)
     path = tmp / "pruned.keras"
     m.save(path)
-    report = inspect_file(path)
+    with pytest.raises(CompressorError, match="compressor inspect"):
+        inspect_file(path)  # exporters never deserialise a Keras file on their own
+    report = api_inspect(path)
     assert report["format"] == "keras"
     row = _kernel_row(report, (IN, HID))
     assert row["zeros"] == np.count_nonzero(m.layers[0].get_weights()[0] == 0)

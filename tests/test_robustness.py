@@ -156,12 +156,12 @@ def test_interrupted_run_leaves_no_partial_artifact(tmp_path, small_mlp):
                              "--data", "digits", "--recipe", recipe, "--out", str(out), "--quiet"],
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not (out.exists() and any(out.iterdir())):
+    while time.time() < deadline and not list(tmp_path.glob(".o.partial-*")):  # the result is built aside
         time.sleep(0.2)
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "interrupted" in err
     leftovers = [p.name for p in out.iterdir() if ".partial" in p.name or p.name.startswith(".")] if out.exists() else []
-    assert leftovers == []
+    assert leftovers == [] and list(tmp_path.glob(".o.*")) == []
     assert not (out / "report.json").exists()

@@ -23,6 +23,7 @@ import numpy as np
 
 from compressor.errors import CompressorError
 from exporters import targets
+from exporters.untrusted import check_model_file
 
 RANDOM_SEED = 0
 
@@ -33,6 +34,7 @@ def check_file(path: str | Path, flag: str = "--model") -> Path:
     targets.format_for(path, runnable=True, flag=flag)
     if not path.is_file():
         raise CompressorError(f"{flag} '{path}' not found; pass an existing {targets.extension_list(runnable=True)}")
+    check_model_file(path)  # size, external data, nesting: before any runtime opens it (exporters.untrusted)
     return path
 
 

@@ -1,0 +1,85 @@
+"""The shape of the code base: one home for each kind of knowledge, and a clean dependency direction.
+
+- The module import graph (module-level and in-function imports both counted) has no cycle.
+- `exporters` imports nothing from `compressor` but `compressor.core`.
+- Every registered layer type goes through every reader of the layer table.
+- The recipe's criterion names are exactly the registered criteria.
+"""
+import ast
+import typing
+from pathlib import Path
+
+import pytest
+
+from compressor import criteria, layers
+from compressor.layers.base import Handler
+from compressor.model_io import PRUNING_SUPPORTED
+from compressor.recipe import ActivationStage
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("compressor", "exporters")
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """Project modules imported anywhere in the file (a `from pkg import mod` counts as pkg.mod)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found |= {name for name in names if name in modules}
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = {_module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+    modules = set(files)
+    return {name: _imports(path, modules) - {name} for name, path in files.items()}
+
+
+def test_no_import_cycle():
+    graph = import_graph()
+    state: dict[str, int] = {}
+
+    def visit(node, trail):
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                pytest.fail("import cycle: " + " -> ".join(trail[trail.index(nxt):] + [nxt]))
+            if nxt not in state:
+                visit(nxt, trail + [nxt])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+
+
+def test_exporters_import_only_the_core_from_compressor():
+    offending = {name: sorted(dep for dep in deps if dep.startswith("compressor") and dep not in ("compressor", "compressor.core"))
+                 for name, deps in import_graph().items() if name.startswith("exporters")}
+    assert not {k: v for k, v in offending.items() if v}
+
+
+@pytest.mark.parametrize("handler", layers.HANDLERS, ids=lambda h: type(h).__name__)
+def test_every_registered_layer_type_is_read_by_every_reader(handler):
+    """The support list, surgery and the FLOP counter all answer from the same table entry."""
+    assert handler.kinds, f"{type(handler).__name__} registers no layer type"
+    for kind in handler.kinds:
+        assert layers.handler_for_type(kind) is handler
+        assert (kind.__name__ in PRUNING_SUPPORTED) == (not handler.left_whole)
+    if type(handler).units is not Handler.units:  # producers say how to cut themselves
+        assert type(handler).resize is not Handler.resize
+
+
+def test_recipe_criteria_are_the_registered_ones():
+    names = set(typing.get_args(ActivationStage.model_fields["criterion"].annotation))
+    assert names == set(criteria.CRITERIA)
