@@ -354,6 +354,16 @@ def _as_index_set(name: str, indices: Iterable[int], units: int) -> set[int]:
     return result
 
 
+def _check_plan_names(analysis: _Analysis, names: list[str]) -> None:
+    for name in names:
+        if name not in analysis.layers:
+            raise ValueError(f"plan names '{name}', which is not a layer of the model")
+        if name not in analysis.producers:
+            kind = type(analysis.layers[name]).__name__
+            raise ValueError(f"plan names '{name}' ({kind}), which is not a producer of removable units "
+                             "(Dense, Conv, SeparableConv, attention heads, Embedding)")
+
+
 def _plan_groups(
     analysis: _Analysis,
     plan: dict[str, Iterable[int]],
@@ -361,15 +371,7 @@ def _plan_groups(
     result: SurgeryResult,
 ) -> tuple[dict[str, np.ndarray], dict[str, dict[int, int]]]:
     """Per group root: kept channel indices, and {removed: kept} folds to apply at consumers."""
-    for name in list(plan) + list(merge):
-        if name not in analysis.layers:
-            raise ValueError(f"plan names '{name}', which is not a layer of the model")
-        if name not in analysis.producers:
-            kind = type(analysis.layers[name]).__name__
-            raise ValueError(
-                f"plan names '{name}' ({kind}), which is not a Dense/Conv/SeparableConv producer"
-            )
-
+    _check_plan_names(analysis, list(plan) + list(merge))
     requested: dict[str, dict[str, set[int]]] = {}  # root -> member -> removal set
     folds: dict[str, dict[int, int]] = {}  # root -> removed -> kept
     for name, indices in plan.items():
@@ -471,6 +473,63 @@ def _compile_like(new_model, model) -> None:
     )
 
 
+def _cuts(analysis: _Analysis, kept_of, merges_of) -> tuple[dict, dict]:
+    """New configs and weights of every layer the plan changes, from each family's handler."""
+    new_configs, new_weights = {}, {}
+    warned_inexact = set()
+    for name, layouts in analysis.input_layouts.items():
+        layer = analysis.layers[name]
+        handler = handler_for(layer)
+        producer = name in analysis.producers
+        cut = Cut(layouts, [layout.kept_positions(kept_of) for layout in layouts],
+                  layouts[0].merge_pairs(merges_of) if producer and handler.units_on_output else [],
+                  kept_of(name) if producer else None, analysis.producers.get(name))
+        for _removed, _kept, segment in cut.pairs:
+            culprit = segment.touched_by or (None if handler.exact_fold else name)
+            if culprit and (segment.space, name) not in warned_inexact:
+                warned_inexact.add((segment.space, name))
+                warnings.warn(
+                    f"surgery: merging units of '{segment.space}' is approximate at '{name}': "
+                    f"channels pass through per-channel parameters of '{culprit}'",
+                    SurgeryWarning,
+                    stacklevel=3,
+                )
+        if not cut.changed:
+            continue
+        config, weights = handler.resize(layer, cut)
+        if config is not None:
+            new_configs[name] = config
+        if weights is not None:
+            new_weights[name] = weights
+    return new_configs, new_weights
+
+
+def _rebuilt(model, new_configs: dict, new_weights: dict):
+    """A clone of `model` with the new configs, every layer holding its (cut) weights."""
+
+    def rebuild_layer(layer):
+        try:
+            config = new_configs.get(layer.name) or layer.get_config()
+            rebuilt = type(layer).from_config(config)
+        except Exception as error:  # any failure here is the layer's config round trip
+            raise ValueError(
+                f"surgery cannot rebuild layer '{layer.name}' ({type(layer).__name__}) from its "
+                f"config: {error}. Give the layer a get_config() that round-trips."
+            ) from error
+        if rebuilt.name != layer.name:
+            # A custom get_config without `name`: keep the name, stages find layers by it.
+            rebuilt._name = layer.name
+        return rebuilt
+
+    new_model = keras.models.clone_model(model, clone_function=rebuild_layer)
+    if not new_model.built:
+        new_model.build(model.input_shape)
+    for layer in model.layers:
+        target = new_model.get_layer(layer.name)
+        target.set_weights(new_weights[layer.name] if layer.name in new_weights else layer.get_weights())
+    return new_model
+
+
 def remove_units(
     model,
     plan: dict[str, Iterable[int]],
@@ -513,56 +572,8 @@ def remove_units(
         result.units_before[name] = units
         result.units_after[name] = len(kept_of(name))
 
-    new_configs, new_weights = {}, {}
-    warned_inexact = set()
-    for name, layouts in analysis.input_layouts.items():
-        layer = analysis.layers[name]
-        handler = handler_for(layer)
-        producer = name in analysis.producers
-        cut = Cut(layouts, [layout.kept_positions(kept_of) for layout in layouts],
-                  layouts[0].merge_pairs(merges_of) if producer and handler.units_on_output else [],
-                  kept_of(name) if producer else None, analysis.producers.get(name))
-        for _removed, _kept, segment in cut.pairs:
-            culprit = segment.touched_by or (None if handler.exact_fold else name)
-            if culprit and (segment.space, name) not in warned_inexact:
-                warned_inexact.add((segment.space, name))
-                warnings.warn(
-                    f"surgery: merging units of '{segment.space}' is approximate at '{name}': "
-                    f"channels pass through per-channel parameters of '{culprit}'",
-                    SurgeryWarning,
-                    stacklevel=2,
-                )
-        if not cut.changed:
-            continue
-        config, weights = handler.resize(layer, cut)
-        if config is not None:
-            new_configs[name] = config
-        if weights is not None:
-            new_weights[name] = weights
-
-    def rebuild_layer(layer):
-        try:
-            config = new_configs.get(layer.name) or layer.get_config()
-            rebuilt = type(layer).from_config(config)
-        except Exception as error:  # any failure here is the layer's config round trip
-            raise ValueError(
-                f"surgery cannot rebuild layer '{layer.name}' ({type(layer).__name__}) from its "
-                f"config: {error}. Give the layer a get_config() that round-trips."
-            ) from error
-        if rebuilt.name != layer.name:
-            # A custom get_config without `name`: keep the name, stages find layers by it.
-            rebuilt._name = layer.name
-        return rebuilt
-
-    new_model = keras.models.clone_model(model, clone_function=rebuild_layer)
-    if not new_model.built:
-        new_model.build(model.input_shape)
-    for layer in model.layers:
-        target = new_model.get_layer(layer.name)
-        if layer.name in new_weights:
-            target.set_weights(new_weights[layer.name])
-        else:
-            target.set_weights(layer.get_weights())
+    new_configs, new_weights = _cuts(analysis, kept_of, merges_of)
+    new_model = _rebuilt(model, new_configs, new_weights)
     _compile_like(new_model, model)
     return new_model, result
 

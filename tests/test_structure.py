@@ -83,3 +83,13 @@ def test_every_registered_layer_type_is_read_by_every_reader(handler):
 def test_recipe_criteria_are_the_registered_ones():
     names = set(typing.get_args(ActivationStage.model_fields["criterion"].annotation))
     assert names == set(criteria.CRITERIA)
+
+
+def test_no_function_longer_than_80_lines():
+    long = []
+    for pkg in PACKAGES:
+        for path in (ROOT / pkg).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                    long.append(f"{path.relative_to(ROOT)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long
