@@ -1,6 +1,6 @@
 """Import a model saved by Keras 3 into tf-keras (Keras 2).
 
-tfmot only prunes tf-keras models, and tf-keras cannot read Keras 3 files (DESIGN.md fact 1). So
+tfmot only prunes tf-keras models, and tf-keras cannot read Keras 3 files. So
 we let Keras 3 load its own file, then rebuild the same graph in tf-keras layer by layer from the
 live model's config, copy the weights layer by layer, and prove the rebuild on random inputs
 before anyone prunes it. What each layer class, `keras.ops` node and activation becomes is looked

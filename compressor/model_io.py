@@ -1,7 +1,7 @@
 """Load user models (tf-keras or Keras 3), list what pruning cannot touch, save atomically.
 
 Every model the pipeline prunes comes through `load_model`, which always returns a tf-keras
-model (tfmot needs Keras 2, DESIGN.md fact 1). The input path is only ever read.
+model (tensorflow-model-optimization needs Keras 2). The input path is only ever read.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Training helpers: the source article's reference model, accuracy, and fine-tuning that keeps zeros.
 
 Fine-tuning after a structural change would regrow every pruned weight (the source article's
-mistake); `finetune` re-applies the zero masks after every batch so the weight stage's sparsity
+mistake); `fit` re-applies the zero masks after every batch so the weight stage's sparsity
 survives the later stages.
 """
 from __future__ import annotations

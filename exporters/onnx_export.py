@@ -141,6 +141,12 @@ def _calibration_reader(calibration: np.ndarray, input_name: str):
     return Reader()
 
 
+def _no_preprocessing_hint(record: logging.LogRecord) -> bool:
+    """Drop only onnxruntime.quantization's generic "consider pre-processing" advice (the static path
+    has already run it); every other log record, ours or the user's, passes."""
+    return "pre-processing" not in record.getMessage()
+
+
 def export_int8(float_path: str | Path, path: str | Path, calibration: np.ndarray | None = None,
                 mode: str = "dynamic") -> Path:
     """int8 via onnxruntime.quantization: `dynamic` (per-tensor int8 weights, activations scaled at run
@@ -155,8 +161,7 @@ def export_int8(float_path: str | Path, path: str | Path, calibration: np.ndarra
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
     root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # onnxruntime.quantization logs a generic "consider pre-processing" warning
+    root.addFilter(_no_preprocessing_hint)  # onnxruntime.quantization logs it on the root logger
     try:
         if mode == "dynamic":
             quantize_dynamic(str(float_path), tmp, weight_type=QuantType.QInt8, nodes_to_exclude=skip)
@@ -167,7 +172,7 @@ def export_int8(float_path: str | Path, path: str | Path, calibration: np.ndarra
         make_readable(tmp)
         os.replace(tmp, path)
     finally:
-        root.setLevel(level)
+        root.removeFilter(_no_preprocessing_hint)
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path

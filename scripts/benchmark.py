@@ -76,7 +76,7 @@ def tfmot_peer(dense, ds, seed: int):
     """Plain tfmot as its pruning guide runs it; returns (stripped model, sparsity per pruned kernel).
 
     Faithful to the guide except two settings, both in the peer's favour: the default
-    `frequency=100` would prune only at step 0 on a 4,000-sample set (DESIGN fact 12a) and leave
+    `frequency=100` would prune only at step 0 on a 4,000-sample set (tfmot's schedules prune every `frequency` steps) and leave
     the peer at 50%, so it prunes every step; and batch 32 (as the baseline was trained) instead of
     the guide's 128, which leaves 58 steps on 3,600 samples (small CNN: 91.1% vs 97.7% accuracy).
     """
@@ -85,7 +85,7 @@ def tfmot_peer(dense, ds, seed: int):
     from compressor.training import clone_with_weights, compile_for_training
 
     keras.utils.set_random_seed(seed)
-    base = clone_with_weights(dense)  # prune_low_magnitude wraps layers in place (DESIGN fact 12b)
+    base = clone_with_weights(dense)  # prune_low_magnitude wraps layers in place: train a clone
     train_n = int(len(ds.x_train) * 0.9)  # the guide holds out 10% for validation
     end_step = math.ceil(train_n / PEER["batch_size"]) * PEER["epochs"]
     schedule = tfmot.sparsity.keras.PolynomialDecay(

@@ -19,7 +19,7 @@ def pruned(small_mlp, digits):
     from compressor.recipe import parse_recipe
 
     recipe = parse_recipe({"targets": ["tflite"], "stages": [{"name": "weight", "sparsity": 0.8, "epochs": 2}]})
-    return weight.apply(small_mlp, recipe.stages[0], StageContext(recipe, digits, log=lambda s: None)).model
+    return weight.apply(small_mlp, recipe.stages[0], StageContext(recipe, digits)).model
 
 
 def _verify(path, model, digits, quantized=None):

@@ -61,7 +61,7 @@ def bn_cnn(images):
 def _stage(data, round_units=1, **cfg):
     """Exact unit counts are under test here, so widths are not rounded unless asked."""
     recipe = parse_recipe({"stages": [cfg], "seed": 0, "round_units": round_units})
-    return recipe.stages[0], StageContext(recipe, data, log=lambda s: None)
+    return recipe.stages[0], StageContext(recipe, data)
 
 
 def _run(model, data, amount=1.0, round_units=1, **cfg):

@@ -7,7 +7,7 @@ from compressor.training import HoldZeros, accuracy, fit, kernel_masks
 
 
 def _run(model, digits, recipe):
-    return weight.apply(model, recipe.stages[0], StageContext(recipe, digits, log=lambda s: None))
+    return weight.apply(model, recipe.stages[0], StageContext(recipe, digits))
 
 
 def test_reaches_target_with_executable_blocks_and_leaves_input_alone(small_mlp, digits, fast_recipe):

@@ -51,10 +51,7 @@ def apply(model, cfg: ActivationStage, ctx: StageContext, amount: float = 1.0) -
             extra[m] = {"observed_at": traces[m].observe, "removed_units": list(drop), "dead": int(dead.sum()),
                         "dead_removed": int(sum(dead[i] for i in drop)), "scores": scoring.summary(score),
                         "compensated": compensated, "coupled_with": [o for o in group.members if o != m]}
-    if plan:
-        pruned, result = scoring.remove(base, plan)
-    else:
-        pruned, result = scoring.remove(base, {})
+    pruned, result = scoring.remove(base, plan)
     scoring.finetune(pruned, ctx, cfg.epochs, "activation: fine-tune")
     layers = scoring.layer_details(result, extra)
     removed = sum(row["removed"] for row in layers.values())

@@ -17,7 +17,6 @@ from compressor.recipe import Recipe
 class StageContext:
     recipe: Recipe
     data: Dataset
-    log: Callable[[str], None] = print
     epoch_progress: Callable[[str, int], object] | None = None  # (label, epochs) -> keras callback or None
 
 

@@ -1,6 +1,7 @@
 """Weight-magnitude stage: tfmot `prune_low_magnitude` with a block shape the target can execute.
 
-Two silent tfmot traps are handled here (DESIGN fact 12): the schedule's update frequency is set
+Two silent tfmot traps are handled here: schedules prune only every `frequency` steps (a short fine-tune
+can end at 0% with no error), so the update frequency is set
 from the real number of steps, and the sparsity reached is asserted; the model is cloned first
 because tfmot wraps the layer objects in place.
 """
