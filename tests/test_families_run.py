@@ -20,7 +20,11 @@ RECIPE = {
                {"name": "sparse_opt", "epochs": 1, "finetune_epochs": 1}],
     "bench": {"runs": 200, "warmup": 2, "threads": [1], "batch": [1]},
 }
-RUN = ["MobileNetV2", "EfficientNetB0", "MobileNetV3Small", "encoder"]
+# int8 export and its verification on a real architecture: MobileNetV2; the other families are
+# checked in float (each int8 target adds two converter runs per candidate scheme to the suite)
+RUN = {"MobileNetV2": ["tflite", "tflite-int8", "onnxruntime", "onnxruntime-int8"],
+       "EfficientNetB0": ["tflite", "onnxruntime"], "MobileNetV3Small": ["tflite", "onnxruntime"],
+       "encoder": ["tflite", "onnxruntime"]}
 
 
 def _data(name):
@@ -33,7 +37,7 @@ def _data(name):
             "y_test": raw.y_test[:200], "x_calib": shape(raw.x_calib[:100])}
 
 
-@pytest.mark.parametrize("name", RUN)
+@pytest.mark.parametrize("name", sorted(RUN))
 def test_family_runs_end_to_end(name, tmp_path):
     arrays = _data(name)
     np.savez(tmp_path / "data.npz", **arrays)
@@ -42,15 +46,17 @@ def test_family_runs_end_to_end(name, tmp_path):
     model.compile("adam", "sparse_categorical_crossentropy")
     model.fit(arrays["x_train"], arrays["y_train"], epochs=1, batch_size=32, verbose=0)
     model.save(tmp_path / "model.keras")
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(RECIPE))
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({**RECIPE, "targets": RUN[name]}))
     out = tmp_path / "out"
     code = main(["run", "--model", str(tmp_path / "model.keras"), "--data", str(tmp_path / "data.npz"),
                  "--recipe", str(tmp_path / "recipe.yaml"), "--out", str(out), "--quiet"])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert all(v["ok"] for v in report["verification"]), report["verification"]
-    assert {(r["variant"], r["runtime"]) for r in report["results"]} >= {
-        ("pruned", "tflite"), ("pruned-int8", "tflite"), ("pruned", "onnxruntime"), ("pruned-int8", "onnxruntime")}
+    shipped = {(r["variant"], r["runtime"]) for r in report["results"]}
+    assert shipped >= {("pruned", "tflite"), ("pruned", "onnxruntime")}
+    if "tflite-int8" in RUN[name]:
+        assert shipped >= {("pruned-int8", "tflite"), ("pruned-int8", "onnxruntime")}
     narrowed = [row for row in report["layers"] if row["units_after"] < row["units_before"]]
     assert narrowed, "no layer got narrower"
     kept = [row for row in report["layers"] if row["units_after"] == row["units_before"] and row["kept_because"]]
