@@ -22,7 +22,7 @@ from compressor._tf import keras
 from compressor.errors import CompressorError
 
 RUNTIMES = ("onnxruntime", "tflite")
-LEVELS = (0.125, 0.25, 0.5, 1.0)  # grid fractions of a layer's full width (rounded to `step`)
+LEVELS = (0.03125, 0.125, 0.25, 0.5, 1.0)  # grid fractions of a layer's full width (rounded to `step`)
 MEASURED_KINDS = ("Dense", "Conv1D", "Conv2D", "DepthwiseConv2D", "SeparableConv2D")
 
 

@@ -81,7 +81,8 @@ def run_stages(model: keras.Model, recipe: Recipe, data: Dataset, reporter: Repo
                baseline_accuracy: float) -> tuple[keras.Model, list[dict]]:
     """Apply the recipe's stages in order; a stage that crosses the budget is retried with less."""
     budget_x, budget_y = _budget_split(data)
-    ctx = StageContext(recipe=recipe, data=data, log=reporter.step, epoch_progress=reporter.epoch_callback)
+    ctx = StageContext(recipe=recipe, data=data, log=reporter.step, epoch_progress=reporter.epoch_callback,
+                       baseline_accuracy=baseline_accuracy)
     records = []
     current = model
     for index, cfg in enumerate(recipe.stages):

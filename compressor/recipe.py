@@ -85,7 +85,37 @@ class SparseOptStage(_Strict):
     finetune_epochs: int = Field(2, ge=0, le=1000, description="fine-tuning epochs after removal")
 
 
-Stage = Annotated[Union[WeightStage, ActivationStage, ClusterStage, SparseOptStage], Field(discriminator="name")]
+class Goal(_Strict):
+    """What the user wants: a speedup (or a latency) on one runtime; neither = the fastest within budget."""
+
+    runtime: Literal["onnxruntime", "tflite"] = Field("onnxruntime", description="runtime the latency is measured on")
+    speedup: float | None = Field(None, ge=1.0, le=1000.0, description="p50 speedup over the dense model (>= 1)")
+    latency_ms: float | None = Field(None, gt=0.0, description="p50 latency target in milliseconds")
+    batch: int = Field(1, ge=1, le=4096, description="batch size the latency is measured at")
+
+
+class SearchStage(_Strict):
+    """Per-layer widths chosen against latency measured on the runtime and the accuracy budget."""
+
+    name: Literal["search"] = "search"
+    goal: Goal = Field(default_factory=Goal)
+    criterion: Literal["mean_abs", "apoz", "magnitude", "bn_scale", "taylor"] = Field(
+        "taylor", description="unit importance, one of compressor/criteria's names")
+    epochs: int = Field(2, ge=0, le=1000, description="fine-tuning epochs after each operating point")
+    points: list[float] = Field([2.0, 4.0, 8.0], min_length=0, description="frontier speedups (predicted) to visit")
+    bisect: int = Field(2, ge=0, le=10, description="steps of bisection between the last good and first bad point")
+    latency_cache: str | None = Field(None, description="JSON latency table to read and extend (default: per machine)")
+
+    @field_validator("points")
+    @classmethod
+    def _above_one(cls, values: list[float]) -> list[float]:
+        if any(v <= 1.0 for v in values):
+            raise ValueError("every frontier speedup must be > 1")
+        return sorted(values)
+
+
+Stage = Annotated[Union[WeightStage, ActivationStage, ClusterStage, SparseOptStage, SearchStage],
+                  Field(discriminator="name")]
 
 
 class BenchSettings(_Strict):
@@ -146,7 +176,7 @@ def _describe(err: dict) -> str:
     value = err.get("input")
     msg = err["msg"]
     if err["type"] == "union_tag_invalid" or "tag" in err["type"]:
-        msg = "unknown stage; allowed: weight, activation, cluster, sparse_opt"
+        msg = "unknown stage; allowed: weight, activation, cluster, sparse_opt, search"
     return f"recipe field '{where}' = {value!r}: {msg}"
 
 

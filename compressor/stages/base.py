@@ -19,6 +19,7 @@ class StageContext:
     data: Dataset
     log: Callable[[str], None] = print
     epoch_progress: Callable[[str, int], object] | None = None  # (label, epochs) -> keras callback or None
+    baseline_accuracy: float | None = None  # dense accuracy on the budget split (goal-driven stages step back by it)
 
 
 @dataclass
