@@ -347,7 +347,7 @@ def _layer_table(dense: keras.Model, pruned: keras.Model) -> list[dict]:
     rows = []
     for layer in dense.layers:
         handler = handler_for(layer, exact=False)
-        if handler is None or not _kernels(layer):
+        if handler is None or _kernels(layer) is None:
             continue
         try:
             after = pruned.get_layer(layer.name)

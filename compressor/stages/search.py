@@ -26,6 +26,12 @@ from compressor.training import accuracy
 MAX_SPEEDUP = 64.0  # without a speed goal the points double until the budget is crossed, at most to this
 
 
+def _log(ctx: StageContext, message: str) -> None:
+    log = getattr(ctx, "log", None)
+    if log is not None:
+        log(message)
+
+
 def _budget(ctx: StageContext, model) -> tuple[np.ndarray, np.ndarray, float]:
     """The budget split (x_val, else x_test) and the accuracy a point must keep."""
     data = ctx.data
@@ -121,7 +127,7 @@ def _tables(model, names: list[str], cfg: SearchStage, ctx: StageContext) -> dic
     out = {}
     for rt in RUNTIMES:
         cache = Path(cfg.latency_cache) / default_cache(rt).name if cfg.latency_cache else None
-        ctx.log(f"search: latency table for {rt} (cached entries are reused)")
+        _log(ctx, f"search: latency table for {rt} (cached entries are reused)")
         out[rt] = LatencyModel(model, names, rt, cfg.goal.batch, step, cache)
     return out
 
@@ -154,7 +160,7 @@ class _Search:
             "widths": {g: self.units[g] - total.get(g, 0) for g in self.units},
             "predicted_ms": {rt: lm.predict(total) for rt, lm in self.lms.items()}})
         self.models.append(model)
-        self.ctx.log(f"search: {speedup:.2f}x predicted -> accuracy {acc:.4f} ({'within' if ok else 'over'} budget)")
+        _log(self.ctx, f"search: {speedup:.2f}x predicted -> accuracy {acc:.4f} ({'within' if ok else 'over'} budget)")
         if ok:
             self.good = (speedup, model, total)
         return ok
