@@ -139,12 +139,13 @@ class _Search:
         self.cfg, self.ctx, self.lms, self.units, self.floor, self.xy = cfg, ctx, lms, units, floor, xy
         self.lm = lms[cfg.goal.runtime]
         self.dense_ms = self.lm.predict()
-        self.rows, self.models = [], []
+        self.rows, self.models, self.states = [], [], []
         self.good = (1.0, model, {})  # (speedup, fine-tuned model, units removed per group)
 
     def visit(self, speedup: float) -> bool:
         """Shrink the last good model to the predicted speedup, fine-tune, check the budget."""
         _, start, removed = self.good
+        self.reached = False
         importance = _importance(start, self.cfg, self.ctx)
         extra = allocate(self.lm, self.units, removed, importance[4], self.dense_ms / speedup,
                          max(1, self.ctx.recipe.round_units))
@@ -154,12 +155,15 @@ class _Search:
         total = _add(removed, extra)
         acc = accuracy(model, *self.xy)
         ok = acc >= self.floor
+        predicted = self.dense_ms / self.lm.predict(total)
+        self.reached = predicted >= 0.98 * speedup  # False: widths hit their floor (fixed per-op cost)
         self.rows.append({
-            "goal_speedup": round(speedup, 3), "predicted_speedup": round(self.dense_ms / self.lm.predict(total), 3),
+            "goal_speedup": round(speedup, 3), "predicted_speedup": round(predicted, 3), "reached": self.reached,
             "accuracy": acc, "within_budget": ok,
             "widths": {g: self.units[g] - total.get(g, 0) for g in self.units},
             "predicted_ms": {rt: lm.predict(total) for rt, lm in self.lms.items()}})
         self.models.append(model)
+        self.states.append((speedup, model, total))
         _log(self.ctx, f"search: {speedup:.2f}x predicted -> accuracy {acc:.4f} ({'within' if ok else 'over'} budget)")
         if ok:
             self.good = (speedup, model, total)
@@ -172,6 +176,8 @@ class _Search:
             if not self.visit(s):
                 bad = s
                 break
+            if not self.reached:
+                return  # the latency model predicts no faster model: later points cannot do better
             if goal is None and not queue and s * 2 <= MAX_SPEEDUP:
                 queue.append(s * 2)  # no speed goal: keep doubling until the budget is crossed
         for _ in range(self.cfg.bisect if bad else 0):
@@ -180,6 +186,30 @@ class _Search:
                 break
             if not self.visit(mid):
                 bad = mid
+
+
+def _correct_to_goal(search: _Search, dense, goal: float | None, cfg: SearchStage, tries: int = 2) -> None:
+    """The table predicts; the runtime decides. If the goal point measures slower than the goal, aim
+    the prediction higher by the measured shortfall, from that point's fine-tuned state."""
+    runtime = cfg.goal.runtime
+    for _ in range(tries if goal else 0):
+        hits = [i for i, r in enumerate(search.rows) if r["within_budget"] and r["reached"]
+                and not r.get("superseded") and r["goal_speedup"] >= round(goal, 3) - 1e-6]
+        if not hits:
+            return
+        i = min(hits, key=lambda j: search.rows[j]["goal_speedup"])
+        p50 = measure_models({"dense": dense, "point": search.models[i]}, runtime, cfg.goal.batch)
+        actual = p50["dense"] / p50["point"]
+        if actual >= goal:
+            return
+        aim = search.states[i][0] * goal / actual * 1.02
+        _log(search.ctx, f"search: measured {actual:.2f}x for a {goal:.2f}x goal; aiming the prediction at {aim:.2f}x")
+        search.good = search.states[i]
+        search.rows[i]["superseded"] = True  # measured short of the goal
+        ok = search.visit(aim)
+        search.rows[-1]["corrected_for_goal"] = True  # this point now stands for the goal
+        if not ok:
+            return
 
 
 def apply(model, cfg: SearchStage, ctx: StageContext, amount: float = 1.0) -> StageOutcome:
@@ -194,6 +224,7 @@ def apply(model, cfg: SearchStage, ctx: StageContext, amount: float = 1.0) -> St
     search = _Search(start, cfg, ctx, lms, units, floor, (x, y))
     points, goal = _speed_targets(cfg, search.lm, amount)
     search.run(points, goal)
+    _correct_to_goal(search, start, goal, cfg)
     measured = _measure(start, search, cfg)
     best, notes = _choose(search.rows, goal, cfg)
     if best is None:
@@ -239,9 +270,15 @@ def _choose(rows: list[dict], goal: float | None, cfg: SearchStage) -> tuple[int
     runtime = cfg.goal.runtime
     good = [i for i, r in enumerate(rows) if r["within_budget"]]
     if goal is not None:
-        hit = [i for i in good if abs(rows[i]["goal_speedup"] - round(goal, 3)) < 1e-6]
+        hit = [i for i in good if rows[i]["reached"] and not rows[i].get("superseded")
+               and (abs(rows[i]["goal_speedup"] - round(goal, 3)) < 1e-6 or rows[i].get("corrected_for_goal"))]
         if hit:
-            return hit[0], []
+            return hit[-1], []
+        if not any(r.get("reached", True) for r in rows):
+            top = max((r["predicted_speedup"] for r in rows), default=1.0)
+            best = min(good, key=lambda i: rows[i]["measured_ms"][runtime]) if good else None
+            return best, [f"search: goal {goal:.2f}x on {runtime} not reachable: the latency table predicts at most "
+                          f"{top:.2f}x at the narrowest widths (fixed per-op cost dominates)"]
     best = min(good, key=lambda i: rows[i]["measured_ms"][runtime]) if good else None
     notes = []
     if goal is not None:
