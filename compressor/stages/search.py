@@ -33,11 +33,11 @@ def _log(ctx: StageContext, message: str) -> None:
 
 
 def _budget(ctx: StageContext, model) -> tuple[np.ndarray, np.ndarray, float]:
-    """The budget split (x_val, else x_test) and the accuracy a point must keep."""
+    """The budget split (x_val, else x_test) and the baseline accuracy the budget is counted from."""
     data = ctx.data
     x, y = (data.x_val, data.y_val) if data.x_val is not None else (data.x_test, data.y_test)
     baseline = ctx.baseline_accuracy if ctx.baseline_accuracy is not None else accuracy(model, x, y)
-    return x, y, baseline - ctx.recipe.max_accuracy_drop
+    return x, y, baseline
 
 
 def _importance(model, cfg: SearchStage, ctx: StageContext):
@@ -154,7 +154,7 @@ class _Search:
         model = _shrink(importance, extra, self.cfg, self.ctx, f"search: fine-tune at {speedup:.2f}x")
         total = _add(removed, extra)
         acc = accuracy(model, *self.xy)
-        ok = acc >= self.floor
+        ok = self.floor - acc <= self.ctx.recipe.max_accuracy_drop  # the pipeline's own test, same rounding
         predicted = self.dense_ms / self.lm.predict(total)
         self.reached = predicted >= 0.98 * speedup  # False: widths hit their floor (fixed per-op cost)
         self.rows.append({
