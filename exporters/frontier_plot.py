@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from matplotlib.ticker import NullFormatter
+
 from exporters.plots import _RUNTIME_MARKERS, _color, _empty, _new_figure, _save
 
 __all__ = ["plot_frontier", "frontier_table"]
@@ -35,6 +37,7 @@ def plot_frontier(details: dict, path, dense_accuracy: float | None = None) -> P
         ax.plot([], [], color=color, marker=marker, label=f"{rt} search points")
     ax.scatter([], [], color="none", edgecolors="gray", label="over the accuracy budget")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())  # minor log labels overlap on a short range
     ax.set_xlabel("p50 latency (ms, batch %d, measured)" % details.get("goal", {}).get("batch", 1))
     ax.set_ylabel("accuracy (budget split)")
     ax.set_title("accuracy vs latency: search frontier")
