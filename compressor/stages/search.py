@@ -227,9 +227,13 @@ def apply(model, cfg: SearchStage, ctx: StageContext, amount: float = 1.0) -> St
     _correct_to_goal(search, start, goal, cfg)
     measured = _measure(start, search, cfg)
     best, notes = _choose(search.rows, goal, cfg)
-    if best is None:
+    if not search.rows:
+        notes.append(f"search: not reachable on {cfg.goal.runtime}: the latency table predicts no gain from narrower "
+                     "layers (fixed per-op cost dominates); model left unchanged")
+    elif best is None:
         notes.append(f"search: no operating point stayed within the {ctx.recipe.max_accuracy_drop:.2%} budget; "
                      "model left unchanged")
+    if best is None:
         return StageOutcome(start, {"removed": 0, "frontier": search.rows, "latency_model": measured}, notes)
     row = search.rows[best]
     removed = sum((units[g] - w) * members[g] for g, w in row["widths"].items())
@@ -274,7 +278,7 @@ def _choose(rows: list[dict], goal: float | None, cfg: SearchStage) -> tuple[int
                and (abs(rows[i]["goal_speedup"] - round(goal, 3)) < 1e-6 or rows[i].get("corrected_for_goal"))]
         if hit:
             return hit[-1], []
-        if not any(r.get("reached", True) for r in rows):
+        if rows and not any(r.get("reached", True) for r in rows):
             top = max((r["predicted_speedup"] for r in rows), default=1.0)
             best = min(good, key=lambda i: rows[i]["measured_ms"][runtime]) if good else None
             return best, [f"search: goal {goal:.2f}x on {runtime} not reachable: the latency table predicts at most "
