@@ -27,6 +27,9 @@ def _pipeline_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", help="YAML recipe (default: the built-in fusion recipe)")
     parser.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
     parser.add_argument("--seed", type=int, help="override the recipe's seed")
+    parser.add_argument("--speedup", type=float, help="goal: this p50 speedup over dense on --runtime (adds or sets "
+                                                      "the recipe's search stage)")
+    parser.add_argument("--runtime", choices=("tflite", "onnxruntime"), help="runtime the --speedup goal is measured on")
     _common(parser)
 
 
@@ -82,12 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _recipe(args):
-    from compressor.recipe import load_recipe
+    from compressor.recipe import load_recipe, with_goal
 
     recipe = load_recipe(getattr(args, "recipe", None))
     if getattr(args, "seed", None) is not None:
         recipe = recipe.model_copy(update={"seed": args.seed})
-    return recipe
+    return with_goal(recipe, getattr(args, "speedup", None), getattr(args, "runtime", None))
 
 
 def cmd_demo(args, reporter) -> int:

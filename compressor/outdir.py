@@ -21,6 +21,7 @@ from compressor.errors import CompressorError
 OUTPUT_FILES = frozenset({
     "report.json", "report.md", "dense.keras", "dense.tflite", "dense.onnx", "pruned.keras", "pruned.tflite",
     "pruned.onnx", "pruned-int8.tflite", "pruned-int8.onnx", "latency.png", "accuracy_vs_size.png", "layers.png",
+    "frontier.png",
 })
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

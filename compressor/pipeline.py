@@ -32,7 +32,8 @@ def run_stages(model: keras.Model, recipe: Recipe, data: Dataset, reporter: Repo
                baseline_accuracy: float) -> tuple[keras.Model, list[dict]]:
     """Apply the recipe's stages in order; a stage that crosses the budget is retried with less."""
     budget_x, budget_y = budget_split(data)
-    ctx = StageContext(recipe=recipe, data=data, epoch_progress=reporter.epoch_callback)
+    ctx = StageContext(recipe=recipe, data=data, epoch_progress=reporter.epoch_callback, log=reporter.step,
+                       baseline_accuracy=baseline_accuracy)
     records = []
     current = model
     for index, cfg in enumerate(recipe.stages):
@@ -165,6 +166,7 @@ def compress(model: keras.Model, data: Dataset, recipe: Recipe, out: str | Path,
         "int8": shipped.int8,
         "int8_notes": int8_notes,
         "target_notes": shipped.notes,
+        **_search_results(stage_records),
     }
     write_reports(report, out, correct)
     reporter.step("report written (report.md, report.json)")
@@ -173,6 +175,14 @@ def compress(model: keras.Model, data: Dataset, recipe: Recipe, out: str | Path,
         names = ", ".join(f"{v['file']} ({v['problem']})" for v in failed)
         raise CompressorError(f"verification failed for {names}; see {out / 'report.json'}")
     return report
+
+
+def _search_results(stage_records: list[dict]) -> dict:
+    """The search stage's operating points and latency-model check, lifted to report.json's top level."""
+    search = next((r for r in stage_records if r["name"] == "search" and r["details"].get("frontier")), None)
+    if search is None:
+        return {}
+    return {"frontier": search["details"]["frontier"], "latency_model": search["details"].get("latency_model", [])}
 
 
 def _execution_table(artifacts) -> list[dict]:

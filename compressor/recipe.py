@@ -21,6 +21,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+#: The importance criteria a recipe may name: the registered ones (compressor/criteria; a test keeps them equal).
+CriterionName = Literal["mean_abs", "apoz", "magnitude", "bn_scale", "taylor"]
+
+
 class WeightStage(_Strict):
     """Magnitude pruning through tfmot with a polynomial-decay schedule, masks held while fine-tuning."""
 
@@ -40,7 +44,7 @@ class ActivationStage(_Strict):
     """Remove neurons/channels that are idle on calibration data (mean |activation| or APoZ)."""
 
     name: Literal["activation"] = "activation"
-    criterion: Literal["mean_abs", "apoz", "magnitude", "bn_scale", "taylor"] = Field(
+    criterion: CriterionName = Field(
         "mean_abs", description="unit score: mean_abs | apoz | magnitude | bn_scale | taylor (compressor/criteria)")
     threshold: float = Field(0.1, ge=0.0, le=1.0, description="tau_a: remove units whose normalised score is below")
     max_fraction: float = Field(0.5, ge=0.0, lt=1.0, description="never remove more than this fraction of a layer")
@@ -85,7 +89,36 @@ class SparseOptStage(_Strict):
     finetune_epochs: int = Field(2, ge=0, le=1000, description="fine-tuning epochs after removal")
 
 
-Stage = Annotated[Union[WeightStage, ActivationStage, ClusterStage, SparseOptStage], Field(discriminator="name")]
+class Goal(_Strict):
+    """What the user wants: a speedup (or a latency) on one runtime; neither = the fastest within budget."""
+
+    runtime: Literal["onnxruntime", "tflite"] = Field("onnxruntime", description="runtime the latency is measured on")
+    speedup: float | None = Field(None, ge=1.0, le=1000.0, description="p50 speedup over the dense model (>= 1)")
+    latency_ms: float | None = Field(None, gt=0.0, description="p50 latency target in milliseconds")
+    batch: int = Field(1, ge=1, le=4096, description="batch size the latency is measured at")
+
+
+class SearchStage(_Strict):
+    """Per-layer widths chosen against latency measured on the runtime and the accuracy budget."""
+
+    name: Literal["search"] = "search"
+    goal: Goal = Field(default_factory=Goal)
+    criterion: CriterionName = Field("taylor", description="unit importance, one of compressor/criteria's names")
+    epochs: int = Field(2, ge=0, le=1000, description="fine-tuning epochs after each operating point")
+    points: list[float] = Field([2.0, 4.0, 8.0], min_length=0, description="frontier speedups (predicted) to visit")
+    bisect: int = Field(2, ge=0, le=10, description="steps of bisection between the last good and first bad point")
+    latency_cache: str | None = Field(None, description="JSON latency table to read and extend (default: per machine)")
+
+    @field_validator("points")
+    @classmethod
+    def _above_one(cls, values: list[float]) -> list[float]:
+        if any(v <= 1.0 for v in values):
+            raise ValueError("every frontier speedup must be > 1")
+        return sorted(values)
+
+
+Stage = Annotated[Union[WeightStage, ActivationStage, ClusterStage, SparseOptStage, SearchStage],
+                  Field(discriminator="name")]
 
 
 class BenchSettings(_Strict):
@@ -143,7 +176,7 @@ def _describe(err: dict) -> str:
     value = err.get("input")
     msg = err["msg"]
     if err["type"] == "union_tag_invalid" or "tag" in err["type"]:
-        msg = "unknown stage; allowed: weight, activation, cluster, sparse_opt"
+        msg = "unknown stage; allowed: weight, activation, cluster, sparse_opt, search"
     return f"recipe field '{where}' = {value!r}: {msg}"
 
 
@@ -171,6 +204,25 @@ def load_recipe(path: str | Path | None) -> Recipe:
     if raw is not None and not isinstance(raw, dict):
         raise CompressorError(f"recipe '{path}' must be a mapping of fields (see `compressor recipe --example`)")
     return parse_recipe(raw, f"recipe '{path}'")
+
+
+def with_goal(recipe: Recipe, speedup: float | None = None, runtime: str | None = None) -> Recipe:
+    """`--speedup X --runtime R`: the goal of the recipe's search stage, or a search stage appended
+    after the others (they decide which units look idle; the search decides how much goes)."""
+    update = {k: v for k, v in (("speedup", speedup), ("runtime", runtime)) if v is not None}
+    if not update:
+        return recipe
+    stages = list(recipe.stages)
+    index = next((i for i, s in enumerate(stages) if isinstance(s, SearchStage)), None)
+    search = stages[index] if index is not None else SearchStage()
+    raw = search.model_dump()
+    raw["goal"].update(update)
+    if index is None:
+        stages.append(raw)
+    else:
+        stages[index] = raw
+    return parse_recipe({**recipe.model_dump(), "stages": [s if isinstance(s, dict) else s.model_dump() for s in stages]},
+                        "command-line goal")
 
 
 def default_recipe() -> Recipe:

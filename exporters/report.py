@@ -107,6 +107,13 @@ def render_markdown(report: dict, plots: list[str]) -> str:
             name = e["tensor"] if len(e["tensor"]) <= 48 else "…" + e["tensor"][-47:]
             lines.append(f"| {e['file']} | {name} | {'x'.join(map(str, e['shape']))} | {e['dtype']} | "
                          f"{e['sparsity']:.1%} | {storage} | {runs} | {e['note']} |")
+    if report.get("frontier"):
+        from exporters.frontier_plot import frontier_table
+
+        lines += ["", "## Frontier (search stage: operating points, measured on each runtime)", "",
+                  frontier_table(report, report["baseline"]["accuracy"])]
+        lines += ["", "Latency model, predicted vs measured p50 (error): " + ", ".join(
+            f"{m['runtime']} {m['model']} {m['error_pct']:+.1f}%" for m in report.get("latency_model", []))]
     notes = [n for r in results for n in r.get("notes", [])] + report.get("target_notes", [])
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in dict.fromkeys(notes)]
@@ -146,6 +153,10 @@ def write_reports(report: dict, out: Path, correct: dict[str, np.ndarray]) -> No
         plot_accuracy_vs_size(report["results"], out / "accuracy_vs_size.png"),
         plot_layers(report["layers"], out / "layers.png"),
     ]
+    if report.get("frontier"):
+        from exporters.frontier_plot import plot_frontier
+
+        plots.append(plot_frontier(report, out / "frontier.png", report["baseline"]["accuracy"]))
     write_text_atomic(out / "report.json", json.dumps(report, indent=2, default=_jsonable))
     write_text_atomic(out / "report.md", render_markdown(report, [str(p) for p in plots]))
 

@@ -115,3 +115,39 @@ def test_failed_run_leaves_no_empty_output_folder(tmp_path, capsys):
     out = tmp_path / "never"
     assert main(["run", "--model", str(tmp_path / "missing.keras"), "--data", "digits", "--out", str(out)]) == 1
     assert not out.exists()
+
+
+def test_speedup_goal_on_the_command_line_adds_the_search_and_its_frontier(tmp_path, capsys, monkeypatch):
+    """`--speedup 2 --runtime onnxruntime`: a search stage is appended with that goal; report.json gains the
+    frontier and the latency model's predicted-vs-measured rows, and frontier.png is written."""
+    from compressor._tf import keras
+
+    monkeypatch.setenv("COMPRESSOR_LATENCY_CACHE", str(tmp_path / "latency.json"))
+    keras.utils.set_random_seed(0)  # wide enough that width, not per-call overhead, sets the latency
+    wide = keras.Sequential([keras.layers.Input((784,)), keras.layers.Dense(1024, activation="relu"),
+                             keras.layers.Dense(10, activation="softmax")])
+    wide.compile("adam", "sparse_categorical_crossentropy")
+    from compressor.data import load_dataset
+
+    mnist = load_dataset("mnist5k")
+    wide.fit(mnist.x_train, mnist.y_train, epochs=1, batch_size=64, verbose=0)
+    model, data = tmp_path / "wide.keras", "mnist5k"
+    wide.save(model)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"targets": ["tflite", "onnxruntime"], "max_accuracy_drop": 0.05,
+                                      "stages": [{"name": "search", "epochs": 1, "points": [2.0], "bisect": 0}],
+                                      "bench": {"runs": 200, "warmup": 5, "batch": [1]}}))
+    out = tmp_path / "out"
+    code = main(["run", "--model", str(model), "--data", str(data), "--recipe", str(recipe), "--out", str(out),
+                 "--speedup", "2", "--runtime", "onnxruntime", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    search = report["recipe"]["stages"][-1]
+    assert search["name"] == "search" and search["goal"] == {"runtime": "onnxruntime", "speedup": 2.0,
+                                                              "latency_ms": None, "batch": 1}
+    assert report["frontier"] and all("measured_ms" in row for row in report["frontier"])
+    assert {row["runtime"] for row in report["latency_model"]} == {"onnxruntime", "tflite"}
+    assert (out / "frontier.png").stat().st_size > 0 and "## Frontier" in (out / "report.md").read_text()
+    assert main(["run", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "o2"),
+                 "--speedup", "0.5"]) == 1
+    assert "speedup" in capsys.readouterr().err

@@ -18,6 +18,8 @@ class StageContext:
     recipe: Recipe
     data: Dataset
     epoch_progress: Callable[[str, int], object] | None = None  # (label, epochs) -> keras callback or None
+    log: Callable[[str], None] | None = None  # progress lines of long stages (the search's steps)
+    baseline_accuracy: float | None = None  # dense accuracy on the budget split (goal-driven stages step back by it)
 
 
 @dataclass

@@ -1,0 +1,292 @@
+"""A latency model measured on the target runtime: per-layer tables over candidate widths.
+
+Latency on CPU runtimes is step-shaped in width (SIMD tiles) and every op has a fixed cost, so a
+MAC count mispredicts it. Each weighted layer is exported alone (a one-layer tf-keras model, the
+same exporters the pipeline ships with), timed interleaved with the other entries, and stored in
+a JSON cache keyed by machine and runtime version, so a second run (or another model with the
+same layer shapes) measures nothing. Widths between measured grid points are interpolated.
+A model's prediction = fixed per-model overhead + sum over layers of (entry - overhead).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from compressor._tf import keras
+from compressor.errors import CompressorError
+
+RUNTIMES = ("onnxruntime", "tflite")
+LEVELS = (0.03125, 0.125, 0.25, 0.5, 1.0)  # grid fractions of a layer's full width (rounded to `step`)
+MEASURED_KINDS = ("Dense", "Conv1D", "Conv2D", "DepthwiseConv2D", "SeparableConv2D")
+
+
+def runtime_version(runtime: str) -> str:
+    if runtime == "onnxruntime":
+        import onnxruntime
+        return onnxruntime.__version__
+    if runtime == "tflite":
+        from importlib.metadata import version
+        try:
+            return version("ai-edge-litert")
+        except Exception:  # noqa: BLE001 - a missing distribution name only changes the cache key
+            return "unknown"
+    raise CompressorError(f"unknown runtime '{runtime}'; choose one of {', '.join(RUNTIMES)}")
+
+
+def default_cache(runtime: str) -> Path:
+    """One file per machine + runtime version; COMPRESSOR_LATENCY_CACHE names a folder to keep them in."""
+    folder = Path(os.environ.get("COMPRESSOR_LATENCY_CACHE") or Path.home() / ".cache" / "compressor")
+    machine = f"{platform.node()}-{platform.machine()}-{os.cpu_count()}cpu"
+    return folder / f"latency-{machine}-{runtime}-{runtime_version(runtime)}.json"
+
+
+@dataclass
+class LayerShape:
+    """What a layer's latency depends on besides its widths (HALP's table key)."""
+
+    kind: str
+    config: dict  # the layer's keras config (activation, kernel, stride, padding…)
+    spatial: tuple  # input shape without batch and channels
+    in0: int
+    out0: int
+
+    def key(self, width_in: int, width_out: int, batch: int) -> str:
+        c = self.config
+        parts = [self.kind, f"in={width_in}", f"out={width_out}", f"sp={'x'.join(map(str, self.spatial))}",
+                 f"k={c.get('kernel_size', '')}", f"s={c.get('strides', '')}", f"pad={c.get('padding', '')}",
+                 f"act={c.get('activation', '')}", f"bias={c.get('use_bias', '')}", f"dm={c.get('depth_multiplier', '')}",
+                 f"b={batch}"]
+        return "|".join(str(p).replace(" ", "") for p in parts)
+
+    def build(self, width_in: int, width_out: int) -> keras.Model:
+        """The layer alone at these widths (random weights: latency does not depend on values)."""
+        cfg = dict(self.config, name="layer")
+        if "units" in cfg:
+            cfg["units"] = width_out
+        elif "filters" in cfg:
+            cfg["filters"] = width_out
+        inputs = keras.Input(shape=(*self.spatial, width_in))
+        return keras.Model(inputs, getattr(keras.layers, self.kind).from_config(cfg)(inputs))
+
+
+def layer_shape(layer) -> LayerShape | None:
+    """The table key of a weighted layer the model measures, else None (its cost is in the overhead)."""
+    kind = type(layer).__name__
+    if kind not in MEASURED_KINDS:
+        return None
+    shape = layer.input_shape
+    if isinstance(shape, list) or any(d is None for d in shape[1:]):
+        return None
+    cfg = layer.get_config()
+    for drop in ("name", "trainable", "dtype", "batch_input_shape"):
+        cfg.pop(drop, None)
+    out = int(layer.output_shape[-1])
+    return LayerShape(kind, cfg, tuple(int(d) for d in shape[1:-1]), int(shape[-1]), out)
+
+
+def grid(full: int, step: int) -> list[int]:
+    """Candidate widths measured for a dimension of `full` units: a few fractions, multiples of `step`."""
+    points = {full}
+    for f in LEVELS:
+        w = int(round(full * f / step)) * step
+        if 0 < w < full:
+            points.add(w)
+    return sorted(points)
+
+
+@dataclass
+class LatencyTable:
+    """Measured p50 (ms) per entry key, for one runtime; loaded from and saved to `path`."""
+
+    runtime: str
+    path: Path
+    entries: dict[str, float] = field(default_factory=dict)
+    measured: int = 0  # entries measured in this process (0 on a fully cached run)
+
+    @classmethod
+    def open(cls, runtime: str, path: str | Path | None = None) -> "LatencyTable":
+        if runtime not in RUNTIMES:
+            raise CompressorError(f"unknown runtime '{runtime}'; choose one of {', '.join(RUNTIMES)}")
+        path = Path(path) if path else default_cache(runtime)
+        entries = {}
+        if path.is_file():
+            try:
+                raw = json.loads(path.read_text())
+                if raw.get("runtime") == runtime and raw.get("version") == runtime_version(runtime):
+                    entries = {k: float(v) for k, v in raw.get("entries", {}).items()}
+            except (ValueError, AttributeError):
+                entries = {}  # a damaged cache is rebuilt, not trusted
+        return cls(runtime, path, entries)
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        body = {"runtime": self.runtime, "version": runtime_version(self.runtime), "machine": platform.node(),
+                "entries": dict(sorted(self.entries.items()))}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(body, indent=1))
+        tmp.replace(self.path)
+
+    def ensure(self, wanted: dict[str, tuple[LayerShape, int, int]], batch: int, runs: int = 200) -> None:
+        """Measure the keys not in the table yet, all in one interleaved session, and save."""
+        missing = {k: v for k, v in wanted.items() if k not in self.entries}
+        overhead = _overhead_key(batch)
+        if overhead not in self.entries:
+            missing[overhead] = (LayerShape("Dense", {"units": 1, "use_bias": False}, (), 1, 1), 1, 1)
+        if not missing:
+            return
+        from exporters.latency import measure_interleaved
+        from exporters.runtimes import open_runner
+
+        with tempfile.TemporaryDirectory() as tmp:
+            runners = {}
+            for i, (key, (shape, w_in, w_out)) in enumerate(missing.items()):
+                path = Path(tmp) / f"entry{i}.{'onnx' if self.runtime == 'onnxruntime' else 'tflite'}"
+                _export(shape.build(w_in, w_out), path, self.runtime)
+                runners[key] = open_runner(path)
+            x = {k: np.random.default_rng(0).standard_normal((batch, *r.input_shape)).astype(np.float32)
+                 for k, r in runners.items()}
+            times = _measure_each(runners, x, runs, measure_interleaved)
+        for key, t in times.items():
+            self.entries[key] = float(np.median(t) * 1e3)
+        self.measured += len(times)
+        self.save()
+
+    def overhead(self, batch: int) -> float:
+        return self.entries[_overhead_key(batch)]
+
+
+def _overhead_key(batch: int) -> str:
+    return f"overhead|b={batch}"
+
+
+def _measure_each(runners: dict, x: dict, runs: int, measure) -> dict[str, np.ndarray]:
+    """measure_interleaved takes one input for all runners; entries differ in input shape, so each
+    round runs every entry once through its own input (A B C, C B A, …) via a wrapper."""
+    wrapped = {k: _FixedInput(r, x[k]) for k, r in runners.items()}
+    return measure(wrapped, x[next(iter(x))], runs, warmup=max(5, runs // 10))
+
+
+class _FixedInput:
+    """A runner that ignores the shared input and feeds its own (set once, outside the timed region)."""
+
+    def __init__(self, runner, x):
+        self.runner, self.x, self._set = runner, x, False
+
+    def set_input(self, _x) -> None:
+        if not self._set:
+            self.runner.set_input(self.x)
+            self._set = True
+
+    def invoke(self) -> None:
+        self.runner.invoke()
+
+
+def _export(model, path: Path, runtime: str) -> None:
+    from exporters import onnx_export, tflite_export
+
+    if runtime == "onnxruntime":
+        onnx_export.export_float(model, path, compact=False)
+    else:
+        tflite_export.export_float(model, path, sparse=False)
+
+
+@dataclass
+class LayerTerm:
+    """One measured layer: how its input/output widths follow the groups' removals, and its grid."""
+
+    name: str
+    shape: LayerShape
+    a_in: dict[str, int]  # group -> input channels lost per removed unit (Flatten repeats them)
+    a_out: dict[str, int]
+    ins: list[int]
+    outs: list[int]
+    diagonal: bool  # in and out follow the same group one to one (depthwise): a 1-D table
+
+    def widths(self, removed: dict[str, int]) -> tuple[int, int]:
+        w_in = self.shape.in0 - sum(a * removed.get(g, 0) for g, a in self.a_in.items())
+        w_out = self.shape.out0 - sum(a * removed.get(g, 0) for g, a in self.a_out.items())
+        return max(1, w_in), max(1, w_out)
+
+    def points(self) -> list[tuple[int, int]]:
+        if self.diagonal:
+            return [(w + self.shape.in0 - self.shape.out0, w) for w in self.outs]
+        return [(i, o) for i in self.ins for o in self.outs]
+
+
+def _probe(model, group_names: list[str], terms: dict[str, LayerShape]):
+    """Which layers' input/output widths change when a group loses one unit (one surgery per group)."""
+    from compressor.stages import scoring
+
+    a_in = {n: {} for n in terms}
+    a_out = {n: {} for n in terms}
+    for g in group_names:
+        smaller, _ = scoring.remove(scoring.copy(model), {g: [0]})
+        for name, shape in terms.items():
+            layer = smaller.get_layer(name)
+            d_in = shape.in0 - int(layer.input_shape[-1])
+            d_out = shape.out0 - int(layer.output_shape[-1])
+            if d_in:
+                a_in[name][g] = d_in
+            if d_out:
+                a_out[name][g] = d_out
+    return a_in, a_out
+
+
+class LatencyModel:
+    """Predicted p50 (ms) of `model` with some units removed per group, on one runtime."""
+
+    def __init__(self, model, group_names: list[str], runtime: str, batch: int = 1, step: int = 8,
+                 cache: str | Path | None = None, runs: int = 200):
+        self.runtime, self.batch = runtime, batch
+        self.table = LatencyTable.open(runtime, cache)
+        shapes = {l.name: s for l in model.layers if (s := layer_shape(l)) is not None}
+        a_in, a_out = _probe(model, group_names, shapes)
+        self.terms = []
+        for name, shape in shapes.items():
+            diagonal = bool(a_in[name]) and a_in[name] == a_out[name] and len(a_in[name]) == 1
+            ins = grid(shape.in0, step) if a_in[name] and not diagonal else [shape.in0]
+            outs = grid(shape.out0, step) if a_out[name] else [shape.out0]
+            self.terms.append(LayerTerm(name, shape, a_in[name], a_out[name], ins, outs, diagonal))
+        wanted = {t.shape.key(i, o, batch): (t.shape, i, o) for t in self.terms for i, o in t.points()}
+        self.entries = len(wanted)
+        self.table.ensure(wanted, batch, runs)
+
+    def _entry(self, term: LayerTerm, w_in: int, w_out: int) -> float:
+        key = term.shape.key
+        if term.diagonal:
+            xs = term.outs
+            return float(np.interp(w_out, xs, [self.table.entries[key(*p, self.batch)] for p in term.points()]))
+        grid_ms = np.array([[self.table.entries[key(i, o, self.batch)] for o in term.outs] for i in term.ins])
+        along_out = np.array([np.interp(w_out, term.outs, row) for row in grid_ms])
+        return float(np.interp(w_in, term.ins, along_out))
+
+    def layer_ms(self, removed: dict[str, int]) -> dict[str, float]:
+        """Each measured layer's own cost (its entry minus the per-model overhead)."""
+        base = self.table.overhead(self.batch)
+        return {t.name: max(0.0, self._entry(t, *t.widths(removed)) - base) for t in self.terms}
+
+    def predict(self, removed: dict[str, int] | None = None) -> float:
+        return self.table.overhead(self.batch) + sum(self.layer_ms(removed or {}).values())
+
+
+def measure_models(models: dict[str, object], runtime: str, batch: int = 1, runs: int = 300) -> dict[str, float]:
+    """p50 (ms) of whole Keras models exported for `runtime`, measured interleaved in one session."""
+    from exporters.latency import measure_interleaved
+    from exporters.runtimes import open_runner
+
+    with tempfile.TemporaryDirectory() as tmp:
+        runners = {}
+        for i, (label, model) in enumerate(models.items()):
+            path = Path(tmp) / f"m{i}.{'onnx' if runtime == 'onnxruntime' else 'tflite'}"
+            _export(model, path, runtime)
+            runners[label] = open_runner(path)
+        x = {k: np.random.default_rng(0).standard_normal((batch, *r.input_shape)).astype(np.float32)
+             for k, r in runners.items()}
+        times = _measure_each(runners, x, runs, measure_interleaved)
+    return {k: float(np.median(t) * 1e3) for k, t in times.items()}

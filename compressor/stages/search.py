@@ -1,0 +1,291 @@
+"""Search stage: say the goal, not the knobs.
+
+Per-layer widths are chosen against latency measured on the target runtime (compressor/latency_model)
+and unit importance (a named criterion): NetAdapt-style greedy steps of `round_units` units, each
+step taking the group whose next units buy the most predicted latency per importance lost. The
+operating points (frontier speedups, then the user's goal) are visited in increasing order from the
+previous point's fine-tuned model (progressive shrinking), each checked against the accuracy
+budget; past the first point that crosses it, the search bisects toward the last good one instead
+of backing off by fixed percentages. The returned model is the goal point, or without a speed goal
+the fastest point measured within budget.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from compressor import criteria
+from compressor.latency_model import RUNTIMES, LatencyModel, measure_models
+from compressor.recipe import SearchStage
+from compressor.stages import scoring
+from compressor.stages.activation import unit_scores
+from compressor.stages.base import StageContext, StageOutcome
+from compressor.training import accuracy
+from exporters.ship import budget_split
+
+MAX_SPEEDUP = 64.0  # without a speed goal the points double until the budget is crossed, at most to this
+
+
+def _log(ctx: StageContext, message: str) -> None:
+    if ctx.log is not None:
+        ctx.log(message)
+
+
+def _budget(ctx: StageContext, model) -> tuple[np.ndarray, np.ndarray, float]:
+    """The budget split (x_val, else x_test) and the baseline accuracy the budget is counted from."""
+    x, y = budget_split(ctx.data)
+    baseline = ctx.baseline_accuracy if ctx.baseline_accuracy is not None else accuracy(model, x, y)
+    return x, y, baseline
+
+
+def _importance(model, cfg: SearchStage, ctx: StageContext):
+    """Per group (current model's indices): units in removal order and the cumulative importance share."""
+    labelled = None
+    if criteria.get(cfg.criterion).needs_gradients:
+        n = len(ctx.data.x_calib)
+        labelled = (ctx.data.x_train[:n], ctx.data.y_train[:n])
+    base, groups, traces, activity = scoring.observe(model, ctx.data.x_calib, labelled)
+    order, share = {}, {}
+    for g in groups:
+        score = np.mean([unit_scores(base, m, activity[m], cfg.criterion) for m in g.members], axis=0)
+        order[g.name] = np.argsort(score, kind="stable")
+        total = float(score.sum()) or 1.0
+        share[g.name] = np.concatenate([[0.0], np.cumsum(score[order[g.name]]) / total])
+    return base, traces, activity, order, share
+
+
+def allocate(lm: LatencyModel, units: dict[str, int], removed: dict[str, int], share: dict[str, np.ndarray],
+             target_ms: float, step: int) -> dict[str, int]:
+    """Greedy: units to remove now per group so the predicted latency reaches `target_ms`.
+
+    `removed` counts what earlier points took (relative to the latency model's model); `share[g][k]`
+    is the importance lost by removing the k least important of the current units. Widths stay
+    multiples of `step` (or 1) and never reach 0.
+    """
+    extra = {g: 0 for g in share}
+    current = lm.predict(removed)
+    while current > target_ms:
+        best, best_ratio, best_ms = None, 0.0, current
+        for g in share:
+            keep = units[g] - removed.get(g, 0) - extra[g]
+            unit_step = step if keep > step else 1
+            new_keep = max(1, (keep - 1) // unit_step * unit_step)
+            if new_keep >= keep:
+                continue
+            trial = dict(extra, **{g: extra[g] + keep - new_keep})
+            ms = lm.predict(_add(removed, trial))
+            lost = share[g][min(trial[g], len(share[g]) - 1)] - share[g][extra[g]]
+            ratio = (current - ms) / (lost + 1e-6)
+            if current - ms > 0 and ratio > best_ratio:
+                best, best_ratio, best_ms = (g, trial[g]), ratio, ms
+        if best is None:
+            break  # no group can shrink further for any predicted gain
+        extra[best[0]] = best[1]
+        current = best_ms
+    return extra
+
+
+def _add(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    return {k: a.get(k, 0) + b.get(k, 0) for k in set(a) | set(b)}
+
+
+def _shrink(importance, extra: dict[str, int], cfg: SearchStage, ctx: StageContext, label: str):
+    """Remove the least important units per group (mean-replaced into the next layer), then fine-tune."""
+    base, traces, activity, order, _ = importance
+    base = scoring.copy(base)
+    plan = {}
+    for g, k in extra.items():
+        if k <= 0:
+            continue
+        drop = [int(i) for i in order[g][:k]]
+        tr = traces.get(g)
+        if tr is not None and activity.get(g) is not None:
+            scoring.fold_into_consumers(base, tr, len(order[g]), offset={i: float(activity[g].mean[i]) for i in drop})
+        plan[g] = drop
+    pruned, _ = scoring.remove(base, plan)
+    return scoring.finetune(pruned, ctx, cfg.epochs, label)
+
+
+def _speed_targets(cfg: SearchStage, lm: LatencyModel, amount: float) -> tuple[list[float], float | None]:
+    """Predicted speedups to visit in order, and the goal's (None: fastest within budget)."""
+    goal = cfg.goal.speedup
+    if cfg.goal.latency_ms is not None:
+        goal = max(1.0, lm.predict() / cfg.goal.latency_ms)
+    gentle = (lambda s: 1.0 + (s - 1.0) * amount)
+    points = sorted({gentle(p) for p in cfg.points} | ({gentle(goal)} if goal else set()))
+    points = [p for p in points if p > 1.0]
+    return points, (gentle(goal) if goal else None)
+
+
+def _tables(model, names: list[str], cfg: SearchStage, ctx: StageContext) -> dict[str, LatencyModel]:
+    from pathlib import Path
+    from compressor.latency_model import default_cache
+
+    step = max(1, ctx.recipe.round_units)
+    out = {}
+    for rt in RUNTIMES:
+        cache = Path(cfg.latency_cache) / default_cache(rt).name if cfg.latency_cache else None
+        _log(ctx, f"search: latency table for {rt} (cached entries are reused)")
+        out[rt] = LatencyModel(model, names, rt, cfg.goal.batch, step, cache)
+    return out
+
+
+class _Search:
+    """State of one search: the latency models, the budget and every point visited."""
+
+    def __init__(self, model, cfg: SearchStage, ctx: StageContext, lms: dict[str, LatencyModel], units, floor, xy):
+        self.cfg, self.ctx, self.lms, self.units, self.floor, self.xy = cfg, ctx, lms, units, floor, xy
+        self.lm = lms[cfg.goal.runtime]
+        self.dense_ms = self.lm.predict()
+        self.rows, self.models, self.states = [], [], []
+        self.good = (1.0, model, {})  # (speedup, fine-tuned model, units removed per group)
+
+    def visit(self, speedup: float) -> bool:
+        """Shrink the last good model to the predicted speedup, fine-tune, check the budget."""
+        _, start, removed = self.good
+        self.reached = False
+        importance = _importance(start, self.cfg, self.ctx)
+        extra = allocate(self.lm, self.units, removed, importance[4], self.dense_ms / speedup,
+                         max(1, self.ctx.recipe.round_units))
+        if not any(extra.values()):
+            return False
+        model = _shrink(importance, extra, self.cfg, self.ctx, f"search: fine-tune at {speedup:.2f}x")
+        total = _add(removed, extra)
+        acc = accuracy(model, *self.xy)
+        ok = self.floor - acc <= self.ctx.recipe.max_accuracy_drop  # the pipeline's own test, same rounding
+        predicted = self.dense_ms / self.lm.predict(total)
+        self.reached = predicted >= 0.98 * speedup  # False: widths hit their floor (fixed per-op cost)
+        self.rows.append({
+            "goal_speedup": round(speedup, 3), "predicted_speedup": round(predicted, 3), "reached": self.reached,
+            "accuracy": acc, "within_budget": ok,
+            "widths": {g: self.units[g] - total.get(g, 0) for g in self.units},
+            "predicted_ms": {rt: lm.predict(total) for rt, lm in self.lms.items()}})
+        self.models.append(model)
+        self.states.append((speedup, model, total))
+        _log(self.ctx, f"search: {speedup:.2f}x predicted -> accuracy {acc:.4f} ({'within' if ok else 'over'} budget)")
+        if ok:
+            self.good = (speedup, model, total)
+        return ok
+
+    def run(self, points: list[float], goal: float | None) -> None:
+        queue, bad = list(points), None
+        while queue:
+            s = queue.pop(0)
+            if not self.visit(s):
+                bad = s
+                break
+            if not self.reached:
+                return  # the latency model predicts no faster model: later points cannot do better
+            if goal is None and not queue and s * 2 <= MAX_SPEEDUP:
+                queue.append(s * 2)  # no speed goal: keep doubling until the budget is crossed
+        for _ in range(self.cfg.bisect if bad else 0):
+            mid = math.sqrt(self.good[0] * bad)
+            if mid - self.good[0] < 0.05 * self.good[0]:
+                break
+            if not self.visit(mid):
+                bad = mid
+
+
+def _correct_to_goal(search: _Search, dense, goal: float | None, cfg: SearchStage, tries: int = 2) -> None:
+    """The table predicts; the runtime decides. If the goal point measures slower than the goal, aim
+    the prediction higher by the measured shortfall, from that point's fine-tuned state."""
+    runtime = cfg.goal.runtime
+    for _ in range(tries if goal else 0):
+        hits = [i for i, r in enumerate(search.rows) if r["within_budget"] and r["reached"]
+                and not r.get("superseded") and r["goal_speedup"] >= round(goal, 3) - 1e-6]
+        if not hits:
+            return
+        i = min(hits, key=lambda j: search.rows[j]["goal_speedup"])
+        p50 = measure_models({"dense": dense, "point": search.models[i]}, runtime, cfg.goal.batch)
+        actual = p50["dense"] / p50["point"]
+        if actual >= goal:
+            return
+        aim = search.states[i][0] * goal / actual * 1.02
+        _log(search.ctx, f"search: measured {actual:.2f}x for a {goal:.2f}x goal; aiming the prediction at {aim:.2f}x")
+        search.good = search.states[i]
+        search.rows[i]["superseded"] = True  # measured short of the goal
+        ok = search.visit(aim)
+        search.rows[-1]["corrected_for_goal"] = True  # this point now stands for the goal
+        if not ok:
+            return
+
+
+def apply(model, cfg: SearchStage, ctx: StageContext, amount: float = 1.0) -> StageOutcome:
+    x, y, floor = _budget(ctx, model)
+    start = scoring.copy(model)
+    groups = scoring.groups(start, observable=True)
+    if not groups:
+        return StageOutcome(start, {"removed": 0, "frontier": []}, ["search: no prunable Dense/Conv layers"])
+    units = {g.name: g.units for g in groups}
+    members = {g.name: len(g.members) for g in groups}
+    lms = _tables(start, list(units), cfg, ctx)
+    search = _Search(start, cfg, ctx, lms, units, floor, (x, y))
+    points, goal = _speed_targets(cfg, search.lm, amount)
+    search.run(points, goal)
+    _correct_to_goal(search, start, goal, cfg)
+    measured = _measure(start, search, cfg)
+    best, notes = _choose(search.rows, goal, cfg)
+    if not search.rows:
+        notes.append(f"search: not reachable on {cfg.goal.runtime}: the latency table predicts no gain from narrower "
+                     "layers (fixed per-op cost dominates); model left unchanged")
+    elif best is None:
+        notes.append(f"search: no operating point stayed within the {ctx.recipe.max_accuracy_drop:.2%} budget; "
+                     "model left unchanged")
+    if best is None:
+        return StageOutcome(start, {"removed": 0, "frontier": search.rows, "latency_model": measured}, notes)
+    row = search.rows[best]
+    removed = sum((units[g] - w) * members[g] for g, w in row["widths"].items())
+    runtime = cfg.goal.runtime
+    notes.insert(0, f"search ({cfg.criterion}, {runtime}): {row['measured_speedup'][runtime]:.2f}x measured "
+                    f"({row['predicted_speedup']:.2f}x predicted), widths "
+                    + ", ".join(f"{g} {units[g]}->{w}" for g, w in row["widths"].items()))
+    details = {"goal": cfg.goal.model_dump(), "criterion": cfg.criterion, "removed": int(removed),
+               "chosen": best, "widths": row["widths"], "frontier": search.rows, "latency_model": measured,
+               "tables": {rt: {"path": str(lm.table.path), "entries": lm.entries, "measured_now": lm.table.measured}
+                          for rt, lm in lms.items()}}
+    return StageOutcome(search.models[best], details, notes)
+
+
+def _measure(dense, search: _Search, cfg: SearchStage) -> list[dict]:
+    """Measured p50 of dense and every point, per runtime, in one interleaved session each; fills the
+    frontier rows and returns the latency model's predicted-vs-measured rows."""
+    checks = []
+    for rt, lm in search.lms.items():
+        models = {"dense": dense, **{f"point{i}": m for i, m in enumerate(search.models)}}
+        p50 = measure_models(models, rt, cfg.goal.batch)
+        rows = [("dense", lm.predict(), p50["dense"])]
+        for i, row in enumerate(search.rows):
+            row.setdefault("measured_ms", {})[rt] = p50[f"point{i}"]
+            row.setdefault("measured_speedup", {})[rt] = p50["dense"] / p50[f"point{i}"]
+            rows.append((f"point{i}", row["predicted_ms"][rt], p50[f"point{i}"]))
+        checks += [{"runtime": rt, "model": label, "predicted_ms": pred, "measured_ms": meas,
+                    "error_pct": 100.0 * (pred - meas) / meas} for label, pred, meas in rows]
+    search.dense_measured = {rt: next(c["measured_ms"] for c in checks if c["runtime"] == rt and c["model"] == "dense")
+                             for rt in search.lms}
+    for row in search.rows:
+        row["dense_ms"] = dict(search.dense_measured)
+    return checks
+
+
+def _choose(rows: list[dict], goal: float | None, cfg: SearchStage) -> tuple[int | None, list[str]]:
+    """The goal point if it is within budget, else (and without a goal) the fastest measured one."""
+    runtime = cfg.goal.runtime
+    good = [i for i, r in enumerate(rows) if r["within_budget"]]
+    if goal is not None:
+        hit = [i for i in good if rows[i]["reached"] and not rows[i].get("superseded")
+               and (abs(rows[i]["goal_speedup"] - round(goal, 3)) < 1e-6 or rows[i].get("corrected_for_goal"))]
+        if hit:
+            return hit[-1], []
+        if rows and not any(r.get("reached", True) for r in rows):
+            top = max((r["predicted_speedup"] for r in rows), default=1.0)
+            best = min(good, key=lambda i: rows[i]["measured_ms"][runtime]) if good else None
+            return best, [f"search: goal {goal:.2f}x on {runtime} not reachable: the latency table predicts at most "
+                          f"{top:.2f}x at the narrowest widths (fixed per-op cost dominates)"]
+    best = min(good, key=lambda i: rows[i]["measured_ms"][runtime]) if good else None
+    notes = []
+    if goal is not None:
+        reached = f"{rows[best]['measured_speedup'][runtime]:.2f}x measured" if best is not None else "nothing"
+        notes.append(f"search: goal {goal:.2f}x on {runtime} not reachable within the accuracy budget; "
+                     f"best within budget: {reached}")
+    return best, notes

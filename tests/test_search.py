@@ -1,0 +1,123 @@
+"""The goal-driven search: latency tables measured on the runtime and cached, the width allocation
+against a goal, and the goal fields validated like the rest of the recipe."""
+import numpy as np
+import pytest
+
+from compressor._tf import keras
+from compressor.errors import CompressorError
+from compressor.latency_model import LatencyModel, grid
+from compressor.recipe import parse_recipe
+from compressor.stages import scoring, search
+from compressor.stages.base import StageContext
+from exporters.frontier_plot import frontier_table, plot_frontier
+
+L = keras.layers
+
+
+def _mlp(width: int = 32) -> keras.Model:
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([keras.Input((64,)), L.Dense(width, activation="relu", name="h1"),
+                             L.Dense(width, activation="relu", name="h2"), L.Dense(10, activation="softmax", name="out")])
+
+
+def test_latency_table_is_measured_then_reused_from_its_file(tmp_path):
+    model = _mlp()
+    cache = tmp_path / "table.json"
+    first = LatencyModel(model, ["h1", "h2"], "onnxruntime", cache=cache, runs=20)
+    assert cache.is_file() and first.table.measured == first.entries + 1  # + the per-model overhead
+    h2 = next(t for t in first.terms if t.name == "h2")
+    assert h2.ins == grid(32, 8) and h2.outs == grid(32, 8)  # both widths follow a group: 2-D table
+    again = LatencyModel(model, ["h1", "h2"], "onnxruntime", cache=cache, runs=20)
+    assert again.table.measured == 0  # nothing exported or timed the second time
+    assert again.predict() == pytest.approx(first.predict())
+    assert all(v > 0 for v in again.table.entries.values())
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    """One table folder for the tests below: identical layer shapes are measured once."""
+    return tmp_path_factory.mktemp("latency")
+
+
+def test_step_shaped_table_is_interpolated_between_measured_points(shared_cache):
+    from compressor.latency_model import default_cache
+
+    model = _mlp()
+    lm = LatencyModel(model, ["h1", "h2"], "tflite", cache=shared_cache / default_cache("tflite").name, runs=20)
+    h1 = next(t for t in lm.terms if t.name == "h1")
+    for w in h1.outs:  # a step: widths up to 16 cost 1 ms, wider ones 3 ms (SIMD tiles)
+        lm.table.entries[h1.shape.key(64, w, 1)] = 1.0 if w <= 16 else 3.0
+    base = lm.table.overhead(1)
+    cost = {r: lm.layer_ms({"h1": r})["h1"] + base for r in (0, 8, 16, 20)}  # widths 32, 24, 16, 12
+    assert h1.outs == [8, 16, 32]
+    assert cost[0] == pytest.approx(3.0) and cost[16] == pytest.approx(1.0)  # measured points kept exactly
+    assert cost[8] == pytest.approx(2.0) and cost[20] == pytest.approx(1.0)  # linear between, flat on the step
+
+
+def _ctx(digits, **recipe):
+    raw = {"max_accuracy_drop": 0.05, "stages": [{"name": "search"}], **recipe}
+    return StageContext(recipe=parse_recipe(raw), data=digits, log=lambda _m: None)
+
+
+def test_allocation_meets_a_speedup_goal_on_a_tiny_model(digits, tmp_path, shared_cache):
+    model = _mlp(32)
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(digits.x_train, digits.y_train, epochs=3, verbose=0)
+    ctx = _ctx(digits)
+    cfg = parse_recipe({"stages": [{"name": "search", "epochs": 1, "points": [], "bisect": 1,
+                                    "latency_cache": str(shared_cache),
+                                    "goal": {"runtime": "onnxruntime", "speedup": 1.5}}]}).stages[0]
+    outcome = search.apply(model, cfg, ctx)
+    rows = outcome.details["frontier"]
+    assert outcome.details["latency_model"]  # dense predicted vs measured, at least
+    met = [r for r in rows if r["reached"] and r["within_budget"]]
+    if met:
+        chosen = rows[outcome.details["chosen"]]
+        assert chosen["within_budget"] and chosen["predicted_speedup"] >= 0.98 * 1.5
+        widths = scoring.groups(outcome.model)
+        assert all(g.units % 8 == 0 for g in widths)  # round_units respected
+        assert "search (taylor, onnxruntime)" in outcome.notes[0]
+    else:  # an honest one-line reason instead of a model over budget
+        assert [n for n in outcome.notes if "not reachable" in n or "no operating point" in n]
+        assert all("\n" not in n for n in outcome.notes)
+    table = frontier_table(outcome.details, 0.9)
+    assert table.count("\n") == (len(rows) + 3 if rows else 1)
+    png = plot_frontier(outcome.details, tmp_path / "frontier.png", 0.9)
+    assert png.stat().st_size > 1000
+
+
+def test_unreachable_goal_says_so_in_one_line():
+    rows = [{"goal_speedup": 2.0, "within_budget": True, "reached": True, "measured_ms": {"onnxruntime": 0.5},
+             "measured_speedup": {"onnxruntime": 2.1}},
+            {"goal_speedup": 8.0, "within_budget": False, "reached": True, "measured_ms": {"onnxruntime": 0.1},
+             "measured_speedup": {"onnxruntime": 9.0}}]
+    cfg = parse_recipe({"stages": [{"name": "search", "goal": {"speedup": 8}}]}).stages[0]
+    best, notes = search._choose(rows, 8.0, cfg)
+    assert best == 0 and len(notes) == 1 and "not reachable within the accuracy budget" in notes[0]
+
+
+def test_allocation_prefers_the_group_that_buys_more_latency_per_importance():
+    class Linear:  # latency proportional to the units kept in each group; group b is 3x costlier per unit
+        def predict(self, removed=None):
+            removed = removed or {}
+            return (32 - removed.get("a", 0)) * 1.0 + (32 - removed.get("b", 0)) * 3.0
+
+    share = {g: np.linspace(0, 1, 33) for g in ("a", "b")}  # equal importance per unit
+    extra = search.allocate(Linear(), {"a": 32, "b": 32}, {}, share, target_ms=100.0, step=8)
+    assert extra["b"] > extra["a"] and Linear().predict(extra) <= 100.0
+    assert all((32 - k) % 8 == 0 for k in extra.values())
+
+
+@pytest.mark.parametrize("goal, field", [({"runtime": "tensorrt"}, "goal.runtime"),
+                                         ({"speedup": -2}, "goal.speedup"),
+                                         ({"latency_ms": 0}, "goal.latency_ms")])
+def test_goal_fields_are_validated_in_one_line(goal, field):
+    with pytest.raises(CompressorError) as err:
+        parse_recipe({"stages": [{"name": "search", "goal": goal}]})
+    message = str(err.value)
+    assert "\n" not in message and f"stages.0.search.{field}" in message
+
+
+def test_existing_recipes_stay_valid():
+    assert parse_recipe(None).stages[0].name == "weight"
+    assert parse_recipe({"stages": [{"name": "weight"}, {"name": "search"}]}).stages[1].goal.runtime == "onnxruntime"
