@@ -253,7 +253,8 @@ def measure(entry: dict, data, settings: Settings) -> None:
     """Fill entry['rows'] and entry['comparisons'] from the files built for this model."""
     from exporters.stats import latency_summary, mcnemar, ratio_summary, throughput
 
-    x, y = data.x_test, data.y_test
+    shaped = suite.dataset_for(suite.MODELS[entry["name"]], data)  # 784, 28x28 rows or 32x32x3
+    x, y = shaped.x_test, shaped.y_test
     static = static_metrics(entry, x, y)
     rows, comps = [], []
     for runtime in RUNTIMES:
