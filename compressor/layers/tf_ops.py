@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from compressor._tf import keras
-from compressor.layers.base import Blocked, Handler
+from compressor.layers.merge import Elementwise
 
 try:  # the class is not exported publicly by tf-keras
     from tf_keras.src.layers.core.tf_op_layer import TFOpLambda
@@ -26,7 +26,9 @@ def _tensor(value) -> bool:
     return hasattr(value, "_keras_history") or type(value).__name__ == "KerasTensor"
 
 
-class TFOp(Handler):
+class TFOp(Elementwise):
+    """Propagates like an elementwise merge: one tensor passes through, two are coupled."""
+
     kinds = (TFOpLambda,)
     family = "tf op"
     observe_through = True
@@ -39,12 +41,3 @@ class TFOp(Handler):
         if any(np.ndim(c) != 0 for c in constants) or len(layer.inbound_nodes) != 1:
             return f"TensorFlow op {layer.symbol} with a non-scalar constant"
         return None
-
-    def propagate(self, layer, ins, shapes, graph):
-        first = ins[0]
-        if not all(first.same_structure(other) for other in ins[1:]):
-            raise Blocked(f"{layer.symbol} of different layouts")
-        for other in ins[1:]:
-            for seg_a, seg_b in zip(first.segments, other.segments):
-                graph.couple(seg_a.space, seg_b.space)
-        return first
