@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from compressor.keras3_layers import recognised
 from compressor.errors import CompressorError
 
 #: Layer classes whose config carries Python code (marshalled bytecode) or a reference to it.
@@ -178,8 +179,8 @@ def _check_layer(layer: dict, where: str, source: str, known: set[str]) -> None:
             "would execute; refused for safety: replace it with built-in layers and re-save, or pass "
             "--trust-model-code if you made this file yourself")
     registered = layer.get("registered_name")
-    if class_name in known or (isinstance(registered, str) and registered in known):
-        return
+    if class_name in known or (isinstance(registered, str) and registered in known) or recognised(layer):
+        return  # recognised: a Keras-library class (ConvNeXt's LayerScale) the importer rebuilds with ours
     raise CompressorError(
         f"cannot read model '{source}': layer '{where}' has custom class '{registered or class_name}' that is not "
         "registered; pass --custom-objects pkg.mod (your module defining it) or save the model without it")
