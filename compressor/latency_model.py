@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from exporters import targets
 from compressor._tf import keras
 from compressor.errors import CompressorError
 
@@ -26,17 +27,19 @@ LEVELS = (0.03125, 0.125, 0.25, 0.5, 1.0)  # grid fractions of a layer's full wi
 MEASURED_KINDS = ("Dense", "Conv1D", "Conv2D", "DepthwiseConv2D", "SeparableConv2D")
 
 
+_DISTRIBUTION = {"onnx": "onnxruntime", "tflite": "ai-edge-litert"}  # by file format: what runs it
+
+
 def runtime_version(runtime: str) -> str:
-    if runtime == "onnxruntime":
-        import onnxruntime
-        return onnxruntime.__version__
-    if runtime == "tflite":
-        from importlib.metadata import version
-        try:
-            return version("ai-edge-litert")
-        except Exception:  # noqa: BLE001 - a missing distribution name only changes the cache key
-            return "unknown"
-    raise CompressorError(f"unknown runtime '{runtime}'; choose one of {', '.join(RUNTIMES)}")
+    """The installed version of the package that runs this runtime's files (part of the cache key)."""
+    from importlib.metadata import version
+
+    if runtime not in RUNTIMES:
+        raise CompressorError(f"unknown runtime '{runtime}'; choose one of {', '.join(RUNTIMES)}")
+    try:
+        return version(_DISTRIBUTION[targets.float_target(runtime).format.name])
+    except Exception:  # noqa: BLE001 - a missing distribution name only changes the cache key
+        return "unknown"
 
 
 def default_cache(runtime: str) -> Path:
@@ -146,7 +149,7 @@ class LatencyTable:
         with tempfile.TemporaryDirectory() as tmp:
             runners = {}
             for i, (key, (shape, w_in, w_out)) in enumerate(missing.items()):
-                path = Path(tmp) / f"entry{i}.{'onnx' if self.runtime == 'onnxruntime' else 'tflite'}"
+                path = Path(tmp) / targets.float_target(self.runtime).filename(f"entry{i}")
                 _export(shape.build(w_in, w_out), path, self.runtime)
                 runners[key] = open_runner(path)
             x = {k: np.random.default_rng(0).standard_normal((batch, *r.input_shape)).astype(np.float32)
@@ -188,12 +191,8 @@ class _FixedInput:
 
 
 def _export(model, path: Path, runtime: str) -> None:
-    from exporters import onnx_export, tflite_export
-
-    if runtime == "onnxruntime":
-        onnx_export.export_float(model, path, compact=False)
-    else:
-        tflite_export.export_float(model, path, sparse=False)
+    """The runtime's float file, dense storage (the registry's exporter)."""
+    targets.float_target(runtime).export(model, path, sparse=False)
 
 
 @dataclass
@@ -283,7 +282,7 @@ def measure_models(models: dict[str, object], runtime: str, batch: int = 1, runs
     with tempfile.TemporaryDirectory() as tmp:
         runners = {}
         for i, (label, model) in enumerate(models.items()):
-            path = Path(tmp) / f"m{i}.{'onnx' if runtime == 'onnxruntime' else 'tflite'}"
+            path = Path(tmp) / targets.float_target(runtime).filename(f"m{i}")
             _export(model, path, runtime)
             runners[label] = open_runner(path)
         x = {k: np.random.default_rng(0).standard_normal((batch, *r.input_shape)).astype(np.float32)
