@@ -200,6 +200,8 @@ def _check_object(obj: dict, where: str, source: str, known: set[str]) -> None:
     registered = obj.get("registered_name")
     if class_name in known or (isinstance(registered, str) and registered in known):
         return
+    if class_name == "function" and isinstance(obj.get("config"), str) and obj["config"] in known:
+        return  # a function registered in this process (the importer's hard_silu, ...): resolved by name, never imported
     raise CompressorError(
         f"cannot read model '{source}': layer '{where}' refers to '{class_name}' in module '{module}', which "
         "loading would import and run; refused for safety: pass --custom-objects pkg.mod if it is your own "
