@@ -113,6 +113,16 @@ def mutate_bytes(data: bytes, rng: random.Random) -> tuple[bytes, str]:
     return bytes(buf), f"overwrite {length} bytes at {start}"
 
 
+
+def bytes_instead(seed: Path, out: Path, rng: random.Random, chance: float) -> str | None:
+    """With probability `chance`, a raw byte mutation of the whole file (the other half of every kind)."""
+    if rng.random() >= chance:
+        return None
+    data, how = mutate_bytes(seed.read_bytes(), rng)
+    out.write_bytes(data)
+    return how
+
+
 def swap_type(tree, rng: random.Random):
     """Replace one randomly chosen value anywhere in a JSON-like tree with a value of a wrong type."""
     slots = []
@@ -132,9 +142,8 @@ def swap_type(tree, rng: random.Random):
 
 
 def mutate_keras(seed: Path, out: Path, rng: random.Random) -> str:
-    if rng.random() < 0.5:
-        data, how = mutate_bytes(seed.read_bytes(), rng)
-        out.write_bytes(data)
+    how = bytes_instead(seed, out, rng, 0.5)
+    if how:
         return how
     with zipfile.ZipFile(seed) as src, zipfile.ZipFile(out, "w") as dst:
         member = rng.choice(("config.json", "config.json", "metadata.json"))
@@ -148,9 +157,8 @@ def mutate_keras(seed: Path, out: Path, rng: random.Random) -> str:
 
 
 def mutate_h5(seed: Path, out: Path, rng: random.Random) -> str:
-    if rng.random() < 0.5:
-        data, how = mutate_bytes(seed.read_bytes(), rng)
-        out.write_bytes(data)
+    how = bytes_instead(seed, out, rng, 0.5)
+    if how:
         return how
     import h5py
 
@@ -164,9 +172,8 @@ def mutate_h5(seed: Path, out: Path, rng: random.Random) -> str:
 def mutate_npz(seed: Path, out: Path, rng: random.Random) -> str:
     import numpy as np
 
-    if rng.random() < 0.4:
-        data, how = mutate_bytes(seed.read_bytes(), rng)
-        out.write_bytes(data)
+    how = bytes_instead(seed, out, rng, 0.4)
+    if how:
         return how
     arrays = dict(np.load(seed))
     key = rng.choice(sorted(arrays))
@@ -185,9 +192,8 @@ def mutate_npz(seed: Path, out: Path, rng: random.Random) -> str:
 def mutate_recipe(seed: Path, out: Path, rng: random.Random) -> str:
     import yaml
 
-    if rng.random() < 0.3:
-        data, how = mutate_bytes(seed.read_bytes(), rng)
-        out.write_bytes(data)
+    how = bytes_instead(seed, out, rng, 0.3)
+    if how:
         return how
     tree, how = swap_type(yaml.safe_load(seed.read_text()), rng)
     out.write_text(yaml.safe_dump(tree))
