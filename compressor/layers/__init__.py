@@ -28,13 +28,6 @@ HANDLERS: tuple[Handler, ...] = (
 _BY_TYPE = {kind: handler for handler in HANDLERS for kind in handler.kinds}
 
 
-def register(handler: Handler) -> None:
-    """Add a handler at run time (e.g. for a tf-keras class defined by the Keras 3 importer)."""
-    global HANDLERS
-    HANDLERS = (*HANDLERS, handler)
-    _BY_TYPE.update({kind: handler for kind in handler.kinds})
-
-
 def handler_for(layer, exact: bool = True) -> Handler | None:
     """The handler of this layer's exact type (or, with exact=False, of its nearest registered base
     class), or None for a type the tool does not know."""
@@ -47,11 +40,6 @@ def handler_for_type(kind: type) -> Handler | None:
     return _BY_TYPE.get(kind)
 
 
-def known_class_names() -> frozenset[str]:
-    """Class names of every registered type (the load-time support list)."""
-    return frozenset(kind.__name__ for kind in _BY_TYPE)
-
-
 def keras3_rebuilder(class_name: str):
     """How the family's handler rebuilds a Keras 3 layer of this class in tf-keras, or None."""
     return next((h.keras3[class_name] for h in HANDLERS if class_name in h.keras3), None)
@@ -62,6 +50,5 @@ def supported_class_names() -> frozenset[str]:
     return frozenset(kind.__name__ for kind, handler in _BY_TYPE.items() if not handler.left_whole)
 
 
-__all__ = ["HANDLERS", "Blocked", "Cut", "Handler", "handler_for", "handler_for_type", "keras3_rebuilder", "known_class_names",
-           "register",
+__all__ = ["HANDLERS", "Blocked", "Cut", "Handler", "handler_for", "handler_for_type", "keras3_rebuilder",
            "supported_class_names"]
