@@ -41,7 +41,10 @@ def _data(name):
 
 
 @pytest.mark.parametrize("name", sorted(RUN))
-def test_family_runs_end_to_end(name, tmp_path):
+def test_family_runs_end_to_end(name, tmp_path, monkeypatch):
+    cwd = tmp_path / "cwd"  # the user's working folder: nothing may be left there
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     arrays = _data(name)
     np.savez(tmp_path / "data.npz", **arrays)
     keras.utils.set_random_seed(0)
@@ -55,6 +58,7 @@ def test_family_runs_end_to_end(name, tmp_path):
     code = main(["run", "--model", str(tmp_path / "model.keras"), "--data", str(tmp_path / "data.npz"),
                  "--recipe", str(tmp_path / "recipe.yaml"), "--out", str(out), "--quiet"])
     assert code == 0
+    assert list(cwd.iterdir()) == []
     report = json.loads((out / "report.json").read_text())
     assert all(v["ok"] for v in report["verification"]), report["verification"]
     shipped = {(r["variant"], r["runtime"]) for r in report["results"]}
