@@ -156,8 +156,9 @@ class Recipe(_Strict):
     targets: list[Target] = Field(list(registry.NAMES), min_length=1,
                                   description="runtimes to ship to; they pick the sparsity pattern")
     stages: list[Stage] = Field(
-        default_factory=lambda: [WeightStage(), ActivationStage(), ClusterStage(), SparseOptStage()], min_length=1,
-        description="applied in this order; default: the source article's weight -> activation -> cluster, then sparse_opt",
+        default_factory=lambda: [WeightStage(), DepthStage(), ActivationStage(), ClusterStage(), SparseOptStage()],
+        min_length=1, description="applied in this order; default: the source article's weight -> activation -> "
+        "cluster with depth (residual blocks) before the width stages, then sparse_opt",
     )
     max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0, description="accuracy budget, as a fraction (0.01 = 1 point)")
     batch_size: int = Field(32, ge=1, le=65536, description="fine-tuning batch size")
