@@ -96,10 +96,10 @@ class DepthStage(_Strict):
     """Remove whole residual blocks (the branch of an identity-skip Add), least important first."""
 
     name: Literal["depth"] = "depth"
-    max_fraction: float = Field(0.5, ge=0.0, le=1.0, description=(
+    max_fraction: float = Field(0.8, ge=0.0, le=1.0, description=(
         "remove at most this fraction of the removable residual blocks (scaled by the stage's amount)"))
     step: int = Field(2, ge=1, le=100, description="blocks removed per step; each step is fine-tuned and checked "
-                      "against the accuracy budget, and the first step over it is undone")
+                      "against the accuracy budget, and a step over it is undone and retried with half as many")
     epochs: int = Field(2, ge=0, le=1000, description="fine-tuning epochs after each step")
     samples: int = Field(256, ge=16, le=100000, description="calibration samples the blocks are scored on")
 

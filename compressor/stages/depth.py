@@ -11,7 +11,8 @@ inverted-residual blocks of MobileNetV2/EfficientNet (their squeeze-excite and S
 Dropout included), ResNet identity blocks, and the attention or FFN sub-blocks of a transformer.
 Each block is scored alone on calibration data by how far the model's output distribution moves
 without it (mean KL divergence; no labels needed); the least important go first, a few per step,
-each step fine-tuned and checked against the accuracy budget, and the first step over it undone.
+each step fine-tuned and checked against the accuracy budget; a step over it is undone and retried
+with half as many blocks, down to one.
 The rebuild edits the functional config: branch layers and the Add are dropped and every reader of
 the Add reads the skip tensor instead, so the smaller model is exact when the branch output is zero.
 """
@@ -172,16 +173,18 @@ def apply(model, cfg: DepthStage, ctx: StageContext, amount: float = 1.0) -> Sta
     x, y = budget_split(ctx.data)
     baseline = ctx.baseline_accuracy if ctx.baseline_accuracy is not None else accuracy(model, x, y)
     current, removed, steps = scoring.copy(model), [], []
-    for start in range(0, limit, cfg.step):
-        chunk = rows[start:min(start + cfg.step, limit)]
+    step = cfg.step
+    while len(removed) < limit and step > 0:
+        chunk = rows[len(removed):min(len(removed) + step, limit)]
         trial = without_blocks(current, [by_add[r["add"]] for r in chunk])
         scoring.finetune(trial, ctx, cfg.epochs, f"depth: fine-tune without {len(removed) + len(chunk)} blocks")
         acc = accuracy(trial, x, y)
         ok = baseline - acc <= ctx.recipe.max_accuracy_drop
         steps.append({"blocks": [r["add"] for r in chunk], "accuracy": acc, "within_budget": ok})
-        if not ok:
-            break  # step back: keep the last model within budget
-        current, removed = trial, removed + chunk
+        if ok:
+            current, removed = trial, removed + chunk
+        else:
+            step = len(chunk) // 2  # step back to the last model within budget, then try fewer blocks
     notes = [f"depth: removed {len(removed)} of {len(blocks)} residual blocks "
              f"({', '.join(r['add'] for r in removed) or 'none'}), least output change (KL) first"
              + (f"; the next step ({', '.join(steps[-1]['blocks'])}) crossed the budget and was undone"
