@@ -141,8 +141,8 @@ def _depth_section(report: dict) -> list[str]:
     if not rows:
         return []
     return ["", "## Depth stage: residual blocks removed (output of the Add = its skip input)", "",
-            "| Add | branch layers | loss increase alone | relative branch norm | MACs removed |", "|---|---|---|---|---|",
-            *[f"| {b['add']} | {len(b['layers'])} ({b['layers'][0]} … {b['layers'][-1]}) | {b['loss_increase']:+.4f} | "
+            "| Add | branch layers | output KL without it alone | relative branch norm | MACs removed |", "|---|---|---|---|---|",
+            *[f"| {b['add']} | {len(b['layers'])} ({b['layers'][0]} … {b['layers'][-1]}) | {b['output_kl']:+.4f} | "
               f"{b['branch_norm']:.3f} | {b['macs']:,} |" for b in rows]]
 
 

@@ -92,7 +92,7 @@ def test_depth_stage_removes_least_important_blocks_within_budget(trained_encode
     baseline = accuracy(model, data.x_test, data.y_test)
     outcome = depth.apply(model, cfg, ctx)
     details = outcome.details
-    scores = [r["loss_increase"] for r in details["candidates"]]
+    scores = [r["output_kl"] for r in details["candidates"]]
     assert scores == sorted(scores) and len(scores) == 4 and details["limit"] == 2
     removed = [r["add"] for r in details["removed_blocks"]]
     assert removed == [r["add"] for r in details["candidates"][:len(removed)]]

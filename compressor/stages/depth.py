@@ -155,7 +155,7 @@ def score_blocks(model, blocks: list[Block], x: np.ndarray) -> list[dict]:
     for block, norm in zip(blocks, norms):
         reduced = _probabilities(without_blocks(model, [block]), x)
         kl = float(np.mean(np.sum(full * (np.log(full) - np.log(reduced)), axis=1)))
-        rows.append({"add": block.add, "layers": list(block.layers), "loss_increase": kl, "branch_norm": norm,
+        rows.append({"add": block.add, "layers": list(block.layers), "output_kl": kl, "branch_norm": norm,
                      "macs": int(sum(macs.get(name, 0) for name in block.layers))})
     return rows
 
@@ -167,7 +167,7 @@ def apply(model, cfg: DepthStage, ctx: StageContext, amount: float = 1.0) -> Sta
                             ["depth: no residual Add whose branch the identity can replace (no identity-skip "
                              "blocks of equal shape); model left as is"])
     x_calib = ctx.data.x_calib[:cfg.samples]
-    rows = sorted(score_blocks(model, blocks, x_calib), key=lambda r: r["loss_increase"])
+    rows = sorted(score_blocks(model, blocks, x_calib), key=lambda r: r["output_kl"])
     by_add = {b.add: b for b in blocks}
     limit = int(np.floor(cfg.max_fraction * amount * len(blocks)))
     x, y = budget_split(ctx.data)
