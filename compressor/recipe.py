@@ -38,6 +38,9 @@ class WeightStage(_Strict):
     prune_last_layer: bool = Field(False, description="also prune the classifier layer (costs accuracy for little size)")
     conv_zeros: bool = Field(False, description=(
         "also zero conv kernels: smaller files only, since LiteRT (XNNPACK on x86) and onnxruntime run them dense"))
+    sequence_zeros: bool = Field(False, description=(
+        "also zero Dense kernels applied per token (input rank >= 3): smaller files only, since LiteRT's sparse "
+        "FULLY_CONNECTED kernel over a token sequence is slower than its dense one"))
 
 
 class ActivationStage(_Strict):
@@ -89,6 +92,18 @@ class SparseOptStage(_Strict):
     finetune_epochs: int = Field(2, ge=0, le=1000, description="fine-tuning epochs after removal")
 
 
+class DepthStage(_Strict):
+    """Remove whole residual blocks (the branch of an identity-skip Add), least important first."""
+
+    name: Literal["depth"] = "depth"
+    max_fraction: float = Field(0.8, ge=0.0, le=1.0, description=(
+        "remove at most this fraction of the removable residual blocks (scaled by the stage's amount)"))
+    step: int = Field(2, ge=1, le=100, description="blocks removed per step; each step is fine-tuned and checked "
+                      "against the accuracy budget, and a step over it is undone and retried with half as many")
+    epochs: int = Field(2, ge=0, le=1000, description="fine-tuning epochs after each step")
+    samples: int = Field(256, ge=16, le=100000, description="calibration samples the blocks are scored on")
+
+
 class Goal(_Strict):
     """What the user wants: a speedup (or a latency) on one runtime; neither = the fastest within budget."""
 
@@ -117,7 +132,7 @@ class SearchStage(_Strict):
         return sorted(values)
 
 
-Stage = Annotated[Union[WeightStage, ActivationStage, ClusterStage, SparseOptStage, SearchStage],
+Stage = Annotated[Union[WeightStage, ActivationStage, ClusterStage, SparseOptStage, SearchStage, DepthStage],
                   Field(discriminator="name")]
 
 
@@ -141,8 +156,9 @@ class Recipe(_Strict):
     targets: list[Target] = Field(list(registry.NAMES), min_length=1,
                                   description="runtimes to ship to; they pick the sparsity pattern")
     stages: list[Stage] = Field(
-        default_factory=lambda: [WeightStage(), ActivationStage(), ClusterStage(), SparseOptStage()], min_length=1,
-        description="applied in this order; default: the source article's weight -> activation -> cluster, then sparse_opt",
+        default_factory=lambda: [WeightStage(), DepthStage(), ActivationStage(), ClusterStage(), SparseOptStage()],
+        min_length=1, description="applied in this order; default: the source article's weight -> activation -> "
+        "cluster with depth (residual blocks) before the width stages, then sparse_opt",
     )
     max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0, description="accuracy budget, as a fraction (0.01 = 1 point)")
     batch_size: int = Field(32, ge=1, le=65536, description="fine-tuning batch size")
@@ -176,7 +192,7 @@ def _describe(err: dict) -> str:
     value = err.get("input")
     msg = err["msg"]
     if err["type"] == "union_tag_invalid" or "tag" in err["type"]:
-        msg = "unknown stage; allowed: weight, activation, cluster, sparse_opt, search"
+        msg = "unknown stage; allowed: weight, activation, cluster, sparse_opt, search, depth"
     return f"recipe field '{where}' = {value!r}: {msg}"
 
 
