@@ -225,7 +225,7 @@ def apply(model, cfg: SearchStage, ctx: StageContext, amount: float = 1.0) -> St
     search.run(points, goal)
     _correct_to_goal(search, start, goal, cfg)
     measured = _measure(start, search, cfg)
-    best, notes = _choose(search.rows, goal, cfg)
+    best, notes = _choose(search.rows, goal, cfg, _target_runtimes(ctx))
     if not search.rows:
         notes.append(f"search: not reachable on {cfg.goal.runtime}: the latency table predicts no gain from narrower "
                      "layers (fixed per-op cost dominates); model left unchanged")
@@ -268,10 +268,29 @@ def _measure(dense, search: _Search, cfg: SearchStage) -> list[dict]:
     return checks
 
 
-def _choose(rows: list[dict], goal: float | None, cfg: SearchStage) -> tuple[int | None, list[str]]:
-    """The goal point if it is within budget, else (and without a goal) the fastest measured one."""
+def _target_runtimes(ctx: StageContext) -> tuple[str, ...]:
+    """The runtimes the recipe ships to (a search without a speed goal is fastest on these together)."""
+    from exporters.targets import selected
+
+    wanted = {t.runtime for t in selected(ctx.recipe.targets)}
+    return tuple(rt for rt in RUNTIMES if rt in wanted) or RUNTIMES
+
+
+def _fastest(rows: list[dict], good: list[int], runtimes: tuple[str, ...]) -> int | None:
+    """The point with the highest geometric-mean measured speedup over `runtimes`."""
+    def score(i: int) -> float:
+        return float(np.mean([math.log(rows[i]["measured_speedup"][rt]) for rt in runtimes]))
+    return max(good, key=score) if good else None
+
+
+def _choose(rows: list[dict], goal: float | None, cfg: SearchStage,
+            runtimes: tuple[str, ...] | None = None) -> tuple[int | None, list[str]]:
+    """The goal point if it is within budget, else the fastest measured one: on the goal's runtime
+    when there is a goal, else on the recipe's target runtimes together."""
     runtime = cfg.goal.runtime
     good = [i for i, r in enumerate(rows) if r["within_budget"]]
+    if goal is None:
+        return _fastest(rows, good, runtimes or (runtime,)), []
     if goal is not None:
         hit = [i for i in good if rows[i]["reached"] and not rows[i].get("superseded")
                and (abs(rows[i]["goal_speedup"] - round(goal, 3)) < 1e-6 or rows[i].get("corrected_for_goal"))]
