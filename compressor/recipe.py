@@ -153,6 +153,8 @@ class Recipe(_Strict):
     seed: int = Field(0, ge=0, description="makes masks and files reproducible")
     round_units: int = Field(8, ge=1, le=256, description="keep widths narrowed by structured stages at a multiple "
                              "of this: stages remove fewer units to get there (CPU kernels slow down on odd widths)")
+    keep_frontier: bool = Field(False, description="also write the search's other operating points' float files "
+                                "to frontier/<point>/")
     compact_onnx: bool = Field(True, description="store pruned ONNX initializers as sparse_initializer")
     bench: BenchSettings = Field(default_factory=BenchSettings)
 

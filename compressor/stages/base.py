@@ -27,3 +27,4 @@ class StageOutcome:
     model: object
     details: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    points: dict = field(default_factory=dict)  # frontier label -> fine-tuned model (written by --keep-frontier)

@@ -244,7 +244,13 @@ def apply(model, cfg: SearchStage, ctx: StageContext, amount: float = 1.0) -> St
                "chosen": best, "widths": row["widths"], "frontier": search.rows, "latency_model": measured,
                "tables": {rt: {"path": str(lm.table.path), "entries": lm.entries, "measured_now": lm.table.measured}
                           for rt, lm in lms.items()}}
-    return StageOutcome(search.models[best], details, notes)
+    points = {point_label(i, r): m for i, (r, m) in enumerate(zip(search.rows, search.models)) if i != best}
+    return StageOutcome(search.models[best], details, notes, points)
+
+
+def point_label(index: int, row: dict) -> str:
+    """Folder name of a frontier point: its index and predicted speedup (unique, sortable)."""
+    return f"point{index}-{row['predicted_speedup']:.2f}x"
 
 
 def _measure(dense, search: _Search, cfg: SearchStage) -> list[dict]:
