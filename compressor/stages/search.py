@@ -138,7 +138,7 @@ class _Search:
         self.cfg, self.ctx, self.lms, self.units, self.floor, self.xy = cfg, ctx, lms, units, floor, xy
         self.lm = lms[cfg.goal.runtime]
         self.dense_ms = self.lm.predict()
-        self.rows, self.models, self.states = [], [], []
+        self.rows, self.models, self.states, self.seen = [], [], [], {}
         self.good = (1.0, model, {})  # (speedup, fine-tuned model, units removed per group)
 
     def visit(self, speedup: float) -> bool:
@@ -150,8 +150,11 @@ class _Search:
                          max(1, self.ctx.recipe.round_units))
         if not any(extra.values()):
             return False
-        model = _shrink(importance, extra, self.cfg, self.ctx, f"search: fine-tune at {speedup:.2f}x")
         total = _add(removed, extra)
+        key = tuple(sorted(total.items()))
+        if key in self.seen:  # same widths as a visited point (flat table): its verdict, no second fine-tune
+            return self.seen[key]
+        model = _shrink(importance, extra, self.cfg, self.ctx, f"search: fine-tune at {speedup:.2f}x")
         acc = accuracy(model, *self.xy)
         ok = self.floor - acc <= self.ctx.recipe.max_accuracy_drop  # the pipeline's own test, same rounding
         predicted = self.dense_ms / self.lm.predict(total)
@@ -164,6 +167,7 @@ class _Search:
         self.models.append(model)
         self.states.append((speedup, model, total))
         _log(self.ctx, f"search: {speedup:.2f}x predicted -> accuracy {acc:.4f} ({'within' if ok else 'over'} budget)")
+        self.seen[key] = ok
         if ok:
             self.good = (speedup, model, total)
         return ok
@@ -205,7 +209,10 @@ def _correct_to_goal(search: _Search, dense, goal: float | None, cfg: SearchStag
         _log(search.ctx, f"search: measured {actual:.2f}x for a {goal:.2f}x goal; aiming the prediction at {aim:.2f}x")
         search.good = search.states[i]
         search.rows[i]["superseded"] = True  # measured short of the goal
+        before = len(search.rows)
         ok = search.visit(aim)
+        if len(search.rows) == before:
+            return  # the aimed allocation gives widths already visited: nothing new to offer
         search.rows[-1]["corrected_for_goal"] = True  # this point now stands for the goal
         if not ok:
             return
