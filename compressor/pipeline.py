@@ -34,7 +34,7 @@ def run_stages(model: keras.Model, recipe: Recipe, data: Dataset, reporter: Repo
     `points` (when given) collects the search's other frontier models, label -> model."""
     budget_x, budget_y = budget_split(data)
     ctx = StageContext(recipe=recipe, data=data, epoch_progress=reporter.epoch_callback, log=reporter.step,
-                       baseline_accuracy=baseline_accuracy)
+                       baseline_accuracy=baseline_accuracy, dense_model=model)
     records = []
     current = model
     for index, cfg in enumerate(recipe.stages):

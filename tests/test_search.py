@@ -147,3 +147,14 @@ def test_keep_frontier_writes_each_other_point_and_names_its_files(tmp_path):
     assert all((tmp_path / f).stat().st_size > 0 for f in files[label])
     lifted = _search_results([{"name": "search", "details": {"frontier": rows, "chosen": 1}}], files)
     assert lifted["frontier"][0]["files"] == files[label] and lifted["frontier"][1]["files"] == ["pruned.keras"]
+
+
+def test_a_speedup_goal_counts_from_the_model_before_any_stage(digits):
+    """Earlier stages that already made the model faster than the goal leave the search nothing to do."""
+    wide, narrow = _mlp(1024), _mlp(8)
+    ctx = StageContext(recipe=parse_recipe({"stages": [{"name": "search"}]}), data=digits, dense_model=wide)
+    cfg = parse_recipe({"stages": [{"name": "search", "goal": {"speedup": 1.2}}]}).stages[0]
+    kept, note = search._relative_goal(cfg, ctx, narrow, narrow)
+    assert kept is None and "already measured" in note and "\n" not in note
+    same, none = search._relative_goal(cfg, StageContext(recipe=ctx.recipe, data=digits, dense_model=narrow), narrow, narrow)
+    assert same is cfg and none is None  # the search is the first stage: the goal is its own

@@ -224,6 +224,9 @@ def apply(model, cfg: SearchStage, ctx: StageContext, amount: float = 1.0) -> St
     groups = scoring.groups(start, observable=True)
     if not groups:
         return StageOutcome(start, {"removed": 0, "frontier": []}, ["search: no prunable Dense/Conv layers"])
+    cfg, goal_note = _relative_goal(cfg, ctx, model, start)
+    if cfg is None:
+        return StageOutcome(start, {"removed": 0, "frontier": []}, [goal_note])
     units = {g.name: g.units for g in groups}
     members = {g.name: len(g.members) for g in groups}
     lms = _tables(start, list(units), cfg, ctx)
@@ -239,6 +242,7 @@ def apply(model, cfg: SearchStage, ctx: StageContext, amount: float = 1.0) -> St
     elif best is None:
         notes.append(f"search: no operating point stayed within the {ctx.recipe.max_accuracy_drop:.2%} budget; "
                      "model left unchanged")
+    notes += [goal_note] if goal_note else []
     if best is None:
         return StageOutcome(start, {"removed": 0, "frontier": search.rows, "latency_model": measured}, notes)
     row = search.rows[best]
@@ -258,6 +262,27 @@ def apply(model, cfg: SearchStage, ctx: StageContext, amount: float = 1.0) -> St
 def point_label(index: int, row: dict) -> str:
     """Folder name of a frontier point: its index and predicted speedup (unique, sortable)."""
     return f"point{index}-{row['predicted_speedup']:.2f}x"
+
+
+def _relative_goal(cfg: SearchStage, ctx: StageContext, model, start) -> tuple[SearchStage | None, str | None]:
+    """A speedup goal counts from the model before any stage: earlier stages already bought part of it,
+    so the search aims at the rest (None: the goal is already met, the search keeps the model)."""
+    dense = ctx.dense_model
+    if cfg.goal.speedup is None or dense is None or dense is model:
+        return cfg, None
+    runtime = cfg.goal.runtime
+    p50 = measure_models({"dense": dense, "start": start}, runtime, cfg.goal.batch)
+    done = p50["dense"] / p50["start"]
+    if done < 1.05:
+        return cfg, None
+    rest = cfg.goal.speedup / done
+    if rest <= 1.0:
+        return None, (f"search: earlier stages already measured {done:.2f}x on {runtime}, meeting the "
+                      f"{cfg.goal.speedup:.2f}x goal; model left as they made it")
+    goal = cfg.goal.model_copy(update={"speedup": rest})
+    return cfg.model_copy(update={"goal": goal}), (
+        f"search: earlier stages measured {done:.2f}x on {runtime}; the search aimed at the remaining {rest:.2f}x "
+        f"of the {cfg.goal.speedup:.2f}x goal (its speedups count from the model it was given)")
 
 
 def _measure(dense, search: _Search, cfg: SearchStage) -> list[dict]:
