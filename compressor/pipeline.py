@@ -29,11 +29,12 @@ def _stage_module(name: str):
 
 
 def run_stages(model: keras.Model, recipe: Recipe, data: Dataset, reporter: Reporter,
-               baseline_accuracy: float) -> tuple[keras.Model, list[dict]]:
-    """Apply the recipe's stages in order; a stage that crosses the budget is retried with less."""
+               baseline_accuracy: float, points: dict | None = None) -> tuple[keras.Model, list[dict]]:
+    """Apply the recipe's stages in order; a stage that crosses the budget is retried with less.
+    `points` (when given) collects the search's other frontier models, label -> model."""
     budget_x, budget_y = budget_split(data)
     ctx = StageContext(recipe=recipe, data=data, epoch_progress=reporter.epoch_callback, log=reporter.step,
-                       baseline_accuracy=baseline_accuracy)
+                       baseline_accuracy=baseline_accuracy, dense_model=model)
     records = []
     current = model
     for index, cfg in enumerate(recipe.stages):
@@ -65,6 +66,8 @@ def run_stages(model: keras.Model, recipe: Recipe, data: Dataset, reporter: Repo
         else:
             amount, outcome, acc = chosen
             outcome_model, details = outcome.model, outcome.details
+            if points is not None:
+                points.update(outcome.points)
             notes.extend(outcome.notes)
             if amount < 1.0:
                 notes.append(f"{cfg.name}: backed off to {amount:.0%} of the recipe's amount to stay within budget")
@@ -139,8 +142,10 @@ def compress(model: keras.Model, data: Dataset, recipe: Recipe, out: str | Path,
     baseline_acc = accuracy(dense, data.x_test, data.y_test)
     reporter.step(f"dense baseline: test accuracy {baseline_acc:.4f}")
 
-    pruned, stage_records = run_stages(dense, recipe, data, reporter, accuracy(dense, *(budget_split(data))))
+    points = {} if recipe.keep_frontier else None
+    pruned, stage_records = run_stages(dense, recipe, data, reporter, accuracy(dense, *(budget_split(data))), points)
     save_model_atomic(pruned, out / "pruned.keras")
+    frontier_files = ship.export_points(points or {}, recipe, out / "frontier", reporter)
     shipped = ship.export_all(dense, pruned, recipe, data, out, reporter, flops=(model_macs(dense), model_macs(pruned)))
     verification = ship.verify_all(shipped, data.x_test, reporter)
     execution = _execution_table(shipped.artifacts)
@@ -166,7 +171,7 @@ def compress(model: keras.Model, data: Dataset, recipe: Recipe, out: str | Path,
         "int8": shipped.int8,
         "int8_notes": int8_notes,
         "target_notes": shipped.notes,
-        **_search_results(stage_records),
+        **_search_results(stage_records, frontier_files),
     }
     write_reports(report, out, correct)
     reporter.step("report written (report.md, report.json)")
@@ -177,12 +182,22 @@ def compress(model: keras.Model, data: Dataset, recipe: Recipe, out: str | Path,
     return report
 
 
-def _search_results(stage_records: list[dict]) -> dict:
-    """The search stage's operating points and latency-model check, lifted to report.json's top level."""
+def _search_results(stage_records: list[dict], files: dict[str, list[str]]) -> dict:
+    """The search stage's operating points and latency-model check, lifted to report.json's top level;
+    each kept point's row names its files (relative to the output folder)."""
+    from compressor.stages.search import point_label
+
     search = next((r for r in stage_records if r["name"] == "search" and r["details"].get("frontier")), None)
     if search is None:
         return {}
-    return {"frontier": search["details"]["frontier"], "latency_model": search["details"].get("latency_model", [])}
+    frontier = search["details"]["frontier"]
+    for i, row in enumerate(frontier):
+        row["point"] = point_label(i, row)
+        if row["point"] in files:
+            row["files"] = files[row["point"]]
+        elif i == search["details"].get("chosen"):
+            row["files"] = ["pruned.keras"]  # the shipped point: the top-level files
+    return {"frontier": frontier, "latency_model": search["details"].get("latency_model", [])}
 
 
 def _execution_table(artifacts) -> list[dict]:

@@ -117,7 +117,8 @@ class SearchStage(_Strict):
     """Per-layer widths chosen against latency measured on the runtime and the accuracy budget."""
 
     name: Literal["search"] = "search"
-    goal: Goal = Field(default_factory=Goal)
+    goal: Goal = Field(default_factory=Goal, description="speed goal; no speedup/latency_ms = fastest within budget "
+                       "on the targets' runtimes (runtime then only sets the table the allocation follows)")
     criterion: CriterionName = Field("taylor", description="unit importance, one of compressor/criteria's names")
     epochs: int = Field(2, ge=0, le=1000, description="fine-tuning epochs after each operating point")
     points: list[float] = Field([2.0, 4.0, 8.0], min_length=0, description="frontier speedups (predicted) to visit")
@@ -156,9 +157,12 @@ class Recipe(_Strict):
     targets: list[Target] = Field(list(registry.NAMES), min_length=1,
                                   description="runtimes to ship to; they pick the sparsity pattern")
     stages: list[Stage] = Field(
-        default_factory=lambda: [WeightStage(), DepthStage(), ActivationStage(), ClusterStage(), SparseOptStage()],
-        min_length=1, description="applied in this order; default: the source article's weight -> activation -> "
-        "cluster with depth (residual blocks) before the width stages, then sparse_opt",
+        default_factory=lambda: [WeightStage(), DepthStage(), ActivationStage(), ClusterStage(), SparseOptStage(),
+                                 SearchStage()],
+        min_length=1,
+        description="applied in this order; default: the source article's weight -> activation -> cluster with "
+        "depth (residual blocks) before the width stages, then sparse_opt, then a search for the fastest widths "
+        "within the budget",
     )
     max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0, description="accuracy budget, as a fraction (0.01 = 1 point)")
     batch_size: int = Field(32, ge=1, le=65536, description="fine-tuning batch size")
@@ -166,6 +170,8 @@ class Recipe(_Strict):
     seed: int = Field(0, ge=0, description="makes masks and files reproducible")
     round_units: int = Field(8, ge=1, le=256, description="keep widths narrowed by structured stages at a multiple "
                              "of this: stages remove fewer units to get there (CPU kernels slow down on odd widths)")
+    keep_frontier: bool = Field(False, description="also write the search's other operating points' float files "
+                                "to frontier/<point>/")
     compact_onnx: bool = Field(True, description="store pruned ONNX initializers as sparse_initializer")
     bench: BenchSettings = Field(default_factory=BenchSettings)
 
@@ -243,7 +249,8 @@ def with_goal(recipe: Recipe, speedup: float | None = None, runtime: str | None 
 
 def default_recipe() -> Recipe:
     """The built-in fusion recipe: the source article's order weight -> activation -> cluster, then
-    sparse-optimisation, which removes most of the units on the measured MLP and CNN."""
+    sparse-optimisation, then the search: the stages pick which units look idle and hold their zeros,
+    the search (no speed goal) narrows further to the fastest point measured within the budget."""
     return Recipe()
 
 
@@ -267,6 +274,8 @@ def example_yaml() -> str:
 
 
 def _example_line(name: str, value, description: str | None, indent: str) -> str:
+    if isinstance(value, BaseModel):
+        value = value.model_dump()  # nested settings (the search's goal) as a flow mapping
     text = yaml.safe_dump({name: value}, default_flow_style=True, width=200).strip()[1:-1]
     text = f"{indent}{text}"
     return f"{text:<25} # {description}" if description else text

@@ -19,6 +19,7 @@ class StageContext:
     data: Dataset
     epoch_progress: Callable[[str, int], object] | None = None  # (label, epochs) -> keras callback or None
     log: Callable[[str], None] | None = None  # progress lines of long stages (the search's steps)
+    dense_model: object | None = None  # the model before any stage (a speed goal counts from it)
     baseline_accuracy: float | None = None  # dense accuracy on the budget split (goal-driven stages step back by it)
 
 
@@ -27,3 +28,4 @@ class StageOutcome:
     model: object
     details: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    points: dict = field(default_factory=dict)  # frontier label -> fine-tuned model (written by --keep-frontier)

@@ -138,7 +138,7 @@ class _Search:
         self.cfg, self.ctx, self.lms, self.units, self.floor, self.xy = cfg, ctx, lms, units, floor, xy
         self.lm = lms[cfg.goal.runtime]
         self.dense_ms = self.lm.predict()
-        self.rows, self.models, self.states = [], [], []
+        self.rows, self.models, self.states, self.seen = [], [], [], {}
         self.good = (1.0, model, {})  # (speedup, fine-tuned model, units removed per group)
 
     def visit(self, speedup: float) -> bool:
@@ -150,8 +150,11 @@ class _Search:
                          max(1, self.ctx.recipe.round_units))
         if not any(extra.values()):
             return False
-        model = _shrink(importance, extra, self.cfg, self.ctx, f"search: fine-tune at {speedup:.2f}x")
         total = _add(removed, extra)
+        key = tuple(sorted(total.items()))
+        if key in self.seen:  # same widths as a visited point (flat table): its verdict, no second fine-tune
+            return self.seen[key]
+        model = _shrink(importance, extra, self.cfg, self.ctx, f"search: fine-tune at {speedup:.2f}x")
         acc = accuracy(model, *self.xy)
         ok = self.floor - acc <= self.ctx.recipe.max_accuracy_drop  # the pipeline's own test, same rounding
         predicted = self.dense_ms / self.lm.predict(total)
@@ -164,6 +167,7 @@ class _Search:
         self.models.append(model)
         self.states.append((speedup, model, total))
         _log(self.ctx, f"search: {speedup:.2f}x predicted -> accuracy {acc:.4f} ({'within' if ok else 'over'} budget)")
+        self.seen[key] = ok
         if ok:
             self.good = (speedup, model, total)
         return ok
@@ -205,7 +209,10 @@ def _correct_to_goal(search: _Search, dense, goal: float | None, cfg: SearchStag
         _log(search.ctx, f"search: measured {actual:.2f}x for a {goal:.2f}x goal; aiming the prediction at {aim:.2f}x")
         search.good = search.states[i]
         search.rows[i]["superseded"] = True  # measured short of the goal
+        before = len(search.rows)
         ok = search.visit(aim)
+        if len(search.rows) == before:
+            return  # the aimed allocation gives widths already visited: nothing new to offer
         search.rows[-1]["corrected_for_goal"] = True  # this point now stands for the goal
         if not ok:
             return
@@ -217,6 +224,9 @@ def apply(model, cfg: SearchStage, ctx: StageContext, amount: float = 1.0) -> St
     groups = scoring.groups(start, observable=True)
     if not groups:
         return StageOutcome(start, {"removed": 0, "frontier": []}, ["search: no prunable Dense/Conv layers"])
+    cfg, goal_note = _relative_goal(cfg, ctx, model, start)
+    if cfg is None:
+        return StageOutcome(start, {"removed": 0, "frontier": []}, [goal_note])
     units = {g.name: g.units for g in groups}
     members = {g.name: len(g.members) for g in groups}
     lms = _tables(start, list(units), cfg, ctx)
@@ -225,13 +235,14 @@ def apply(model, cfg: SearchStage, ctx: StageContext, amount: float = 1.0) -> St
     search.run(points, goal)
     _correct_to_goal(search, start, goal, cfg)
     measured = _measure(start, search, cfg)
-    best, notes = _choose(search.rows, goal, cfg)
+    best, notes = _choose(search.rows, goal, cfg, _target_runtimes(ctx))
     if not search.rows:
         notes.append(f"search: not reachable on {cfg.goal.runtime}: the latency table predicts no gain from narrower "
                      "layers (fixed per-op cost dominates); model left unchanged")
     elif best is None:
         notes.append(f"search: no operating point stayed within the {ctx.recipe.max_accuracy_drop:.2%} budget; "
                      "model left unchanged")
+    notes += [goal_note] if goal_note else []
     if best is None:
         return StageOutcome(start, {"removed": 0, "frontier": search.rows, "latency_model": measured}, notes)
     row = search.rows[best]
@@ -244,7 +255,34 @@ def apply(model, cfg: SearchStage, ctx: StageContext, amount: float = 1.0) -> St
                "chosen": best, "widths": row["widths"], "frontier": search.rows, "latency_model": measured,
                "tables": {rt: {"path": str(lm.table.path), "entries": lm.entries, "measured_now": lm.table.measured}
                           for rt, lm in lms.items()}}
-    return StageOutcome(search.models[best], details, notes)
+    points = {point_label(i, r): m for i, (r, m) in enumerate(zip(search.rows, search.models)) if i != best}
+    return StageOutcome(search.models[best], details, notes, points)
+
+
+def point_label(index: int, row: dict) -> str:
+    """Folder name of a frontier point: its index and predicted speedup (unique, sortable)."""
+    return f"point{index}-{row['predicted_speedup']:.2f}x"
+
+
+def _relative_goal(cfg: SearchStage, ctx: StageContext, model, start) -> tuple[SearchStage | None, str | None]:
+    """A speedup goal counts from the model before any stage: earlier stages already bought part of it,
+    so the search aims at the rest (None: the goal is already met, the search keeps the model)."""
+    dense = ctx.dense_model
+    if cfg.goal.speedup is None or dense is None or dense is model:
+        return cfg, None
+    runtime = cfg.goal.runtime
+    p50 = measure_models({"dense": dense, "start": start}, runtime, cfg.goal.batch)
+    done = p50["dense"] / p50["start"]
+    if done < 1.05:
+        return cfg, None
+    rest = cfg.goal.speedup / done
+    if rest <= 1.0:
+        return None, (f"search: earlier stages already measured {done:.2f}x on {runtime}, meeting the "
+                      f"{cfg.goal.speedup:.2f}x goal; model left as they made it")
+    goal = cfg.goal.model_copy(update={"speedup": rest})
+    return cfg.model_copy(update={"goal": goal}), (
+        f"search: earlier stages measured {done:.2f}x on {runtime}; the search aimed at the remaining {rest:.2f}x "
+        f"of the {cfg.goal.speedup:.2f}x goal (its speedups count from the model it was given)")
 
 
 def _measure(dense, search: _Search, cfg: SearchStage) -> list[dict]:
@@ -268,10 +306,29 @@ def _measure(dense, search: _Search, cfg: SearchStage) -> list[dict]:
     return checks
 
 
-def _choose(rows: list[dict], goal: float | None, cfg: SearchStage) -> tuple[int | None, list[str]]:
-    """The goal point if it is within budget, else (and without a goal) the fastest measured one."""
+def _target_runtimes(ctx: StageContext) -> tuple[str, ...]:
+    """The runtimes the recipe ships to (a search without a speed goal is fastest on these together)."""
+    from exporters.targets import selected
+
+    wanted = {t.runtime for t in selected(ctx.recipe.targets)}
+    return tuple(rt for rt in RUNTIMES if rt in wanted) or RUNTIMES
+
+
+def _fastest(rows: list[dict], good: list[int], runtimes: tuple[str, ...]) -> int | None:
+    """The point with the highest geometric-mean measured speedup over `runtimes`."""
+    def score(i: int) -> float:
+        return float(np.mean([math.log(rows[i]["measured_speedup"][rt]) for rt in runtimes]))
+    return max(good, key=score) if good else None
+
+
+def _choose(rows: list[dict], goal: float | None, cfg: SearchStage,
+            runtimes: tuple[str, ...] | None = None) -> tuple[int | None, list[str]]:
+    """The goal point if it is within budget, else the fastest measured one: on the goal's runtime
+    when there is a goal, else on the recipe's target runtimes together."""
     runtime = cfg.goal.runtime
     good = [i for i, r in enumerate(rows) if r["within_budget"]]
+    if goal is None:
+        return _fastest(rows, good, runtimes or (runtime,)), []
     if goal is not None:
         hit = [i for i in good if rows[i]["reached"] and not rows[i].get("superseded")
                and (abs(rows[i]["goal_speedup"] - round(goal, 3)) < 1e-6 or rows[i].get("corrected_for_goal"))]
