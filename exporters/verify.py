@@ -40,28 +40,37 @@ def align_to_kernel(values: np.ndarray, kernel: np.ndarray) -> tuple[np.ndarray 
     """`values` (a stored tensor, in the converter's layout) rearranged to the Keras kernel's layout.
 
     Converters transpose kernels (TFLite OHWI, ONNX OIHW, FULLY_CONNECTED out x in) and add or drop
-    unit axes; the axis permutation whose shape fits and whose values correlate best with the
-    kernel is taken. Returns (aligned values or None, |correlation|).
+    unit axes; the axis permutation whose shape fits and whose values match the kernel best is
+    taken. Returns (aligned values or None, match score in [0, 1], see `_channel_match`).
     """
     target = _squeezed(kernel.shape)
     squeezed = values.reshape(_squeezed(values.shape))
-    flat_k = kernel.reshape(-1).astype(np.float64)
     best, best_score = None, -1.0
     for perm in itertools.permutations(range(squeezed.ndim)):
         if tuple(squeezed.shape[p] for p in perm) != target:
             continue
-        cand = squeezed.transpose(perm).reshape(-1).astype(np.float64)
-        score = _correlation(cand, flat_k)
+        cand = squeezed.transpose(perm).reshape(kernel.shape)
+        score = _channel_match(cand, kernel)
         if score > best_score:
-            best, best_score = cand.reshape(kernel.shape), score
+            best, best_score = cand, score
     return best, best_score
 
 
-def _correlation(a: np.ndarray, b: np.ndarray) -> float:
-    sa, sb = a.std(), b.std()
-    if sa == 0 or sb == 0:
+def _channel_match(stored: np.ndarray, kernel: np.ndarray) -> float:
+    """Mean |cosine| between stored and Keras weights per output channel (the last Keras axis).
+
+    A converter scales each output channel on its own (BatchNorm folding, per-channel int8 scales,
+    a negative gamma flips the sign), which leaves a whole-tensor correlation near zero for the right
+    tensor (MobileNetV2's projection convs: 0.04) and lets a same-sized wrong one win; the cosine of
+    each channel is untouched by such scaling, ~1 for the right tensor and ~0 for any other.
+    """
+    s = stored.reshape(-1, kernel.shape[-1]).astype(np.float64)
+    k = kernel.reshape(-1, kernel.shape[-1]).astype(np.float64)
+    norms = np.linalg.norm(s, axis=0) * np.linalg.norm(k, axis=0)
+    live = norms > 0
+    if not live.any():
         return 0.0
-    return float(abs(np.mean((a - a.mean()) * (b - b.mean())) / (sa * sb)))
+    return float(np.mean(np.abs(np.sum(s * k, axis=0)[live]) / norms[live]))
 
 
 def pair_kernels(path: str | Path, kernels: list[np.ndarray]) -> list[tuple[np.ndarray, object]]:
@@ -69,8 +78,9 @@ def pair_kernels(path: str | Path, kernels: list[np.ndarray]) -> list[tuple[np.n
 
     Converters add constants of their own (e.g. an LSTM's zero initial state) and transpose or
     reshape kernels, so each Keras kernel is paired with an unused stored weight of the same
-    number of elements, the best-correlated one when several fit (repeated blocks); stored
-    tensors without a Keras kernel are not counted.
+    number of elements, the best-matching one per output channel when several fit (repeated blocks,
+    an expand and a projection conv of transposed shapes); stored tensors without a Keras kernel are
+    not counted.
     """
     weights = [t for t in stored_weights(path) if is_weight(t)]
     stored = [t for t in weights if len(t.shape) >= 2] + [t for t in weights if len(t.shape) < 2]
@@ -91,6 +101,22 @@ def _levels(t) -> np.ndarray:
     return t.levels() if t.quantized else t.values
 
 
+def _rounding_consistent(w: np.ndarray, q: np.ndarray) -> bool:
+    """Whether each output channel has one scale r under which every kept weight rounds to its stored
+    level (|w| r within EDGE_BAND of |q| +- 0.5). The fitted ratio of a channel stored only as levels
+    0 and +-1 is off by tens of percent (mlp-1024's dynamic int8: 283 for a true 234), so a fitted
+    scale alone would call a correct rounding zero "gained"; the interval of admissible scales is exact.
+    """
+    a, m = np.abs(w), np.abs(q)
+    kept = a > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        low = np.where(kept, np.maximum(m - ROUNDING_EDGE - EDGE_BAND, 0.0) / a, 0.0)
+        high = np.where(kept, (m + ROUNDING_EDGE + EDGE_BAND) / a, np.inf)
+    signs = np.sign(w) * np.sign(q)
+    flipped = np.any(signs > 0, axis=0) & np.any(signs < 0, axis=0)  # a scale has one sign per channel
+    return bool(np.all(low.max(axis=0) <= high.min(axis=0)) and not flipped.any())
+
+
 def int8_zero_check(kernel: np.ndarray, stored) -> dict:
     """Zeros of one int8 kernel: Keras zeros, rounding zeros under the file's own scales, and the
     zeros lost (a pruned weight stored non-zero) or gained (a weight far from rounding stored as 0)."""
@@ -103,6 +129,9 @@ def int8_zero_check(kernel: np.ndarray, stored) -> dict:
     file_zero = levels == 0
     w = kernel.reshape(-1, kernel.shape[-1]).astype(np.float64)
     q = levels.reshape(-1, kernel.shape[-1]).astype(np.float64)
+    if _rounding_consistent(w, q):  # some scale per channel rounds every kept weight to what is stored
+        return {"expected": int(file_zero.sum()), "lost": int((keras_zero & ~file_zero).sum()), "gained": 0,
+                "kept": 0}
     den = np.sum(w * w, axis=0)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.abs(np.sum(q * w, axis=0) / den)
