@@ -7,11 +7,12 @@ really stored in the file (decoded from the file, never by looking at Keras agai
 int8 files hold more zeros than Keras: weights that round to zero. Which ones depends on the
 converter (BatchNorm folded into the conv kernel, per-channel or per-tensor scales, 7-bit
 `reduce_range`, scales widened to keep the bias in int32), so no prediction made from the Keras
-weights alone holds for every scheme. Instead each stored kernel is laid over its Keras kernel
-element by element and the file's own scale is measured per output channel (the least-squares
-ratio of stored levels to Keras weights, which folding a per-channel BatchNorm does not disturb).
-A file fails only when it lost a pruned zero, or stores a zero where the weight is far from
-rounding to zero under that scale: a mismatch means a pruned weight was lost or gained.
+weights alone holds for every scheme. Instead each stored kernel is paired with its Keras kernel by
+how well they match per output channel (converters scale each channel on its own), laid over it
+element by element, and a channel is accepted when one scale rounds every kept weight to its stored
+level. Only a channel with no such scale is judged by its least-squares scale. A file fails when it
+lost a pruned zero, or stores a zero where the weight is far from rounding to zero: a mismatch
+means a pruned weight was lost or gained, not a rounding disagreement.
 """
 from __future__ import annotations
 
@@ -101,8 +102,8 @@ def _levels(t) -> np.ndarray:
     return t.levels() if t.quantized else t.values
 
 
-def _rounding_consistent(w: np.ndarray, q: np.ndarray) -> bool:
-    """Whether each output channel has one scale r under which every kept weight rounds to its stored
+def _rounding_consistent(w: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Per output channel: whether it has one scale r under which every kept weight rounds to its stored
     level (|w| r within EDGE_BAND of |q| +- 0.5). The fitted ratio of a channel stored only as levels
     0 and +-1 is off by tens of percent (mlp-1024's dynamic int8: 283 for a true 234), so a fitted
     scale alone would call a correct rounding zero "gained"; the interval of admissible scales is exact.
@@ -114,7 +115,7 @@ def _rounding_consistent(w: np.ndarray, q: np.ndarray) -> bool:
         high = np.where(kept, (m + ROUNDING_EDGE + EDGE_BAND) / a, np.inf)
     signs = np.sign(w) * np.sign(q)
     flipped = np.any(signs > 0, axis=0) & np.any(signs < 0, axis=0)  # a scale has one sign per channel
-    return bool(np.all(low.max(axis=0) <= high.min(axis=0)) and not flipped.any())
+    return (low.max(axis=0) <= high.min(axis=0)) & ~flipped
 
 
 def int8_zero_check(kernel: np.ndarray, stored) -> dict:
@@ -129,9 +130,7 @@ def int8_zero_check(kernel: np.ndarray, stored) -> dict:
     file_zero = levels == 0
     w = kernel.reshape(-1, kernel.shape[-1]).astype(np.float64)
     q = levels.reshape(-1, kernel.shape[-1]).astype(np.float64)
-    if _rounding_consistent(w, q):  # some scale per channel rounds every kept weight to what is stored
-        return {"expected": int(file_zero.sum()), "lost": int((keras_zero & ~file_zero).sum()), "gained": 0,
-                "kept": 0}
+    consistent = _rounding_consistent(w, q)  # channels where one scale rounds every kept weight as stored
     den = np.sum(w * w, axis=0)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.abs(np.sum(q * w, axis=0) / den)
@@ -139,8 +138,8 @@ def int8_zero_check(kernel: np.ndarray, stored) -> dict:
     fill = float(np.median(ratio[known])) if known.any() else 0.0
     ratio = np.where(known, ratio, fill)  # an all-zero stored channel: the tensor's typical scale
     magnitude = (np.abs(w) * ratio).reshape(kernel.shape)  # |level| each weight quantizes to
-    rounds = ~keras_zero & (magnitude < ROUNDING_EDGE - EDGE_BAND)
-    edge = ~keras_zero & (np.abs(magnitude - ROUNDING_EDGE) <= EDGE_BAND)
+    rounds = ~keras_zero & (magnitude < ROUNDING_EDGE - EDGE_BAND) & ~consistent
+    edge = ~keras_zero & ((np.abs(magnitude - ROUNDING_EDGE) <= EDGE_BAND) | consistent)  # stored rounding accepted
     return {
         "expected": int(keras_zero.sum() + rounds.sum() + (edge & file_zero).sum()),
         "lost": int((keras_zero & ~file_zero).sum()),
