@@ -145,7 +145,7 @@ def compress(model: keras.Model, data: Dataset, recipe: Recipe, out: str | Path,
     points = {} if recipe.keep_frontier else None
     pruned, stage_records = run_stages(dense, recipe, data, reporter, accuracy(dense, *(budget_split(data))), points)
     save_model_atomic(pruned, out / "pruned.keras")
-    frontier_files = ship.export_points(points or {}, recipe, out / "frontier", reporter)
+    frontier_files = ship.export_points(points or {}, recipe, out / "frontier", reporter, save_model_atomic)
     shipped = ship.export_all(dense, pruned, recipe, data, out, reporter, flops=(model_macs(dense), model_macs(pruned)))
     verification = ship.verify_all(shipped, data.x_test, reporter)
     execution = _execution_table(shipped.artifacts)

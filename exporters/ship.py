@@ -66,16 +66,15 @@ def _can_encode(model, target: targets.Target, reporter, notes: list[str]) -> bo
     return not bad
 
 
-def export_points(points: dict, recipe, folder: Path, reporter) -> dict[str, list[str]]:
+def export_points(points: dict, recipe, folder: Path, reporter, save_keras) -> dict[str, list[str]]:
     """`--keep-frontier`: each other operating point's Keras file and float file per runtime in
-    folder/<point>/ (int8 is left to the shipped point: each int8 scheme costs converter runs)."""
-    from compressor.model_io import save_model_atomic
-
+    folder/<point>/ (int8 is left to the shipped point: each int8 scheme costs converter runs).
+    `save_keras(model, path)` is the caller's atomic Keras writer (exporters never write Keras files)."""
     written = {}
     for label, model in points.items():
         where = folder / label
         where.mkdir(parents=True, exist_ok=True)
-        save_model_atomic(model, where / "pruned.keras")
+        save_keras(model, where / "pruned.keras")
         files = [where / "pruned.keras"]
         for runtime, _ in targets.runtime_formats(recipe.targets):
             target = targets.float_target(runtime)

@@ -134,6 +134,7 @@ def test_without_a_goal_the_fastest_point_on_all_target_runtimes_ships():
 
 
 def test_keep_frontier_writes_each_other_point_and_names_its_files(tmp_path):
+    from compressor.model_io import save_model_atomic
     from compressor.pipeline import _search_results
     from compressor.progress import Reporter
     from exporters import ship
@@ -141,7 +142,8 @@ def test_keep_frontier_writes_each_other_point_and_names_its_files(tmp_path):
     recipe = parse_recipe({"targets": ["tflite", "onnxruntime"], "keep_frontier": True})
     rows = [{"predicted_speedup": 2.0}, {"predicted_speedup": 4.0}]
     label = search.point_label(0, rows[0])
-    files = ship.export_points({label: _mlp(16)}, recipe, tmp_path / "frontier", Reporter(quiet=True))
+    files = ship.export_points({label: _mlp(16)}, recipe, tmp_path / "frontier", Reporter(quiet=True),
+                              save_model_atomic)
     assert sorted(files[label]) == [f"frontier/{label}/pruned.keras", f"frontier/{label}/pruned.onnx",
                                     f"frontier/{label}/pruned.tflite"]
     assert all((tmp_path / f).stat().st_size > 0 for f in files[label])
