@@ -55,6 +55,15 @@ def test_mobilenetv2_block_with_zeroed_branch_is_removed_exactly():
     assert not names & {*block.layers, block.add}
     assert len(reduced.layers) == len(model.layers) - len(block.layers) - 1
     assert len(depth.residual_blocks(reduced)) == 9
+    # a later step: block 5's skip was block 4's Add, removed above; found again on the reduced model
+    follow = {b.add: b for b in depth.residual_blocks(reduced)}["block_5_add"]
+    assert follow.skip[0] == "block_3_project_BN"
+    bn = reduced.get_layer("block_5_project_BN")
+    gamma, beta, mean, var = bn.get_weights()
+    bn.set_weights([np.zeros_like(gamma), np.zeros_like(beta), mean, var])
+    twice = depth.without_blocks(reduced, [follow])
+    np.testing.assert_allclose(twice.predict(x, verbose=0), reduced.predict(x, verbose=0), atol=1e-4)
+    assert "block_5_add" not in {layer.name for layer in twice.layers}
 
 
 def test_encoder_attention_and_ffn_sub_blocks_are_removed_exactly():
@@ -136,3 +145,17 @@ def test_token_dense_layers_get_no_block_zeros_by_default():
     assert "ffn0_in" not in weight._pruned_layers(vector, cfg)
     wanted = cfg.model_copy(update={"sequence_zeros": True})
     assert "ffn0_in" in weight._pruned_layers(vector, wanted) and "ffn0_in" not in weight.left_dense(vector, wanted)
+
+
+def test_stepwise_removal_of_chained_mobilenetv2_blocks(digits):
+    """Steps of one block: block 5's skip is block 4's Add, gone after an earlier step."""
+    keras.utils.set_random_seed(0)
+    model = keras.applications.MobileNetV2(alpha=0.35, input_shape=(32, 32, 3), weights=None, classes=10)
+    rgb = lambda x: np.repeat(np.pad(x.reshape(-1, 8, 8), ((0, 0), (12, 12), (12, 12)))[..., None], 3, -1)  # noqa: E731
+    data = dataclasses.replace(digits, **{k: rgb(getattr(digits, k)[:64]) for k in ("x_train", "x_test", "x_calib")},
+                               y_train=digits.y_train[:64], y_test=digits.y_test[:64])
+    recipe, ctx = _ctx(data, drop=1.0)
+    cfg = recipe.stages[0].model_copy(update={"max_fraction": 1.0, "step": 1, "epochs": 0, "samples": 16})
+    outcome = depth.apply(model, cfg, ctx)
+    assert outcome.details["removed"] == 10 and depth.residual_blocks(outcome.model) == []
+    assert not any(layer.name.endswith("_add") for layer in outcome.model.layers)

@@ -168,7 +168,6 @@ def apply(model, cfg: DepthStage, ctx: StageContext, amount: float = 1.0) -> Sta
                              "blocks of equal shape); model left as is"])
     x_calib = ctx.data.x_calib[:cfg.samples]
     rows = sorted(score_blocks(model, blocks, x_calib), key=lambda r: r["output_kl"])
-    by_add = {b.add: b for b in blocks}
     limit = int(np.floor(cfg.max_fraction * amount * len(blocks)))
     x, y = budget_split(ctx.data)
     baseline = ctx.baseline_accuracy if ctx.baseline_accuracy is not None else accuracy(model, x, y)
@@ -176,6 +175,7 @@ def apply(model, cfg: DepthStage, ctx: StageContext, amount: float = 1.0) -> Sta
     step = cfg.step
     while len(removed) < limit and step > 0:
         chunk = rows[len(removed):min(len(removed) + step, limit)]
+        by_add = {b.add: b for b in residual_blocks(current)}  # a block's skip may be an Add removed earlier
         trial = without_blocks(current, [by_add[r["add"]] for r in chunk])
         scoring.finetune(trial, ctx, cfg.epochs, f"depth: fine-tune without {len(removed) + len(chunk)} blocks")
         acc = accuracy(trial, x, y)
