@@ -145,7 +145,7 @@ def test_suite_model_builders_build_and_run(digits):
     from compressor.flops import model_macs
 
     models = _load_script("models")
-    assert set(models.MODELS) == {"mlp-128", "mlp-1024", "cnn", "dscnn", "mobilenetv2", "encoder"}
+    assert set(models.MODELS) == {"mlp-128", "mlp-1024", "cnn", "dscnn", "mobilenetv2", "efficientnetb0", "encoder"}
     x = np.random.default_rng(0).random((2, 784), dtype=np.float32)
     for spec in models.MODELS.values():
         model = spec.build()
