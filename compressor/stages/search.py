@@ -329,20 +329,15 @@ def _choose(rows: list[dict], goal: float | None, cfg: SearchStage,
     good = [i for i, r in enumerate(rows) if r["within_budget"]]
     if goal is None:
         return _fastest(rows, good, runtimes or (runtime,)), []
-    if goal is not None:
-        hit = [i for i in good if rows[i]["reached"] and not rows[i].get("superseded")
-               and (abs(rows[i]["goal_speedup"] - round(goal, 3)) < 1e-6 or rows[i].get("corrected_for_goal"))]
-        if hit:
-            return hit[-1], []
-        if rows and not any(r.get("reached", True) for r in rows):
-            top = max((r["predicted_speedup"] for r in rows), default=1.0)
-            best = min(good, key=lambda i: rows[i]["measured_ms"][runtime]) if good else None
-            return best, [f"search: goal {goal:.2f}x on {runtime} not reachable: the latency table predicts at most "
-                          f"{top:.2f}x at the narrowest widths (fixed per-op cost dominates)"]
-    best = min(good, key=lambda i: rows[i]["measured_ms"][runtime]) if good else None
-    notes = []
-    if goal is not None:
-        reached = f"{rows[best]['measured_speedup'][runtime]:.2f}x measured" if best is not None else "nothing"
-        notes.append(f"search: goal {goal:.2f}x on {runtime} not reachable within the accuracy budget; "
-                     f"best within budget: {reached}")
-    return best, notes
+    fastest_here = min(good, key=lambda i: rows[i]["measured_ms"][runtime]) if good else None
+    hit = [i for i in good if rows[i]["reached"] and not rows[i].get("superseded")
+           and (abs(rows[i]["goal_speedup"] - round(goal, 3)) < 1e-6 or rows[i].get("corrected_for_goal"))]
+    if hit:
+        return hit[-1], []
+    if rows and not any(r.get("reached", True) for r in rows):
+        top = max((r["predicted_speedup"] for r in rows), default=1.0)
+        return fastest_here, [f"search: goal {goal:.2f}x on {runtime} not reachable: the latency table predicts at "
+                              f"most {top:.2f}x at the narrowest widths (fixed per-op cost dominates)"]
+    reached = f"{rows[fastest_here]['measured_speedup'][runtime]:.2f}x measured" if fastest_here is not None else "nothing"
+    return fastest_here, [f"search: goal {goal:.2f}x on {runtime} not reachable within the accuracy budget; "
+                          f"best within budget: {reached}"]
