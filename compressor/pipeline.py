@@ -106,7 +106,7 @@ def _align_blocks(model, recipe: Recipe, ctx: StageContext, reporter: Reporter, 
     narrowed = {name for name, units in now.items() if before.get(name, units) != units}
     start = time.perf_counter()
     params_before, nonzero_before = count_params(model)
-    for round_to in dict.fromkeys((recipe.round_units, 1)):
+    for round_to in dict.fromkeys((recipe.unit_multiple(), 1)):
         outcome = align.apply(model, ctx, block_height, round_to=round_to, narrowed=narrowed)
         acc = accuracy(outcome.model, *budget_split(ctx.data))
         if baseline - acc <= recipe.max_accuracy_drop or round_to == 1:
@@ -162,6 +162,7 @@ def compress(model: keras.Model, data: Dataset, recipe: Recipe, out: str | Path,
         "data": {"name": data.name, "train": len(data.x_train), "test": len(data.x_test),
                  "budget_split": "x_val" if data.x_val is not None else "x_test"},
         "recipe": recipe.model_dump(mode="json"),
+        "unit_multiple": recipe.unit_multiple(),  # round_units as applied on this machine
         "baseline": {"accuracy": baseline_acc},
         "stages": stage_records,
         "layers": _layer_table(dense, pruned),

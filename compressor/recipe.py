@@ -168,8 +168,10 @@ class Recipe(_Strict):
     batch_size: int = Field(32, ge=1, le=65536, description="fine-tuning batch size")
     learning_rate: float = Field(1e-3, gt=0.0, le=1.0, description="fine-tuning learning rate (Adam)")
     seed: int = Field(0, ge=0, description="makes masks and files reproducible")
-    round_units: int = Field(8, ge=1, le=256, description="keep widths narrowed by structured stages at a multiple "
-                             "of this: stages remove fewer units to get there (CPU kernels slow down on odd widths)")
+    round_units: int | Literal["auto"] = Field(
+        "auto", description="keep widths narrowed by structured stages at a multiple of this: stages remove fewer "
+        "units to get there (CPU kernels slow down on odd widths); auto: the channel block of the targets' kernels "
+        "on this CPU (onnxruntime's blocked convolutions: 16 with AVX-512, else 8; LiteRT: 8)")
     keep_frontier: bool = Field(False, description="also write the search's other operating points' float files "
                                 "to frontier/<point>/")
     compact_onnx: bool = Field(True, description="store pruned ONNX initializers as sparse_initializer")
@@ -179,6 +181,17 @@ class Recipe(_Strict):
     @classmethod
     def _one_or_many(cls, value):
         return [value] if isinstance(value, str) else value
+
+    @field_validator("round_units")
+    @classmethod
+    def _units_in_range(cls, value):
+        if value != "auto" and not 1 <= value <= 256:
+            raise ValueError("round_units must be 'auto' or between 1 and 256")
+        return value
+
+    def unit_multiple(self) -> int:
+        """round_units as a number: 'auto' asks the target registry for this CPU's channel block."""
+        return registry.channel_multiple(self.targets) if self.round_units == "auto" else self.round_units
 
     def dense_block(self) -> tuple[int, int]:
         """The (in, out) block on Dense kernels that the targets' sparse kernels execute (the registry's)."""

@@ -52,7 +52,11 @@ def render_markdown(report: dict, plots: list[str]) -> str:
               + (f"; ISA: {' '.join(m['isa'])}" if m.get("isa") else ""), ""]
     lines += [f"Dense baseline test accuracy: **{report['baseline']['accuracy']:.4f}**; targets: "
               f"{', '.join(report['recipe']['targets'])}; accuracy budget: "
-              f"{report['recipe']['max_accuracy_drop'] * 100:.1f} points.", ""]
+              f"{report['recipe']['max_accuracy_drop'] * 100:.1f} points"
+              + (f"; narrowed widths kept at multiples of {report['unit_multiple']}"
+                 + (" (round_units auto: the targets' channel block on this CPU)"
+                    if report["recipe"].get("round_units") == "auto" else "")
+                 if report.get("unit_multiple") else "") + ".", ""]
     lines += ["## Side by side (batch 1, 1 thread unless noted)", "",
               "| variant | runtime | file | accuracy (95% CI) | p50 ms | p90 ms | p99 ms | speedup p50 | size | gzip | gzip ratio | params | non-zero | MACs |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -21,7 +21,8 @@ from compressor.core import CompressorError
 
 __all__ = [
     "FileFormat", "Target", "Scheme", "Fallback", "FORMATS", "known_format", "TARGETS", "NAMES", "RUNTIMES",
-    "target", "format_for", "runtime_formats", "selected", "dense_block", "float_target", "extension_list",
+    "target", "format_for", "runtime_formats", "selected", "dense_block", "channel_multiple", "float_target",
+    "extension_list",
 ]
 
 
@@ -96,6 +97,7 @@ class Target:
     schemes: tuple[Scheme, ...]
     fallbacks: tuple[Fallback, ...] = ()
     storage_flag: str | None = None  # recipe field that can switch compact storage of pruned weights off
+    channel_block: str = "exporters.targets:xnnpack_channel_block"  # "module:function() -> int"
 
     @property
     def extension(self) -> str:
@@ -147,12 +149,13 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
            (_MISALIGNED, _XNNPACK_SPARSE_INT8)),
     Target("onnxruntime", "onnxruntime", ONNX, False, "exporters.onnx_export:export_for_target", (1, 1),
            (Scheme("float32", "float32 weights; pruned initializers as sparse_initializer when compact"),),
-           storage_flag="compact_onnx"),
+           storage_flag="compact_onnx", channel_block="exporters.targets:nchwc_channel_block"),
     Target("onnxruntime-int8", "onnxruntime", ONNX, True, "exporters.onnx_export:export_for_target", (1, 1),
            (Scheme("qdq-s8s8-per-channel", "static QDQ, int8 activations and per-channel int8 weights "
                    "(reduce_range on CPUs without VNNI)", {"mode": "static"}),
             Scheme("dynamic", "dynamic quantization: per-tensor int8 weights, activations scaled at run time "
-                   "(tiny MatMuls left float)", {"mode": "dynamic"}))),
+                   "(tiny MatMuls left float)", {"mode": "dynamic"})),
+           channel_block="exporters.targets:nchwc_channel_block"),
 )}
 NAMES: tuple[str, ...] = tuple(TARGETS)
 RUNTIMES: tuple[str, ...] = tuple(dict.fromkeys(t.runtime for t in TARGETS.values()))
@@ -185,6 +188,25 @@ def dense_block(names) -> tuple[int, int]:
     """The (in, out) Dense block that every selected target's sparse kernel can execute: the tallest."""
     blocks = [t.dense_block for t in selected(names)]
     return max(blocks, key=lambda b: b[0] * b[1]) if blocks else (1, 1)
+
+
+def xnnpack_channel_block() -> int:
+    """XNNPACK's f32 kernels tile output channels by 8 on x86 and ARM; narrower tails cost little more."""
+    return 8
+
+
+def nchwc_channel_block() -> int:
+    """onnxruntime runs convolutions in its blocked NCHWc layout only when channels are a multiple of
+    the block (16 on AVX-512 CPUs, 8 otherwise); a narrower or odd width leaves the layout with a
+    reorder on each side, which made a width-8 MobileNet chain slower than the same chain at 16."""
+    from exporters.benchmark import cpu_flags
+
+    return 16 if "avx512f" in cpu_flags() else 8
+
+
+def channel_multiple(names) -> int:
+    """The width multiple every selected target's CPU kernels run at full speed: the largest block."""
+    return max((_resolve(t.channel_block)() for t in selected(names)), default=8)
 
 
 def extension_list(runnable: bool = False) -> str:

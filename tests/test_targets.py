@@ -103,3 +103,40 @@ def test_machine_block_lists_isa_flags():
     assert "isa" in info
     if cpu_flags():
         assert set(info["isa"]) <= cpu_flags()
+
+
+def test_round_units_auto_is_the_targets_channel_block(monkeypatch):
+    import exporters.benchmark as bench
+
+    for flags, onnx_block in (({"avx2", "avx512f"}, 16), ({"avx2"}, 8)):
+        monkeypatch.setattr(bench, "cpu_flags", lambda flags=flags: flags)
+        assert parse_recipe({}).unit_multiple() == onnx_block  # default targets include onnxruntime
+        assert parse_recipe({"targets": ["tflite"]}).unit_multiple() == 8
+        assert parse_recipe({"round_units": 4}).unit_multiple() == 4
+    for bad in (0, 300, "wide"):
+        with pytest.raises(CompressorError, match="round_units"):
+            parse_recipe({"round_units": bad})
+
+
+def test_onnxruntime_keeps_its_blocked_layout_only_at_the_channel_block(tmp_path):
+    """Why auto rounding exists: between two convs at a width off the block, onnxruntime reorders
+    out of its NCHWc layout and back; at the block it stays in it."""
+    import onnx
+    import onnxruntime as ort
+
+    block = targets.nchwc_channel_block()
+
+    def reorders(width: int) -> int:
+        inputs = keras.Input((8, 8, block))
+        x = keras.layers.Conv2D(width, 1, activation="relu")(inputs)
+        x = keras.layers.DepthwiseConv2D(3, padding="same", activation="relu")(x)
+        x = keras.layers.Conv2D(block, 1)(x)
+        model = keras.Model(inputs, keras.layers.Conv2D(block, 1)(x))
+        path = targets.target("onnxruntime").export(model, tmp_path / f"w{width}.onnx")
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"w{width}-opt.onnx")
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        graph = onnx.load(options.optimized_model_filepath).graph
+        return sum(n.op_type.startswith("Reorder") for n in graph.node)
+
+    assert reorders(block // 2) > reorders(block)

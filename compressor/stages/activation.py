@@ -39,7 +39,7 @@ def apply(model, cfg: ActivationStage, ctx: StageContext, amount: float = 1.0) -
         score = np.mean(per_member, axis=0)  # a residual group loses the same channels: joint score
         dead = np.any([s == 0 for s in per_member], axis=0) & (score == 0)
         drop = scoring.below(score, threshold, scoring.cap(group.units, cfg.max_fraction, amount))
-        drop = scoring.rounded(drop, group.units, ctx.recipe.round_units)
+        drop = scoring.rounded(drop, group.units, ctx.recipe.unit_multiple())
         compensated = False
         if drop and cfg.compensate and len(group.members) == 1:
             tr = traces[group.name]

@@ -88,7 +88,7 @@ def apply(model, cfg: ClusterStage, ctx: StageContext, amount: float = 1.0) -> S
         mean_abs = np.mean([activity[m].mean_abs for m in group.members], axis=0)
         can_fold = single and tr.consumers is not None
         chosen = plan_group(patterns, mean_abs, cfg, amount, ctx.recipe.seed, can_merge=can_fold,
-                            round_to=ctx.recipe.round_units)
+                            round_to=ctx.recipe.unit_multiple())
         act = activity[group.name]
         offsets = {u: float(act.mean[u]) for u in chosen["constant"] + chosen["rare"]}
         scales = {}

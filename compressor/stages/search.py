@@ -122,7 +122,7 @@ def _tables(model, names: list[str], cfg: SearchStage, ctx: StageContext) -> dic
     from pathlib import Path
     from compressor.latency_model import default_cache
 
-    step = max(1, ctx.recipe.round_units)
+    step = max(1, ctx.recipe.unit_multiple())
     out = {}
     for rt in RUNTIMES:
         cache = Path(cfg.latency_cache) / default_cache(rt).name if cfg.latency_cache else None
@@ -147,7 +147,7 @@ class _Search:
         self.reached = False
         importance = _importance(start, self.cfg, self.ctx)
         extra = allocate(self.lm, self.units, removed, importance[4], self.dense_ms / speedup,
-                         max(1, self.ctx.recipe.round_units))
+                         max(1, self.ctx.recipe.unit_multiple()))
         if not any(extra.values()):
             return False
         total = _add(removed, extra)

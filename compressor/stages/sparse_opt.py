@@ -89,7 +89,7 @@ def apply(model, cfg: SparseOptStage, ctx: StageContext, amount: float = 1.0) ->
             per_member.append(np.min(scores, axis=0) if scores else np.ones(group.units))
         score = np.mean(per_member, axis=0)
         drop = scoring.below(score, threshold, scoring.cap(group.units, cfg.max_fraction, amount))
-        drop = scoring.rounded(drop, group.units, ctx.recipe.round_units)
+        drop = scoring.rounded(drop, group.units, ctx.recipe.unit_multiple())
         compensated = False
         if drop and len(group.members) == 1 and handler_for(trained.get_layer(group.name)).units_on_output:
             compensated = scoring.fold_into_consumers(
