@@ -19,7 +19,8 @@ class StageContext:
     data: Dataset
     epoch_progress: Callable[[str, int], object] | None = None  # (label, epochs) -> keras callback or None
     log: Callable[[str], None] | None = None  # progress lines of long stages (the search's steps)
-    baseline_accuracy: float | None = None  # dense accuracy on the budget split (goal-driven stages step back by it)
+    baseline_accuracy: float | None = None  # dense metric on the budget split (goal-driven stages step back by it)
+    task: object = None  # compressor.task.Task: loss for fine-tuning, metric and budget (None: top-1 accuracy)
 
 
 @dataclass

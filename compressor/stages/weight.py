@@ -58,7 +58,7 @@ def apply(model: keras.Model, cfg: WeightStage, ctx: StageContext, amount: float
     if not names:
         return StageOutcome(clone_with_weights(model), {"sparsity": 0.0, "block": list(dense_block)},
                             ["weight stage: no Dense/Conv kernels to prune"])
-    steps_per_epoch = math.ceil(len(data.x_train) / recipe.batch_size)
+    steps_per_epoch = data.steps_per_epoch(recipe.batch_size)
     total = steps_per_epoch * cfg.epochs
     end_step = max(1, int(total * 0.7))  # ramp up, then train the last 30% at the final mask
     schedule = tfmot.sparsity.keras.PolynomialDecay(
@@ -78,10 +78,10 @@ def apply(model: keras.Model, cfg: WeightStage, ctx: StageContext, amount: float
     callbacks = [tfmot.sparsity.keras.UpdatePruningStep()]
     progress = ctx.epoch_progress("weight: fine-tune with masks", cfg.epochs) if ctx.epoch_progress else None
     fit(wrapped, data, epochs=cfg.epochs, batch_size=recipe.batch_size, learning_rate=recipe.learning_rate,
-        callbacks=callbacks, hold_zeros=False, progress=progress)
+        callbacks=callbacks, hold_zeros=False, progress=progress, task=ctx.task)
     stripped = tfmot.sparsity.keras.strip_pruning(wrapped)
     pruned = clone_with_weights(stripped)
-    recalibrate_batchnorm(pruned, data.x_train, recipe.batch_size)
+    recalibrate_batchnorm(pruned, data, recipe.batch_size)
     reached = kernel_sparsity(pruned, names)
     short = {n: s for n, s in reached.items() if s < target - 0.02}
     if short:
