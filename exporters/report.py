@@ -65,11 +65,14 @@ def render_markdown(report: dict, plots: list[str]) -> str:
               + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
               + (f"; ISA: {' '.join(m['isa'])}" if m.get("isa") else ""), ""]
     metric, accuracy_task = _metric(report), report["baseline"].get("accuracy") is not None
-    budget = (f"accuracy budget: {report['recipe']['max_accuracy_drop'] * 100:.1f} points" if accuracy_task
+    budget = (f"accuracy budget: {metric['budget'] * 100:.1f} points" if accuracy_task
               else f"budget: {metric['budget']:g} {metric['name']} ({metric['direction']} is better)")
-    lines += [f"Dense baseline test {metric['name']}: **{_baseline(report):.4f}**; targets: "
+    on = f" (output '{metric['output']}')" if len(metric.get("per_output") or []) > 1 else ""
+    lines += [f"Dense baseline test {metric['name']}{on}: **{_baseline(report):.4f}**; targets: "
               f"{', '.join(report['recipe']['targets'])}; {budget}.", ""]
-    column = "accuracy (95% CI)" if accuracy_task else f"{metric['name']} (per output)"
+    outputs = len(metric.get("per_output") or [None])
+    column = ("accuracy (95% CI)" if accuracy_task and outputs == 1
+              else f"{metric['name']}" + (" (every output's metric)" if outputs > 1 else ""))
     lines += ["## Side by side (batch 1, 1 thread unless noted)", "",
               f"| variant | runtime | file | {column} | p50 ms | p90 ms | p99 ms | speedup p50 | size | gzip | gzip ratio | params | non-zero | MACs |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -146,7 +149,7 @@ def render_markdown(report: dict, plots: list[str]) -> str:
 def _metric(report: dict) -> dict:
     """The report's metric (name, direction, budget); reports written before metrics: accuracy."""
     return report.get("metric") or {"name": "accuracy", "direction": "higher",
-                                     "budget": report["recipe"]["max_accuracy_drop"]}
+                                     "budget": report.get("recipe", {}).get("max_accuracy_drop", 0.01)}
 
 
 def _baseline(report: dict) -> float:

@@ -34,8 +34,9 @@ def _pruned_layers(model: keras.Model, cfg: WeightStage) -> list[str]:
     the structured stages shrink convs instead."""
     names = [layer.name for layer in model.layers if _magnitude_prunable(layer)
              and (cfg.conv_zeros or isinstance(layer, keras.layers.Dense))]
-    if not cfg.prune_last_layer and names and model.layers[-1].name == names[-1]:
-        names = names[:-1]
+    if not cfg.prune_last_layer:  # every output head of a multi-output model is a "last layer"
+        heads = {model.layers[-1].name} | set(getattr(model, "output_names", []))
+        names = [n for n in names if n not in heads]
     return names
 
 
