@@ -139,7 +139,10 @@ class Task:
                    "binary_crossentropy": keras.losses.BinaryCrossentropy}
         if name in classes:
             return classes[name](from_logits=not probability)
-        return keras.losses.get(name)
+        found = keras.losses.get(name)
+        if not callable(found):
+            raise ValueError(f"unknown loss {name!r}")
+        return found
 
     def compile_metrics(self):
         """What Keras prints while fitting: only the default case needs it (training accuracy)."""
@@ -163,6 +166,8 @@ class Task:
         if name in METRIC_CLASSES:
             return getattr(keras.metrics, METRIC_CLASSES[name])()
         found = keras.metrics.get(name)
+        if not callable(found):  # tf-keras hands an unknown name back unchanged
+            raise ValueError(f"unknown metric {name!r}")
         if isinstance(found, keras.metrics.Metric):
             return type(found).from_config(found.get_config())
         return keras.metrics.MeanMetricWrapper(found, name=name)
@@ -219,11 +224,15 @@ def resolve(recipe, model) -> Task:
         output = names.index(output)
     if not 0 <= output < len(names):
         raise CompressorError(f"recipe metric.output {output} is out of range: the model has {len(names)} outputs")
-    name = metrics[output]
-    direction = recipe.metric.direction
-    if direction == "auto":
-        direction = "higher" if name in HIGHER else "lower" if name in LOWER else None
-        if direction is None:
+    shapes = model.output_shape if len(names) > 1 else [model.output_shape]
+    task = Task(names, losses, metrics, output, recipe.metric.direction, 0.0,
+                [int(np.prod([d for d in s[1:] if d is not None])) for s in shapes],
+                [_activation(model, n) for n in names])
+    _check_names(task)
+    name = task.name
+    if task.direction == "auto":
+        task.direction = "higher" if name in HIGHER else "lower" if name in LOWER else None
+        if task.direction is None:
             raise CompressorError(f"recipe metric '{name}': say whether higher or lower is better with "
                                   "metric.direction: higher | lower")
     budget = recipe.max_metric_drop
@@ -232,22 +241,23 @@ def resolve(recipe, model) -> Task:
             raise CompressorError(f"recipe metric '{name}' needs a budget in its own units: set max_metric_drop "
                                   "(max_accuracy_drop is for accuracy)")
         budget = recipe.max_accuracy_drop
-    shapes = model.output_shape if len(names) > 1 else [model.output_shape]
-    task = Task(names, losses, metrics, output, direction, float(budget),
-                [int(np.prod([d for d in s[1:] if d is not None])) for s in shapes],
-                [_activation(model, n) for n in names])
-    for i in range(len(names)):  # a wrong name fails here, before any work
+    task.budget = float(budget)
+    return task
+
+
+def _check_names(task: Task) -> None:
+    """Build every output's metric and loss once: a wrong name fails here, before any work."""
+    for i, (metric, loss) in enumerate(zip(task.metrics, task.losses)):
         try:
             task.new_metric(i)
         except (ValueError, TypeError) as exc:
-            raise CompressorError(f"recipe metric '{metrics[i]}' is not a Keras metric ({str(exc)[:120]}); use a "
+            raise CompressorError(f"recipe metric '{metric}' is not a Keras metric ({str(exc).split(". ")[0][:120]}); use a "
                                   "Keras name such as accuracy, mae, mse, auc, or package.module:function") from exc
         try:
-            Task._loss(losses[i], task.activations[i])
+            Task._loss(loss, task.activations[i])
         except (ValueError, TypeError) as exc:
-            raise CompressorError(f"recipe loss '{losses[i]}' is not a Keras loss ({str(exc)[:120]}); use a Keras "
+            raise CompressorError(f"recipe loss '{loss}' is not a Keras loss ({str(exc).split(". ")[0][:120]}); use a Keras "
                                   "name such as sparse_categorical_crossentropy, mae, mse, or package.module:function") from exc
-    return task
 
 
 def expects_class_labels(recipe) -> bool:
