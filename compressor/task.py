@@ -245,18 +245,22 @@ def resolve(recipe, model) -> Task:
     return task
 
 
+def _first_sentence(exc: Exception) -> str:
+    return str(exc).split(". ")[0][:120]
+
+
 def _check_names(task: Task) -> None:
     """Build every output's metric and loss once: a wrong name fails here, before any work."""
     for i, (metric, loss) in enumerate(zip(task.metrics, task.losses)):
         try:
             task.new_metric(i)
         except (ValueError, TypeError) as exc:
-            raise CompressorError(f"recipe metric '{metric}' is not a Keras metric ({str(exc).split(". ")[0][:120]}); use a "
+            raise CompressorError(f"recipe metric '{metric}' is not a Keras metric ({_first_sentence(exc)}); use a "
                                   "Keras name such as accuracy, mae, mse, auc, or package.module:function") from exc
         try:
             Task._loss(loss, task.activations[i])
         except (ValueError, TypeError) as exc:
-            raise CompressorError(f"recipe loss '{loss}' is not a Keras loss ({str(exc).split(". ")[0][:120]}); use a Keras "
+            raise CompressorError(f"recipe loss '{loss}' is not a Keras loss ({_first_sentence(exc)}); use a Keras "
                                   "name such as sparse_categorical_crossentropy, mae, mse, or package.module:function") from exc
 
 
