@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from compressor.checks import check_label_count, check_labels
+from compressor.checks import class_labels as check_class_labels
 from compressor.errors import CompressorError
 
 BUILTIN = ("mnist5k", "digits")
@@ -172,7 +174,7 @@ def _check_consistent(ds: Dataset, class_labels: bool) -> None:
                     f"data '{ds.name}': x_{split} has {len(x)} samples but y_{split} has {len(part)}; they must match"
                 )
         if class_labels and not isinstance(y, tuple):
-            _class_labels(ds.name, f"y_{split}", y)
+            check_class_labels(ds.name, f"y_{split}", y)
     for key in ("x_train", "x_test", "x_calib") + (("x_val",) if ds.has_val else ()):
         arr = getattr(ds, key)
         if not np.all(np.isfinite(arr)):
@@ -181,16 +183,6 @@ def _check_consistent(ds: Dataset, class_labels: bool) -> None:
     shapes = {k: getattr(ds, k).shape[1:] for k in ("x_train", "x_test", "x_calib")}
     if len(set(shapes.values())) != 1:
         raise CompressorError(f"data '{ds.name}': sample shapes differ between splits {shapes}; they must be equal")
-
-
-def _class_labels(name: str, key: str, y: np.ndarray) -> None:
-    if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or np.all(np.mod(y, 1) == 0)):
-        raise CompressorError(
-            f"data '{name}': {key} must be a 1-D array of integer class labels (got shape {y.shape}, "
-            f"dtype {y.dtype}); convert one-hot labels with y.argmax(axis=1)"
-        )
-    if len(y) and y.min() < 0:
-        raise CompressorError(f"data '{name}': {key} has negative labels; labels must be 0..classes-1")
 
 
 def load_dataset(spec: str | Path, settings=None, class_labels: bool = True):
@@ -288,35 +280,3 @@ def _bind_arrays(ds: Dataset, expected: tuple, task) -> None:
         fixed = [check_labels(ds.name, f"y_{split}" + (f"_{i}" if len(parts) > 1 else ""), part, task, i)
                  for i, part in enumerate(parts)]
         setattr(ds, f"y_{split}", tuple(fixed) if len(fixed) > 1 else fixed[0])
-
-
-def check_label_count(name: str, count: int, task) -> None:
-    outputs = task.output_names
-    if count != len(outputs):
-        raise CompressorError(
-            f"data '{name}' has {count} label array(s) but the model has {len(outputs)} outputs ({', '.join(outputs)}); "
-            "give one label array per output (y_train_0, y_train_1, ... in an .npz; a tuple in a function)")
-
-
-def check_labels(name: str, key: str, y: np.ndarray, task, i: int) -> np.ndarray:
-    """One output's labels against what the output produces; returns them in the dtype training needs."""
-    units = task.units[i]
-    if task.sparse(i):
-        y = y.reshape(len(y)) if y.ndim == 2 and y.shape[1] == 1 else y
-        _class_labels(name, key, y)
-        top = int(y.max()) if len(y) else 0
-        if top >= units:
-            raise CompressorError(
-                f"data '{name}': label {top} is out of range for a model with {units} outputs; "
-                f"labels must be 0..{units - 1}"
-            )
-        return y.astype(np.int64)
-    per_sample = int(np.prod(y.shape[1:]))
-    if per_sample != units:
-        raise CompressorError(
-            f"data '{name}': {key} has {per_sample} value(s) per sample but output '{task.output_names[i]}' has "
-            f"{units}; give labels shaped like the output (or set the recipe's loss for class labels)")
-    y = y.astype(np.float32)
-    if not np.all(np.isfinite(y)):
-        raise CompressorError(f"data '{name}': {key} contains NaN/inf values; clean or impute them first")
-    return y

@@ -189,8 +189,11 @@ class Task:
         if samples == 0:
             raise CompressorError("the evaluation split holds no samples; give the data a test split")
         values = [float(m.result().numpy()) for m in metrics]
+        if correct is not None:  # exact (float64) and the same number the paired statistics use
+            correct = np.concatenate(correct)
+            values[0] = float(correct.mean())
         per = [{"output": n, "metric": m, "value": v} for n, m, v in zip(self.output_names, self.metrics, values)]
-        return Score(values[self.output], per, None if correct is None else np.concatenate(correct), samples)
+        return Score(values[self.output], per, correct, samples)
 
     def _shaped(self, i: int, truth: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.sparse(i):

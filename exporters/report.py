@@ -57,19 +57,25 @@ def comparisons(results: list[dict], correct: dict[str, np.ndarray], max_drop: f
     return rows
 
 
-def render_markdown(report: dict, plots: list[str]) -> str:
-    results = report["results"]
+def _header(report: dict) -> list[str]:
+    """Title, machine, and the baseline with the budget in the metric's units."""
     lines = [f"# Compression report: {report['model']['source']}", ""]
     m = report["machine"]
     lines += [f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}; "
               + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
               + (f"; ISA: {' '.join(m['isa'])}" if m.get("isa") else ""), ""]
-    metric, accuracy_task = _metric(report), report["baseline"].get("accuracy") is not None
-    budget = (f"accuracy budget: {metric['budget'] * 100:.1f} points" if accuracy_task
+    metric = _metric(report)
+    budget = (f"accuracy budget: {metric['budget'] * 100:.1f} points" if report["baseline"].get("accuracy") is not None
               else f"budget: {metric['budget']:g} {metric['name']} ({metric['direction']} is better)")
     on = f" (output '{metric['output']}')" if len(metric.get("per_output") or []) > 1 else ""
-    lines += [f"Dense baseline test {metric['name']}{on}: **{_baseline(report):.4f}**; targets: "
-              f"{', '.join(report['recipe']['targets'])}; {budget}.", ""]
+    return lines + [f"Dense baseline test {metric['name']}{on}: **{_baseline(report):.4f}**; targets: "
+                    f"{', '.join(report['recipe']['targets'])}; {budget}.", ""]
+
+
+def render_markdown(report: dict, plots: list[str]) -> str:
+    results = report["results"]
+    lines = _header(report)
+    metric, accuracy_task = _metric(report), report["baseline"].get("accuracy") is not None
     outputs = len(metric.get("per_output") or [None])
     column = ("accuracy (95% CI)" if accuracy_task and outputs == 1
               else f"{metric['name']}" + (" (every output's metric)" if outputs > 1 else ""))
