@@ -30,6 +30,8 @@ def _pipeline_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speedup", type=float, help="goal: this p50 speedup over dense on --runtime (adds or sets "
                                                       "the recipe's search stage)")
     parser.add_argument("--runtime", choices=("tflite", "onnxruntime"), help="runtime the --speedup goal is measured on")
+    parser.add_argument("--keep-frontier", action="store_true",
+                        help="also write the search's other operating points' files to OUT/frontier/<point>/")
     _common(parser)
 
 
@@ -92,6 +94,8 @@ def _recipe(args):
     recipe = load_recipe(getattr(args, "recipe", None))
     if getattr(args, "seed", None) is not None:
         recipe = recipe.model_copy(update={"seed": args.seed})
+    if getattr(args, "keep_frontier", False):
+        recipe = recipe.model_copy(update={"keep_frontier": True})
     return with_goal(recipe, getattr(args, "speedup", None), getattr(args, "runtime", None))
 
 

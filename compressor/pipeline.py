@@ -37,12 +37,14 @@ def _quality(task: Task, value: float) -> dict:
 
 
 def run_stages(model: keras.Model, recipe: Recipe, data: Dataset, reporter: Reporter,
-               baseline_accuracy: float, task: Task | None = None) -> tuple[keras.Model, list[dict]]:
+               baseline_accuracy: float, task: Task | None = None,
+               points: dict | None = None) -> tuple[keras.Model, list[dict]]:
     """Apply the recipe's stages in order; a stage that crosses the budget is retried with less.
-    `baseline_accuracy`: the dense model's metric on the budget split (`task`'s; default top-1 accuracy)."""
+    `baseline_accuracy`: the dense model's metric on the budget split (`task`'s; default top-1 accuracy).
+    `points` (when given) collects the search's other frontier models, label -> model."""
     task = task or context_task(StageContext(recipe=recipe, data=data))
     ctx = StageContext(recipe=recipe, data=data, epoch_progress=reporter.epoch_callback, log=reporter.step,
-                       baseline_accuracy=baseline_accuracy, task=task)
+                       baseline_accuracy=baseline_accuracy, task=task, dense_model=model)
     records = []
     current = model
     for index, cfg in enumerate(recipe.stages):
@@ -75,6 +77,8 @@ def run_stages(model: keras.Model, recipe: Recipe, data: Dataset, reporter: Repo
         else:
             amount, outcome, acc = chosen
             outcome_model, details = outcome.model, outcome.details
+            if points is not None:
+                points.update(outcome.points)
             notes.extend(outcome.notes)
             if amount < 1.0:
                 notes.append(f"{cfg.name}: backed off to {amount:.0%} of the recipe's amount to stay within budget")
@@ -156,8 +160,10 @@ def compress(model: keras.Model, data: Dataset, recipe: Recipe, out: str | Path,
     reporter.step(f"dense baseline: test {task.name} {baseline.value:.4f}")
     budget_baseline = task.keras(dense).value if data.has_val else baseline.value
 
-    pruned, stage_records = run_stages(dense, recipe, data, reporter, budget_baseline, task)
+    points = {} if recipe.keep_frontier else None
+    pruned, stage_records = run_stages(dense, recipe, data, reporter, budget_baseline, task, points)
     save_model_atomic(pruned, out / "pruned.keras")
+    frontier_files = ship.export_points(points or {}, recipe, out / "frontier", reporter, save_model_atomic)
     shipped = ship.export_all(dense, pruned, recipe, data, out, reporter, flops=(model_macs(dense), model_macs(pruned)),
                               judge=task)
     x_check = data.sample("test", VERIFY_SAMPLES)[0]
@@ -187,7 +193,7 @@ def compress(model: keras.Model, data: Dataset, recipe: Recipe, out: str | Path,
         "int8": shipped.int8,
         "int8_notes": int8_notes,
         "target_notes": shipped.notes,
-        **_search_results(stage_records),
+        **_search_results(stage_records, frontier_files),
     }
     write_reports(report, out, correct)
     reporter.step("report written (report.md, report.json)")
@@ -198,12 +204,22 @@ def compress(model: keras.Model, data: Dataset, recipe: Recipe, out: str | Path,
     return report
 
 
-def _search_results(stage_records: list[dict]) -> dict:
-    """The search stage's operating points and latency-model check, lifted to report.json's top level."""
+def _search_results(stage_records: list[dict], files: dict[str, list[str]]) -> dict:
+    """The search stage's operating points and latency-model check, lifted to report.json's top level;
+    each kept point's row names its files (relative to the output folder)."""
+    from compressor.stages.search import point_label
+
     search = next((r for r in stage_records if r["name"] == "search" and r["details"].get("frontier")), None)
     if search is None:
         return {}
-    return {"frontier": search["details"]["frontier"], "latency_model": search["details"].get("latency_model", [])}
+    frontier = search["details"]["frontier"]
+    for i, row in enumerate(frontier):
+        row["point"] = point_label(i, row)
+        if row["point"] in files:
+            row["files"] = files[row["point"]]
+        elif i == search["details"].get("chosen"):
+            row["files"] = ["pruned.keras"]  # the shipped point: the top-level files
+    return {"frontier": frontier, "latency_model": search["details"].get("latency_model", [])}
 
 
 def _execution_table(artifacts) -> list[dict]:

@@ -38,6 +38,9 @@ class WeightStage(_Strict):
     prune_last_layer: bool = Field(False, description="also prune the classifier layer (costs accuracy for little size)")
     conv_zeros: bool = Field(False, description=(
         "also zero conv kernels: smaller files only, since LiteRT (XNNPACK on x86) and onnxruntime run them dense"))
+    sequence_zeros: bool = Field(False, description=(
+        "also zero Dense kernels applied per token (input rank >= 3): smaller files only, since LiteRT's sparse "
+        "FULLY_CONNECTED kernel over a token sequence is slower than its dense one"))
 
 
 class ActivationStage(_Strict):
@@ -89,6 +92,18 @@ class SparseOptStage(_Strict):
     finetune_epochs: int = Field(2, ge=0, le=1000, description="fine-tuning epochs after removal")
 
 
+class DepthStage(_Strict):
+    """Remove whole residual blocks (the branch of an identity-skip Add), least important first."""
+
+    name: Literal["depth"] = "depth"
+    max_fraction: float = Field(0.8, ge=0.0, le=1.0, description=(
+        "remove at most this fraction of the removable residual blocks (scaled by the stage's amount)"))
+    step: int = Field(2, ge=1, le=100, description="blocks removed per step; each step is fine-tuned and checked "
+                      "against the accuracy budget, and a step over it is undone and retried with half as many")
+    epochs: int = Field(2, ge=0, le=1000, description="fine-tuning epochs after each step")
+    samples: int = Field(256, ge=16, le=100000, description="calibration samples the blocks are scored on")
+
+
 class Goal(_Strict):
     """What the user wants: a speedup (or a latency) on one runtime; neither = the fastest within budget."""
 
@@ -102,7 +117,8 @@ class SearchStage(_Strict):
     """Per-layer widths chosen against latency measured on the runtime and the accuracy budget."""
 
     name: Literal["search"] = "search"
-    goal: Goal = Field(default_factory=Goal)
+    goal: Goal = Field(default_factory=Goal, description="speed goal; no speedup/latency_ms = fastest within budget "
+                       "on the targets' runtimes (runtime then only sets the table the allocation follows)")
     criterion: CriterionName = Field("taylor", description="unit importance, one of compressor/criteria's names")
     epochs: int = Field(2, ge=0, le=1000, description="fine-tuning epochs after each operating point")
     points: list[float] = Field([2.0, 4.0, 8.0], min_length=0, description="frontier speedups (predicted) to visit")
@@ -117,7 +133,7 @@ class SearchStage(_Strict):
         return sorted(values)
 
 
-Stage = Annotated[Union[WeightStage, ActivationStage, ClusterStage, SparseOptStage, SearchStage],
+Stage = Annotated[Union[WeightStage, ActivationStage, ClusterStage, SparseOptStage, SearchStage, DepthStage],
                   Field(discriminator="name")]
 
 
@@ -206,8 +222,12 @@ class Recipe(_Strict):
     targets: list[Target] = Field(list(registry.NAMES), min_length=1,
                                   description="runtimes to ship to; they pick the sparsity pattern")
     stages: list[Stage] = Field(
-        default_factory=lambda: [WeightStage(), ActivationStage(), ClusterStage(), SparseOptStage()], min_length=1,
-        description="applied in this order; default: the source article's weight -> activation -> cluster, then sparse_opt",
+        default_factory=lambda: [WeightStage(), DepthStage(), ActivationStage(), ClusterStage(), SparseOptStage(),
+                                 SearchStage()],
+        min_length=1,
+        description="applied in this order; default: the source article's weight -> activation -> cluster with "
+        "depth (residual blocks) before the width stages, then sparse_opt, then a search for the fastest widths "
+        "within the budget",
     )
     max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0, description="accuracy budget, as a fraction (0.01 = 1 point)")
     loss: str | list[str] = Field("auto", description="fine-tuning loss: Keras name or pkg.mod:func, a list: one per "
@@ -221,6 +241,8 @@ class Recipe(_Strict):
     seed: int = Field(0, ge=0, description="makes masks and files reproducible")
     round_units: int = Field(8, ge=1, le=256, description="keep widths narrowed by structured stages at a multiple "
                              "of this: stages remove fewer units to get there (CPU kernels slow down on odd widths)")
+    keep_frontier: bool = Field(False, description="also write the search's other operating points' float files "
+                                "to frontier/<point>/")
     compact_onnx: bool = Field(True, description="store pruned ONNX initializers as sparse_initializer")
     bench: BenchSettings = Field(default_factory=BenchSettings)
 
@@ -252,7 +274,7 @@ def _describe(err: dict) -> str:
     value = err.get("input")
     msg = err["msg"]
     if err["type"] == "union_tag_invalid" or "tag" in err["type"]:
-        msg = "unknown stage; allowed: weight, activation, cluster, sparse_opt, search"
+        msg = "unknown stage; allowed: weight, activation, cluster, sparse_opt, search, depth"
     return f"recipe field '{where}' = {value!r}: {msg}"
 
 
@@ -303,7 +325,8 @@ def with_goal(recipe: Recipe, speedup: float | None = None, runtime: str | None 
 
 def default_recipe() -> Recipe:
     """The built-in fusion recipe: the source article's order weight -> activation -> cluster, then
-    sparse-optimisation, which removes most of the units on the measured MLP and CNN."""
+    sparse-optimisation, then the search: the stages pick which units look idle and hold their zeros,
+    the search (no speed goal) narrows further to the fastest point measured within the budget."""
     return Recipe()
 
 
@@ -329,6 +352,8 @@ def example_yaml() -> str:
 
 
 def _example_line(name: str, value, description: str | None, indent: str) -> str:
+    if isinstance(value, BaseModel):
+        value = value.model_dump()  # nested settings (the search's goal) as a flow mapping
     text = yaml.safe_dump({name: value}, default_flow_style=True, width=200).strip()[1:-1]
     text = f"{indent}{text}"
     return f"{text:<25} # {description}" if description else text

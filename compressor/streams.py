@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from compressor.checks import check_label_count, check_labels
+from compressor.data import SPLIT_SEED
 from compressor.errors import CompressorError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
@@ -29,7 +30,6 @@ EVAL_BATCH = 256
 FIRST_BATCHES = 2  # batches of every split checked eagerly when the data meets the model
 CHECK_BATCH = 64
 MARK = "[data check] "  # our graph assertions' messages start with this; errors() cuts them out
-SPLIT_SEED = 1234  # the same fixed seed as compressor.data's splits
 
 
 def _tf():

@@ -1,6 +1,7 @@
 """ONNX writer through tf2onnx, and onnxruntime's int8 quantization."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -181,12 +182,15 @@ def export_int8(float_path: str | Path, path: str | Path, calibration: np.ndarra
 def _preprocessed(plain: Path) -> Path:
     """onnxruntime's recommended pre-quantization pass (shape inference, constant folding, Conv+BN and
     Gemm fusion), so fewer float ops stay between the int8 ones (measured on MobileNetV2 at 32x32:
-    static int8 p50 0.70 -> 0.61 ms). A model the pass cannot handle is quantized as exported."""
+    static int8 p50 0.70 -> 0.61 ms). A model the pass cannot handle is quantized as exported.
+    Runs in a scratch folder: onnxruntime's symbolic shape inference drops a debugging copy of the
+    model into the working directory when it gives up, which must not land in the user's folder."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    out = plain.with_name(plain.name + ".pre")
+    out = plain.with_name(plain.name + ".pre").resolve()
     try:
-        quant_pre_process(str(plain), str(out))
+        with tempfile.TemporaryDirectory(prefix="compressor-prequant-") as scratch, contextlib.chdir(scratch):
+            quant_pre_process(str(plain.resolve()), str(out))
     except Exception:  # the pass is an optimisation: any failure of it leaves the exported graph
         out.unlink(missing_ok=True)
         return plain

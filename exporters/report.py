@@ -114,6 +114,8 @@ def render_markdown(report: dict, plots: list[str]) -> str:
         after = s.get("metric_after", s.get("accuracy_after"))
         lines.append(f"| {s['name']} | {s['amount']:.0%} | {s['params_before']:,} | {s['params_after']:,} | "
                      f"{s['nonzero_after']:,} | {after:.4f} | {s['seconds']:.1f} | {'; '.join(s['notes'])} |")
+    lines += _weight_choices(report)
+    lines += _depth_section(report)
     lines += ["", "## Layers", "", "| layer | type | units before | units after | sparsity before | sparsity after | kernel params before | after | shrinks with | kept because |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for l in report["layers"]:
@@ -172,6 +174,27 @@ def _quality_cell(r: dict) -> str:
     if len(per) > 1:
         return ", ".join(f"{p['output']} {p['metric']} {p['value']:.4f}" for p in per)
     return f"{quality(r):.4f}"
+
+
+def _weight_choices(report: dict) -> list[str]:
+    """Per kernel the weight stage left without zeros, and why (zeros there would buy size only)."""
+    rows = [(name, reason) for s in report["stages"] if s["name"] == "weight"
+            for name, reason in s["details"].get("left_dense", {}).items()]
+    if not rows:
+        return []
+    return ["", "## Weight stage: kernels left without zeros", "", "| layer | why |", "|---|---|",
+            *[f"| {name} | {reason} |" for name, reason in rows]]
+
+
+def _depth_section(report: dict) -> list[str]:
+    """Per residual block the depth stage removed: its branch layers, score and MACs saved."""
+    rows = [b for s in report["stages"] if s["name"] == "depth" for b in s["details"].get("removed_blocks", [])]
+    if not rows:
+        return []
+    return ["", "## Depth stage: residual blocks removed (output of the Add = its skip input)", "",
+            "| Add | branch layers | output KL without it alone | relative branch norm | MACs removed |", "|---|---|---|---|---|",
+            *[f"| {b['add']} | {len(b['layers'])} ({b['layers'][0]} … {b['layers'][-1]}) | {b['output_kl']:+.4f} | "
+              f"{b['branch_norm']:.3f} | {b['macs']:,} |" for b in rows]]
 
 
 def _int8_section(report: dict) -> list[str]:

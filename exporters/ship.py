@@ -63,6 +63,27 @@ def _can_encode(model, target: targets.Target, reporter, notes: list[str]) -> bo
     return not bad
 
 
+def export_points(points: dict, recipe, folder: Path, reporter, save_keras) -> dict[str, list[str]]:
+    """`--keep-frontier`: each other operating point's Keras file and float file per runtime in
+    folder/<point>/ (int8 is left to the shipped point: each int8 scheme costs converter runs).
+    `save_keras(model, path)` is the caller's atomic Keras writer (exporters never write Keras files)."""
+    written = {}
+    for label, model in points.items():
+        where = folder / label
+        where.mkdir(parents=True, exist_ok=True)
+        save_keras(model, where / "pruned.keras")
+        files = [where / "pruned.keras"]
+        for runtime, _ in targets.runtime_formats(recipe.targets):
+            target = targets.float_target(runtime)
+            path = where / target.filename("pruned")
+            sparse = _can_encode(model, target, reporter, [])
+            target.export(model, path, sparse=sparse and bool(getattr(recipe, target.storage_flag or "", True)))
+            files.append(path)
+        written[label] = [str(p.relative_to(folder.parent)) for p in files]
+        reporter.step(f"frontier point {label} written to {where.relative_to(folder.parent)}")
+    return written
+
+
 def export_all(dense, pruned, recipe, data, out: Path, reporter, flops: tuple[int, int] = (0, 0),
                judge=None) -> Shipped:
     """Dense and pruned float files for every runtime the targets use, then each int8 target's file

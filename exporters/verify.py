@@ -7,11 +7,12 @@ really stored in the file (decoded from the file, never by looking at Keras agai
 int8 files hold more zeros than Keras: weights that round to zero. Which ones depends on the
 converter (BatchNorm folded into the conv kernel, per-channel or per-tensor scales, 7-bit
 `reduce_range`, scales widened to keep the bias in int32), so no prediction made from the Keras
-weights alone holds for every scheme. Instead each stored kernel is laid over its Keras kernel
-element by element and the file's own scale is measured per output channel (the least-squares
-ratio of stored levels to Keras weights, which folding a per-channel BatchNorm does not disturb).
-A file fails only when it lost a pruned zero, or stores a zero where the weight is far from
-rounding to zero under that scale: a mismatch means a pruned weight was lost or gained.
+weights alone holds for every scheme. Instead each stored kernel is paired with its Keras kernel by
+how well they match per output channel (converters scale each channel on its own), laid over it
+element by element, and a channel is accepted when one scale rounds every kept weight to its stored
+level. Only a channel with no such scale is judged by its least-squares scale. A file fails when it
+lost a pruned zero, or stores a zero where the weight is far from rounding to zero: a mismatch
+means a pruned weight was lost or gained, not a rounding disagreement.
 """
 from __future__ import annotations
 
@@ -40,28 +41,37 @@ def align_to_kernel(values: np.ndarray, kernel: np.ndarray) -> tuple[np.ndarray 
     """`values` (a stored tensor, in the converter's layout) rearranged to the Keras kernel's layout.
 
     Converters transpose kernels (TFLite OHWI, ONNX OIHW, FULLY_CONNECTED out x in) and add or drop
-    unit axes; the axis permutation whose shape fits and whose values correlate best with the
-    kernel is taken. Returns (aligned values or None, |correlation|).
+    unit axes; the axis permutation whose shape fits and whose values match the kernel best is
+    taken. Returns (aligned values or None, match score in [0, 1], see `_channel_match`).
     """
     target = _squeezed(kernel.shape)
     squeezed = values.reshape(_squeezed(values.shape))
-    flat_k = kernel.reshape(-1).astype(np.float64)
     best, best_score = None, -1.0
     for perm in itertools.permutations(range(squeezed.ndim)):
         if tuple(squeezed.shape[p] for p in perm) != target:
             continue
-        cand = squeezed.transpose(perm).reshape(-1).astype(np.float64)
-        score = _correlation(cand, flat_k)
+        cand = squeezed.transpose(perm).reshape(kernel.shape)
+        score = _channel_match(cand, kernel)
         if score > best_score:
-            best, best_score = cand.reshape(kernel.shape), score
+            best, best_score = cand, score
     return best, best_score
 
 
-def _correlation(a: np.ndarray, b: np.ndarray) -> float:
-    sa, sb = a.std(), b.std()
-    if sa == 0 or sb == 0:
+def _channel_match(stored: np.ndarray, kernel: np.ndarray) -> float:
+    """Mean |cosine| between stored and Keras weights per output channel (the last Keras axis).
+
+    A converter scales each output channel on its own (BatchNorm folding, per-channel int8 scales,
+    a negative gamma flips the sign), which leaves a whole-tensor correlation near zero for the right
+    tensor (MobileNetV2's projection convs: 0.04) and lets a same-sized wrong one win; the cosine of
+    each channel is untouched by such scaling, ~1 for the right tensor and ~0 for any other.
+    """
+    s = stored.reshape(-1, kernel.shape[-1]).astype(np.float64)
+    k = kernel.reshape(-1, kernel.shape[-1]).astype(np.float64)
+    norms = np.linalg.norm(s, axis=0) * np.linalg.norm(k, axis=0)
+    live = norms > 0
+    if not live.any():
         return 0.0
-    return float(abs(np.mean((a - a.mean()) * (b - b.mean())) / (sa * sb)))
+    return float(np.mean(np.abs(np.sum(s * k, axis=0)[live]) / norms[live]))
 
 
 def pair_kernels(path: str | Path, kernels: list[np.ndarray]) -> list[tuple[np.ndarray, object]]:
@@ -69,8 +79,9 @@ def pair_kernels(path: str | Path, kernels: list[np.ndarray]) -> list[tuple[np.n
 
     Converters add constants of their own (e.g. an LSTM's zero initial state) and transpose or
     reshape kernels, so each Keras kernel is paired with an unused stored weight of the same
-    number of elements, the best-correlated one when several fit (repeated blocks); stored
-    tensors without a Keras kernel are not counted.
+    number of elements, the best-matching one per output channel when several fit (repeated blocks,
+    an expand and a projection conv of transposed shapes); stored tensors without a Keras kernel are
+    not counted.
     """
     weights = [t for t in stored_weights(path) if is_weight(t)]
     stored = [t for t in weights if len(t.shape) >= 2] + [t for t in weights if len(t.shape) < 2]
@@ -91,6 +102,22 @@ def _levels(t) -> np.ndarray:
     return t.levels() if t.quantized else t.values
 
 
+def _rounding_consistent(w: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Per output channel: whether it has one scale r under which every kept weight rounds to its stored
+    level (|w| r within EDGE_BAND of |q| +- 0.5). The fitted ratio of a channel stored only as levels
+    0 and +-1 is off by tens of percent (mlp-1024's dynamic int8: 283 for a true 234), so a fitted
+    scale alone would call a correct rounding zero "gained"; the interval of admissible scales is exact.
+    """
+    a, m = np.abs(w), np.abs(q)
+    kept = a > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        low = np.where(kept, np.maximum(m - ROUNDING_EDGE - EDGE_BAND, 0.0) / a, 0.0)
+        high = np.where(kept, (m + ROUNDING_EDGE + EDGE_BAND) / a, np.inf)
+    signs = np.sign(w) * np.sign(q)
+    flipped = np.any(signs > 0, axis=0) & np.any(signs < 0, axis=0)  # a scale has one sign per channel
+    return (low.max(axis=0) <= high.min(axis=0)) & ~flipped
+
+
 def int8_zero_check(kernel: np.ndarray, stored) -> dict:
     """Zeros of one int8 kernel: Keras zeros, rounding zeros under the file's own scales, and the
     zeros lost (a pruned weight stored non-zero) or gained (a weight far from rounding stored as 0)."""
@@ -103,6 +130,7 @@ def int8_zero_check(kernel: np.ndarray, stored) -> dict:
     file_zero = levels == 0
     w = kernel.reshape(-1, kernel.shape[-1]).astype(np.float64)
     q = levels.reshape(-1, kernel.shape[-1]).astype(np.float64)
+    consistent = _rounding_consistent(w, q)  # channels where one scale rounds every kept weight as stored
     den = np.sum(w * w, axis=0)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.abs(np.sum(q * w, axis=0) / den)
@@ -110,8 +138,8 @@ def int8_zero_check(kernel: np.ndarray, stored) -> dict:
     fill = float(np.median(ratio[known])) if known.any() else 0.0
     ratio = np.where(known, ratio, fill)  # an all-zero stored channel: the tensor's typical scale
     magnitude = (np.abs(w) * ratio).reshape(kernel.shape)  # |level| each weight quantizes to
-    rounds = ~keras_zero & (magnitude < ROUNDING_EDGE - EDGE_BAND)
-    edge = ~keras_zero & (np.abs(magnitude - ROUNDING_EDGE) <= EDGE_BAND)
+    rounds = ~keras_zero & (magnitude < ROUNDING_EDGE - EDGE_BAND) & ~consistent
+    edge = ~keras_zero & ((np.abs(magnitude - ROUNDING_EDGE) <= EDGE_BAND) | consistent)  # stored rounding accepted
     return {
         "expected": int(keras_zero.sum() + rounds.sum() + (edge & file_zero).sum()),
         "lost": int((keras_zero & ~file_zero).sum()),

@@ -42,7 +42,7 @@ import models as suite  # noqa: E402  (scripts/models.py)
 from compressor._tf import keras  # noqa: E402
 from exporters import targets as registry  # noqa: E402
 
-VARIANTS = ("dense", "tfmot-peer", "fusion", "fusion-int8")
+VARIANTS = ("dense", "tfmot-peer", "fusion-fixed", "fusion", "fusion-int8")
 RUNTIMES = {rt: fmt.extensions[0] for rt, fmt in registry.runtime_formats(registry.NAMES)}
 BATCHES = (1, 32)
 THREADS = (1, 2)
@@ -120,10 +120,6 @@ def macs(model) -> dict:
 
 def build(spec, data, work: Path) -> dict:
     """Train the model and make every variant's files; a failing variant is recorded, not fatal."""
-    from compressor.api import compress
-    from compressor.errors import CompressorError
-    from compressor.model_io import load_model
-    from compressor.training import count_params
 
     folder = work / spec.name
     folder.mkdir(parents=True, exist_ok=True)
@@ -157,46 +153,72 @@ def build(spec, data, work: Path) -> dict:
         log(f"{spec.name}: tfmot peer FAILED: {_one_line(exc)}")
     entry["seconds"]["tfmot-peer"] = round(time.perf_counter() - t, 1)
 
-    t = time.perf_counter()
-    out = folder / "fusion"
+    for variant in ("fusion-fixed", "fusion"):
+        t = time.perf_counter()
+        _fusion(entry, dense, ds, folder / variant, variant)
+        entry["seconds"][variant] = round(time.perf_counter() - t, 1)
+    keras.backend.clear_session()
+    return entry
+
+
+# ------------------------------------------------------------------------------------ measure
+
+def fixed_recipe():
+    """The default recipe without its search stage: the fixed per-stage amounts the search replaced."""
+    from compressor.recipe import default_recipe
+
+    recipe = default_recipe()
+    return recipe.model_copy(update={"stages": [st for st in recipe.stages if st.name != "search"]})
+
+
+def _fusion(entry: dict, dense, ds, out: Path, variant: str) -> None:
+    """One compressor run: `fusion` = the default recipe (goal-less search), `fusion-fixed` = without
+    the search; files, stages and the frontier are recorded, a failure is recorded, not fatal."""
+    from compressor.api import compress
+    from compressor.errors import CompressorError
+    from compressor.model_io import load_model
+    from compressor.training import count_params
+
+    default = variant == "fusion"
     try:
         try:
-            report = compress(dense, ds, out, recipe=None, force=True, quiet=True)
+            report = compress(dense, ds, out, recipe=None if default else fixed_recipe(), force=True, quiet=True)
         except CompressorError as exc:
             # The pipeline writes every file and report.json before it refuses a failed verification;
             # those files are still timed, and the page flags them with the verification problem.
             if not str(exc).startswith("verification failed") or not (out / "report.json").is_file():
                 raise
             report = json.loads((out / "report.json").read_text())
-            entry["errors"]["fusion verification"] = str(exc).split("; see ")[0]
-            log(f"{spec.name}: fusion verification failed; timing its files anyway, flagged: {exc}")
-        entry["files"]["fusion"] = {rt: out / f"pruned{ext}" for rt, ext in RUNTIMES.items()}
+            entry["errors"][f"{variant} verification"] = str(exc).split("; see ")[0]
+            log(f"{entry['name']}: {variant} verification failed; timing its files anyway, flagged: {exc}")
+        entry["files"][variant] = {rt: out / f"pruned{ext}" for rt, ext in RUNTIMES.items()}
         int8 = {rt: out / f"pruned-int8{ext}" for rt, ext in RUNTIMES.items() if (out / f"pruned-int8{ext}").is_file()}
-        if int8:
+        if int8 and default:
             entry["files"]["fusion-int8"] = int8
-        entry["stages"] = [{k: s.get(k) for k in ("name", "amount", "params_before", "params_after", "nonzero_after",
-                                                  "accuracy_after", "seconds", "notes")} for s in report["stages"]]
-        entry["verification"] = [{k: v.get(k) for k in ("file", "ok", "max_abs_diff", "prediction_agreement")}
-                                 for v in report["verification"]]
-        log(f"{spec.name}: fusion done ({', '.join(s['name'] for s in report['stages'])})")
+        key = "stages" if default else "fixed_stages"
+        entry[key] = [{k: s.get(k) for k in ("name", "amount", "params_before", "params_after", "nonzero_after",
+                                             "accuracy_after", "seconds", "notes")} for s in report["stages"]]
+        entry.setdefault("verification", []).extend(
+            {k: v.get(k) for k in ("file", "ok", "max_abs_diff", "prediction_agreement")} for v in report["verification"])
+        if default:
+            entry["frontier"] = report.get("frontier", [])
+            entry["latency_model"] = report.get("latency_model", [])
+        log(f"{entry['name']}: {variant} done ({', '.join(s['name'] for s in report['stages'])})")
     except Exception as exc:
-        entry["errors"]["fusion failed"] = _one_line(exc)
-        log(f"{spec.name}: fusion FAILED: {_one_line(exc)}")
+        entry["errors"][f"{variant} failed"] = _one_line(exc)
+        log(f"{entry['name']}: {variant} FAILED: {_one_line(exc)}")
         traceback.print_exc()
-    if "fusion" in entry["files"]:
+    if variant in entry["files"]:
         try:  # MACs need the pruned Keras model; its files are benchmarked even if it cannot be reloaded
             pruned = load_model(out / "pruned.keras").model
-            entry["macs"]["fusion"] = entry["macs"]["fusion-int8"] = macs(pruned)
-            entry["fusion_kernel_sparsity"] = overall_sparsity(pruned)
-            entry["fusion_params"] = count_params(pruned)
+            entry["macs"][variant] = macs(pruned)
+            if default:
+                entry["macs"]["fusion-int8"] = entry["macs"][variant]
+                entry["fusion_kernel_sparsity"] = overall_sparsity(pruned)
+                entry["fusion_params"] = count_params(pruned)
         except Exception as exc:
-            entry["errors"]["fusion MACs unavailable"] = _one_line(exc)
-    entry["seconds"]["fusion"] = round(time.perf_counter() - t, 1)
-    keras.backend.clear_session()
-    return entry
+            entry["errors"][f"{variant} MACs unavailable"] = _one_line(exc)
 
-
-# ------------------------------------------------------------------------------------ measure
 
 def static_metrics(entry: dict, x: np.ndarray, y: np.ndarray) -> dict:
     """Accuracy (+ Wilson CI), sizes and stored weights of every file; correctness kept for McNemar."""
@@ -275,7 +297,7 @@ def measure(entry: dict, data, settings: Settings) -> None:
                     "mcnemar_vs_dense": paired,
                     **entry["macs"].get(variant, {"macs": None, "macs_nonzero": None}),
                 })
-            for variant in ("tfmot-peer", "fusion", "fusion-int8"):
+            for variant in VARIANTS[1:]:
                 for base in ("dense", "tfmot-peer"):
                     if variant == base or variant not in times or base not in times:
                         continue
@@ -346,7 +368,7 @@ def headline_table(results: dict) -> str:
     for m in results["models"]:
         for runtime in RUNTIMES:
             dense = _find(m.get("rows", []), variant="dense", runtime=runtime, batch=1, threads=1)
-            for variant in ("fusion", "fusion-int8"):
+            for variant in ("fusion-fixed", "fusion", "fusion-int8"):
                 row = _find(m.get("rows", []), variant=variant, runtime=runtime, batch=1, threads=1)
                 if row is None or dense is None:
                     continue
@@ -393,13 +415,13 @@ def render_page(results: dict) -> str:
         "## Method", "",
         "- **Models** (`scripts/models.py`), each trained with seed 0 on the embedded mnist5k "
         "(4,000 train / 1,000 test real MNIST digits):", "",
-        "| model | description | params | dense MACs | epochs | Keras test accuracy | build seconds (train / peer / fusion) |",
+        "| model | description | params | dense MACs | epochs | Keras test accuracy | build seconds (train / peer / fixed / fusion) |",
         "|---|---|---|---|---|---|---|",
     ]
     for m in results["models"]:
         s = m["seconds"]
         lines.append(f"| {m['name']} | {m['title']} | {m['params']:,} | {m['macs']['dense']['macs']:,} | {m['train_epochs']} | "
-                     f"{m['keras_accuracy']:.4f} | {s.get('train', 0):.0f} / {s.get('tfmot-peer', 0):.0f} / {s.get('fusion', 0):.0f} |")
+                     f"{m['keras_accuracy']:.4f} | {s.get('train', 0):.0f} / {s.get('tfmot-peer', 0):.0f} / {s.get('fusion-fixed', 0):.0f} / {s.get('fusion', 0):.0f} |")
     p = PEER
     lines += [
         "",
@@ -411,7 +433,9 @@ def render_page(results: dict) -> str:
         "batch 32 (as the baseline was trained) instead of the guide's 128, which gives only 58 steps here "
         "(small CNN peer: 91.1% with 128, 97.7% with 32). "
         "`fusion` = `compressor.api.compress(model, data, out, recipe=None)` (its `pruned.tflite`/`pruned.onnx`); "
-        "`fusion-int8` = the same run's `pruned-int8.*`.",
+        "`fusion-int8` = the same run's `pruned-int8.*`. Since the default recipe ends with a goal-less `search` "
+        "stage (the fastest widths measured within the accuracy budget), `fusion-fixed` = the same recipe without "
+        "it: the stages' fixed amounts alone, the goal-driven result's point of comparison.",
         "- **Timing**: all files of one model and runtime are opened in one process and run interleaved "
         "(dense, peer, fusion, int8, dense, …) with `exporters.latency.measure_interleaved`, after warm-up "
         f"({meta['settings']['warmup']['1']} runs at batch 1, {meta['settings']['warmup']['32']} at batch 32), "
@@ -434,6 +458,7 @@ def render_page(results: dict) -> str:
         "`compressor.flops.model_macs` of the Keras model (Dense and Conv family; int8 shares the float model's MACs).",
         "",
     ]
+    lines += frontier_section(results)
     lines += ["## Full results", ""]
     for m in results["models"]:
         lines += [f"### {m['name']}: {m['title']}", ""]
@@ -479,6 +504,35 @@ def render_page(results: dict) -> str:
             lines += [""] + [f"- note: {n}" for n in notes]
         lines.append("")
     return "\n".join(lines)
+
+
+def frontier_section(results: dict) -> list[str]:
+    """Per model, the default recipe's search points: predicted vs measured speedup per runtime
+    (the search's own interleaved timing, fewer rounds than the tables above) and accuracy on the budget split."""
+    lines = ["## Frontier of the goal-less search (`fusion`)", "",
+             "Every operating point the default recipe's search stage visited, from its report.json `frontier`; "
+             "the shipped point is marked. Accuracy is on the budget split (x_val, else x_test) after the "
+             "point's fine-tune; measured speedups come from the search's own interleaved timing.", ""]
+    for m in results["models"]:
+        rows = m.get("frontier") or []
+        if not rows:
+            continue
+        runtimes = sorted({rt for r in rows for rt in r.get("measured_speedup", {})})
+        lines += [f"### {m['name']}", "",
+                  "| point | predicted | " + " | ".join(f"measured {rt}" for rt in runtimes)
+                  + " | accuracy | within budget | widths | shipped |",
+                  "|---|---|" + "---|" * len(runtimes) + "---|---|---|---|"]
+        for r in rows:
+            measured = " | ".join(_x(r.get("measured_speedup", {}).get(rt)) for rt in runtimes)
+            widths = ", ".join(f"{g} {w}" for g, w in r["widths"].items())
+            lines.append(f"| {r.get('point', '')} | {r['predicted_speedup']:.2f}x | {measured} | {r['accuracy']:.4f} | "
+                         f"{'yes' if r['within_budget'] else 'no'} | {widths} | {'yes' if r.get('files') == ['pruned.keras'] else ''} |")
+        errors = [abs(c["error_pct"]) for c in m.get("latency_model", []) if c["model"] != "dense"]
+        if errors:
+            lines += ["", f"Latency model: median |prediction error| {float(np.median(errors)):.1f}% over "
+                          f"{len(errors)} point/runtime pairs."]
+        lines.append("")
+    return lines
 
 
 # ------------------------------------------------------------------------------------ main

@@ -79,6 +79,11 @@ def mobilenet_v2() -> keras.Model:
     return keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=CLASSES)
 
 
+def efficientnet_b0() -> keras.Model:
+    """keras.applications' EfficientNetB0 (untrained weights) on digits padded to 32x32x3."""
+    return keras.applications.EfficientNetB0(input_shape=(32, 32, 3), weights=None, classes=CLASSES)
+
+
 def transformer_encoder(blocks: int = 2, d_model: int = 64, heads: int = 4, ffn: int = 128) -> keras.Model:
     """Post-norm transformer encoder reading the 28 pixel rows as 28 tokens (keyword-spotting sized)."""
     inputs = L.Input((28, 28), name="rows")
@@ -115,6 +120,8 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in (
     ModelSpec("dscnn", "MobileNet-style CNN: stem + 2 depthwise-separable blocks + SeparableConv2D + GAP", dscnn,
               (28, 28, 1), 8),
     ModelSpec("mobilenetv2", "keras.applications MobileNetV2 (alpha 0.35) on 32x32x3", mobilenet_v2, (32, 32, 3), 8,
+              as_rgb32),
+    ModelSpec("efficientnetb0", "keras.applications EfficientNetB0 on 32x32x3", efficientnet_b0, (32, 32, 3), 6,
               as_rgb32),
     ModelSpec("encoder", "transformer encoder: 2 blocks, d_model 64, 4 heads, FFN 128 (28 rows as tokens)",
               transformer_encoder, (28, 28), 8),

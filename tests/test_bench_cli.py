@@ -145,7 +145,7 @@ def test_suite_model_builders_build_and_run(digits):
     from compressor.flops import model_macs
 
     models = _load_script("models")
-    assert set(models.MODELS) == {"mlp-128", "mlp-1024", "cnn", "dscnn", "mobilenetv2", "encoder"}
+    assert set(models.MODELS) == {"mlp-128", "mlp-1024", "cnn", "dscnn", "mobilenetv2", "efficientnetb0", "encoder"}
     x = np.random.default_rng(0).random((2, 784), dtype=np.float32)
     for spec in models.MODELS.values():
         model = spec.build()
@@ -180,3 +180,20 @@ def test_suite_static_metrics_reads_each_file(small_mlp, digits, tmp_path):
         row = static[("dense", runtime)]
         assert row["resolver"] == "default" and row["params"] == small_mlp.count_params()
         assert abs(row["accuracy"] - static[("dense", "tflite")]["accuracy"]) < 0.01
+
+
+def test_suite_frontier_section_and_fixed_recipe():
+    """The goal-driven default (`fusion`) is compared with the same recipe without its search
+    (`fusion-fixed`); the frontier section lists every point and marks the shipped one."""
+    script = _load_script("benchmark")
+    assert [s.name for s in script.fixed_recipe().stages][-1] != "search"
+    rows = [{"point": "point0-2.00x", "predicted_speedup": 2.0, "accuracy": 0.95, "within_budget": True,
+             "widths": {"h": 64}, "measured_speedup": {"onnxruntime": 1.8, "tflite": 2.2}, "files": ["pruned.keras"]},
+            {"point": "point1-4.00x", "predicted_speedup": 4.0, "accuracy": 0.90, "within_budget": False,
+             "widths": {"h": 16}, "measured_speedup": {"onnxruntime": 3.1, "tflite": 4.4}}]
+    checks = [{"model": "point0", "error_pct": -10.0}, {"model": "point1", "error_pct": 30.0},
+              {"model": "dense", "error_pct": 99.0}]
+    text = "\n".join(script.frontier_section({"models": [{"name": "m", "frontier": rows, "latency_model": checks}]}))
+    assert "| point0-2.00x | 2.00x | 1.80x | 2.20x | 0.9500 | yes | h 64 | yes |" in text
+    assert "| point1-4.00x | 4.00x | 3.10x | 4.40x | 0.9000 | no | h 16 |  |" in text
+    assert "median |prediction error| 20.0% over 2" in text

@@ -12,7 +12,9 @@ from onnx import numpy_helper
 from compressor._tf import keras
 from exporters import onnx_export, ship, tflite_export
 from exporters.runtimes import open_runner_safely
-from exporters.verify import verify_file
+from compressor.core import keras_kernels
+from exporters.readback import tflite_weights
+from exporters.verify import align_to_kernel, int8_zero_check, pair_kernels, verify_file
 
 L = keras.layers
 
@@ -181,3 +183,85 @@ def test_reduce_range_only_on_x86_without_vnni(monkeypatch):
     monkeypatch.setattr(platform, "machine", lambda: "aarch64")
     monkeypatch.setattr(benchmark, "cpu_flags", lambda: {"asimd"})
     assert onnx_export.reduce_range_needed() is False
+
+
+def _inverted_residual_model(seed: int = 0) -> keras.Model:
+    """MobileNetV2's shape in small: each block's 1x1 expand (16->32) and projection (32->16) convs
+    have the same number of weights in transposed shapes, and BatchNorm scales every output channel
+    differently, so only a per-channel match tells the two stored tensors apart."""
+    keras.utils.set_random_seed(seed)
+    rng = np.random.default_rng(seed)
+    inp = keras.Input((8, 8, 16))
+    x = inp
+    for _ in range(3):
+        y = L.ReLU(6.0)(L.BatchNormalization()(L.Conv2D(32, 1, use_bias=False)(x)))
+        y = L.ReLU(6.0)(L.BatchNormalization()(L.DepthwiseConv2D(3, padding="same", use_bias=False)(y)))
+        x = L.Add()([x, L.BatchNormalization()(L.Conv2D(16, 1, use_bias=False)(y))])
+    model = keras.Model(inp, L.Dense(10)(L.GlobalAveragePooling2D()(x)))
+    for layer in model.layers:
+        if isinstance(layer, L.BatchNormalization):
+            n = layer.gamma.shape[0]
+            layer.set_weights([rng.uniform(0.05, 3, n) * rng.choice([-1, 1], n), rng.normal(0, .1, n),
+                               rng.normal(0, .1, n), rng.uniform(0.05, 4, n)])
+    return model
+
+
+def _int8_files(model, folder, calib):
+    plain = onnx_export.export_float(model, folder / "m.onnx")
+    return {"tflite": tflite_export.export_int8(model, folder / "m8.tflite", calib, sparse=False),
+            "static": onnx_export.export_int8(plain, folder / "s8.onnx", calib, mode="static"),
+            "dynamic": onnx_export.export_int8(plain, folder / "d8.onnx", calib, mode="dynamic")}
+
+
+def test_inverted_residual_blocks_pair_and_verify_in_every_scheme(tmp_path):
+    model = _inverted_residual_model()
+    calib = np.random.default_rng(2).random((40, 8, 8, 16), dtype=np.float32)
+    for scheme, path in _int8_files(model, tmp_path, calib).items():
+        kernels = keras_kernels(model)
+        pairs = pair_kernels(path, kernels)
+        for kernel, stored in pairs:  # each kernel laid over its own tensor, not a same-sized neighbour
+            assert stored is not None and align_to_kernel(stored.levels() if stored.quantized else stored.values,
+                                                          kernel)[1] > 0.9, (scheme, stored and stored.name)
+        row = _verify(path, model, calib)
+        assert row["ok"], (scheme, row)
+
+
+def test_a_channel_stored_as_levels_zero_and_one_is_not_misjudged():
+    """A per-tensor scale leaves a column of small weights at levels {0, +-1}; no fitted scale is exact
+    for it, but the stored levels are exactly what the file's scale makes of the weights."""
+    rng = np.random.default_rng(0)
+    kernel = rng.normal(0, 1, (64, 4)).astype(np.float32)
+    kernel[rng.random(kernel.shape) < 0.5] = 0
+    step = np.abs(kernel).max() / 127
+    kernel[:, 3] = 0
+    kernel[:20, 3] = 0.55 * step * rng.choice([-1, 1], 20)  # round up to level 1: a fitted scale comes out
+    kernel[20, 3] = 0.45 * step                             # ~1.8x too large and calls this rounding zero gained
+    levels = np.round(kernel / step).astype(np.int8)
+
+    class Stored:
+        quantized = True
+
+        def levels(self):
+            return levels.T.astype(np.int64)  # stored transposed, as FULLY_CONNECTED keeps it
+    check = int8_zero_check(kernel, Stored())
+    assert check["lost"] == check["gained"] == 0 and check["expected"] == int((levels == 0).sum()), check
+    levels[np.argmax(np.abs(kernel[:, 0])), 0] = 0  # the largest weight of a normal column zeroed
+    assert int8_zero_check(kernel, Stored())["gained"] == 1
+    levels[np.flatnonzero(kernel[:, 1] == 0)[0], 1] = 3  # a pruned weight regrown
+    assert int8_zero_check(kernel, Stored())["lost"] == 1
+
+
+def test_a_pruned_weight_regrown_in_a_tflite_file_fails(edge_files, tmp_path):
+    from ai_edge_litert.tools import flatbuffer_utils as fbu
+
+    model, x, files = edge_files
+    fb = fbu.read_model(str(files["tflite"]))
+    stored = {t.index: t for t in tflite_weights(files["tflite"]) if t.quantized and len(t.shape) == 4}
+    index, tensor = next((i, t) for i, t in stored.items() if t.shape[0] == 16 and t.shape[-1] == 3)
+    data = np.frombuffer(bytes(fb.buffers[fb.subgraphs[0].tensors[index].buffer].data), np.int8).copy()
+    zero = np.flatnonzero(data == 0)[:4]
+    data[zero] = 9  # pruned zeros (and perhaps a rounding zero next to them) stored non-zero again
+    fb.buffers[fb.subgraphs[0].tensors[index].buffer].data = data.astype(np.uint8)
+    fbu.write_model(fb, str(tmp_path / "lost.tflite"))
+    row = _verify(tmp_path / "lost.tflite", model, x)
+    assert not row["ok"] and re.search(r"[1-4] pruned zero\(s\) lost", row["problem"]), row

@@ -148,13 +148,19 @@ def test_same_seed_gives_identical_masks_and_files(tmp_path, small_mlp, capsys):
         assert _sha(outs[0] / name) == _sha(outs[1] / name), name
 
 
+def _ctrl_c_deliverable():
+    """A job started in the background by a non-interactive shell (as CI runs us) inherits SIGINT ignored,
+    and Python then keeps ignoring it: give the child the default disposition, as a terminal would."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_interrupted_run_leaves_no_partial_artifact(tmp_path, small_mlp):
     small_mlp.save(tmp_path / "m.keras")
     out = tmp_path / "o"
     recipe = _recipe(tmp_path, stages=[{"name": "weight", "sparsity": 0.8, "epochs": 200}])
     proc = subprocess.Popen([sys.executable, "-m", "compressor.cli", "run", "--model", str(tmp_path / "m.keras"),
                              "--data", "digits", "--recipe", recipe, "--out", str(out), "--quiet"],
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_ctrl_c_deliverable)
     deadline = time.time() + 120
     while time.time() < deadline and not list(tmp_path.glob(".o.partial-*")):  # the result is built aside
         time.sleep(0.2)

@@ -121,3 +121,42 @@ def test_goal_fields_are_validated_in_one_line(goal, field):
 def test_existing_recipes_stay_valid():
     assert parse_recipe(None).stages[0].name == "weight"
     assert parse_recipe({"stages": [{"name": "weight"}, {"name": "search"}]}).stages[1].goal.runtime == "onnxruntime"
+
+
+def test_without_a_goal_the_fastest_point_on_all_target_runtimes_ships():
+    rows = [{"within_budget": True, "measured_speedup": {"onnxruntime": 6.0, "tflite": 1.5}},
+            {"within_budget": True, "measured_speedup": {"onnxruntime": 4.0, "tflite": 4.0}},
+            {"within_budget": False, "measured_speedup": {"onnxruntime": 9.0, "tflite": 9.0}}]
+    cfg = parse_recipe({"stages": [{"name": "search"}]}).stages[0]
+    assert search._choose(rows, None, cfg, ("onnxruntime", "tflite")) == (1, [])  # 4x both beats 6x/1.5x
+    assert search._choose(rows, None, cfg, ("onnxruntime",)) == (0, [])
+    assert parse_recipe(None).stages[-1].name == "search"  # the default recipe searches without a goal
+
+
+def test_keep_frontier_writes_each_other_point_and_names_its_files(tmp_path):
+    from compressor.model_io import save_model_atomic
+    from compressor.pipeline import _search_results
+    from compressor.progress import Reporter
+    from exporters import ship
+
+    recipe = parse_recipe({"targets": ["tflite", "onnxruntime"], "keep_frontier": True})
+    rows = [{"predicted_speedup": 2.0}, {"predicted_speedup": 4.0}]
+    label = search.point_label(0, rows[0])
+    files = ship.export_points({label: _mlp(16)}, recipe, tmp_path / "frontier", Reporter(quiet=True),
+                              save_model_atomic)
+    assert sorted(files[label]) == [f"frontier/{label}/pruned.keras", f"frontier/{label}/pruned.onnx",
+                                    f"frontier/{label}/pruned.tflite"]
+    assert all((tmp_path / f).stat().st_size > 0 for f in files[label])
+    lifted = _search_results([{"name": "search", "details": {"frontier": rows, "chosen": 1}}], files)
+    assert lifted["frontier"][0]["files"] == files[label] and lifted["frontier"][1]["files"] == ["pruned.keras"]
+
+
+def test_a_speedup_goal_counts_from_the_model_before_any_stage(digits):
+    """Earlier stages that already made the model faster than the goal leave the search nothing to do."""
+    wide, narrow = _mlp(1024), _mlp(8)
+    ctx = StageContext(recipe=parse_recipe({"stages": [{"name": "search"}]}), data=digits, dense_model=wide)
+    cfg = parse_recipe({"stages": [{"name": "search", "goal": {"speedup": 1.2}}]}).stages[0]
+    kept, note = search._relative_goal(cfg, ctx, narrow, narrow)
+    assert kept is None and "already measured" in note and "\n" not in note
+    same, none = search._relative_goal(cfg, StageContext(recipe=ctx.recipe, data=digits, dense_model=narrow), narrow, narrow)
+    assert same is cfg and none is None  # the search is the first stage: the goal is its own

@@ -19,6 +19,7 @@ class StageContext:
     data: Dataset
     epoch_progress: Callable[[str, int], object] | None = None  # (label, epochs) -> keras callback or None
     log: Callable[[str], None] | None = None  # progress lines of long stages (the search's steps)
+    dense_model: object | None = None  # the model before any stage (a speed goal counts from it)
     baseline_accuracy: float | None = None  # dense metric on the budget split (goal-driven stages step back by it)
     task: object = None  # compressor.task.Task: loss for fine-tuning, metric and budget (None: top-1 accuracy)
 
@@ -28,3 +29,4 @@ class StageOutcome:
     model: object
     details: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    points: dict = field(default_factory=dict)  # frontier label -> fine-tuned model (written by --keep-frontier)

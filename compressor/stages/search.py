@@ -135,7 +135,7 @@ class _Search:
         self.cfg, self.ctx, self.lms, self.units, self.floor, self.task = cfg, ctx, lms, units, floor, task
         self.lm = lms[cfg.goal.runtime]
         self.dense_ms = self.lm.predict()
-        self.rows, self.models, self.states = [], [], []
+        self.rows, self.models, self.states, self.seen = [], [], [], {}
         self.good = (1.0, model, {})  # (speedup, fine-tuned model, units removed per group)
 
     def visit(self, speedup: float) -> bool:
@@ -147,8 +147,11 @@ class _Search:
                          max(1, self.ctx.recipe.round_units))
         if not any(extra.values()):
             return False
-        model = _shrink(importance, extra, self.cfg, self.ctx, f"search: fine-tune at {speedup:.2f}x")
         total = _add(removed, extra)
+        key = tuple(sorted(total.items()))
+        if key in self.seen:  # same widths as a visited point (flat table): its verdict, no second fine-tune
+            return self.seen[key]
+        model = _shrink(importance, extra, self.cfg, self.ctx, f"search: fine-tune at {speedup:.2f}x")
         acc = self.task.keras(model).value
         ok = self.task.within(self.floor, acc)  # the pipeline's own test, same rounding
         predicted = self.dense_ms / self.lm.predict(total)
@@ -162,6 +165,7 @@ class _Search:
         self.states.append((speedup, model, total))
         _log(self.ctx, f"search: {speedup:.2f}x predicted -> {self.task.name} {acc:.4f} "
                        f"({'within' if ok else 'over'} budget)")
+        self.seen[key] = ok
         if ok:
             self.good = (speedup, model, total)
         return ok
@@ -203,7 +207,10 @@ def _correct_to_goal(search: _Search, dense, goal: float | None, cfg: SearchStag
         _log(search.ctx, f"search: measured {actual:.2f}x for a {goal:.2f}x goal; aiming the prediction at {aim:.2f}x")
         search.good = search.states[i]
         search.rows[i]["superseded"] = True  # measured short of the goal
+        before = len(search.rows)
         ok = search.visit(aim)
+        if len(search.rows) == before:
+            return  # the aimed allocation gives widths already visited: nothing new to offer
         search.rows[-1]["corrected_for_goal"] = True  # this point now stands for the goal
         if not ok:
             return
@@ -215,6 +222,9 @@ def apply(model, cfg: SearchStage, ctx: StageContext, amount: float = 1.0) -> St
     groups = scoring.groups(start, observable=True)
     if not groups:
         return StageOutcome(start, {"removed": 0, "frontier": []}, ["search: no prunable Dense/Conv layers"])
+    cfg, goal_note = _relative_goal(cfg, ctx, model, start)
+    if cfg is None:
+        return StageOutcome(start, {"removed": 0, "frontier": []}, [goal_note])
     units = {g.name: g.units for g in groups}
     members = {g.name: len(g.members) for g in groups}
     lms = _tables(start, list(units), cfg, ctx)
@@ -223,13 +233,14 @@ def apply(model, cfg: SearchStage, ctx: StageContext, amount: float = 1.0) -> St
     search.run(points, goal)
     _correct_to_goal(search, start, goal, cfg)
     measured = _measure(start, search, cfg)
-    best, notes = _choose(search.rows, goal, cfg, task.name)
+    best, notes = _choose(search.rows, goal, cfg, _target_runtimes(ctx), task.name)
     if not search.rows:
         notes.append(f"search: not reachable on {cfg.goal.runtime}: the latency table predicts no gain from narrower "
                      "layers (fixed per-op cost dominates); model left unchanged")
     elif best is None:
         notes.append(f"search: no operating point stayed within the {task.budget_text()} budget; "
                      "model left unchanged")
+    notes += [goal_note] if goal_note else []
     if best is None:
         return StageOutcome(start, {"removed": 0, "frontier": search.rows, "latency_model": measured}, notes)
     row = search.rows[best]
@@ -242,7 +253,34 @@ def apply(model, cfg: SearchStage, ctx: StageContext, amount: float = 1.0) -> St
                "chosen": best, "widths": row["widths"], "frontier": search.rows, "latency_model": measured,
                "tables": {rt: {"path": str(lm.table.path), "entries": lm.entries, "measured_now": lm.table.measured}
                           for rt, lm in lms.items()}}
-    return StageOutcome(search.models[best], details, notes)
+    points = {point_label(i, r): m for i, (r, m) in enumerate(zip(search.rows, search.models)) if i != best}
+    return StageOutcome(search.models[best], details, notes, points)
+
+
+def point_label(index: int, row: dict) -> str:
+    """Folder name of a frontier point: its index and predicted speedup (unique, sortable)."""
+    return f"point{index}-{row['predicted_speedup']:.2f}x"
+
+
+def _relative_goal(cfg: SearchStage, ctx: StageContext, model, start) -> tuple[SearchStage | None, str | None]:
+    """A speedup goal counts from the model before any stage: earlier stages already bought part of it,
+    so the search aims at the rest (None: the goal is already met, the search keeps the model)."""
+    dense = ctx.dense_model
+    if cfg.goal.speedup is None or dense is None or dense is model:
+        return cfg, None
+    runtime = cfg.goal.runtime
+    p50 = measure_models({"dense": dense, "start": start}, runtime, cfg.goal.batch)
+    done = p50["dense"] / p50["start"]
+    if done < 1.05:
+        return cfg, None
+    rest = cfg.goal.speedup / done
+    if rest <= 1.0:
+        return None, (f"search: earlier stages already measured {done:.2f}x on {runtime}, meeting the "
+                      f"{cfg.goal.speedup:.2f}x goal; model left as they made it")
+    goal = cfg.goal.model_copy(update={"speedup": rest})
+    return cfg.model_copy(update={"goal": goal}), (
+        f"search: earlier stages measured {done:.2f}x on {runtime}; the search aimed at the remaining {rest:.2f}x "
+        f"of the {cfg.goal.speedup:.2f}x goal (its speedups count from the model it was given)")
 
 
 def _measure(dense, search: _Search, cfg: SearchStage) -> list[dict]:
@@ -266,25 +304,38 @@ def _measure(dense, search: _Search, cfg: SearchStage) -> list[dict]:
     return checks
 
 
+def _target_runtimes(ctx: StageContext) -> tuple[str, ...]:
+    """The runtimes the recipe ships to (a search without a speed goal is fastest on these together)."""
+    from exporters.targets import selected
+
+    wanted = {t.runtime for t in selected(ctx.recipe.targets)}
+    return tuple(rt for rt in RUNTIMES if rt in wanted) or RUNTIMES
+
+
+def _fastest(rows: list[dict], good: list[int], runtimes: tuple[str, ...]) -> int | None:
+    """The point with the highest geometric-mean measured speedup over `runtimes`."""
+    def score(i: int) -> float:
+        return float(np.mean([math.log(rows[i]["measured_speedup"][rt]) for rt in runtimes]))
+    return max(good, key=score) if good else None
+
+
 def _choose(rows: list[dict], goal: float | None, cfg: SearchStage,
-            metric: str = "accuracy") -> tuple[int | None, list[str]]:
-    """The goal point if it is within budget, else (and without a goal) the fastest measured one."""
+            runtimes: tuple[str, ...] | None = None, metric: str = "accuracy") -> tuple[int | None, list[str]]:
+    """The goal point if it is within budget, else the fastest measured one: on the goal's runtime
+    when there is a goal, else on the recipe's target runtimes together."""
     runtime = cfg.goal.runtime
     good = [i for i, r in enumerate(rows) if r["within_budget"]]
-    if goal is not None:
-        hit = [i for i in good if rows[i]["reached"] and not rows[i].get("superseded")
-               and (abs(rows[i]["goal_speedup"] - round(goal, 3)) < 1e-6 or rows[i].get("corrected_for_goal"))]
-        if hit:
-            return hit[-1], []
-        if rows and not any(r.get("reached", True) for r in rows):
-            top = max((r["predicted_speedup"] for r in rows), default=1.0)
-            best = min(good, key=lambda i: rows[i]["measured_ms"][runtime]) if good else None
-            return best, [f"search: goal {goal:.2f}x on {runtime} not reachable: the latency table predicts at most "
-                          f"{top:.2f}x at the narrowest widths (fixed per-op cost dominates)"]
-    best = min(good, key=lambda i: rows[i]["measured_ms"][runtime]) if good else None
-    notes = []
-    if goal is not None:
-        reached = f"{rows[best]['measured_speedup'][runtime]:.2f}x measured" if best is not None else "nothing"
-        notes.append(f"search: goal {goal:.2f}x on {runtime} not reachable within the {metric} budget; "
-                     f"best within budget: {reached}")
-    return best, notes
+    if goal is None:
+        return _fastest(rows, good, runtimes or (runtime,)), []
+    fastest_here = min(good, key=lambda i: rows[i]["measured_ms"][runtime]) if good else None
+    hit = [i for i in good if rows[i]["reached"] and not rows[i].get("superseded")
+           and (abs(rows[i]["goal_speedup"] - round(goal, 3)) < 1e-6 or rows[i].get("corrected_for_goal"))]
+    if hit:
+        return hit[-1], []
+    if rows and not any(r.get("reached", True) for r in rows):
+        top = max((r["predicted_speedup"] for r in rows), default=1.0)
+        return fastest_here, [f"search: goal {goal:.2f}x on {runtime} not reachable: the latency table predicts at "
+                              f"most {top:.2f}x at the narrowest widths (fixed per-op cost dominates)"]
+    reached = f"{rows[fastest_here]['measured_speedup'][runtime]:.2f}x measured" if fastest_here is not None else "nothing"
+    return fastest_here, [f"search: goal {goal:.2f}x on {runtime} not reachable within the {metric} budget; "
+                          f"best within budget: {reached}"]

@@ -27,14 +27,39 @@ def _magnitude_prunable(layer) -> bool:
     return handler is not None and handler.magnitude_kernel is not None
 
 
+def _input_rank(layer) -> int:
+    shape = layer.input_shape
+    return len(shape[0] if isinstance(shape, list) else shape)
+
+
+def left_dense(model: keras.Model, cfg: WeightStage) -> dict[str, str]:
+    """Prunable kernels the stage leaves without zeros, each with the reason (the report shows it).
+
+    Conv kernels unless the recipe asks for size (`conv_zeros`): their zeros are stored sparse and
+    then run dense (a DENSIFY op in LiteRT: XNNPACK's sparse conv path is off on x86 CPUs with AVX;
+    onnxruntime has no sparse CPU kernel). Dense layers applied per token (input rank >= 3) unless
+    `sequence_zeros`: LiteRT's sparse FULLY_CONNECTED kernel pays only on a single vector per
+    example; over a token sequence it runs slower than XNNPACK's dense kernel (measured on the
+    encoder), and onnxruntime runs the MatMul dense. Both cost accuracy for size only."""
+    reasons = {}
+    for layer in model.layers:
+        if not _magnitude_prunable(layer):
+            continue
+        if not isinstance(layer, keras.layers.Dense):
+            if not cfg.conv_zeros:
+                reasons[layer.name] = "conv kernel: zeros run dense on x86 runtimes (size only; conv_zeros: false)"
+        elif _input_rank(layer) >= 3 and not cfg.sequence_zeros:
+            reasons[layer.name] = (f"Dense over a token sequence (input rank {_input_rank(layer)}): the sparse "
+                                   "kernel is slower than dense there (size only; sequence_zeros: false)")
+    return reasons
+
+
 def _pruned_layers(model: keras.Model, cfg: WeightStage) -> list[str]:
-    """Kernels to mask. Conv kernels only when the recipe asks for size (`conv_zeros`): their zeros
-    are stored sparse and then run dense (a DENSIFY op in LiteRT: XNNPACK's sparse conv path is off
-    on x86 CPUs with AVX; onnxruntime has no sparse CPU kernel), so they cost accuracy for no speed;
-    the structured stages shrink convs instead."""
-    names = [layer.name for layer in model.layers if _magnitude_prunable(layer)
-             and (cfg.conv_zeros or isinstance(layer, keras.layers.Dense))]
-    if not cfg.prune_last_layer:  # every output head of a multi-output model is a "last layer"
+    """Kernels to mask: the prunable ones `left_dense` does not exclude; output heads only on request
+    (every output head of a multi-output model is a "last layer")."""
+    skipped = left_dense(model, cfg)
+    names = [layer.name for layer in model.layers if _magnitude_prunable(layer) and layer.name not in skipped]
+    if not cfg.prune_last_layer:
         heads = {model.layers[-1].name} | set(getattr(model, "output_names", []))
         names = [n for n in names if n not in heads]
     return names
@@ -56,9 +81,10 @@ def apply(model: keras.Model, cfg: WeightStage, ctx: StageContext, amount: float
     recipe, data = ctx.recipe, ctx.data
     dense_block = recipe.dense_block()
     names = _pruned_layers(model, cfg)
+    skipped = left_dense(model, cfg)
     if not names:
-        return StageOutcome(clone_with_weights(model), {"sparsity": 0.0, "block": list(dense_block)},
-                            ["weight stage: no Dense/Conv kernels to prune"])
+        return StageOutcome(clone_with_weights(model), {"sparsity": 0.0, "block": list(dense_block), "left_dense": skipped},
+                            ["weight stage: no Dense/Conv kernels to prune", *_skip_notes(skipped)])
     steps_per_epoch = data.steps_per_epoch(recipe.batch_size)
     total = steps_per_epoch * cfg.epochs
     end_step = max(1, int(total * 0.7))  # ramp up, then train the last 30% at the final mask
@@ -90,10 +116,19 @@ def apply(model: keras.Model, cfg: WeightStage, ctx: StageContext, amount: float
             f"weight stage reached only {short} of the {target:.0%} target; raise weight.epochs or lower batch_size"
         )
     notes = [f"weight: {target:.0%} magnitude sparsity on {len(names)} kernels, Dense blocks {tuple(dense_block)} (in, out)"]
-    convs = [layer.name for layer in model.layers if _magnitude_prunable(layer) and layer.name not in names
-             and not isinstance(layer, keras.layers.Dense)]
-    if convs:
-        notes.append(f"weight: {len(convs)} conv kernels left without zeros (conv_zeros: false): x86 runtimes run "
-                     "conv zeros dense, so the structured stages shrink convs instead")
     return StageOutcome(pruned, {"sparsity": target, "block": list(dense_block), "layers": reached,
-                                 "blocks": {n: list(b) for n, b in blocks.items()}}, notes)
+                                 "blocks": {n: list(b) for n, b in blocks.items()}, "left_dense": skipped},
+                        notes + _skip_notes(skipped))
+
+
+def _skip_notes(skipped: dict[str, str]) -> list[str]:
+    """One note per reason, naming its layers: the structured stages shrink those layers instead."""
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in skipped.items():
+        by_reason.setdefault(reason, []).append(name)
+    return [f"weight: no zeros in {_listed(names)}: {reason}" for reason, names in by_reason.items()]
+
+
+def _listed(names: list[str], shown: int = 4) -> str:
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more (report: per layer)" if more > 0 else "")

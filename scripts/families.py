@@ -1,0 +1,175 @@
+"""Every architecture family users ship, through `compressor run` with the default recipe, as a user would.
+
+Each family is built by Keras 3 (`keras.applications(..., weights=None)` at 32x32x3, or a Keras 3
+transformer encoder reading the 28 digit rows as tokens), trained briefly on the bundled mnist5k,
+saved as `.keras`, then handed to the command line in a fresh process with no recipe (the
+default). The table records what a user sees: exit code, wall time, whether every file verified,
+accuracy and the batch-1 speedups from report.json. Writes docs/FAMILIES.md and docs/families.json.
+
+    python scripts/families.py                       # all families (hours on 2 cores)
+    python scripts/families.py --families MobileNetV2,encoder --train 2000
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+CLASSES = 10
+
+
+def _keras3_encoder(keras3, blocks: int = 2, d_model: int = 64, heads: int = 4, ffn: int = 128):
+    """A Keras 3 post-norm encoder (MultiHeadAttention, LayerNormalization, GELU FFN, Dropout)."""
+    L = keras3.layers
+    inputs = keras3.Input((28, 28), name="rows")
+    x = L.Dense(d_model, name="tokens")(inputs)
+    for b in range(blocks):
+        attended = L.Dropout(0.1)(L.MultiHeadAttention(heads, d_model // heads, name=f"mha{b}")(x, x))
+        x = L.LayerNormalization(name=f"ln{b}a")(L.Add()([x, attended]))
+        hidden = L.Dense(ffn, activation="gelu", name=f"ffn{b}_in")(x)
+        x = L.LayerNormalization(name=f"ln{b}b")(L.Add()([x, L.Dense(d_model, name=f"ffn{b}_out")(hidden)]))
+    outputs = L.Dense(CLASSES, activation="softmax")(L.GlobalAveragePooling1D()(x))
+    return keras3.Model(inputs, outputs, name="encoder")
+
+
+def builders(keras3) -> dict:
+    apps = keras3.applications
+    common = {"input_shape": (32, 32, 3), "weights": None, "classes": CLASSES}
+    return {
+        "MobileNetV2": lambda: apps.MobileNetV2(alpha=0.35, **common),
+        "MobileNetV3Small": lambda: apps.MobileNetV3Small(alpha=0.75, **common),
+        "MobileNetV3Large": lambda: apps.MobileNetV3Large(alpha=0.75, **common),
+        "EfficientNetB0": lambda: apps.EfficientNetB0(**common),
+        "EfficientNetB3": lambda: apps.EfficientNetB3(**common),
+        "EfficientNetV2B0": lambda: apps.EfficientNetV2B0(**common),
+        "ResNet50": lambda: apps.ResNet50(**common),
+        "ResNet50V2": lambda: apps.ResNet50V2(**common),
+        "DenseNet121": lambda: apps.DenseNet121(**common),
+        "ConvNeXtTiny": lambda: apps.ConvNeXtTiny(**common),
+        "encoder": lambda: _keras3_encoder(keras3),
+    }
+
+
+def data_for(name: str, n_train: int) -> dict:
+    """mnist5k shaped for the family: 28 rows as tokens, or padded to 32x32x3 (0..255, as the apps expect)."""
+    sys.path.insert(0, str(ROOT))
+    from compressor.data import load_dataset
+
+    raw = load_dataset("mnist5k")
+
+    def shape(x):
+        images = x.reshape(len(x), 28, 28)
+        if name == "encoder":
+            return images
+        return np.repeat(np.pad(images, ((0, 0), (2, 2), (2, 2)))[..., None], 3, -1) * 255.0
+
+    return {"x_train": shape(raw.x_train[:n_train]), "y_train": raw.y_train[:n_train],
+            "x_test": shape(raw.x_test), "y_test": raw.y_test, "x_calib": shape(raw.x_calib)}
+
+
+def train_and_save(name: str, arrays: dict, epochs: int, folder: Path) -> Path:
+    """Train in Keras 3 in its own process (tf-keras and Keras 3 must not share one)."""
+    import keras as keras3
+
+    keras3.utils.set_random_seed(0)
+    model = builders(keras3)[name]()
+    model.compile(keras3.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(arrays["x_train"], arrays["y_train"], epochs=epochs, batch_size=32, verbose=0)
+    path = folder / "model.keras"
+    model.save(path)
+    return path
+
+
+def _summary(out: Path) -> dict:
+    """What a user reads off report.json: verified files, accuracy and batch-1 / 1-thread speedups."""
+    report = json.loads((out / "report.json").read_text())
+    rows = {(r["variant"], r["runtime"]): r for r in report.get("results", [])
+            if r.get("batch") == 1 and r.get("threads") == 1}
+    speed, accuracy, macs = {}, {}, None
+    for runtime in ("tflite", "onnxruntime"):
+        dense, pruned = rows.get(("dense", runtime)), rows.get(("pruned", runtime))
+        if dense and pruned:
+            speed[runtime] = dense["latency_ms"]["p50"] / pruned["latency_ms"]["p50"]
+            accuracy = {"dense": dense.get("accuracy"), "pruned": pruned.get("accuracy")}
+            macs = dense.get("flops", 0) / max(pruned.get("flops", 0), 1)
+    return {"verified": all(v["ok"] for v in report.get("verification", [])), "speedup": speed,
+            "accuracy_dense": accuracy.get("dense"), "accuracy_pruned": accuracy.get("pruned"),
+            "mac_ratio": macs if speed else None}
+
+
+def run_family(name: str, args, work: Path) -> dict:
+    folder = work / name
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = data_for(name, args.train)
+    np.savez(folder / "data.npz", **{k: v.astype(np.float32) if k.startswith("x") else v for k, v in arrays.items()})
+    started = time.time()
+    trained = subprocess.run([sys.executable, __file__, "--train-only", name, "--epochs", str(args.epochs),
+                              "--train", str(args.train), "--work", str(work)], capture_output=True, text=True)
+    if trained.returncode:
+        return {"family": name, "exit": trained.returncode, "error": trained.stderr.strip().splitlines()[-1:]}
+    command = [sys.executable, "-m", "compressor.cli", "run", "--model", str(folder / "model.keras"),
+               "--data", str(folder / "data.npz"), "--out", str(folder / "out"), "--force", "--quiet"]
+    if args.recipe:
+        command += ["--recipe", args.recipe]
+    begun = time.time()
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    row = {"family": name, "exit": done.returncode, "train_s": round(begun - started),
+           "run_s": round(time.time() - begun), "error": done.stderr.strip().splitlines()[-1:] if done.returncode else []}
+    if (folder / "out" / "report.json").exists():
+        row.update(_summary(folder / "out"))
+    return row
+
+
+def render(rows: list[dict], args) -> str:
+    lines = ["# Every family through `compressor run`", "",
+             f"Generated by `python scripts/families.py --train {args.train} --epochs {args.epochs}"
+             f"{' --recipe ' + args.recipe if args.recipe else ''}` (default recipe unless named), Keras 3 models at "
+             "32x32x3 (encoder: 28 rows as tokens), trained on mnist5k; batch 1, 1 thread, pipeline's own benchmark.",
+             "", "| family | exit | verified | accuracy dense -> pruned | LiteRT | onnxruntime | MACs | run time |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        speed = r.get("speedup", {})
+        acc = f"{r['accuracy_dense']:.3f} -> {r['accuracy_pruned']:.3f}" if r.get("accuracy_pruned") is not None else "–"
+        fmt = lambda v: f"{v:.2f}x" if isinstance(v, (int, float)) else "–"  # noqa: E731
+        lines.append(f"| {r['family']} | {r['exit']}{' ' + ' '.join(r['error']) if r.get('error') else ''} | "
+                     f"{r.get('verified', '–')} | {acc} | {fmt(speed.get('tflite'))} | {fmt(speed.get('onnxruntime'))} | "
+                     f"{fmt(r.get('mac_ratio'))} | {r.get('run_s', '–')} s |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", help="comma-separated subset (default: all)")
+    parser.add_argument("--train", type=int, default=5000, help="training samples (default: all of mnist5k's)")
+    parser.add_argument("--epochs", type=int, default=3, help="dense training epochs before compression")
+    parser.add_argument("--recipe", help="a recipe file (default: the built-in default recipe)")
+    parser.add_argument("--work", default="artifacts/families", help="where models and outputs are kept")
+    parser.add_argument("--out", default="docs", help="folder for FAMILIES.md and families.json")
+    parser.add_argument("--train-only", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    work = Path(args.work).resolve()
+    if args.train_only:
+        arrays = dict(np.load(work / args.train_only / "data.npz"))
+        train_and_save(args.train_only, arrays, args.epochs, work / args.train_only)
+        return 0
+    import keras as keras3
+
+    names = args.families.split(",") if args.families else list(builders(keras3))
+    rows = []
+    for name in names:
+        rows.append(run_family(name, args, work))
+        print(json.dumps(rows[-1]), flush=True)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "families.json").write_text(json.dumps(rows, indent=1))
+    (Path(args.out) / "FAMILIES.md").write_text(render(rows, args))
+    return 0 if all(r["exit"] == 0 and r.get("verified") for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
