@@ -269,6 +269,10 @@ def _normalise(name: str, split: str, ds, input_shape: tuple, task):
         ds = ds.unbatch()
         spec = ds.element_spec
     shape, labels = spec[0].shape, spec[1]
+    for what, part in [("inputs", spec[0])] + [("labels", t) for t in tf.nest.flatten(labels)]:
+        if not (part.dtype.is_floating or part.dtype.is_integer or part.dtype.is_bool):
+            raise CompressorError(f"data '{name}': the {split} {what} are {part.dtype.name} tensors; map them to numbers "
+                                  "(decode images, look labels up as integer classes) before returning the dataset")
     reshape = False
     if shape.is_fully_defined() and tuple(shape.as_list()) != input_shape:
         if math.prod(shape.as_list()) != math.prod(input_shape):

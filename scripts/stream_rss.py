@@ -97,7 +97,7 @@ def model_file(work: Path) -> Path:
 def measure(model: Path, data: Path, recipe: Path, out: Path) -> dict:
     """One `compressor run` in a fresh process: exit code, wall seconds, peak RSS, train/test sizes."""
     command = [sys.executable, "-m", "compressor.cli", "run", "--model", str(model), "--data", str(data),
-               "--recipe", str(recipe), "--out", str(out), "--quiet"]
+               "--recipe", str(recipe), "--out", str(out), "--force", "--quiet"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, "-c", WRAPPER, *command], env=env, capture_output=True, text=True, check=False)
     row = json.loads(done.stdout.strip().splitlines()[-1])

@@ -50,3 +50,26 @@ def streams_wrong_shape():
 def streams_bad_labels():
     x, y = images(40, seed=3)
     return _datasets(x, y + 5), None, _datasets(x, y)
+
+
+def streams_text_labels():
+    x, y = images(40, seed=3)
+    return _datasets(x, y.astype(str)), None, _datasets(x, y)
+
+
+READ = {"samples": 0}  # how many samples `counted` has produced so far
+
+
+def counted():
+    """5,000 training samples from a generator that counts what is read (calibration must not read them all)."""
+    from compressor._tf import tf
+
+    x, y = images(100, seed=5)
+
+    def train():
+        for i in range(5000):
+            READ["samples"] += 1
+            yield x[i % 100], y[i % 100]
+
+    spec = (tf.TensorSpec((SIDE, SIDE, 1), tf.float32), tf.TensorSpec((), tf.int64))
+    return {"train": tf.data.Dataset.from_generator(train, output_signature=spec), "test": _datasets(x, y)}

@@ -11,6 +11,7 @@ from compressor._tf import keras, tf
 from compressor.cli import main
 from compressor.data import check_against_model, load_dataset
 from compressor.recipe import parse_recipe
+from tests import data_source
 from tests.data_source import CLASSES, SIDE, images
 
 FEATURES = {"image": {"dtype": "string", "image": True}, "label": {"dtype": "int64"}}
@@ -107,6 +108,7 @@ def _one_line_error(capsys, argv) -> str:
 @pytest.mark.parametrize("data,tfrecord,message", [
     ("tests.data_source:streams_bad_labels", None, "label 7 is out of range for a model with 3 outputs"),
     ("tests.data_source:streams_nan_late", None, "a training batch contains NaN/inf values; clean or impute"),
+    ("tests.data_source:streams_text_labels", None, "the train labels are string tensors; map them to numbers"),
     ("tests.data_source:streams_wrong_shape", None, r"samples have shape \(10, 12, 1\) but the model expects \(12, 12, 1\)"),
     ("data.tfrecord", {"y": "lbl", "features": {**FEATURES, "lbl": {"dtype": "int64"}}},
      "feature 'lbl' named in the recipe's data.tfrecord is not in the records \\(they hold: image, label\\)"),
@@ -139,3 +141,14 @@ def test_a_bad_record_met_while_evaluating_is_named(inputs, tmp_path):
 
     with pytest.raises(CompressorError, match="label 9 is out of range for a model with 3 outputs"):
         list(ds.batches("test", batch_size=16))
+
+
+def test_calibration_reads_a_shuffle_buffer_of_the_training_stream_not_all_of_it():
+    settings = parse_recipe({"data": {"calibration_samples": 32, "shuffle_buffer": 64}}).data
+    ds = load_dataset("tests.data_source:counted", settings)
+    check_against_model(ds, (SIDE, SIDE, 1), CLASSES)
+    data_source.READ["samples"] = 0
+    calib = ds.calibration()
+    assert calib.shape == (32, SIDE, SIDE, 1)
+    assert 32 <= data_source.READ["samples"] <= 64 + 32 + 16  # buffer + batch (+ read-ahead), of 5,000
+    assert ds.calibration() is calib  # sampled once per binding

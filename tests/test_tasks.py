@@ -153,3 +153,13 @@ def test_regression_labels_are_checked_against_the_output(tmp_path):
     data = load_dataset(tmp_path / "d.npz", recipe.data, class_labels=False)
     with pytest.raises(CompressorError, match="y_train has 3 value\\(s\\) per sample but output 'value' has 2"):
         data.bind((3,), resolve(recipe, model))
+
+
+@pytest.mark.parametrize("raw,budget", [({"max_accuracy_drop": 0.03}, 0.03),
+                                        ({"max_accuracy_drop": 0.03, "max_metric_drop": 0.02}, 0.02),
+                                        ({"metric": "mae", "max_metric_drop": 0.5, "max_accuracy_drop": 0.03}, 0.5)])
+def test_the_old_accuracy_budget_still_counts_and_max_metric_drop_wins(raw, budget):
+    model = keras.Sequential([L.Dense(3, activation="softmax", input_shape=(4,), name="classes")])
+    task = resolve(parse_recipe(raw), model)
+    assert task.budget == budget and task.direction == ("lower" if "metric" in raw else "higher")
+    assert task.is_accuracy == ("metric" not in raw)
