@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
-from compressor.data import Dataset, load_dataset
+from compressor.data import load_dataset
 from compressor.errors import CompressorError
 from compressor.progress import Reporter
 from compressor.recipe import Recipe, load_recipe
@@ -29,8 +27,13 @@ def _as_recipe(recipe: Recipe | str | Path | dict | None) -> Recipe:
     return load_recipe(recipe)
 
 
-def _as_data(data: Dataset | str | Path) -> Dataset:
-    return data if isinstance(data, Dataset) else load_dataset(data)
+def _as_data(data, recipe: Recipe):
+    """A data set object (arrays or a stream) as is, else the spec resolved with the recipe's data settings."""
+    from compressor.task import expects_class_labels
+
+    if isinstance(data, (str, Path)):
+        return load_dataset(data, recipe.data, expects_class_labels(recipe))
+    return data
 
 
 def compress(model, data, out, recipe=None, *, force: bool = False, quiet: bool = False,
@@ -46,7 +49,8 @@ def compress(model, data, out, recipe=None, *, force: bool = False, quiet: bool 
                              trust_model_code=trust_model_code, custom_objects=custom_objects)
     from compressor.outdir import check_out_dir
 
-    recipe, dataset = _as_recipe(recipe), _as_data(data)
+    recipe = _as_recipe(recipe)
+    dataset = _as_data(data, recipe)
     check_out_dir(out, force)
     return _run_into(out, force, (), lambda: (model, getattr(model, "name", "model"), []), dataset, recipe,
                      reporter or Reporter(quiet))
@@ -88,13 +92,15 @@ def compress_file(model_path, data, out, recipe=None, *, force: bool = False, re
     recipe_path = recipe if isinstance(recipe, (str, Path)) else None
     data_path = data if isinstance(data, (str, Path)) and Path(data).exists() else None
     recipe = _as_recipe(recipe)
-    dataset = _as_data(data)
+    dataset = _as_data(data, recipe)
     inputs = (model_path, data_path, recipe_path)
     check_out_dir(out, force, inputs)
     digest = file_sha256(model_path) if Path(model_path).exists() else None
     loaded = load_model(model_path, policy)
     model = loaded.model
-    check_against_model(dataset, tuple(model.input_shape[1:]), int(np.prod(model.output_shape[1:])))
+    from compressor.task import resolve
+
+    check_against_model(dataset, tuple(model.input_shape[1:]), task=resolve(recipe, model))
     notes = list(loaded.warnings)  # includes one line per layer class the stages leave unpruned
     for note in dict.fromkeys(notes):
         (reporter.step if note.startswith("imported from") else reporter.warn)(note)

@@ -76,9 +76,12 @@ def bench_command(args, reporter) -> str:
         paths.append(check_file(args.compare, "--compare"))
     dataset = None
     if args.data:
-        from compressor.data import load_dataset
+        from compressor.data import Dataset, load_dataset
 
         dataset = load_dataset(args.data)
+        if not isinstance(dataset, Dataset):
+            raise CompressorError(f"`compressor bench --data` takes labelled arrays (.npz, {', '.join(('mnist5k', 'digits'))} "
+                                  "or a function returning arrays); streamed data is read by `compressor run`")
 
     files, runners, correct = [], {}, []
     for i, path in enumerate(paths):

@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="compress your own model")
     run.add_argument("--model", required=True, help="Keras model: .keras, .h5 (tf-keras or Keras 3) or SavedModel dir")
-    run.add_argument("--data", required=True, help=".npz with x_train,y_train,x_test,y_test; or mnist5k / digits; or pkg.mod:func")
+    run.add_argument("--data", required=True, help=".npz with x_train,y_train,x_test,y_test; a folder of class "
+                     "sub-folders of images; .tfrecord files (feature spec in the recipe's data.tfrecord); "
+                     "mnist5k / digits; or pkg.mod:func returning arrays or tf.data.Datasets")
     _model_safety(run)
     _pipeline_options(run)
 
@@ -145,12 +147,14 @@ def _summary(report: dict, reporter) -> None:
     if reporter.quiet:
         return
     table = Table(title="compressor: dense vs pruned (batch 1, 1 thread)")
-    for col in ("variant", "runtime", "accuracy", "p50 ms", "gzip bytes", "verified"):
+    name = (report.get("metric") or {}).get("name", "accuracy")
+    for col in ("variant", "runtime", name, "p50 ms", "gzip bytes", "verified"):
         table.add_column(col)
     ok = {v["file"]: v["ok"] for v in report["verification"]}
     for r in report["results"]:
         if r["batch"] == 1 and r["threads"] == 1:
-            table.add_row(r["variant"], r["runtime"], f"{r['accuracy']:.4f}", f"{r['latency_ms']['p50']:.4f}",
+            value = r["metric"]["value"] if r.get("metric") else r["accuracy"]
+            table.add_row(r["variant"], r["runtime"], f"{value:.4f}", f"{r['latency_ms']['p50']:.4f}",
                           f"{r['gzip_bytes']:,}", "ok" if ok.get(r["file"]) else "FAILED")
     console = Console()
     console.print(table)

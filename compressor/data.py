@@ -1,16 +1,20 @@
-"""Labelled data sets: the built-in offline ones, a user's `.npz`, or a `package.module:function`.
+"""Labelled data sets: the built-in offline ones, a user's `.npz`, a `package.module:function`, or a
+stream (image folder, TFRecord files, tf.data.Datasets: compressor/streams.py).
 
 Everything is checked before any work starts so that a wrong shape or a NaN fails in one line,
-not an hour into fine-tuning.
+not an hour into fine-tuning; streams are also checked batch by batch while they are read.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from compressor.checks import check_label_count, check_labels
+from compressor.checks import class_labels as check_class_labels
 from compressor.errors import CompressorError
 
 BUILTIN = ("mnist5k", "digits")
@@ -19,7 +23,12 @@ SPLIT_SEED = 1234
 
 @dataclass
 class Dataset:
-    """Train/test (and calibration) arrays, float32 inputs and int64 class labels."""
+    """Train/test (and calibration) arrays held in memory: float32 inputs, labels per output.
+
+    Every consumer reads data through the methods below (batches, calibration, fit arguments), the
+    same ones a streamed data set (compressor/streams.py) implements, so nothing downstream needs
+    the whole data set in memory.
+    """
 
     name: str
     x_train: np.ndarray
@@ -27,7 +36,7 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     x_calib: np.ndarray
-    x_val: np.ndarray | None = None  # optional: accuracy-budget decisions use it instead of x_test
+    x_val: np.ndarray | None = None  # optional: budget decisions use it instead of x_test
     y_val: np.ndarray | None = None
 
     @property
@@ -36,7 +45,62 @@ class Dataset:
 
     @property
     def num_classes(self) -> int:
-        return int(max(self.y_train.max(), self.y_test.max()) + 1)
+        return int(max(np.max(self.y_train), np.max(self.y_test)) + 1)
+
+    @property
+    def has_val(self) -> bool:
+        return self.x_val is not None
+
+    def _xy(self, split: str):
+        split = ("validation" if self.has_val else "test") if split == "budget" else split
+        key = {"train": "train", "test": "test", "validation": "val"}[split]
+        return getattr(self, f"x_{key}"), getattr(self, f"y_{key}")
+
+    def batches(self, split: str, batch_size: int = 256):
+        """(x, y) batches of `split` (train, test, validation, or budget = validation else test)."""
+        x, y = self._xy(split)
+        for start in range(0, len(x), batch_size):
+            yield x[start:start + batch_size], _rows(y, slice(start, start + batch_size))
+
+    def sample(self, split: str, n: int):
+        x, y = self._xy(split)
+        return x[:n], _rows(y, slice(0, n))
+
+    def calibration(self) -> np.ndarray:
+        return self.x_calib
+
+    def labelled_calibration(self):
+        """Training samples with their labels, as many as there are calibration samples (gradient criteria)."""
+        n = len(self.x_calib)
+        return self.x_train[:n], _rows(self.y_train, slice(0, n))
+
+    def fit_args(self, batch_size: int, seed: int = 0) -> dict:
+        """Keyword arguments for `model.fit` (arrays: Keras shuffles them each epoch)."""
+        return {"x": self.x_train, "y": self.y_train, "batch_size": batch_size, "shuffle": True}
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return -(-len(self.x_train) // batch_size)
+
+    def train_inputs(self, batch_size: int, batches: int):
+        """Up to `batches` random training batches, inputs only (BatchNorm re-estimation)."""
+        order = np.random.default_rng(0).permutation(len(self.x_train))
+        for start in range(0, min(len(self.x_train), batches * batch_size), batch_size):
+            yield self.x_train[order[start:start + batch_size]]
+
+    def sizes(self) -> dict:
+        return {"train": len(self.x_train), "test": len(self.x_test)}
+
+    def errors(self):
+        return contextlib.nullcontext()
+
+    def bind(self, input_shape: tuple, task) -> None:
+        """Fit the arrays to the model (reshape to its input) and check the labels against its outputs."""
+        _bind_arrays(self, tuple(input_shape), task)
+
+
+def _rows(y, index):
+    """Rows of one label array, or of each output's labels (multi-output)."""
+    return tuple(a[index] for a in y) if isinstance(y, (list, tuple)) else y[index]
 
 
 def _split(name: str, x: np.ndarray, y: np.ndarray, n_test: int, calib: int = 500) -> Dataset:
@@ -63,49 +127,55 @@ def digits() -> Dataset:
     return _split("digits", (bunch.data / 16.0).astype(np.float32), bunch.target.astype(np.int64), n_test=360, calib=300)
 
 
-def _from_arrays(name: str, arrays: dict) -> Dataset:
-    missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
+def _labels(arrays: dict, split: str):
+    """`y_<split>`, or `y_<split>_0`, `y_<split>_1`, ... for a model with several outputs."""
+    if arrays.get(f"y_{split}") is not None:
+        y = arrays[f"y_{split}"]
+        return tuple(np.asarray(a) for a in y) if isinstance(y, (list, tuple)) else np.asarray(y)
+    parts = []
+    while arrays.get(f"y_{split}_{len(parts)}") is not None:
+        parts.append(np.asarray(arrays[f"y_{split}_{len(parts)}"]))
+    return tuple(parts) if parts else None
+
+
+def _from_arrays(name: str, arrays: dict, class_labels: bool = True) -> Dataset:
+    labels = {split: _labels(arrays, split) for split in ("train", "test", "val")}
+    missing = [k for k in ("x_train", "y_train", "x_test", "y_test")
+               if (labels[k[2:]] is None if k.startswith("y_") else k not in arrays)]
     if missing:
         raise CompressorError(
             f"data '{name}' lacks {', '.join(missing)}; provide x_train, y_train, x_test, y_test (optional x_calib)"
         )
     x_train = np.asarray(arrays["x_train"])
     x_calib = np.asarray(arrays["x_calib"]) if arrays.get("x_calib") is not None else x_train[:500]
-    ds = Dataset(
-        name,
-        x_train.astype(np.float32),
-        np.asarray(arrays["y_train"]),
-        np.asarray(arrays["x_test"]).astype(np.float32),
-        np.asarray(arrays["y_test"]),
-        x_calib.astype(np.float32),
-    )
-    if arrays.get("x_val") is not None and arrays.get("y_val") is not None:
+    ds = Dataset(name, x_train.astype(np.float32), labels["train"], np.asarray(arrays["x_test"]).astype(np.float32),
+                 labels["test"], x_calib.astype(np.float32))
+    if arrays.get("x_val") is not None and labels["val"] is not None:
         ds.x_val = np.asarray(arrays["x_val"]).astype(np.float32)
-        ds.y_val = np.asarray(arrays["y_val"]).astype(np.int64)
-    _check_consistent(ds)
-    ds.y_train = ds.y_train.astype(np.int64)
-    ds.y_test = ds.y_test.astype(np.int64)
+        ds.y_val = labels["val"]
+    _check_consistent(ds, class_labels)
+    for split in ("train", "test", "val") if class_labels else ():
+        y = getattr(ds, f"y_{split}")
+        if y is not None and not isinstance(y, tuple):
+            setattr(ds, f"y_{split}", y.astype(np.int64))
     return ds
 
 
-def _check_consistent(ds: Dataset) -> None:
-    """Shapes, label types and finiteness, independent of any model."""
-    for split in ("train", "test"):
+def _check_consistent(ds: Dataset, class_labels: bool) -> None:
+    """Shapes, label types and finiteness, independent of any model. Labels are checked as integer
+    classes here only for a classification recipe; other tasks check them against the outputs."""
+    for split in ("train", "test") + (("val",) if ds.has_val else ()):
         x, y = getattr(ds, f"x_{split}"), getattr(ds, f"y_{split}")
         if len(x) == 0:
             raise CompressorError(f"data '{ds.name}': x_{split} is empty; provide at least one sample")
-        if len(x) != len(y):
-            raise CompressorError(
-                f"data '{ds.name}': x_{split} has {len(x)} samples but y_{split} has {len(y)}; they must match"
-            )
-        if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or np.all(np.mod(y, 1) == 0)):
-            raise CompressorError(
-                f"data '{ds.name}': y_{split} must be a 1-D array of integer class labels (got shape {y.shape}, "
-                f"dtype {y.dtype}); convert one-hot labels with y.argmax(axis=1)"
-            )
-        if y.min() < 0:
-            raise CompressorError(f"data '{ds.name}': y_{split} has negative labels; labels must be 0..classes-1")
-    for key in ("x_train", "x_test", "x_calib"):
+        for part in (y if isinstance(y, tuple) else (y,)):
+            if len(x) != len(part):
+                raise CompressorError(
+                    f"data '{ds.name}': x_{split} has {len(x)} samples but y_{split} has {len(part)}; they must match"
+                )
+        if class_labels and not isinstance(y, tuple):
+            check_class_labels(ds.name, f"y_{split}", y)
+    for key in ("x_train", "x_test", "x_calib") + (("x_val",) if ds.has_val else ()):
         arr = getattr(ds, key)
         if not np.all(np.isfinite(arr)):
             bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
@@ -115,8 +185,13 @@ def _check_consistent(ds: Dataset) -> None:
         raise CompressorError(f"data '{ds.name}': sample shapes differ between splits {shapes}; they must be equal")
 
 
-def load_dataset(spec: str | Path) -> Dataset:
-    """Resolve a data spec: a built-in name, a path to `.npz`, or `package.module:function`."""
+def load_dataset(spec: str | Path, settings=None, class_labels: bool = True):
+    """Resolve a data spec: a built-in name, an `.npz`, a folder of class sub-folders of images,
+    TFRecord files, or `package.module:function` (arrays or tf.data.Datasets).
+
+    `settings` is the recipe's `data` section (TFRecord feature spec, image scaling, shuffling);
+    `class_labels`: the recipe is plain classification, so array labels are checked as classes now.
+    """
     spec = str(spec)
     if spec == "mnist5k":
         return mnist5k()
@@ -131,46 +206,77 @@ def load_dataset(spec: str | Path) -> Dataset:
                 arrays = {k: npz[k] for k in npz.files}
         except Exception as exc:  # zipfile / pickle / value errors all mean the same to a user
             raise CompressorError(f"cannot read data file '{spec}' ({type(exc).__name__}); save it with numpy.savez") from exc
-        return _from_arrays(spec, arrays)
+        return _from_arrays(spec, arrays, class_labels)
+    from compressor import streams
+
+    if streams.is_tfrecord(spec):
+        return streams.tfrecord(spec, _settings(settings))
+    if path.is_dir():
+        return streams.image_folder(spec, _settings(settings))
     if ":" in spec and not path.exists():
-        module_name, _, func_name = spec.partition(":")
-        try:
-            func = getattr(importlib.import_module(module_name), func_name)
-        except (ImportError, AttributeError) as exc:
-            raise CompressorError(f"cannot import data function '{spec}' ({exc}); use package.module:function") from exc
-        result = func()
-        if isinstance(result, (tuple, list)) and len(result) == 2:
-            (x_train, y_train), (x_test, y_test) = result
-            result = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
-        if not isinstance(result, dict):
-            raise CompressorError(
-                f"data function '{spec}' must return a dict with x_train, y_train, x_test, y_test "
-                "or ((x_train, y_train), (x_test, y_test))"
-            )
-        return _from_arrays(spec, result)
+        return _from_function(spec, settings, class_labels)
     raise CompressorError(
-        f"unknown data '{spec}'; pass a .npz file, one of {', '.join(BUILTIN)}, or package.module:function"
+        f"unknown data '{spec}'; pass a .npz file, a folder of class sub-folders of images, .tfrecord files, "
+        f"one of {', '.join(BUILTIN)}, or package.module:function"
     )
 
 
-def check_against_model(ds: Dataset, input_shape: tuple, num_outputs: int) -> None:
-    """The data must fit the model: per-sample shape equal to the input, labels below the output width."""
-    expected = tuple(d for d in input_shape)
+def _settings(settings):
+    if settings is None:
+        from compressor.recipe import DataSettings
+
+        return DataSettings()
+    return settings
+
+
+def _from_function(spec: str, settings, class_labels: bool):
+    module_name, _, func_name = spec.partition(":")
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+    except (ImportError, AttributeError) as exc:
+        raise CompressorError(f"cannot import data function '{spec}' ({exc}); use package.module:function") from exc
+    result = func()
+    from compressor import streams
+
+    if streams.holds_datasets(result):
+        return streams.from_datasets(spec, result, _settings(settings))
+    if isinstance(result, (tuple, list)) and len(result) == 2:
+        (x_train, y_train), (x_test, y_test) = result
+        result = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+    if not isinstance(result, dict):
+        raise CompressorError(
+            f"data function '{spec}' must return a dict with x_train, y_train, x_test, y_test, "
+            "((x_train, y_train), (x_test, y_test)), or tf.data.Datasets {'train', 'validation', 'test', 'calibration'}"
+        )
+    return _from_arrays(spec, result, class_labels)
+
+
+def check_against_model(ds, input_shape: tuple, num_outputs: int = 0, task=None) -> None:
+    """The data must fit the model: per-sample shape equal to the input (same size: reshaped), labels
+    matching each output (class labels below the output width). Without `task`: single-output
+    classification over `num_outputs` classes."""
+    if task is None:
+        from compressor.task import default_task
+
+        task = default_task(num_outputs)
+    ds.bind(tuple(input_shape), task)
+
+
+def _bind_arrays(ds: Dataset, expected: tuple, task) -> None:
     if tuple(ds.input_shape) != expected:
-        if int(np.prod(ds.input_shape)) == int(np.prod(expected)):
-            for key in ("x_train", "x_test", "x_calib", "x_val"):
-                arr = getattr(ds, key)
-                if arr is None:
-                    continue
+        if int(np.prod(ds.input_shape)) != int(np.prod(expected)):
+            raise CompressorError(
+                f"data '{ds.name}': samples have shape {ds.input_shape} but the model expects {expected}; "
+                "reshape the arrays to the model's input"
+            )
+        for key in ("x_train", "x_test", "x_calib", "x_val"):
+            arr = getattr(ds, key)
+            if arr is not None:
                 setattr(ds, key, arr.reshape((len(arr),) + expected))
-            return
-        raise CompressorError(
-            f"data '{ds.name}': samples have shape {ds.input_shape} but the model expects {expected}; "
-            "reshape the arrays to the model's input"
-        )
-    top = int(max(ds.y_train.max(), ds.y_test.max()))
-    if top >= num_outputs:
-        raise CompressorError(
-            f"data '{ds.name}': label {top} is out of range for a model with {num_outputs} outputs; "
-            f"labels must be 0..{num_outputs - 1}"
-        )
+    for split in ("train", "test") + (("val",) if ds.has_val else ()):
+        y = getattr(ds, f"y_{split}")
+        parts = list(y) if isinstance(y, tuple) else [y]
+        check_label_count(ds.name, len(parts), task)
+        fixed = [check_labels(ds.name, f"y_{split}" + (f"_{i}" if len(parts) > 1 else ""), part, task, i)
+                 for i, part in enumerate(parts)]
+        setattr(ds, f"y_{split}", tuple(fixed) if len(fixed) > 1 else fixed[0])

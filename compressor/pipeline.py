@@ -1,6 +1,8 @@
-"""The fusion pipeline: load -> baseline -> stages under the accuracy budget -> export -> verify -> bench -> report.
+"""The fusion pipeline: load -> baseline -> stages under the budget -> export -> verify -> bench -> report.
 
-This module only orchestrates; each step lives in its own module.
+This module only orchestrates; each step lives in its own module. The budget is counted in the
+recipe's metric (top-1 accuracy by default, compressor/task.py) on the validation split, else the
+test split, streamed batch by batch.
 """
 from __future__ import annotations
 
@@ -16,11 +18,12 @@ from compressor.errors import CompressorError
 from compressor.progress import Reporter
 from compressor.recipe import Recipe
 from compressor.stages.base import StageContext
-from compressor.training import accuracy, clone_with_weights, count_params
+from compressor.task import Task, context_task, resolve
+from compressor.training import clone_with_weights, count_params
 from exporters import ship
-from exporters.ship import budget_split
 
 BACKOFF_AMOUNTS = (1.0, 0.75, 0.5, 0.25)
+VERIFY_SAMPLES = 2000  # test samples every exported file is compared with Keras on (the first ones)
 
 
 def _stage_module(name: str):
@@ -28,13 +31,20 @@ def _stage_module(name: str):
     return importlib.import_module(f"compressor.stages.{name}")
 
 
+def _quality(task: Task, value: float) -> dict:
+    """A stage record's quality fields: `accuracy_after` stays for classification, `metric_after` always."""
+    return {"accuracy_after": value if task.is_accuracy else None, "metric_after": value}
+
+
 def run_stages(model: keras.Model, recipe: Recipe, data: Dataset, reporter: Reporter,
-               baseline_accuracy: float, points: dict | None = None) -> tuple[keras.Model, list[dict]]:
+               baseline_accuracy: float, task: Task | None = None,
+               points: dict | None = None) -> tuple[keras.Model, list[dict]]:
     """Apply the recipe's stages in order; a stage that crosses the budget is retried with less.
+    `baseline_accuracy`: the dense model's metric on the budget split (`task`'s; default top-1 accuracy).
     `points` (when given) collects the search's other frontier models, label -> model."""
-    budget_x, budget_y = budget_split(data)
+    task = task or context_task(StageContext(recipe=recipe, data=data))
     ctx = StageContext(recipe=recipe, data=data, epoch_progress=reporter.epoch_callback, log=reporter.step,
-                       baseline_accuracy=baseline_accuracy, dense_model=model)
+                       baseline_accuracy=baseline_accuracy, task=task, dense_model=model)
     records = []
     current = model
     for index, cfg in enumerate(recipe.stages):
@@ -46,23 +56,24 @@ def run_stages(model: keras.Model, recipe: Recipe, data: Dataset, reporter: Repo
             keras.utils.set_random_seed(recipe.seed + index)
             reporter.step(f"stage {index + 1}/{len(recipe.stages)} {cfg.name} (amount {amount:.0%})")
             outcome = module.apply(current, cfg, ctx, amount=amount)
-            acc = accuracy(outcome.model, budget_x, budget_y)
-            drop = baseline_accuracy - acc
-            tried.append({"amount": amount, "accuracy": acc, "drop": drop})
-            if drop <= recipe.max_accuracy_drop:
+            acc = task.keras(outcome.model).value
+            drop = task.drop(baseline_accuracy, acc)
+            tried.append({"amount": amount, "accuracy": acc if task.is_accuracy else None, "metric": acc, "drop": drop})
+            if drop <= task.budget:
                 chosen = (amount, outcome, acc)
                 break
             if outcome.details.get("removed", None) == 0:
                 break  # nothing was removed, so a smaller amount cannot do better: skip the stage
-            reporter.step(f"{cfg.name}: accuracy drop {drop:.2%} exceeds budget {recipe.max_accuracy_drop:.2%}; backing off")
+            reporter.step(f"{cfg.name}: {task.name} drop {_amount(task, drop)} exceeds the {task.budget_text()} budget; "
+                          "backing off")
         notes = []
         if chosen is None:
             why = ("it removed nothing and its fine-tuning alone" if tried[-1]["amount"] == 1.0
                    else "every amount it tried")
-            notes.append(f"{cfg.name}: {why} crossed the {recipe.max_accuracy_drop:.2%} budget; stage skipped")
+            notes.append(f"{cfg.name}: {why} crossed the {task.budget_text()} budget; stage skipped")
             reporter.warn(notes[-1])
             outcome_model, amount, details = current, 0.0, {}
-            acc = accuracy(current, budget_x, budget_y)
+            acc = task.keras(current).value
         else:
             amount, outcome, acc = chosen
             outcome_model, details = outcome.model, outcome.details
@@ -75,12 +86,16 @@ def run_stages(model: keras.Model, recipe: Recipe, data: Dataset, reporter: Repo
         records.append({
             "name": cfg.name, "params_before": params_before, "params_after": params_after,
             "nonzero_before": nonzero_before, "nonzero_after": nonzero_after,
-            "accuracy_after": acc, "seconds": round(time.perf_counter() - start, 2),
+            **_quality(task, acc), "seconds": round(time.perf_counter() - start, 2),
             "amount": amount, "tried": tried, "details": details, "notes": notes,
         })
         current = outcome_model
     current = _align_blocks(current, recipe, ctx, reporter, records, model, baseline_accuracy)
     return current, records
+
+
+def _amount(task: Task, value: float) -> str:
+    return f"{value:.2%}" if task.is_accuracy else f"{value:.4g}"
 
 
 STRUCTURED = ("activation", "cluster", "sparse_opt")
@@ -108,8 +123,8 @@ def _align_blocks(model, recipe: Recipe, ctx: StageContext, reporter: Reporter, 
     params_before, nonzero_before = count_params(model)
     for round_to in dict.fromkeys((recipe.unit_multiple(), 1)):
         outcome = align.apply(model, ctx, block_height, round_to=round_to, narrowed=narrowed)
-        acc = accuracy(outcome.model, *budget_split(ctx.data))
-        if baseline - acc <= recipe.max_accuracy_drop or round_to == 1:
+        acc = ctx.task.keras(outcome.model).value
+        if ctx.task.within(baseline, acc) or round_to == 1:
             break
         reporter.step(f"align: rounding widths to {round_to} crosses the budget; aligning blocks only")
     if not outcome.details.get("removed"):
@@ -118,7 +133,7 @@ def _align_blocks(model, recipe: Recipe, ctx: StageContext, reporter: Reporter, 
     params_after, nonzero_after = count_params(outcome.model)
     records.append({
         "name": "align", "params_before": params_before, "params_after": params_after,
-        "nonzero_before": nonzero_before, "nonzero_after": nonzero_after, "accuracy_after": acc,
+        "nonzero_before": nonzero_before, "nonzero_after": nonzero_after, **_quality(ctx.task, acc),
         "seconds": round(time.perf_counter() - start, 2), "amount": 1.0, "tried": [],
         "details": outcome.details, "notes": outcome.notes,
     })
@@ -137,20 +152,25 @@ def compress(model: keras.Model, data: Dataset, recipe: Recipe, out: str | Path,
     out = Path(out)  # the folder being built (compressor.outdir swaps it into place when complete)
     out.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(recipe.seed)
-    check_against_model(data, tuple(model.input_shape[1:]), int(np.prod(model.output_shape[1:])))
+    task = resolve(recipe, model)
+    check_against_model(data, tuple(model.input_shape[1:]), task=task)
+    task.data = data
     dense = clone_with_weights(model)  # the caller's model object is never touched
-    baseline_acc = accuracy(dense, data.x_test, data.y_test)
-    reporter.step(f"dense baseline: test accuracy {baseline_acc:.4f}")
+    baseline = task.keras(dense, "test")
+    reporter.step(f"dense baseline: test {task.name} {baseline.value:.4f}")
+    budget_baseline = task.keras(dense).value if data.has_val else baseline.value
 
     points = {} if recipe.keep_frontier else None
-    pruned, stage_records = run_stages(dense, recipe, data, reporter, accuracy(dense, *(budget_split(data))), points)
+    pruned, stage_records = run_stages(dense, recipe, data, reporter, budget_baseline, task, points)
     save_model_atomic(pruned, out / "pruned.keras")
     frontier_files = ship.export_points(points or {}, recipe, out / "frontier", reporter, save_model_atomic)
-    shipped = ship.export_all(dense, pruned, recipe, data, out, reporter, flops=(model_macs(dense), model_macs(pruned)))
-    verification = ship.verify_all(shipped, data.x_test, reporter)
+    shipped = ship.export_all(dense, pruned, recipe, data, out, reporter, flops=(model_macs(dense), model_macs(pruned)),
+                              judge=task)
+    x_check = data.sample("test", VERIFY_SAMPLES)[0]
+    verification = ship.verify_all(shipped, x_check, reporter)
     execution = _execution_table(shipped.artifacts)
     reporter.step(f"benchmarking {len(shipped.artifacts)} files ({recipe.bench.runs} timed runs each, interleaved)")
-    results, correct = run_benchmark(shipped.artifacts, data.x_test, data.y_test, recipe.bench.runs,
+    results, correct = run_benchmark(shipped.artifacts, task, x_check, recipe.bench.runs,
                                      recipe.bench.warmup, recipe.bench.threads, recipe.bench.batch, reporter)
     int8_notes = ship.int8_verdicts(results, shipped.int8)  # shown in report.md and the CLI summary
     params, _ = count_params(model)
@@ -159,11 +179,13 @@ def compress(model: keras.Model, data: Dataset, recipe: Recipe, out: str | Path,
         "machine": machine_info(),
         "model": {"source": source, "input_shape": [None, *model.input_shape[1:]], "params": params,
                   "load_notes": list(load_notes or [])},
-        "data": {"name": data.name, "train": len(data.x_train), "test": len(data.x_test),
-                 "budget_split": "x_val" if data.x_val is not None else "x_test"},
+        "data": {"name": data.name, **data.sizes(), "budget_split": "x_val" if data.has_val else "x_test",
+                 "streamed": not isinstance(data, Dataset)},
         "recipe": recipe.model_dump(mode="json"),
         "unit_multiple": recipe.unit_multiple(),  # round_units as applied on this machine
-        "baseline": {"accuracy": baseline_acc},
+        "metric": task.describe(),
+        "baseline": {"accuracy": baseline.value if task.is_accuracy else None,
+                     "metric": {"value": baseline.value, "per_output": baseline.per_output, "budget_split": budget_baseline}},
         "stages": stage_records,
         "layers": _layer_table(dense, pruned),
         "results": results,

@@ -138,6 +138,8 @@ Stage = Annotated[Union[WeightStage, ActivationStage, ClusterStage, SparseOptSta
 
 
 class BenchSettings(_Strict):
+    """Timing of every exported file."""
+
     runs: int = Field(300, ge=200, le=100000, description="timed runs per file (at least 200)")
     warmup: int = Field(50, ge=1, le=10000, description="untimed runs first")
     threads: list[int] = Field([1], min_length=1, description="thread counts to measure")
@@ -149,6 +151,69 @@ class BenchSettings(_Strict):
         if any(v < 1 for v in values):
             raise ValueError("every entry must be >= 1")
         return values
+
+
+class MetricSpec(_Strict):
+    """The quality measure the budget is counted in (one per output of a multi-output model)."""
+
+    name: str | list[str] = Field("accuracy", description="Keras metric name (accuracy, mae, mse, auc, ...) or "
+                                  "pkg.mod:func; a list gives one per model output")
+    direction: Literal["auto", "higher", "lower"] = Field(
+        "auto", description="higher or lower is better; auto knows the Keras names (pkg.mod:func must say)")
+    output: int | str = Field(0, description="multi-output models: the output (index or name) the budget is counted on")
+
+    @field_validator("name")
+    @classmethod
+    def _names(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("give at least one metric name")
+        return value
+
+
+class FeatureSpec(_Strict):
+    """One feature of a TFRecord's tf.train.Example."""
+
+    dtype: Literal["float32", "int64", "string"] = Field(description="float32 | int64 | string (encoded image bytes)")
+    shape: list[int] = Field([], description="per-example shape; [] for a scalar")
+    image: bool = Field(False, description="string feature holding PNG/JPEG bytes: decoded to the model's input")
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, value: list[int]) -> list[int]:
+        if any(d < 1 for d in value):
+            raise ValueError("every dimension must be >= 1")
+        return value
+
+
+class TFRecordSpec(_Strict):
+    """Which Example features are the input and the label(s), and which files are which split."""
+
+    x: str = Field("image", description="feature holding the model's input")
+    y: str | list[str] = Field("label", description="feature holding the label (a list: one per model output)")
+    features: dict[str, FeatureSpec] = Field(description="the features to parse: name -> {dtype, shape, image}")
+    train: str = Field("*train*", description="file pattern (glob, relative to --data) of the training files")
+    test: str = Field("*test*", description="test files; none found: every holdout-th record is held out for testing")
+    validation: str = Field("*val*", description="validation files (optional): the budget is checked on them")
+    calibration: str = Field("*calib*", description="calibration files (optional; default: the first training samples)")
+    holdout: int = Field(5, ge=2, le=1000, description="without test files: 1 in this many records is test data")
+
+    def model_post_init(self, _context) -> None:
+        for name in [self.x] + ([self.y] if isinstance(self.y, str) else list(self.y)):
+            if name not in self.features:
+                raise ValueError(f"feature '{name}' is named as x/y but not listed under features "
+                                 f"({', '.join(self.features) or 'none'})")
+
+
+class DataSettings(_Strict):
+    """How streamed data (image folders, TFRecord files, tf.data functions) is read."""
+
+    rescale: float = Field(1 / 255, gt=0.0, description="image folders and decoded images: pixel values times this")
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="image folder without train/ test/ sub-folders: "
+                                 "this fraction of the images (fixed seed) is the test split")
+    shuffle_buffer: int = Field(512, ge=1, le=1_000_000, description="samples held for shuffling a training stream")
+    calibration_samples: int = Field(500, ge=1, le=100_000,
+                                     description="samples the activity statistics and int8 calibration read")
+    tfrecord: TFRecordSpec | None = Field(None, description="feature spec for --data FILES.tfrecord")
 
 
 class Recipe(_Strict):
@@ -165,6 +230,12 @@ class Recipe(_Strict):
         "within the budget",
     )
     max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0, description="accuracy budget, as a fraction (0.01 = 1 point)")
+    loss: str | list[str] = Field("auto", description="fine-tuning loss: Keras name or pkg.mod:func, a list: one per "
+                                  "output; auto: sparse categorical crossentropy (from the metric for mae/mse/auc)")
+    metric: MetricSpec = Field(default_factory=MetricSpec)
+    max_metric_drop: float | None = Field(None, ge=0.0, description="budget in the metric's units (how much worse it "
+                                          "may get); default: max_accuracy_drop when the metric is accuracy")
+    data: DataSettings = Field(default_factory=DataSettings)
     batch_size: int = Field(32, ge=1, le=65536, description="fine-tuning batch size")
     learning_rate: float = Field(1e-3, gt=0.0, le=1.0, description="fine-tuning learning rate (Adam)")
     seed: int = Field(0, ge=0, description="makes masks and files reproducible")
@@ -192,6 +263,11 @@ class Recipe(_Strict):
     def unit_multiple(self) -> int:
         """round_units as a number: 'auto' asks the target registry for this CPU's channel block."""
         return registry.channel_multiple(self.targets) if self.round_units == "auto" else self.round_units
+
+    @field_validator("metric", mode="before")
+    @classmethod
+    def _metric_shorthand(cls, value):
+        return {"name": value} if isinstance(value, (str, list)) else value
 
     def dense_block(self) -> tuple[int, int]:
         """The (in, out) block on Dense kernels that the targets' sparse kernels execute (the registry's)."""
@@ -272,17 +348,19 @@ def example_yaml() -> str:
     from the schema's own defaults and field descriptions, so it cannot drift from what is parsed."""
     recipe = default_recipe()
     lines = ["# compressor recipe: stages run in this order, then the model is exported for every target."]
-    nested = ("stages", "bench")
+    sections = ("bench", "metric", "data")
     lines += [_example_line(name, getattr(recipe, name), field.description, "")
-              for name, field in Recipe.model_fields.items() if name not in nested]
+              for name, field in Recipe.model_fields.items() if name not in ("stages", *sections)]
     lines.append("stages:")
     for stage in recipe.stages:
         fields = type(stage).model_fields
         lines += [_example_line(name, getattr(stage, name), fields[name].description or type(stage).__doc__.split(".")[0],
                                 "  - " if i == 0 else "    ") for i, name in enumerate(fields)]
-    lines.append("bench:")
-    lines += [_example_line(name, getattr(recipe.bench, name), field.description, "  ")
-              for name, field in BenchSettings.model_fields.items()]
+    for section in sections:
+        value = getattr(recipe, section)
+        lines.append(f"{section}:{'':<{24 - len(section)}} # {type(value).__doc__.splitlines()[0]}")
+        lines += [_example_line(name, getattr(value, name), field.description, "  ")
+                  for name, field in type(value).model_fields.items()]
     return "\n".join(lines) + "\n"
 
 

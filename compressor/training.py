@@ -32,9 +32,13 @@ def output_is_probability(model: keras.Model) -> bool:
     return getattr(act, "__name__", "") == "softmax" or type(last).__name__ == "Softmax"
 
 
-def compile_for_training(model: keras.Model, learning_rate: float) -> keras.Model:
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=not output_is_probability(model))
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=["accuracy"])
+def compile_for_training(model: keras.Model, learning_rate: float, task=None) -> keras.Model:
+    """Adam with the task's loss (compressor/task.py); without a task, top-1 classification."""
+    if task is None:
+        loss, metrics = keras.losses.SparseCategoricalCrossentropy(from_logits=not output_is_probability(model)), ["accuracy"]
+    else:
+        loss, metrics = task.keras_losses(), task.compile_metrics()
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=metrics)
     return model
 
 
@@ -81,11 +85,12 @@ class HoldZeros(keras.callbacks.Callback):
 
 
 def fit(model: keras.Model, data: Dataset, epochs: int, batch_size: int, learning_rate: float,
-        callbacks: list | None = None, hold_zeros: bool = True, progress=None) -> keras.Model:
-    """Fine-tune `model` in place; existing kernel zeros are held when `hold_zeros`."""
+        callbacks: list | None = None, hold_zeros: bool = True, progress=None, task=None) -> keras.Model:
+    """Fine-tune `model` in place on the data's training arrays or stream (`data.fit_args`); existing
+    kernel zeros are held when `hold_zeros`."""
     if epochs <= 0:
         return model
-    compile_for_training(model, learning_rate)
+    compile_for_training(model, learning_rate, task)
     cbs = list(callbacks or [])
     if hold_zeros:
         masks = kernel_masks(model)
@@ -93,31 +98,31 @@ def fit(model: keras.Model, data: Dataset, epochs: int, batch_size: int, learnin
             cbs.append(HoldZeros(masks))
     if progress is not None:
         cbs.append(progress)
-    model.fit(data.x_train, data.y_train, epochs=epochs, batch_size=batch_size, verbose=0, callbacks=cbs, shuffle=True)
+    with data.errors():  # a bad record met mid-epoch in a stream: one line, not a TensorFlow trace
+        model.fit(**data.fit_args(batch_size), epochs=epochs, verbose=0, callbacks=cbs)
     if not any(isinstance(layer, keras.layers.Wrapper) for layer in model.layers):  # tfmot: after strip_pruning
-        recalibrate_batchnorm(model, data.x_train, batch_size)
+        recalibrate_batchnorm(model, data, batch_size)
     return model
 
 
-def recalibrate_batchnorm(model: keras.Model, x: np.ndarray, batch_size: int = 32, batches: int = 50) -> None:
+def recalibrate_batchnorm(model: keras.Model, data, batch_size: int = 32, batches: int = 50) -> None:
     """Re-estimate BatchNormalization's moving statistics after fine-tuning, weights frozen.
 
     A short fine-tune moves the weights faster than the moving averages follow (keras.applications
     uses momentum 0.999: 1,000 steps leave a third of the old statistics), so a pruned MobileNetV2
     can test at chance although it trains well. Like AdaBN and NNCF's BatchNorm adaptation, run up to
-    `batches` batches in training mode with the momentum set so that each moving statistic becomes
-    the plain average of the batch statistics.
+    `batches` training batches (`data.train_inputs`) in training mode with the momentum set so that
+    each moving statistic becomes the plain average of the batch statistics.
     """
     layers = [layer for layer in model.layers if type(layer) is keras.layers.BatchNormalization]
-    if not layers or len(x) == 0:
+    if not layers:
         return
     saved = {layer: layer.momentum for layer in layers}
-    order = np.random.default_rng(0).permutation(len(x))
     try:
-        for step, start in enumerate(range(0, min(len(x), batches * batch_size), batch_size)):
+        for step, x in enumerate(data.train_inputs(batch_size, batches)):
             for layer in layers:
                 layer.momentum = step / (step + 1.0)  # cumulative average: the first batch replaces the old value
-            model(x[order[start:start + batch_size]], training=True)
+            model(x, training=True)
     finally:
         for layer, momentum in saved.items():
             layer.momentum = momentum

@@ -97,20 +97,33 @@ def correctness(runner, x: np.ndarray, y: np.ndarray, path: Path) -> np.ndarray:
     return out.argmax(axis=1) == y
 
 
-def run_benchmark(artifacts: list[Artifact], x_test: np.ndarray, y_test: np.ndarray, runs: int, warmup: int,
+def _scored(judge, runner) -> tuple[dict, np.ndarray | None]:
+    """A file's quality on the test split, streamed: the metric (every output's), and for
+    single-output classification the accuracy, its Wilson interval and the per-sample correctness."""
+    score = judge.file(runner, "test")
+    row = {"accuracy": score.value if judge.is_accuracy else None,
+           "metric": {"name": judge.name, "direction": judge.direction, "value": score.value,
+                      "per_output": score.per_output, "samples": score.samples}}
+    if score.correct is not None:
+        row["accuracy_ci95"] = list(accuracy_interval(score.correct))
+    return row, score.correct
+
+
+def run_benchmark(artifacts: list[Artifact], judge, x_sample: np.ndarray, runs: int, warmup: int,
                   threads_list: list[int], batches: list[int], reporter=None) -> tuple[list[dict], dict]:
-    """Rows for report.json `results`, plus per-file correctness vectors for paired tests."""
+    """Rows for report.json `results`, plus per-file correctness vectors for paired tests (only where
+    they apply: single-output classification). `judge` scores each file in the recipe's metric
+    (compressor/task.py); `x_sample` feeds the timed runs."""
     rows, correct_by_file = [], {}
     static = {}
     for art in artifacts:
         runner = open_runner(art.path, threads=1, resolver=art.resolver)
-        correct = correctness(runner, x_test, y_test, art.path)
-        acc = float(correct.mean())
+        quality, correct = _scored(judge, runner)
         params, nonzero = file_params(art.path)
-        correct_by_file[art.path.name] = correct
+        if correct is not None:
+            correct_by_file[art.path.name] = correct
         static[art.path] = {
-            "accuracy": acc, "accuracy_ci95": list(accuracy_interval(correct)),
-            "size_bytes": art.path.stat().st_size, "gzip_bytes": gzip_size(art.path),
+            **quality, "size_bytes": art.path.stat().st_size, "gzip_bytes": gzip_size(art.path),
             "params": params, "nonzero_params": nonzero,
         }
     by_runtime: dict[str, list[Artifact]] = {}
@@ -120,7 +133,7 @@ def run_benchmark(artifacts: list[Artifact], x_test: np.ndarray, y_test: np.ndar
     for runtime, threads, batch in combos:
         group = by_runtime[runtime]
         runners = {str(a.path): open_runner(a.path, threads=threads, resolver=a.resolver) for a in group}
-        x = np.resize(x_test[: max(batch, 1)], (batch,) + x_test.shape[1:]).astype(np.float32)
+        x = np.resize(x_sample[: max(batch, 1)], (batch,) + x_sample.shape[1:]).astype(np.float32)
         label = f"bench {runtime} batch {batch} threads {threads}"
         if reporter is not None:
             with reporter.bar(label, runs) as bar:
@@ -131,7 +144,7 @@ def run_benchmark(artifacts: list[Artifact], x_test: np.ndarray, y_test: np.ndar
             samples = times[str(art.path)]
             rows.append({
                 "variant": art.variant, "runtime": runtime, "file": art.path.name,
-                **{k: static[art.path][k] for k in ("accuracy", "accuracy_ci95")},
+                **{k: static[art.path][k] for k in ("accuracy", "accuracy_ci95", "metric") if k in static[art.path]},
                 "latency_ms": {**latency_summary(samples), "warmup": warmup},
                 "throughput_per_s": throughput(samples, batch),
                 "batch": batch, "threads": threads,

@@ -1,7 +1,9 @@
-"""The search stage's frontier: accuracy vs measured p50 latency per runtime, as a chart and a table.
+"""The search stage's frontier: the task's metric (accuracy by default) vs measured p50 latency per
+runtime, as a chart and a table.
 
-Input is the search stage's `details` (frontier rows with `accuracy`, `measured_ms`, `dense_ms`,
-`within_budget`, `widths`); the dense model is marked so the speedup of every point is visible.
+Input is the search stage's `details` (frontier rows with `metric` (older rows: `accuracy`),
+`measured_ms`, `dense_ms`, `within_budget`, `widths`); the dense model is marked so the speedup of
+every point is visible. `details["metric"]["name"]`, when present, labels the axis.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ def plot_frontier(details: dict, path, dense_accuracy: float | None = None) -> P
     runtimes = sorted({rt for r in measured for rt in r["measured_ms"]})
     for rt in runtimes:
         color, marker = _color(rt), _RUNTIME_MARKERS.get(rt, "o")
-        pts = sorted((r["measured_ms"][rt], r["accuracy"], r["within_budget"]) for r in measured if rt in r["measured_ms"])
+        pts = sorted((r["measured_ms"][rt], _value(r), r["within_budget"]) for r in measured if rt in r["measured_ms"])
         ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, linewidth=1, alpha=0.6)
         for ms, acc, ok in pts:
             ax.scatter([ms], [acc], color=color if ok else "none", edgecolors=color, marker=marker, zorder=3)
@@ -35,12 +37,12 @@ def plot_frontier(details: dict, path, dense_accuracy: float | None = None) -> P
             ax.scatter([dense_ms], [dense_accuracy], color=color, marker="*", s=160, zorder=4,
                        edgecolors="black", label=f"{rt} dense")
         ax.plot([], [], color=color, marker=marker, label=f"{rt} search points")
-    ax.scatter([], [], color="none", edgecolors="gray", label="over the accuracy budget")
+    ax.scatter([], [], color="none", edgecolors="gray", label="over the budget")
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(NullFormatter())  # minor log labels overlap on a short range
     ax.set_xlabel("p50 latency (ms, batch %d, measured)" % details.get("goal", {}).get("batch", 1))
-    ax.set_ylabel("accuracy (budget split)")
-    ax.set_title("accuracy vs latency: search frontier")
+    ax.set_ylabel(f"{_name(details)} (budget split)")
+    ax.set_title(f"{_name(details)} vs latency: search frontier")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -52,7 +54,7 @@ def frontier_table(details: dict, dense_accuracy: float | None = None) -> str:
     if not rows:
         return "_no frontier points_\n"
     runtimes = sorted({rt for r in rows for rt in r.get("predicted_ms", {})})
-    head = ["point", "goal", "accuracy", "within budget"]
+    head = ["point", "goal", _name(details), "within budget"]
     for rt in runtimes:
         head += [f"{rt} p50 ms (pred.)", f"{rt} speedup"]
     head.append("widths")
@@ -65,7 +67,7 @@ def frontier_table(details: dict, dense_accuracy: float | None = None) -> str:
     chosen = details.get("chosen")
     for i, r in enumerate(rows):
         label = f"**{i}** (shipped)" if i == chosen else str(i)
-        cells = [label, f"{r['goal_speedup']:.2f}x", f"{r['accuracy']:.4f}", "yes" if r["within_budget"] else "no"]
+        cells = [label, f"{r['goal_speedup']:.2f}x", f"{_value(r):.4f}", "yes" if r["within_budget"] else "no"]
         for rt in runtimes:
             meas = r.get("measured_ms", {}).get(rt)
             pred = r.get("predicted_ms", {}).get(rt)
@@ -75,3 +77,11 @@ def frontier_table(details: dict, dense_accuracy: float | None = None) -> str:
         cells.append(", ".join(f"{k} {v}" for k, v in r.get("widths", {}).items()))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _value(row: dict) -> float:
+    return row["metric"] if row.get("metric") is not None else row["accuracy"]
+
+
+def _name(details: dict) -> str:
+    return (details.get("metric") or {}).get("name", "accuracy")

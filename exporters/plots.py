@@ -112,15 +112,18 @@ def plot_latency(results: list[dict], path, batch: int | None = 1,
 
 
 def plot_accuracy_vs_size(results: list[dict], path) -> Path:
-    """Accuracy against gzip size (log scale): the trade-off pruning is meant to win.
+    """Accuracy (or the recipe's metric) against gzip size (log scale): the trade-off pruning is meant to win.
 
     gzip size rather than raw size because zeros only shrink a file once compressed. Rows for
     other batch sizes/threads repeat the same point, so each (variant, runtime) is drawn once.
     """
     seen, points = set(), []
+    name = next(((r.get("metric") or {}).get("name") for r in results if r.get("accuracy") is None
+                 and r.get("metric")), None) or "accuracy"
     for r in results:
         key = (r.get("variant"), r.get("runtime"))
-        size, acc = r.get("gzip_bytes"), r.get("accuracy")
+        size = r.get("gzip_bytes")
+        acc = r.get("accuracy") if name == "accuracy" else r["metric"]["value"]
         if key in seen or size is None or acc is None or size <= 0:
             continue
         seen.add(key)
@@ -129,7 +132,7 @@ def plot_accuracy_vs_size(results: list[dict], path) -> Path:
     fig = _new_figure(6.0, 4.2)
     ax = fig.add_subplot()
     if not points:
-        _empty(ax, "no rows with gzip_bytes and accuracy")
+        _empty(ax, f"no rows with gzip_bytes and {name}")
         return _save(fig, path)
 
     # The same variant on two runtimes sits at nearly the same spot, so each runtime's labels
@@ -150,8 +153,8 @@ def plot_accuracy_vs_size(results: list[dict], path) -> Path:
     sizes = np.array([s for _, s, _ in points])
     ax.set_xlim(sizes.min() / 1.6, sizes.max() * 1.6)  # room for labels, also for one point
     ax.set_xlabel("gzip size (bytes, log scale)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("Accuracy vs compressed size")
+    ax.set_ylabel(f"test {name}")
+    ax.set_title(f"{name} vs compressed size")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)

@@ -27,7 +27,15 @@ class TFLiteRunner:
         except (ValueError, RuntimeError) as exc:
             raise CompressorError(f"LiteRT cannot load '{path}': {str(exc).splitlines()[0]}; is it a .tflite file?") from exc
         self._input = self.interpreter.get_input_details()[0]
-        self._output = self.interpreter.get_output_details()[0]
+        details = self.interpreter.get_output_details()
+        self._output = details[0]
+        # the converter lists outputs sorted by name; the signature maps each Keras output name to its tensor
+        by_index = {d["index"]: d for d in details}
+        try:
+            named = next(iter(self.interpreter._get_full_signature_list().values()))["outputs"]
+        except (StopIteration, KeyError, AttributeError):
+            named = {}
+        self.outputs = {n: by_index[i] for n, i in named.items() if i in by_index} or {d["name"]: d for d in details}
         self._batch = None
 
     @property
@@ -49,10 +57,10 @@ class TFLiteRunner:
         info = np.iinfo(dtype)
         return np.clip(np.round(x / scale + zero), info.min, info.max).astype(dtype)
 
-    def _decode(self, y: np.ndarray) -> np.ndarray:
+    def _decode(self, y: np.ndarray, detail: dict | None = None) -> np.ndarray:
         if y.dtype == np.float32:
             return y
-        scale, zero = self._output["quantization"]
+        scale, zero = (detail or self._output)["quantization"]
         return (y.astype(np.float32) - zero) * scale
 
     def set_input(self, x: np.ndarray) -> None:
@@ -72,6 +80,18 @@ class TFLiteRunner:
             self.invoke()
             outs.append(self.output().copy())
         return np.concatenate(outs)
+
+    def predict_outputs(self, x: np.ndarray, names: list[str] | None = None, batch: int = 64) -> list[np.ndarray]:
+        """Every output, in the order of `names` (the Keras model's output names) when the file has them."""
+        order = [self.outputs[n] for n in names] if names and all(n in self.outputs for n in names) \
+            else list(self.outputs.values())
+        parts = [[] for _ in order]
+        for start in range(0, len(x), batch):
+            self.set_input(x[start : start + batch])
+            self.invoke()
+            for part, detail in zip(parts, order):
+                part.append(self._decode(self.interpreter.get_tensor(detail["index"]), detail).copy())
+        return [np.concatenate(p) for p in parts]
 
     def op_names(self) -> list[str]:
         self._prepare(self._batch or 1)
@@ -97,6 +117,7 @@ class OnnxRunner:
         except Exception as exc:
             raise CompressorError(f"onnxruntime cannot load '{path}': {str(exc).splitlines()[0][:200]}") from exc
         self._input = self.session.get_inputs()[0]
+        self.output_names = [o.name for o in self.session.get_outputs()]
         self._feed = None
 
     @property
@@ -119,6 +140,17 @@ class OnnxRunner:
             self.invoke()
             outs.append(self.output())
         return np.concatenate(outs)
+
+    def predict_outputs(self, x: np.ndarray, names: list[str] | None = None, batch: int = 256) -> list[np.ndarray]:
+        """Every output, in the order of `names` (the Keras model's output names) when the file has them."""
+        order = [self.output_names.index(n) for n in names] if names and all(n in self.output_names for n in names) \
+            else list(range(len(self.output_names)))
+        parts = [[] for _ in order]
+        for start in range(0, len(x), batch):
+            outs = self.session.run(None, {self._input.name: x[start : start + batch].astype(np.float32)})
+            for part, i in zip(parts, order):
+                part.append(outs[i])
+        return [np.concatenate(p) for p in parts]
 
 
 def open_runner(path: str | Path, threads: int = 1, resolver: str = "default"):

@@ -4,8 +4,10 @@ The registry (exporters/targets.py) says what each target needs; this module app
 model: which storage is safe (fallbacks and their reasons), which int8 scheme wins on this model
 and this CPU, and whether each file computes what its Keras model computes.
 
-`recipe` and `data` are read by attribute (targets, compact_onnx, max_accuracy_drop, bench; x_calib,
-x_val/y_val, x_test/y_test), so this package stays free of the pipeline's own types.
+`recipe`, `data` and `judge` are read by attribute (recipe: targets, compact_onnx, bench; data:
+calibration(), sample(); judge: the task of compressor/task.py, which scores a Keras model or an
+exported file over the data's batches in the recipe's metric and says whether a value is within
+budget), so this package stays free of the pipeline's own types.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import numpy as np
 
 from compressor.core import keras
 from exporters import targets
-from exporters.benchmark import Artifact, correctness
+from exporters.benchmark import Artifact
 from exporters.latency import measure_interleaved
 from exporters.runtimes import open_runner_safely
 from exporters.stats import latency_summary
@@ -40,11 +42,6 @@ class Shipped:
         self.artifacts.append(artifact)
         self.models.append(model)
         self.quantization.append(quantization)
-
-
-def budget_split(data):
-    """Where the accuracy budget is checked: the validation split if there is one, else the test split."""
-    return (data.x_val, data.y_val) if data.x_val is not None else (data.x_test, data.y_test)
 
 
 def misaligned_dense(model, block_height: int) -> list[str]:
@@ -87,9 +84,10 @@ def export_points(points: dict, recipe, folder: Path, reporter, save_keras) -> d
     return written
 
 
-def export_all(dense, pruned, recipe, data, out: Path, reporter, flops: tuple[int, int] = (0, 0)) -> Shipped:
-    """Dense and pruned float files for every runtime the targets use, then each int8 target's file.
-    `flops`: the dense and pruned models' MACs, recorded with each file."""
+def export_all(dense, pruned, recipe, data, out: Path, reporter, flops: tuple[int, int] = (0, 0),
+               judge=None) -> Shipped:
+    """Dense and pruned float files for every runtime the targets use, then each int8 target's file
+    (its scheme judged by `judge`). `flops`: the dense and pruned models' MACs, recorded with each file."""
     shipped = Shipped()
     dense_flops, pruned_flops = flops
     reporter.step("exporting dense and pruned models for " + ", ".join(recipe.targets))
@@ -105,16 +103,15 @@ def export_all(dense, pruned, recipe, data, out: Path, reporter, flops: tuple[in
         shipped.add(Artifact("pruned", runtime, pruned_path, pruned_flops), pruned)
     for target in targets.selected(recipe.targets):
         if target.int8:
-            artifact, record = choose_int8(target, pruned, recipe, data, out, reporter, shipped.notes)
+            artifact, record = choose_int8(target, pruned, recipe, data, out, reporter, shipped.notes, judge)
             artifact.flops = pruned_flops
             shipped.add(artifact, pruned, record["description"])
             shipped.int8.append(record)
     return shipped
 
 
-def _candidates(target, pruned, data, out: Path, encode: bool) -> list[dict]:
-    """Write one file per int8 scheme of the target and open it as a user would."""
-    x, y = budget_split(data)
+def _candidates(target, pruned, data, out: Path, encode: bool, judge) -> list[dict]:
+    """Write one file per int8 scheme of the target, open it as a user would and score it on the budget split."""
     found = []
     for scheme in target.schemes:
         entry = {"scheme": scheme.name, "description": scheme.description}
@@ -123,10 +120,11 @@ def _candidates(target, pruned, data, out: Path, encode: bool) -> list[dict]:
             found.append(entry)
             continue
         path = out / f".candidate-{scheme.name}-{target.filename('pruned-int8')}"
-        target.export(pruned, path, calibration=data.x_calib, scheme=scheme, sparse=True)
+        target.export(pruned, path, calibration=data.calibration(), scheme=scheme, sparse=True)
         runner, resolver, note = open_runner_safely(path)
-        entry.update(path=path, runner=runner, resolver=resolver, delegate_note=note,
-                     accuracy=float(correctness(runner, x, y, path).mean()))
+        value = judge.file(runner, "budget").value
+        entry.update(path=path, runner=runner, resolver=resolver, delegate_note=note, metric=value,
+                     accuracy=value if judge.is_accuracy else None)
         found.append(entry)
     return found
 
@@ -147,34 +145,36 @@ def _drop_rejected(target, found: list[dict], final_name: str, notes: list[str],
     return default
 
 
-def _pick(pool: list[dict], max_drop: float, reference: float) -> dict:
-    """The fastest candidate within the accuracy budget (near-ties go to the registry's order);
-    if none is within it, the most accurate."""
-    within = [c for c in pool if reference - c["accuracy"] <= max_drop]
+def _pick(pool: list[dict], max_drop: float, reference: float, drop=lambda ref, value: ref - value) -> dict:
+    """The fastest candidate within the budget (near-ties go to the registry's order); if none is
+    within it, the best scoring. `drop(reference, value)`: how much worse, in the metric's units."""
+    def value(c):
+        return c["metric"] if c.get("metric") is not None else c["accuracy"]
+
+    within = [c for c in pool if drop(reference, value(c)) <= max_drop]
     if not within:
-        return max(pool, key=lambda c: c["accuracy"])
+        return min(pool, key=lambda c: drop(reference, value(c)))
     best = min(c["p50_ms"] for c in within)
     return next(c for c in within if c["p50_ms"] <= best * (1 + SAME_SPEED))
 
 
-def choose_int8(target, pruned, recipe, data, out: Path, reporter, notes: list[str]) -> tuple[Artifact, dict]:
+def choose_int8(target, pruned, recipe, data, out: Path, reporter, notes: list[str], judge) -> tuple[Artifact, dict]:
     """Measure the target's int8 schemes on this model at batch 1 and keep the fastest within budget."""
     final = out / target.filename("pruned-int8")
     encode = _can_encode(pruned, target, reporter, notes)
-    x, y = budget_split(data)
-    reference = float(np.mean(np.argmax(pruned.predict(x, verbose=0).reshape(len(x), -1), axis=1) == y))
-    found = _candidates(target, pruned, data, out, encode)
+    reference = judge.keras(pruned, "budget").value
+    found = _candidates(target, pruned, data, out, encode, judge)
     try:
         pool = _drop_rejected(target, found, final.name, notes, reporter)
         float_path = out / targets.float_target(target.runtime).filename("pruned")
         float_runner, _, _ = open_runner_safely(float_path)
         reporter.step(f"{target.name}: timing {len(pool)} int8 scheme(s) against {float_path.name} at batch 1")
         runners = {c["scheme"]: c["runner"] for c in pool} | {"float": float_runner}
-        sample = np.asarray(x[:1], np.float32)
+        sample = np.asarray(data.sample("budget", 1)[0], np.float32)
         times = measure_interleaved(runners, sample, recipe.bench.runs, recipe.bench.warmup)
         for c in pool:
             c["p50_ms"] = latency_summary(times[c["scheme"]])["p50"]
-        chosen = _pick(pool, recipe.max_accuracy_drop, reference)
+        chosen = _pick(pool, judge.budget, reference, judge.drop)
         os.replace(chosen["path"], final)
     finally:
         for c in found:
@@ -184,9 +184,11 @@ def choose_int8(target, pruned, recipe, data, out: Path, reporter, notes: list[s
     record = {
         "target": target.name, "runtime": target.runtime, "file": final.name, "chosen": chosen["scheme"],
         "description": f"{chosen['scheme']}: {chosen['description']}",
-        "reference_accuracy": reference, "max_accuracy_drop": recipe.max_accuracy_drop,
+        "reference_accuracy": reference if judge.is_accuracy else None, "reference_metric": reference,
+        "metric": judge.name, "max_accuracy_drop": recipe.max_accuracy_drop, "budget": judge.budget,
         "float_file": float_path.name, "float_p50_ms": float_p50,
-        "candidates": [{k: c.get(k) for k in ("scheme", "accuracy", "p50_ms", "resolver", "skipped")} for c in found],
+        "candidates": [{k: c.get(k) for k in ("scheme", "accuracy", "metric", "p50_ms", "resolver", "skipped")}
+                       for c in found],
     }
     reporter.step(f"{target.name}: chose {chosen['scheme']} ("
                   + ", ".join(f"{c['scheme']} {c['p50_ms']:.4f} ms" for c in pool) + f"; float {float_p50:.4f} ms)")
@@ -195,13 +197,15 @@ def choose_int8(target, pruned, recipe, data, out: Path, reporter, notes: list[s
 
 
 def verify_all(shipped: Shipped, x_check: np.ndarray, reporter) -> list[dict]:
-    """One verification row per file, each against the Keras model it was exported from."""
+    """One verification row per file, each against the Keras model it was exported from, on the
+    samples `x_check` (every output of a multi-output model, matched by name)."""
     reporter.step("verifying every exported file")
     expected = {}
     rows = []
     for art, model, quantization in zip(shipped.artifacts, shipped.models, shipped.quantization):
         if id(model) not in expected:
-            expected[id(model)] = model.predict(x_check, batch_size=256, verbose=0)
+            out = model.predict(x_check, batch_size=256, verbose=0)
+            expected[id(model)] = list(out) if isinstance(out, (list, tuple)) else out
         runner, art.resolver, note = open_runner_safely(art.path)
         if note and note not in art.notes:
             art.notes.append(note)

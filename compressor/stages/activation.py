@@ -28,8 +28,8 @@ def apply(model, cfg: ActivationStage, ctx: StageContext, amount: float = 1.0) -
     # biases get compensated before surgery: never on the caller's model
     labelled = None
     if criteria.get(cfg.criterion).needs_gradients:
-        labelled = (ctx.data.x_train[:len(ctx.data.x_calib)], ctx.data.y_train[:len(ctx.data.x_calib)])
-    base, groups, traces, activity = scoring.observe(model, ctx.data.x_calib, labelled)
+        labelled = ctx.data.labelled_calibration()
+    base, groups, traces, activity = scoring.observe(model, ctx.data.calibration(), labelled, task=ctx.task)
     if not groups:
         return StageOutcome(base, {"layers": {}, "removed": 0}, ["activation: no prunable Dense/Conv layers"])
     threshold = cfg.threshold * amount

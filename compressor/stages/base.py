@@ -20,7 +20,8 @@ class StageContext:
     epoch_progress: Callable[[str, int], object] | None = None  # (label, epochs) -> keras callback or None
     log: Callable[[str], None] | None = None  # progress lines of long stages (the search's steps)
     dense_model: object | None = None  # the model before any stage (a speed goal counts from it)
-    baseline_accuracy: float | None = None  # dense accuracy on the budget split (goal-driven stages step back by it)
+    baseline_accuracy: float | None = None  # dense metric on the budget split (goal-driven stages step back by it)
+    task: object = None  # compressor.task.Task: loss for fine-tuning, metric and budget (None: top-1 accuracy)
 
 
 @dataclass

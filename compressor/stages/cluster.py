@@ -75,7 +75,7 @@ def plan_group(patterns: np.ndarray, mean_abs: np.ndarray, cfg: ClusterStage, am
 
 def apply(model, cfg: ClusterStage, ctx: StageContext, amount: float = 1.0) -> StageOutcome:
     # consumer rows get rescaled before surgery: never the caller's model
-    base, groups, traces, activity = scoring.observe(model, ctx.data.x_calib)
+    base, groups, traces, activity = scoring.observe(model, ctx.data.calibration())
     if not groups:
         return StageOutcome(base, {"layers": {}, "removed": 0}, ["cluster: no prunable Dense/Conv layers"])
     plan, merge, extra = {}, {}, {}

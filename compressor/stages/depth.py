@@ -11,7 +11,7 @@ inverted-residual blocks of MobileNetV2/EfficientNet (their squeeze-excite and S
 Dropout included), ResNet identity blocks, and the attention or FFN sub-blocks of a transformer.
 Each block is scored alone on calibration data by how far the model's output distribution moves
 without it (mean KL divergence; no labels needed); the least important go first, a few per step,
-each step fine-tuned and checked against the accuracy budget; a step over it is undone and retried
+each step fine-tuned and checked against the budget (the recipe's metric); a step over it is undone and retried
 with half as many blocks, down to one.
 The rebuild edits the functional config: branch layers and the Add are dropped and every reader of
 the Add reads the skip tensor instead, so the smaller model is exact when the branch output is zero.
@@ -28,8 +28,8 @@ from compressor.recipe import DepthStage
 from compressor.stages import scoring
 from compressor.stages.base import StageContext, StageOutcome
 from compressor.surgery import ModelGraph, model_graph
-from compressor.training import accuracy, output_is_probability
-from exporters.ship import budget_split
+from compressor.task import context_task
+from compressor.training import output_is_probability
 
 
 @dataclass(frozen=True)
@@ -127,11 +127,18 @@ def without_blocks(model, blocks: list[Block]):
 
 
 def _probabilities(model, x: np.ndarray) -> np.ndarray:
-    out = model.predict(x, batch_size=128, verbose=0).reshape(len(x), -1).astype(np.float64)
-    if not output_is_probability(model):
-        out = np.exp(out - out.max(axis=1, keepdims=True))
-        out /= out.sum(axis=1, keepdims=True)
-    return np.clip(out, 1e-7, 1.0)
+    """Each output as a distribution per sample, outputs side by side (the KL of a multi-output
+    model is then the sum of its outputs' KLs)."""
+    outs = model.predict(x, batch_size=128, verbose=0)
+    outs = outs if isinstance(outs, list) else [outs]
+    parts = []
+    for out in outs:
+        out = out.reshape(len(x), -1).astype(np.float64)
+        if len(outs) > 1 or not output_is_probability(model):
+            out = np.exp(out - out.max(axis=1, keepdims=True))
+            out /= out.sum(axis=1, keepdims=True)
+        parts.append(np.clip(out, 1e-7, 1.0))
+    return np.concatenate(parts, axis=1)
 
 
 def _branch_norms(model, blocks: list[Block], x: np.ndarray) -> list[float]:
@@ -166,11 +173,11 @@ def apply(model, cfg: DepthStage, ctx: StageContext, amount: float = 1.0) -> Sta
         return StageOutcome(scoring.copy(model), {"removed": 0, "removed_blocks": [], "candidates": []},
                             ["depth: no residual Add whose branch the identity can replace (no identity-skip "
                              "blocks of equal shape); model left as is"])
-    x_calib = ctx.data.x_calib[:cfg.samples]
+    x_calib = ctx.data.calibration()[:cfg.samples]
     rows = sorted(score_blocks(model, blocks, x_calib), key=lambda r: r["output_kl"])
     limit = int(np.floor(cfg.max_fraction * amount * len(blocks)))
-    x, y = budget_split(ctx.data)
-    baseline = ctx.baseline_accuracy if ctx.baseline_accuracy is not None else accuracy(model, x, y)
+    task = context_task(ctx)
+    baseline = ctx.baseline_accuracy if ctx.baseline_accuracy is not None else task.keras(model).value
     current, removed, steps = scoring.copy(model), [], []
     step = cfg.step
     while len(removed) < limit and step > 0:
@@ -178,9 +185,10 @@ def apply(model, cfg: DepthStage, ctx: StageContext, amount: float = 1.0) -> Sta
         by_add = {b.add: b for b in residual_blocks(current)}  # a block's skip may be an Add removed earlier
         trial = without_blocks(current, [by_add[r["add"]] for r in chunk])
         scoring.finetune(trial, ctx, cfg.epochs, f"depth: fine-tune without {len(removed) + len(chunk)} blocks")
-        acc = accuracy(trial, x, y)
-        ok = baseline - acc <= ctx.recipe.max_accuracy_drop
-        steps.append({"blocks": [r["add"] for r in chunk], "accuracy": acc, "within_budget": ok})
+        value = task.keras(trial).value
+        ok = task.within(baseline, value)
+        steps.append({"blocks": [r["add"] for r in chunk], "metric": value,
+                      "accuracy": value if task.is_accuracy else None, "within_budget": ok})
         if ok:
             current, removed = trial, removed + chunk
         else:

@@ -113,9 +113,10 @@ class Activity:
 
 
 def collect(model, x: np.ndarray, traces: list[Trace], batch_size: int = 128, limit: int = 500,
-            labels: np.ndarray | None = None) -> dict[str, Activity]:
+            labels: np.ndarray | None = None, task=None) -> dict[str, Activity]:
     """Run `model` on up to `limit` calibration samples; activity of every traced producer. With
-    `labels`, the gradient of the loss w.r.t. each observed activation is gathered too (Taylor)."""
+    `labels`, the gradient of the loss (the task's, compressor/task.py) w.r.t. each observed
+    activation is gathered too (Taylor)."""
     x = np.asarray(x)[:limit]
     observe = sorted({t.observe for t in traces})
     extractor = keras.Model(model.inputs, [model.get_layer(n).output for n in observe] + list(model.outputs))
@@ -124,7 +125,7 @@ def collect(model, x: np.ndarray, traces: list[Trace], batch_size: int = 128, li
     taylor = {n: 0.0 for n in observe}
     for start in range(0, len(x), batch_size):
         outs, grads = _forward(extractor, x[start:start + batch_size], len(observe),
-                               None if labels is None else np.asarray(labels)[start:start + batch_size])
+                               None if labels is None else _label_rows(labels, slice(start, start + batch_size)), task)
         for name, out, grad in zip(observe, outs, grads):
             a = out.numpy().astype(np.float64)
             flat = a.reshape(-1, a.shape[-1])
@@ -143,7 +144,11 @@ def collect(model, x: np.ndarray, traces: list[Trace], batch_size: int = 128, li
     return {t.producer: dataclasses.replace(result[t.observe], batch_norm=t.batch_norm) for t in traces}
 
 
-def _forward(extractor, x, n_observed: int, y):
+def _label_rows(labels, index):
+    return tuple(np.asarray(a)[index] for a in labels) if isinstance(labels, tuple) else np.asarray(labels)[index]
+
+
+def _forward(extractor, x, n_observed: int, y, task=None):
     """Observed activations, and with labels their loss gradients (else Nones)."""
     if y is None:
         outs = extractor(x, training=False)
@@ -151,7 +156,12 @@ def _forward(extractor, x, n_observed: int, y):
         return outs[:n_observed], [None] * n_observed
     with tf.GradientTape() as tape:
         outs = extractor(x, training=False)
-        loss = tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(y, outs[-1]))
+        if task is None or task.paired:
+            loss = tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(y, outs[-1]))
+        else:  # the task's loss summed over the model's outputs (the extractor's last outputs)
+            fns = task.keras_losses()
+            fns, ys = (fns, list(y)) if isinstance(fns, list) else ([fns], [y])
+            loss = tf.add_n([fn(t, p) for fn, t, p in zip(fns, ys, outs[-len(fns):])])
     return outs[:n_observed], tape.gradient(loss, outs[:n_observed])
 
 
@@ -160,7 +170,7 @@ def _positions(shape) -> int:
     return int(math.prod(inner)) if inner else 1
 
 
-def observe(model, x_calib: np.ndarray, labelled: tuple[np.ndarray, np.ndarray] | None = None):
+def observe(model, x_calib: np.ndarray, labelled: tuple[np.ndarray, np.ndarray] | None = None, task=None):
     """A working copy of `model`, its prunable groups, each producer's trace and its activity on
     the calibration samples (or, for gradient criteria, on `labelled` (x, y) samples): what every
     activity-based stage starts from."""
@@ -171,7 +181,7 @@ def observe(model, x_calib: np.ndarray, labelled: tuple[np.ndarray, np.ndarray] 
     graph = layer_graph(base)
     traces = {m: trace(base, m, graph) for g in found for m in g.members}
     x, y = labelled if labelled is not None else (x_calib, None)
-    return base, found, traces, collect(base, x, list(traces.values()), labels=y)
+    return base, found, traces, collect(base, x, list(traces.values()), labels=y, task=task)
 
 
 def unit_kernel(layer):
@@ -293,7 +303,7 @@ def finetune(model, ctx, epochs: int, label: str, learning_rate: float | None = 
     if epochs > 0:
         progress = ctx.epoch_progress(label, epochs) if ctx.epoch_progress else None
         fit(model, ctx.data, epochs=epochs, batch_size=ctx.recipe.batch_size,
-            learning_rate=learning_rate or ctx.recipe.learning_rate, progress=progress)
+            learning_rate=learning_rate or ctx.recipe.learning_rate, progress=progress, task=ctx.task)
     return model
 
 

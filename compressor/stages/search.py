@@ -21,8 +21,7 @@ from compressor.recipe import SearchStage
 from compressor.stages import scoring
 from compressor.stages.activation import unit_scores
 from compressor.stages.base import StageContext, StageOutcome
-from compressor.training import accuracy
-from exporters.ship import budget_split
+from compressor.task import Task, context_task
 
 MAX_SPEEDUP = 64.0  # without a speed goal the points double until the budget is crossed, at most to this
 
@@ -32,20 +31,18 @@ def _log(ctx: StageContext, message: str) -> None:
         ctx.log(message)
 
 
-def _budget(ctx: StageContext, model) -> tuple[np.ndarray, np.ndarray, float]:
-    """The budget split (x_val, else x_test) and the baseline accuracy the budget is counted from."""
-    x, y = budget_split(ctx.data)
-    baseline = ctx.baseline_accuracy if ctx.baseline_accuracy is not None else accuracy(model, x, y)
-    return x, y, baseline
+def _budget(ctx: StageContext, model) -> tuple[Task, float]:
+    """The task scoring the budget split (validation, else test) and the baseline the budget is counted from."""
+    task = context_task(ctx)
+    return task, ctx.baseline_accuracy if ctx.baseline_accuracy is not None else task.keras(model).value
 
 
 def _importance(model, cfg: SearchStage, ctx: StageContext):
     """Per group (current model's indices): units in removal order and the cumulative importance share."""
     labelled = None
     if criteria.get(cfg.criterion).needs_gradients:
-        n = len(ctx.data.x_calib)
-        labelled = (ctx.data.x_train[:n], ctx.data.y_train[:n])
-    base, groups, traces, activity = scoring.observe(model, ctx.data.x_calib, labelled)
+        labelled = ctx.data.labelled_calibration()
+    base, groups, traces, activity = scoring.observe(model, ctx.data.calibration(), labelled, task=ctx.task)
     order, share = {}, {}
     for g in groups:
         score = np.mean([unit_scores(base, m, activity[m], cfg.criterion) for m in g.members], axis=0)
@@ -134,8 +131,8 @@ def _tables(model, names: list[str], cfg: SearchStage, ctx: StageContext) -> dic
 class _Search:
     """State of one search: the latency models, the budget and every point visited."""
 
-    def __init__(self, model, cfg: SearchStage, ctx: StageContext, lms: dict[str, LatencyModel], units, floor, xy):
-        self.cfg, self.ctx, self.lms, self.units, self.floor, self.xy = cfg, ctx, lms, units, floor, xy
+    def __init__(self, model, cfg: SearchStage, ctx: StageContext, lms: dict[str, LatencyModel], units, floor, task):
+        self.cfg, self.ctx, self.lms, self.units, self.floor, self.task = cfg, ctx, lms, units, floor, task
         self.lm = lms[cfg.goal.runtime]
         self.dense_ms = self.lm.predict()
         self.rows, self.models, self.states, self.seen = [], [], [], {}
@@ -155,18 +152,19 @@ class _Search:
         if key in self.seen:  # same widths as a visited point (flat table): its verdict, no second fine-tune
             return self.seen[key]
         model = _shrink(importance, extra, self.cfg, self.ctx, f"search: fine-tune at {speedup:.2f}x")
-        acc = accuracy(model, *self.xy)
-        ok = self.floor - acc <= self.ctx.recipe.max_accuracy_drop  # the pipeline's own test, same rounding
+        acc = self.task.keras(model).value
+        ok = self.task.within(self.floor, acc)  # the pipeline's own test, same rounding
         predicted = self.dense_ms / self.lm.predict(total)
         self.reached = predicted >= 0.98 * speedup  # False: widths hit their floor (fixed per-op cost)
         self.rows.append({
             "goal_speedup": round(speedup, 3), "predicted_speedup": round(predicted, 3), "reached": self.reached,
-            "accuracy": acc, "within_budget": ok,
+            "metric": acc, "accuracy": acc if self.task.is_accuracy else None, "within_budget": ok,
             "widths": {g: self.units[g] - total.get(g, 0) for g in self.units},
             "predicted_ms": {rt: lm.predict(total) for rt, lm in self.lms.items()}})
         self.models.append(model)
         self.states.append((speedup, model, total))
-        _log(self.ctx, f"search: {speedup:.2f}x predicted -> accuracy {acc:.4f} ({'within' if ok else 'over'} budget)")
+        _log(self.ctx, f"search: {speedup:.2f}x predicted -> {self.task.name} {acc:.4f} "
+                       f"({'within' if ok else 'over'} budget)")
         self.seen[key] = ok
         if ok:
             self.good = (speedup, model, total)
@@ -219,7 +217,7 @@ def _correct_to_goal(search: _Search, dense, goal: float | None, cfg: SearchStag
 
 
 def apply(model, cfg: SearchStage, ctx: StageContext, amount: float = 1.0) -> StageOutcome:
-    x, y, floor = _budget(ctx, model)
+    task, floor = _budget(ctx, model)
     start = scoring.copy(model)
     groups = scoring.groups(start, observable=True)
     if not groups:
@@ -230,17 +228,17 @@ def apply(model, cfg: SearchStage, ctx: StageContext, amount: float = 1.0) -> St
     units = {g.name: g.units for g in groups}
     members = {g.name: len(g.members) for g in groups}
     lms = _tables(start, list(units), cfg, ctx)
-    search = _Search(start, cfg, ctx, lms, units, floor, (x, y))
+    search = _Search(start, cfg, ctx, lms, units, floor, task)
     points, goal = _speed_targets(cfg, search.lm, amount)
     search.run(points, goal)
     _correct_to_goal(search, start, goal, cfg)
     measured = _measure(start, search, cfg)
-    best, notes = _choose(search.rows, goal, cfg, _target_runtimes(ctx))
+    best, notes = _choose(search.rows, goal, cfg, _target_runtimes(ctx), task.name)
     if not search.rows:
         notes.append(f"search: not reachable on {cfg.goal.runtime}: the latency table predicts no gain from narrower "
                      "layers (fixed per-op cost dominates); model left unchanged")
     elif best is None:
-        notes.append(f"search: no operating point stayed within the {ctx.recipe.max_accuracy_drop:.2%} budget; "
+        notes.append(f"search: no operating point stayed within the {task.budget_text()} budget; "
                      "model left unchanged")
     notes += [goal_note] if goal_note else []
     if best is None:
@@ -322,7 +320,7 @@ def _fastest(rows: list[dict], good: list[int], runtimes: tuple[str, ...]) -> in
 
 
 def _choose(rows: list[dict], goal: float | None, cfg: SearchStage,
-            runtimes: tuple[str, ...] | None = None) -> tuple[int | None, list[str]]:
+            runtimes: tuple[str, ...] | None = None, metric: str = "accuracy") -> tuple[int | None, list[str]]:
     """The goal point if it is within budget, else the fastest measured one: on the goal's runtime
     when there is a goal, else on the recipe's target runtimes together."""
     runtime = cfg.goal.runtime
@@ -339,5 +337,5 @@ def _choose(rows: list[dict], goal: float | None, cfg: SearchStage,
         return fastest_here, [f"search: goal {goal:.2f}x on {runtime} not reachable: the latency table predicts at "
                               f"most {top:.2f}x at the narrowest widths (fixed per-op cost dominates)"]
     reached = f"{rows[fastest_here]['measured_speedup'][runtime]:.2f}x measured" if fastest_here is not None else "nothing"
-    return fastest_here, [f"search: goal {goal:.2f}x on {runtime} not reachable within the accuracy budget; "
+    return fastest_here, [f"search: goal {goal:.2f}x on {runtime} not reachable within the {metric} budget; "
                           f"best within budget: {reached}"]

@@ -73,7 +73,7 @@ def apply(model, cfg: SparseOptStage, ctx: StageContext, amount: float = 1.0) ->
                      learning_rate=ctx.recipe.learning_rate * lr_scale)
     trained = clone_with_weights(work)  # drops the penalty: clone_model does not copy add_loss callables
 
-    activity = scoring.collect(trained, ctx.data.x_calib, [scoring.trace(trained, m) for m in producers])
+    activity = scoring.collect(trained, ctx.data.calibration(), [scoring.trace(trained, m) for m in producers])
     threshold = cfg.threshold * amount
     plan, extra = {}, {}
     for group in groups:

@@ -55,11 +55,13 @@ def left_dense(model: keras.Model, cfg: WeightStage) -> dict[str, str]:
 
 
 def _pruned_layers(model: keras.Model, cfg: WeightStage) -> list[str]:
-    """Kernels to mask: the prunable ones `left_dense` does not exclude, the classifier only on request."""
+    """Kernels to mask: the prunable ones `left_dense` does not exclude; output heads only on request
+    (every output head of a multi-output model is a "last layer")."""
     skipped = left_dense(model, cfg)
     names = [layer.name for layer in model.layers if _magnitude_prunable(layer) and layer.name not in skipped]
-    if not cfg.prune_last_layer and names and model.layers[-1].name == names[-1]:
-        names = names[:-1]
+    if not cfg.prune_last_layer:
+        heads = {model.layers[-1].name} | set(getattr(model, "output_names", []))
+        names = [n for n in names if n not in heads]
     return names
 
 
@@ -83,7 +85,7 @@ def apply(model: keras.Model, cfg: WeightStage, ctx: StageContext, amount: float
     if not names:
         return StageOutcome(clone_with_weights(model), {"sparsity": 0.0, "block": list(dense_block), "left_dense": skipped},
                             ["weight stage: no Dense/Conv kernels to prune", *_skip_notes(skipped)])
-    steps_per_epoch = math.ceil(len(data.x_train) / recipe.batch_size)
+    steps_per_epoch = data.steps_per_epoch(recipe.batch_size)
     total = steps_per_epoch * cfg.epochs
     end_step = max(1, int(total * 0.7))  # ramp up, then train the last 30% at the final mask
     schedule = tfmot.sparsity.keras.PolynomialDecay(
@@ -103,10 +105,10 @@ def apply(model: keras.Model, cfg: WeightStage, ctx: StageContext, amount: float
     callbacks = [tfmot.sparsity.keras.UpdatePruningStep()]
     progress = ctx.epoch_progress("weight: fine-tune with masks", cfg.epochs) if ctx.epoch_progress else None
     fit(wrapped, data, epochs=cfg.epochs, batch_size=recipe.batch_size, learning_rate=recipe.learning_rate,
-        callbacks=callbacks, hold_zeros=False, progress=progress)
+        callbacks=callbacks, hold_zeros=False, progress=progress, task=ctx.task)
     stripped = tfmot.sparsity.keras.strip_pruning(wrapped)
     pruned = clone_with_weights(stripped)
-    recalibrate_batchnorm(pruned, data.x_train, recipe.batch_size)
+    recalibrate_batchnorm(pruned, data, recipe.batch_size)
     reached = kernel_sparsity(pruned, names)
     short = {n: s for n, s in reached.items() if s < target - 0.02}
     if short:

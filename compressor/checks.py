@@ -1,0 +1,51 @@
+"""Label checks shared by in-memory and streamed data: labels must be what each model output is
+trained on (integer classes below the output width, or values shaped like the output), and every
+problem is one line naming the data, the labels and the fix.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from compressor.errors import CompressorError
+
+
+def class_labels(name: str, key: str, y: np.ndarray) -> None:
+    if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or np.all(np.mod(y, 1) == 0)):
+        raise CompressorError(
+            f"data '{name}': {key} must be a 1-D array of integer class labels (got shape {y.shape}, "
+            f"dtype {y.dtype}); convert one-hot labels with y.argmax(axis=1)"
+        )
+    if len(y) and y.min() < 0:
+        raise CompressorError(f"data '{name}': {key} has negative labels; labels must be 0..classes-1")
+
+
+def check_label_count(name: str, count: int, task) -> None:
+    outputs = task.output_names
+    if count != len(outputs):
+        raise CompressorError(
+            f"data '{name}' has {count} label array(s) but the model has {len(outputs)} outputs ({', '.join(outputs)}); "
+            "give one label array per output (y_train_0, y_train_1, ... in an .npz; a tuple in a function)")
+
+
+def check_labels(name: str, key: str, y: np.ndarray, task, i: int) -> np.ndarray:
+    """One output's labels against what the output produces; returns them in the dtype training needs."""
+    units = task.units[i]
+    if task.sparse(i):
+        y = y.reshape(len(y)) if y.ndim == 2 and y.shape[1] == 1 else y
+        class_labels(name, key, y)
+        top = int(y.max()) if len(y) else 0
+        if top >= units:
+            raise CompressorError(
+                f"data '{name}': label {top} is out of range for a model with {units} outputs; "
+                f"labels must be 0..{units - 1}"
+            )
+        return y.astype(np.int64)
+    per_sample = int(np.prod(y.shape[1:]))
+    if per_sample != units:
+        raise CompressorError(
+            f"data '{name}': {key} has {per_sample} value(s) per sample but output '{task.output_names[i]}' has "
+            f"{units}; give labels shaped like the output (or set the recipe's loss for class labels)")
+    y = y.astype(np.float32)
+    if not np.all(np.isfinite(y)):
+        raise CompressorError(f"data '{name}': {key} contains NaN/inf values; clean or impute them first")
+    return y
