@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from compressor import distribute
 from compressor._tf import keras
 from compressor.data import Dataset, check_against_model
 from compressor.errors import CompressorError
@@ -144,6 +145,8 @@ def compress(model: keras.Model, data: Dataset, recipe: Recipe, out: str | Path,
 
     points = {} if recipe.keep_frontier else None
     pruned, stage_records = run_stages(dense, recipe, data, reporter, accuracy(dense, *(budget_split(data))), points)
+    if not distribute.is_chief():  # its share of the training is done; export and benchmarks are the chief's
+        return {"distribute": distribute.describe(), "baseline": {"accuracy": baseline_acc}, "stages": stage_records}
     save_model_atomic(pruned, out / "pruned.keras")
     frontier_files = ship.export_points(points or {}, recipe, out / "frontier", reporter, save_model_atomic)
     shipped = ship.export_all(dense, pruned, recipe, data, out, reporter, flops=(model_macs(dense), model_macs(pruned)))
@@ -162,6 +165,7 @@ def compress(model: keras.Model, data: Dataset, recipe: Recipe, out: str | Path,
         "data": {"name": data.name, "train": len(data.x_train), "test": len(data.x_test),
                  "budget_split": "x_val" if data.x_val is not None else "x_test"},
         "recipe": recipe.model_dump(mode="json"),
+        "distribute": distribute.describe(),
         "baseline": {"accuracy": baseline_acc},
         "stages": stage_records,
         "layers": _layer_table(dense, pruned),

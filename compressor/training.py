@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from compressor import distribute
 from compressor._tf import keras, tf
 from compressor.data import Dataset
 
@@ -82,18 +83,28 @@ class HoldZeros(keras.callbacks.Callback):
 
 def fit(model: keras.Model, data: Dataset, epochs: int, batch_size: int, learning_rate: float,
         callbacks: list | None = None, hold_zeros: bool = True, progress=None) -> keras.Model:
-    """Fine-tune `model` in place; existing kernel zeros are held when `hold_zeros`."""
+    """Fine-tune `model` in place; existing kernel zeros are held when `hold_zeros`.
+
+    Under a recipe's `distribute:` strategy a copy built in its scope trains (global batch
+    `batch_size` split over the replicas) and its weights are copied back (compressor.distribute)."""
     if epochs <= 0:
         return model
-    compile_for_training(model, learning_rate)
+    trained = model
+    if distribute.strategy() is not None and not distribute.built_in_scope(model):
+        with distribute.scope():
+            trained = clone_with_weights(model)
+    with distribute.scope():
+        compile_for_training(trained, learning_rate)
     cbs = list(callbacks or [])
     if hold_zeros:
-        masks = kernel_masks(model)
+        masks = kernel_masks(trained)
         if masks:
             cbs.append(HoldZeros(masks))
     if progress is not None:
         cbs.append(progress)
-    model.fit(data.x_train, data.y_train, epochs=epochs, batch_size=batch_size, verbose=0, callbacks=cbs, shuffle=True)
+    trained.fit(data.x_train, data.y_train, epochs=epochs, batch_size=batch_size, verbose=0, callbacks=cbs, shuffle=True)
+    if trained is not model:
+        model.set_weights(trained.get_weights())
     if not any(isinstance(layer, keras.layers.Wrapper) for layer in model.layers):  # tfmot: after strip_pruning
         recalibrate_batchnorm(model, data.x_train, batch_size)
     return model
