@@ -6,8 +6,10 @@ fresh `compressor run` processes.
 """
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -36,10 +38,11 @@ def _recipe(folder: Path, distribute: dict, **overrides) -> Path:
     return path
 
 
-def _run(model: Path, recipe: Path, out: Path, env: dict | None = None, timeout: int = 300) -> subprocess.Popen:
+def _run(model: Path, recipe: Path, out: Path, env: dict | None = None, log=subprocess.PIPE) -> subprocess.Popen:
+    """`compressor run` in a fresh process; output to pipes, or to a file `log` when nobody reads it meanwhile."""
     cmd = [sys.executable, "-m", "compressor.cli", "run", "--model", str(model), "--data", "digits",
            "--recipe", str(recipe), "--out", str(out), "--quiet"]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    return subprocess.Popen(cmd, stdout=log, stderr=log, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
 
 
@@ -73,6 +76,51 @@ def test_mirrored_over_two_cpu_devices(model_file, tmp_path):
     assert code == 0, err[-2000:]
     report = _check_result(out, "mirrored", replicas=2, workers=1)
     assert [d.rsplit(":", 1)[-1] for d in report["distribute"]["devices"]] == ["0", "1"]
+
+
+def _free_ports(count: int) -> list[int]:
+    """Ports the OS hands out for port 0 (closed again just before the workers bind them)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("localhost", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _wait_all(procs: list[subprocess.Popen], logs: list[Path], timeout: float) -> list[tuple[int, str]]:
+    """Both workers end in time, or all are killed: one that fails would leave the other waiting on
+    a collective op forever."""
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in procs):
+        failed = any(p.poll() not in (None, 0) for p in procs)
+        if failed or time.monotonic() > deadline:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+            break
+        time.sleep(0.5)
+    return [(p.wait(), log.read_text()) for p, log in zip(procs, logs)]
+
+
+def test_two_worker_cluster_on_localhost(model_file, tmp_path):
+    """MultiWorkerMirroredStrategy across two processes from TF_CONFIG; only the chief (worker 0) writes."""
+    cluster = {"worker": [f"localhost:{port}" for port in _free_ports(2)]}
+    recipe = _recipe(tmp_path, {"strategy": "multi_worker"}, stages=STAGES[:2])
+    outs = [tmp_path / f"out{i}" for i in range(2)]
+    logs = [tmp_path / f"worker{i}.log" for i in range(2)]
+    procs = []
+    for i in range(2):
+        with logs[i].open("w") as log:  # the child keeps its own handle
+            procs.append(_run(model_file, recipe, outs[i], log=log,
+                              env={"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})}))
+    results = _wait_all(procs, logs, timeout=420)
+    assert [code for code, _ in results] == [0, 0], [err[-2000:] for _, err in results]
+    _check_result(outs[0], "multi_worker", replicas=2, workers=2)
+    assert not outs[1].exists()  # the other worker wrote into a scratch folder only
+    assert not list(tmp_path.glob(".out1*"))
 
 
 @pytest.mark.parametrize("distribute, env, expected", [
