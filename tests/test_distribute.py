@@ -66,7 +66,8 @@ def _check_result(out: Path, strategy: str, replicas: int, workers: int) -> dict
     baseline = report["baseline"]["accuracy"]
     pruned = [r for r in report["results"] if r["variant"] == "pruned"]
     assert pruned and all(baseline - r["accuracy"] <= BUDGET for r in pruned)
-    assert report["stages"][0]["details"]["sparsity"] == pytest.approx(0.8)  # the tfmot wrappers pruned under the strategy
+    reached = report["stages"][0]["details"]["layers"]  # the tfmot wrappers pruned under the strategy
+    assert reached and min(reached.values()) >= 0.78
     return report
 
 
