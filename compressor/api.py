@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compressor.data import load_dataset
+import numpy as np
+
+from compressor import distribute
+from compressor.data import Dataset, load_dataset
 from compressor.errors import CompressorError
 from compressor.progress import Reporter
 from compressor.recipe import Recipe, load_recipe
@@ -47,11 +50,10 @@ def compress(model, data, out, recipe=None, *, force: bool = False, quiet: bool 
     if isinstance(model, (str, Path)):
         return compress_file(model, data, out, recipe, force=force, reporter=reporter or Reporter(quiet),
                              trust_model_code=trust_model_code, custom_objects=custom_objects)
-    from compressor.outdir import check_out_dir
-
     recipe = _as_recipe(recipe)
+    _start_strategy(recipe)
     dataset = _as_data(data, recipe)
-    check_out_dir(out, force)
+    _check_out(out, force)
     return _run_into(out, force, (), lambda: (model, getattr(model, "name", "model"), []), dataset, recipe,
                      reporter or Reporter(quiet))
 
@@ -63,6 +65,8 @@ def _run_into(out, force: bool, inputs: tuple, get_model, dataset, recipe, repor
     from compressor.pipeline import compress as run_pipeline
 
     model, source, notes = get_model()
+    if not distribute.is_chief():
+        return _run_as_worker(model, source, notes, dataset, recipe, reporter)
     folder = OutputFolder(out, force, inputs)
     with folder as work:
         try:
@@ -79,12 +83,36 @@ def _run_into(out, force: bool, inputs: tuple, get_model, dataset, recipe, repor
     return report
 
 
+def _start_strategy(recipe: Recipe) -> None:
+    distribute.configure(recipe.distribute, recipe.batch_size)
+
+
+def _check_out(out, force: bool, inputs: tuple = ()) -> None:
+    """--out is the chief's: the other workers of a cluster never look at it."""
+    from compressor.outdir import check_out_dir
+
+    if distribute.is_chief():
+        check_out_dir(out, force, inputs)
+
+
+def _run_as_worker(model, source: str, notes: list[str], dataset, recipe, reporter) -> dict:
+    """A non-chief worker trains its share of every fine-tune in step with the chief, writes into a
+    scratch folder that is deleted afterwards (TF's advice for non-chief workers) and leaves --out alone."""
+    import tempfile
+
+    from compressor.pipeline import compress as run_pipeline
+
+    with tempfile.TemporaryDirectory(prefix="compressor-worker-") as scratch:
+        report = run_pipeline(model, dataset, recipe, scratch, source=source, reporter=reporter, load_notes=notes)
+    reporter.step("worker done: the chief writes the result")
+    return report
+
+
 def compress_file(model_path, data, out, recipe=None, *, force: bool = False, reporter: Reporter | None = None,
                   trust_model_code: bool = False, custom_objects: list[str] | str | None = None) -> dict:
     """Everything is validated (recipe, data, output folder, model) before any training starts."""
     from compressor.data import check_against_model
     from compressor.model_io import file_sha256, load_model
-    from compressor.outdir import check_out_dir
     from compressor.safety import make_policy
 
     reporter = reporter or Reporter()
@@ -92,9 +120,10 @@ def compress_file(model_path, data, out, recipe=None, *, force: bool = False, re
     recipe_path = recipe if isinstance(recipe, (str, Path)) else None
     data_path = data if isinstance(data, (str, Path)) and Path(data).exists() else None
     recipe = _as_recipe(recipe)
+    _start_strategy(recipe)  # before TensorFlow runs anything (loading the model or the data may)
     dataset = _as_data(data, recipe)
     inputs = (model_path, data_path, recipe_path)
-    check_out_dir(out, force, inputs)
+    _check_out(out, force, inputs)
     digest = file_sha256(model_path) if Path(model_path).exists() else None
     loaded = load_model(model_path, policy)
     model = loaded.model
@@ -115,12 +144,12 @@ def compress_file(model_path, data, out, recipe=None, *, force: bool = False, re
 def demo(out, recipe=None, *, force: bool = False, reporter: Reporter | None = None) -> dict:
     """Train the source article's MLP on the embedded MNIST digits and run the recipe end to end."""
     from compressor.model_io import save_model_atomic
-    from compressor.outdir import check_out_dir
     from compressor.training import accuracy, train_reference
 
     reporter = reporter or Reporter()
     recipe = _as_recipe(recipe)
-    check_out_dir(out, force)
+    _start_strategy(recipe)
+    _check_out(out, force)
     data = load_dataset("mnist5k")
     reporter.step(f"demo: training Flatten -> Dense(128, relu) -> Dense(10, softmax) on {len(data.x_train)} MNIST digits")
     model = train_reference(data, epochs=DEMO_TRAIN_EPOCHS, seed=recipe.seed,

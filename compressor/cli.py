@@ -144,7 +144,7 @@ def _summary(report: dict, reporter) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    if reporter.quiet:
+    if reporter.quiet or "results" not in report:  # a non-chief worker of a cluster has no files to show
         return
     table = Table(title="compressor: dense vs pruned (batch 1, 1 thread)")
     name = (report.get("metric") or {}).get("name", "accuracy")

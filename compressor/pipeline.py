@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from compressor import distribute
 from compressor._tf import keras
 from compressor.data import Dataset, check_against_model
 from compressor.errors import CompressorError
@@ -162,6 +163,9 @@ def compress(model: keras.Model, data: Dataset, recipe: Recipe, out: str | Path,
 
     points = {} if recipe.keep_frontier else None
     pruned, stage_records = run_stages(dense, recipe, data, reporter, budget_baseline, task, points)
+    if not distribute.is_chief():  # its share of the training is done; export and benchmarks are the chief's
+        return {"distribute": distribute.describe(), "baseline": {"metric": {"value": baseline.value}},
+                "stages": stage_records}
     save_model_atomic(pruned, out / "pruned.keras")
     frontier_files = ship.export_points(points or {}, recipe, out / "frontier", reporter, save_model_atomic)
     shipped = ship.export_all(dense, pruned, recipe, data, out, reporter, flops=(model_macs(dense), model_macs(pruned)),
@@ -194,6 +198,7 @@ def compress(model: keras.Model, data: Dataset, recipe: Recipe, out: str | Path,
         "int8": shipped.int8,
         "int8_notes": int8_notes,
         "target_notes": shipped.notes,
+        "distribute": distribute.describe(),
         **_search_results(stage_records, frontier_files),
     }
     write_reports(report, out, correct)

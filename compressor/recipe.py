@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from compressor.errors import CompressorError
 from exporters import targets as registry
@@ -216,6 +216,21 @@ class DataSettings(_Strict):
     tfrecord: TFRecordSpec | None = Field(None, description="feature spec for --data FILES.tfrecord")
 
 
+class Distribute(_Strict):
+    """Where fine-tuning runs: one device (none), several local devices, or a cluster named by TF_CONFIG."""
+
+    strategy: Literal["none", "mirrored", "multi_worker"] = Field(
+        "none", description="none | mirrored (local GPUs, else CPU devices) | multi_worker (TF_CONFIG cluster)")
+    devices: int | None = Field(None, ge=1, le=256, description=(
+        "mirrored: replicas, the first N GPUs or without GPUs N logical CPU devices; null = all GPUs or 2 CPUs"))
+
+    @model_validator(mode="after")
+    def _devices_for_mirrored(self):
+        if self.devices is not None and self.strategy != "mirrored":
+            raise ValueError(f"devices applies to strategy mirrored only (strategy is {self.strategy}); remove devices")
+        return self
+
+
 class Recipe(_Strict):
     """A whole compression run."""
 
@@ -247,6 +262,8 @@ class Recipe(_Strict):
                                 "to frontier/<point>/")
     compact_onnx: bool = Field(True, description="store pruned ONNX initializers as sparse_initializer")
     bench: BenchSettings = Field(default_factory=BenchSettings)
+    distribute: Distribute = Field(default_factory=Distribute, description=(
+        "fine-tune under tf.distribute; batch_size is the global batch, split over the replicas"))
 
     @field_validator("targets", mode="before")
     @classmethod
@@ -348,7 +365,7 @@ def example_yaml() -> str:
     from the schema's own defaults and field descriptions, so it cannot drift from what is parsed."""
     recipe = default_recipe()
     lines = ["# compressor recipe: stages run in this order, then the model is exported for every target."]
-    sections = ("bench", "metric", "data")
+    sections = ("bench", "metric", "data", "distribute")
     lines += [_example_line(name, getattr(recipe, name), field.description, "")
               for name, field in Recipe.model_fields.items() if name not in ("stages", *sections)]
     lines.append("stages:")

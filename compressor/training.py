@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from compressor import distribute
 from compressor._tf import keras, tf
 from compressor.data import Dataset
 
@@ -87,19 +88,29 @@ class HoldZeros(keras.callbacks.Callback):
 def fit(model: keras.Model, data: Dataset, epochs: int, batch_size: int, learning_rate: float,
         callbacks: list | None = None, hold_zeros: bool = True, progress=None, task=None) -> keras.Model:
     """Fine-tune `model` in place on the data's training arrays or stream (`data.fit_args`); existing
-    kernel zeros are held when `hold_zeros`."""
+    kernel zeros are held when `hold_zeros`.
+
+    Under a recipe's `distribute:` strategy a copy built in its scope trains (global batch
+    `batch_size` split over the replicas) and its weights are copied back (compressor.distribute)."""
     if epochs <= 0:
         return model
-    compile_for_training(model, learning_rate, task)
+    trained = model
+    if distribute.strategy() is not None and not distribute.built_in_scope(model):
+        with distribute.scope():
+            trained = clone_with_weights(model)
+    with distribute.scope():
+        compile_for_training(trained, learning_rate, task)
     cbs = list(callbacks or [])
     if hold_zeros:
-        masks = kernel_masks(model)
+        masks = kernel_masks(trained)
         if masks:
             cbs.append(HoldZeros(masks))
     if progress is not None:
         cbs.append(progress)
     with data.errors():  # a bad record met mid-epoch in a stream: one line, not a TensorFlow trace
-        model.fit(**data.fit_args(batch_size), epochs=epochs, verbose=0, callbacks=cbs)
+        trained.fit(**data.fit_args(batch_size), epochs=epochs, verbose=0, callbacks=cbs)
+    if trained is not model:
+        model.set_weights(trained.get_weights())
     if not any(isinstance(layer, keras.layers.Wrapper) for layer in model.layers):  # tfmot: after strip_pruning
         recalibrate_batchnorm(model, data, batch_size)
     return model

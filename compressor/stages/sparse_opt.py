@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from compressor import distribute
 from compressor._tf import tf
 from compressor.recipe import SparseOptStage
 from compressor.layers import handler_for
@@ -52,7 +53,8 @@ def relative(values: np.ndarray) -> np.ndarray:
 
 
 def apply(model, cfg: SparseOptStage, ctx: StageContext, amount: float = 1.0) -> StageOutcome:
-    work = scoring.copy(model)  # trained in place below: never the caller's model
+    with distribute.scope():  # the penalty below is attached to `work`, so `work` itself must train distributed
+        work = scoring.copy(model)  # trained in place below: never the caller's model
     groups = scoring.groups(work)
     if not groups:
         return StageOutcome(work, {"layers": {}, "removed": 0}, ["sparse_opt: no prunable Dense/Conv layers"])

@@ -12,6 +12,7 @@ import math
 import numpy as np
 import tensorflow_model_optimization as tfmot
 
+from compressor import distribute
 from compressor._tf import keras
 from compressor.errors import CompressorError
 from compressor.layers import handler_for
@@ -100,8 +101,9 @@ def apply(model: keras.Model, cfg: WeightStage, ctx: StageContext, amount: float
             return tfmot.sparsity.keras.prune_low_magnitude(layer, pruning_schedule=schedule, block_size=blocks[layer.name])
         return layer
 
-    base = clone_with_weights(model)  # tfmot wraps the layer objects: never touch the caller's model
-    wrapped = keras.models.clone_model(base, clone_function=wrap)
+    with distribute.scope():  # tfmot's wrappers must be built where the strategy mirrors their variables
+        base = clone_with_weights(model)  # tfmot wraps the layer objects: never touch the caller's model
+        wrapped = keras.models.clone_model(base, clone_function=wrap)
     callbacks = [tfmot.sparsity.keras.UpdatePruningStep()]
     progress = ctx.epoch_progress("weight: fine-tune with masks", cfg.epochs) if ctx.epoch_progress else None
     fit(wrapped, data, epochs=cfg.epochs, batch_size=recipe.batch_size, learning_rate=recipe.learning_rate,
