@@ -7,6 +7,7 @@ report = compress("model.keras", "data.npz", "artifacts/m", recipe="recipe.yaml"
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -52,32 +53,45 @@ def compress(model, data, out, recipe=None, *, force: bool = False, quiet: bool 
                      reporter or Reporter(quiet))
 
 
-def _run_into(out, force: bool, inputs: tuple, get_model, dataset, recipe, reporter, finish=None) -> dict:
+def _run_into(out, force: bool, inputs: tuple, get_model, dataset, recipe, reporter, finish=None,
+              checkpoint=None, resume: bool = False) -> dict:
     """Build the result in a hidden sibling folder and swap it into `out` only when complete, so a
-    failed or interrupted run never costs the previous result (compressor.outdir)."""
+    failed or interrupted run never costs the previous result (compressor.outdir). The stage
+    checkpoint (compressor.checkpoint) outlives an interrupted run and is removed by a finished one."""
     from compressor.outdir import OutputFolder
     from compressor.pipeline import compress as run_pipeline
 
     model, source, notes = get_model()
     folder = OutputFolder(out, force, inputs)
     with folder as work:
+        if checkpoint is not None and not resume and checkpoint.discard():
+            reporter.warn(f"discarded the checkpoint of an interrupted run on '{out}' (start it with --resume "
+                          "to continue such a run instead)")
         try:
-            report = run_pipeline(model, dataset, recipe, work, source=source, reporter=reporter, load_notes=notes)
+            report = run_pipeline(model, dataset, recipe, work, source=source, reporter=reporter, load_notes=notes,
+                                  checkpoint=checkpoint, resume=resume)
         except CompressorError as exc:
             if not (work / "report.json").is_file():
                 raise
             folder.commit()  # complete, but a file failed verification: the report says which and why
+            if checkpoint is not None:
+                checkpoint.discard()
             raise CompressorError(str(exc).replace(str(work), str(out))) from None
         if finish is not None:
             finish(work)
         folder.commit()
+        if checkpoint is not None:
+            checkpoint.discard()
     reporter.step(f"result complete in {out}")
     return report
 
 
 def compress_file(model_path, data, out, recipe=None, *, force: bool = False, reporter: Reporter | None = None,
-                  trust_model_code: bool = False, custom_objects: list[str] | str | None = None) -> dict:
-    """Everything is validated (recipe, data, output folder, model) before any training starts."""
+                  trust_model_code: bool = False, custom_objects: list[str] | str | None = None,
+                  resume: bool = False) -> dict:
+    """Everything is validated (recipe, data, output folder, model) before any training starts.
+    Each finished stage is checkpointed beside `out`; `resume` continues an interrupted run with
+    the same inputs (checked by hash) from its last finished stage."""
     from compressor.data import check_against_model
     from compressor.model_io import file_sha256, load_model
     from compressor.outdir import check_out_dir
@@ -92,6 +106,9 @@ def compress_file(model_path, data, out, recipe=None, *, force: bool = False, re
     inputs = (model_path, data_path, recipe_path)
     check_out_dir(out, force, inputs)
     digest = file_sha256(model_path) if Path(model_path).exists() else None
+    checkpoint = _checkpoint(out, recipe, digest, data, dataset, policy)
+    if resume and digest is not None:
+        checkpoint.check()  # a wrong or missing checkpoint fails before the model is loaded
     loaded = load_model(model_path, policy)
     model = loaded.model
     check_against_model(dataset, tuple(model.input_shape[1:]), int(np.prod(model.output_shape[1:])))
@@ -100,10 +117,22 @@ def compress_file(model_path, data, out, recipe=None, *, force: bool = False, re
         (reporter.step if note.startswith("imported from") else reporter.warn)(note)
     reporter.step(f"loaded {model_path} ({loaded.format})")
     report = _run_into(out, force, inputs, lambda: (model, str(model_path), [loaded.format, *notes]), dataset,
-                       recipe, reporter)
+                       recipe, reporter, checkpoint=checkpoint, resume=resume)
     if digest is not None and file_sha256(model_path) != digest:
         raise CompressorError(f"input model '{model_path}' changed during the run; this is a bug, please report it")
     return report
+
+
+def _checkpoint(out, recipe: Recipe, model_digest, data_spec, dataset, policy):
+    """The run's stage checkpoint, bound to these exact inputs by hash."""
+    from compressor import __version__
+    from compressor.checkpoint import Checkpoint, data_digest, recipe_digest
+    from compressor.model_io import load_model
+
+    fingerprint = {"tool_version": __version__, "recipe": recipe_digest(recipe), "model": model_digest,
+                   "data": data_digest(data_spec, dataset)}
+    fields = {k: json.dumps(v, sort_keys=True) for k, v in recipe.model_dump(mode="json").items()}
+    return Checkpoint(out, fingerprint, lambda path: load_model(path, policy).model, recipe_fields=fields)
 
 
 def demo(out, recipe=None, *, force: bool = False, reporter: Reporter | None = None) -> dict:
