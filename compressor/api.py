@@ -104,11 +104,11 @@ def compress_file(model_path, data, out, recipe=None, *, force: bool = False, re
     recipe = _as_recipe(recipe)
     dataset = _as_data(data)
     inputs = (model_path, data_path, recipe_path)
-    check_out_dir(out, force, inputs)
     digest = file_sha256(model_path) if Path(model_path).exists() else None
     checkpoint = _checkpoint(out, recipe, digest, data, dataset, policy)
     if resume and digest is not None:
         checkpoint.check()  # a wrong or missing checkpoint fails before the model is loaded
+    check_out_dir(out, force, inputs)
     loaded = load_model(model_path, policy)
     model = loaded.model
     check_against_model(dataset, tuple(model.input_shape[1:]), int(np.prod(model.output_shape[1:])))

@@ -92,6 +92,8 @@ def fit(model: keras.Model, data: Dataset, epochs: int, batch_size: int, learnin
         if masks:
             cbs.append(HoldZeros(masks))
     if progress is not None:
+        if hasattr(progress, "samples_per_epoch"):  # progress.py's EpochBar shows samples/s
+            progress.samples_per_epoch = len(data.x_train)
         cbs.append(progress)
     model.fit(data.x_train, data.y_train, epochs=epochs, batch_size=batch_size, verbose=0, callbacks=cbs, shuffle=True)
     if not any(isinstance(layer, keras.layers.Wrapper) for layer in model.layers):  # tfmot: after strip_pruning
