@@ -36,15 +36,20 @@ def _as_data(data: Dataset | str | Path) -> Dataset:
 
 def compress(model, data, out, recipe=None, *, force: bool = False, quiet: bool = False,
              reporter: Reporter | None = None, trust_model_code: bool = False,
-             custom_objects: list[str] | str | None = None) -> dict:
+             custom_objects: list[str] | str | None = None, resume: bool = False) -> dict:
     """Compress a tf_keras model object or a model file; returns the report dict (also in `out`).
 
     A model file is never allowed to run code it carries unless `trust_model_code` is set;
     `custom_objects` names modules (pkg.mod) whose tf-keras layer classes the file may use.
+    `resume` continues an interrupted run on `out` (model files only: the checkpoint is bound to
+    the file's hash).
     """
     if isinstance(model, (str, Path)):
         return compress_file(model, data, out, recipe, force=force, reporter=reporter or Reporter(quiet),
-                             trust_model_code=trust_model_code, custom_objects=custom_objects)
+                             trust_model_code=trust_model_code, custom_objects=custom_objects, resume=resume)
+    if resume:
+        raise CompressorError("resume needs the model as a file path (its checkpoint is bound to the file's hash); "
+                              "pass the path of the interrupted run's model")
     from compressor.outdir import check_out_dir
 
     recipe, dataset = _as_recipe(recipe), _as_data(data)
