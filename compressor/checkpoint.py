@@ -140,8 +140,12 @@ class Checkpoint:
                 "done": done, "model": name, "points": point_rows, "records": records}
         _write_json_atomic(self.folder / MANIFEST, body)
         for entry in self.folder.iterdir():
-            if entry.name not in kept and entry.name != MANIFEST:
-                entry.unlink(missing_ok=True) if entry.is_file() else shutil.rmtree(entry, ignore_errors=True)
+            if entry.name in kept or entry.name == MANIFEST:
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
     def discard(self) -> bool:
         """Remove the checkpoint (the run finished, or a new run replaces it); True if there was one."""
