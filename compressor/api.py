@@ -7,6 +7,7 @@ report = compress("model.keras", "data.npz", "artifacts/m", recipe="recipe.yaml"
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -41,15 +42,20 @@ def _as_data(data, recipe: Recipe):
 
 def compress(model, data, out, recipe=None, *, force: bool = False, quiet: bool = False,
              reporter: Reporter | None = None, trust_model_code: bool = False,
-             custom_objects: list[str] | str | None = None) -> dict:
+             custom_objects: list[str] | str | None = None, resume: bool = False) -> dict:
     """Compress a tf_keras model object or a model file; returns the report dict (also in `out`).
 
     A model file is never allowed to run code it carries unless `trust_model_code` is set;
     `custom_objects` names modules (pkg.mod) whose tf-keras layer classes the file may use.
+    `resume` continues an interrupted run on `out` (model files only: the checkpoint is bound to
+    the file's hash).
     """
     if isinstance(model, (str, Path)):
         return compress_file(model, data, out, recipe, force=force, reporter=reporter or Reporter(quiet),
-                             trust_model_code=trust_model_code, custom_objects=custom_objects)
+                             trust_model_code=trust_model_code, custom_objects=custom_objects, resume=resume)
+    if resume:
+        raise CompressorError("resume needs the model as a file path (its checkpoint is bound to the file's hash); "
+                              "pass the path of the interrupted run's model")
     recipe = _as_recipe(recipe)
     _start_strategy(recipe)
     dataset = _as_data(data, recipe)
@@ -58,9 +64,11 @@ def compress(model, data, out, recipe=None, *, force: bool = False, quiet: bool 
                      reporter or Reporter(quiet))
 
 
-def _run_into(out, force: bool, inputs: tuple, get_model, dataset, recipe, reporter, finish=None) -> dict:
+def _run_into(out, force: bool, inputs: tuple, get_model, dataset, recipe, reporter, finish=None,
+              checkpoint=None, resume: bool = False) -> dict:
     """Build the result in a hidden sibling folder and swap it into `out` only when complete, so a
-    failed or interrupted run never costs the previous result (compressor.outdir)."""
+    failed or interrupted run never costs the previous result (compressor.outdir). The stage
+    checkpoint (compressor.checkpoint) outlives an interrupted run and is removed by a finished one."""
     from compressor.outdir import OutputFolder
     from compressor.pipeline import compress as run_pipeline
 
@@ -69,16 +77,24 @@ def _run_into(out, force: bool, inputs: tuple, get_model, dataset, recipe, repor
         return _run_as_worker(model, source, notes, dataset, recipe, reporter)
     folder = OutputFolder(out, force, inputs)
     with folder as work:
+        if checkpoint is not None and not resume and checkpoint.discard():
+            reporter.warn(f"discarded the checkpoint of an interrupted run on '{out}' (start it with --resume "
+                          "to continue such a run instead)")
         try:
-            report = run_pipeline(model, dataset, recipe, work, source=source, reporter=reporter, load_notes=notes)
+            report = run_pipeline(model, dataset, recipe, work, source=source, reporter=reporter, load_notes=notes,
+                                  checkpoint=checkpoint, resume=resume)
         except CompressorError as exc:
             if not (work / "report.json").is_file():
                 raise
             folder.commit()  # complete, but a file failed verification: the report says which and why
+            if checkpoint is not None:
+                checkpoint.discard()
             raise CompressorError(str(exc).replace(str(work), str(out))) from None
         if finish is not None:
             finish(work)
         folder.commit()
+        if checkpoint is not None:
+            checkpoint.discard()
     reporter.step(f"result complete in {out}")
     return report
 
@@ -109,8 +125,11 @@ def _run_as_worker(model, source: str, notes: list[str], dataset, recipe, report
 
 
 def compress_file(model_path, data, out, recipe=None, *, force: bool = False, reporter: Reporter | None = None,
-                  trust_model_code: bool = False, custom_objects: list[str] | str | None = None) -> dict:
-    """Everything is validated (recipe, data, output folder, model) before any training starts."""
+                  trust_model_code: bool = False, custom_objects: list[str] | str | None = None,
+                  resume: bool = False) -> dict:
+    """Everything is validated (recipe, data, output folder, model) before any training starts.
+    Each finished stage is checkpointed beside `out`; `resume` continues an interrupted run with
+    the same inputs (checked by hash) from its last finished stage."""
     from compressor.data import check_against_model
     from compressor.model_io import file_sha256, load_model
     from compressor.safety import make_policy
@@ -123,8 +142,11 @@ def compress_file(model_path, data, out, recipe=None, *, force: bool = False, re
     _start_strategy(recipe)  # before TensorFlow runs anything (loading the model or the data may)
     dataset = _as_data(data, recipe)
     inputs = (model_path, data_path, recipe_path)
-    _check_out(out, force, inputs)
     digest = file_sha256(model_path) if Path(model_path).exists() else None
+    checkpoint = _checkpoint(out, recipe, digest, data, dataset, policy)
+    if resume and digest is not None:
+        checkpoint.check()  # a wrong or missing checkpoint fails before the model is loaded
+    _check_out(out, force, inputs)
     loaded = load_model(model_path, policy)
     model = loaded.model
     from compressor.task import resolve
@@ -135,10 +157,22 @@ def compress_file(model_path, data, out, recipe=None, *, force: bool = False, re
         (reporter.step if note.startswith("imported from") else reporter.warn)(note)
     reporter.step(f"loaded {model_path} ({loaded.format})")
     report = _run_into(out, force, inputs, lambda: (model, str(model_path), [loaded.format, *notes]), dataset,
-                       recipe, reporter)
+                       recipe, reporter, checkpoint=checkpoint, resume=resume)
     if digest is not None and file_sha256(model_path) != digest:
         raise CompressorError(f"input model '{model_path}' changed during the run; this is a bug, please report it")
     return report
+
+
+def _checkpoint(out, recipe: Recipe, model_digest, data_spec, dataset, policy):
+    """The run's stage checkpoint, bound to these exact inputs by hash."""
+    from compressor import __version__
+    from compressor.checkpoint import Checkpoint, data_digest, recipe_digest
+    from compressor.model_io import load_model
+
+    fingerprint = {"tool_version": __version__, "recipe": recipe_digest(recipe), "model": model_digest,
+                   "data": data_digest(data_spec, dataset)}
+    fields = {k: json.dumps(v, sort_keys=True) for k, v in recipe.model_dump(mode="json").items()}
+    return Checkpoint(out, fingerprint, lambda path: load_model(path, policy).model, recipe_fields=fields)
 
 
 def demo(out, recipe=None, *, force: bool = False, reporter: Reporter | None = None) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 
@@ -22,8 +23,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
 
-def _pipeline_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="output folder")
+def _pipeline_options(parser: argparse.ArgumentParser, out_required: bool = True) -> None:
+    parser.add_argument("--out", required=out_required, help="output folder")
     parser.add_argument("--recipe", help="YAML recipe (default: the built-in fusion recipe)")
     parser.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
     parser.add_argument("--seed", type=int, help="override the recipe's seed")
@@ -62,8 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data", required=True, help=".npz with x_train,y_train,x_test,y_test; a folder of class "
                      "sub-folders of images; .tfrecord files (feature spec in the recipe's data.tfrecord); "
                      "mnist5k / digits; or pkg.mod:func returning arrays or tf.data.Datasets")
+    run.add_argument("--resume", metavar="OUT", help="continue the interrupted run on output folder OUT from its "
+                                                     "last finished stage (pass the run's other arguments again)")
     _model_safety(run)
-    _pipeline_options(run)
+    _pipeline_options(run, out_required=False)
 
     bench = sub.add_parser("bench", help="benchmark a .tflite or .onnx file")
     bench.add_argument("--model", required=True, help="FILE.tflite or FILE.onnx")
@@ -110,8 +113,15 @@ def cmd_demo(args, reporter) -> int:
 def cmd_run(args, reporter) -> int:
     from compressor.api import compress_file
 
-    report = compress_file(args.model, args.data, args.out, recipe=_recipe(args), force=args.force, reporter=reporter,
-                           trust_model_code=args.trust_model_code, custom_objects=args.custom_objects)
+    if args.resume and args.out and os.path.abspath(args.resume) != os.path.abspath(args.out):
+        raise CompressorError(f"--resume '{args.resume}' and --out '{args.out}' differ; pass the interrupted run's "
+                              "output folder once, as --resume OUT")
+    if not (args.resume or args.out):
+        raise CompressorError("the following arguments are required: --out (or --resume OUT to continue an "
+                              "interrupted run)")
+    report = compress_file(args.model, args.data, args.resume or args.out, recipe=_recipe(args), force=args.force,
+                           reporter=reporter, trust_model_code=args.trust_model_code,
+                           custom_objects=args.custom_objects, resume=bool(args.resume))
     _summary(report, reporter)
     return 0
 
@@ -162,6 +172,16 @@ def _summary(report: dict, reporter) -> None:
         console.print(f"note: {line}")
 
 
+def _resume_hint(args) -> str:
+    """After an interrupted `run` whose checkpoint holds finished stages: how to continue it."""
+    from compressor.checkpoint import folder_for
+
+    out = getattr(args, "resume", None) or getattr(args, "out", None)
+    if args.command != "run" or not out or not (folder_for(out) / "manifest.json").is_file():
+        return ""
+    return f"; its finished stages are kept: continue with `compressor run --resume {out}` and the same arguments"
+
+
 COMMANDS = {"demo": cmd_demo, "run": cmd_run, "bench": cmd_bench, "inspect": cmd_inspect, "recipe": cmd_recipe}
 
 
@@ -182,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
         print(f"error: {what}; no partial artifact was kept under its final name and a previous result in "
-              "--out is untouched", file=sys.stderr)
+              f"--out is untouched{_resume_hint(args)}", file=sys.stderr)
         return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
     except Exception as exc:  # an unexpected failure still gets one line, the traceback with --debug
         if args.debug:

@@ -38,17 +38,24 @@ def _quality(task: Task, value: float) -> dict:
 
 
 def run_stages(model: keras.Model, recipe: Recipe, data: Dataset, reporter: Reporter,
-               baseline_accuracy: float, task: Task | None = None,
-               points: dict | None = None) -> tuple[keras.Model, list[dict]]:
+               baseline_accuracy: float, task: Task | None = None, points: dict | None = None,
+               checkpoint=None, resumed=None) -> tuple[keras.Model, list[dict]]:
     """Apply the recipe's stages in order; a stage that crosses the budget is retried with less.
     `baseline_accuracy`: the dense model's metric on the budget split (`task`'s; default top-1 accuracy).
-    `points` (when given) collects the search's other frontier models, label -> model."""
+    `points` (when given) collects the search's other frontier models, label -> model. Each finished
+    stage is saved to `checkpoint` (compressor.checkpoint); `resumed` continues after its last one."""
     task = task or context_task(StageContext(recipe=recipe, data=data))
     ctx = StageContext(recipe=recipe, data=data, epoch_progress=reporter.epoch_callback, log=reporter.step,
                        baseline_accuracy=baseline_accuracy, task=task, dense_model=model)
-    records = []
-    current = model
+    records, current, first = [], model, 0
+    if resumed is not None:
+        records, current, first = list(resumed.records), resumed.model, resumed.done
+        if points is not None:
+            points.update(resumed.points)
+        reporter.step(f"resuming after stage {first}/{len(recipe.stages)} ({', '.join(r['name'] for r in records)})")
     for index, cfg in enumerate(recipe.stages):
+        if index < first:
+            continue
         module = _stage_module(cfg.name)
         params_before, nonzero_before = count_params(current)
         start = time.perf_counter()
@@ -91,6 +98,9 @@ def run_stages(model: keras.Model, recipe: Recipe, data: Dataset, reporter: Repo
             "amount": amount, "tried": tried, "details": details, "notes": notes,
         })
         current = outcome_model
+        if checkpoint is not None:
+            checkpoint.save(index + 1, current, records, points)
+    keras.utils.set_random_seed(recipe.seed + len(recipe.stages))  # the same state whether resumed or not
     current = _align_blocks(current, recipe, ctx, reporter, records, model, baseline_accuracy)
     return current, records
 
@@ -142,14 +152,17 @@ def _align_blocks(model, recipe: Recipe, ctx: StageContext, reporter: Reporter, 
 
 
 def compress(model: keras.Model, data: Dataset, recipe: Recipe, out: str | Path, *, source: str = "model",
-             reporter: Reporter | None = None, load_notes: list[str] | None = None) -> dict:
-    """Run the whole pipeline on an in-memory tf_keras model; returns the report dict (also written)."""
+             reporter: Reporter | None = None, load_notes: list[str] | None = None, checkpoint=None,
+             resume: bool = False) -> dict:
+    """Run the whole pipeline on an in-memory tf_keras model; returns the report dict (also written).
+    With a `checkpoint` every finished stage is saved; `resume` continues after the last saved one."""
     from compressor.flops import model_macs
     from exporters.benchmark import machine_info, run_benchmark
     from exporters.report import write_reports
     from compressor.model_io import save_model_atomic
 
     reporter = reporter or Reporter()
+    resumed = checkpoint.load() if resume else None
     out = Path(out)  # the folder being built (compressor.outdir swaps it into place when complete)
     out.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(recipe.seed)
@@ -162,7 +175,8 @@ def compress(model: keras.Model, data: Dataset, recipe: Recipe, out: str | Path,
     budget_baseline = task.keras(dense).value if data.has_val else baseline.value
 
     points = {} if recipe.keep_frontier else None
-    pruned, stage_records = run_stages(dense, recipe, data, reporter, budget_baseline, task, points)
+    pruned, stage_records = run_stages(dense, recipe, data, reporter, budget_baseline, task, points,
+                                       checkpoint, resumed)
     if not distribute.is_chief():  # its share of the training is done; export and benchmarks are the chief's
         return {"distribute": distribute.describe(), "baseline": {"metric": {"value": baseline.value}},
                 "stages": stage_records}

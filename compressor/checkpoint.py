@@ -1,0 +1,180 @@
+"""Per-stage checkpoints of `compressor run`, so an interrupted long run continues with `--resume`.
+
+They live beside the output folder in `.NAME.checkpoint/`: the result itself is built in a partial
+folder that an interrupted run removes (compressor.outdir), and the checkpoint must outlive even a
+SIGKILL. After each finished stage it holds the model, the stage records the report is made of, the
+search's frontier models (--keep-frontier) and a manifest binding them to the recipe, the input model
+and the data by hash. Models are written first and the manifest last, each to a temp name renamed
+into place, so a kill at any instant leaves either the previous stage's checkpoint or the new one.
+Stages seed themselves from the recipe's seed and their index (compressor.pipeline), so continuing
+after stage k gives the same result as running straight through.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, fields, is_dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from compressor.errors import CompressorError
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+_WHAT = {"tool_version": "compressor's version", "recipe": "the recipe", "model": "the model file",
+         "data": "the data"}
+_FIX = {"tool_version": "resume with the version that started it",
+        "recipe": "pass the same --recipe, --seed, --speedup, --runtime and --keep-frontier as that run",
+        "model": "pass the same --model file, unchanged", "data": "pass the same --data, unchanged"}
+
+
+@dataclass
+class Resumed:
+    """What the finished stages left: the next stage starts from `model`."""
+
+    done: int
+    model: object
+    records: list[dict]
+    points: dict
+
+
+def folder_for(out: str | Path) -> Path:
+    """The checkpoint folder of output folder `out` (a sibling that outdir's recovery leaves alone)."""
+    final = Path(os.path.abspath(out))
+    return final.parent / f".{final.name}.checkpoint"
+
+
+def recipe_digest(recipe) -> str:
+    return _sha(recipe.model_dump_json().encode())
+
+
+def data_digest(spec, dataset) -> str:
+    """A file or folder by content; anything else (built-in name, pkg.mod:func) by the arrays it gave."""
+    from compressor.model_io import file_sha256
+
+    if isinstance(spec, (str, Path)) and Path(spec).exists():
+        return file_sha256(spec)
+    digest = hashlib.sha256(str(spec).encode() + b"\0")
+    for f in fields(dataset) if is_dataclass(dataset) else ():
+        value = getattr(dataset, f.name)
+        if isinstance(value, np.ndarray):
+            digest.update(f"{f.name}{value.shape}{value.dtype}".encode())
+            digest.update(np.ascontiguousarray(value).tobytes())
+        elif isinstance(value, (str, int, float)):
+            digest.update(f"{f.name}={value!r}".encode())
+    return digest.hexdigest()
+
+
+class Checkpoint:
+    """`fingerprint` maps tool_version/recipe/model/data to digests; `load_keras(path)` reads a model
+    back with the run's own loading policy."""
+
+    def __init__(self, out: str | Path, fingerprint: dict[str, str], load_keras: Callable[[Path], object],
+                 recipe_fields: dict | None = None):
+        self.out, self.folder = Path(out), folder_for(out)
+        self.fingerprint, self.load_keras = dict(fingerprint), load_keras
+        self.recipe_fields = recipe_fields or {}
+
+    # ------------------------------------------------------------------ reading
+
+    def manifest(self) -> dict | None:
+        try:
+            body = json.loads((self.folder / MANIFEST).read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise CompressorError(f"the checkpoint in '{self.folder}' is damaged ({exc}); "
+                                  "run without --resume to start over") from None
+        if not isinstance(body, dict) or body.get("format") != FORMAT:
+            raise CompressorError(f"the checkpoint in '{self.folder}' was written by another compressor version; "
+                                  "run without --resume to start over")
+        return body
+
+    def check(self) -> dict:
+        """The manifest, after proving it belongs to these inputs; one-line errors otherwise."""
+        body = self.manifest()
+        if body is None:
+            raise CompressorError(f"nothing to resume in '{self.out}': no checkpoint of an interrupted run (it "
+                                  "finished, or was stopped before its first stage ended); run without --resume")
+        saved = body.get("fingerprint", {})
+        for key in ("tool_version", "recipe", "model", "data"):
+            if saved.get(key) != self.fingerprint.get(key):
+                detail = self._recipe_changes(body) if key == "recipe" else ""
+                raise CompressorError(f"cannot resume '{self.out}': {_WHAT[key]} changed since the interrupted run"
+                                      f"{detail}; {_FIX[key]}, or run without --resume to start over")
+        return body
+
+    def _recipe_changes(self, body: dict) -> str:
+        before = body.get("recipe_fields", {})
+        changed = sorted(k for k in set(before) | set(self.recipe_fields) if before.get(k) != self.recipe_fields.get(k))
+        return f" (fields: {', '.join(changed)})" if changed else ""
+
+    def load(self) -> Resumed:
+        body = self.check()
+        model = self.load_keras(self.folder / body["model"])
+        points = {p["label"]: self.load_keras(self.folder / p["file"]) for p in body.get("points", [])}
+        return Resumed(done=int(body["done"]), model=model, records=body["records"], points=points)
+
+    # ------------------------------------------------------------------ writing
+
+    def save(self, done: int, model, records: list[dict], points: dict | None) -> None:
+        """After stage `done` (1-based): new files first, then the manifest that names them, then
+        the files no manifest names any more."""
+        from compressor.model_io import save_model_atomic
+
+        self.folder.mkdir(exist_ok=True)
+        name = f"stage-{done}.keras"
+        save_model_atomic(model, self.folder / name)
+        kept = [name]
+        point_rows = []
+        for i, (label, point) in enumerate((points or {}).items()):
+            file = f"stage-{done}-point-{i}.keras"
+            save_model_atomic(point, self.folder / file)
+            point_rows.append({"label": label, "file": file})
+            kept.append(file)
+        body = {"format": FORMAT, "fingerprint": self.fingerprint, "recipe_fields": self.recipe_fields,
+                "done": done, "model": name, "points": point_rows, "records": records}
+        _write_json_atomic(self.folder / MANIFEST, body)
+        for entry in self.folder.iterdir():
+            if entry.name in kept or entry.name == MANIFEST:
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+    def discard(self) -> bool:
+        """Remove the checkpoint (the run finished, or a new run replaces it); True if there was one."""
+        existed = self.folder.exists()
+        shutil.rmtree(self.folder, ignore_errors=True)
+        return existed
+
+
+def _write_json_atomic(path: Path, body: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        json.dump(body, fh, default=_jsonable)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _jsonable(value):
+    """Stage records hold numpy scalars and arrays; the report writes them as plain numbers/lists too."""
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"stage record value not JSON serialisable: {type(value).__name__}")
+
+
+def _sha(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()
