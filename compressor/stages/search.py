@@ -40,19 +40,27 @@ def _budget(ctx: StageContext, model) -> tuple[np.ndarray, np.ndarray, float]:
 
 
 def _importance(model, cfg: SearchStage, ctx: StageContext):
-    """Per group (current model's indices): units in removal order and the cumulative importance share."""
-    labelled = None
-    if criteria.get(cfg.criterion).needs_gradients:
-        n = len(ctx.data.x_calib)
-        labelled = (ctx.data.x_train[:n], ctx.data.y_train[:n])
-    base, groups, traces, activity = scoring.observe(model, ctx.data.x_calib, labelled)
+    """Per group (current model's indices): units in removal order and the cumulative importance share.
+    Channel groups are scored by the criterion on their activity; attention heads, which are not
+    output channels, by how much the loss rises when the head alone is silenced."""
+    n = len(ctx.data.x_calib)
+    labelled = (ctx.data.x_train[:n], ctx.data.y_train[:n])
+    needs = criteria.get(cfg.criterion).needs_gradients
+    base, groups, traces, activity = scoring.observe(model, ctx.data.x_calib, labelled if needs else None)
     order, share = {}, {}
-    for g in groups:
-        score = np.mean([unit_scores(base, m, activity[m], cfg.criterion) for m in g.members], axis=0)
-        order[g.name] = np.argsort(score, kind="stable")
+    scores = {g.name: np.mean([unit_scores(base, m, activity[m], cfg.criterion) for m in g.members], axis=0)
+              for g in groups}
+    scores.update(scoring.head_scores(base, *labelled))
+    for name, score in scores.items():
+        order[name] = np.argsort(score, kind="stable")
         total = float(score.sum()) or 1.0
-        share[g.name] = np.concatenate([[0.0], np.cumsum(score[order[g.name]]) / total])
+        share[name] = np.concatenate([[0.0], np.cumsum(score[order[name]]) / total])
     return base, traces, activity, order, share
+
+
+def search_groups(model) -> list:
+    """What the search may narrow: channel groups and attention layers (heads)."""
+    return scoring.groups(model, observable=True) + scoring.head_groups(model)
 
 
 def allocate(lm: LatencyModel, units: dict[str, int], removed: dict[str, int], share: dict[str, np.ndarray],
@@ -221,7 +229,7 @@ def _correct_to_goal(search: _Search, dense, goal: float | None, cfg: SearchStag
 def apply(model, cfg: SearchStage, ctx: StageContext, amount: float = 1.0) -> StageOutcome:
     x, y, floor = _budget(ctx, model)
     start = scoring.copy(model)
-    groups = scoring.groups(start, observable=True)
+    groups = search_groups(start)
     if not groups:
         return StageOutcome(start, {"removed": 0, "frontier": []}, ["search: no prunable Dense/Conv layers"])
     cfg, goal_note = _relative_goal(cfg, ctx, model, start)
