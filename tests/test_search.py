@@ -191,3 +191,22 @@ def test_attention_heads_are_a_search_group_with_a_measured_table(digits, shared
     for name in ("mha0", "mha1"):
         assert smaller.get_layer(name)._num_heads == 2 - extra[name]
     assert smaller.predict(data.x_test[:4], verbose=0).shape == (4, 10)
+
+
+def test_without_a_goal_the_allocation_follows_every_target_runtime():
+    """A width only one runtime pays for is still bought when the point shipped is the fastest on both."""
+    class Table:
+        def __init__(self, per_unit):
+            self.per_unit = per_unit
+
+        def predict(self, removed=None):
+            return 10.0 + sum(self.per_unit.get(g, 0.0) * (8 - k) for g, k in {"heads": 0, "ffn": 0, **(removed or {})}.items())
+
+    flat_heads = Table({"ffn": 1.0})  # onnxruntime-like: heads cost nothing measurable
+    costly_heads = Table({"heads": 2.0, "ffn": 0.1})  # LiteRT-like
+    joint = search.Joint([flat_heads, costly_heads])
+    assert joint.predict() == pytest.approx(1.0)
+    share = {g: np.linspace(0.0, 1.0, 9) for g in ("heads", "ffn")}
+    alone = search.allocate(flat_heads, {"heads": 8, "ffn": 8}, {}, share, 0.9 * flat_heads.predict(), 1)
+    both = search.allocate(joint, {"heads": 8, "ffn": 8}, {}, share, 0.8, 1)
+    assert alone["heads"] == 0 and both["heads"] > 0

@@ -139,12 +139,27 @@ def _tables(model, names: list[str], cfg: SearchStage, ctx: StageContext) -> dic
     return out
 
 
+class Joint:
+    """Several runtimes' tables as one: the mean of each runtime's predicted latency relative to its
+    dense prediction (1.0 = dense). Without a speed goal the point shipped is the fastest on all
+    target runtimes together, so the allocation follows all their tables: a width that only one
+    runtime pays for (attention heads in LiteRT, say) is still bought."""
+
+    def __init__(self, lms: list[LatencyModel]):
+        self.lms = lms
+        self.dense = [lm.predict() for lm in lms]
+
+    def predict(self, removed: dict[str, int] | None = None) -> float:
+        return float(np.mean([lm.predict(removed) / d for lm, d in zip(self.lms, self.dense)]))
+
+
 class _Search:
     """State of one search: the latency models, the budget and every point visited."""
 
-    def __init__(self, model, cfg: SearchStage, ctx: StageContext, lms: dict[str, LatencyModel], units, floor, xy):
+    def __init__(self, model, cfg: SearchStage, ctx: StageContext, lms: dict[str, LatencyModel], units, floor, xy,
+                 follow: tuple[str, ...] | None = None):
         self.cfg, self.ctx, self.lms, self.units, self.floor, self.xy = cfg, ctx, lms, units, floor, xy
-        self.lm = lms[cfg.goal.runtime]
+        self.lm = lms[cfg.goal.runtime] if not follow else Joint([lms[rt] for rt in follow])
         self.dense_ms = self.lm.predict()
         self.rows, self.models, self.states, self.seen = [], [], [], {}
         self.good = (1.0, model, {})  # (speedup, fine-tuned model, units removed per group)
@@ -238,7 +253,8 @@ def apply(model, cfg: SearchStage, ctx: StageContext, amount: float = 1.0) -> St
     units = {g.name: g.units for g in groups}
     members = {g.name: len(g.members) for g in groups}
     lms = _tables(start, list(units), cfg, ctx)
-    search = _Search(start, cfg, ctx, lms, units, floor, (x, y))
+    goal_less = cfg.goal.speedup is None and cfg.goal.latency_ms is None
+    search = _Search(start, cfg, ctx, lms, units, floor, (x, y), _target_runtimes(ctx) if goal_less else None)
     points, goal = _speed_targets(cfg, search.lm, amount)
     search.run(points, goal)
     _correct_to_goal(search, start, goal, cfg)
