@@ -24,7 +24,8 @@ from compressor.errors import CompressorError
 
 RUNTIMES = ("onnxruntime", "tflite")
 LEVELS = (0.03125, 0.125, 0.25, 0.5, 1.0)  # grid fractions of a layer's full width (rounded to `step`)
-MEASURED_KINDS = ("Dense", "Conv1D", "Conv2D", "DepthwiseConv2D", "SeparableConv2D")
+MEASURED_KINDS = ("Dense", "Conv1D", "Conv2D", "DepthwiseConv2D", "SeparableConv2D", "MultiHeadAttention")
+ATTENTION = "MultiHeadAttention"  # its output width is the residual stream; its table width is num_heads
 
 
 _DISTRIBUTION = {"onnx": "onnxruntime", "tflite": "ai-edge-litert"}  # by file format: what runs it
@@ -65,11 +66,17 @@ class LayerShape:
                  f"k={c.get('kernel_size', '')}", f"s={c.get('strides', '')}", f"pad={c.get('padding', '')}",
                  f"act={c.get('activation', '')}", f"bias={c.get('use_bias', '')}", f"dm={c.get('depth_multiplier', '')}",
                  f"b={batch}"]
+        if self.kind == ATTENTION:  # heads of this size: the table's out width counts heads
+            parts[-1:-1] = [f"kd={c.get('key_dim')}", f"vd={c.get('value_dim')}"]
         return "|".join(str(p).replace(" ", "") for p in parts)
 
     def build(self, width_in: int, width_out: int) -> keras.Model:
         """The layer alone at these widths (random weights: latency does not depend on values)."""
         cfg = dict(self.config, name="layer")
+        if self.kind == ATTENTION:  # self-attention over the same tokens, `width_out` heads
+            cfg.update(num_heads=width_out, query_shape=None, key_shape=None, value_shape=None)
+            inputs = keras.Input(shape=(*self.spatial, width_in))
+            return keras.Model(inputs, keras.layers.MultiHeadAttention.from_config(cfg)(inputs, inputs))
         if "units" in cfg:
             cfg["units"] = width_out
         elif "filters" in cfg:
@@ -83,14 +90,35 @@ def layer_shape(layer) -> LayerShape | None:
     kind = type(layer).__name__
     if kind not in MEASURED_KINDS:
         return None
-    shape = layer.input_shape
-    if isinstance(shape, list) or any(d is None for d in shape[1:]):
+    shape = _query_shape(layer) if kind == ATTENTION else layer.input_shape
+    if shape is None or isinstance(shape, list) or any(d is None for d in shape[1:]):
         return None
     cfg = layer.get_config()
-    for drop in ("name", "trainable", "dtype", "batch_input_shape"):
+    for drop in ("name", "trainable", "dtype", "batch_input_shape", "query_shape", "key_shape", "value_shape"):
         cfg.pop(drop, None)
-    out = int(layer.output_shape[-1])
-    return LayerShape(kind, cfg, tuple(int(d) for d in shape[1:-1]), int(shape[-1]), out)
+    return LayerShape(kind, cfg, tuple(int(d) for d in shape[1:-1]), int(shape[-1]), out_width(layer))
+
+
+def _query_shape(layer):
+    """Self-attention's input shape (query = value); None for cross-attention, which the table does not cover."""
+    shapes = layer.input_shape
+    if isinstance(shapes, list):
+        if any(tuple(s) != tuple(shapes[0]) for s in shapes):
+            return None
+        shapes = shapes[0]
+    return tuple(shapes)
+
+
+def in_width(layer) -> int:
+    shape = _query_shape(layer) if type(layer).__name__ == ATTENTION else layer.input_shape
+    return int(shape[-1])
+
+
+def out_width(layer) -> int:
+    """The width a layer's removals change: output channels, or an attention layer's heads."""
+    if type(layer).__name__ == ATTENTION:
+        return int(layer._num_heads)
+    return int(layer.output_shape[-1])
 
 
 def grid(full: int, step: int) -> list[int]:
@@ -228,8 +256,8 @@ def _probe(model, group_names: list[str], terms: dict[str, LayerShape]):
         smaller, _ = scoring.remove(scoring.copy(model), {g: [0]})
         for name, shape in terms.items():
             layer = smaller.get_layer(name)
-            d_in = shape.in0 - int(layer.input_shape[-1])
-            d_out = shape.out0 - int(layer.output_shape[-1])
+            d_in = shape.in0 - in_width(layer)
+            d_out = shape.out0 - out_width(layer)
             if d_in:
                 a_in[name][g] = d_in
             if d_out:
@@ -250,7 +278,8 @@ class LatencyModel:
         for name, shape in shapes.items():
             diagonal = bool(a_in[name]) and a_in[name] == a_out[name] and len(a_in[name]) == 1
             ins = grid(shape.in0, step) if a_in[name] and not diagonal else [shape.in0]
-            outs = grid(shape.out0, step) if a_out[name] else [shape.out0]
+            heads = shape.kind == ATTENTION  # a few heads: every count matters, not multiples of `step`
+            outs = grid(shape.out0, 1 if heads else step) if a_out[name] else [shape.out0]
             self.terms.append(LayerTerm(name, shape, a_in[name], a_out[name], ins, outs, diagonal))
         wanted = {t.shape.key(i, o, batch): (t.shape, i, o) for t in self.terms for i, o in t.points()}
         self.entries = len(wanted)

@@ -160,3 +160,53 @@ def test_a_speedup_goal_counts_from_the_model_before_any_stage(digits):
     assert kept is None and "already measured" in note and "\n" not in note
     same, none = search._relative_goal(cfg, StageContext(recipe=ctx.recipe, data=digits, dense_model=narrow), narrow, narrow)
     assert same is cfg and none is None  # the search is the first stage: the goal is its own
+
+
+def test_attention_heads_are_a_search_group_with_a_measured_table(digits, shared_cache):
+    """Heads are not output channels: the search still narrows them (loss rise when silenced, a
+    table over head counts), and the chosen model runs with fewer heads."""
+    from compressor.latency_model import default_cache
+    from tests.test_depth import _as_tokens, _encoder
+
+    keras.utils.set_random_seed(0)
+    data = _as_tokens(digits)
+    model = _encoder()
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(data.x_train, data.y_train, epochs=2, verbose=0)
+    names = [g.name for g in search.search_groups(model)]
+    assert {"mha0", "mha1"} <= set(names) and "ffn0_in" in names
+    scores = scoring.head_scores(model, data.x_train[:64], data.y_train[:64])
+    assert scores["mha0"].shape == (2,) and np.all(scores["mha0"] > 0)
+    lm = LatencyModel(model, names, "tflite", cache=shared_cache / default_cache("tflite").name, runs=20)
+    mha = next(t for t in lm.terms if t.name == "mha0")
+    assert mha.outs == [1, 2] and mha.a_out == {"mha0": 1}  # a table over head counts
+    assert lm.predict({"mha0": 1, "mha1": 1}) < lm.predict()
+    ctx = _ctx(data)
+    cfg = parse_recipe({"stages": [{"name": "search", "epochs": 0}]}).stages[0]
+    importance = search._importance(model, cfg, ctx)
+    units = {g.name: g.units for g in search.search_groups(model)}
+    extra = search.allocate(lm, units, {}, importance[4], lm.predict() / 8.0, 8)
+    assert extra["mha0"] + extra["mha1"] >= 1  # heads are bought like any other width
+    smaller = search._shrink(importance, extra, cfg, ctx, "test")
+    for name in ("mha0", "mha1"):
+        assert smaller.get_layer(name)._num_heads == 2 - extra[name]
+    assert smaller.predict(data.x_test[:4], verbose=0).shape == (4, 10)
+
+
+def test_without_a_goal_the_allocation_follows_every_target_runtime():
+    """A width only one runtime pays for is still bought when the point shipped is the fastest on both."""
+    class Table:
+        def __init__(self, per_unit):
+            self.per_unit = per_unit
+
+        def predict(self, removed=None):
+            return 10.0 + sum(self.per_unit.get(g, 0.0) * (8 - k) for g, k in {"heads": 0, "ffn": 0, **(removed or {})}.items())
+
+    flat_heads = Table({"ffn": 1.0})  # onnxruntime-like: heads cost nothing measurable
+    costly_heads = Table({"heads": 2.0, "ffn": 0.1})  # LiteRT-like
+    joint = search.Joint([flat_heads, costly_heads])
+    assert joint.predict() == pytest.approx(1.0)
+    share = {g: np.linspace(0.0, 1.0, 9) for g in ("heads", "ffn")}
+    alone = search.allocate(flat_heads, {"heads": 8, "ffn": 8}, {}, share, 0.9 * flat_heads.predict(), 1)
+    both = search.allocate(joint, {"heads": 8, "ffn": 8}, {}, share, 0.8, 1)
+    assert alone["heads"] == 0 and both["heads"] > 0

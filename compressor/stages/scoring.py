@@ -227,6 +227,38 @@ def groups(model, observable: bool = False) -> list[Group]:
     return out
 
 
+def head_groups(model) -> list[Group]:
+    """Attention layers whose heads may be removed (their units are heads, not output channels)."""
+    return [g for g in groups(model) if not _handler(model.get_layer(g.name)).units_on_output
+            and isinstance(model.get_layer(g.name), keras.layers.MultiHeadAttention)]
+
+
+def head_scores(model, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Per attention layer, per head: the rise of the mean loss on (x, y) when that head's output
+    projection rows are zeroed (the head silenced; everything else as is). Never negative."""
+    found = head_groups(model)
+    if not found:
+        return {}
+
+    def loss() -> float:
+        pred = model.predict(x, batch_size=batch_size, verbose=0)
+        return float(np.mean(keras.losses.sparse_categorical_crossentropy(y, pred).numpy()))
+
+    reference, out = loss(), {}
+    for g in found:
+        kernel = model.get_layer(g.name)._output_dense.kernel
+        saved = kernel.numpy()
+        rises = []
+        for head in range(saved.shape[0]):
+            silenced = saved.copy()
+            silenced[head] = 0.0
+            kernel.assign(silenced)
+            rises.append(max(loss() - reference, 0.0) + 1e-6)
+        kernel.assign(saved)
+        out[g.name] = np.asarray(rises)
+    return out
+
+
 def cap(units: int, max_fraction: float, amount: float) -> int:
     """Most units a layer may lose: max_fraction*amount of it, and never the last one."""
     return max(0, min(units - 1, int(math.floor(units * max_fraction * amount + 1e-9))))

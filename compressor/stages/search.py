@@ -38,18 +38,27 @@ def _budget(ctx: StageContext, model) -> tuple[Task, float]:
 
 
 def _importance(model, cfg: SearchStage, ctx: StageContext):
-    """Per group (current model's indices): units in removal order and the cumulative importance share."""
-    labelled = None
-    if criteria.get(cfg.criterion).needs_gradients:
-        labelled = ctx.data.labelled_calibration()
-    base, groups, traces, activity = scoring.observe(model, ctx.data.calibration(), labelled, task=ctx.task)
+    """Per group (current model's indices): units in removal order and the cumulative importance share.
+    Channel groups are scored by the criterion on their activity; attention heads, which are not
+    output channels, by how much the loss rises when the head alone is silenced."""
+    labelled = ctx.data.labelled_calibration()
+    needs = criteria.get(cfg.criterion).needs_gradients
+    base, groups, traces, activity = scoring.observe(model, ctx.data.calibration(), labelled if needs else None,
+                                                     task=ctx.task)
     order, share = {}, {}
-    for g in groups:
-        score = np.mean([unit_scores(base, m, activity[m], cfg.criterion) for m in g.members], axis=0)
-        order[g.name] = np.argsort(score, kind="stable")
+    scores = {g.name: np.mean([unit_scores(base, m, activity[m], cfg.criterion) for m in g.members], axis=0)
+              for g in groups}
+    scores.update(scoring.head_scores(base, *labelled))
+    for name, score in scores.items():
+        order[name] = np.argsort(score, kind="stable")
         total = float(score.sum()) or 1.0
-        share[g.name] = np.concatenate([[0.0], np.cumsum(score[order[g.name]]) / total])
+        share[name] = np.concatenate([[0.0], np.cumsum(score[order[name]]) / total])
     return base, traces, activity, order, share
+
+
+def search_groups(model) -> list:
+    """What the search may narrow: channel groups and attention layers (heads)."""
+    return scoring.groups(model, observable=True) + scoring.head_groups(model)
 
 
 def allocate(lm: LatencyModel, units: dict[str, int], removed: dict[str, int], share: dict[str, np.ndarray],
@@ -128,12 +137,27 @@ def _tables(model, names: list[str], cfg: SearchStage, ctx: StageContext) -> dic
     return out
 
 
+class Joint:
+    """Several runtimes' tables as one: the mean of each runtime's predicted latency relative to its
+    dense prediction (1.0 = dense). Without a speed goal the point shipped is the fastest on all
+    target runtimes together, so the allocation follows all their tables: a width that only one
+    runtime pays for (attention heads in LiteRT, say) is still bought."""
+
+    def __init__(self, lms: list[LatencyModel]):
+        self.lms = lms
+        self.dense = [lm.predict() for lm in lms]
+
+    def predict(self, removed: dict[str, int] | None = None) -> float:
+        return float(np.mean([lm.predict(removed) / d for lm, d in zip(self.lms, self.dense)]))
+
+
 class _Search:
     """State of one search: the latency models, the budget and every point visited."""
 
-    def __init__(self, model, cfg: SearchStage, ctx: StageContext, lms: dict[str, LatencyModel], units, floor, task):
+    def __init__(self, model, cfg: SearchStage, ctx: StageContext, lms: dict[str, LatencyModel], units, floor, task,
+                 follow: tuple[str, ...] | None = None):
         self.cfg, self.ctx, self.lms, self.units, self.floor, self.task = cfg, ctx, lms, units, floor, task
-        self.lm = lms[cfg.goal.runtime]
+        self.lm = lms[cfg.goal.runtime] if not follow else Joint([lms[rt] for rt in follow])
         self.dense_ms = self.lm.predict()
         self.rows, self.models, self.states, self.seen = [], [], [], {}
         self.good = (1.0, model, {})  # (speedup, fine-tuned model, units removed per group)
@@ -219,7 +243,7 @@ def _correct_to_goal(search: _Search, dense, goal: float | None, cfg: SearchStag
 def apply(model, cfg: SearchStage, ctx: StageContext, amount: float = 1.0) -> StageOutcome:
     task, floor = _budget(ctx, model)
     start = scoring.copy(model)
-    groups = scoring.groups(start, observable=True)
+    groups = search_groups(start)
     if not groups:
         return StageOutcome(start, {"removed": 0, "frontier": []}, ["search: no prunable Dense/Conv layers"])
     cfg, goal_note = _relative_goal(cfg, ctx, model, start)
@@ -228,7 +252,8 @@ def apply(model, cfg: SearchStage, ctx: StageContext, amount: float = 1.0) -> St
     units = {g.name: g.units for g in groups}
     members = {g.name: len(g.members) for g in groups}
     lms = _tables(start, list(units), cfg, ctx)
-    search = _Search(start, cfg, ctx, lms, units, floor, task)
+    goal_less = cfg.goal.speedup is None and cfg.goal.latency_ms is None
+    search = _Search(start, cfg, ctx, lms, units, floor, task, _target_runtimes(ctx) if goal_less else None)
     points, goal = _speed_targets(cfg, search.lm, amount)
     search.run(points, goal)
     _correct_to_goal(search, start, goal, cfg)
