@@ -8,6 +8,8 @@ import numpy as np
 
 from compressor.errors import CompressorError
 
+SPLIT_SEED = 1234  # fixed seed of every train/test split and calibration sample (arrays and streams)
+
 
 def class_labels(name: str, key: str, y: np.ndarray) -> None:
     if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or np.all(np.mod(y, 1) == 0)):

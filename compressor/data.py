@@ -13,12 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from compressor.checks import check_label_count, check_labels
+from compressor.checks import SPLIT_SEED, check_label_count, check_labels
 from compressor.checks import class_labels as check_class_labels
 from compressor.errors import CompressorError
 
 BUILTIN = ("mnist5k", "digits")
-SPLIT_SEED = 1234
 
 
 @dataclass

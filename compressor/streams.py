@@ -19,8 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compressor.checks import check_label_count, check_labels
-from compressor.data import SPLIT_SEED
+from compressor.checks import SPLIT_SEED, check_label_count, check_labels
 from compressor.errors import CompressorError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
