@@ -119,7 +119,7 @@ def small_matmuls(float_path: str | Path) -> list[str]:
 def reduce_range_needed() -> bool:
     """7-bit weights avoid int16 saturation in the u8/s8 VPMADDUBSW path of x86 CPUs without VNNI
     (onnxruntime's quantization guide); VNNI/AMX CPUs and non-x86 CPUs use the full 8 bits."""
-    from exporters.benchmark import cpu_flags
+    from exporters.cpu import cpu_flags
 
     flags = cpu_flags()
     x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")

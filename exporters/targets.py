@@ -199,7 +199,7 @@ def nchwc_channel_block() -> int:
     """onnxruntime runs convolutions in its blocked NCHWc layout only when channels are a multiple of
     the block (16 on AVX-512 CPUs, 8 otherwise); a narrower or odd width leaves the layout with a
     reorder on each side, which made a width-8 MobileNet chain slower than the same chain at 16."""
-    from exporters.benchmark import cpu_flags
+    from exporters.cpu import cpu_flags
 
     return 16 if "avx512f" in cpu_flags() else 8
 

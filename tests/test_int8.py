@@ -173,15 +173,15 @@ def test_report_md_and_summary_show_the_verdict(capsys):
 def test_reduce_range_only_on_x86_without_vnni(monkeypatch):
     import platform
 
-    from exporters import benchmark
+    from exporters import cpu
 
     monkeypatch.setattr(platform, "machine", lambda: "x86_64")
     for flags, expected in (({"avx2", "fma"}, True), ({"avx2", "avx512_vnni"}, False), ({"avx_vnni"}, False),
                             (set(), False)):
-        monkeypatch.setattr(benchmark, "cpu_flags", lambda f=flags: f)
+        monkeypatch.setattr(cpu, "cpu_flags", lambda f=flags: f)
         assert onnx_export.reduce_range_needed() is expected, flags
     monkeypatch.setattr(platform, "machine", lambda: "aarch64")
-    monkeypatch.setattr(benchmark, "cpu_flags", lambda: {"asimd"})
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: {"asimd"})
     assert onnx_export.reduce_range_needed() is False
 
 

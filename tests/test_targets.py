@@ -106,10 +106,10 @@ def test_machine_block_lists_isa_flags():
 
 
 def test_round_units_auto_is_the_targets_channel_block(monkeypatch):
-    import exporters.benchmark as bench
+    import exporters.cpu as cpu
 
     for flags, onnx_block in (({"avx2", "avx512f"}, 16), ({"avx2"}, 8)):
-        monkeypatch.setattr(bench, "cpu_flags", lambda flags=flags: flags)
+        monkeypatch.setattr(cpu, "cpu_flags", lambda flags=flags: flags)
         assert parse_recipe({}).unit_multiple() == onnx_block  # default targets include onnxruntime
         assert parse_recipe({"targets": ["tflite"]}).unit_multiple() == 8
         assert parse_recipe({"round_units": 4}).unit_multiple() == 4
