@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 
 from compressor.errors import CompressorError
+from exporters.files import jsonable, write_text_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -138,7 +139,7 @@ class Checkpoint:
             kept.append(file)
         body = {"format": FORMAT, "fingerprint": self.fingerprint, "recipe_fields": self.recipe_fields,
                 "done": done, "model": name, "points": point_rows, "records": records}
-        _write_json_atomic(self.folder / MANIFEST, body)
+        write_text_atomic(self.folder / MANIFEST, json.dumps(body, default=jsonable))
         for entry in self.folder.iterdir():
             if entry.name in kept or entry.name == MANIFEST:
                 continue
@@ -152,28 +153,6 @@ class Checkpoint:
         existed = self.folder.exists()
         shutil.rmtree(self.folder, ignore_errors=True)
         return existed
-
-
-def _write_json_atomic(path: Path, body: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        json.dump(body, fh, default=_jsonable)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _jsonable(value):
-    """Stage records hold numpy scalars and arrays; the report writes them as plain numbers/lists too."""
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.floating):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"stage record value not JSON serialisable: {type(value).__name__}")
 
 
 def _sha(payload: bytes) -> str:

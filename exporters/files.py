@@ -6,6 +6,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 
 def make_readable(path: str | Path) -> None:
     """mkstemp creates 0600 files; a published artifact gets the usual mode (0666 minus umask)."""
@@ -40,3 +42,16 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 def gzip_size(path: str | Path) -> int:
     """Size after gzip -9: what a download or an OTA update actually costs."""
     return len(gzip.compress(Path(path).read_bytes(), compresslevel=9, mtime=0))
+
+
+def jsonable(value):
+    """`json.dump(default=...)`: reports and checkpoints hold numpy scalars/arrays and paths; written as plain values."""
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

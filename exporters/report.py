@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from exporters.files import write_text_atomic
+from exporters.files import jsonable, write_text_atomic
 
 
 def _ratio(a: float, b: float) -> str:
@@ -241,17 +241,5 @@ def write_reports(report: dict, out: Path, correct: dict[str, np.ndarray]) -> No
         from exporters.frontier_plot import plot_frontier
 
         plots.append(plot_frontier(report, out / "frontier.png", _baseline(report)))
-    write_text_atomic(out / "report.json", json.dumps(report, indent=2, default=_jsonable))
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2, default=jsonable))
     write_text_atomic(out / "report.md", render_markdown(report, [str(p) for p in plots]))
-
-
-def _jsonable(value):
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
