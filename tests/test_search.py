@@ -193,6 +193,34 @@ def test_attention_heads_are_a_search_group_with_a_measured_table(digits, shared
     assert smaller.predict(data.x_test[:4], verbose=0).shape == (4, 10)
 
 
+def test_head_scores_use_the_tasks_loss_for_a_regression_encoder(digits):
+    """A regression model's heads are scored by its own loss (MAE here), not a classification loss
+    its outputs cannot be read by."""
+    from compressor.task import resolve
+    from tests.test_depth import _as_tokens
+
+    keras.utils.set_random_seed(0)
+    data = _as_tokens(digits)
+    inputs = keras.layers.Input(data.x_train.shape[1:])
+    x = keras.layers.Dense(16, name="tokens")(inputs)
+    x = keras.layers.Add()([x, keras.layers.MultiHeadAttention(2, 8, name="mha0")(x, x)])
+    outputs = keras.layers.Dense(1, name="value")(keras.layers.GlobalAveragePooling1D()(x))
+    model = keras.Model(inputs, outputs)
+    y = data.y_train[:64].astype("float32") / 10.0
+    model.compile("adam", "mae")
+    model.fit(data.x_train[:256], data.y_train[:256].astype("float32") / 10.0, epochs=2, verbose=0)
+    task = resolve(parse_recipe({"metric": "mae", "max_metric_drop": 0.05}), model)
+    scores = scoring.head_scores(model, data.x_train[:64], y, task=task)
+    assert scores["mha0"].shape == (2,) and np.all(scores["mha0"] > 0)
+    kernel = model.get_layer("mha0")._output_dense.kernel
+    silenced = kernel.numpy()
+    silenced[0] = 0.0
+    before = scoring._loss_of(task)(y, model.predict(data.x_train[:64], verbose=0))
+    kernel.assign(silenced)
+    after = scoring._loss_of(task)(y, model.predict(data.x_train[:64], verbose=0))
+    assert scores["mha0"][0] == pytest.approx(max(after - before, 0.0) + 1e-6, rel=1e-4, abs=1e-6)
+
+
 def test_without_a_goal_the_allocation_follows_every_target_runtime():
     """A width only one runtime pays for is still bought when the point shipped is the fastest on both."""
     class Table:

@@ -233,18 +233,19 @@ def head_groups(model) -> list[Group]:
             and isinstance(model.get_layer(g.name), keras.layers.MultiHeadAttention)]
 
 
-def head_scores(model, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
-    """Per attention layer, per head: the rise of the mean loss on (x, y) when that head's output
-    projection rows are zeroed (the head silenced; everything else as is). Never negative."""
+def head_scores(model, x: np.ndarray, y, task=None, batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Per attention layer, per head: the rise of the task's loss on (x, y) when that head's output
+    projection rows are zeroed (the head silenced; everything else as is). Never negative.
+    The loss is the one the model is fine-tuned with (regression, multi-output), not a fixed one."""
     found = head_groups(model)
     if not found:
         return {}
+    loss = _loss_of(task)
 
-    def loss() -> float:
-        pred = model.predict(x, batch_size=batch_size, verbose=0)
-        return float(np.mean(keras.losses.sparse_categorical_crossentropy(y, pred).numpy()))
+    def current() -> float:
+        return loss(y, model.predict(x, batch_size=batch_size, verbose=0))
 
-    reference, out = loss(), {}
+    reference, out = current(), {}
     for g in found:
         kernel = model.get_layer(g.name)._output_dense.kernel
         saved = kernel.numpy()
@@ -253,10 +254,23 @@ def head_scores(model, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> d
             silenced = saved.copy()
             silenced[head] = 0.0
             kernel.assign(silenced)
-            rises.append(max(loss() - reference, 0.0) + 1e-6)
+            rises.append(max(current() - reference, 0.0) + 1e-6)
         kernel.assign(saved)
         out[g.name] = np.asarray(rises)
     return out
+
+
+def _loss_of(task):
+    """Mean loss of predictions: the task's losses (logits-aware) summed over outputs, else sparse CE."""
+    if task is None:
+        return lambda y, pred: float(np.mean(keras.losses.sparse_categorical_crossentropy(y, pred).numpy()))
+    fns = task.keras_losses()
+    many = isinstance(fns, list)
+
+    def total(y, pred) -> float:
+        pairs = zip(fns if many else [fns], list(y) if many else [y], pred if many else [pred])
+        return float(sum(np.mean(fn(t, p).numpy()) for fn, t, p in pairs))  # loss objects or per-sample functions
+    return total
 
 
 def cap(units: int, max_fraction: float, amount: float) -> int:

@@ -41,14 +41,15 @@ def _importance(model, cfg: SearchStage, ctx: StageContext):
     """Per group (current model's indices): units in removal order and the cumulative importance share.
     Channel groups are scored by the criterion on their activity; attention heads, which are not
     output channels, by how much the loss rises when the head alone is silenced."""
-    labelled = ctx.data.labelled_calibration()
     needs = criteria.get(cfg.criterion).needs_gradients
+    heads = bool(scoring.head_groups(model))
+    labelled = ctx.data.labelled_calibration() if needs or heads else None  # labels only when a score uses them
     base, groups, traces, activity = scoring.observe(model, ctx.data.calibration(), labelled if needs else None,
                                                      task=ctx.task)
     order, share = {}, {}
     scores = {g.name: np.mean([unit_scores(base, m, activity[m], cfg.criterion) for m in g.members], axis=0)
               for g in groups}
-    scores.update(scoring.head_scores(base, *labelled))
+    scores.update(scoring.head_scores(base, *labelled, task=ctx.task) if heads else {})
     for name, score in scores.items():
         order[name] = np.argsort(score, kind="stable")
         total = float(score.sum()) or 1.0
