@@ -54,9 +54,12 @@ def recipe_digest(recipe) -> str:
 
 
 def data_digest(spec, dataset) -> str:
-    """A file or folder by content; anything else (built-in name, pkg.mod:func) by the arrays it gave."""
+    """A file by content, a folder by its listing; anything else (built-in name, pkg.mod:func) by the
+    arrays it gave."""
     from compressor.model_io import file_sha256
 
+    if isinstance(spec, (str, Path)) and Path(spec).is_dir():
+        return folder_listing_digest(Path(spec))
     if isinstance(spec, (str, Path)) and Path(spec).exists():
         return file_sha256(spec)
     digest = hashlib.sha256(str(spec).encode() + b"\0")
@@ -67,6 +70,17 @@ def data_digest(spec, dataset) -> str:
             digest.update(np.ascontiguousarray(value).tobytes())
         elif isinstance(value, (str, int, float)):
             digest.update(f"{f.name}={value!r}".encode())
+    return digest.hexdigest()
+
+
+def folder_listing_digest(folder: Path) -> str:
+    """Every file's relative path, size and modification time (rsync's quick check): an image folder
+    or TFRecord shards of hundreds of GB are fingerprinted without reading them on every run. An edit
+    that keeps both size and mtime goes unnoticed; a changed, added or removed file does not."""
+    digest = hashlib.sha256()
+    for f in sorted(q for q in folder.rglob("*") if q.is_file()):
+        st = f.stat()
+        digest.update(f"{f.relative_to(folder).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8"))
     return digest.hexdigest()
 
 

@@ -145,3 +145,21 @@ def test_fine_tune_progress_shows_epoch_rate_and_eta(capsys, digits):
         assert f"fine-tune: epoch {epoch}/2, " in line and " samples/s, ETA 0:" in line
     rate = float(lines[-1].split(", ")[-1].split()[0].replace(",", ""))
     assert "train accuracy" in lines[-1] and rate > 0
+
+
+def test_a_data_folder_is_fingerprinted_by_its_listing(tmp_path):
+    """Big image folders are not read on every run, yet a changed, added or removed file is noticed."""
+    import os
+
+    from compressor.checkpoint import data_digest
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "0.png").write_bytes(b"x" * 10)
+    first = data_digest(tmp_path, None)
+    assert data_digest(tmp_path, None) == first
+    (tmp_path / "a" / "0.png").write_bytes(b"y" * 11)
+    changed = data_digest(tmp_path, None)
+    (tmp_path / "a" / "1.png").write_bytes(b"z")
+    added = data_digest(tmp_path, None)
+    os.remove(tmp_path / "a" / "1.png")
+    assert len({first, changed, added}) == 3 and data_digest(tmp_path, None) == changed
