@@ -197,3 +197,23 @@ def test_suite_frontier_section_and_fixed_recipe():
     assert "| point0-2.00x | 2.00x | 1.80x | 2.20x | 0.9500 | yes | h 64 | yes |" in text
     assert "| point1-4.00x | 4.00x | 3.10x | 4.40x | 0.9000 | no | h 16 |  |" in text
     assert "median |prediction error| 20.0% over 2" in text
+
+
+def test_suite_update_keeps_other_models_and_refuses_another_machine(tmp_path):
+    """`--update` re-measures some models and keeps the rest of the page, in the suite's order, each
+    with its own date; results from another CPU are never mixed in."""
+    script = _load_script("benchmark")
+    meta = {"machine": {"cpu": "A"}, "quick": False, "command": "python scripts/benchmark.py", "date": "d0",
+            "tool_version": "1"}
+    old = {"meta": meta, "models": [{"name": "mlp-128", "measured": {"date": "d0"}},
+                                    {"name": "cnn", "measured": {"date": "d0"}}]}
+    (tmp_path / "benchmarks.json").write_text(json.dumps(old))
+    new = {"meta": dict(meta, command="python scripts/benchmark.py --update --models cnn", date="d1"),
+           "models": [{"name": "cnn", "measured": {"date": "d1"}}]}
+    merged = script._merged(tmp_path / "benchmarks.json", new)
+    assert [(e["name"], e["measured"]["date"]) for e in merged["models"]] == [("mlp-128", "d0"), ("cnn", "d1")]
+    assert merged["meta"]["updates"] == ["python scripts/benchmark.py --update --models cnn"]
+    assert merged["meta"]["command"] == "python scripts/benchmark.py"
+    other = dict(new, meta=dict(new["meta"], machine={"cpu": "B"}))
+    with pytest.raises(SystemExit, match="another machine"):
+        script._merged(tmp_path / "benchmarks.json", other)
