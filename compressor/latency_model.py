@@ -156,12 +156,16 @@ class LatencyTable:
         return cls(runtime, path, entries)
 
     def save(self) -> None:
+        """Merge with what another process may have saved meanwhile, then replace the file atomically
+        (two runs sharing a cache never corrupt it or drop each other's entries)."""
+        from exporters.files import write_text_atomic
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        on_disk = LatencyTable.open(self.runtime, self.path).entries
+        self.entries = {**on_disk, **self.entries}
         body = {"runtime": self.runtime, "version": runtime_version(self.runtime), "machine": platform.node(),
                 "entries": dict(sorted(self.entries.items()))}
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(body, indent=1))
-        tmp.replace(self.path)
+        write_text_atomic(self.path, json.dumps(body, indent=1))
 
     def ensure(self, wanted: dict[str, tuple[LayerShape, int, int]], batch: int, runs: int = 200) -> None:
         """Measure the keys not in the table yet, all in one interleaved session, and save."""

@@ -33,6 +33,20 @@ def test_latency_table_is_measured_then_reused_from_its_file(tmp_path):
     assert all(v > 0 for v in again.table.entries.values())
 
 
+def test_two_runs_sharing_a_latency_cache_keep_each_others_entries(tmp_path):
+    """Concurrent runs on one machine share the cache file: the later save merges, never drops or corrupts."""
+    from compressor.latency_model import LatencyTable
+
+    cache = tmp_path / "table.json"
+    first, second = LatencyTable.open("tflite", cache), LatencyTable.open("tflite", cache)
+    first.entries["a"] = 1.0
+    first.save()
+    second.entries["b"] = 2.0
+    second.save()
+    assert LatencyTable.open("tflite", cache).entries == {"a": 1.0, "b": 2.0}
+    assert [p.name for p in tmp_path.iterdir()] == ["table.json"]  # no temporary file left
+
+
 @pytest.fixture(scope="module")
 def shared_cache(tmp_path_factory):
     """One table folder for the tests below: identical layer shapes are measured once."""
