@@ -156,6 +156,7 @@ class Joint:
 
 
 PROBES = (0.5, 0.25)  # width fractions of the uniformly narrowed copies the calibration starts from
+MEASURE_RUNS = 1000  # interleaved rounds per whole-model measurement (exports, not rounds, dominate its cost)
 GAIN = 0.02  # without a goal the search goes on while each point measures at least this much faster
 
 
@@ -181,7 +182,7 @@ def calibrate(lms: dict[str, LatencyModel], start, units: dict[str, int], step: 
     models = {"start": start, **{label: m for label, (m, _) in probes.items()}}
     reference, predicted = {}, {}
     for rt, lm in lms.items():
-        p50 = measure_models(models, rt, batch)
+        p50 = measure_models(models, rt, batch, runs=MEASURE_RUNS)
         for label, (_, removed) in probes.items():
             lm.observe(removed, p50[label])
         predicted[rt] = lm.predict()
@@ -248,7 +249,7 @@ class _Search:
         enters the fit scaled to the start's reference measurement, so machine-load drift cancels."""
         speedups = {}
         for rt, lm in self.lms.items():
-            p50 = measure_models({"start": self.start, "point": model}, rt, self.cfg.goal.batch)
+            p50 = measure_models({"start": self.start, "point": model}, rt, self.cfg.goal.batch, runs=MEASURE_RUNS)
             speedups[rt] = p50["start"] / p50["point"]
             lm.observe(total, self.reference[rt] / speedups[rt])
         if isinstance(self.lm, Joint):
@@ -398,19 +399,24 @@ def _relative_goal(cfg: SearchStage, ctx: StageContext, model, start) -> tuple[S
 
 def _measure(dense, search: _Search, cfg: SearchStage, dense_predicted: dict[str, float]) -> list[dict]:
     """Measured p50 of dense and every point, per runtime, in one interleaved session each; fills the
-    frontier rows and returns the latency model's predicted-vs-measured rows. Each prediction was made
-    before that model's own measurement entered the calibration (the start's from the probes alone,
-    a point's when it was visited), so error_pct is an out-of-sample error."""
+    frontier rows and returns the latency model's predicted-vs-measured rows.
+
+    Each prediction was made before that model's own measurement entered the calibration (the start's
+    from the probes alone, a point's when it was visited), so error_pct is an out-of-sample error.
+    Predictions are in the load of the calibration session; on a shared machine this session may run
+    slower or faster as a whole, so they are scaled by `load_drift` = this session's start p50 / the
+    calibration session's (the start row is then compared against its calibration measurement)."""
     checks = []
     for rt in search.lms:
         models = {"dense": dense, **{f"point{i}": m for i, m in enumerate(search.models)}}
-        p50 = measure_models(models, rt, cfg.goal.batch)
-        rows = [("dense", dense_predicted[rt], p50["dense"])]
+        p50 = measure_models(models, rt, cfg.goal.batch, runs=MEASURE_RUNS)
+        drift = p50["dense"] / search.reference[rt]
+        rows = [("dense", dense_predicted[rt] * drift, p50["dense"])]
         for i, row in enumerate(search.rows):
             row.setdefault("measured_ms", {})[rt] = p50[f"point{i}"]
             row.setdefault("measured_speedup", {})[rt] = p50["dense"] / p50[f"point{i}"]
-            rows.append((f"point{i}", row["predicted_ms"][rt], p50[f"point{i}"]))
-        checks += [{"runtime": rt, "model": label, "predicted_ms": pred, "measured_ms": meas,
+            rows.append((f"point{i}", row["predicted_ms"][rt] * drift, p50[f"point{i}"]))
+        checks += [{"runtime": rt, "model": label, "predicted_ms": pred, "measured_ms": meas, "load_drift": drift,
                     "error_pct": 100.0 * (pred - meas) / meas} for label, pred, meas in rows]
     search.dense_measured = {rt: next(c["measured_ms"] for c in checks if c["runtime"] == rt and c["model"] == "dense")
                              for rt in search.lms}
