@@ -129,8 +129,10 @@ def out_width(layer) -> int:
 
 
 def grid(full: int, step: int) -> list[int]:
-    """Candidate widths measured for a dimension of `full` units: a few fractions, multiples of `step`."""
-    points = {full}
+    """Candidate widths measured for a dimension of `full` units: a few fractions, multiples of `step`,
+    plus one step and a single unit, since the search narrows a layer of one step or less unit by unit
+    (without them the interpolation would be flat below the smallest multiple and see no gain there)."""
+    points = {full} | {w for w in (1, step) if w < full}
     for f in LEVELS:
         w = int(round(full * f / step)) * step
         if 0 < w < full:

@@ -49,7 +49,7 @@ def test_step_shaped_table_is_interpolated_between_measured_points(shared_cache)
         lm.table.entries[h1.shape.key(64, w, 1)] = 1.0 if w <= 16 else 3.0
     base = lm.table.overhead(1)
     cost = {r: lm.layer_ms({"h1": r})["h1"] + base for r in (0, 8, 16, 20)}  # widths 32, 24, 16, 12
-    assert h1.outs == [8, 16, 32]
+    assert h1.outs == [1, 8, 16, 32]  # one step and a single unit are always measured
     assert cost[0] == pytest.approx(3.0) and cost[16] == pytest.approx(1.0)  # measured points kept exactly
     assert cost[8] == pytest.approx(2.0) and cost[20] == pytest.approx(1.0)  # linear between, flat on the step
 

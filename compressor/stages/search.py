@@ -67,7 +67,7 @@ def allocate(lm: LatencyModel, units: dict[str, int], removed: dict[str, int], s
 
     `removed` counts what earlier points took (relative to the latency model's model); `share[g][k]`
     is the importance lost by removing the k least important of the current units. Widths stay
-    multiples of `step` (or 1) and never reach 0.
+    multiples of `step` down to one step, then narrow unit by unit, and never reach 0 (`narrower`).
     """
     extra = {g: 0 for g in share}
     current = lm.predict(removed)
@@ -75,21 +75,30 @@ def allocate(lm: LatencyModel, units: dict[str, int], removed: dict[str, int], s
         best, best_ratio, best_ms = None, 0.0, current
         for g in share:
             keep = units[g] - removed.get(g, 0) - extra[g]
-            unit_step = step if keep > step else 1
-            new_keep = max(1, (keep - 1) // unit_step * unit_step)
-            if new_keep >= keep:
-                continue
-            trial = dict(extra, **{g: extra[g] + keep - new_keep})
-            ms = lm.predict(_add(removed, trial))
-            lost = share[g][min(trial[g], len(share[g]) - 1)] - share[g][extra[g]]
-            ratio = (current - ms) / (lost + 1e-6)
-            if current - ms > 0 and ratio > best_ratio:
-                best, best_ratio, best_ms = (g, trial[g]), ratio, ms
+            for new_keep in narrower(keep, step):
+                trial = dict(extra, **{g: extra[g] + keep - new_keep})
+                ms = lm.predict(_add(removed, trial))
+                lost = share[g][min(trial[g], len(share[g]) - 1)] - share[g][extra[g]]
+                ratio = (current - ms) / (lost + 1e-6)
+                if current - ms > 0 and ratio > best_ratio:
+                    best, best_ratio, best_ms = (g, trial[g]), ratio, ms
         if best is None:
             break  # no group can shrink further for any predicted gain
         extra[best[0]] = best[1]
         current = best_ms
     return extra
+
+
+def narrower(keep: int, step: int) -> list[int]:
+    """Widths one, two and four steps below `keep` (multiples of `step`, single units at or below one
+    step, never 0): looking past the next step lets a flat or noisy stretch of the measured table
+    not hide the gain behind it."""
+    widths, w = [], keep
+    for n in range(1, 5):
+        w = max(1, (w - 1) // (step if w > step else 1) * (step if w > step else 1))
+        if n in (1, 2, 4) and w < keep and w not in widths:
+            widths.append(w)
+    return widths
 
 
 def _add(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
