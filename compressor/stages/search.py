@@ -82,6 +82,8 @@ def allocate(lm: LatencyModel, units: dict[str, int], removed: dict[str, int], s
                 ratio = (current - ms) / (lost + 1e-6)
                 if current - ms > 0 and ratio > best_ratio:
                     best, best_ratio, best_ms = (g, trial[g]), ratio, ms
+                if current - ms > 0:
+                    break  # the nearest width that buys something; further ones only past a flat stretch
         if best is None:
             break  # no group can shrink further for any predicted gain
         extra[best[0]] = best[1]
@@ -91,8 +93,8 @@ def allocate(lm: LatencyModel, units: dict[str, int], removed: dict[str, int], s
 
 def narrower(keep: int, step: int) -> list[int]:
     """Widths one, two and four steps below `keep` (multiples of `step`, single units at or below one
-    step, never 0): looking past the next step lets a flat or noisy stretch of the measured table
-    not hide the gain behind it."""
+    step, never 0): when the next step buys nothing, looking further lets a flat or noisy stretch of
+    the measured table not hide the gain behind it."""
     widths, w = [], keep
     for n in range(1, 5):
         w = max(1, (w - 1) // (step if w > step else 1) * (step if w > step else 1))
