@@ -5,7 +5,14 @@ MAC count mispredicts it. Each weighted layer is exported alone (a one-layer tf-
 same exporters the pipeline ships with), timed interleaved with the other entries, and stored in
 a JSON cache keyed by machine and runtime version, so a second run (or another model with the
 same layer shapes) measures nothing. Widths between measured grid points are interpolated.
-A model's prediction = fixed per-model overhead + sum over layers of (entry - overhead).
+The table's sum for a model = fixed per-model overhead + sum over layers of (entry - overhead).
+
+That sum misses what only a whole model has: the runtime's layout reorders between layers (or, the
+other way, the reorders and transposes each layer pays alone but not inside a model) and the fixed
+cost of the unweighted ops (pooling, batch norm, adds, activations), which dominate once earlier
+stages removed width. So the prediction is calibrated on whole models measured on the runtime:
+measured ≈ a + b·table_sum (a ≥ 0 holds the unmodelled fixed cost), fitted on the search's start
+model, a few uniformly narrowed probes of it, and every point the search measures afterwards.
 """
 from __future__ import annotations
 
@@ -122,8 +129,10 @@ def out_width(layer) -> int:
 
 
 def grid(full: int, step: int) -> list[int]:
-    """Candidate widths measured for a dimension of `full` units: a few fractions, multiples of `step`."""
-    points = {full}
+    """Candidate widths measured for a dimension of `full` units: a few fractions, multiples of `step`,
+    plus one step and a single unit, since the search narrows a layer of one step or less unit by unit
+    (without them the interpolation would be flat below the smallest multiple and see no gain there)."""
+    points = {full} | {w for w in (1, step) if w < full}
     for f in LEVELS:
         w = int(round(full * f / step)) * step
         if 0 < w < full:
@@ -288,6 +297,8 @@ class LatencyModel:
         wanted = {t.shape.key(i, o, batch): (t.shape, i, o) for t in self.terms for i, o in t.points()}
         self.entries = len(wanted)
         self.table.ensure(wanted, batch, runs)
+        self.fit = (0.0, 1.0)  # (a, b): identity until whole models are observed
+        self.samples: list[tuple[float, float]] = []  # (table_sum, measured ms) of whole models
 
     def _entry(self, term: LayerTerm, w_in: int, w_out: int) -> float:
         key = term.shape.key
@@ -303,8 +314,41 @@ class LatencyModel:
         base = self.table.overhead(self.batch)
         return {t.name: max(0.0, self._entry(t, *t.widths(removed)) - base) for t in self.terms}
 
-    def predict(self, removed: dict[str, int] | None = None) -> float:
+    def table_sum(self, removed: dict[str, int] | None = None) -> float:
+        """The uncalibrated per-layer prediction (ms)."""
         return self.table.overhead(self.batch) + sum(self.layer_ms(removed or {}).values())
+
+    def predict(self, removed: dict[str, int] | None = None) -> float:
+        """Calibrated p50 (ms): a + b·table_sum, with (a, b) fitted on the whole models observed so far."""
+        a, b = self.fit
+        return a + b * self.table_sum(removed)
+
+    def observe(self, removed: dict[str, int], measured_ms: float) -> None:
+        """Add a whole model's measured p50 (`removed` relative to this model) and refit (a, b)."""
+        self.samples.append((self.table_sum(removed), float(measured_ms)))
+        self.fit = fit_line([x for x, _ in self.samples], [y for _, y in self.samples])
+
+
+def fit_line(table_ms: list[float], measured_ms: list[float]) -> tuple[float, float]:
+    """(a, b) of measured ≈ a + b·table, minimising the *relative* error (the report's error_pct), a ≥ 0.
+
+    One sample only scales the table (a = 0). A negative intercept has no physical meaning (it
+    would predict negative time for tiny models), so it is clamped to 0 and b refitted alone. A
+    slope ≤ 0 means the samples do not discriminate (noise, or a runtime whose latency ignores width):
+    the prediction then stays flat at their mean, which tells the search that narrowing buys nothing.
+    """
+    x, y = np.asarray(table_ms, float), np.asarray(measured_ms, float)
+    if len(x) == 0:
+        return 0.0, 1.0
+    w = 1.0 / y  # rows scaled by 1/measured: least squares on relative error
+    if len(x) >= 2 and np.ptp(x) > 1e-9 * max(1.0, float(x.max())):
+        (a, b), *_ = np.linalg.lstsq(np.stack([w, x * w], 1), np.ones_like(y), rcond=None)
+        if a >= 0 and b > 0:
+            return float(a), float(b)
+        if b <= 0:
+            return float(np.mean(y)), 0.0
+    b = float(np.sum(x * w) / np.sum((x * w) ** 2))  # through the origin, relative least squares
+    return 0.0, b
 
 
 def measure_models(models: dict[str, object], runtime: str, batch: int = 1, runs: int = 300) -> dict[str, float]:

@@ -68,7 +68,7 @@ def allocate(lm: LatencyModel, units: dict[str, int], removed: dict[str, int], s
 
     `removed` counts what earlier points took (relative to the latency model's model); `share[g][k]`
     is the importance lost by removing the k least important of the current units. Widths stay
-    multiples of `step` (or 1) and never reach 0.
+    multiples of `step` down to one step, then narrow unit by unit, and never reach 0 (`narrower`).
     """
     extra = {g: 0 for g in share}
     current = lm.predict(removed)
@@ -76,21 +76,32 @@ def allocate(lm: LatencyModel, units: dict[str, int], removed: dict[str, int], s
         best, best_ratio, best_ms = None, 0.0, current
         for g in share:
             keep = units[g] - removed.get(g, 0) - extra[g]
-            unit_step = step if keep > step else 1
-            new_keep = max(1, (keep - 1) // unit_step * unit_step)
-            if new_keep >= keep:
-                continue
-            trial = dict(extra, **{g: extra[g] + keep - new_keep})
-            ms = lm.predict(_add(removed, trial))
-            lost = share[g][min(trial[g], len(share[g]) - 1)] - share[g][extra[g]]
-            ratio = (current - ms) / (lost + 1e-6)
-            if current - ms > 0 and ratio > best_ratio:
-                best, best_ratio, best_ms = (g, trial[g]), ratio, ms
+            for new_keep in narrower(keep, step):
+                trial = dict(extra, **{g: extra[g] + keep - new_keep})
+                ms = lm.predict(_add(removed, trial))
+                lost = share[g][min(trial[g], len(share[g]) - 1)] - share[g][extra[g]]
+                ratio = (current - ms) / (lost + 1e-6)
+                if current - ms > 0 and ratio > best_ratio:
+                    best, best_ratio, best_ms = (g, trial[g]), ratio, ms
+                if current - ms > 0:
+                    break  # the nearest width that buys something; further ones only past a flat stretch
         if best is None:
             break  # no group can shrink further for any predicted gain
         extra[best[0]] = best[1]
         current = best_ms
     return extra
+
+
+def narrower(keep: int, step: int) -> list[int]:
+    """Widths one, two and four steps below `keep` (multiples of `step`, single units at or below one
+    step, never 0): when the next step buys nothing, looking further lets a flat or noisy stretch of
+    the measured table not hide the gain behind it."""
+    widths, w = [], keep
+    for n in range(1, 5):
+        w = max(1, (w - 1) // (step if w > step else 1) * (step if w > step else 1))
+        if n in (1, 2, 4) and w < keep and w not in widths:
+            widths.append(w)
+    return widths
 
 
 def _add(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
@@ -140,83 +151,163 @@ def _tables(model, names: list[str], cfg: SearchStage, ctx: StageContext) -> dic
 
 class Joint:
     """Several runtimes' tables as one: the mean of each runtime's predicted latency relative to its
-    dense prediction (1.0 = dense). Without a speed goal the point shipped is the fastest on all
-    target runtimes together, so the allocation follows all their tables: a width that only one
-    runtime pays for (attention heads in LiteRT, say) is still bought."""
+    prediction for the start model (1.0 = start). Without a speed goal the point shipped is the
+    fastest on all target runtimes together, so the allocation follows all their tables: a width
+    that only one runtime pays for (attention heads in LiteRT, say) is still bought."""
 
     def __init__(self, lms: list[LatencyModel]):
         self.lms = lms
-        self.dense = [lm.predict() for lm in lms]
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-read each runtime's start prediction (after its calibration was refitted)."""
+        self.dense = [lm.predict() for lm in self.lms]
 
     def predict(self, removed: dict[str, int] | None = None) -> float:
         return float(np.mean([lm.predict(removed) / d for lm, d in zip(self.lms, self.dense)]))
 
 
+PROBES = (0.5, 0.25)  # width fractions of the uniformly narrowed copies the calibration starts from
+MEASURE_RUNS = 1000  # interleaved rounds per whole-model measurement (exports, not rounds, dominate its cost)
+GAIN = 0.02  # without a goal the search goes on while each point measures at least this much faster
+
+
+def narrowed(model, units: dict[str, int], fraction: float, step: int) -> tuple[object, dict[str, int]]:
+    """A copy with every group cut to `fraction` of its width (multiples of `step`, at least one step
+    or unit): the same surgery the search uses, untrained, since latency does not depend on values."""
+    removed = {}
+    for g, u in units.items():
+        unit = step if u > step else 1
+        keep = min(u, max(unit, int(round(u * fraction / unit)) * unit))
+        if keep < u:
+            removed[g] = u - keep
+    smaller, _ = scoring.remove(scoring.copy(model), {g: list(range(k)) for g, k in removed.items()})
+    return smaller, removed
+
+
+def calibrate(lms: dict[str, LatencyModel], start, units: dict[str, int], step: int, batch: int):
+    """Fit each runtime's correction on whole models measured on it: the uniformly narrowed probes
+    first, then the start model. Returns the start's measured p50 per runtime (the reference every
+    later point is scaled to) and its prediction from the probes alone (honest: made before its own
+    measurement entered the fit), for the report's predicted-vs-measured rows."""
+    probes = {f"probe{f}": narrowed(start, units, f, step) for f in PROBES}
+    models = {"start": start, **{label: m for label, (m, _) in probes.items()}}
+    reference, predicted = {}, {}
+    for rt, lm in lms.items():
+        p50 = measure_models(models, rt, batch, runs=MEASURE_RUNS)
+        for label, (_, removed) in probes.items():
+            lm.observe(removed, p50[label])
+        predicted[rt] = lm.predict()
+        lm.observe({}, p50["start"])
+        reference[rt] = p50["start"]
+    return reference, predicted
+
+
 class _Search:
-    """State of one search: the latency models, the budget and every point visited."""
+    """State of one search: the latency models, the budget and every point visited.
+
+    Every visited point (already fine-tuned) is measured beside the start model on each runtime and
+    enters that runtime's calibration, so the next allocation uses the corrected model. A row's
+    `predicted_ms` is recorded before its own measurement enters the fit: the report's error is honest.
+    """
 
     def __init__(self, model, cfg: SearchStage, ctx: StageContext, lms: dict[str, LatencyModel], units, floor, task,
-                 follow: tuple[str, ...] | None = None):
+                 reference: dict[str, float], follow: tuple[str, ...] | None = None):
         self.cfg, self.ctx, self.lms, self.units, self.floor, self.task = cfg, ctx, lms, units, floor, task
+        self.start, self.reference = model, reference
+        self.follow = follow or (cfg.goal.runtime,)
         self.lm = lms[cfg.goal.runtime] if not follow else Joint([lms[rt] for rt in follow])
-        self.dense_ms = self.lm.predict()
         self.rows, self.models, self.states, self.seen = [], [], [], {}
         self.good = (1.0, model, {})  # (speedup, fine-tuned model, units removed per group)
+        self.reached = False
 
-    def visit(self, speedup: float) -> bool:
-        """Shrink the last good model to the predicted speedup, fine-tune, check the budget."""
+    def visit(self, speedup: float) -> bool | None:
+        """Shrink the last good model to the predicted speedup, fine-tune, check the budget, measure.
+        None: the allocation gives no widths not visited yet (nothing new to try)."""
         _, start, removed = self.good
         self.reached = False
         importance = _importance(start, self.cfg, self.ctx)
-        extra = allocate(self.lm, self.units, removed, importance[4], self.dense_ms / speedup,
+        dense_ms = self.lm.predict()
+        extra = allocate(self.lm, self.units, removed, importance[4], dense_ms / speedup,
                          max(1, self.ctx.recipe.unit_multiple()))
-        if not any(extra.values()):
-            return False
         total = _add(removed, extra)
         key = tuple(sorted(total.items()))
-        if key in self.seen:  # same widths as a visited point (flat table): its verdict, no second fine-tune
-            return self.seen[key]
+        if not any(extra.values()) or key in self.seen:
+            return None
         model = _shrink(importance, extra, self.cfg, self.ctx, f"search: fine-tune at {speedup:.2f}x")
         acc = self.task.keras(model).value
         ok = self.task.within(self.floor, acc)  # the pipeline's own test, same rounding
-        predicted = self.dense_ms / self.lm.predict(total)
+        predicted = dense_ms / self.lm.predict(total)
         self.reached = predicted >= 0.98 * speedup  # False: widths hit their floor (fixed per-op cost)
-        self.rows.append({
-            "goal_speedup": round(speedup, 3), "predicted_speedup": round(predicted, 3), "reached": self.reached,
-            "metric": acc, "accuracy": acc if self.task.is_accuracy else None, "within_budget": ok,
-            "widths": {g: self.units[g] - total.get(g, 0) for g in self.units},
-            "predicted_ms": {rt: lm.predict(total) for rt, lm in self.lms.items()}})
+        row = {"goal_speedup": round(speedup, 3), "predicted_speedup": round(predicted, 3), "reached": self.reached,
+               "metric": acc, "accuracy": acc if self.task.is_accuracy else None, "within_budget": ok,
+               "widths": {g: self.units[g] - total.get(g, 0) for g in self.units},
+               "predicted_ms": {rt: lm.predict(total) for rt, lm in self.lms.items()}}
+        row["visit_speedup"] = self._observe(model, total)
+        self.rows.append(row)
         self.models.append(model)
         self.states.append((speedup, model, total))
         _log(self.ctx, f"search: {speedup:.2f}x predicted -> {self.task.name} {acc:.4f} "
-                       f"({'within' if ok else 'over'} budget)")
+                       f"({'within' if ok else 'over'} budget), measured "
+                       + ", ".join(f"{rt} {v:.2f}x" for rt, v in row["visit_speedup"].items()))
         self.seen[key] = ok
         if ok:
             self.good = (speedup, model, total)
         return ok
 
+    def _observe(self, model, total: dict[str, int]) -> dict[str, float]:
+        """Measure a point beside the start model (one interleaved session per runtime), refit each
+        runtime's calibration with it, and return its measured speedups over the start. Its latency
+        enters the fit scaled to the start's reference measurement, so machine-load drift cancels."""
+        speedups = {}
+        for rt, lm in self.lms.items():
+            p50 = measure_models({"start": self.start, "point": model}, rt, self.cfg.goal.batch, runs=MEASURE_RUNS)
+            speedups[rt] = p50["start"] / p50["point"]
+            lm.observe(total, self.reference[rt] / speedups[rt])
+        if isinstance(self.lm, Joint):
+            self.lm.refresh()
+        return speedups
+
+    def score(self, row: dict) -> float:
+        """Geometric-mean measured speedup over the runtimes the search follows."""
+        return float(np.exp(np.mean([math.log(row["visit_speedup"][rt]) for rt in self.follow])))
+
     def run(self, points: list[float], goal: float | None) -> None:
-        queue, bad = list(points), None
+        """Visit the points in order. With a goal, stop where the latency model says nothing faster can
+        be had; without one, keep doubling while each point measures faster than the last good one."""
+        queue, bad, best = list(points), None, 1.0
         while queue:
             s = queue.pop(0)
-            if not self.visit(s):
+            verdict = self.visit(s)
+            if verdict is None:
+                break  # nothing new to remove for any predicted gain
+            if not verdict:
                 bad = s
                 break
-            if not self.reached:
-                return  # the latency model predicts no faster model: later points cannot do better
-            if goal is None and not queue and s * 2 <= MAX_SPEEDUP:
+            if goal is not None:
+                if not self.reached:
+                    return  # the latency model predicts no faster model: later points cannot do better
+                continue
+            if self.score(self.rows[-1]) < best * (1.0 + GAIN):
+                return  # narrower, but not measurably faster: the runtime's fixed costs dominate
+            best = self.score(self.rows[-1])
+            if not queue and s * 2 <= MAX_SPEEDUP:
                 queue.append(s * 2)  # no speed goal: keep doubling until the budget is crossed
         for _ in range(self.cfg.bisect if bad else 0):
             mid = math.sqrt(self.good[0] * bad)
             if mid - self.good[0] < 0.05 * self.good[0]:
                 break
-            if not self.visit(mid):
+            verdict = self.visit(mid)
+            if verdict is None:
+                break
+            if not verdict:
                 bad = mid
 
 
-def _correct_to_goal(search: _Search, dense, goal: float | None, cfg: SearchStage, tries: int = 2) -> None:
-    """The table predicts; the runtime decides. If the goal point measures slower than the goal, aim
-    the prediction higher by the measured shortfall, from that point's fine-tuned state."""
+def _correct_to_goal(search: _Search, goal: float | None, cfg: SearchStage, tries: int = 2) -> None:
+    """The table predicts; the runtime decides. If the goal point measured slower than the goal, aim
+    the prediction higher by the measured shortfall, from that point's fine-tuned state (the
+    calibration has meanwhile learnt from that measurement too)."""
     runtime = cfg.goal.runtime
     for _ in range(tries if goal else 0):
         hits = [i for i, r in enumerate(search.rows) if r["within_budget"] and r["reached"]
@@ -224,8 +315,7 @@ def _correct_to_goal(search: _Search, dense, goal: float | None, cfg: SearchStag
         if not hits:
             return
         i = min(hits, key=lambda j: search.rows[j]["goal_speedup"])
-        p50 = measure_models({"dense": dense, "point": search.models[i]}, runtime, cfg.goal.batch)
-        actual = p50["dense"] / p50["point"]
+        actual = search.rows[i]["visit_speedup"][runtime]  # measured beside the start when visited
         if actual >= goal:
             return
         aim = search.states[i][0] * goal / actual * 1.02
@@ -234,7 +324,7 @@ def _correct_to_goal(search: _Search, dense, goal: float | None, cfg: SearchStag
         search.rows[i]["superseded"] = True  # measured short of the goal
         before = len(search.rows)
         ok = search.visit(aim)
-        if len(search.rows) == before:
+        if ok is None or len(search.rows) == before:
             return  # the aimed allocation gives widths already visited: nothing new to offer
         search.rows[-1]["corrected_for_goal"] = True  # this point now stands for the goal
         if not ok:
@@ -253,12 +343,15 @@ def apply(model, cfg: SearchStage, ctx: StageContext, amount: float = 1.0) -> St
     units = {g.name: g.units for g in groups}
     members = {g.name: len(g.members) for g in groups}
     lms = _tables(start, list(units), cfg, ctx)
+    _log(ctx, "search: calibrating the latency tables on whole models measured on each runtime")
+    reference, dense_predicted = calibrate(lms, start, units, max(1, ctx.recipe.unit_multiple()), cfg.goal.batch)
     goal_less = cfg.goal.speedup is None and cfg.goal.latency_ms is None
-    search = _Search(start, cfg, ctx, lms, units, floor, task, _target_runtimes(ctx) if goal_less else None)
+    search = _Search(start, cfg, ctx, lms, units, floor, task, reference,
+                     _target_runtimes(ctx) if goal_less else None)
     points, goal = _speed_targets(cfg, search.lm, amount)
     search.run(points, goal)
-    _correct_to_goal(search, start, goal, cfg)
-    measured = _measure(start, search, cfg)
+    _correct_to_goal(search, goal, cfg)
+    measured = _measure(start, search, cfg, dense_predicted)
     best, notes = _choose(search.rows, goal, cfg, _target_runtimes(ctx), task.name)
     if not search.rows:
         notes.append(f"search: not reachable on {cfg.goal.runtime}: the latency table predicts no gain from narrower "
@@ -268,7 +361,8 @@ def apply(model, cfg: SearchStage, ctx: StageContext, amount: float = 1.0) -> St
                      "model left unchanged")
     notes += [goal_note] if goal_note else []
     if best is None:
-        return StageOutcome(start, {"removed": 0, "frontier": search.rows, "latency_model": measured}, notes)
+        return StageOutcome(start, {"removed": 0, "frontier": search.rows, "latency_model": measured,
+                                    "calibration": calibration(lms)}, notes)
     row = search.rows[best]
     removed = sum((units[g] - w) * members[g] for g, w in row["widths"].items())
     runtime = cfg.goal.runtime
@@ -278,9 +372,15 @@ def apply(model, cfg: SearchStage, ctx: StageContext, amount: float = 1.0) -> St
     details = {"goal": cfg.goal.model_dump(), "criterion": cfg.criterion, "removed": int(removed),
                "chosen": best, "widths": row["widths"], "frontier": search.rows, "latency_model": measured,
                "tables": {rt: {"path": str(lm.table.path), "entries": lm.entries, "measured_now": lm.table.measured}
-                          for rt, lm in lms.items()}}
+                          for rt, lm in lms.items()},
+               "calibration": calibration(lms)}
     points = {point_label(i, r): m for i, (r, m) in enumerate(zip(search.rows, search.models)) if i != best}
     return StageOutcome(search.models[best], details, notes, points)
+
+
+def calibration(lms: dict[str, LatencyModel]) -> dict:
+    """Per runtime: the fitted measured ≈ a + b·table_sum and how many whole models it was fitted on."""
+    return {rt: {"a_ms": lm.fit[0], "b": lm.fit[1], "models": len(lm.samples)} for rt, lm in lms.items()}
 
 
 def point_label(index: int, row: dict) -> str:
@@ -309,19 +409,26 @@ def _relative_goal(cfg: SearchStage, ctx: StageContext, model, start) -> tuple[S
         f"of the {cfg.goal.speedup:.2f}x goal (its speedups count from the model it was given)")
 
 
-def _measure(dense, search: _Search, cfg: SearchStage) -> list[dict]:
+def _measure(dense, search: _Search, cfg: SearchStage, dense_predicted: dict[str, float]) -> list[dict]:
     """Measured p50 of dense and every point, per runtime, in one interleaved session each; fills the
-    frontier rows and returns the latency model's predicted-vs-measured rows."""
+    frontier rows and returns the latency model's predicted-vs-measured rows.
+
+    Each prediction was made before that model's own measurement entered the calibration (the start's
+    from the probes alone, a point's when it was visited), so error_pct is an out-of-sample error.
+    Predictions are in the load of the calibration session; on a shared machine this session may run
+    slower or faster as a whole, so they are scaled by `load_drift` = this session's start p50 / the
+    calibration session's (the start row is then compared against its calibration measurement)."""
     checks = []
-    for rt, lm in search.lms.items():
+    for rt in search.lms:
         models = {"dense": dense, **{f"point{i}": m for i, m in enumerate(search.models)}}
-        p50 = measure_models(models, rt, cfg.goal.batch)
-        rows = [("dense", lm.predict(), p50["dense"])]
+        p50 = measure_models(models, rt, cfg.goal.batch, runs=MEASURE_RUNS)
+        drift = p50["dense"] / search.reference[rt]
+        rows = [("dense", dense_predicted[rt] * drift, p50["dense"])]
         for i, row in enumerate(search.rows):
             row.setdefault("measured_ms", {})[rt] = p50[f"point{i}"]
             row.setdefault("measured_speedup", {})[rt] = p50["dense"] / p50[f"point{i}"]
-            rows.append((f"point{i}", row["predicted_ms"][rt], p50[f"point{i}"]))
-        checks += [{"runtime": rt, "model": label, "predicted_ms": pred, "measured_ms": meas,
+            rows.append((f"point{i}", row["predicted_ms"][rt] * drift, p50[f"point{i}"]))
+        checks += [{"runtime": rt, "model": label, "predicted_ms": pred, "measured_ms": meas, "load_drift": drift,
                     "error_pct": 100.0 * (pred - meas) / meas} for label, pred, meas in rows]
     search.dense_measured = {rt: next(c["measured_ms"] for c in checks if c["runtime"] == rt and c["model"] == "dense")
                              for rt in search.lms}
