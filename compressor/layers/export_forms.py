@@ -34,8 +34,8 @@ def _static(shape) -> bool:
 
 def _apply_activation(name: str, activation, x):
     if name == "gelu":
-        # exact GELU written the way onnxruntime's Gelu fusion and LiteRT's GELU pattern recognise it
-        return 0.5 * x * (1.0 + tf.math.erf(x * (1.0 / math.sqrt(2.0))))
+        # exact GELU through erf: LiteRT fuses it into one GELU op, and ONNX has Erf but no Erfc (tf.nn.gelu)
+        return x * 0.5 * (1.0 + tf.math.erf(x / math.sqrt(2.0)))
     return activation(x)
 
 
