@@ -167,12 +167,22 @@ def layer_norm_form(layer, input_shapes):
     return StaticLayerNorm(layer)
 
 
+def _own_nodes(model, layer) -> list:
+    """The layer's calls in this model: a layer object shared with another model (tfmot's
+    strip_pruning hands back the wrapped layers) also lists the other model's calls."""
+    keys = getattr(model, "_network_nodes", None)
+    nodes = layer.inbound_nodes
+    if not keys:
+        return nodes
+    return [node for i, node in enumerate(nodes) if f"{layer.name}_ib-{i}" in keys]
+
+
 def export_model(model, form_of):
     """A clone of `model` where `form_of(layer, input_shapes, call_kwargs)` returns a stand-in, or
     `model` itself when no layer has one (convnets: nothing to replace, nothing cloned)."""
     forms = {}
     for layer in model.layers:
-        nodes = layer.inbound_nodes
+        nodes = _own_nodes(model, layer)
         if len(nodes) != 1:
             continue  # a layer called several times keeps its own code
         shapes = [tuple(t.shape) for t in tf.nest.flatten(nodes[0].input_tensors)]
