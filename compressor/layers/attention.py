@@ -8,7 +8,7 @@ import numpy as np
 
 from compressor import keras3_layers
 from compressor._tf import keras, tf
-from compressor.layers import export_forms
+from compressor.layers.export_forms import attention_form
 from compressor.layers.base import Cut, Handler, size, take
 
 _L = keras.layers
@@ -72,4 +72,4 @@ class MultiHeadAttention(Handler):
         return tokens * projections + tokens * kv_tokens * attention
 
     def export_form(self, layer, input_shapes, call_kwargs):
-        return export_forms.attention_form(layer, input_shapes, call_kwargs)
+        return attention_form(layer, input_shapes, call_kwargs)
