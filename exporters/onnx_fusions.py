@@ -110,6 +110,11 @@ def layer_norms(proto: onnx.ModelProto) -> onnx.ModelProto:
             nodes.append(node)
     del proto.graph.node[:]
     proto.graph.node.extend(nodes)
+    read = {name for node in nodes for name in node.input} | {v.name for v in proto.graph.output}
+    dropped = {name for m in matches for node in m["nodes"] for name in node.input} - read
+    unused = [init for init in proto.graph.initializer if init.name in dropped]
+    for init in unused:  # the chains' epsilons and exponents (onnxruntime warns about each one left)
+        proto.graph.initializer.remove(init)
     return proto
 
 
@@ -127,3 +132,28 @@ def _width(graph: _Graph, match: dict) -> int:
 def _add_constant(proto: onnx.ModelProto, name: str, value: np.ndarray) -> str:
     proto.graph.initializer.append(numpy_helper.from_array(value, name))
     return name
+
+
+def reshape_chains(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Reshape(Reshape(x, a), b) reads x directly: the export forms end a Dense on tokens with a
+    reshape back to (batch, tokens, units) and the next Dense starts with one to (batch * tokens,
+    units); onnxruntime runs both (each a node with its own dispatch cost). A reshape to a constant
+    target without 0 entries depends only on its input's element order, which the first one kept.
+    The pair then reads x to x's own shape, which the identity-reshape pass drops."""
+    graph = _Graph(proto)
+    outputs = {v.name for v in proto.graph.output}
+    changed = False
+    for node in proto.graph.node:
+        first = graph.made_by(node.input[0], "Reshape") if node.op_type == "Reshape" else None
+        target = graph.constants.get(node.input[1]) if first is not None and len(node.input) > 1 else None
+        if target is None or np.any(target == 0) or any(a.name == "allowzero" and a.i for a in node.attribute):
+            continue
+        node.input[0] = first.input[0]
+        changed = True
+    if not changed:
+        return proto
+    read = {name for node in proto.graph.node for name in node.input} | outputs
+    kept = [node for node in proto.graph.node if node.op_type != "Reshape" or node.output[0] in read]
+    del proto.graph.node[:]
+    proto.graph.node.extend(kept)
+    return proto

@@ -14,7 +14,8 @@ used only when the model is handed to a converter (`compressor.core.export_form`
 user's or the pruned Keras model; a layer whose non-batch dimensions are not all static, or that is
 called with masks, keeps its own code. Weights are held in the layout the converters store
 (query/key/value kernels (d_model, heads * head_dim), output kernel (heads * head_dim, d_model)),
-so verification lays the files' tensors over these kernels channel by channel.
+so verification lays the files' tensors over these kernels channel by channel; the query kernel
+and bias carry attention's 1/sqrt(head_dim) scale.
 """
 from __future__ import annotations
 
@@ -89,11 +90,13 @@ class StaticMultiHeadAttention(_ExportLayer):
         heads, key_dim = int(layer._num_heads), int(layer._key_dim)
         value_dim = int(layer._value_dim or key_dim)
         values = {}
-        for key, sub in (("query", layer._query_dense), ("key", layer._key_dense), ("value", layer._value_dense)):
-            kernel = sub.kernel.numpy()
+        scale = 1.0 / math.sqrt(float(key_dim))  # folded into the query projection: one Mul less
+        for key, sub, factor in (("query", layer._query_dense, scale), ("key", layer._key_dense, 1.0),
+                                 ("value", layer._value_dense, 1.0)):
+            kernel = sub.kernel.numpy() * np.float32(factor)
             values[f"{key}_kernel"] = kernel.reshape(kernel.shape[0], -1)
             if sub.bias is not None:
-                values[f"{key}_bias"] = sub.bias.numpy().reshape(-1)
+                values[f"{key}_bias"] = sub.bias.numpy().reshape(-1) * np.float32(factor)
         out = layer._output_dense
         values["output_kernel"] = out.kernel.numpy().reshape(heads * value_dim, -1)
         if out.bias is not None:
@@ -108,7 +111,7 @@ class StaticMultiHeadAttention(_ExportLayer):
 
     def call(self, query, value, key=None, **_unused):
         key = value if key is None else key
-        q = self._split(query, "query", self._key_dim, [0, 2, 1, 3]) * (1.0 / math.sqrt(float(self._key_dim)))
+        q = self._split(query, "query", self._key_dim, [0, 2, 1, 3])
         k = self._split(key, "key", self._key_dim, [0, 2, 3, 1])
         v = self._split(value, "value", self._value_dim, [0, 2, 1, 3])
         scores = tf.nn.softmax(tf.matmul(q, k), axis=-1)  # (batch, heads, T, S)
