@@ -13,7 +13,7 @@ import onnx
 
 from compressor.core import CompressorError, keras, tf
 from exporters.files import make_readable, write_bytes_atomic
-from exporters.onnx_fusions import layer_norms, reshape_chains
+from exporters.onnx_fusions import layer_norms, reshape_chains, unused_initializers
 
 OPSET = 17
 
@@ -28,7 +28,8 @@ def keras_to_onnx(model: keras.Model) -> onnx.ModelProto:
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise CompressorError(f"ONNX conversion of model '{model.name}' failed: {first}") from exc
-    return _stable_dim_names(layer_norms(_drop_identity_reshapes(reshape_chains(_erfc_as_erf(proto)))))
+    proto = layer_norms(_drop_identity_reshapes(reshape_chains(_erfc_as_erf(proto))))
+    return _stable_dim_names(unused_initializers(proto))
 
 
 def _erfc_as_erf(proto: onnx.ModelProto) -> onnx.ModelProto:

@@ -110,12 +110,7 @@ def layer_norms(proto: onnx.ModelProto) -> onnx.ModelProto:
             nodes.append(node)
     del proto.graph.node[:]
     proto.graph.node.extend(nodes)
-    read = {name for node in nodes for name in node.input} | {v.name for v in proto.graph.output}
-    dropped = {name for m in matches for node in m["nodes"] for name in node.input} - read
-    unused = [init for init in proto.graph.initializer if init.name in dropped]
-    for init in unused:  # the chains' epsilons and exponents (onnxruntime warns about each one left)
-        proto.graph.initializer.remove(init)
-    return proto
+    return unused_initializers(proto)  # the chains' epsilons and exponents
 
 
 def _width(graph: _Graph, match: dict) -> int:
@@ -156,4 +151,24 @@ def reshape_chains(proto: onnx.ModelProto) -> onnx.ModelProto:
     kept = [node for node in proto.graph.node if node.op_type != "Reshape" or node.output[0] in read]
     del proto.graph.node[:]
     proto.graph.node.extend(kept)
+    return proto
+
+
+def _names_read(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name read by the graph's nodes, their subgraphs (Loop, If) included, and its outputs."""
+    read = {v.name for v in graph.output}
+    for node in graph.node:
+        read.update(node.input)
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                read |= _names_read(sub)
+    return read
+
+
+def unused_initializers(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop initializers nothing reads (shape targets of the reshapes removed above): onnxruntime
+    removes them too, with one warning each on every session it opens."""
+    read = _names_read(proto.graph) | {v.name for v in proto.graph.input}
+    for init in [i for i in proto.graph.initializer if i.name not in read]:
+        proto.graph.initializer.remove(init)
     return proto
