@@ -10,7 +10,7 @@ import numpy as np
 from compressor.errors import CompressorError
 from compressor.quiet import quiet_stderr
 
-__all__ = ["CompressorError", "keras", "keras_kernels", "kernel_zeros", "quiet_stderr", "tf"]
+__all__ = ["CompressorError", "export_form", "keras", "keras_kernels", "kernel_zeros", "quiet_stderr", "tf"]
 
 
 def __getattr__(name: str):
@@ -21,6 +21,15 @@ def __getattr__(name: str):
 
         return getattr(_tf, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def export_form(model: keras.Model) -> keras.Model:
+    """The model as the converters receive it: the same function with static-shape forms of layers
+    whose tf-keras code computes shapes at run time (compressor/layers/export_forms.py); the model
+    itself when it has none. Both exporters and verification use it, through the target registry."""
+    from compressor import layers
+
+    return layers.export_form(model)
 
 
 def keras_kernels(model: keras.Model) -> list[np.ndarray]:

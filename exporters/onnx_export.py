@@ -13,6 +13,7 @@ import onnx
 
 from compressor.core import CompressorError, keras, tf
 from exporters.files import make_readable, write_bytes_atomic
+from exporters.onnx_fusions import layer_norms, reshape_chains, unused_initializers
 
 OPSET = 17
 
@@ -27,7 +28,8 @@ def keras_to_onnx(model: keras.Model) -> onnx.ModelProto:
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise CompressorError(f"ONNX conversion of model '{model.name}' failed: {first}") from exc
-    return _stable_dim_names(_drop_identity_reshapes(_erfc_as_erf(proto)))
+    proto = layer_norms(_drop_identity_reshapes(reshape_chains(_erfc_as_erf(proto))))
+    return _stable_dim_names(unused_initializers(proto))
 
 
 def _erfc_as_erf(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -169,7 +171,10 @@ def export_int8(float_path: str | Path, path: str | Path, calibration: np.ndarra
         else:
             quantize_static(str(float_path), tmp, _calibration_reader(calibration, "input"),
                             quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
-                            weight_type=QuantType.QInt8, per_channel=True, reduce_range=reduce_range_needed())
+                            weight_type=QuantType.QInt8, per_channel=True, reduce_range=reduce_range_needed(),
+                            # a LayerNormalization's gamma is rank 1: its channels are axis 0, not the
+                            # default axis 1 (which the quantizer logs as out of range)
+                            extra_options={"QDQOpTypePerChannelSupportToAxis": {"LayerNormalization": 0}})
         make_readable(tmp)
         os.replace(tmp, path)
     finally:

@@ -17,7 +17,7 @@ import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compressor.core import CompressorError
+from compressor.core import CompressorError, export_form
 
 __all__ = [
     "FileFormat", "Target", "Scheme", "Fallback", "FORMATS", "known_format", "TARGETS", "NAMES", "RUNTIMES",
@@ -107,9 +107,10 @@ class Target:
         return f"{variant}{self.extension}"
 
     def export(self, model, path, *, calibration=None, scheme: Scheme | None = None, sparse: bool = True):
-        """Write `model` for this target; `sparse` asks for compact storage of pruned weights."""
+        """Write `model` for this target; `sparse` asks for compact storage of pruned weights. Every
+        converter gets the model's export form (static shapes but the batch; compressor.core.export_form)."""
         scheme = scheme or self.schemes[0]
-        return _resolve(self.exporter)(model, path, calibration=calibration, sparse=sparse, **scheme.options)
+        return _resolve(self.exporter)(export_form(model), path, calibration=calibration, sparse=sparse, **scheme.options)
 
     def fallback(self, when: str) -> Fallback:
         return next(f for f in self.fallbacks if f.when == when)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compressor.core import keras_kernels
+from compressor.core import export_form, keras_kernels
 from exporters.readback import is_weight, stored_weights
 
 FLOAT_TOLERANCE = 1e-4   # absolute floor ...
@@ -177,7 +177,7 @@ def verify_file(path: str | Path, runner, keras_model, keras_outputs: np.ndarray
                max(FLOAT_TOLERANCE, FLOAT_RELATIVE * float(np.max(np.abs(k), initial=0.0)))) for o, k in pairs_out]
     diff = max(d for d, _ in checks)
     worst, tolerance = max(checks, key=lambda c: c[0] / c[1])
-    pairs = pair_kernels(path, keras_kernels(keras_model))
+    pairs = pair_kernels(path, keras_kernels(export_form(keras_model)))  # kernels in the layout the converters got
     pruned_zeros = int(sum(k.size - np.count_nonzero(k) for k, _ in pairs))
     in_file = int(sum(t.zeros for _, t in pairs if t is not None))
     expected, lost, gained, kept = pruned_zeros, 0, 0, 0

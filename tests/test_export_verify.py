@@ -131,3 +131,90 @@ def test_onnx_export_drops_reshapes_to_the_same_shape(tmp_path):
     assert ops.count("Reshape") < [node.op_type for node in raw.graph.node].count("Reshape")
     x_in = np.random.default_rng(0).normal(size=(5, 2, 2, 8)).astype("float32")
     np.testing.assert_allclose(open_runner(path).predict(x_in), model.predict(x_in, verbose=0), atol=1e-5)
+
+
+SHAPE_ARITHMETIC = {"SHAPE", "REDUCE_PROD", "GATHER", "PACK", "STRIDED_SLICE", "FILL", "CONCATENATION",
+                    "Shape", "ReduceProd", "Gather", "Concat", "Slice", "Expand", "ConstantOfShape", "Cast",
+                    "Unsqueeze", "Squeeze"}
+
+
+def _tiny_encoder():
+    """1 post-norm block, 6 tokens, d_model 16, 2 heads, GELU FFN 32; random biases, gammas and betas
+    (zero ones would be folded away by the converters), half of the FFN kernel pruned."""
+    from compressor._tf import keras
+
+    L = keras.layers
+    inputs = L.Input((6, 5))
+    x = L.Dense(16, name="proj")(inputs)
+    x = L.LayerNormalization(name="ln_a")(L.Add()([x, L.MultiHeadAttention(2, 8, name="mha")(x, x)]))
+    hidden = L.Dense(32, activation="gelu", name="ffn_in")(x)
+    x = L.LayerNormalization(name="ln_b")(L.Add()([x, L.Dense(16, name="ffn_out")(hidden)]))
+    model = keras.Model(inputs, L.Dense(3, name="head")(L.GlobalAveragePooling1D()(x)))
+    rng = np.random.default_rng(3)
+    for layer in model.layers:
+        layer.set_weights([w + 0.2 * rng.normal(size=w.shape).astype("float32") for w in layer.get_weights()])
+    kernel, bias = model.get_layer("ffn_in").get_weights()
+    model.get_layer("ffn_in").set_weights([np.where(np.abs(kernel) < np.median(np.abs(kernel)), 0, kernel), bias])
+    return model
+
+
+def test_encoder_exports_without_shape_arithmetic_and_keeps_a_dynamic_batch(tmp_path):
+    """Dense on tokens, MultiHeadAttention and LayerNormalization compute their reshape targets from
+    tf.shape in tf-keras; the files get static-shape forms instead, with the batch still free, and
+    compute what Keras computes at batch 1 and 3 with every pruned zero stored."""
+    from exporters import targets
+
+    model = _tiny_encoder()
+    x = np.random.default_rng(4).normal(size=(3, 6, 5)).astype("float32")
+    expected = model.predict(x, verbose=0)
+    for name in ("tflite", "onnxruntime"):
+        target = targets.target(name)
+        path = target.export(model, tmp_path / target.filename("pruned"), sparse=False)
+        runner = open_runner(path)
+        if name == "tflite":
+            ops = runner.op_names()
+            assert ops.count("FULLY_CONNECTED") == 8 and "BATCH_MATMUL" in ops
+        else:
+            graph = onnx.load(str(path)).graph
+            ops = [node.op_type for node in graph.node]
+            assert ops.count("LayerNormalization") == 2
+            made_by = {out: node.op_type for node in graph.node for out in node.output}
+            assert not [n for n in graph.node if n.op_type == "Reshape" and made_by.get(n.input[0]) == "Reshape"]
+            read = {name for node in graph.node for name in node.input}
+            assert all(init.name in read for init in graph.initializer)  # no leftovers onnxruntime warns about
+            assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+        assert not SHAPE_ARITHMETIC & set(ops), f"{name}: {sorted(SHAPE_ARITHMETIC & set(ops))}"
+        for batch in (1, 3):
+            np.testing.assert_allclose(runner.predict(x[:batch], batch=batch), expected[:batch], atol=1e-4)
+        row = verify_file(path, runner, model, expected, x)
+        assert row["ok"], row
+        assert row["zeros_in_file"] == kernel_zeros(model)[0] > 0
+
+
+def test_int8_encoder_pairs_every_attention_kernel(tmp_path):
+    """Verification lays int8 tensors over kernels in the layout the converter got (query/key/value
+    as d_model x heads*head_dim), so every pruned zero is checked channel by channel."""
+    from exporters import targets
+
+    model = _tiny_encoder()
+    x = np.random.default_rng(5).normal(size=(40, 6, 5)).astype("float32")
+    target = targets.target("tflite-int8")
+    path = target.export(model, tmp_path / "m.tflite", calibration=x, scheme=target.schemes[1])
+    from compressor.core import export_form, keras_kernels
+    from exporters.verify import align_to_kernel, pair_kernels
+
+    pairs = pair_kernels(path, keras_kernels(export_form(model)))
+    assert len(pairs) == 8 and all(align_to_kernel(t.levels(), k)[1] > 0.9 for k, t in pairs)
+    row = verify_file(path, open_runner(path), model, model.predict(x, verbose=0), x, quantized="int8-dense")
+    assert row["ok"], row
+
+
+def test_models_without_run_time_shapes_are_exported_as_they_are():
+    """A convnet (or an MLP) has no layer with an export form: the converters get the model itself."""
+    from compressor._tf import keras
+    from compressor.core import export_form
+
+    L = keras.layers
+    inputs = L.Input((8, 8, 3))
+    model = keras.Model(inputs, L.Dense(2)(L.GlobalAveragePooling2D()(L.Conv2D(4, 3)(inputs))))
+    assert export_form(model) is model

@@ -8,8 +8,8 @@ Adding a family is one module with a `Handler` subclass, listed in HANDLERS belo
 """
 from __future__ import annotations
 
-from compressor.layers import (attention, dense_conv, depthwise, elementwise, embedding, merge, normalization, shape,
-                               tf_ops)
+from compressor.layers import (attention, dense_conv, depthwise, elementwise, embedding, export_forms, merge,
+                               normalization, shape, tf_ops)
 from compressor.layers.base import Blocked, Cut, Handler
 
 HANDLERS: tuple[Handler, ...] = (
@@ -50,5 +50,17 @@ def supported_class_names() -> frozenset[str]:
     return frozenset(kind.__name__ for kind, handler in _BY_TYPE.items() if not handler.left_whole)
 
 
-__all__ = ["HANDLERS", "Blocked", "Cut", "Handler", "handler_for", "handler_for_type", "keras3_rebuilder",
+def export_form(model):
+    """The model as handed to the converters: layers whose tf-keras code computes shapes at run time
+    replaced by their handler's static-shape form (export_forms.py says why); `model` itself when
+    no layer has one."""
+
+    def form_of(layer, shapes, call_kwargs):
+        handler = handler_for(layer)
+        return None if handler is None else handler.export_form(layer, shapes, call_kwargs)
+
+    return export_forms.export_model(model, form_of)
+
+
+__all__ = ["HANDLERS", "Blocked", "Cut", "Handler", "export_form", "handler_for", "handler_for_type", "keras3_rebuilder",
            "supported_class_names"]

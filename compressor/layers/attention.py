@@ -8,6 +8,7 @@ import numpy as np
 
 from compressor import keras3_layers
 from compressor._tf import keras, tf
+from compressor.layers.export_forms import attention_form
 from compressor.layers.base import Cut, Handler, size, take
 
 _L = keras.layers
@@ -69,3 +70,6 @@ class MultiHeadAttention(Handler):
         projections = sum(size(sub.kernel, nonzero_only) for sub, _, _ in _projections(layer))
         attention = int(layer._num_heads) * (int(layer._key_dim) + int(layer._value_dim or layer._key_dim))
         return tokens * projections + tokens * kv_tokens * attention
+
+    def export_form(self, layer, input_shapes, call_kwargs):
+        return attention_form(layer, input_shapes, call_kwargs)

@@ -104,6 +104,11 @@ class Handler:
     def macs(self, layer, in_shape: tuple, out_shape: tuple, nonzero_only: bool) -> int:
         return 0
 
+    def export_form(self, layer, input_shapes: list[tuple], call_kwargs: dict):
+        """A static-shape stand-in for the converters (compressor/layers/export_forms.py), or None
+        when the layer's own code converts without run-time shape arithmetic."""
+        return None
+
     # Keras 3 class name -> rebuild(LayerSpec) -> tf-keras layer, for classes whose config or class
     # differs from tf-keras' (the importer uses the tf-keras class of the same name otherwise).
     keras3: dict = {}

@@ -4,6 +4,7 @@ row folded onto its kept twin when the cluster stage merges units)."""
 from __future__ import annotations
 
 from compressor._tf import keras
+from compressor.layers.export_forms import dense_form
 from compressor.layers.base import (CROSS_UNIT_ACTIVATIONS, Blocked, Cut, Handler, activation_name, fold_rows,
                                     map_weights, positions, size, take)
 from compressor.layers.layout import single
@@ -59,6 +60,9 @@ class DenseConv(Handler):
     def macs(self, layer, in_shape, out_shape, nonzero_only):
         units = layer.units if isinstance(layer, _L.Dense) else layer.filters
         return positions(out_shape, int(units)) * size(layer.kernel, nonzero_only)
+
+    def export_form(self, layer, input_shapes, call_kwargs):
+        return dense_form(layer, input_shapes) if type(layer) is _L.Dense else None
 
 
 def _depthwise_like(layer) -> bool:

@@ -8,6 +8,7 @@ import numpy as np
 from compressor._tf import keras
 from compressor import keras3_layers
 from compressor.keras3_layers import LayerScale as LayerScaleLayer
+from compressor.layers.export_forms import layer_norm_form
 from compressor.layers.base import Blocked, Cut, Handler, is_last_axis, map_weights, take
 
 _L = keras.layers
@@ -83,3 +84,6 @@ class LayerNorm(Handler):
 
     def propagate(self, layer, ins, shapes, graph):
         raise Blocked("normalises across channels: the residual-stream width is kept")
+
+    def export_form(self, layer, input_shapes, call_kwargs):
+        return layer_norm_form(layer, input_shapes)
