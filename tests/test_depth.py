@@ -111,6 +111,16 @@ def test_depth_stage_removes_least_important_blocks_within_budget(trained_encode
     assert model.get_layer("mha0") is not None and len(model.layers) == 18  # the input model is untouched
 
 
+def test_default_depth_stage_has_no_cap_below_the_budget(trained_encoder):
+    """The default recipe leaves the count to the budget: with room for it, every block goes (a cap
+    kept MobileNetV2 at 2.4x in onnxruntime where removing the last two blocks gave 3.1x)."""
+    model, data = trained_encoder
+    recipe, ctx = _ctx(data, drop=1.0)
+    cfg = recipe.stages[0].model_copy(update={"epochs": 0, "samples": 16})  # the default max_fraction and step
+    outcome = depth.apply(model, cfg, ctx)
+    assert outcome.details["removed"] == 4 and depth.residual_blocks(outcome.model) == []
+
+
 def test_step_over_budget_is_undone(trained_encoder):
     model, data = trained_encoder
     recipe, ctx = _ctx(data, drop=0.0, baseline=1.0)  # no accuracy can be lost: every step is over
