@@ -25,9 +25,6 @@ import numpy as np
 
 from compressor._tf import keras, tf
 
-_ACTIVATIONS_WITH_FORM = ("gelu",)
-
-
 def _static(shape) -> bool:
     """All dimensions but the batch are known."""
     return shape is not None and len(shape) >= 2 and all(d is not None for d in shape[1:])
