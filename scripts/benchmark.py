@@ -561,6 +561,19 @@ def _jsonable(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def _public_args(argv: list[str]) -> list[str]:
+    """The command line as the page prints it: without --work/--out, whose folders are this machine's."""
+    shown, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--work", "--out"):
+            skip = True
+        elif not arg.startswith(("--work=", "--out=")):
+            shown.append(shlex.quote(arg))
+    return shown
+
+
 def _commit() -> str | None:
     """The checkout's commit, so a page that mixes runs says which code made each row."""
     try:
@@ -583,8 +596,10 @@ def _merged(previous: Path, results: dict) -> dict:
     kept = [e for e in old["models"] if e["name"] not in fresh]
     order = list(suite.MODELS)
     models = sorted(kept + results["models"], key=lambda e: order.index(e["name"]) if e["name"] in order else len(order))
+    if not kept:  # every model re-measured: this run alone
+        return results
     updates = old["meta"].get("updates", []) + [results["meta"]["command"]]
-    meta = dict(old["meta"], updates=updates, date=results["meta"]["date"], tool_version=results["meta"]["tool_version"])
+    meta = dict(results["meta"], command=old["meta"]["command"], updates=updates)  # date, load, recipe: this run's
     return {"meta": meta, "models": models}
 
 
@@ -634,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
     for entry in entries:
         entry["measured"] = stamp
 
-    command = "python scripts/benchmark.py" + ("" if not sys.argv[1:] else " " + shlex.join(argv or sys.argv[1:]))
+    command = "python scripts/benchmark.py" + "".join(f" {a}" for a in _public_args(argv or sys.argv[1:]))
     results = {
         "meta": {
             "command": command, "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -213,7 +213,8 @@ def test_suite_update_keeps_other_models_and_refuses_another_machine(tmp_path):
     merged = script._merged(tmp_path / "benchmarks.json", new)
     assert [(e["name"], e["measured"]["date"]) for e in merged["models"]] == [("mlp-128", "d0"), ("cnn", "d1")]
     assert merged["meta"]["updates"] == ["python scripts/benchmark.py --update --models cnn"]
-    assert merged["meta"]["command"] == "python scripts/benchmark.py"
+    assert merged["meta"]["command"] == "python scripts/benchmark.py" and merged["meta"]["date"] == "d1"
+    assert script._public_args(["--update", "--work", "/w", "--out=/o", "--models", "cnn"]) == ["--update", "--models", "cnn"]
     other = dict(new, meta=dict(new["meta"], machine={"cpu": "B"}))
     with pytest.raises(SystemExit, match="another machine"):
         script._merged(tmp_path / "benchmarks.json", other)
