@@ -98,7 +98,8 @@ def narrower(keep: int, step: int) -> list[int]:
     the measured table not hide the gain behind it."""
     widths, w = [], keep
     for n in range(1, 5):
-        w = max(1, (w - 1) // (step if w > step else 1) * (step if w > step else 1))
+        unit = step if w > step else 1
+        w = max(1, (w - 1) // unit * unit)
         if n in (1, 2, 4) and w < keep and w not in widths:
             widths.append(w)
     return widths
@@ -322,9 +323,8 @@ def _correct_to_goal(search: _Search, goal: float | None, cfg: SearchStage, trie
         _log(search.ctx, f"search: measured {actual:.2f}x for a {goal:.2f}x goal; aiming the prediction at {aim:.2f}x")
         search.good = search.states[i]
         search.rows[i]["superseded"] = True  # measured short of the goal
-        before = len(search.rows)
         ok = search.visit(aim)
-        if ok is None or len(search.rows) == before:
+        if ok is None:
             return  # the aimed allocation gives widths already visited: nothing new to offer
         search.rows[-1]["corrected_for_goal"] = True  # this point now stands for the goal
         if not ok:
