@@ -136,7 +136,6 @@ def reshape_chains(proto: onnx.ModelProto) -> onnx.ModelProto:
     target without 0 entries depends only on its input's element order, which the first one kept.
     The pair then reads x to x's own shape, which the identity-reshape pass drops."""
     graph = _Graph(proto)
-    outputs = {v.name for v in proto.graph.output}
     changed = False
     for node in proto.graph.node:
         first = graph.made_by(node.input[0], "Reshape") if node.op_type == "Reshape" else None
@@ -147,7 +146,7 @@ def reshape_chains(proto: onnx.ModelProto) -> onnx.ModelProto:
         changed = True
     if not changed:
         return proto
-    read = {name for node in proto.graph.node for name in node.input} | outputs
+    read = _names_read(proto.graph)
     kept = [node for node in proto.graph.node if node.op_type != "Reshape" or node.output[0] in read]
     del proto.graph.node[:]
     proto.graph.node.extend(kept)
