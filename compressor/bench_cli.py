@@ -56,7 +56,7 @@ def batch_input(input_shape: tuple[int, ...], batch: int, x: np.ndarray | None) 
 
 
 def _validate(args) -> None:
-    for name, low in (("runs", 1), ("warmup", 0), ("threads", 1), ("batch", 1)):
+    for name, low in (("runs", 1), ("warmup", 0), ("block", 1), ("threads", 1), ("batch", 1)):
         value = getattr(args, name)
         if value < low:
             raise CompressorError(f"--{name} {value} is invalid; pass --{name} >= {low}")
@@ -108,7 +108,7 @@ def bench_command(args, reporter) -> str:
 
     result = {
         "machine": machine_info(),
-        "settings": {"threads": args.threads, "batch": args.batch, "runs": args.runs, "warmup": args.warmup,
+        "settings": {"threads": args.threads, "batch": args.batch, "runs": args.runs, "warmup": args.warmup, "block": args.block,
                      "data": args.data, "interleaved": len(paths) > 1},
         "files": files,
     }
@@ -137,7 +137,7 @@ def _time(runners: dict, args, reporter, measure) -> list[np.ndarray]:
     wrapped = {label: _Fixed(r, x) for label, (r, x) in runners.items()}
     label = f"timing {len(wrapped)} file{'s' if len(wrapped) > 1 else ''} ({args.runs} runs, {args.warmup} warm-up)"
     with reporter.bar(label, args.runs) as bar:
-        out = measure(wrapped, None, args.runs, args.warmup, on_round=lambda i: bar.advance())
+        out = measure(wrapped, None, args.runs, args.warmup, on_round=lambda i: bar.advance(), block=args.block)
     return [out[label] for label in wrapped]
 
 

@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", type=int, default=1)
     bench.add_argument("--runs", type=int, default=300)
     bench.add_argument("--warmup", type=int, default=50)
+    bench.add_argument("--block", type=int, default=10,
+                       help="back-to-back calls per file per turn, the first untimed (1: cold-cache figure)")
     bench.add_argument("--compare", help="a second file, run interleaved with the first (A B A B …)")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _common(bench)

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from exporters import targets
+from exporters.latency import BLOCK
 from compressor._tf import keras
 from compressor.errors import CompressorError
 
@@ -48,6 +49,9 @@ def runtime_version(runtime: str) -> str:
         return version(_DISTRIBUTION[targets.float_target(runtime).format.name])
     except Exception:  # noqa: BLE001 - a missing distribution name only changes the cache key
         return "unknown"
+
+
+TIMING = f"interleaved turns of {BLOCK} calls, first untimed"  # entries timed otherwise are not comparable
 
 
 def default_cache(runtime: str) -> Path:
@@ -158,7 +162,7 @@ class LatencyTable:
         if path.is_file():
             try:
                 raw = json.loads(path.read_text())
-                if raw.get("runtime") == runtime and raw.get("version") == runtime_version(runtime):
+                if (raw.get("runtime"), raw.get("version"), raw.get("timing")) == (runtime, runtime_version(runtime), TIMING):
                     entries = {k: float(v) for k, v in raw.get("entries", {}).items()}
             except (ValueError, AttributeError):
                 entries = {}  # a damaged cache is rebuilt, not trusted
@@ -172,7 +176,8 @@ class LatencyTable:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         on_disk = LatencyTable.open(self.runtime, self.path).entries
         self.entries = {**on_disk, **self.entries}
-        body = {"runtime": self.runtime, "version": runtime_version(self.runtime), "machine": platform.node(),
+        body = {"runtime": self.runtime, "version": runtime_version(self.runtime), "timing": TIMING,
+                "machine": platform.node(),
                 "entries": dict(sorted(self.entries.items()))}
         write_text_atomic(self.path, json.dumps(body, indent=1))
 

@@ -189,7 +189,8 @@ def compress(model: keras.Model, data: Dataset, recipe: Recipe, out: str | Path,
     execution = _execution_table(shipped.artifacts)
     reporter.step(f"benchmarking {len(shipped.artifacts)} files ({recipe.bench.runs} timed runs each, interleaved)")
     results, correct = run_benchmark(shipped.artifacts, task, x_check, recipe.bench.runs,
-                                     recipe.bench.warmup, recipe.bench.threads, recipe.bench.batch, reporter)
+                                     recipe.bench.warmup, recipe.bench.threads, recipe.bench.batch, reporter,
+                                     block=recipe.bench.block)
     int8_notes = ship.int8_verdicts(results, shipped.int8)  # shown in report.md and the CLI summary
     params, _ = count_params(model)
     report = {

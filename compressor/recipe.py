@@ -146,6 +146,8 @@ class BenchSettings(_Strict):
 
     runs: int = Field(300, ge=200, le=100000, description="timed runs per file (at least 200)")
     warmup: int = Field(50, ge=1, le=10000, description="untimed runs first")
+    block: int = Field(10, ge=1, le=1000, description="back-to-back calls per file per turn, the first untimed "
+                       "(1: every call follows another file's, a cold-cache figure)")
     threads: list[int] = Field([1], min_length=1, description="thread counts to measure")
     batch: list[int] = Field([1, 32], min_length=1, description="batch sizes to measure")
 

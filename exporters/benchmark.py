@@ -17,7 +17,7 @@ import numpy as np
 from compressor.core import CompressorError
 from exporters.cpu import ISA_FLAGS, cpu_flags
 from exporters.files import gzip_size
-from exporters.latency import measure_interleaved
+from exporters.latency import BLOCK, measure_interleaved
 from exporters.readback import is_weight, stored_weights
 from exporters.runtimes import open_runner
 from exporters.stats import accuracy_interval, latency_summary, throughput
@@ -92,7 +92,8 @@ def _scored(judge, runner) -> tuple[dict, np.ndarray | None]:
 
 
 def run_benchmark(artifacts: list[Artifact], judge, x_sample: np.ndarray, runs: int, warmup: int,
-                  threads_list: list[int], batches: list[int], reporter=None) -> tuple[list[dict], dict]:
+                  threads_list: list[int], batches: list[int], reporter=None,
+                  block: int = BLOCK) -> tuple[list[dict], dict]:
     """Rows for report.json `results`, plus per-file correctness vectors for paired tests (only where
     they apply: single-output classification). `judge` scores each file in the recipe's metric
     (compressor/task.py); `x_sample` feeds the timed runs."""
@@ -119,15 +120,15 @@ def run_benchmark(artifacts: list[Artifact], judge, x_sample: np.ndarray, runs: 
         label = f"bench {runtime} batch {batch} threads {threads}"
         if reporter is not None:
             with reporter.bar(label, runs) as bar:
-                times = measure_interleaved(runners, x, runs, warmup, on_round=lambda i: bar.advance())
+                times = measure_interleaved(runners, x, runs, warmup, on_round=lambda i: bar.advance(), block=block)
         else:
-            times = measure_interleaved(runners, x, runs, warmup)
+            times = measure_interleaved(runners, x, runs, warmup, block=block)
         for art in group:
             samples = times[str(art.path)]
             rows.append({
                 "variant": art.variant, "runtime": runtime, "file": art.path.name,
                 **{k: static[art.path][k] for k in ("accuracy", "accuracy_ci95", "metric") if k in static[art.path]},
-                "latency_ms": {**latency_summary(samples), "warmup": warmup},
+                "latency_ms": {**latency_summary(samples), "warmup": warmup, "block": block},
                 "throughput_per_s": throughput(samples, batch),
                 "batch": batch, "threads": threads,
                 **{k: static[art.path][k] for k in ("size_bytes", "gzip_bytes", "params", "nonzero_params")},

@@ -171,7 +171,7 @@ def choose_int8(target, pruned, recipe, data, out: Path, reporter, notes: list[s
         reporter.step(f"{target.name}: timing {len(pool)} int8 scheme(s) against {float_path.name} at batch 1")
         runners = {c["scheme"]: c["runner"] for c in pool} | {"float": float_runner}
         sample = np.asarray(data.sample("budget", 1)[0], np.float32)
-        times = measure_interleaved(runners, sample, recipe.bench.runs, recipe.bench.warmup)
+        times = measure_interleaved(runners, sample, recipe.bench.runs, recipe.bench.warmup, block=recipe.bench.block)
         for c in pool:
             c["p50_ms"] = latency_summary(times[c["scheme"]])["p50"]
         chosen = _pick(pool, judge.budget, reference, judge.drop)
