@@ -42,6 +42,7 @@ import numpy as np  # noqa: E402
 import models as suite  # noqa: E402  (scripts/models.py)
 from compressor._tf import keras  # noqa: E402
 from exporters import targets as registry  # noqa: E402
+from exporters.latency import BLOCK  # noqa: E402
 
 VARIANTS = ("dense", "tfmot-peer", "fusion-fixed", "fusion", "fusion-int8")
 RUNTIMES = {rt: fmt.extensions[0] for rt, fmt in registry.runtime_formats(registry.NAMES)}
@@ -445,8 +446,11 @@ def render_page(results: dict) -> str:
         "`fusion-int8` = the same run's `pruned-int8.*`. Since the default recipe ends with a goal-less `search` "
         "stage (the fastest widths measured within the accuracy budget), `fusion-fixed` = the same recipe without "
         "it: the stages' fixed amounts alone, the goal-driven result's point of comparison.",
-        "- **Timing**: all files of one model and runtime are opened in one process and run interleaved "
-        "(dense, peer, fusion, int8, dense, …) with `exporters.latency.measure_interleaved`, after warm-up "
+        "- **Timing**: all files of one model and runtime are opened in one process and take turns "
+        f"(dense, peer, fusion, int8, int8, fusion, …) of {meta['settings'].get('block', 1)} back-to-back calls "
+        "each, the first of a turn untimed (it refills the caches the previous file evicted; a served model runs "
+        "call after call), with `exporters.latency.measure_interleaved`; onnxruntime through an IOBinding (input "
+        "bound before the clock starts, as LiteRT's `set_tensor`). After warm-up "
         f"({meta['settings']['warmup']['1']} runs at batch 1, {meta['settings']['warmup']['32']} at batch 32), "
         f"{meta['settings']['runs']['1']} rounds at batch 1 and {meta['settings']['runs']['32']} at batch 32, "
         "fixed intra-op threads. LiteRT uses its default resolver (XNNPACK) unless a file needs the builtin one "
@@ -660,6 +664,7 @@ def main(argv: list[str] | None = None) -> int:
             "recipe": recipe.model_dump(mode="json"), "recipe_stages": [s.name for s in recipe.stages],
             "settings": {"runs": {str(k): v for k, v in settings.runs.items()},
                          "warmup": {str(k): v for k, v in settings.warmup.items()},
+                         "block": BLOCK,
                          "batches": list(BATCHES), "threads": list(THREADS), "seed": SEED, "peer": PEER},
         },
         "models": entries,

@@ -1,6 +1,7 @@
 """Hand-computed checks for exporters.stats."""
 import math
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -190,3 +191,38 @@ def test_stats_does_not_import_tensorflow():
     code = "import sys, exporters.stats; print('tensorflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+class _CacheRunner:
+    """A fake runner whose call is slow when another runner ran last (its caches were evicted)."""
+
+    last = None
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def set_input(self, x):
+        pass
+
+    def invoke(self):
+        cold = _CacheRunner.last not in (None, self.name)
+        _CacheRunner.last = self.name
+        self.log.append((self.name, cold))
+        time.sleep(0.002 if cold else 0.0002)
+
+
+def test_interleaved_turns_time_the_warm_calls_and_block_one_the_cold():
+    from exporters.latency import measure_interleaved
+
+    for block in (10, 1):
+        log = []
+        runners = {n: _CacheRunner(n, log) for n in ("dense", "pruned")}
+        times = measure_interleaved(runners, None, runs=45, warmup=1, block=block)
+        assert all(len(t) == 45 and np.all(t > 0) for t in times.values())
+        cold_share = [float(np.mean(t > 0.001)) for t in times.values()]
+        if block > 1:  # the untimed first call of each turn absorbs the eviction
+            assert all(np.median(t) < 0.001 for t in times.values()), cold_share
+        else:  # every other call follows the other file: the old, cold figure
+            assert all(share > 0.4 for share in cold_share), cold_share
+        switches = sum(a[0] != b[0] for a, b in zip(log, log[1:]))
+        assert switches >= 45 // max(1, block - 1) - 1  # the files still take turns: drift hits both
