@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
-import numpy as np  # noqa: E402
-
 import models as suite  # noqa: E402  (scripts/models.py)
 from compressor._tf import keras  # noqa: E402
+from compressor.latency_model import measure_models  # noqa: E402
 from exporters import targets as registry  # noqa: E402
 
 WIDTH_KEYS = ("filters", "units")
@@ -46,18 +44,6 @@ def one_op(shape: tuple[int, ...]) -> keras.Model:
     return keras.Model(inputs, keras.layers.Softmax()(keras.layers.Flatten()(inputs)))
 
 
-def time_files(files: dict[str, Path], runs: int) -> dict[str, float]:
-    """p50 in microseconds per file, all files of one runtime interleaved."""
-    from exporters.latency import measure_interleaved
-    from exporters.runtimes import open_runner
-
-    runners = {label: open_runner(path, threads=1) for label, path in files.items()}
-    shape = next(iter(runners.values())).input_shape
-    x = np.random.default_rng(0).random((1, *shape)).astype(np.float32)
-    times = measure_interleaved(runners, x, runs, warmup=max(50, runs // 10))
-    return {label: float(np.median(t) * 1e6) for label, t in times.items()}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="cnn", help="comma-separated names from scripts/models.py")
@@ -68,21 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     print("| model | runtime | one-op p50 us | dense p50 us | " + " | ".join(f"all widths {w} p50 us" for w in widths)
           + " | width-pruning ceiling |")
     print("|---|---|---|---|" + "---|" * len(widths) + "---|")
-    with tempfile.TemporaryDirectory(prefix="width-floor-") as tmp:
-        for name in args.models.split(","):
-            keras.utils.set_random_seed(0)
-            dense = suite.MODELS[name].build()
-            variants = {"one-op": one_op(dense.input_shape[1:]), "dense": dense,
-                        **{f"width-{w}": narrowed(dense, w) for w in widths}}
-            for runtime, fmt in registry.runtime_formats(registry.NAMES):
-                files = {}
-                for label, model in variants.items():
-                    files[label] = Path(tmp) / f"{name}-{label}{fmt.extensions[0]}"
-                    registry.float_target(runtime).export(model, files[label], sparse=False)
-                p50 = time_files(files, args.runs)
-                narrow = [p50[f"width-{w}"] for w in widths]
-                print(f"| {name} | {runtime} | {p50['one-op']:.1f} | {p50['dense']:.1f} | "
-                      + " | ".join(f"{t:.1f}" for t in narrow) + f" | {p50['dense'] / min(narrow):.2f}x |", flush=True)
+    for name in args.models.split(","):
+        keras.utils.set_random_seed(0)
+        dense = suite.MODELS[name].build()
+        variants = {"one-op": one_op(dense.input_shape[1:]), "dense": dense,
+                    **{f"width-{w}": narrowed(dense, w) for w in widths}}
+        for runtime, _ in registry.runtime_formats(registry.NAMES):
+            p50 = {k: ms * 1e3 for k, ms in measure_models(variants, runtime, batch=1, runs=args.runs).items()}
+            narrow = [p50[f"width-{w}"] for w in widths]
+            print(f"| {name} | {runtime} | {p50['one-op']:.1f} | {p50['dense']:.1f} | "
+                  + " | ".join(f"{t:.1f}" for t in narrow) + f" | {p50['dense'] / min(narrow):.2f}x |", flush=True)
     return 0
 
 

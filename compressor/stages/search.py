@@ -92,13 +92,18 @@ def allocate(lm: LatencyModel, units: dict[str, int], removed: dict[str, int], s
     return extra
 
 
+def _unit(width: int, step: int) -> int:
+    """Widths move in multiples of `step` above one step and by single units at or below it."""
+    return step if width > step else 1
+
+
 def narrower(keep: int, step: int) -> list[int]:
     """Widths one, two and four steps below `keep` (multiples of `step`, single units at or below one
     step, never 0): when the next step buys nothing, looking further lets a flat or noisy stretch of
     the measured table not hide the gain behind it."""
     widths, w = [], keep
     for n in range(1, 5):
-        unit = step if w > step else 1
+        unit = _unit(w, step)
         w = max(1, (w - 1) // unit * unit)
         if n in (1, 2, 4) and w < keep and w not in widths:
             widths.append(w)
@@ -178,7 +183,7 @@ def narrowed(model, units: dict[str, int], fraction: float, step: int) -> tuple[
     or unit): the same surgery the search uses, untrained, since latency does not depend on values."""
     removed = {}
     for g, u in units.items():
-        unit = step if u > step else 1
+        unit = _unit(u, step)
         keep = min(u, max(unit, int(round(u * fraction / unit)) * unit))
         if keep < u:
             removed[g] = u - keep
