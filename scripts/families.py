@@ -162,12 +162,12 @@ def main(argv=None) -> int:
 
     names = args.families.split(",") if args.families else list(builders(keras3))
     rows = []
-    for name in names:
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    for name in names:  # the page is rewritten after every family: a sweep of hours keeps what it finished
         rows.append(run_family(name, args, work))
         print(json.dumps(rows[-1]), flush=True)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "families.json").write_text(json.dumps(rows, indent=1))
-    (Path(args.out) / "FAMILIES.md").write_text(render(rows, args))
+        (Path(args.out) / "families.json").write_text(json.dumps(rows, indent=1))
+        (Path(args.out) / "FAMILIES.md").write_text(render(rows, args))
     return 0 if all(r["exit"] == 0 and r.get("verified") for r in rows) else 1
 
 
