@@ -147,6 +147,18 @@ def test_without_a_goal_the_fastest_point_on_all_target_runtimes_ships():
     assert parse_recipe(None).stages[-1].name == "search"  # the default recipe searches without a goal
 
 
+def test_a_point_slower_than_the_start_on_a_target_runtime_never_ships():
+    """MobileNetV2 measured 1.39x in LiteRT but 0.70x in onnxruntime at one point: not a result."""
+    rows = [{"within_budget": True, "measured_speedup": {"onnxruntime": 0.70, "tflite": 1.39}},
+            {"within_budget": True, "measured_speedup": {"onnxruntime": 1.10, "tflite": 1.20}}]
+    cfg = parse_recipe({"stages": [{"name": "search"}]}).stages[0]
+    best, notes = search._choose(rows, None, cfg, ("onnxruntime", "tflite"))
+    assert best == 1 and len(notes) == 1 and "onnxruntime 0.70x" in notes[0] and "\n" not in notes[0]
+    best, notes = search._choose(rows[:1], None, cfg, ("onnxruntime", "tflite"))
+    assert best is None and notes  # the model the stages left ships unchanged
+    assert search._choose(rows[:1], None, cfg, ("tflite",)) == (0, [])  # a LiteRT-only recipe takes it
+
+
 def test_keep_frontier_writes_each_other_point_and_names_its_files(tmp_path):
     from compressor.model_io import save_model_atomic
     from compressor.pipeline import _search_results
