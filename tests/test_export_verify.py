@@ -239,3 +239,31 @@ def test_models_without_run_time_shapes_are_exported_as_they_are():
     inputs = L.Input((8, 8, 3))
     model = keras.Model(inputs, L.Dense(2)(L.GlobalAveragePooling2D()(L.Conv2D(4, 3)(inputs))))
     assert export_form(model) is model
+
+
+def test_token_id_inputs_run_in_both_runtimes_and_time_without_data(tmp_path):
+    """A model whose input is integer token ids: ids read from an .npz as floats or ints are fed
+    as ids (not quantized by a zero scale, not bound as float), and the fixed-seed timing input
+    holds ids every Embedding has (noise indexed past the table: LiteRT's GATHER failed)."""
+    from compressor._tf import keras
+    from compressor.latency_model import measure_models
+    from exporters import targets
+    from exporters.runtimes import open_runner, timing_input
+
+    L = keras.layers
+    inputs = L.Input((7,), dtype="int32")
+    x = L.GlobalAveragePooling1D()(L.Dense(8, activation="relu")(L.Embedding(12, 8)(inputs)))
+    model = keras.Model(inputs, L.Dense(3)(x))
+    ids = np.random.default_rng(0).integers(0, 12, (9, 7)).astype("int32")
+    expected = model.predict(ids, verbose=0)
+    for name in ("tflite", "onnxruntime"):
+        target = targets.target(name)
+        path = target.export(model, tmp_path / target.filename("m"))
+        runner = open_runner(path)
+        assert runner.integer_input
+        for fed in (ids, ids.astype("float32")):
+            np.testing.assert_allclose(runner.predict(fed), expected, atol=1e-5)
+        probe = timing_input(runner, 2)
+        assert probe.shape == (2, 7) and not probe.any()
+        runner.predict(probe)
+        assert measure_models({"m": model}, name, runs=5)["m"] > 0
