@@ -28,7 +28,10 @@ def export_float(model: keras.Model, path: str | Path, sparse: bool = True) -> P
 def export_int8(model: keras.Model, path: str | Path, calibration: np.ndarray, sparse: bool = True,
                 samples: int = 200) -> Path:
     """Full-integer weights and activations (float32 input/output kept for drop-in use)."""
-    calib = calibration[:samples].astype(np.float32)
+    dtype = tf.as_dtype(model.inputs[0].dtype)
+    calib = calibration[:samples]
+    # in the model's input type: token ids stay ids (rounded), the representative data is fed as is
+    calib = np.rint(calib).astype(dtype.as_numpy_dtype) if dtype.is_integer else calib.astype(np.float32)
 
     def representative():
         for i in range(len(calib)):
