@@ -157,13 +157,16 @@ class OnnxRunner:
     def integer_input(self) -> bool:
         return self._dtype != np.float32
 
+    def _typed(self, x: np.ndarray) -> np.ndarray:
+        """x in the file's input type (token ids rounded to ids)."""
+        return _ids(x, self._dtype) if self.integer_input else x.astype(np.float32)
+
     def set_input(self, x: np.ndarray) -> None:
         if self._x is None or self._x.shape != x.shape:  # outputs allocated for another batch size: rebind
             self._binding.clear_binding_outputs()
             for name in self.output_names:
                 self._binding.bind_output(name, "cpu")
-        x = _ids(x, self._dtype) if self.integer_input else x
-        self._x = np.ascontiguousarray(x, dtype=self._dtype)  # kept alive: the binding points at its memory
+        self._x = np.ascontiguousarray(self._typed(x))  # kept alive: the binding points at its memory
         self._binding.bind_cpu_input(self._input.name, self._x)
 
     def invoke(self) -> None:
@@ -186,7 +189,7 @@ class OnnxRunner:
             else list(range(len(self.output_names)))
         parts = [[] for _ in order]
         for start in range(0, len(x), batch):
-            outs = self.session.run(None, {self._input.name: x[start : start + batch].astype(np.float32)})
+            outs = self.session.run(None, {self._input.name: self._typed(x[start : start + batch])})
             for part, i in zip(parts, order):
                 part.append(outs[i])
         return [np.concatenate(p) for p in parts]

@@ -263,6 +263,7 @@ def test_token_id_inputs_run_in_both_runtimes_and_time_without_data(tmp_path):
         assert runner.integer_input
         for fed in (ids, ids.astype("float32")):
             np.testing.assert_allclose(runner.predict(fed), expected, atol=1e-5 if "int8" not in name else 0.1)
+            np.testing.assert_allclose(runner.predict_outputs(fed)[0], expected, atol=1e-5 if "int8" not in name else 0.1)
         probe = timing_input(runner, 2)
         assert probe.shape == (2, 7) and not probe.any()
         runner.predict(probe)
