@@ -269,3 +269,9 @@ def test_token_id_inputs_run_in_both_runtimes_and_time_without_data(tmp_path):
         runner.predict(probe)
         if "int8" not in name:
             assert measure_models({"m": model}, name, runs=5)["m"] > 0
+    # onnxruntime's dynamic quantization stores the Embedding table as uint8 read by Gather, its zero
+    # point on the DequantizeLinear after the lookup: the file verifies, zeros counted at that point
+    plain = onnx_export.export_float(model, tmp_path / "plain.onnx")
+    dynamic = onnx_export.export_int8(plain, tmp_path / "d8.onnx", None, mode="dynamic")
+    row = verify_file(dynamic, open_runner(dynamic), model, expected, ids, quantized="dynamic")
+    assert row["ok"], row
