@@ -18,7 +18,7 @@ import numpy as np
 
 from compressor._tf import keras, tf
 from compressor.errors import CompressorError
-from compressor.keras3_layers import ACTIVATIONS, OPS, REFUSED, LayerSpec, OpSpec, is_op, recognised, refused, same_class
+from compressor.keras3_layers import ACTIVATIONS, OPS, ConstantTerm, REFUSED, LayerSpec, OpSpec, is_op, recognised, refused, same_class
 from compressor.layers import keras3_rebuilder
 
 #: Max |tf-keras - Keras 3| allowed on the parity check, scaled by max(1, |reference output|).
@@ -447,8 +447,9 @@ class _Importer:
             if isinstance(tf_layer, keras.layers.InputLayer):
                 continue
             k3_layer = self._k3_sublayer(k3_model, tf_layer.name)
-            if k3_layer is None and not tf_layer.weights and _is_k3_op(k3_model, tf_layer.name):
-                continue  # a keras.ops node rebuilt as a weightless layer
+            if k3_layer is None and _is_k3_op(k3_model, tf_layer.name) and (
+                    not tf_layer.weights or isinstance(tf_layer, ConstantTerm)):
+                continue  # a keras.ops node rebuilt as a weightless layer, or holding its graph constant
             if k3_layer is None:
                 raise CompressorError(
                     f"imported layer '{tf_layer.name}' has no Keras 3 counterpart; re-save the model"

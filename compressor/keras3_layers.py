@@ -17,6 +17,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 from compressor._tf import keras, tf
 from compressor.errors import CompressorError
 
@@ -76,6 +77,40 @@ class StochasticDepth(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "drop_path_rate": self.drop_path_rate}
+
+
+@_register(package=PACKAGE)
+class ConstantTerm(keras.layers.Layer):
+    """x + c, x - c, c - x or x * c with a tensor constant c that a Keras 3 graph stores inline
+    (e.g. a positional table computed once at build time), held as a non-trainable weight so it
+    is saved with the weights and sliced with its channels when units go, yet never trained,
+    as in the Keras 3 model."""
+
+    OPS = {"add": lambda x, c: x + c, "subtract": lambda x, c: x - c,
+           "rsubtract": lambda x, c: c - x, "multiply": lambda x, c: x * c}
+
+    def __init__(self, op: str = "add", shape=(1,), value=None, **kwargs):
+        super().__init__(**kwargs)
+        if op not in self.OPS:
+            raise ValueError(f"unknown op {op!r}; one of {sorted(self.OPS)}")
+        self.op = op
+        self.constant_shape = tuple(int(d) for d in shape)
+        self._value = value  # only when first built from a Keras 3 graph; weights carry it after
+
+    def build(self, input_shape):
+        init = "zeros" if self._value is None else keras.initializers.Constant(self._value)
+        self.constant = self.add_weight(name="constant", shape=self.constant_shape, initializer=init, trainable=False)
+        self._value = None
+        super().build(input_shape)
+
+    def call(self, inputs):
+        return self.OPS[self.op](inputs, tf.cast(self.constant, inputs.dtype))
+
+    def get_prunable_weights(self):
+        return []
+
+    def get_config(self):
+        return {**super().get_config(), "op": self.op, "shape": list(self.constant_shape)}
 
 
 # --------------------------------------------------------------------------- activations
@@ -276,14 +311,44 @@ def _scalar(spec: OpSpec, value) -> float:
     raise spec.refuse(f"uses constant {str(value)[:60]!r}; only scalar constants are supported")
 
 
+def _array_constant(value):
+    """The array of a tensor constant stored inline in a Keras 3 graph, or None for anything else."""
+    if isinstance(value, dict) and value.get("class_name") in ("__tensor__", "__numpy__"):
+        cfg = value.get("config") or {}
+        array = np.asarray(cfg.get("value"), dtype=str(cfg.get("dtype") or "float32"))
+        return array if array.dtype.kind in "fiu" else None
+    return None
+
+
+def _constant_term(spec: OpSpec, ops: tuple[str, str] | None):
+    """tensor op array-constant -> ConstantTerm, `ops` = (op with the tensor first, op with it second)."""
+    a, b = spec.args
+    first = _is_tensor(a)
+    array = _array_constant(b if first else a)
+    if array is None or ops is None or ops[0 if first else 1] is None:
+        return None
+    tensor = a if first else b
+    rank = len(tensor.shape)
+    if array.ndim > rank or (array.ndim == rank and array.shape[0] != 1):
+        raise spec.refuse(f"uses a constant of shape {array.shape} that does not broadcast over the batch")
+    layer = ConstantTerm(ops[0 if first else 1], array.shape, value=array.astype("float32"), name=spec.name)
+    return layer, [tensor]
+
+
 def _binary(merge: type | None, tensor_const: Callable[[float], tuple[float, float]] | None,
-            const_tensor: Callable[[float], tuple[float, float]] | None = None):
-    """x op y: two tensors -> a tf-keras merge layer; tensor and scalar -> Rescaling(scale, offset)."""
+            const_tensor: Callable[[float], tuple[float, float]] | None = None,
+            array_ops: tuple[str | None, str | None] | None = None):
+    """x op y: two tensors -> a tf-keras merge layer; tensor and scalar -> Rescaling(scale, offset);
+    tensor and array constant -> ConstantTerm (`array_ops`: its op for each order)."""
 
     def handler(spec: OpSpec):
         if len(spec.args) != 2 or spec.kwargs:
             raise spec.refuse("is called in a form the importer does not know")
         a, b = spec.args
+        if _is_tensor(a) != _is_tensor(b):
+            term = _constant_term(spec, array_ops)
+            if term is not None:
+                return term
         if _is_tensor(a) and _is_tensor(b):
             if merge is None:
                 raise spec.refuse("combines two tensors, which has no tf-keras layer")
@@ -318,9 +383,9 @@ def _unary_activation(activation: str, allowed: dict[str, tuple] | None = None):
 
 #: Keras 3 `keras.ops` class name -> handler(OpSpec) -> (tf-keras layer, call args).
 OPS: dict[str, Callable[[OpSpec], tuple[Any, list]]] = {
-    "Add": _binary(keras.layers.Add, lambda c: (1.0, c), lambda c: (1.0, c)),
-    "Subtract": _binary(keras.layers.Subtract, lambda c: (1.0, -c), lambda c: (-1.0, c)),
-    "Multiply": _binary(keras.layers.Multiply, lambda c: (c, 0.0), lambda c: (c, 0.0)),
+    "Add": _binary(keras.layers.Add, lambda c: (1.0, c), lambda c: (1.0, c), ("add", "add")),
+    "Subtract": _binary(keras.layers.Subtract, lambda c: (1.0, -c), lambda c: (-1.0, c), ("subtract", "rsubtract")),
+    "Multiply": _binary(keras.layers.Multiply, lambda c: (c, 0.0), lambda c: (c, 0.0), ("multiply", "multiply")),
     "Divide": _binary(None, lambda c: (1.0 / c, 0.0)),
     "TrueDivide": _binary(None, lambda c: (1.0 / c, 0.0)),
     "Maximum": _binary(keras.layers.Maximum, None),
@@ -353,9 +418,9 @@ def recognised(layer_config: dict) -> bool:
 
 
 #: Our tf-keras classes: model_io treats them like tf-keras' own layers.
-IMPORT_CLASSES = (LayerScale, StochasticDepth)
+IMPORT_CLASSES = (LayerScale, StochasticDepth, ConstantTerm)
 
 __all__ = [
     "ACTIVATIONS", "OPS", "REFUSED", "LIBRARY_CLASSES", "IMPORT_CLASSES", "LayerSpec", "OpSpec",
-    "LayerScale", "StochasticDepth", "is_op", "recognised", "same_class",
+    "LayerScale", "StochasticDepth", "ConstantTerm", "is_op", "recognised", "same_class",
 ]

@@ -190,7 +190,7 @@ class LatencyTable:
         if not missing:
             return
         from exporters.latency import measure_interleaved
-        from exporters.runtimes import open_runner
+        from exporters.runtimes import open_runner, timing_input
 
         with tempfile.TemporaryDirectory() as tmp:
             runners = {}
@@ -198,8 +198,7 @@ class LatencyTable:
                 path = Path(tmp) / targets.float_target(self.runtime).filename(f"entry{i}")
                 _export(shape.build(w_in, w_out), path, self.runtime)
                 runners[key] = open_runner(path)
-            x = {k: np.random.default_rng(0).standard_normal((batch, *r.input_shape)).astype(np.float32)
-                 for k, r in runners.items()}
+            x = {k: timing_input(r, batch) for k, r in runners.items()}
             times = _measure_each(runners, x, runs, measure_interleaved)
         for key, t in times.items():
             self.entries[key] = float(np.median(t) * 1e3)
@@ -359,7 +358,7 @@ def fit_line(table_ms: list[float], measured_ms: list[float]) -> tuple[float, fl
 def measure_models(models: dict[str, object], runtime: str, batch: int = 1, runs: int = 300) -> dict[str, float]:
     """p50 (ms) of whole Keras models exported for `runtime`, measured interleaved in one session."""
     from exporters.latency import measure_interleaved
-    from exporters.runtimes import open_runner
+    from exporters.runtimes import open_runner, timing_input
 
     with tempfile.TemporaryDirectory() as tmp:
         runners = {}
@@ -367,7 +366,6 @@ def measure_models(models: dict[str, object], runtime: str, batch: int = 1, runs
             path = Path(tmp) / targets.float_target(runtime).filename(f"m{i}")
             _export(model, path, runtime)
             runners[label] = open_runner(path)
-        x = {k: np.random.default_rng(0).standard_normal((batch, *r.input_shape)).astype(np.float32)
-             for k, r in runners.items()}
+        x = {k: timing_input(r, batch) for k, r in runners.items()}
         times = _measure_each(runners, x, runs, measure_interleaved)
     return {k: float(np.median(t) * 1e3) for k, t in times.items()}

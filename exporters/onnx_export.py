@@ -22,7 +22,7 @@ def keras_to_onnx(model: keras.Model) -> onnx.ModelProto:
     import tf2onnx
 
     shape = (None,) + tuple(model.input_shape[1:])
-    signature = (tf.TensorSpec(shape, tf.float32, name="input"),)
+    signature = (tf.TensorSpec(shape, _input_dtype(model), name="input"),)
     try:
         proto, _ = tf2onnx.convert.from_keras(model, input_signature=signature, opset=OPSET)
     except Exception as exc:
@@ -30,6 +30,12 @@ def keras_to_onnx(model: keras.Model) -> onnx.ModelProto:
         raise CompressorError(f"ONNX conversion of model '{model.name}' failed: {first}") from exc
     proto = layer_norms(_drop_identity_reshapes(reshape_chains(_erfc_as_erf(proto))))
     return _stable_dim_names(unused_initializers(proto))
+
+
+def _input_dtype(model: keras.Model):
+    """The model's own input type when it is integer (token ids stay ids in the file), else float32."""
+    dtype = tf.as_dtype(model.inputs[0].dtype)
+    return dtype if dtype.is_integer else tf.float32
 
 
 def _erfc_as_erf(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -128,10 +134,12 @@ def reduce_range_needed() -> bool:
     return bool(x86 and flags and not flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
-def _calibration_reader(calibration: np.ndarray, input_name: str):
+def _calibration_reader(calibration: np.ndarray, input_name: str, dtype=np.float32):
+    """Samples one at a time, in the file's input type (token ids rounded, not truncated)."""
     from onnxruntime.quantization import CalibrationDataReader
 
-    samples = calibration[:200].astype(np.float32)
+    samples = calibration[:200]
+    samples = np.rint(samples).astype(dtype) if np.issubdtype(dtype, np.integer) else samples.astype(np.float32)
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -142,6 +150,11 @@ def _calibration_reader(calibration: np.ndarray, input_name: str):
             return None if item is None else {input_name: item}
 
     return Reader()
+
+
+def _file_input_dtype(path) -> np.dtype:
+    elem = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.elem_type
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem))
 
 
 def _no_preprocessing_hint(record: logging.LogRecord) -> bool:
@@ -169,7 +182,7 @@ def export_int8(float_path: str | Path, path: str | Path, calibration: np.ndarra
         if mode == "dynamic":
             quantize_dynamic(str(float_path), tmp, weight_type=QuantType.QInt8, nodes_to_exclude=skip)
         else:
-            quantize_static(str(float_path), tmp, _calibration_reader(calibration, "input"),
+            quantize_static(str(float_path), tmp, _calibration_reader(calibration, "input", _file_input_dtype(float_path)),
                             quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
                             weight_type=QuantType.QInt8, per_channel=True, reduce_range=reduce_range_needed(),
                             # a LayerNormalization's gamma is rank 1: its channels are axis 0, not the

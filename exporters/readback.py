@@ -369,7 +369,24 @@ def _onnx_zero_points(graph, consts: dict[str, np.ndarray]) -> dict[str, tuple[n
             if axis == "attr":
                 axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
             zps.setdefault(node.input[w_in], (np.asarray(zp), axis))
+    zps.update(_gathered_zero_points(graph, consts, zps))
     return zps
+
+
+def _gathered_zero_points(graph, consts, known) -> dict[str, tuple[np.ndarray, object]]:
+    """An integer table read by Gather (onnxruntime's quantized Embedding) is dequantized after the
+    lookup: its zero point is that of the DequantizeLinear reading the Gather's output (per channel
+    only on the last axis, which the lookup keeps)."""
+    dequant = {n.input[0]: n for n in graph.node if n.op_type == "DequantizeLinear" and len(n.input) > 2}
+    found = {}
+    for node in graph.node:
+        if node.op_type != "Gather" or not node.input or node.input[0] not in consts or node.input[0] in known:
+            continue
+        after = dequant.get(node.output[0])
+        zp = consts.get(after.input[2]) if after is not None else None
+        if zp is not None and (np.size(zp) <= 1 or np.shape(consts[node.input[0]])[-1] == np.size(zp)):
+            found[node.input[0]] = (np.asarray(zp), None)
+    return found
 
 
 def _onnx_zero_point(arr: np.ndarray, zp_info):

@@ -12,6 +12,24 @@ import numpy as np
 from compressor.core import CompressorError, quiet_stderr
 from exporters import targets
 
+_ONNX_TYPES = {"tensor(float)": np.float32, "tensor(int32)": np.int32, "tensor(int64)": np.int64,
+               "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
+
+
+def _ids(x: np.ndarray, dtype) -> np.ndarray:
+    """Values of an integer input that is not quantized (token ids, indices): rounded, not scaled."""
+    return np.rint(x).astype(dtype) if np.issubdtype(np.asarray(x).dtype, np.floating) else np.asarray(x).astype(dtype)
+
+
+def timing_input(runner, batch: int, seed: int = 0) -> np.ndarray:
+    """Fixed-seed input to time a file on when no data is given: standard normal values for a float
+    input; id 0 for an integer one (token ids), which every vocabulary holds, where noise would index
+    past an Embedding's table (latency does not depend on which ids are looked up)."""
+    shape = (batch, *runner.input_shape)
+    if runner.integer_input:
+        return np.zeros(shape, np.float32)
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
 class TFLiteRunner:
     runtime = "tflite"
 
@@ -49,10 +67,17 @@ class TFLiteRunner:
                 self.interpreter.allocate_tensors()
             self._batch = batch
 
+    @property
+    def integer_input(self) -> bool:
+        """An integer input that is not quantized: token ids or indices (a quantized one has a scale)."""
+        return self._input["dtype"] != np.float32 and not self._input["quantization"][0]
+
     def _encode(self, x: np.ndarray) -> np.ndarray:
         dtype = self._input["dtype"]
         if dtype == np.float32:
             return x.astype(np.float32)
+        if self.integer_input:
+            return _ids(x, dtype)
         scale, zero = self._input["quantization"]
         info = np.iinfo(dtype)
         return np.clip(np.round(x / scale + zero), info.min, info.max).astype(dtype)
@@ -117,6 +142,7 @@ class OnnxRunner:
         except Exception as exc:
             raise CompressorError(f"onnxruntime cannot load '{path}': {str(exc).splitlines()[0][:200]}") from exc
         self._input = self.session.get_inputs()[0]
+        self._dtype = _ONNX_TYPES.get(self._input.type, np.float32)
         self.output_names = [o.name for o in self.session.get_outputs()]
         # bound once, outside the timed call (LiteRT's set_tensor is outside it too): invoke() times the
         # inference, not the Python binding's feed-dict conversion (~5 us a call, a third of a small model)
@@ -127,12 +153,20 @@ class OnnxRunner:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(int(d) if isinstance(d, int) else 1 for d in self._input.shape[1:])
 
+    @property
+    def integer_input(self) -> bool:
+        return self._dtype != np.float32
+
+    def _typed(self, x: np.ndarray) -> np.ndarray:
+        """x in the file's input type (token ids rounded to ids)."""
+        return _ids(x, self._dtype) if self.integer_input else x.astype(np.float32)
+
     def set_input(self, x: np.ndarray) -> None:
         if self._x is None or self._x.shape != x.shape:  # outputs allocated for another batch size: rebind
             self._binding.clear_binding_outputs()
             for name in self.output_names:
                 self._binding.bind_output(name, "cpu")
-        self._x = np.ascontiguousarray(x, dtype=np.float32)  # kept alive: the binding points at its memory
+        self._x = np.ascontiguousarray(self._typed(x))  # kept alive: the binding points at its memory
         self._binding.bind_cpu_input(self._input.name, self._x)
 
     def invoke(self) -> None:
@@ -155,7 +189,7 @@ class OnnxRunner:
             else list(range(len(self.output_names)))
         parts = [[] for _ in order]
         for start in range(0, len(x), batch):
-            outs = self.session.run(None, {self._input.name: x[start : start + batch].astype(np.float32)})
+            outs = self.session.run(None, {self._input.name: self._typed(x[start : start + batch])})
             for part, i in zip(parts, order):
                 part.append(outs[i])
         return [np.concatenate(p) for p in parts]

@@ -146,7 +146,10 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
            (Scheme("int8-sparse", "full-integer int8, per-channel weights, sparse storage of pruned tensors",
                    {"int8": True, "encode": True}),
             Scheme("int8-dense", "full-integer int8, per-channel weights, dense storage",
-                   {"int8": True, "encode": False})),
+                   {"int8": True, "encode": False}),
+            Scheme("dynamic-range", "int8 weights, float activations quantized at run time (for models whose "
+                   "activations full-integer int8 loses accuracy on), sparse storage of pruned tensors",
+                   {"dynamic": True, "encode": True})),
            (_MISALIGNED, _XNNPACK_SPARSE_INT8)),
     Target("onnxruntime", "onnxruntime", ONNX, False, "exporters.onnx_export:export_for_target", (1, 1),
            (Scheme("float32", "float32 weights; pruned initializers as sparse_initializer when compact"),),

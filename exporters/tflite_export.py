@@ -28,7 +28,10 @@ def export_float(model: keras.Model, path: str | Path, sparse: bool = True) -> P
 def export_int8(model: keras.Model, path: str | Path, calibration: np.ndarray, sparse: bool = True,
                 samples: int = 200) -> Path:
     """Full-integer weights and activations (float32 input/output kept for drop-in use)."""
-    calib = calibration[:samples].astype(np.float32)
+    dtype = tf.as_dtype(model.inputs[0].dtype)
+    calib = calibration[:samples]
+    # in the model's input type: token ids stay ids (rounded), the representative data is fed as is
+    calib = np.rint(calib).astype(dtype.as_numpy_dtype) if dtype.is_integer else calib.astype(np.float32)
 
     def representative():
         for i in range(len(calib)):
@@ -41,9 +44,19 @@ def export_int8(model: keras.Model, path: str | Path, calibration: np.ndarray, s
     return write_bytes_atomic(path, _convert(conv, model))
 
 
+def export_dynamic_range(model: keras.Model, path: str | Path, sparse: bool = True) -> Path:
+    """int8 weights, float activations quantized on the fly: keeps the accuracy of models whose
+    activations full-integer int8 cannot hold (attention softmax, LayerNorm, GELU of a transformer)."""
+    conv = _converter(model)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT] + ([tf.lite.Optimize.EXPERIMENTAL_SPARSITY] if sparse else [])
+    return write_bytes_atomic(path, _convert(conv, model))
+
+
 def export_for_target(model: keras.Model, path: str | Path, *, calibration: np.ndarray | None = None,
-                      sparse: bool = True, int8: bool = False, encode: bool = True) -> Path:
+                      sparse: bool = True, int8: bool = False, encode: bool = True, dynamic: bool = False) -> Path:
     """The registry's exporter (exporters/targets.py): float or int8, sparse storage when asked and allowed."""
+    if dynamic:
+        return export_dynamic_range(model, path, sparse=sparse and encode)
     if int8:
         return export_int8(model, path, calibration, sparse=sparse and encode)
     return export_float(model, path, sparse=sparse and encode)

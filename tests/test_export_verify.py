@@ -209,6 +209,27 @@ def test_int8_encoder_pairs_every_attention_kernel(tmp_path):
     assert row["ok"], row
 
 
+def test_dynamic_range_int8_encoder_keeps_its_zeros_and_tracks_keras_closer(tmp_path):
+    """tflite-int8's dynamic-range scheme (int8 weights, float activations) is the int8 file a
+    transformer keeps its accuracy in: it verifies, holds every pruned zero, and stays nearer the
+    Keras outputs than full-integer int8, whose int8 activations of softmax/LayerNorm/GELU lose."""
+    from exporters import targets
+
+    model = _tiny_encoder()
+    x = np.random.default_rng(5).normal(size=(40, 6, 5)).astype("float32")
+    expected = model.predict(x, verbose=0)
+    target = targets.target("tflite-int8")
+    schemes = {s.name: s for s in target.schemes}
+    rows = {}
+    for name in ("int8-dense", "dynamic-range"):
+        path = target.export(model, tmp_path / f"{name}.tflite", calibration=x, scheme=schemes[name])
+        rows[name] = verify_file(path, open_runner(path), model, expected, x, quantized=name)
+    row = rows["dynamic-range"]
+    assert row["ok"], row
+    assert row["zeros_in_file"] == row["zeros_expected"] > 0
+    assert row["max_abs_diff"] < rows["int8-dense"]["max_abs_diff"]
+
+
 def test_models_without_run_time_shapes_are_exported_as_they_are():
     """A convnet (or an MLP) has no layer with an export form: the converters get the model itself."""
     from compressor._tf import keras
@@ -218,3 +239,39 @@ def test_models_without_run_time_shapes_are_exported_as_they_are():
     inputs = L.Input((8, 8, 3))
     model = keras.Model(inputs, L.Dense(2)(L.GlobalAveragePooling2D()(L.Conv2D(4, 3)(inputs))))
     assert export_form(model) is model
+
+
+def test_token_id_inputs_run_in_both_runtimes_and_time_without_data(tmp_path):
+    """A model whose input is integer token ids: ids read from an .npz as floats or ints are fed
+    as ids (not quantized by a zero scale, not bound as float), and the fixed-seed timing input
+    holds ids every Embedding has (noise indexed past the table: LiteRT's GATHER failed)."""
+    from compressor._tf import keras
+    from compressor.latency_model import measure_models
+    from exporters import targets
+    from exporters.runtimes import open_runner, timing_input
+
+    L = keras.layers
+    inputs = L.Input((7,), dtype="int32")
+    x = L.GlobalAveragePooling1D()(L.Dense(8, activation="relu")(L.Embedding(12, 8)(inputs)))
+    model = keras.Model(inputs, L.Dense(3)(x))
+    ids = np.random.default_rng(0).integers(0, 12, (9, 7)).astype("int32")
+    expected = model.predict(ids, verbose=0)
+    for name in ("tflite", "onnxruntime", "tflite-int8", "onnxruntime-int8"):
+        target = targets.target(name)
+        path = target.export(model, tmp_path / target.filename(name), calibration=ids.astype("float32"))
+        runner = open_runner(path)
+        assert runner.integer_input
+        for fed in (ids, ids.astype("float32")):
+            np.testing.assert_allclose(runner.predict(fed), expected, atol=1e-5 if "int8" not in name else 0.1)
+            np.testing.assert_allclose(runner.predict_outputs(fed)[0], expected, atol=1e-5 if "int8" not in name else 0.1)
+        probe = timing_input(runner, 2)
+        assert probe.shape == (2, 7) and not probe.any()
+        runner.predict(probe)
+        if "int8" not in name:
+            assert measure_models({"m": model}, name, runs=5)["m"] > 0
+    # onnxruntime's dynamic quantization stores the Embedding table as uint8 read by Gather, its zero
+    # point on the DequantizeLinear after the lookup: the file verifies, zeros counted at that point
+    plain = onnx_export.export_float(model, tmp_path / "plain.onnx")
+    dynamic = onnx_export.export_int8(plain, tmp_path / "d8.onnx", None, mode="dynamic")
+    row = verify_file(dynamic, open_runner(dynamic), model, expected, ids, quantized="dynamic")
+    assert row["ok"], row

@@ -244,3 +244,39 @@ def test_unsupported_layers_are_reported_once_per_class(tmp_path):
     assert len(unsupported_layers(loaded.model)) == 6
     notes = [w for w in loaded.warnings if "left unpruned" in w]
     assert len(notes) == 1 and notes[0].startswith("6 TFOpLambda layers (") and ", ...)" in notes[0]
+
+
+def test_inline_tensor_constants_import_and_shrink_with_their_channels(tmp_path):
+    """A learned position table applied to ops.arange at build time is stored as an inline tensor
+    constant of `x + c`; with `x - c`, `c - x` and `x * c` it becomes ConstantTerm: same outputs,
+    saved again by tf-keras, and sliced with the channels surgery removes through it."""
+    from compressor.keras3_layers import ConstantTerm
+    from compressor.surgery import remove_units
+
+    ops = keras3.ops
+    inp = L3.Input((5, 4))
+    x = L3.Dense(8, name="proj")(inp) + L3.Embedding(5, 8)(ops.arange(5))
+    rng = np.random.default_rng(7)
+    x = ops.multiply(ops.subtract(x, rng.normal(size=(8,)).astype("float32")),
+                     rng.normal(size=(1, 5, 8)).astype("float32"))
+    x = ops.subtract(rng.normal(size=(5, 8)).astype("float32"), x)
+    k3_model = keras3.Model(inp, L3.Dense(3, name="head")(L3.Flatten()(x)))
+    k3_model.save(tmp_path / "const.keras")
+
+    loaded = load_model(tmp_path / "const.keras")
+
+    terms = [layer for layer in loaded.model.layers if isinstance(layer, ConstantTerm)]
+    assert sorted(t.op for t in terms) == ["add", "multiply", "rsubtract", "subtract"]
+    assert all(not t.trainable_weights for t in terms)
+    assert unsupported_layers(loaded.model) == []
+    feed = rng.normal(size=(4, 5, 4)).astype("float32")
+    _assert_same(k3_model, loaded.model, feed)
+    loaded.model.save(tmp_path / "tfk.keras")
+    _assert_same(k3_model, load_model(tmp_path / "tfk.keras").model, feed)
+
+    removed, kept = [1, 4, 5], [0, 2, 3, 6, 7]
+    pruned, result = remove_units(loaded.model, {"proj": removed})
+    assert pruned.get_layer("proj").units == 5 and not result.skipped
+    for term in terms:
+        np.testing.assert_array_equal(pruned.get_layer(term.name).constant.numpy(),
+                                      np.take(term.constant.numpy(), kept, axis=-1))

@@ -15,7 +15,8 @@ from compressor.layers.base import Blocked, Cut, Handler
 HANDLERS: tuple[Handler, ...] = (
     dense_conv.DenseConv(), dense_conv.ConvTranspose(),
     depthwise.Depthwise(), depthwise.Separable(),
-    normalization.PerChannel(), normalization.KerasNormalization(), normalization.LayerScale(), normalization.Rescaling(),
+    normalization.PerChannel(), normalization.KerasNormalization(), normalization.LayerScale(), normalization.ConstantTerm(),
+    normalization.Rescaling(),
     normalization.LayerNorm(),
     elementwise.Activations(), elementwise.Softmax(), elementwise.Dropout(), elementwise.Pooling(),
     elementwise.Spatial(),

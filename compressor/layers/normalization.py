@@ -7,7 +7,7 @@ import numpy as np
 
 from compressor._tf import keras
 from compressor import keras3_layers
-from compressor.keras3_layers import LayerScale as LayerScaleLayer
+from compressor.keras3_layers import ConstantTerm as ConstantTermLayer, LayerScale as LayerScaleLayer
 from compressor.layers.export_forms import layer_norm_form
 from compressor.layers.base import Blocked, Cut, Handler, is_last_axis, map_weights, take
 
@@ -65,6 +65,27 @@ class LayerScale(PerChannel):
         config = layer.get_config()
         config["projection_dim"] = len(cut.positions[0])
         return config, super().resize(layer, cut)[1]
+
+
+class ConstantTerm(Handler):
+    """x + c, x * c, ... with a stored constant (Keras 3 inline tensors): a constant with a channel
+    axis is sliced with its input's channels; one broadcast over channels leaves them alone."""
+
+    kinds = (ConstantTermLayer,)
+    family = "constant term"
+
+    def propagate(self, layer, ins, shapes, graph):
+        if layer.constant_shape and layer.constant_shape[-1] > 1:
+            return ins[0].touched(layer.name)
+        return ins[0]
+
+    def resize(self, layer, cut: Cut):
+        value = layer.constant.numpy()
+        if not value.ndim or value.shape[-1] == 1:
+            return None, None
+        config = layer.get_config()
+        config["shape"] = [*value.shape[:-1], len(cut.positions[0])]
+        return config, [take(value, cut.positions[0], axis=-1)]
 
 
 class Rescaling(Handler):
