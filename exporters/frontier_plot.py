@@ -2,8 +2,8 @@
 runtime, as a chart and a table.
 
 Input is the search stage's `details` (frontier rows with `metric` (older rows: `accuracy`),
-`measured_ms`, `dense_ms`, `within_budget`, `widths`); the dense model is marked so the speedup of
-every point is visible. `details["metric"]["name"]`, when present, labels the axis.
+`measured_ms`, `dense_ms`, `start_ms`, `within_budget`, `widths`); the dense model (before any stage)
+is marked and every point's speedup is shown over it, and over the start (the model the stages left). `details["metric"]["name"]`, when present, labels the axis.
 """
 from __future__ import annotations
 
@@ -36,6 +36,9 @@ def plot_frontier(details: dict, path, dense_accuracy: float | None = None) -> P
         if dense_ms is not None and dense_accuracy is not None:
             ax.scatter([dense_ms], [dense_accuracy], color=color, marker="*", s=160, zorder=4,
                        edgecolors="black", label=f"{rt} dense")
+        start_ms = measured[0].get("start_ms", {}).get(rt)
+        if start_ms is not None and start_ms != dense_ms:
+            ax.axvline(start_ms, color=color, linestyle=":", linewidth=1, label=f"{rt} search start (after the stages)")
         ax.plot([], [], color=color, marker=marker, label=f"{rt} search points")
     ax.scatter([], [], color="none", edgecolors="gray", label="over the budget")
     ax.set_xscale("log")
@@ -56,24 +59,31 @@ def frontier_table(details: dict, dense_accuracy: float | None = None) -> str:
     runtimes = sorted({rt for r in rows for rt in r.get("predicted_ms", {})})
     head = ["point", "goal", _name(details), "within budget"]
     for rt in runtimes:
-        head += [f"{rt} p50 ms (pred.)", f"{rt} speedup"]
+        head += [f"{rt} p50 ms (pred.)", f"{rt} speedup vs dense (vs start)"]
     head.append("widths")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    if rows[0].get("dense_ms"):
+    dense_ms, start_ms = rows[0].get("dense_ms") or {}, rows[0].get("start_ms") or {}
+    if dense_ms:
         cells = ["dense", "-", f"{dense_accuracy:.4f}" if dense_accuracy is not None else "-", "-"]
         for rt in runtimes:
-            cells += [f"{rows[0]['dense_ms'].get(rt, float('nan')):.4f}", "1.00x"]
+            cells += [f"{dense_ms.get(rt, float('nan')):.4f}", "1.00x"]
+        lines.append("| " + " | ".join(cells + ["-"]) + " |")
+    if start_ms and start_ms != dense_ms:  # the model the earlier stages left, where the search began
+        cells = ["start", "-", "-", "-"]
+        for rt in runtimes:
+            cells += [f"{start_ms.get(rt, float('nan')):.4f}", f"{_ratio(dense_ms, start_ms, rt)} (1.00x)"]
         lines.append("| " + " | ".join(cells + ["-"]) + " |")
     chosen = details.get("chosen")
     for i, r in enumerate(rows):
-        label = f"**{i}** (shipped)" if i == chosen else str(i)
+        shipped = i == chosen or r.get("files") == ["pruned.keras"]  # report.json marks it by its files
+        label = f"**{i}** (shipped)" if shipped else str(i)
         cells = [label, f"{r['goal_speedup']:.2f}x", f"{_value(r):.4f}", "yes" if r["within_budget"] else "no"]
         for rt in runtimes:
             meas = r.get("measured_ms", {}).get(rt)
             pred = r.get("predicted_ms", {}).get(rt)
             cells.append(f"{meas:.4f} ({pred:.4f})" if meas is not None else f"- ({pred:.4f})")
             speed = r.get("measured_speedup", {}).get(rt)
-            cells.append(f"{speed:.2f}x" if speed is not None else "-")
+            cells.append(f"{_ratio(dense_ms, r.get('measured_ms', {}), rt)} ({speed:.2f}x)" if speed is not None else "-")
         cells.append(", ".join(f"{k} {v}" for k, v in r.get("widths", {}).items()))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -85,3 +95,10 @@ def _value(row: dict) -> float:
 
 def _name(details: dict) -> str:
     return (details.get("metric") or {}).get("name", "accuracy")
+
+
+def _ratio(base: dict, other: dict, runtime: str) -> str:
+    """base / other p50 on one runtime as "N.NNx", "-" when either was not measured."""
+    if base.get(runtime) and other.get(runtime):
+        return f"{base[runtime] / other[runtime]:.2f}x"
+    return "-"

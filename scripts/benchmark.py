@@ -525,14 +525,15 @@ def frontier_section(results: dict) -> list[str]:
     lines = ["## Frontier of the goal-less search (`fusion`)", "",
              "Every operating point the default recipe's search stage visited, from its report.json `frontier`; "
              "the shipped point is marked. Accuracy is on the budget split (x_val, else x_test) after the "
-             "point's fine-tune; measured speedups come from the search's own interleaved timing.", ""]
+             "point's fine-tune; measured speedups (over the search's start, the model the earlier stages left) "
+             "come from the search's own interleaved timing.", ""]
     for m in results["models"]:
         rows = m.get("frontier") or []
         if not rows:
             continue
         runtimes = sorted({rt for r in rows for rt in r.get("measured_speedup", {})})
         lines += [f"### {m['name']}", "",
-                  "| point | predicted | " + " | ".join(f"measured {rt}" for rt in runtimes)
+                  "| point | predicted | " + " | ".join(f"measured {rt} (vs start)" for rt in runtimes)
                   + " | accuracy | within budget | widths | shipped |",
                   "|---|---|" + "---|" * len(runtimes) + "---|---|---|---|"]
         for r in rows:
@@ -540,7 +541,7 @@ def frontier_section(results: dict) -> list[str]:
             widths = ", ".join(f"{g} {w}" for g, w in r["widths"].items())
             lines.append(f"| {r.get('point', '')} | {r['predicted_speedup']:.2f}x | {measured} | {r['accuracy']:.4f} | "
                          f"{'yes' if r['within_budget'] else 'no'} | {widths} | {'yes' if r.get('files') == ['pruned.keras'] else ''} |")
-        errors = [abs(c["error_pct"]) for c in m.get("latency_model", []) if c["model"] != "dense"]
+        errors = [abs(c["error_pct"]) for c in m.get("latency_model", []) if c["model"] not in ("dense", "start")]
         if errors:
             lines += ["", f"Latency model: median |prediction error| {float(np.median(errors)):.1f}% over "
                           f"{len(errors)} point/runtime pairs."]

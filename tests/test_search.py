@@ -320,7 +320,7 @@ def test_the_goal_less_search_refits_on_every_visited_point_and_goes_past_the_fi
         assert fit["models"] == len(search.PROBES) + 1 + len(rows)  # start, probes, then every point
         assert all(rt in r["visit_speedup"] and r["predicted_ms"][rt] > 0 for r in rows)
     checks = outcome.details["latency_model"]
-    assert {c["model"] for c in checks} == {"dense", *(f"point{i}" for i in range(len(rows)))}
+    assert {c["model"] for c in checks} == {"start", *(f"point{i}" for i in range(len(rows)))}
     assert all(np.isfinite(c["error_pct"]) and c["load_drift"] > 0 for c in checks)
 
 
@@ -353,3 +353,15 @@ def test_without_a_goal_the_search_doubles_while_measured_speed_improves():
     exhausted = _scripted([1.6], [True])
     exhausted.run([2.0, 4.0], None)
     assert exhausted.visited == [2.0, 4.0]  # nothing new to remove at 4x: done, no bisection
+
+
+def test_the_frontier_table_counts_speed_from_dense_and_marks_where_the_search_began():
+    row = {"goal_speedup": 2.0, "within_budget": True, "accuracy": 0.95, "widths": {"fc": 8},
+           "predicted_ms": {"onnxruntime": 0.3}, "measured_ms": {"onnxruntime": 0.25},
+           "measured_speedup": {"onnxruntime": 2.0}, "start_ms": {"onnxruntime": 0.5}, "dense_ms": {"onnxruntime": 1.0},
+           "files": ["pruned.keras"]}
+    table = frontier_table({"frontier": [row]}, 0.96)
+    lines = table.splitlines()
+    assert lines[2].startswith("| dense |") and "1.0000 | 1.00x" in lines[2]
+    assert lines[3].startswith("| start |") and "2.00x (1.00x)" in lines[3]  # the stages' own 2x
+    assert "(shipped)" in lines[4] and "4.00x (2.00x)" in lines[4]  # 4x over dense, 2x of it from the search

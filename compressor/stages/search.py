@@ -349,14 +349,14 @@ def apply(model, cfg: SearchStage, ctx: StageContext, amount: float = 1.0) -> St
     members = {g.name: len(g.members) for g in groups}
     lms = _tables(start, list(units), cfg, ctx)
     _log(ctx, "search: calibrating the latency tables on whole models measured on each runtime")
-    reference, dense_predicted = calibrate(lms, start, units, max(1, ctx.recipe.unit_multiple()), cfg.goal.batch)
+    reference, start_predicted = calibrate(lms, start, units, max(1, ctx.recipe.unit_multiple()), cfg.goal.batch)
     goal_less = cfg.goal.speedup is None and cfg.goal.latency_ms is None
     search = _Search(start, cfg, ctx, lms, units, floor, task, reference,
                      _target_runtimes(ctx) if goal_less else None)
     points, goal = _speed_targets(cfg, search.lm, amount)
     search.run(points, goal)
     _correct_to_goal(search, goal, cfg)
-    measured = _measure(start, search, cfg, dense_predicted)
+    measured = _measure(start, search, cfg, start_predicted, ctx.dense_model)
     best, notes = _choose(search.rows, goal, cfg, _target_runtimes(ctx), task.name)
     if not search.rows:
         notes.append(f"search: not reachable on {cfg.goal.runtime}: the latency table predicts no gain from narrower "
@@ -417,31 +417,34 @@ def _relative_goal(cfg: SearchStage, ctx: StageContext, model, start) -> tuple[S
         f"of the {cfg.goal.speedup:.2f}x goal (its speedups count from the model it was given)")
 
 
-def _measure(dense, search: _Search, cfg: SearchStage, dense_predicted: dict[str, float]) -> list[dict]:
-    """Measured p50 of dense and every point, per runtime, in one interleaved session each; fills the
-    frontier rows and returns the latency model's predicted-vs-measured rows.
+def _measure(start, search: _Search, cfg: SearchStage, start_predicted: dict[str, float], dense=None) -> list[dict]:
+    """Measured p50 of the start (the model the stages left), every point and the dense model before
+    any stage, per runtime, in one interleaved session each; fills the frontier rows (`measured_speedup`
+    over the start, `start_ms`, `dense_ms`) and returns the latency model's predicted-vs-measured rows.
 
     Each prediction was made before that model's own measurement entered the calibration (the start's
     from the probes alone, a point's when it was visited), so error_pct is an out-of-sample error.
     Predictions are in the load of the calibration session; on a shared machine this session may run
     slower or faster as a whole, so they are scaled by `load_drift` = this session's start p50 / the
     calibration session's (the start row is then compared against its calibration measurement)."""
-    checks = []
+    checks, start_ms, dense_ms = [], {}, {}
     for rt in search.lms:
-        models = {"dense": dense, **{f"point{i}": m for i, m in enumerate(search.models)}}
+        models = {"start": start, **{f"point{i}": m for i, m in enumerate(search.models)}}
+        if dense is not None and dense is not start:
+            models["dense"] = dense
         p50 = measure_models(models, rt, cfg.goal.batch, runs=MEASURE_RUNS)
-        drift = p50["dense"] / search.reference[rt]
-        rows = [("dense", dense_predicted[rt] * drift, p50["dense"])]
+        start_ms[rt] = p50["start"]
+        dense_ms[rt] = p50.get("dense", p50["start"])
+        drift = p50["start"] / search.reference[rt]
+        rows = [("start", start_predicted[rt] * drift, p50["start"])]
         for i, row in enumerate(search.rows):
             row.setdefault("measured_ms", {})[rt] = p50[f"point{i}"]
-            row.setdefault("measured_speedup", {})[rt] = p50["dense"] / p50[f"point{i}"]
+            row.setdefault("measured_speedup", {})[rt] = p50["start"] / p50[f"point{i}"]
             rows.append((f"point{i}", row["predicted_ms"][rt] * drift, p50[f"point{i}"]))
         checks += [{"runtime": rt, "model": label, "predicted_ms": pred, "measured_ms": meas, "load_drift": drift,
                     "error_pct": 100.0 * (pred - meas) / meas} for label, pred, meas in rows]
-    search.dense_measured = {rt: next(c["measured_ms"] for c in checks if c["runtime"] == rt and c["model"] == "dense")
-                             for rt in search.lms}
     for row in search.rows:
-        row["dense_ms"] = dict(search.dense_measured)
+        row["start_ms"], row["dense_ms"] = dict(start_ms), dict(dense_ms)
     return checks
 
 
