@@ -396,7 +396,8 @@ def headline_md(results: dict) -> str:
 
 def _measured(entry: dict, meta: dict) -> str:
     stamp = entry.get("measured") or {"date": meta["date"]}
-    return stamp["date"] + (f" ({stamp['commit']})" if stamp.get("commit") else "")
+    timing = f"turns of {stamp['block']}" if stamp.get("block") else "call-by-call alternation (cold caches)"
+    return stamp["date"] + (f" ({stamp['commit']})" if stamp.get("commit") else "") + f", {timing}"
 
 
 def render_page(results: dict) -> str:
@@ -649,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
         measure(entry, data, settings)
         entry["seconds"]["bench"] = round(time.perf_counter() - t, 1)
     load_after = os.getloadavg()
-    stamp = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": _commit(),
+    stamp = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": _commit(), "block": BLOCK,
              "load_average_1m": {"before_timing": round(load_before[0], 2), "after_timing": round(load_after[0], 2)}}
     for entry in entries:
         entry["measured"] = stamp
