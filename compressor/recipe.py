@@ -102,8 +102,9 @@ class DepthStage(_Strict):
     max_fraction: float = Field(1.0, ge=0.0, le=1.0, description=(
         "remove at most this fraction of the removable residual blocks (scaled by the stage's amount); "
         "the accuracy budget decides within it"))
-    step: int = Field(2, ge=1, le=100, description="blocks removed per step; each step is fine-tuned and checked "
-                      "against the accuracy budget, and a step over it is undone and retried with half as many")
+    step: int = Field(2, ge=1, le=100, description="blocks removed in the first step; each step is fine-tuned and "
+                      "checked against the accuracy budget: one within it doubles the next step, one over it is "
+                      "undone and retried with half as many")
     epochs: int = Field(2, ge=0, le=1000, description="fine-tuning epochs after each step")
     samples: int = Field(256, ge=16, le=100000, description="calibration samples the blocks are scored on")
 

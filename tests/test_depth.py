@@ -158,7 +158,8 @@ def test_token_dense_layers_get_no_block_zeros_by_default():
 
 
 def test_stepwise_removal_of_chained_mobilenetv2_blocks(digits):
-    """Steps of one block: block 5's skip is block 4's Add, gone after an earlier step."""
+    """Chained blocks: block 5's skip is block 4's Add, gone after an earlier step. Steps within the
+    budget double (1, 2, 4, then the 3 left), so 10 blocks take 4 fine-tunes, not 10."""
     keras.utils.set_random_seed(0)
     model = keras.applications.MobileNetV2(alpha=0.35, input_shape=(32, 32, 3), weights=None, classes=10)
     rgb = lambda x: np.repeat(np.pad(x.reshape(-1, 8, 8), ((0, 0), (12, 12), (12, 12)))[..., None], 3, -1)  # noqa: E731
@@ -168,4 +169,5 @@ def test_stepwise_removal_of_chained_mobilenetv2_blocks(digits):
     cfg = recipe.stages[0].model_copy(update={"max_fraction": 1.0, "step": 1, "epochs": 0, "samples": 16})
     outcome = depth.apply(model, cfg, ctx)
     assert outcome.details["removed"] == 10 and depth.residual_blocks(outcome.model) == []
+    assert [len(step["blocks"]) for step in outcome.details["steps"]] == [1, 2, 4, 3]
     assert not any(layer.name.endswith("_add") for layer in outcome.model.layers)

@@ -11,8 +11,9 @@ inverted-residual blocks of MobileNetV2/EfficientNet (their squeeze-excite and S
 Dropout included), ResNet identity blocks, and the attention or FFN sub-blocks of a transformer.
 Each block is scored alone on calibration data by how far the model's output distribution moves
 without it (mean KL divergence; no labels needed); the least important go first, a few per step,
-each step fine-tuned and checked against the budget (the recipe's metric); a step over it is undone and retried
-with half as many blocks, down to one.
+each step fine-tuned and checked against the budget (the recipe's metric). A step within it doubles the next
+one and a step over it is undone and retried with half as many blocks, down to one: a deep network (ResNet50's
+16 blocks, EfficientNet's 13-16) needs a few fine-tunes, not one per pair of blocks.
 The rebuild edits the functional config: branch layers and the Add are dropped and every reader of
 the Add reads the skip tensor instead, so the smaller model is exact when the branch output is zero.
 """
@@ -191,6 +192,7 @@ def apply(model, cfg: DepthStage, ctx: StageContext, amount: float = 1.0) -> Sta
                       "accuracy": value if task.is_accuracy else None, "within_budget": ok})
         if ok:
             current, removed = trial, removed + chunk
+            step = len(chunk) * 2
         else:
             step = len(chunk) // 2  # step back to the last model within budget, then try fewer blocks
     notes = [f"depth: removed {len(removed)} of {len(blocks)} residual blocks "
