@@ -106,6 +106,9 @@ class DepthStage(_Strict):
                       "checked against the accuracy budget: one within it doubles the next step, one over it is "
                       "undone and retried with half as many")
     epochs: int = Field(2, ge=0, le=1000, description="fine-tuning epochs after each step")
+    recover_epochs: int = Field(4, ge=0, le=1000, description=(
+        "a step over the budget gets up to this many more epochs, one at a time while each improves the metric, "
+        "before it is undone"))
     samples: int = Field(256, ge=16, le=100000, description="calibration samples the blocks are scored on")
 
 

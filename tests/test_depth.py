@@ -129,6 +129,38 @@ def test_step_over_budget_is_undone(trained_encoder):
     assert outcome.details["removed"] == 0 and outcome.details["steps"][0]["within_budget"] is False
     assert len(outcome.model.layers) == len(model.layers)
     assert "crossed the budget and was undone" in outcome.notes[0]
+    # the step got recovery epochs while they helped, then was undone all the same
+    assert 1 <= outcome.details["steps"][0]["recovery_epochs"] <= cfg.recover_epochs
+
+
+class _Metric:
+    """Stands in for the task's Keras evaluation: a fixed sequence of metric values."""
+
+    def __init__(self, values):
+        self.values = list(values)
+
+    def __call__(self, model, split="budget"):
+        return type("Score", (), {"value": self.values.pop(0)})()
+
+
+@pytest.mark.parametrize("values, epochs, kept", [
+    ([0.70, 0.74, 0.78, 0.80], 3, True),   # heals within the allowance: the step is kept
+    ([0.70, 0.74, 0.73], 2, False),         # stops improving: undone after 2 recovery epochs, not 4
+    ([0.70, 0.72, 0.74, 0.76, 0.78], 4, False),  # still over after the allowance: undone
+])
+def test_a_step_over_budget_gets_recovery_epochs_while_they_help(trained_encoder, monkeypatch, values, epochs, kept):
+    model, data = trained_encoder
+    recipe, ctx = _ctx(data, drop=0.01, baseline=0.80)
+    cfg = recipe.stages[0].model_copy(update={"epochs": 0, "max_fraction": 0.25, "step": 1})  # one block
+    task = depth.context_task(ctx)
+    monkeypatch.setattr(task, "keras", _Metric(values))
+    monkeypatch.setattr(depth, "context_task", lambda ctx: task)
+    trained = []
+    monkeypatch.setattr(depth.scoring, "finetune", lambda m, c, n, label: trained.append(n))
+    outcome = depth.apply(model, cfg, ctx)
+    step = outcome.details["steps"][0]
+    assert step["recovery_epochs"] == epochs == sum(trained) and step["within_budget"] is kept
+    assert outcome.details["removed"] == int(kept)
 
 
 def test_models_without_residual_blocks_are_left_as_is(small_mlp, digits):
