@@ -122,23 +122,11 @@ def bench_command(args, reporter) -> str:
 def _time(runners: dict, args, reporter, measure) -> list[np.ndarray]:
     """Interleaved invoke() timings. Each runner keeps its own input, so files with different
     input shapes can still be compared round by round."""
-    class _Fixed:
-        """Give measure_interleaved one shared `x` while each runner keeps its own input."""
-
-        def __init__(self, runner, x):
-            self.runner, self.x = runner, x
-
-        def set_input(self, _shared):
-            self.runner.set_input(self.x)
-
-        def invoke(self):
-            self.runner.invoke()
-
-    wrapped = {label: _Fixed(r, x) for label, (r, x) in runners.items()}
-    label = f"timing {len(wrapped)} file{'s' if len(wrapped) > 1 else ''} ({args.runs} runs, {args.warmup} warm-up)"
+    label = f"timing {len(runners)} file{'s' if len(runners) > 1 else ''} ({args.runs} runs, {args.warmup} warm-up)"
     with reporter.bar(label, args.runs) as bar:
-        out = measure(wrapped, None, args.runs, args.warmup, on_round=lambda i: bar.advance(), block=args.block)
-    return [out[label] for label in wrapped]
+        out = measure({k: r for k, (r, _) in runners.items()}, {k: x for k, (_, x) in runners.items()}, args.runs,
+                      args.warmup, on_round=lambda i: bar.advance(), block=args.block)
+    return [out[label] for label in runners]
 
 
 def render_table(result: dict) -> str:

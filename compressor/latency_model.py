@@ -214,25 +214,8 @@ def _overhead_key(batch: int) -> str:
 
 
 def _measure_each(runners: dict, x: dict, runs: int, measure) -> dict[str, np.ndarray]:
-    """measure_interleaved takes one input for all runners; entries differ in input shape, so each
-    round runs every entry once through its own input (A B C, C B A, …) via a wrapper."""
-    wrapped = {k: _FixedInput(r, x[k]) for k, r in runners.items()}
-    return measure(wrapped, x[next(iter(x))], runs, warmup=max(5, runs // 10))
-
-
-class _FixedInput:
-    """A runner that ignores the shared input and feeds its own (set once, outside the timed region)."""
-
-    def __init__(self, runner, x):
-        self.runner, self.x, self._set = runner, x, False
-
-    def set_input(self, _x) -> None:
-        if not self._set:
-            self.runner.set_input(self.x)
-            self._set = True
-
-    def invoke(self) -> None:
-        self.runner.invoke()
+    """Entries differ in input shape: each runner gets its own input, every round runs each once."""
+    return measure(runners, x, runs, warmup=max(5, runs // 10))
 
 
 def _export(model, path: Path, runtime: str) -> None:

@@ -17,11 +17,14 @@ import numpy as np
 BLOCK = 10  # calls per turn; the first of each turn is untimed
 
 
-def measure_interleaved(runners: dict[str, object], x: np.ndarray, runs: int, warmup: int,
+def measure_interleaved(runners: dict[str, object], x: np.ndarray | dict, runs: int, warmup: int,
                         on_round: Callable[[int], None] | None = None, block: int = BLOCK) -> dict[str, np.ndarray]:
-    """Per-runner invoke() times in seconds, `runs` each; the input is set outside the timed region."""
-    for runner in runners.values():
-        runner.set_input(x)
+    """Per-runner invoke() times in seconds, `runs` each; the input is set outside the timed region.
+    `x` is one input for every runner, or a dict giving each runner its own (files of different
+    input shapes, e.g. the latency tables' probes or `compressor bench` on two models)."""
+    inputs = x if isinstance(x, dict) else {label: x for label in runners}
+    for label, runner in runners.items():
+        runner.set_input(inputs[label])
         for _ in range(warmup):
             runner.invoke()
     times = {label: np.empty(runs) for label in runners}
@@ -34,10 +37,10 @@ def measure_interleaved(runners: dict[str, object], x: np.ndarray, runs: int, wa
         timed = min(per_turn, runs - done)
         for label, runner in (forward if turn % 2 == 0 else backward):  # alternate order: no position bias
             if block > 1:
-                runner.set_input(x)
+                runner.set_input(inputs[label])
                 runner.invoke()  # refills the caches the previous file evicted: not timed
             for k in range(done, done + timed):
-                runner.set_input(x)
+                runner.set_input(inputs[label])
                 start = clock()
                 runner.invoke()
                 times[label][k] = clock() - start
