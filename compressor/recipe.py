@@ -129,6 +129,9 @@ class SearchStage(_Strict):
                        "on the targets' runtimes (runtime then only sets the table the allocation follows)")
     criterion: CriterionName = Field("taylor", description="unit importance, one of compressor/criteria's names")
     epochs: int = Field(2, ge=0, le=1000, description="fine-tuning epochs after each operating point")
+    recover_epochs: int = Field(4, ge=0, le=1000, description=(
+        "a point over the budget gets up to this many more epochs, one at a time while each improves the metric, "
+        "before it counts as over"))
     points: list[float] = Field([2.0, 4.0, 8.0], min_length=0, description="frontier speedups (predicted) to visit")
     bisect: int = Field(2, ge=0, le=10, description="steps of bisection between the last good and first bad point")
     latency_cache: str | None = Field(None, description="JSON latency table to read and extend (default: per machine)")

@@ -9,7 +9,7 @@ import pytest
 
 from compressor._tf import keras
 from compressor.recipe import parse_recipe
-from compressor.stages import depth, weight
+from compressor.stages import depth, scoring, weight
 from compressor.stages.base import StageContext
 from compressor.training import accuracy, fit
 
@@ -156,7 +156,7 @@ def test_a_step_over_budget_gets_recovery_epochs_while_they_help(trained_encoder
     monkeypatch.setattr(task, "keras", _Metric(values))
     monkeypatch.setattr(depth, "context_task", lambda ctx: task)
     trained = []
-    monkeypatch.setattr(depth.scoring, "finetune", lambda m, c, n, label: trained.append(n))
+    monkeypatch.setattr(scoring, "finetune", lambda m, c, n, label: trained.append(n))
     outcome = depth.apply(model, cfg, ctx)
     step = outcome.details["steps"][0]
     assert step["recovery_epochs"] == epochs == sum(trained) and step["within_budget"] is kept

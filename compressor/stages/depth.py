@@ -169,23 +169,6 @@ def score_blocks(model, blocks: list[Block], x: np.ndarray) -> list[dict]:
     return rows
 
 
-def _recover(trial, ctx, limit: int, task, baseline: float, label: str) -> tuple[float, int]:
-    """The step's metric after up to `limit` more epochs, one at a time, spent only while it is over
-    the budget and still improving. A model that lost a block often heals with a little more training
-    than the step's own fine-tune (the encoder without its second attention block: 0.774 after 2 epochs,
-    0.805 after 6, dense 0.814), and later stages train it further; a hopeless step stops improving."""
-    value, extra = task.keras(trial).value, 0
-    while extra < limit and not task.within(baseline, value):
-        scoring.finetune(trial, ctx, 1, f"{label} (recovery)")
-        extra += 1
-        after = task.keras(trial).value
-        improved = task.drop(value, after) < 0
-        value = after
-        if not improved:
-            break
-    return value, extra
-
-
 def apply(model, cfg: DepthStage, ctx: StageContext, amount: float = 1.0) -> StageOutcome:
     blocks = residual_blocks(model)
     if not blocks:
@@ -205,7 +188,7 @@ def apply(model, cfg: DepthStage, ctx: StageContext, amount: float = 1.0) -> Sta
         trial = without_blocks(current, [by_add[r["add"]] for r in chunk])
         label = f"depth: fine-tune without {len(removed) + len(chunk)} blocks"
         scoring.finetune(trial, ctx, cfg.epochs, label)
-        value, extra = _recover(trial, ctx, cfg.recover_epochs, task, baseline, label)
+        value, extra = scoring.recover(trial, ctx, cfg.recover_epochs, task, baseline, label)
         ok = task.within(baseline, value)
         steps.append({"blocks": [r["add"] for r in chunk], "metric": value, "recovery_epochs": extra,
                       "accuracy": value if task.is_accuracy else None, "within_budget": ok})

@@ -353,6 +353,24 @@ def finetune(model, ctx, epochs: int, label: str, learning_rate: float | None = 
     return model
 
 
+def recover(model, ctx, limit: int, task, baseline: float, label: str) -> tuple[float, int]:
+    """The metric of a just fine-tuned `model` after up to `limit` more epochs, one at a time, spent
+    only while it is over the budget and still improving; and the epochs spent. A model that lost a
+    residual block or half its heads often heals with a little more training than its step's own
+    fine-tune (the encoder without its second attention block: 0.774 after 2 epochs, 0.805 after 6,
+    dense 0.814); a hopeless one stops at the first epoch that does not help."""
+    value, extra = task.keras(model).value, 0
+    while extra < limit and not task.within(baseline, value):
+        finetune(model, ctx, 1, f"{label} (recovery)")
+        extra += 1
+        after = task.keras(model).value
+        improved = task.drop(value, after) < 0
+        value = after
+        if not improved:
+            break
+    return value, extra
+
+
 def layer_details(result, extra: dict[str, dict]) -> dict[str, dict]:
     """Per-producer units before/after from the surgery result, merged with the stage's own notes."""
     out = {}

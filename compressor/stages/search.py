@@ -240,13 +240,15 @@ class _Search:
         key = tuple(sorted(total.items()))
         if not any(extra.values()) or key in self.seen:
             return None
-        model = _shrink(importance, extra, self.cfg, self.ctx, f"search: fine-tune at {speedup:.2f}x")
-        acc = self.task.keras(model).value
+        label = f"search: fine-tune at {speedup:.2f}x"
+        model = _shrink(importance, extra, self.cfg, self.ctx, label)
+        acc, recovery = scoring.recover(model, self.ctx, self.cfg.recover_epochs, self.task, self.floor, label)
         ok = self.task.within(self.floor, acc)  # the pipeline's own test, same rounding
         predicted = dense_ms / self.lm.predict(total)
         self.reached = predicted >= 0.98 * speedup  # False: widths hit their floor (fixed per-op cost)
         row = {"goal_speedup": round(speedup, 3), "predicted_speedup": round(predicted, 3), "reached": self.reached,
                "metric": acc, "accuracy": acc if self.task.is_accuracy else None, "within_budget": ok,
+               "recovery_epochs": recovery,
                "widths": {g: self.units[g] - total.get(g, 0) for g in self.units},
                "predicted_ms": {rt: lm.predict(total) for rt, lm in self.lms.items()}}
         row["visit_speedup"] = self._observe(model, total)
