@@ -10,6 +10,7 @@ import yaml
 from compressor._tf import keras
 from compressor.cli import main
 from compressor.data import load_dataset
+from exporters import targets
 from compressor.training import fit
 from tests.test_architectures import FAMILIES
 
@@ -23,10 +24,12 @@ RECIPE = {
 # The weight stage zeros Dense kernels only (conv zeros run dense: weight.conv_zeros is off), and
 # the convnets' one Dense is the classifier, which it leaves alone: it runs where it has work.
 WEIGHT = {"encoder": [{"name": "weight", "epochs": 1}]}
-# int8 export and its verification on a real architecture: MobileNetV2; the other families are
-# checked in float (each int8 target adds two converter runs per candidate scheme to the suite)
+# int8 export and its verification on a real architecture: MobileNetV2, which also runs both float
+# runtimes, as the encoder does. EfficientNetB0 and MobileNetV3Small run one runtime each: a TFLite
+# conversion of either takes about 50 s (the converter traces every layer into a SavedModel), and
+# every exporter still meets a squeeze-excite network. scripts/families.py runs all of them in both.
 RUN = {"MobileNetV2": ["tflite", "tflite-int8", "onnxruntime", "onnxruntime-int8"],
-       "EfficientNetB0": ["tflite", "onnxruntime"], "MobileNetV3Small": ["tflite", "onnxruntime"],
+       "EfficientNetB0": ["onnxruntime"], "MobileNetV3Small": ["tflite"],
        "encoder": ["tflite", "onnxruntime"]}
 
 
@@ -62,7 +65,7 @@ def test_family_runs_end_to_end(name, tmp_path, monkeypatch):
     report = json.loads((out / "report.json").read_text())
     assert all(v["ok"] for v in report["verification"]), report["verification"]
     shipped = {(r["variant"], r["runtime"]) for r in report["results"]}
-    assert shipped >= {("pruned", "tflite"), ("pruned", "onnxruntime")}
+    assert shipped >= {("pruned", targets.target(t).runtime) for t in RUN[name]}
     if "tflite-int8" in RUN[name]:
         assert shipped >= {("pruned-int8", "tflite"), ("pruned-int8", "onnxruntime")}
     narrowed = [row for row in report["layers"] if row["units_after"] < row["units_before"]]
