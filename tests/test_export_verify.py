@@ -275,3 +275,31 @@ def test_token_id_inputs_run_in_both_runtimes_and_time_without_data(tmp_path):
     dynamic = onnx_export.export_int8(plain, tmp_path / "d8.onnx", None, mode="dynamic")
     row = verify_file(dynamic, open_runner(dynamic), model, expected, ids, quantized="dynamic")
     assert row["ok"], row
+
+
+@pytest.mark.parametrize("target_name", ["tflite", "onnxruntime"])
+def test_grouped_conv_with_a_group_per_channel_exports_as_depthwise_and_verifies(tmp_path, target_name):
+    """ConvNeXt's depthwise conv as Keras 3 writes it, Conv2D(groups=C): tf-keras runs it through a
+    nested function that tf2onnx leaves as a PartitionedCall onnxruntime refuses. Both files get a
+    native depthwise op, match Keras, and every zero placed in that kernel is read back."""
+    from exporters import targets
+    from tests.test_architectures import convnext_blocks
+
+    model = convnext_blocks(blocks=1, channels=8)
+    dw = model.get_layer("dw0")
+    kernel, bias = dw.get_weights()
+    kernel[..., :3] = 0.0  # three whole channels of the depthwise kernel
+    dw.set_weights([kernel, bias])
+    x = np.random.default_rng(3).uniform(0, 1, size=(6, 32, 32, 3)).astype("float32")
+    target = targets.target(target_name)
+    path = target.export(model, tmp_path / target.filename("m"))
+    runner = open_runner(path)
+    if target_name == "tflite":
+        assert "DEPTHWISE_CONV_2D" in runner.op_names()
+    else:
+        groups = [a.i for n in onnx.load(str(path)).graph.node if n.op_type == "Conv" for a in n.attribute
+                  if a.name == "group"]
+        assert 8 in groups and not [n for n in onnx.load(str(path)).graph.node if n.op_type == "PartitionedCall"]
+    row = verify_file(path, runner, model, model.predict(x, verbose=0), x)
+    assert row["ok"], row
+    assert row["zeros_in_file"] == kernel_zeros(model)[0] >= 3 * 49

@@ -4,7 +4,7 @@ row folded onto its kept twin when the cluster stage merges units)."""
 from __future__ import annotations
 
 from compressor._tf import keras
-from compressor.layers.export_forms import dense_form
+from compressor.layers.export_forms import dense_form, grouped_conv_form
 from compressor.layers.base import (CROSS_UNIT_ACTIVATIONS, Blocked, Cut, Handler, activation_name, fold_rows,
                                     map_weights, positions, size, take)
 from compressor.layers.layout import single
@@ -62,6 +62,8 @@ class DenseConv(Handler):
         return positions(out_shape, int(units)) * size(layer.kernel, nonzero_only)
 
     def export_form(self, layer, input_shapes, call_kwargs):
+        if _depthwise_like(layer):
+            return grouped_conv_form(layer, input_shapes)
         return dense_form(layer, input_shapes) if type(layer) is _L.Dense else None
 
 

@@ -1,4 +1,5 @@
-"""Export forms: static-shape stand-ins for layers whose tf-keras code computes shapes at run time.
+"""Export forms: static-shape stand-ins for layers whose tf-keras code computes shapes at run time
+(and the depthwise form of a grouped conv with one group per channel, see GroupedAsDepthwise).
 
 Why: the exported files keep a dynamic batch dimension, and tf-keras' `Dense` on a rank-3 input
 (`tf.tensordot`), `EinsumDense`/`MultiHeadAttention` (`tf.einsum`) and `LayerNormalization` (its
@@ -140,6 +141,39 @@ class StaticLayerNorm(_ExportLayer):
         if hasattr(self, "beta"):
             y = y + self.beta
         return y
+
+
+class GroupedAsDepthwise(_ExportLayer):
+    """A Conv2D with one group per channel (Keras 3 ConvNeXt writes its depthwise conv so) as the
+    depthwise conv it computes: tf-keras runs a grouped Conv2D through a nested tf.function, which
+    tf2onnx leaves as a PartitionedCall that onnxruntime refuses (the whole dense ConvNeXt file),
+    and both converters have a native depthwise op. Kernel (kh, kw, 1, C) -> (kh, kw, C, 1)."""
+
+    def __init__(self, layer):
+        values = {"depthwise_kernel": np.transpose(layer.kernel.numpy(), (0, 1, 3, 2))}
+        if layer.use_bias:
+            values["bias"] = layer.bias.numpy()
+        super().__init__(values, layer.name)
+        self._strides = (1, *layer.strides, 1)
+        self._padding = layer.padding.upper()
+        self._dilations = tuple(layer.dilation_rate)
+        self._activation = layer.activation
+        self._activation_name = getattr(layer.activation, "__name__", "")
+
+    def call(self, inputs):
+        y = tf.nn.depthwise_conv2d(inputs, self.depthwise_kernel, self._strides, self._padding,
+                                   dilations=self._dilations)
+        if hasattr(self, "bias"):
+            y = y + self.bias
+        return _apply_activation(self._activation_name, self._activation, y)
+
+
+def grouped_conv_form(layer, input_shapes):
+    if not isinstance(layer, keras.layers.Conv2D) or layer.data_format != "channels_last":
+        return None
+    if len(input_shapes) != 1 or not _static(input_shapes[0]):
+        return None
+    return GroupedAsDepthwise(layer)
 
 
 def dense_form(layer, input_shapes):
