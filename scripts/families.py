@@ -147,7 +147,9 @@ def render(rows: list[dict]) -> str:
              "training budget; `--update` merges a new sweep into this page). The default recipe unless named, "
              "Keras 3 models at 32x32x3 (encoder: 28 rows as tokens), trained briefly on mnist5k; batch 1, 1 "
              "thread, the pipeline's own benchmark (report.json). Dense models trained this briefly can sit near "
-             "chance: a speedup is then real but says nothing about what the model would keep at full accuracy.",
+             "chance: a speedup is then real but says nothing about what the model would keep at full accuracy. "
+             "MobileNetV2, EfficientNetB0 and the encoder, trained longer and timed beside the tfmot peer, are in "
+             "docs/BENCHMARKS.md.",
              "", "| family | exit | verified | accuracy dense -> pruned | LiteRT | onnxruntime | gzip smaller (LiteRT / "
              "onnxruntime) | MACs | run time | measured |",
              "|---|---|---|---|---|---|---|---|---|---|"]
