@@ -604,7 +604,7 @@ def _merged(previous: Path, results: dict) -> dict:
     models = sorted(kept + results["models"], key=lambda e: order.index(e["name"]) if e["name"] in order else len(order))
     if not kept:  # every model re-measured: this run alone
         return results
-    updates = old["meta"].get("updates", []) + [results["meta"]["command"]]
+    updates = list(dict.fromkeys(old["meta"].get("updates", []) + [results["meta"]["command"]]))  # each command once
     meta = dict(results["meta"], command=old["meta"]["command"], updates=updates)  # date, load, recipe: this run's
     return {"meta": meta, "models": models}
 
