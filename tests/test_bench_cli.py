@@ -215,6 +215,21 @@ def test_suite_update_keeps_other_models_and_refuses_another_machine(tmp_path):
     assert merged["meta"]["updates"] == ["python scripts/benchmark.py --update --models cnn"]
     assert merged["meta"]["command"] == "python scripts/benchmark.py" and merged["meta"]["date"] == "d1"
     assert script._public_args(["--update", "--work", "/w", "--out=/o", "--models", "cnn"]) == ["--update", "--models", "cnn"]
+    (tmp_path / "benchmarks.json").write_text(json.dumps(merged))
+    again = script._merged(tmp_path / "benchmarks.json", new)  # the same command twice is listed once
+    assert again["meta"]["updates"] == ["python scripts/benchmark.py --update --models cnn"]
     other = dict(new, meta=dict(new["meta"], machine={"cpu": "B"}))
     with pytest.raises(SystemExit, match="another machine"):
         script._merged(tmp_path / "benchmarks.json", other)
+
+
+def test_families_update_replaces_a_familys_row_and_keeps_the_others_in_page_order():
+    """A sweep of several hours is run in parts: `families.py --update` merges each into the page."""
+    script = _load_script("families")
+    previous = [{"family": "encoder", "exit": 1, "measured": "a"}, {"family": "MobileNetV2", "exit": 0, "measured": "a"}]
+    rows = [{"family": "encoder", "exit": 0, "measured": "b"}, {"family": "ResNet50", "exit": 0, "measured": "b"}]
+    page = script.merged(previous, rows, ["MobileNetV2", "ResNet50", "encoder"])
+    assert [(r["family"], r["exit"], r["measured"]) for r in page] == [
+        ("MobileNetV2", 0, "a"), ("ResNet50", 0, "b"), ("encoder", 0, "b")]
+    table = script.render(page)
+    assert "| ResNet50 | 0 |" in table and table.count("\n| ") == 1 + len(page)  # the header, then one row each
