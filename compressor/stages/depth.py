@@ -13,8 +13,8 @@ Each block is scored alone on calibration data by how far the model's output dis
 without it (mean KL divergence; no labels needed); the least important go first, a few per step,
 each step fine-tuned and checked against the budget (the recipe's metric). A step over it gets a few more
 epochs while they help (`recover_epochs`). A step within it doubles the next one and a step still over it is
-undone and retried with half as many blocks, down to one: a deep network (ResNet50's
-16 blocks, EfficientNet's 13-16) needs a few fine-tunes, not one per pair of blocks.
+undone and retried with half as many blocks, down to one: a deep network (ConvNeXtTiny's 18
+blocks) needs a few fine-tunes, not one per pair of blocks.
 The rebuild edits the functional config: branch layers and the Add are dropped and every reader of
 the Add reads the skip tensor instead, so the smaller model is exact when the branch output is zero.
 """
