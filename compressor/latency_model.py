@@ -246,34 +246,37 @@ class LayerTerm:
         return [(i, o) for i in self.ins for o in self.outs]
 
 
-def _probe(model, group_names: list[str], terms: dict[str, LayerShape]):
-    """Which layers' input/output widths change when a group loses one unit (one surgery per group)."""
+def probe(model, group_names: list[str]) -> dict[str, tuple[dict[str, int], dict[str, int]]]:
+    """Per measured layer, how many input and output channels it loses per unit removed from each
+    group: {layer: (a_in, a_out)}, found by one surgery per group on `model` (which stays as it is).
+    The runtimes' tables share it: surgery on a deep network costs seconds per group."""
     from compressor.stages import scoring
 
-    a_in = {n: {} for n in terms}
-    a_out = {n: {} for n in terms}
+    shapes = {l.name: s for l in model.layers if (s := layer_shape(l)) is not None}
+    found = {n: ({}, {}) for n in shapes}
     for g in group_names:
-        smaller, _ = scoring.remove(scoring.copy(model), {g: [0]})
-        for name, shape in terms.items():
+        smaller, _ = scoring.remove(model, {g: [0]})  # a new model; `model` keeps its units
+        for name, shape in shapes.items():
             layer = smaller.get_layer(name)
-            d_in = shape.in0 - in_width(layer)
-            d_out = shape.out0 - out_width(layer)
-            if d_in:
-                a_in[name][g] = d_in
-            if d_out:
-                a_out[name][g] = d_out
-    return a_in, a_out
+            for lost, width, full in ((found[name][0], in_width(layer), shape.in0),
+                                      (found[name][1], out_width(layer), shape.out0)):
+                if full - width:
+                    lost[g] = full - width
+    return found
 
 
 class LatencyModel:
     """Predicted p50 (ms) of `model` with some units removed per group, on one runtime."""
 
     def __init__(self, model, group_names: list[str], runtime: str, batch: int = 1, step: int = 8,
-                 cache: str | Path | None = None, runs: int = 200):
+                 cache: str | Path | None = None, runs: int = 200, couplings: dict | None = None):
+        """`couplings`: `probe(model, group_names)` when several runtimes' models share one."""
         self.runtime, self.batch = runtime, batch
         self.table = LatencyTable.open(runtime, cache)
         shapes = {l.name: s for l in model.layers if (s := layer_shape(l)) is not None}
-        a_in, a_out = _probe(model, group_names, shapes)
+        couplings = couplings if couplings is not None else probe(model, group_names)
+        a_in = {n: couplings[n][0] for n in shapes}
+        a_out = {n: couplings[n][1] for n in shapes}
         self.terms = []
         for name, shape in shapes.items():
             diagonal = bool(a_in[name]) and a_in[name] == a_out[name] and len(a_in[name]) == 1

@@ -26,7 +26,6 @@ import math
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +39,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 import numpy as np  # noqa: E402
 
 import models as suite  # noqa: E402  (scripts/models.py)
+import provenance  # noqa: E402  (scripts/provenance.py)
 from compressor._tf import keras  # noqa: E402
 from exporters import targets as registry  # noqa: E402
 from exporters.latency import BLOCK  # noqa: E402
@@ -580,16 +580,6 @@ def _public_args(argv: list[str]) -> list[str]:
     return shown
 
 
-def _commit() -> str | None:
-    """The checkout's commit, so a page that mixes runs says which code made each row."""
-    try:
-        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() or None
-
-
 def _merged(previous: Path, results: dict) -> dict:
     """`results` plus the models of an earlier run on this machine that were not re-measured now."""
     if not previous.is_file():
@@ -601,7 +591,7 @@ def _merged(previous: Path, results: dict) -> dict:
     fresh = {e["name"] for e in results["models"]}
     kept = [e for e in old["models"] if e["name"] not in fresh]
     order = list(suite.MODELS)
-    models = sorted(kept + results["models"], key=lambda e: order.index(e["name"]) if e["name"] in order else len(order))
+    models = provenance.in_order(kept + results["models"], "name", order)
     if not kept:  # every model re-measured: this run alone
         return results
     updates = list(dict.fromkeys(old["meta"].get("updates", []) + [results["meta"]["command"]]))  # each command once
@@ -650,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
         measure(entry, data, settings)
         entry["seconds"]["bench"] = round(time.perf_counter() - t, 1)
     load_after = os.getloadavg()
-    stamp = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": _commit(), "block": BLOCK,
+    stamp = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": provenance.commit(), "block": BLOCK,
              "load_average_1m": {"before_timing": round(load_before[0], 2), "after_timing": round(load_after[0], 2)}}
     for entry in entries:
         entry["measured"] = stamp

@@ -21,6 +21,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import provenance  # noqa: E402  (scripts/provenance.py)
+
 CLASSES = 10
 
 
@@ -129,8 +132,7 @@ def run_family(name: str, args, work: Path) -> dict:
 
 def _stamp(args) -> str:
     """Which code ran on which training budget, and when: rows of several sweeps share one page."""
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    return (f"{commit.stdout.strip() or 'unknown'}, {time.strftime('%Y-%m-%d', time.gmtime())}, "
+    return (f"{provenance.commit() or 'unknown'}, {time.strftime('%Y-%m-%d', time.gmtime())}, "
             f"--train {args.train} --epochs {args.epochs}{' --recipe ' + args.recipe if args.recipe else ''}")
 
 
@@ -138,7 +140,7 @@ def merged(previous: list[dict], rows: list[dict], order: list[str]) -> list[dic
     """The page's rows after this sweep: a family run now replaces its earlier row, others stay."""
     by_family = {r["family"]: r for r in previous}
     by_family.update({r["family"]: r for r in rows})
-    return sorted(by_family.values(), key=lambda r: order.index(r["family"]) if r["family"] in order else len(order))
+    return provenance.in_order(list(by_family.values()), "family", order)
 
 
 def render(rows: list[dict]) -> str:

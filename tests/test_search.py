@@ -367,3 +367,22 @@ def test_the_frontier_table_counts_speed_from_dense_and_marks_where_the_search_b
     assert lines[2].startswith("| dense |") and "1.0000 | 1.00x" in lines[2]
     assert lines[3].startswith("| start |") and "2.00x (1.00x)" in lines[3]  # the stages' own 2x
     assert "(shipped)" in lines[4] and "4.00x (2.00x)" in lines[4]  # 4x over dense, 2x of it from the search
+
+
+def test_couplings_probed_once_follow_mobilenetv2s_residual_groups_and_leave_the_model_whole():
+    """The search probes each group once for both runtimes' tables (surgery on a deep network costs
+    seconds per group); a residual group's probe must reach every conv that reads or writes it."""
+    from compressor.latency_model import probe
+
+    model = keras.applications.MobileNetV2(alpha=0.35, input_shape=(32, 32, 3), weights=None, classes=10)
+    before = {l.name: w.shape for l in model.layers for w in l.get_weights()}
+    groups = {g.name: g for g in search.search_groups(model)}
+    found = probe(model, list(groups))
+    assert {l.name: w.shape for l in model.layers for w in l.get_weights()} == before  # nothing cut in place
+    residual = next(g for g in groups.values() if "block_2_project" in g.members)
+    writers = {name for name, (_, a_out) in found.items() if a_out.get(residual.name)}
+    readers = {name for name, (a_in, _) in found.items() if a_in.get(residual.name)}
+    assert {"block_1_project", "block_2_project"} <= writers
+    assert {"block_2_expand", "block_3_expand"} <= readers
+    expand = next(g for g in groups.values() if g.members == ["block_3_expand"])
+    assert found["block_3_depthwise"] == ({expand.name: 1}, {expand.name: 1})  # depthwise follows its input

@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from compressor import criteria
-from compressor.latency_model import RUNTIMES, LatencyModel, measure_models
+from compressor.latency_model import RUNTIMES, LatencyModel, measure_models, probe
 from compressor.recipe import SearchStage
 from compressor.stages import scoring
 from compressor.stages.activation import unit_scores
@@ -147,11 +147,12 @@ def _tables(model, names: list[str], cfg: SearchStage, ctx: StageContext) -> dic
     from compressor.latency_model import default_cache
 
     step = max(1, ctx.recipe.unit_multiple())
+    couplings = probe(model, names)
     out = {}
     for rt in RUNTIMES:
         cache = Path(cfg.latency_cache) / default_cache(rt).name if cfg.latency_cache else None
         _log(ctx, f"search: latency table for {rt} (cached entries are reused)")
-        out[rt] = LatencyModel(model, names, rt, cfg.goal.batch, step, cache)
+        out[rt] = LatencyModel(model, names, rt, cfg.goal.batch, step, cache, couplings=couplings)
     return out
 
 
