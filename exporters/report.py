@@ -68,8 +68,9 @@ def _header(report: dict) -> list[str]:
     budget = (f"accuracy budget: {metric['budget'] * 100:.1f} points" if report["baseline"].get("accuracy") is not None
               else f"budget: {metric['budget']:g} {metric['name']} ({metric['direction']} is better)")
     on = f" (output '{metric['output']}')" if len(metric.get("per_output") or []) > 1 else ""
-    return lines + [f"Dense baseline test {metric['name']}{on}: **{_baseline(report):.4f}**; targets: "
-                    f"{', '.join(report['recipe']['targets'])}; {budget}{_multiple(report)}.", ""]
+    lines += [f"Dense baseline test {metric['name']}{on}: **{_baseline(report):.4f}**; targets: "
+              f"{', '.join(report['recipe']['targets'])}; {budget}{_multiple(report)}.", ""]
+    return lines + [f"**Note: {line}**" for line in report.get("baseline_notes", [])] + ([""] if report.get("baseline_notes") else [])
 
 
 def _multiple(report: dict) -> str:
