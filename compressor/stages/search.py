@@ -147,6 +147,7 @@ def _tables(model, names: list[str], cfg: SearchStage, ctx: StageContext) -> dic
     from compressor.latency_model import default_cache
 
     step = max(1, ctx.recipe.unit_multiple())
+    _log(ctx, f"search: which layers each of {len(names)} groups narrows (one surgery per group)")
     couplings = probe(model, names)
     out = {}
     for rt in RUNTIMES:
