@@ -233,3 +233,19 @@ def test_families_update_replaces_a_familys_row_and_keeps_the_others_in_page_ord
         ("MobileNetV2", 0, "a"), ("ResNet50", 0, "b"), ("encoder", 0, "b")]
     table = script.render(page)
     assert "| ResNet50 | 0 |" in table and table.count("\n| ") == 1 + len(page)  # the header, then one row each
+
+
+def test_families_row_shows_the_best_stage_beside_an_undertrained_dense_model(tmp_path):
+    """MobileNetV3Large's sweep row read 0.102 -> 0.181, hiding that the stages had reached 0.939."""
+    script = _load_script("families")
+    row = lambda variant, runtime, acc, ms: {"variant": variant, "runtime": runtime, "batch": 1, "threads": 1,  # noqa: E731
+                                            "accuracy": acc, "latency_ms": {"p50": ms}, "gzip_bytes": 100, "flops": 10}
+    report = {"results": [row("dense", "tflite", 0.102, 1.0), row("pruned", "tflite", 0.181, 0.1)],
+              "verification": [{"ok": True}], "baseline_notes": ["the dense model looks undertrained: …"],
+              "stages": [{"name": "depth", "metric_after": 0.915}, {"name": "sparse_opt", "metric_after": 0.939},
+                         {"name": "search", "metric_after": 0.181}]}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    summary = script._summary(tmp_path)
+    assert summary["accuracy_stages_best"] == 0.939 and summary["notes"] == report["baseline_notes"]
+    table = script.render([{"family": "MobileNetV3Large", "exit": 0, **summary}])
+    assert "0.102 -> 0.181 (best stage 0.939)" in table
