@@ -287,22 +287,57 @@ class LatencyModel:
         wanted = {t.shape.key(i, o, batch): (t.shape, i, o) for t in self.terms for i, o in t.points()}
         self.entries = len(wanted)
         self.table.ensure(wanted, batch, runs)
+        self._grids: dict[str, np.ndarray] = {}  # term name -> its measured grid (ms), see `_entry`
+        self._memo: dict[tuple[str, int, int], float] = {}
+        self._reach: dict[str, list[int]] = {}  # group -> indices of the terms whose widths it changes
+        for i, t in enumerate(self.terms):
+            for g in set(t.a_in) | set(t.a_out):
+                self._reach.setdefault(g, []).append(i)
+        self._start: dict[str, int] = {}  # the last fully computed removal, and its per-term ms (`layer_ms`)
+        self._start_ms: list[float] | None = None
         self.fit = (0.0, 1.0)  # (a, b): identity until whole models are observed
         self.samples: list[tuple[float, float]] = []  # (table_sum, measured ms) of whole models
 
     def _entry(self, term: LayerTerm, w_in: int, w_out: int) -> float:
-        key = term.shape.key
+        """A layer's interpolated table entry at these widths. The search's allocation asks for the
+        same few widths of every layer thousands of times (DenseNet121: ~120 layers per prediction,
+        several predictions per group per step), so each term's grid is read once and each answer kept."""
+        known = self._memo.get((term.name, w_in, w_out))
+        if known is not None:
+            return known
+        grid_ms = self._grids.get(term.name)
+        if grid_ms is None:  # read on first use: the table is complete by then
+            key = term.shape.key
+            grid_ms = self._grids[term.name] = (
+                np.array([self.table.entries[key(*p, self.batch)] for p in term.points()]) if term.diagonal
+                else np.array([[self.table.entries[key(i, o, self.batch)] for o in term.outs] for i in term.ins]))
         if term.diagonal:
-            xs = term.outs
-            return float(np.interp(w_out, xs, [self.table.entries[key(*p, self.batch)] for p in term.points()]))
-        grid_ms = np.array([[self.table.entries[key(i, o, self.batch)] for o in term.outs] for i in term.ins])
-        along_out = np.array([np.interp(w_out, term.outs, row) for row in grid_ms])
-        return float(np.interp(w_in, term.ins, along_out))
+            value = float(np.interp(w_out, term.outs, grid_ms))
+        else:
+            along_out = np.array([np.interp(w_out, term.outs, row) for row in grid_ms])
+            value = float(np.interp(w_in, term.ins, along_out))
+        self._memo[(term.name, w_in, w_out)] = value
+        return value
 
     def layer_ms(self, removed: dict[str, int]) -> dict[str, float]:
-        """Each measured layer's own cost (its entry minus the per-model overhead)."""
-        base = self.table.overhead(self.batch)
-        return {t.name: max(0.0, self._entry(t, *t.widths(removed)) - base) for t in self.terms}
+        """Each measured layer's own cost (its entry minus the per-model overhead).
+
+        The allocation asks about many removals that each differ from the last in a group or two: only
+        the layers those groups reach are recomputed (DenseNet121: a handful of its ~120 layers). When
+        they reach many layers, everything is recomputed and this removal becomes the new start."""
+        changed = {g for g in set(removed) | set(self._start) if removed.get(g, 0) != self._start.get(g, 0)}
+        reached = {i for g in changed for i in self._reach.get(g, ())}
+        if self._start_ms is None or len(reached) > len(self.terms) // 4:
+            self._start = {g: k for g, k in removed.items() if k}
+            self._start_ms = [self._layer(t, removed) for t in self.terms]
+            return dict(zip((t.name for t in self.terms), self._start_ms))
+        values = list(self._start_ms)
+        for i in reached:
+            values[i] = self._layer(self.terms[i], removed)
+        return dict(zip((t.name for t in self.terms), values))
+
+    def _layer(self, term: LayerTerm, removed: dict[str, int]) -> float:
+        return max(0.0, self._entry(term, *term.widths(removed)) - self.table.overhead(self.batch))
 
     def table_sum(self, removed: dict[str, int] | None = None) -> float:
         """The uncalibrated per-layer prediction (ms)."""

@@ -133,7 +133,7 @@ def render_markdown(report: dict, plots: list[str]) -> str:
     lines += ["", "## Verification", "", "| file | max abs diff | prediction agreement | zeros expected | zeros in file | ok |",
               "|---|---|---|---|---|---|"]
     for v in report["verification"]:
-        ok = "ok" if v["ok"] else f"FAILED: {v.get('problem', '')}"
+        ok = (f"ok ({v['note']})" if v.get("note") else "ok") if v["ok"] else f"FAILED: {v.get('problem', '')}"
         lines.append(f"| {v['file']} | {v['max_abs_diff']:.2e} | {v['prediction_agreement']:.2%} | {v['zeros_expected']:,} | "
                      f"{v['zeros_in_file']:,} | {ok} |")
     if report.get("execution"):

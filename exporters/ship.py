@@ -187,6 +187,7 @@ def choose_int8(target, pruned, recipe, data, out: Path, reporter, notes: list[s
         "reference_accuracy": reference if judge.is_accuracy else None, "reference_metric": reference,
         "metric": judge.name, "max_accuracy_drop": recipe.max_accuracy_drop, "budget": judge.budget,
         "float_file": float_path.name, "float_p50_ms": float_p50,
+        "within_budget": bool(judge.drop(reference, chosen["metric"]) <= judge.budget),
         "candidates": [{k: c.get(k) for k in ("scheme", "accuracy", "metric", "p50_ms", "resolver", "skipped")}
                        for c in found],
     }
@@ -202,6 +203,7 @@ def verify_all(shipped: Shipped, x_check: np.ndarray, reporter) -> list[dict]:
     reporter.step("verifying every exported file")
     expected = {}
     rows = []
+    held = {rec["file"]: rec.get("within_budget", False) for rec in shipped.int8}  # int8 score measured in budget
     for art, model, quantization in zip(shipped.artifacts, shipped.models, shipped.quantization):
         if id(model) not in expected:
             out = model.predict(x_check, batch_size=256, verbose=0)
@@ -210,7 +212,8 @@ def verify_all(shipped: Shipped, x_check: np.ndarray, reporter) -> list[dict]:
         if note and note not in art.notes:
             art.notes.append(note)
             reporter.warn(note)
-        rows.append(verify_file(art.path, runner, model, expected[id(model)], x_check, quantized=quantization))
+        rows.append(verify_file(art.path, runner, model, expected[id(model)], x_check, quantized=quantization,
+                                accuracy_held=held.get(Path(art.path).name, False)))
     return rows
 
 

@@ -161,12 +161,15 @@ def _agreement(outputs: np.ndarray, keras_outputs: np.ndarray) -> float:
 
 
 def verify_file(path: str | Path, runner, keras_model, keras_outputs: np.ndarray, x: np.ndarray,
-                quantized: str | None = None) -> dict:
+                quantized: str | None = None, accuracy_held: bool = False) -> dict:
     """One verification row (CONTRACTS.md); `ok` false names why in `problem`.
 
     `quantized` describes the int8 scheme of an int8 file (for the report); its expected zeros are
     the Keras zeros plus the weights that round to zero under the file's own scales. A multi-output
     model's `keras_outputs` is a list: every output is compared (the file's matched by name).
+    `accuracy_held`: the int8 file's own score was measured within the budget of its float model's. Low
+    top-1 agreement then comes from rounding on a model with few decisive predictions (EfficientNetB3
+    near chance: 93.6%, while its int8 accuracy matched), not from a broken file: a note, not a failure.
     """
     if isinstance(keras_outputs, (list, tuple)):
         pairs_out = list(zip(runner.predict_outputs(x, list(keras_model.output_names)), keras_outputs))
@@ -195,10 +198,14 @@ def verify_file(path: str | Path, runner, keras_model, keras_outputs: np.ndarray
     elif in_file != expected:
         problems.append(f"file stores {in_file} zero weights, expected {expected}"
                         + (f" ({kept} weight(s) that round to zero stored non-zero)" if kept else ""))
-    if quantized:
-        if agreement < MIN_AGREEMENT:
+    note = None
+    if quantized and agreement < MIN_AGREEMENT:
+        if accuracy_held:
+            note = (f"int8 predictions agree with Keras on {agreement:.1%} of samples, but the file's measured "
+                    "score is within the budget of the float model's: rounding flips near-ties, nothing is lost")
+        else:
             problems.append(f"int8 predictions agree with Keras on only {agreement:.1%} of samples")
-    elif worst > tolerance:
+    elif not quantized and worst > tolerance:
         problems.append(f"outputs differ from Keras by {worst:.2e} (> {tolerance:.2g})")
     row = {
         "file": Path(path).name,
@@ -212,6 +219,8 @@ def verify_file(path: str | Path, runner, keras_model, keras_outputs: np.ndarray
     if quantized:
         row["pruned_zeros"] = pruned_zeros  # zeros in the Keras kernels; the rest come from int8 rounding
         row["quantization"] = quantized
+    if note:
+        row["note"] = note
     if problems:
         row["problem"] = "; ".join(problems)
     return row
