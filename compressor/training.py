@@ -52,29 +52,36 @@ def predictions(model: keras.Model, x: np.ndarray, batch_size: int = 256) -> np.
     return model.predict(x, batch_size=batch_size, verbose=0)
 
 
-def kernel_masks(model: keras.Model) -> dict[str, np.ndarray]:
-    """Where each kernel is zero now; these zeros must stay zero."""
+def kernel_masks(model: keras.Model) -> dict[tuple[str, int], np.ndarray]:
+    """Where each kernel is zero now; these zeros must stay zero. Keyed by (layer name, index among its
+    trainable weights), not by the weight's name: a model rebuilt from its config (the depth stage's
+    trials) can name every kernel `kernel:0`, and masks keyed by that name landed on the wrong weight
+    (ResNet50V2: a 3x3x512x512 mask on the 2048x10 classifier)."""
     masks = {}
     for layer in model.layers:
-        for weight in layer.trainable_weights:
+        for i, weight in enumerate(layer.trainable_weights):
             if len(weight.shape) >= 2:
                 value = weight.numpy()
                 if np.any(value == 0):
-                    masks[weight.name] = value != 0
+                    masks[(layer.name, i)] = value != 0
     return masks
 
 
 class HoldZeros(keras.callbacks.Callback):
     """Re-apply fixed masks after every training batch so pruned weights never regrow."""
 
-    def __init__(self, masks: dict[str, np.ndarray]):
+    def __init__(self, masks: dict[tuple[str, int], np.ndarray]):
         super().__init__()
         self.masks = masks
         self._targets: list = []
 
     def on_train_begin(self, logs=None):
-        by_name = {w.name: w for w in self.model.weights}
-        self._targets = [(by_name[n], tf.constant(m, dtype=by_name[n].dtype)) for n, m in self.masks.items() if n in by_name]
+        layers = {layer.name: layer for layer in self.model.layers}
+        self._targets = []
+        for (name, i), mask in self.masks.items():
+            weights = layers[name].trainable_weights if name in layers else []
+            if i < len(weights) and tuple(weights[i].shape) == mask.shape:
+                self._targets.append((weights[i], tf.constant(mask, dtype=weights[i].dtype)))
         self._apply()
 
     def on_train_batch_end(self, batch, logs=None):

@@ -57,3 +57,27 @@ def test_hold_zeros_callback_reapplies_masks():
     model.compile("sgd", "mse")
     model.fit(np.ones((8, 2)), np.ones((8, 3)), epochs=2, verbose=0, callbacks=[HoldZeros(masks)])
     assert np.all(model.get_weights()[0][0] == 0)
+
+
+def test_zeros_of_every_kernel_are_held_in_a_model_the_depth_stage_rebuilt():
+    """A model rebuilt from its config can name every kernel `kernel:0`: masks keyed by weight name then
+    held one kernel's zeros at most, or put a mask on a weight of another shape (ResNet50V2's run)."""
+    from compressor.stages.depth import residual_blocks, without_blocks
+
+    keras.utils.set_random_seed(0)
+    model = keras.applications.MobileNetV2(alpha=0.35, input_shape=(32, 32, 3), weights=None, classes=10)
+    trial = without_blocks(model, residual_blocks(model)[:1])
+    zeroed = ("Conv1", "block_16_project", "predictions")
+    for name in zeroed:
+        layer = trial.get_layer(name)
+        kernel, *rest = layer.get_weights()
+        kernel[..., :2] = 0
+        layer.set_weights([kernel, *rest])
+    masks = kernel_masks(trial)
+    assert {name for name, _ in masks} == set(zeroed)
+    trial.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
+    rng = np.random.default_rng(0)
+    trial.fit(rng.random((32, 32, 32, 3), dtype=np.float32), rng.integers(0, 10, 32), epochs=1, verbose=0,
+              callbacks=[HoldZeros(masks)])
+    for name in zeroed:
+        assert np.all(trial.get_layer(name).get_weights()[0][..., :2] == 0), name
