@@ -110,6 +110,11 @@ def layer_shape(layer) -> LayerShape | None:
     return LayerShape(kind, cfg, tuple(int(d) for d in shape[1:-1]), int(shape[-1]), out_width(layer))
 
 
+def measured_shapes(model) -> dict[str, LayerShape]:
+    """Layer name -> table key, for every layer the latency model measures."""
+    return {l.name: s for l in model.layers if (s := layer_shape(l)) is not None}
+
+
 def _query_shape(layer):
     """Self-attention's input shape (query = value); None for cross-attention, which the table does not cover."""
     shapes = layer.input_shape
@@ -252,7 +257,7 @@ def probe(model, group_names: list[str]) -> dict[str, tuple[dict[str, int], dict
     The runtimes' tables share it: surgery on a deep network costs seconds per group."""
     from compressor.stages import scoring
 
-    shapes = {l.name: s for l in model.layers if (s := layer_shape(l)) is not None}
+    shapes = measured_shapes(model)
     found = {n: ({}, {}) for n in shapes}
     for g in group_names:
         smaller, _ = scoring.remove(model, {g: [0]})  # a new model; `model` keeps its units
@@ -273,7 +278,7 @@ class LatencyModel:
         """`couplings`: `probe(model, group_names)` when several runtimes' models share one."""
         self.runtime, self.batch = runtime, batch
         self.table = LatencyTable.open(runtime, cache)
-        shapes = {l.name: s for l in model.layers if (s := layer_shape(l)) is not None}
+        shapes = measured_shapes(model)
         couplings = couplings if couplings is not None else probe(model, group_names)
         a_in = {n: couplings[n][0] for n in shapes}
         a_out = {n: couplings[n][1] for n in shapes}
@@ -327,17 +332,18 @@ class LatencyModel:
         they reach many layers, everything is recomputed and this removal becomes the new start."""
         changed = {g for g in set(removed) | set(self._start) if removed.get(g, 0) != self._start.get(g, 0)}
         reached = {i for g in changed for i in self._reach.get(g, ())}
+        base = self.table.overhead(self.batch)
         if self._start_ms is None or len(reached) > len(self.terms) // 4:
             self._start = {g: k for g, k in removed.items() if k}
-            self._start_ms = [self._layer(t, removed) for t in self.terms]
+            self._start_ms = [self._layer(t, removed, base) for t in self.terms]
             return dict(zip((t.name for t in self.terms), self._start_ms))
         values = list(self._start_ms)
         for i in reached:
-            values[i] = self._layer(self.terms[i], removed)
+            values[i] = self._layer(self.terms[i], removed, base)
         return dict(zip((t.name for t in self.terms), values))
 
-    def _layer(self, term: LayerTerm, removed: dict[str, int]) -> float:
-        return max(0.0, self._entry(term, *term.widths(removed)) - self.table.overhead(self.batch))
+    def _layer(self, term: LayerTerm, removed: dict[str, int], base: float) -> float:
+        return max(0.0, self._entry(term, *term.widths(removed)) - base)
 
     def table_sum(self, removed: dict[str, int] | None = None) -> float:
         """The uncalibrated per-layer prediction (ms)."""

@@ -241,10 +241,9 @@ def undertrained_baseline(task: Task, baseline: float, records: list[dict]) -> l
     best, stage = min(scored, key=lambda pair: task.drop(baseline, pair[0]))
     if -task.drop(baseline, best) <= UNDERTRAINED_GAIN * task.budget:
         return []
-    floor = baseline - task.budget if task.direction == "higher" else baseline + task.budget
     return [f"the dense model looks undertrained: this run's fine-tunes raised {task.name} from {baseline:.4f} to "
             f"{best:.4f} (after {stage}), but the budget counts from the dense model, so any {task.name} "
-            f"{'down' if task.direction == 'higher' else 'up'} to {floor:.4f} passes (shipped: {scored[-1][0]:.4f}); "
+            f"{'down' if task.direction == 'higher' else 'up'} to {task.limit(baseline):.4f} passes (shipped: {scored[-1][0]:.4f}); "
             "train the dense model longer, then compress it"]
 
 

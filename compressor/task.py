@@ -113,6 +113,10 @@ class Task:
     def within(self, baseline: float, value: float) -> bool:
         return self.drop(baseline, value) <= self.budget
 
+    def limit(self, baseline: float) -> float:
+        """The worst value still within the budget of `baseline`."""
+        return baseline - self.budget if self.direction == "higher" else baseline + self.budget
+
     def budget_text(self) -> str:
         """The budget as a reader says it: "1.00% accuracy", "0.05 mae"."""
         return f"{self.budget:.2%} accuracy" if self.is_accuracy else f"{self.budget:g} {self.name}"

@@ -214,7 +214,7 @@ def test_attention_heads_are_a_search_group_with_a_measured_table(digits, shared
     rng = np.random.default_rng(0)  # answers recomputed only where a removal reaches equal the whole sums
     for _ in range(40):
         removed = {str(g): int(rng.integers(0, units[g])) for g in rng.choice(names, int(rng.integers(1, 3)))}
-        assert lm.layer_ms(removed) == {t.name: lm._layer(t, removed) for t in lm.terms}
+        assert lm.layer_ms(removed) == {t.name: lm._layer(t, removed, lm.table.overhead(1)) for t in lm.terms}
     extra = search.allocate(lm, units, {}, importance[4], lm.predict() / 8.0, 8)
     assert extra["mha0"] + extra["mha1"] >= 1  # heads are bought like any other width
     smaller = search._shrink(importance, extra, cfg, ctx, "test")
