@@ -122,11 +122,28 @@ def _candidates(target, pruned, data, out: Path, encode: bool, judge) -> list[di
         path = out / f".candidate-{scheme.name}-{target.filename('pruned-int8')}"
         target.export(pruned, path, calibration=data.calibration(), scheme=scheme, sparse=True)
         runner, resolver, note = open_runner_safely(path)
+        if resolver != "default" and _dense_fallback(target, scheme):
+            # the delegate has no kernel for this scheme's sparse tensors: write it dense, as the registry says
+            target.export(pruned, path, calibration=data.calibration(), scheme=scheme, sparse=False)
+            runner, resolver, note = open_runner_safely(path)
+            entry["storage"] = target.fallback("delegate-rejects-sparse").instead
+            entry["description"] += f"; written with {entry['storage']}: the default delegate rejects its sparse tensors"
         value = judge.file(runner, "budget").value
         entry.update(path=path, runner=runner, resolver=resolver, delegate_note=note, metric=value,
                      accuracy=value if judge.is_accuracy else None)
         found.append(entry)
     return found
+
+
+def _dense_fallback(target, scheme) -> bool:
+    """Whether a scheme whose sparse file the default interpreter rejects is rewritten with dense
+    storage: when the target names that fallback and no other scheme already is its dense twin
+    (int8-sparse has int8-dense; dynamic-range has none, and is what keeps a model's accuracy when
+    full-integer int8 loses it)."""
+    if not scheme.options.get("encode") or not any(f.when == "delegate-rejects-sparse" for f in target.fallbacks):
+        return False
+    twin = {**scheme.options, "encode": False}
+    return not any(s.options == twin for s in target.schemes)
 
 
 def _drop_rejected(target, found: list[dict], final_name: str, notes: list[str], reporter) -> list[dict]:
@@ -188,7 +205,7 @@ def choose_int8(target, pruned, recipe, data, out: Path, reporter, notes: list[s
         "metric": judge.name, "max_accuracy_drop": recipe.max_accuracy_drop, "budget": judge.budget,
         "float_file": float_path.name, "float_p50_ms": float_p50,
         "within_budget": bool(judge.drop(reference, chosen["metric"]) <= judge.budget),
-        "candidates": [{k: c.get(k) for k in ("scheme", "accuracy", "metric", "p50_ms", "resolver", "skipped")}
+        "candidates": [{k: c.get(k) for k in ("scheme", "accuracy", "metric", "p50_ms", "resolver", "skipped", "storage")}
                        for c in found],
     }
     reporter.step(f"{target.name}: chose {chosen['scheme']} ("

@@ -266,3 +266,38 @@ def test_a_pruned_weight_regrown_in_a_tflite_file_fails(edge_files, tmp_path):
     fbu.write_model(fb, str(tmp_path / "lost.tflite"))
     row = _verify(tmp_path / "lost.tflite", model, x)
     assert not row["ok"] and re.search(r"[1-4] pruned zero\(s\) lost", row["problem"]), row
+
+
+def test_a_scheme_the_delegate_rejects_sparse_is_written_dense_and_still_chosen_from(tmp_path, fast_recipe, digits):
+    """A pruned conv's dynamic-range file with sparse storage is rejected by the default XNNPACK
+    delegate (found on DenseNet121, whose full-integer int8 lost the accuracy that only dynamic-range
+    kept). The registry's fallback says: write it with dense int8 storage. It then runs in the default
+    interpreter, keeps every pruned zero, and is timed and chosen from like the others."""
+    from compressor.progress import Reporter
+    from compressor.task import resolve
+    from exporters import targets
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([L.Reshape((8, 8, 1), input_shape=(64,)), L.Conv2D(16, 3, activation="relu"),
+                              L.Conv2D(16, 3), L.GlobalAveragePooling2D(), L.Dense(10)])
+    for layer in model.layers[1:3]:
+        w, b = layer.get_weights()
+        w[np.abs(w) < np.quantile(np.abs(w), 0.8)] = 0
+        layer.set_weights([w, b])
+    recipe = fast_recipe(targets=["tflite", "tflite-int8"], max_accuracy_drop=1.0)
+    task = resolve(recipe, model)
+    task.data = digits
+    target = targets.target("tflite-int8")
+    tflite_export.export_float(model, tmp_path / "pruned.tflite")
+    notes = []
+    artifact, record = ship.choose_int8(target, model, recipe, digits, tmp_path, Reporter(quiet=True), notes, task)
+    dynamic = next(c for c in record["candidates"] if c["scheme"] == "dynamic-range")
+    assert dynamic["storage"] == "dense int8 storage" and dynamic["resolver"] == "default"
+    assert dynamic["skipped"] is None and dynamic["p50_ms"] > 0
+    assert not any("dynamic-range not used" in n for n in notes)
+    path = tmp_path / "dynamic.tflite"
+    target.export(model, path, scheme=next(s for s in target.schemes if s.name == "dynamic-range"), sparse=False)
+    runner, resolver, _ = open_runner_safely(path)
+    x = digits.x_test[:20]
+    row = verify_file(path, runner, model, model.predict(x, verbose=0), x, quantized="dynamic-range")
+    assert resolver == "default" and row["zeros_in_file"] == row["zeros_expected"] > 0
