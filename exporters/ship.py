@@ -122,11 +122,11 @@ def _candidates(target, pruned, data, out: Path, encode: bool, judge) -> list[di
         path = out / f".candidate-{scheme.name}-{target.filename('pruned-int8')}"
         target.export(pruned, path, calibration=data.calibration(), scheme=scheme, sparse=True)
         runner, resolver, note = open_runner_safely(path)
-        if resolver != "default" and _dense_fallback(target, scheme):
-            # the delegate has no kernel for this scheme's sparse tensors: write it dense, as the registry says
+        fallback = _dense_fallback(target, scheme) if resolver != "default" else None
+        if fallback:  # the delegate has no kernel for this scheme's sparse tensors: write it dense
             target.export(pruned, path, calibration=data.calibration(), scheme=scheme, sparse=False)
             runner, resolver, note = open_runner_safely(path)
-            entry["storage"] = target.fallback("delegate-rejects-sparse").instead
+            entry["storage"] = fallback.instead
             entry["description"] += f"; written with {entry['storage']}: the default delegate rejects its sparse tensors"
         value = judge.file(runner, "budget").value
         entry.update(path=path, runner=runner, resolver=resolver, delegate_note=note, metric=value,
@@ -135,15 +135,15 @@ def _candidates(target, pruned, data, out: Path, encode: bool, judge) -> list[di
     return found
 
 
-def _dense_fallback(target, scheme) -> bool:
-    """Whether a scheme whose sparse file the default interpreter rejects is rewritten with dense
-    storage: when the target names that fallback and no other scheme already is its dense twin
-    (int8-sparse has int8-dense; dynamic-range has none, and is what keeps a model's accuracy when
-    full-integer int8 loses it)."""
-    if not scheme.options.get("encode") or not any(f.when == "delegate-rejects-sparse" for f in target.fallbacks):
-        return False
+def _dense_fallback(target, scheme):
+    """The fallback a scheme whose sparse file the default interpreter rejects is rewritten with
+    (dense storage), or None: only where the target names it and no other scheme already is the
+    scheme's dense twin (int8-sparse has int8-dense; dynamic-range has none, and is what keeps a
+    model's accuracy when full-integer int8 loses it)."""
+    if not scheme.options.get("encode"):
+        return None
     twin = {**scheme.options, "encode": False}
-    return not any(s.options == twin for s in target.schemes)
+    return None if any(s.options == twin for s in target.schemes) else target.fallback("delegate-rejects-sparse")
 
 
 def _drop_rejected(target, found: list[dict], final_name: str, notes: list[str], reporter) -> list[dict]:
@@ -154,7 +154,7 @@ def _drop_rejected(target, found: list[dict], final_name: str, notes: list[str],
         return usable
     for c in usable:
         if c["resolver"] != "default":
-            fallback = next((f for f in target.fallbacks if f.when == "delegate-rejects-sparse"), None)
+            fallback = target.fallback("delegate-rejects-sparse")
             why = c["delegate_note"].split("(", 1)[-1].split(")")[0]
             c["skipped"] = f"{fallback.reason if fallback else 'the default interpreter rejects it'} ({why})"
             notes.append(f"{final_name}: {c['scheme']} not used: {c['skipped']}")

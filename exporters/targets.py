@@ -112,8 +112,9 @@ class Target:
         scheme = scheme or self.schemes[0]
         return _resolve(self.exporter)(export_form(model), path, calibration=calibration, sparse=sparse, **scheme.options)
 
-    def fallback(self, when: str) -> Fallback:
-        return next(f for f in self.fallbacks if f.when == when)
+    def fallback(self, when: str) -> Fallback | None:
+        """The registry's fallback for `when`, or None where this target names none."""
+        return next((f for f in self.fallbacks if f.when == when), None)
 
     def open_runner(self, path, threads: int = 1, resolver: str = "default"):
         return self.format.open_runner(path, threads, resolver)
