@@ -125,8 +125,9 @@ def run_family(name: str, args, work: Path) -> dict:
         command += ["--recipe", args.recipe]
     begun = time.time()
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    last_line = done.stderr.strip().splitlines()[-1:] if done.returncode else []
     row = {"family": name, "exit": done.returncode, "train_s": round(begun - started), "measured": _stamp(args),
-           "run_s": round(time.time() - begun), "error": [line.replace(str(work), "<work>") for line in done.stderr.strip().splitlines()[-1:]] if done.returncode else []}
+           "run_s": round(time.time() - begun), "error": [line.replace(str(work), "<work>") for line in last_line]}
     if (folder / "out" / "report.json").exists():
         row.update(_summary(folder / "out"))
     return row
