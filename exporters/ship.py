@@ -23,7 +23,7 @@ from exporters.benchmark import Artifact
 from exporters.latency import measure_interleaved
 from exporters.runtimes import open_runner_safely
 from exporters.stats import latency_summary
-from exporters.verify import verify_file
+from exporters.verify import MIN_AGREEMENT, verify_file
 
 SAME_SPEED = 0.03  # int8 candidates within 3% of the fastest count as tied: the registry's order decides
 
@@ -204,7 +204,7 @@ def choose_int8(target, pruned, recipe, data, out: Path, reporter, notes: list[s
         "reference_accuracy": reference if judge.is_accuracy else None, "reference_metric": reference,
         "metric": judge.name, "max_accuracy_drop": recipe.max_accuracy_drop, "budget": judge.budget,
         "float_file": float_path.name, "float_p50_ms": float_p50,
-        "within_budget": bool(judge.drop(reference, chosen["metric"]) <= judge.budget),
+        "within_budget": bool(judge.drop(reference, chosen["metric"]) <= judge.budget), "chosen_metric": chosen["metric"],
         "candidates": [{k: c.get(k) for k in ("scheme", "accuracy", "metric", "p50_ms", "resolver", "skipped", "storage")}
                        for c in found],
     }
@@ -220,7 +220,7 @@ def verify_all(shipped: Shipped, x_check: np.ndarray, reporter) -> list[dict]:
     reporter.step("verifying every exported file")
     expected = {}
     rows = []
-    held = {rec["file"]: rec.get("within_budget", False) for rec in shipped.int8}  # int8 score measured in budget
+    records = {rec["file"]: rec for rec in shipped.int8}
     for art, model, quantization in zip(shipped.artifacts, shipped.models, shipped.quantization):
         if id(model) not in expected:
             out = model.predict(x_check, batch_size=256, verbose=0)
@@ -229,15 +229,28 @@ def verify_all(shipped: Shipped, x_check: np.ndarray, reporter) -> list[dict]:
         if note and note not in art.notes:
             art.notes.append(note)
             reporter.warn(note)
-        rows.append(verify_file(art.path, runner, model, expected[id(model)], x_check, quantized=quantization,
-                                accuracy_held=held.get(Path(art.path).name, False)))
+        rec = records.get(Path(art.path).name, {})
+        row = verify_file(art.path, runner, model, expected[id(model)], x_check, quantized=quantization,
+                          accuracy_held=rec.get("within_budget", False))  # int8 score measured within budget
+        if rec and not rec["within_budget"] and row["prediction_agreement"] < MIN_AGREEMENT:
+            row["problem"] += f"; {over_budget(rec)}"  # the cause a user can act on
+        rows.append(row)
     return rows
 
 
+def over_budget(rec: dict) -> str:
+    """Why an int8 file ships outside the budget, and what the user can change."""
+    knob = "max_accuracy_drop" if rec["metric"] == "accuracy" else "max_metric_drop"
+    return (f"no {rec['runtime']} int8 scheme held the {rec['metric']} budget: the best, {rec['chosen']}, scored "
+            f"{rec['chosen_metric']:.4f} against the float model's {rec['reference_metric']:.4f} (budget "
+            f"{rec['budget']:g}); raise {knob} or leave {rec['target']} out of the recipe's targets")
+
+
 def int8_verdicts(results: list[dict], records: list[dict]) -> list[str]:
-    """One line per runtime whose int8 file is not faster than its pruned float file at batch 1, 1 thread:
-    such a file buys size, not speed, and the report must not present it as an improvement."""
-    lines = []
+    """One line per runtime whose int8 file is not faster than its pruned float file at batch 1, 1 thread
+    (such a file buys size, not speed, and the report must not present it as an improvement), and one
+    per runtime where no int8 scheme stayed within the budget."""
+    lines = [over_budget(rec) for rec in records if not rec.get("within_budget", True)]
     for rec in records:
         rows = {r["variant"]: r for r in results
                 if r["runtime"] == rec["runtime"] and r["batch"] == 1 and r["threads"] == 1}

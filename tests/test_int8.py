@@ -3,6 +3,7 @@ lost or gained pruned weight; the int8 scheme is chosen by measurement and a slo
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -143,6 +144,36 @@ def test_an_int8_file_that_loses_is_named_in_one_line():
     lines = ship.int8_verdicts(results, records)
     assert len(lines) == 1 and lines[0].startswith("pruned-int8.onnx is not faster than pruned.onnx")
     assert records[0]["faster_than_float"] is False and records[1]["faster_than_float"] is True
+
+
+_OVER = {"target": "tflite-int8", "runtime": "tflite", "file": "pruned-int8.tflite", "chosen": "int8-dense",
+         "metric": "accuracy", "chosen_metric": 0.133, "reference_metric": 0.847, "budget": 0.01, "within_budget": False}
+
+
+def test_no_int8_scheme_within_budget_is_said_in_one_line_with_the_fix():
+    [line] = ship.int8_verdicts([], [dict(_OVER), dict(_OVER, runtime="onnxruntime", within_budget=True)])
+    assert line.startswith("no tflite int8 scheme held the accuracy budget: the best, int8-dense, scored 0.1330")
+    assert "raise max_accuracy_drop or leave tflite-int8 out of the recipe's targets" in line
+
+
+def test_a_failed_int8_file_outside_the_budget_names_the_budget_as_its_cause(monkeypatch, tmp_path):
+    from exporters.benchmark import Artifact
+
+    def verify(path, *args, accuracy_held=False, **kw):  # a faithful file whose scheme lost the model's accuracy
+        ok = accuracy_held
+        return {"file": Path(path).name, "prediction_agreement": 0.133, "ok": ok,
+                **({} if ok else {"problem": "int8 predictions agree with Keras on only 13.3% of samples"})}
+
+    monkeypatch.setattr(ship, "verify_file", verify)
+    monkeypatch.setattr(ship, "open_runner_safely", lambda path: (None, "default", None))
+    model = type("M", (), {"predict": lambda self, x, **kw: x})()
+    for held in (False, True):
+        shipped = ship.Shipped([Artifact("pruned-int8", "tflite", tmp_path / "pruned-int8.tflite")], [model], ["int8"],
+                               int8=[dict(_OVER, within_budget=held)])
+        [row] = ship.verify_all(shipped, np.zeros((2, 3)), type("R", (), {"step": print, "warn": print})())
+        assert row["ok"] is held
+        if not held:
+            assert row["problem"].startswith("int8 predictions agree with Keras on only 13.3% of samples; no tflite int8 scheme")
 
 
 def test_the_pick_keeps_the_fastest_within_budget():
