@@ -12,17 +12,17 @@ from pathlib import Path
 
 import numpy as np
 
-from compressor import distribute
-from compressor.data import Dataset, load_dataset
-from compressor.errors import CompressorError
-from compressor.progress import Reporter
-from compressor.recipe import Recipe, load_recipe
+from compressor.train import distribute
+from compressor.data.sources import Dataset, load_dataset
+from compressor.core.errors import CompressorError
+from compressor.run.progress import Reporter
+from compressor.config.recipe import Recipe, load_recipe
 
 DEMO_TRAIN_EPOCHS = 10
 
 
 def _as_recipe(recipe: Recipe | str | Path | dict | None) -> Recipe:
-    from compressor.recipe import parse_recipe
+    from compressor.config.recipe import parse_recipe
 
     if isinstance(recipe, Recipe):
         return recipe
@@ -33,7 +33,7 @@ def _as_recipe(recipe: Recipe | str | Path | dict | None) -> Recipe:
 
 def _as_data(data, recipe: Recipe):
     """A data set object (arrays or a stream) as is, else the spec resolved with the recipe's data settings."""
-    from compressor.task import expects_class_labels
+    from compressor.config.task import expects_class_labels
 
     if isinstance(data, (str, Path)):
         return load_dataset(data, recipe.data, expects_class_labels(recipe))
@@ -67,10 +67,10 @@ def compress(model, data, out, recipe=None, *, force: bool = False, quiet: bool 
 def _run_into(out, force: bool, inputs: tuple, get_model, dataset, recipe, reporter, finish=None,
               checkpoint=None, resume: bool = False) -> dict:
     """Build the result in a hidden sibling folder and swap it into `out` only when complete, so a
-    failed or interrupted run never costs the previous result (compressor.outdir). The stage
-    checkpoint (compressor.checkpoint) outlives an interrupted run and is removed by a finished one."""
-    from compressor.outdir import OutputFolder
-    from compressor.pipeline import compress as run_pipeline
+    failed or interrupted run never costs the previous result (compressor.run.outdir). The stage
+    checkpoint (compressor.run.checkpoint) outlives an interrupted run and is removed by a finished one."""
+    from compressor.run.outdir import OutputFolder
+    from compressor.run.pipeline import compress as run_pipeline
 
     model, source, notes = get_model()
     if not distribute.is_chief():
@@ -105,7 +105,7 @@ def _start_strategy(recipe: Recipe) -> None:
 
 def _check_out(out, force: bool, inputs: tuple = ()) -> None:
     """--out is the chief's: the other workers of a cluster never look at it."""
-    from compressor.outdir import check_out_dir
+    from compressor.run.outdir import check_out_dir
 
     if distribute.is_chief():
         check_out_dir(out, force, inputs)
@@ -116,7 +116,7 @@ def _run_as_worker(model, source: str, notes: list[str], dataset, recipe, report
     scratch folder that is deleted afterwards (TF's advice for non-chief workers) and leaves --out alone."""
     import tempfile
 
-    from compressor.pipeline import compress as run_pipeline
+    from compressor.run.pipeline import compress as run_pipeline
 
     with tempfile.TemporaryDirectory(prefix="compressor-worker-") as scratch:
         report = run_pipeline(model, dataset, recipe, scratch, source=source, reporter=reporter, load_notes=notes)
@@ -130,9 +130,9 @@ def compress_file(model_path, data, out, recipe=None, *, force: bool = False, re
     """Everything is validated (recipe, data, output folder, model) before any training starts.
     Each finished stage is checkpointed beside `out`; `resume` continues an interrupted run with
     the same inputs (checked by hash) from its last finished stage."""
-    from compressor.data import check_against_model
-    from compressor.model_io import file_sha256, load_model
-    from compressor.safety import make_policy
+    from compressor.data.sources import check_against_model
+    from compressor.load.model_io import file_sha256, load_model
+    from compressor.load.safety import make_policy
 
     reporter = reporter or Reporter()
     policy = make_policy(trust_model_code, custom_objects)
@@ -149,7 +149,7 @@ def compress_file(model_path, data, out, recipe=None, *, force: bool = False, re
     _check_out(out, force, inputs)
     loaded = load_model(model_path, policy)
     model = loaded.model
-    from compressor.task import resolve
+    from compressor.config.task import resolve
 
     check_against_model(dataset, tuple(model.input_shape[1:]), task=resolve(recipe, model))
     notes = list(loaded.warnings)  # includes one line per layer class the stages leave unpruned
@@ -166,8 +166,8 @@ def compress_file(model_path, data, out, recipe=None, *, force: bool = False, re
 def _checkpoint(out, recipe: Recipe, model_digest, data_spec, dataset, policy):
     """The run's stage checkpoint, bound to these exact inputs by hash."""
     from compressor import __version__
-    from compressor.checkpoint import Checkpoint, data_digest, recipe_digest
-    from compressor.model_io import load_model
+    from compressor.run.checkpoint import Checkpoint, data_digest, recipe_digest
+    from compressor.load.model_io import load_model
 
     fingerprint = {"tool_version": __version__, "recipe": recipe_digest(recipe), "model": model_digest,
                    "data": data_digest(data_spec, dataset)}
@@ -177,8 +177,8 @@ def _checkpoint(out, recipe: Recipe, model_digest, data_spec, dataset, policy):
 
 def demo(out, recipe=None, *, force: bool = False, reporter: Reporter | None = None) -> dict:
     """Train the source article's MLP on the embedded MNIST digits and run the recipe end to end."""
-    from compressor.model_io import save_model_atomic
-    from compressor.training import accuracy, train_reference
+    from compressor.load.model_io import save_model_atomic
+    from compressor.train.training import accuracy, train_reference
 
     reporter = reporter or Reporter()
     recipe = _as_recipe(recipe)
@@ -196,8 +196,8 @@ def demo(out, recipe=None, *, force: bool = False, reporter: Reporter | None = N
 def inspect(path, *, trust_model_code: bool = False, custom_objects: list[str] | str | None = None) -> dict:
     """Per-tensor sizes, zeros and storage of a .tflite, .onnx or Keras file (`compressor inspect`).
     Keras files are loaded through model_io, which checks the stored config before deserialising."""
-    from compressor.model_io import load_model
-    from compressor.safety import make_policy
+    from compressor.load.model_io import load_model
+    from compressor.load.safety import make_policy
     from exporters.inspect import inspect_file
 
     policy = make_policy(trust_model_code, custom_objects)

@@ -96,7 +96,7 @@ def run_benchmark(artifacts: list[Artifact], judge, x_sample: np.ndarray, runs: 
                   block: int = BLOCK) -> tuple[list[dict], dict]:
     """Rows for report.json `results`, plus per-file correctness vectors for paired tests (only where
     they apply: single-output classification). `judge` scores each file in the recipe's metric
-    (compressor/task.py); `x_sample` feeds the timed runs."""
+    (compressor/config/task.py); `x_sample` feeds the timed runs."""
     rows, correct_by_file = [], {}
     static = {}
     for art in artifacts:

@@ -5,7 +5,7 @@ model: which storage is safe (fallbacks and their reasons), which int8 scheme wi
 and this CPU, and whether each file computes what its Keras model computes.
 
 `recipe`, `data` and `judge` are read by attribute (recipe: targets, compact_onnx, bench; data:
-calibration(), sample(); judge: the task of compressor/task.py, which scores a Keras model or an
+calibration(), sample(); judge: the task of compressor/config/task.py, which scores a Keras model or an
 exported file over the data's batches in the recipe's metric and says whether a value is within
 budget), so this package stays free of the pipeline's own types.
 """

@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 
 import models as suite  # noqa: E402  (scripts/models.py)
 import provenance  # noqa: E402  (scripts/provenance.py)
-from compressor._tf import keras  # noqa: E402
+from compressor.core._tf import keras  # noqa: E402
 from exporters import targets as registry  # noqa: E402
 from exporters.latency import BLOCK  # noqa: E402
 
@@ -84,7 +84,7 @@ def tfmot_peer(dense, ds, seed: int):
     """
     import tensorflow_model_optimization as tfmot
 
-    from compressor.training import clone_with_weights, compile_for_training
+    from compressor.train.training import clone_with_weights, compile_for_training
 
     keras.utils.set_random_seed(seed)
     base = clone_with_weights(dense)  # prune_low_magnitude wraps layers in place: train a clone
@@ -115,7 +115,7 @@ def overall_sparsity(model) -> float:
 
 
 def macs(model) -> dict:
-    from compressor.flops import model_macs
+    from compressor.graph.flops import model_macs
 
     return {"macs": model_macs(model), "macs_nonzero": model_macs(model, nonzero_only=True)}
 
@@ -167,7 +167,7 @@ def build(spec, data, work: Path) -> dict:
 
 def fixed_recipe():
     """The default recipe without its search stage: the fixed per-stage amounts the search replaced."""
-    from compressor.recipe import default_recipe
+    from compressor.config.recipe import default_recipe
 
     recipe = default_recipe()
     return recipe.model_copy(update={"stages": [st for st in recipe.stages if st.name != "search"]})
@@ -177,9 +177,9 @@ def _fusion(entry: dict, dense, ds, out: Path, variant: str) -> None:
     """One compressor run: `fusion` = the default recipe (goal-less search), `fusion-fixed` = without
     the search; files, stages and the frontier are recorded, a failure is recorded, not fatal."""
     from compressor.api import compress
-    from compressor.errors import CompressorError
-    from compressor.model_io import load_model
-    from compressor.training import count_params
+    from compressor.core.errors import CompressorError
+    from compressor.load.model_io import load_model
+    from compressor.train.training import count_params
 
     default = variant == "fusion"
     try:
@@ -224,7 +224,7 @@ def _fusion(entry: dict, dense, ds, out: Path, variant: str) -> None:
 
 def static_metrics(entry: dict, x: np.ndarray, y: np.ndarray) -> dict:
     """Accuracy (+ Wilson CI), sizes and stored weights of every file; correctness kept for McNemar."""
-    from compressor.bench_cli import fit_samples
+    from compressor.cli.bench import fit_samples
     from exporters.benchmark import correctness, file_params
     from exporters.runtimes import open_runner_safely
     from exporters.files import gzip_size
@@ -469,7 +469,7 @@ def render_page(results: dict) -> str:
         "- **Ideal speedup** = dense MACs / variant MACs, two ways: *non-zero* (every zero weight skipped; "
         "the bound for sparse kernels) and *structural* (only physically removed units/channels; the bound "
         "for runtimes that densify, such as onnxruntime). *Of ideal* = measured speedup / ideal. MACs from "
-        "`compressor.flops.model_macs` of the Keras model (Dense and Conv family; int8 shares the float model's MACs).",
+        "`compressor.graph.flops.model_macs` of the Keras model (Dense and Conv family; int8 shares the float model's MACs).",
         "",
     ]
     lines += frontier_section(results)
@@ -623,8 +623,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
 
     from compressor import __version__
-    from compressor.data import load_dataset
-    from compressor.recipe import default_recipe
+    from compressor.data.sources import load_dataset
+    from compressor.config.recipe import default_recipe
     from exporters.benchmark import machine_info
     from exporters.files import write_text_atomic
 

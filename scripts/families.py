@@ -62,7 +62,7 @@ def builders(keras3) -> dict:
 def data_for(name: str, n_train: int) -> dict:
     """mnist5k shaped for the family: 28 rows as tokens, or padded to 32x32x3 (0..255, as the apps expect)."""
     sys.path.insert(0, str(ROOT))
-    from compressor.data import load_dataset
+    from compressor.data.sources import load_dataset
 
     raw = load_dataset("mnist5k")
 

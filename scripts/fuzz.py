@@ -64,8 +64,8 @@ def build_seeds(folder: Path) -> dict[str, list[Path]]:
     import numpy as np
     import yaml
 
-    from compressor._tf import keras
-    from compressor.data import load_dataset
+    from compressor.core._tf import keras
+    from compressor.data.sources import load_dataset
     from exporters import onnx_export, tflite_export
 
     data = load_dataset("digits")

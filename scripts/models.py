@@ -14,9 +14,9 @@ from typing import Callable
 
 import numpy as np
 
-from compressor._tf import keras
-from compressor.data import Dataset
-from compressor.training import fit, reference_model
+from compressor.core._tf import keras
+from compressor.data.sources import Dataset
+from compressor.train.training import fit, reference_model
 
 L = keras.layers
 CLASSES = 10

@@ -80,7 +80,7 @@ def model_file(work: Path) -> Path:
     """A small conv net trained on 2,000 of the images (the same model for every size)."""
     path = work / "model.keras"
     if not path.exists():
-        from compressor._tf import keras
+        from compressor.core._tf import keras
 
         keras.utils.set_random_seed(0)
         x, y = images(0, 2000)

@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 import models as suite  # noqa: E402  (scripts/models.py)
-from compressor._tf import keras  # noqa: E402
-from compressor.latency_model import measure_models  # noqa: E402
+from compressor.core._tf import keras  # noqa: E402
+from compressor.stages.search.latency_model import measure_models  # noqa: E402
 from exporters import targets as registry  # noqa: E402
 
 WIDTH_KEYS = ("filters", "units")

@@ -22,7 +22,7 @@ def images(n: int, seed: int = 0):
 
 
 def _datasets(x, y, batch=None):
-    from compressor._tf import tf
+    from compressor.core._tf import tf
 
     ds = tf.data.Dataset.from_tensor_slices((x, y))
     return ds.batch(batch) if batch else ds
@@ -62,7 +62,7 @@ READ = {"samples": 0}  # how many samples `counted` has produced so far
 
 def counted():
     """5,000 training samples from a generator that counts what is read (calibration must not read them all)."""
-    from compressor._tf import tf
+    from compressor.core._tf import tf
 
     x, y = images(100, seed=5)
 

@@ -142,7 +142,7 @@ def _load_script(name: str):
 
 
 def test_suite_model_builders_build_and_run(digits):
-    from compressor.flops import model_macs
+    from compressor.graph.flops import model_macs
 
     models = _load_script("models")
     assert set(models.MODELS) == {"mlp-128", "mlp-1024", "cnn", "dscnn", "mobilenetv2", "efficientnetb0", "encoder"}

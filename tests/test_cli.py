@@ -83,7 +83,7 @@ def test_missing_inputs_give_one_line_errors(inputs, tmp_path, capsys, args, mes
 
 
 def test_recipe_example_is_a_valid_recipe(capsys):
-    from compressor.recipe import parse_recipe
+    from compressor.config.recipe import parse_recipe
 
     assert main(["recipe", "--example"]) == 0
     text = capsys.readouterr().out
@@ -120,14 +120,14 @@ def test_failed_run_leaves_no_empty_output_folder(tmp_path, capsys):
 def test_speedup_goal_on_the_command_line_adds_the_search_and_its_frontier(tmp_path, capsys, monkeypatch):
     """`--speedup 2 --runtime onnxruntime`: a search stage is appended with that goal; report.json gains the
     frontier and the latency model's predicted-vs-measured rows, and frontier.png is written."""
-    from compressor._tf import keras
+    from compressor.core._tf import keras
 
     monkeypatch.setenv("COMPRESSOR_LATENCY_CACHE", str(tmp_path / "latency.json"))
     keras.utils.set_random_seed(0)  # wide enough that width, not per-call overhead, sets the latency
     wide = keras.Sequential([keras.layers.Input((784,)), keras.layers.Dense(1024, activation="relu"),
                              keras.layers.Dense(10, activation="softmax")])
     wide.compile("adam", "sparse_categorical_crossentropy")
-    from compressor.data import load_dataset
+    from compressor.data.sources import load_dataset
 
     mnist = load_dataset("mnist5k")
     wide.fit(mnist.x_train, mnist.y_train, epochs=1, batch_size=64, verbose=0)

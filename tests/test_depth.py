@@ -7,11 +7,11 @@ import dataclasses
 import numpy as np
 import pytest
 
-from compressor._tf import keras
-from compressor.recipe import parse_recipe
+from compressor.core._tf import keras
+from compressor.config.recipe import parse_recipe
 from compressor.stages import depth, scoring, weight
 from compressor.stages.base import StageContext
-from compressor.training import accuracy, fit
+from compressor.train.training import accuracy, fit
 
 L = keras.layers
 

@@ -7,7 +7,7 @@ from onnx import numpy_helper
 from compressor.stages import weight
 from compressor.stages.base import StageContext
 from compressor.core import kernel_zeros
-from compressor.training import predictions
+from compressor.train.training import predictions
 from exporters import onnx_export, tflite_export
 from exporters.readback import count_weight_zeros
 from exporters.runtimes import open_runner, open_runner_safely
@@ -16,7 +16,7 @@ from exporters.verify import verify_file
 
 @pytest.fixture(scope="module")
 def pruned(small_mlp, digits):
-    from compressor.recipe import parse_recipe
+    from compressor.config.recipe import parse_recipe
 
     recipe = parse_recipe({"targets": ["tflite"], "stages": [{"name": "weight", "sparsity": 0.8, "epochs": 2}]})
     return weight.apply(small_mlp, recipe.stages[0], StageContext(recipe, digits)).model
@@ -102,7 +102,7 @@ def test_tampered_tflite_fails_verification(pruned, digits, tmp_path):
 
 def test_exact_gelu_exports_to_onnx_that_onnxruntime_loads(tmp_path):
     """TensorFlow's exact GELU uses Erfc, which ONNX lacks; the exporter rewrites it as 1 - Erf."""
-    from compressor._tf import keras
+    from compressor.core._tf import keras
     from exporters.runtimes import open_runner
 
     model = keras.Sequential([keras.layers.Input((8,)), keras.layers.Dense(16, activation="gelu"), keras.layers.Dense(4)])
@@ -115,7 +115,7 @@ def test_exact_gelu_exports_to_onnx_that_onnxruntime_loads(tmp_path):
 def test_onnx_export_drops_reshapes_to_the_same_shape(tmp_path):
     """Depthwise convs on 1x1 maps come out of tf2onnx wrapped in identity Reshapes, which block
     onnxruntime's Conv+BN fusion; the exporter drops them and the outputs stay the same."""
-    from compressor._tf import keras
+    from compressor.core._tf import keras
     from exporters.runtimes import open_runner
 
     L = keras.layers
@@ -141,7 +141,7 @@ SHAPE_ARITHMETIC = {"SHAPE", "REDUCE_PROD", "GATHER", "PACK", "STRIDED_SLICE", "
 def _tiny_encoder():
     """1 post-norm block, 6 tokens, d_model 16, 2 heads, GELU FFN 32; random biases, gammas and betas
     (zero ones would be folded away by the converters), half of the FFN kernel pruned."""
-    from compressor._tf import keras
+    from compressor.core._tf import keras
 
     L = keras.layers
     inputs = L.Input((6, 5))
@@ -232,7 +232,7 @@ def test_dynamic_range_int8_encoder_keeps_its_zeros_and_tracks_keras_closer(tmp_
 
 def test_models_without_run_time_shapes_are_exported_as_they_are():
     """A convnet (or an MLP) has no layer with an export form: the converters get the model itself."""
-    from compressor._tf import keras
+    from compressor.core._tf import keras
     from compressor.core import export_form
 
     L = keras.layers
@@ -245,8 +245,8 @@ def test_token_id_inputs_run_in_both_runtimes_and_time_without_data(tmp_path):
     """A model whose input is integer token ids: ids read from an .npz as floats or ints are fed
     as ids (not quantized by a zero scale, not bound as float), and the fixed-seed timing input
     holds ids every Embedding has (noise indexed past the table: LiteRT's GATHER failed)."""
-    from compressor._tf import keras
-    from compressor.latency_model import measure_models
+    from compressor.core._tf import keras
+    from compressor.stages.search.latency_model import measure_models
     from exporters import targets
     from exporters.runtimes import open_runner, timing_input
 
@@ -328,7 +328,7 @@ def test_low_int8_agreement_fails_only_when_the_files_score_left_the_budget(tmp_
     """EfficientNetB3 trained near chance (float 0.198): its int8 ONNX file agreed with Keras on 93.6%
     of samples while scoring 0.210, within budget. Rounding flips near-ties on such a model; a file that
     loses accuracy as well still fails."""
-    from compressor._tf import keras
+    from compressor.core._tf import keras
     from exporters import targets
 
     keras.utils.set_random_seed(0)

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import yaml
 
-from compressor._tf import keras
+from compressor.core._tf import keras
 from compressor.cli import main
-from compressor.data import load_dataset
+from compressor.data.sources import load_dataset
 from exporters import targets
-from compressor.training import fit
+from compressor.train.training import fit
 from tests.test_architectures import FAMILIES
 
 RECIPE = {

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from compressor._tf import keras
-from compressor.flops import layer_macs, model_macs
+from compressor.core._tf import keras
+from compressor.graph.flops import layer_macs, model_macs
 
 L = keras.layers
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from compressor.api import inspect as api_inspect
-from compressor.errors import CompressorError
+from compressor.core.errors import CompressorError
 from exporters import readback
 from exporters.inspect import format_inspect, inspect_file
 from tests.test_readback import HID, IN, keras_kernel_zeros, make_model, to_onnx, to_tflite

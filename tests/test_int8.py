@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from compressor._tf import keras
+from compressor.core._tf import keras
 from exporters import onnx_export, ship, tflite_export
 from exporters.runtimes import open_runner_safely
 from compressor.core import keras_kernels
@@ -113,8 +113,8 @@ def test_int8_scheme_is_chosen_by_measurement_and_recorded(tmp_path, fast_recipe
                               L.Flatten(), L.Dense(10)])
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(digits.x_train, digits.y_train, epochs=3, verbose=0)
-    from compressor.pipeline import compress
-    from compressor.progress import Reporter
+    from compressor.run.pipeline import compress
+    from compressor.run.progress import Reporter
 
     recipe = fast_recipe(targets=["tflite", "tflite-int8", "onnxruntime", "onnxruntime-int8"])
     report = compress(model, digits, recipe, tmp_path, reporter=Reporter(quiet=True))
@@ -188,7 +188,7 @@ def test_the_pick_keeps_the_fastest_within_budget():
 
 def test_report_md_and_summary_show_the_verdict(capsys):
     from compressor.cli import _summary
-    from compressor.progress import Reporter
+    from compressor.run.progress import Reporter
 
     line = "pruned-int8.onnx is not faster than pruned.onnx at batch 1"
     report = {"int8": [{"target": "onnxruntime-int8", "chosen": "dynamic", "float_file": "pruned.onnx",
@@ -304,8 +304,8 @@ def test_a_scheme_the_delegate_rejects_sparse_is_written_dense_and_still_chosen_
     delegate (found on DenseNet121, whose full-integer int8 lost the accuracy that only dynamic-range
     kept). The registry's fallback says: write it with dense int8 storage. It then runs in the default
     interpreter, keeps every pruned zero, and is timed and chosen from like the others."""
-    from compressor.progress import Reporter
-    from compressor.task import resolve
+    from compressor.run.progress import Reporter
+    from compressor.config.task import resolve
     from exporters import targets
 
     keras.utils.set_random_seed(0)

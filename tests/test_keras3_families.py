@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compressor._tf import keras, tf
-from compressor.errors import CompressorError
-from compressor.keras3_layers import LayerScale
-from compressor.model_io import load_model, unsupported_layers
+from compressor.core._tf import keras, tf
+from compressor.core.errors import CompressorError
+from compressor.layers.keras3_layers import LayerScale
+from compressor.load.model_io import load_model, unsupported_layers
 
 keras3 = pytest.importorskip("keras")
 A, L3 = keras3.applications, keras3.layers
@@ -250,8 +250,8 @@ def test_inline_tensor_constants_import_and_shrink_with_their_channels(tmp_path)
     """A learned position table applied to ops.arange at build time is stored as an inline tensor
     constant of `x + c`; with `x - c`, `c - x` and `x * c` it becomes ConstantTerm: same outputs,
     saved again by tf-keras, and sliced with the channels surgery removes through it."""
-    from compressor.keras3_layers import ConstantTerm
-    from compressor.surgery import remove_units
+    from compressor.layers.keras3_layers import ConstantTerm
+    from compressor.graph.surgery import remove_units
 
     ops = keras3.ops
     inp = L3.Input((5, 4))

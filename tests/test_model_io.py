@@ -7,9 +7,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from compressor._tf import keras, tf
-from compressor.errors import CompressorError
-from compressor.model_io import (
+from compressor.core._tf import keras, tf
+from compressor.core.errors import CompressorError
+from compressor.load.model_io import (
     LoadedModel,
     file_sha256,
     load_model,
@@ -200,7 +200,7 @@ def test_tf_keras_lstm_is_reported(tmp_path):
 
 
 def test_parity_check_names_the_diverging_layer():
-    from compressor.keras3_import import _Importer, check_parity
+    from compressor.load.keras3_import import _Importer, check_parity
 
     k3_model = _k3_cnn()
     importer = _Importer([])

@@ -1,13 +1,13 @@
 """The fusion pipeline: stage order, accuracy budget back-off, block alignment, per-stage report."""
 import numpy as np
 
-from compressor._tf import keras
-from compressor.pipeline import run_stages
-from compressor.progress import Reporter
-from compressor.recipe import parse_recipe
+from compressor.core._tf import keras
+from compressor.run.pipeline import run_stages
+from compressor.run.progress import Reporter
+from compressor.config.recipe import parse_recipe
 from compressor.stages import align
 from compressor.stages.base import StageContext
-from compressor.training import accuracy
+from compressor.train.training import accuracy
 
 
 def _stages(model, digits, raw):
@@ -63,7 +63,7 @@ def test_align_makes_block_pruned_dense_inputs_a_multiple_of_the_block(digits):
 
 
 def _task(direction="higher", budget=0.01, metric="accuracy"):
-    from compressor.task import Task
+    from compressor.config.task import Task
 
     return Task(["out"], ["sparse_categorical_crossentropy"], [metric], 0, direction, budget, [10], ["softmax"])
 
@@ -75,7 +75,7 @@ def _records(*values):
 def test_an_undertrained_dense_model_is_named_when_the_search_gives_the_stages_gain_back():
     """MobileNetV3Large at 3 epochs on 2,000 digits: dense 0.102, the stages' fine-tunes 0.939, and the
     search shipped 0.181 (within a 1-point budget of 0.102). The run must say why."""
-    from compressor.pipeline import undertrained_baseline
+    from compressor.run.pipeline import undertrained_baseline
 
     [line] = undertrained_baseline(_task(), 0.102, _records(0.102, 0.915, 0.939, 0.181))
     assert "undertrained" in line and "0.1020 to 0.9390 (after stage2)" in line

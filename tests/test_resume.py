@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import yaml
 
-from compressor.checkpoint import Checkpoint, folder_for
+from compressor.run.checkpoint import Checkpoint, folder_for
 from compressor.cli import main
-from compressor.errors import CompressorError
+from compressor.core.errors import CompressorError
 
 ROOT = Path(__file__).resolve().parents[1]
 # Three stages; the second trains long enough that a kill right after the first checkpoint lands inside it.
@@ -116,7 +116,7 @@ def test_resume_without_checkpoint_or_with_another_model_is_one_error_line(input
 
 
 def test_checkpoint_round_trip_keeps_weights_records_and_points(tmp_path, small_mlp):
-    from compressor.model_io import load_model
+    from compressor.load.model_io import load_model
 
     records = [{"name": "weight", "accuracy_after": np.float32(0.5), "details": {"block": (16, 1)}}]
     cp = Checkpoint(tmp_path / "out", {"recipe": "r"}, load_keras=lambda p: load_model(p).model)
@@ -133,8 +133,8 @@ def test_checkpoint_round_trip_keeps_weights_records_and_points(tmp_path, small_
 
 
 def test_fine_tune_progress_shows_epoch_rate_and_eta(capsys, digits):
-    from compressor.progress import Reporter
-    from compressor.training import fit, reference_model
+    from compressor.run.progress import Reporter
+    from compressor.train.training import fit, reference_model
 
     reporter = Reporter()
     fit(reference_model((64,), 10), digits, epochs=2, batch_size=64, learning_rate=1e-3, hold_zeros=False,
@@ -151,7 +151,7 @@ def test_a_data_folder_is_fingerprinted_by_its_listing(tmp_path):
     """Big image folders are not read on every run, yet a changed, added or removed file is noticed."""
     import os
 
-    from compressor.checkpoint import data_digest
+    from compressor.run.checkpoint import data_digest
 
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "0.png").write_bytes(b"x" * 10)

@@ -75,7 +75,7 @@ def test_keras3_cnn_with_bn_and_residual_add_goes_through_run(tmp_path, image_da
 
 
 def test_lstm_model_is_compressed_around_the_lstm_with_a_warning(tmp_path, capsys):
-    from compressor._tf import keras
+    from compressor.core._tf import keras
 
     rng = np.random.default_rng(0)
     x = rng.random((120, 6, 4)).astype(np.float32)

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from compressor.cli import main
-from compressor.errors import CompressorError
+from compressor.core.errors import CompressorError
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"targets": ["tflite"], "max_accuracy_drop": 0.2, "stages": [{"name": "weight", "sparsity": 0.5, "epochs": 1}],
@@ -54,7 +54,7 @@ def _siblings(out: Path, tag: str) -> list[Path]:
 @pytest.fixture(scope="module")
 def lambda_files(tmp_path_factory):
     """The same tf-keras model with a Lambda that writes a marker file, in every format."""
-    from compressor._tf import keras
+    from compressor.core._tf import keras
 
     folder = tmp_path_factory.mktemp("lambda")
     marker = folder / "PAYLOAD_RAN"
@@ -114,7 +114,7 @@ def user_module(tmp_path, monkeypatch):
 
 
 def test_unregistered_custom_class_is_refused_and_its_module_never_imported(user_module, tmp_path, capsys):
-    from compressor._tf import keras
+    from compressor.core._tf import keras
     from compressor.api import compress
 
     module, marker = user_module
@@ -145,7 +145,7 @@ def test_config_naming_a_foreign_module_is_refused_before_import(user_module, tm
     import json
     import zipfile
 
-    from compressor._tf import keras
+    from compressor.core._tf import keras
 
     _, marker = user_module
     sys.modules.pop("userlayers_safety")
@@ -223,7 +223,7 @@ def test_killed_force_run_leaves_the_previous_result_byte_identical(previous, tm
 
 
 def test_a_run_killed_between_the_two_renames_is_put_back_by_the_next(tmp_path):
-    from compressor.outdir import OutputFolder
+    from compressor.run.outdir import OutputFolder
 
     out = tmp_path / "result"
     old = tmp_path / ".result.old-999999999"  # the previous result, moved aside by a run that then died
@@ -240,7 +240,7 @@ def test_a_run_killed_between_the_two_renames_is_put_back_by_the_next(tmp_path):
 
 
 def test_failure_inside_the_run_keeps_the_previous_result(tmp_path):
-    from compressor.outdir import OutputFolder
+    from compressor.run.outdir import OutputFolder
 
     out = tmp_path / "result"
     out.mkdir()
@@ -348,8 +348,8 @@ def test_seeded_fuzz_slice_ends_every_case_in_one_line_or_a_result(capsys):
 
 def test_compiled_models_with_metrics_and_a_custom_loss_still_load(tmp_path):
     """compile=False never builds the loss or metrics, so they are not refused."""
-    from compressor._tf import keras
-    from compressor.model_io import load_model
+    from compressor.core._tf import keras
+    from compressor.load.model_io import load_model
 
     def my_loss(y_true, y_pred):
         return keras.backend.mean(y_pred)

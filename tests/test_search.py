@@ -3,10 +3,10 @@ against a goal, and the goal fields validated like the rest of the recipe."""
 import numpy as np
 import pytest
 
-from compressor._tf import keras
-from compressor.errors import CompressorError
-from compressor.latency_model import LatencyModel, grid
-from compressor.recipe import parse_recipe
+from compressor.core._tf import keras
+from compressor.core.errors import CompressorError
+from compressor.stages.search.latency_model import LatencyModel, grid
+from compressor.config.recipe import parse_recipe
 from compressor.stages import scoring, search
 from compressor.stages.base import StageContext
 from exporters.frontier_plot import frontier_table, plot_frontier
@@ -35,7 +35,7 @@ def test_latency_table_is_measured_then_reused_from_its_file(tmp_path):
 
 def test_two_runs_sharing_a_latency_cache_keep_each_others_entries(tmp_path):
     """Concurrent runs on one machine share the cache file: the later save merges, never drops or corrupts."""
-    from compressor.latency_model import LatencyTable
+    from compressor.stages.search.latency_model import LatencyTable
 
     cache = tmp_path / "table.json"
     first, second = LatencyTable.open("tflite", cache), LatencyTable.open("tflite", cache)
@@ -54,7 +54,7 @@ def shared_cache(tmp_path_factory):
 
 
 def test_step_shaped_table_is_interpolated_between_measured_points(shared_cache):
-    from compressor.latency_model import default_cache
+    from compressor.stages.search.latency_model import default_cache
 
     model = _mlp()
     lm = LatencyModel(model, ["h1", "h2"], "tflite", cache=shared_cache / default_cache("tflite").name, runs=20)
@@ -160,9 +160,9 @@ def test_a_point_slower_than_the_start_on_a_target_runtime_never_ships():
 
 
 def test_keep_frontier_writes_each_other_point_and_names_its_files(tmp_path):
-    from compressor.model_io import save_model_atomic
-    from compressor.pipeline import _search_results
-    from compressor.progress import Reporter
+    from compressor.load.model_io import save_model_atomic
+    from compressor.run.pipeline import _search_results
+    from compressor.run.progress import Reporter
     from exporters import ship
 
     recipe = parse_recipe({"targets": ["tflite", "onnxruntime"], "keep_frontier": True})
@@ -191,7 +191,7 @@ def test_a_speedup_goal_counts_from_the_model_before_any_stage(digits):
 def test_attention_heads_are_a_search_group_with_a_measured_table(digits, shared_cache):
     """Heads are not output channels: the search still narrows them (loss rise when silenced, a
     table over head counts), and the chosen model runs with fewer heads."""
-    from compressor.latency_model import default_cache
+    from compressor.stages.search.latency_model import default_cache
     from tests.test_depth import _as_tokens, _encoder
 
     keras.utils.set_random_seed(0)
@@ -226,7 +226,7 @@ def test_attention_heads_are_a_search_group_with_a_measured_table(digits, shared
 def test_head_scores_use_the_tasks_loss_for_a_regression_encoder(digits):
     """A regression model's heads are scored by its own loss (MAE here), not a classification loss
     its outputs cannot be read by."""
-    from compressor.task import resolve
+    from compressor.config.task import resolve
     from tests.test_depth import _as_tokens
 
     keras.utils.set_random_seed(0)
@@ -271,7 +271,7 @@ def test_without_a_goal_the_allocation_follows_every_target_runtime():
 
 
 def test_fit_line_holds_the_fixed_cost_and_never_goes_negative():
-    from compressor.latency_model import fit_line
+    from compressor.stages.search.latency_model import fit_line
 
     table = [0.01, 0.02, 0.04, 0.08]
     a, b = fit_line(table, [0.02 + 0.3 * x for x in table])  # an unmodelled fixed cost of 0.02 ms
@@ -295,7 +295,7 @@ def test_calibrated_prediction_of_a_held_out_narrowed_model_is_close_to_its_meas
     transposes and reorders); fitted on the start model and two probes, the prediction of a width
     it never saw lands within 35% of the measurement (observed: under 12% on an idle or a loaded
     machine, while the raw table sum was off by +6..+150%)."""
-    from compressor.latency_model import default_cache, measure_models
+    from compressor.stages.search.latency_model import default_cache, measure_models
 
     model, units = _wide_mlp(), {"h1": 1024}
     for rt in ("onnxruntime", "tflite"):
@@ -376,7 +376,7 @@ def test_the_frontier_table_counts_speed_from_dense_and_marks_where_the_search_b
 def test_couplings_probed_once_follow_mobilenetv2s_residual_groups_and_leave_the_model_whole():
     """The search probes each group once for both runtimes' tables (surgery on a deep network costs
     seconds per group); a residual group's probe must reach every conv that reads or writes it."""
-    from compressor.latency_model import probe
+    from compressor.stages.search.latency_model import probe
 
     model = keras.applications.MobileNetV2(alpha=0.35, input_shape=(32, 32, 3), weights=None, classes=10)
     before = {l.name: w.shape for l in model.layers for w in l.get_weights()}

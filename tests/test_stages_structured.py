@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compressor._tf import keras
-from compressor.data import Dataset
-from compressor.recipe import parse_recipe
+from compressor.core._tf import keras
+from compressor.data.sources import Dataset
+from compressor.config.recipe import parse_recipe
 from compressor.stages import activation, cluster, sparse_opt
 from compressor.stages.base import StageContext
-from compressor.training import accuracy
+from compressor.train.training import accuracy
 
 L = keras.layers
 MODULES = {"activation": activation, "cluster": cluster, "sparse_opt": sparse_opt}

@@ -7,10 +7,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from compressor._tf import keras, tf
+from compressor.core._tf import keras, tf
 from compressor.cli import main
-from compressor.data import check_against_model, load_dataset
-from compressor.recipe import parse_recipe
+from compressor.data.sources import check_against_model, load_dataset
+from compressor.config.recipe import parse_recipe
 from tests import data_source
 from tests.data_source import CLASSES, SIDE, images
 
@@ -137,7 +137,7 @@ def test_a_bad_record_met_while_evaluating_is_named(inputs, tmp_path):
     _tfrecord(tmp_path / "late.tfrecord", x, y)
     ds = load_dataset(tmp_path / "late.tfrecord", parse_recipe({"data": {"tfrecord": {"features": FEATURES}}}).data)
     check_against_model(ds, (SIDE, SIDE, 1), CLASSES)  # the first batches are clean
-    from compressor.errors import CompressorError
+    from compressor.core.errors import CompressorError
 
     with pytest.raises(CompressorError, match="label 9 is out of range for a model with 3 outputs"):
         list(ds.batches("test", batch_size=16))

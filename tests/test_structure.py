@@ -1,7 +1,8 @@
 """The shape of the code base: one home for each kind of knowledge, and a clean dependency direction.
 
 - The module import graph (module-level and in-function imports both counted) has no cycle.
-- `exporters` imports nothing from `compressor` but `compressor.core`.
+- Wings import downwards only (WINGS, lowest first); `exporters` imports nothing from `compressor`
+  but `compressor.core`.
 - Every registered layer type goes through every reader of the layer table.
 - The recipe's criterion names are exactly the registered criteria.
 """
@@ -13,8 +14,8 @@ import pytest
 
 from compressor import criteria, layers
 from compressor.layers.base import Handler
-from compressor.model_io import PRUNING_SUPPORTED
-from compressor.recipe import ActivationStage
+from compressor.load.model_io import PRUNING_SUPPORTED
+from compressor.config.recipe import ActivationStage
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("compressor", "exporters")
@@ -26,13 +27,15 @@ def _module_name(path: Path) -> str:
 
 
 def _imports(path: Path, modules: set[str]) -> set[str]:
-    """Project modules imported anywhere in the file (a `from pkg import mod` counts as pkg.mod)."""
+    """Project modules imported anywhere in the file (a `from pkg import mod` counts as pkg.mod alone:
+    inside a package that is how a module names its sibling, and it does not re-enter the package)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            subs = [f"{node.module}.{alias.name}" for alias in node.names]
+            names = subs if all(sub in modules for sub in subs) else [node.module, *subs]
         else:
             continue
         found |= {name for name in names if name in modules}
@@ -61,6 +64,30 @@ def test_no_import_cycle():
     for module in sorted(graph):
         if module not in state:
             visit(module, [module])
+
+
+# compressor's wings, lowest first: a module may import its own wing and the ones before it. The
+# layer table sits with the core because the core hands its export form to `exporters`.
+WINGS = (("core", "layers"), ("criteria", "graph", "load", "config"), ("data",), ("train",), ("stages",),
+         ("run",), ("cli", "api"))
+
+
+def _wing(module: str) -> int | None:
+    parts = module.split(".")
+    if parts[0] != "compressor" or len(parts) == 1:
+        return None
+    return next(rank for rank, wing in enumerate(WINGS) if parts[1] in wing)
+
+
+def test_wings_import_downwards_only():
+    upward = sorted(f"{name} -> {dep}" for name, deps in import_graph().items() for dep in deps
+                    if _wing(name) is not None and _wing(dep) is not None and _wing(dep) > _wing(name))
+    assert not upward
+
+
+def test_at_most_six_modules_at_the_top_of_compressor():
+    top = sorted(p.name for p in (ROOT / "compressor").glob("*.py"))
+    assert len(top) <= 6, top
 
 
 def test_exporters_import_only_the_core_from_compressor():

@@ -9,8 +9,8 @@ import warnings
 import numpy as np
 import pytest
 
-from compressor._tf import keras, tf
-from compressor.surgery import (
+from compressor.core._tf import keras, tf
+from compressor.graph.surgery import (
     SurgeryWarning,
     coupled_groups,
     prunable_layers,

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import yaml
 
-from compressor._tf import keras
+from compressor.core._tf import keras
 from compressor.cli import main
-from compressor.data import load_dataset
-from compressor.errors import CompressorError
-from compressor.recipe import parse_recipe
-from compressor.task import resolve
+from compressor.data.sources import load_dataset
+from compressor.core.errors import CompressorError
+from compressor.config.recipe import parse_recipe
+from compressor.config.task import resolve
 
 L = keras.layers
 
@@ -126,7 +126,7 @@ def test_multi_label_auc_and_a_users_metric_function_score_like_keras(tmp_path):
 
 def worst_error(y_true, y_pred):
     """A user's metric: per-sample largest absolute error (averaged over samples by the tool)."""
-    from compressor._tf import tf
+    from compressor.core._tf import tf
 
     return tf.reduce_max(tf.abs(y_pred - y_true), axis=-1)
 

@@ -1,9 +1,9 @@
 import numpy as np
 
-from compressor._tf import keras
+from compressor.core._tf import keras
 from compressor.stages import weight
 from compressor.stages.base import StageContext
-from compressor.training import HoldZeros, accuracy, fit, kernel_masks
+from compressor.train.training import HoldZeros, accuracy, fit, kernel_masks
 
 
 def _run(model, digits, recipe):

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from compressor import keras3_layers
-from compressor._tf import keras, tf
+from compressor.layers import keras3_layers
+from compressor.core._tf import keras, tf
 from compressor.layers.export_forms import attention_form
 from compressor.layers.base import Cut, Handler, size, take
 

@@ -13,7 +13,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from compressor._tf import tf
+from compressor.core._tf import tf
 from compressor.layers.layout import Layout
 
 

@@ -3,7 +3,7 @@ read their input channels as kernel rows (axis -2), so a removed upstream unit i
 row folded onto its kept twin when the cluster stage merges units)."""
 from __future__ import annotations
 
-from compressor._tf import keras
+from compressor.core._tf import keras
 from compressor.layers.export_forms import dense_form, grouped_conv_form
 from compressor.layers.base import (CROSS_UNIT_ACTIVATIONS, Blocked, Cut, Handler, activation_name, fold_rows,
                                     map_weights, positions, size, take)

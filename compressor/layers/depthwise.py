@@ -4,7 +4,7 @@ produced its input. A separable conv is a depthwise step that follows its input 
 step whose filters are the layer's own units."""
 from __future__ import annotations
 
-from compressor._tf import keras
+from compressor.core._tf import keras
 from compressor.layers.base import Blocked, Cut, Handler, expand, fold_rows, map_weights, positions, size, take
 from compressor.layers.layout import single
 

@@ -2,9 +2,9 @@
 and noise, pooling, padding, cropping, upsampling. A channel keeps its identity through them."""
 from __future__ import annotations
 
-from compressor._tf import keras
-from compressor import keras3_layers
-from compressor.keras3_layers import StochasticDepth
+from compressor.core._tf import keras
+from compressor.layers import keras3_layers
+from compressor.layers.keras3_layers import StochasticDepth
 from compressor.layers.base import CROSS_UNIT_ACTIVATIONS, Blocked, Handler, activation_name
 
 _L = keras.layers

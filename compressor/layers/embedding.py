@@ -2,7 +2,7 @@
 integer ids, not channels, so nothing upstream is coupled to it."""
 from __future__ import annotations
 
-from compressor._tf import keras
+from compressor.core._tf import keras
 from compressor.layers.base import Cut, Handler, take
 from compressor.layers.layout import single
 

@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 
-from compressor._tf import keras, tf
+from compressor.core._tf import keras, tf
 
 def _static(shape) -> bool:
     """All dimensions but the batch are known."""

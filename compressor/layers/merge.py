@@ -3,7 +3,7 @@ producers behind a residual Add, or behind a squeeze-excite gate and the tensor 
 lose the same indices (union-find in surgery). Concatenate puts its inputs' channels side by side."""
 from __future__ import annotations
 
-from compressor._tf import keras
+from compressor.core._tf import keras
 from compressor.layers.base import Blocked, Handler, is_last_axis
 from compressor.layers.layout import Layout
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from compressor._tf import keras
-from compressor import keras3_layers
-from compressor.keras3_layers import ConstantTerm as ConstantTermLayer, LayerScale as LayerScaleLayer
+from compressor.core._tf import keras
+from compressor.layers import keras3_layers
+from compressor.layers.keras3_layers import ConstantTerm as ConstantTermLayer, LayerScale as LayerScaleLayer
 from compressor.layers.export_forms import layer_norm_form
 from compressor.layers.base import Blocked, Cut, Handler, is_last_axis, map_weights, take
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from compressor._tf import keras
+from compressor.core._tf import keras
 from compressor.layers.base import Blocked, Cut, Handler
 from compressor.layers.layout import Layout
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from compressor._tf import keras
+from compressor.core._tf import keras
 from compressor.layers.merge import Elementwise
 
 try:  # the class is not exported publicly by tf-keras

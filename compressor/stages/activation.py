@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from compressor import criteria
-from compressor.recipe import ActivationStage
+from compressor.config.recipe import ActivationStage
 from compressor.stages import scoring
 from compressor.stages.base import StageContext, StageOutcome
 

@@ -18,8 +18,8 @@ import math
 
 import numpy as np
 
-from compressor import surgery
-from compressor._tf import keras
+from compressor.graph import surgery
+from compressor.core._tf import keras
 from compressor.stages import scoring
 from compressor.stages.base import StageContext, StageOutcome
 from exporters.ship import misaligned_dense  # noqa: F401  (the check export applies; tests use it from here)

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from compressor.data import Dataset
-from compressor.recipe import Recipe
+from compressor.data.sources import Dataset
+from compressor.config.recipe import Recipe
 
 
 @dataclass
@@ -21,7 +21,7 @@ class StageContext:
     log: Callable[[str], None] | None = None  # progress lines of long stages (the search's steps)
     dense_model: object | None = None  # the model before any stage (a speed goal counts from it)
     baseline_accuracy: float | None = None  # dense metric on the budget split (goal-driven stages step back by it)
-    task: object = None  # compressor.task.Task: loss for fine-tuning, metric and budget (None: top-1 accuracy)
+    task: object = None  # compressor.config.task.Task: loss for fine-tuning, metric and budget (None: top-1 accuracy)
 
 
 @dataclass

@@ -16,7 +16,7 @@ import numpy as np
 from sklearn.cluster import KMeans
 from threadpoolctl import threadpool_limits
 
-from compressor.recipe import ClusterStage
+from compressor.config.recipe import ClusterStage
 from compressor.stages import scoring
 from compressor.stages.base import StageContext, StageOutcome
 

@@ -24,14 +24,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from compressor._tf import keras
-from compressor.flops import layer_macs
-from compressor.recipe import DepthStage
+from compressor.core._tf import keras
+from compressor.graph.flops import layer_macs
+from compressor.config.recipe import DepthStage
 from compressor.stages import scoring
 from compressor.stages.base import StageContext, StageOutcome
-from compressor.surgery import ModelGraph, model_graph
-from compressor.task import context_task
-from compressor.training import output_is_probability
+from compressor.graph.surgery import ModelGraph, model_graph
+from compressor.config.task import context_task
+from compressor.train.training import output_is_probability
 
 
 @dataclass(frozen=True)

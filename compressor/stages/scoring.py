@@ -4,7 +4,7 @@ data, and how to fold a removed unit's signal into the layers that read it.
 A producer's unit is judged by what the *next* weighted layer sees, so activity is taken after the
 pass-through layers that follow it (BatchNormalization, activations, dropout): for Dense+ReLU that
 is the Dense output, for Conv -> BN -> ReLU the ReLU output. Removal then goes through
-`compressor.surgery`; before it, a removed unit's mean activation is folded into the consumers'
+`compressor.graph.surgery`; before it, a removed unit's mean activation is folded into the consumers'
 bias ("mean replacement"), which makes removing a constant unit (zero kernel, gamma = 0, a ReLU
 that never fires) exact and is the least-squares best guess for any other unit.
 """
@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from compressor import surgery
-from compressor._tf import keras, tf
+from compressor.graph import surgery
+from compressor.core._tf import keras, tf
 from compressor.layers import Handler, handler_for
-from compressor.training import clone_with_weights, fit
+from compressor.train.training import clone_with_weights, fit
 
 
 
@@ -115,7 +115,7 @@ class Activity:
 def collect(model, x: np.ndarray, traces: list[Trace], batch_size: int = 128, limit: int = 500,
             labels: np.ndarray | None = None, task=None) -> dict[str, Activity]:
     """Run `model` on up to `limit` calibration samples; activity of every traced producer. With
-    `labels`, the gradient of the loss (the task's, compressor/task.py) w.r.t. each observed
+    `labels`, the gradient of the loss (the task's, compressor/config/task.py) w.r.t. each observed
     activation is gathered too (Taylor)."""
     x = np.asarray(x)[:limit]
     observe = sorted({t.observe for t in traces})

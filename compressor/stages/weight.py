@@ -12,14 +12,14 @@ import math
 import numpy as np
 import tensorflow_model_optimization as tfmot
 
-from compressor import distribute
-from compressor._tf import keras
-from compressor.errors import CompressorError
+from compressor.train import distribute
+from compressor.core._tf import keras
+from compressor.core.errors import CompressorError
 from compressor.layers import handler_for
-from compressor.recipe import WeightStage
+from compressor.config.recipe import WeightStage
 from compressor.stages.base import StageContext, StageOutcome
 from compressor.stages.scoring import unit_kernel
-from compressor.training import clone_with_weights, fit, recalibrate_batchnorm
+from compressor.train.training import clone_with_weights, fit, recalibrate_batchnorm
 
 def _magnitude_prunable(layer) -> bool:
     """The layer table says which kernels tfmot masks (SeparableConv: its pointwise kernel; depthwise

@@ -17,8 +17,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from compressor.keras3_layers import recognised
-from compressor.errors import CompressorError
+from compressor.layers.keras3_layers import recognised
+from compressor.core.errors import CompressorError
 
 #: Layer classes whose config carries Python code (marshalled bytecode) or a reference to it.
 CODE_LAYERS = frozenset({"Lambda"})
@@ -73,7 +73,7 @@ def make_policy(trust_model_code: bool = False, custom_objects: list[str] | str 
 
 def layer_classes(module_name: str) -> dict[str, type]:
     """Import the user's module by name (never a file from the model) and collect its tf-keras layers."""
-    from compressor._tf import keras
+    from compressor.core._tf import keras
 
     if not _MODULE_NAME.match(module_name or ""):
         raise CompressorError(f"--custom-objects '{module_name}' is not a module name; pass a dotted name like "
@@ -224,7 +224,7 @@ def _stored_code(class_name: str, config: dict) -> str:
 
 def _known_classes(policy: LoadPolicy, keras3: bool) -> set[str]:
     """Built-in tf-keras and Keras 3 layer classes, plus the user's registered ones."""
-    from compressor._tf import keras
+    from compressor.core._tf import keras
 
     names = set(_MODEL_CLASSES) | set(policy.custom_objects)
     names |= {n for n in dir(keras.layers) if inspect.isclass(getattr(keras.layers, n, None))}

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from compressor.checks import SPLIT_SEED, check_label_count, check_labels
-from compressor.errors import CompressorError
+from compressor.data.checks import SPLIT_SEED, check_label_count, check_labels
+from compressor.core.errors import CompressorError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 TFRECORD_SUFFIXES = (".tfrecord", ".tfrecords", ".tfr")
@@ -32,7 +32,7 @@ MARK = "[data check] "  # our graph assertions' messages start with this; errors
 
 
 def _tf():
-    from compressor._tf import tf
+    from compressor.core._tf import tf
 
     return tf
 
@@ -53,7 +53,7 @@ def holds_datasets(result) -> bool:
 
 
 class StreamDataset:
-    """The streamed counterpart of compressor.data.Dataset, with the same reading methods.
+    """The streamed counterpart of compressor.data.sources.Dataset, with the same reading methods.
 
     `build(input_shape, task)` returns the splits as unbatched tf.data.Datasets of (x, y); it runs
     when the model is known (an image folder is decoded at the model's input size).
@@ -329,7 +329,7 @@ def image_folder(spec: str, settings) -> StreamDataset:
     counts: dict = {}
 
     def build(input_shape: tuple, task) -> dict:
-        from compressor._tf import keras
+        from compressor.core._tf import keras
 
         modes = {1: "grayscale", 3: "rgb", 4: "rgba"}
         if len(input_shape) != 3 or input_shape[-1] not in modes:

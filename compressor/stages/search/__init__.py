@@ -16,12 +16,12 @@ import math
 import numpy as np
 
 from compressor import criteria
-from compressor.latency_model import RUNTIMES, LatencyModel, measure_models, probe
-from compressor.recipe import SearchStage
+from compressor.stages.search.latency_model import RUNTIMES, LatencyModel, measure_models, probe
+from compressor.config.recipe import SearchStage
 from compressor.stages import scoring
 from compressor.stages.activation import unit_scores
 from compressor.stages.base import StageContext, StageOutcome
-from compressor.task import Task, context_task
+from compressor.config.task import Task, context_task
 
 MAX_SPEEDUP = 64.0  # without a speed goal the points double until the budget is crossed, at most to this
 
@@ -144,7 +144,7 @@ def _speed_targets(cfg: SearchStage, lm: LatencyModel, amount: float) -> tuple[l
 
 def _tables(model, names: list[str], cfg: SearchStage, ctx: StageContext) -> dict[str, LatencyModel]:
     from pathlib import Path
-    from compressor.latency_model import default_cache
+    from compressor.stages.search.latency_model import default_cache
 
     step = max(1, ctx.recipe.unit_multiple())
     _log(ctx, f"search: which layers each of {len(names)} groups narrows (one surgery per group)")

@@ -1,7 +1,7 @@
 """The fusion pipeline: load -> baseline -> stages under the budget -> export -> verify -> bench -> report.
 
 This module only orchestrates; each step lives in its own module. The budget is counted in the
-recipe's metric (top-1 accuracy by default, compressor/task.py) on the validation split, else the
+recipe's metric (top-1 accuracy by default, compressor/config/task.py) on the validation split, else the
 test split, streamed batch by batch.
 """
 from __future__ import annotations
@@ -12,15 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
-from compressor import distribute
-from compressor._tf import keras
-from compressor.data import Dataset, check_against_model
-from compressor.errors import CompressorError
-from compressor.progress import Reporter
-from compressor.recipe import Recipe
+from compressor.train import distribute
+from compressor.core._tf import keras
+from compressor.data.sources import Dataset, check_against_model
+from compressor.core.errors import CompressorError
+from compressor.run.progress import Reporter
+from compressor.config.recipe import Recipe
 from compressor.stages.base import StageContext
-from compressor.task import Task, context_task, resolve
-from compressor.training import clone_with_weights, count_params
+from compressor.config.task import Task, context_task, resolve
+from compressor.train.training import clone_with_weights, count_params
 from exporters import ship
 
 BACKOFF_AMOUNTS = (1.0, 0.75, 0.5, 0.25)
@@ -43,7 +43,7 @@ def run_stages(model: keras.Model, recipe: Recipe, data: Dataset, reporter: Repo
     """Apply the recipe's stages in order; a stage that crosses the budget is retried with less.
     `baseline_accuracy`: the dense model's metric on the budget split (`task`'s; default top-1 accuracy).
     `points` (when given) collects the search's other frontier models, label -> model. Each finished
-    stage is saved to `checkpoint` (compressor.checkpoint); `resumed` continues after its last one."""
+    stage is saved to `checkpoint` (compressor.run.checkpoint); `resumed` continues after its last one."""
     task = task or context_task(StageContext(recipe=recipe, data=data))
     ctx = StageContext(recipe=recipe, data=data, epoch_progress=reporter.epoch_callback, log=reporter.step,
                        baseline_accuracy=baseline_accuracy, task=task, dense_model=model)
@@ -120,7 +120,7 @@ def _align_blocks(model, recipe: Recipe, ctx: StageContext, reporter: Reporter, 
     if it crosses it; block alignment is kept regardless, because without it the TFLite file would
     be stored dense.
     """
-    from compressor import surgery
+    from compressor.graph import surgery
     from compressor.stages import align
 
     names = [s.name for s in recipe.stages]
@@ -156,14 +156,14 @@ def compress(model: keras.Model, data: Dataset, recipe: Recipe, out: str | Path,
              resume: bool = False) -> dict:
     """Run the whole pipeline on an in-memory tf_keras model; returns the report dict (also written).
     With a `checkpoint` every finished stage is saved; `resume` continues after the last saved one."""
-    from compressor.flops import model_macs
+    from compressor.graph.flops import model_macs
     from exporters.benchmark import machine_info, run_benchmark
     from exporters.report import write_reports
-    from compressor.model_io import save_model_atomic
+    from compressor.load.model_io import save_model_atomic
 
     reporter = reporter or Reporter()
     resumed = checkpoint.load() if resume else None
-    out = Path(out)  # the folder being built (compressor.outdir swaps it into place when complete)
+    out = Path(out)  # the folder being built (compressor.run.outdir swaps it into place when complete)
     out.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(recipe.seed)
     task = resolve(recipe, model)
@@ -286,7 +286,7 @@ def _execution_table(artifacts) -> list[dict]:
 def _layer_table(dense: keras.Model, pruned: keras.Model) -> list[dict]:
     """Units and kernel sparsity per producer layer, before and after, and why a layer could not shrink."""
     from compressor.layers import handler_for
-    from compressor.surgery import shrink_reasons
+    from compressor.graph.surgery import shrink_reasons
 
     reasons = shrink_reasons(dense)
     rows = []

@@ -27,8 +27,8 @@ import numpy as np
 
 from exporters import targets
 from exporters.latency import BLOCK
-from compressor._tf import keras
-from compressor.errors import CompressorError
+from compressor.core._tf import keras
+from compressor.core.errors import CompressorError
 
 RUNTIMES = ("onnxruntime", "tflite")
 LEVELS = (0.03125, 0.125, 0.25, 0.5, 1.0)  # grid fractions of a layer's full width (rounded to `step`)

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from compressor._tf import keras
-from compressor.errors import CompressorError
+from compressor.core._tf import keras
+from compressor.core.errors import CompressorError
 
 ACCURACY = ("accuracy", "acc", "sparse_categorical_accuracy")
 HIGHER = ACCURACY + ("auc", "binary_accuracy", "categorical_accuracy", "precision", "recall", "top_k_categorical_accuracy",
@@ -85,7 +85,7 @@ class Task:
     budget: float
     units: list[int]
     activations: list[str]
-    data: object = None  # the bound data set (compressor.data), for `keras` / `file`
+    data: object = None  # the bound data set (compressor.data.sources), for `keras` / `file`
 
     @property
     def name(self) -> str:

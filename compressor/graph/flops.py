@@ -11,7 +11,7 @@ groups and TimeDistributed.
 """
 from __future__ import annotations
 
-from compressor._tf import keras
+from compressor.core._tf import keras
 from compressor.layers import Handler, handler_for
 
 __all__ = ["layer_macs", "model_macs"]

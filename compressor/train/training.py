@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from compressor import distribute
-from compressor._tf import keras, tf
-from compressor.data import Dataset
+from compressor.train import distribute
+from compressor.core._tf import keras, tf
+from compressor.data.sources import Dataset
 
 
 def reference_model(input_shape=(784,), classes: int = 10, hidden: int = 128) -> keras.Model:
@@ -34,7 +34,7 @@ def output_is_probability(model: keras.Model) -> bool:
 
 
 def compile_for_training(model: keras.Model, learning_rate: float, task=None) -> keras.Model:
-    """Adam with the task's loss (compressor/task.py); without a task, top-1 classification."""
+    """Adam with the task's loss (compressor/config/task.py); without a task, top-1 classification."""
     if task is None:
         loss, metrics = keras.losses.SparseCategoricalCrossentropy(from_logits=not output_is_probability(model)), ["accuracy"]
     else:
@@ -98,7 +98,7 @@ def fit(model: keras.Model, data: Dataset, epochs: int, batch_size: int, learnin
     kernel zeros are held when `hold_zeros`.
 
     Under a recipe's `distribute:` strategy a copy built in its scope trains (global batch
-    `batch_size` split over the replicas) and its weights are copied back (compressor.distribute)."""
+    `batch_size` split over the replicas) and its weights are copied back (compressor.train.distribute)."""
     if epochs <= 0:
         return model
     trained = model

@@ -4,7 +4,7 @@ tfmot only prunes tf-keras models, and tf-keras cannot read Keras 3 files. So
 we let Keras 3 load its own file, then rebuild the same graph in tf-keras layer by layer from the
 live model's config, copy the weights layer by layer, and prove the rebuild on random inputs
 before anyone prunes it. What each layer class, `keras.ops` node and activation becomes is looked
-up in the tables of `compressor.keras3_layers`; this module is the generic machinery around them.
+up in the tables of `compressor.layers.keras3_layers`; this module is the generic machinery around them.
 
 Keras 3 is imported lazily, as `keras3`, only here: the rest of the project never touches it.
 """
@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from compressor._tf import keras, tf
-from compressor.errors import CompressorError
-from compressor.keras3_layers import ACTIVATIONS, OPS, ConstantTerm, REFUSED, LayerSpec, OpSpec, is_op, recognised, refused, same_class
+from compressor.core._tf import keras, tf
+from compressor.core.errors import CompressorError
+from compressor.layers.keras3_layers import ACTIVATIONS, OPS, ConstantTerm, REFUSED, LayerSpec, OpSpec, is_op, recognised, refused, same_class
 from compressor.layers import keras3_rebuilder
 
 #: Max |tf-keras - Keras 3| allowed on the parity check, scaled by max(1, |reference output|).
@@ -90,7 +90,7 @@ def precheck_config(config: dict, path: str) -> None:
                 f"cannot read model '{path}': Keras 3 layer '{name}' ({class_name}) has no tf-keras "
                 "equivalent; save the model without it (e.g. built-in layers instead of Lambda) or as tf-keras"
             )
-    from compressor.safety import check_config  # noqa: PLC0415 - the one safety check for every format
+    from compressor.load.safety import check_config  # noqa: PLC0415 - the one safety check for every format
 
     check_config(config, path, keras3=True)
 

@@ -15,13 +15,13 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compressor._tf import keras
-from compressor.errors import CompressorError
+from compressor.core._tf import keras
+from compressor.core.errors import CompressorError
 # Importing keras3_layers registers the tf-keras classes/activations that Keras 3 imports are rebuilt
 # with, so that files saved after an import (pruned.keras) load again; tf-keras only.
-from compressor import keras3_layers  # noqa: F401
+from compressor.layers import keras3_layers  # noqa: F401
 from compressor.layers import handler_for, supported_class_names
-from compressor.safety import STRICT, LoadPolicy, check_config, check_savedmodel
+from compressor.load.safety import STRICT, LoadPolicy, check_config, check_savedmodel
 
 FORMAT_TFK_KERAS = "tf-keras .keras"
 FORMAT_TFK_H5 = "tf-keras .h5"
@@ -53,7 +53,7 @@ class LoadedModel:
 def load_model(path: str | Path, policy: LoadPolicy = STRICT) -> LoadedModel:
     """Load a tf-keras or Keras 3 model (.keras, .h5, SavedModel dir) as a tf-keras model.
 
-    The stored config is checked (compressor.safety) before anything is deserialised, so a file
+    The stored config is checked (compressor.load.safety) before anything is deserialised, so a file
     never runs code unless `policy` trusts it. Keras 3 files are rebuilt in tf-keras and verified
     against Keras 3 on random inputs. Every user-facing failure is a one-line CompressorError.
     """
@@ -246,7 +246,7 @@ def _tf_keras_error(source: str, exc: Exception) -> CompressorError:
 
 
 def _import_keras3(source: str, kind: str, fmt: str, config: dict | None = None):
-    from compressor.keras3_import import load_keras3  # noqa: PLC0415 - pulls in Keras 3 lazily
+    from compressor.load.keras3_import import load_keras3  # noqa: PLC0415 - pulls in Keras 3 lazily
 
     model, notes, _ = load_keras3(source, kind, config)
     return model, fmt, notes

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compressor.errors import CompressorError
+from compressor.core.errors import CompressorError
 from exporters import targets
 from exporters.untrusted import check_model_file
 
@@ -76,7 +76,7 @@ def bench_command(args, reporter) -> str:
         paths.append(check_file(args.compare, "--compare"))
     dataset = None
     if args.data:
-        from compressor.data import Dataset, load_dataset
+        from compressor.data.sources import Dataset, load_dataset
 
         dataset = load_dataset(args.data)
         if not isinstance(dataset, Dataset):

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from compressor.errors import CompressorError
-from compressor.quiet import quiet_stderr
+from compressor.core.errors import CompressorError
+from compressor.core.quiet import quiet_stderr
 
 __all__ = ["CompressorError", "export_form", "keras", "keras_kernels", "kernel_zeros", "quiet_stderr", "tf"]
 
@@ -17,7 +17,7 @@ def __getattr__(name: str):
     """`tf` and `keras` on first use: `compressor bench`/`inspect` on an .onnx file never pay for
     importing TensorFlow (a deferred import, PEP 562)."""
     if name in ("tf", "keras"):
-        from compressor import _tf
+        from compressor.core import _tf
 
         return getattr(_tf, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,7 +11,7 @@ import os
 import sys
 import traceback
 
-from compressor.errors import CompressorError
+from compressor.core.errors import CompressorError
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _recipe(args):
-    from compressor.recipe import load_recipe, with_goal
+    from compressor.config.recipe import load_recipe, with_goal
 
     recipe = load_recipe(getattr(args, "recipe", None))
     if getattr(args, "seed", None) is not None:
@@ -129,7 +129,7 @@ def cmd_run(args, reporter) -> int:
 
 
 def cmd_bench(args, reporter) -> int:
-    from compressor.bench_cli import bench_command
+    from compressor.cli.bench import bench_command
 
     print(bench_command(args, reporter))
     return 0
@@ -145,7 +145,7 @@ def cmd_inspect(args, reporter) -> int:
 
 
 def cmd_recipe(args, reporter) -> int:
-    from compressor.recipe import example_yaml
+    from compressor.config.recipe import example_yaml
 
     print(example_yaml())
     return 0
@@ -176,7 +176,7 @@ def _summary(report: dict, reporter) -> None:
 
 def _resume_hint(args) -> str:
     """After an interrupted `run` whose checkpoint holds finished stages: how to continue it."""
-    from compressor.checkpoint import folder_for
+    from compressor.run.checkpoint import folder_for
 
     out = getattr(args, "resume", None) or getattr(args, "out", None)
     if args.command != "run" or not out or not (folder_for(out) / "manifest.json").is_file():
@@ -189,8 +189,8 @@ COMMANDS = {"demo": cmd_demo, "run": cmd_run, "bench": cmd_bench, "inspect": cmd
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from compressor.outdir import Terminated, sigterm_as_exception
-    from compressor.progress import Reporter
+    from compressor.run.outdir import Terminated, sigterm_as_exception
+    from compressor.run.progress import Reporter
 
     reporter = Reporter(quiet=args.quiet)
     try:

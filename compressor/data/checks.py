@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from compressor.errors import CompressorError
+from compressor.core.errors import CompressorError
 
 SPLIT_SEED = 1234  # fixed seed of every train/test split and calibration sample (arrays and streams)
 

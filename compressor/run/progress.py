@@ -55,7 +55,7 @@ class _Bar:
 
 def _epoch_bar_class():
     """Built on first use so `bench` and `inspect` never pay for importing TensorFlow."""
-    from compressor._tf import keras
+    from compressor.core._tf import keras
 
     class EpochBar(keras.callbacks.Callback):
         """A keras callback showing epoch, samples/s and ETA while training, then the train accuracy.

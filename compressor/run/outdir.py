@@ -16,7 +16,7 @@ import shutil
 import signal
 from pathlib import Path
 
-from compressor.errors import CompressorError
+from compressor.core.errors import CompressorError
 
 OUTPUT_FILES = frozenset({
     "report.json", "report.md", "dense.keras", "dense.tflite", "dense.onnx", "pruned.keras", "pruned.tflite",

@@ -15,8 +15,8 @@ import contextlib
 import json
 import os
 
-from compressor._tf import tf
-from compressor.errors import CompressorError
+from compressor.core._tf import tf
+from compressor.core.errors import CompressorError
 
 _state: dict = {"strategy": None, "name": "none", "chief": True, "task": None}
 

@@ -11,7 +11,7 @@ from typing import Annotated, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from compressor.errors import CompressorError
+from compressor.core.errors import CompressorError
 from exporters import targets as registry
 
 Target = Literal[registry.NAMES]  # the runtime targets the registry knows (exporters/targets.py)

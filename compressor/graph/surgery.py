@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from compressor._tf import keras
+from compressor.core._tf import keras
 from compressor.layers import Blocked, Cut, handler_for
 from compressor.layers.layout import Layout as _Layout
 from compressor.layers.layout import opaque as _opaque

@@ -9,7 +9,7 @@ compute the same thing with the same weights. Nothing stored in a model file is 
 a file can only name entries of these tables.
 
 This module imports tf-keras only (never Keras 3), so loading a tf-keras file that uses these
-classes only needs `import compressor.keras3_layers` (model_io does it).
+classes only needs `import compressor.layers.keras3_layers` (model_io does it).
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
-from compressor._tf import keras, tf
-from compressor.errors import CompressorError
+from compressor.core._tf import keras, tf
+from compressor.core.errors import CompressorError
 
 #: Package name our tf-keras classes and functions are registered under ("compressor>LayerScale").
 PACKAGE = "compressor"

@@ -1,5 +1,5 @@
 """Labelled data sets: the built-in offline ones, a user's `.npz`, a `package.module:function`, or a
-stream (image folder, TFRecord files, tf.data.Datasets: compressor/streams.py).
+stream (image folder, TFRecord files, tf.data.Datasets: compressor/data/streams.py).
 
 Everything is checked before any work starts so that a wrong shape or a NaN fails in one line,
 not an hour into fine-tuning; streams are also checked batch by batch while they are read.
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from compressor.checks import SPLIT_SEED, check_label_count, check_labels
-from compressor.checks import class_labels as check_class_labels
-from compressor.errors import CompressorError
+from compressor.data.checks import SPLIT_SEED, check_label_count, check_labels
+from compressor.data.checks import class_labels as check_class_labels
+from compressor.core.errors import CompressorError
 
 BUILTIN = ("mnist5k", "digits")
 
@@ -25,7 +25,7 @@ class Dataset:
     """Train/test (and calibration) arrays held in memory: float32 inputs, labels per output.
 
     Every consumer reads data through the methods below (batches, calibration, fit arguments), the
-    same ones a streamed data set (compressor/streams.py) implements, so nothing downstream needs
+    same ones a streamed data set (compressor/data/streams.py) implements, so nothing downstream needs
     the whole data set in memory.
     """
 
@@ -206,7 +206,7 @@ def load_dataset(spec: str | Path, settings=None, class_labels: bool = True):
         except Exception as exc:  # zipfile / pickle / value errors all mean the same to a user
             raise CompressorError(f"cannot read data file '{spec}' ({type(exc).__name__}); save it with numpy.savez") from exc
         return _from_arrays(spec, arrays, class_labels)
-    from compressor import streams
+    from compressor.data.sources import streams
 
     if streams.is_tfrecord(spec):
         return streams.tfrecord(spec, _settings(settings))
@@ -222,7 +222,7 @@ def load_dataset(spec: str | Path, settings=None, class_labels: bool = True):
 
 def _settings(settings):
     if settings is None:
-        from compressor.recipe import DataSettings
+        from compressor.config.recipe import DataSettings
 
         return DataSettings()
     return settings
@@ -235,7 +235,7 @@ def _from_function(spec: str, settings, class_labels: bool):
     except (ImportError, AttributeError) as exc:
         raise CompressorError(f"cannot import data function '{spec}' ({exc}); use package.module:function") from exc
     result = func()
-    from compressor import streams
+    from compressor.data.sources import streams
 
     if streams.holds_datasets(result):
         return streams.from_datasets(spec, result, _settings(settings))
@@ -255,7 +255,7 @@ def check_against_model(ds, input_shape: tuple, num_outputs: int = 0, task=None)
     matching each output (class labels below the output width). Without `task`: single-output
     classification over `num_outputs` classes."""
     if task is None:
-        from compressor.task import default_task
+        from compressor.config.task import default_task
 
         task = default_task(num_outputs)
     ds.bind(tuple(input_shape), task)

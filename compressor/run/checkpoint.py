@@ -1,12 +1,12 @@
 """Per-stage checkpoints of `compressor run`, so an interrupted long run continues with `--resume`.
 
 They live beside the output folder in `.NAME.checkpoint/`: the result itself is built in a partial
-folder that an interrupted run removes (compressor.outdir), and the checkpoint must outlive even a
+folder that an interrupted run removes (compressor.run.outdir), and the checkpoint must outlive even a
 SIGKILL. After each finished stage it holds the model, the stage records the report is made of, the
 search's frontier models (--keep-frontier) and a manifest binding them to the recipe, the input model
 and the data by hash. Models are written first and the manifest last, each to a temp name renamed
 into place, so a kill at any instant leaves either the previous stage's checkpoint or the new one.
-Stages seed themselves from the recipe's seed and their index (compressor.pipeline), so continuing
+Stages seed themselves from the recipe's seed and their index (compressor.run.pipeline), so continuing
 after stage k gives the same result as running straight through.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from compressor.errors import CompressorError
+from compressor.core.errors import CompressorError
 from exporters.files import jsonable, write_text_atomic
 
 MANIFEST = "manifest.json"
@@ -56,7 +56,7 @@ def recipe_digest(recipe) -> str:
 def data_digest(spec, dataset) -> str:
     """A file by content, a folder by its listing; anything else (built-in name, pkg.mod:func) by the
     arrays it gave."""
-    from compressor.model_io import file_sha256
+    from compressor.load.model_io import file_sha256
 
     if isinstance(spec, (str, Path)) and Path(spec).is_dir():
         return folder_listing_digest(Path(spec))
@@ -139,7 +139,7 @@ class Checkpoint:
     def save(self, done: int, model, records: list[dict], points: dict | None) -> None:
         """After stage `done` (1-based): new files first, then the manifest that names them, then
         the files no manifest names any more."""
-        from compressor.model_io import save_model_atomic
+        from compressor.load.model_io import save_model_atomic
 
         self.folder.mkdir(exist_ok=True)
         name = f"stage-{done}.keras"

@@ -1,0 +1,1 @@
+"""Configuration: the recipe and the task (loss, metric, direction)."""

@@ -1,0 +1,1 @@
+"""Labelled data: in-memory sets, streams, label checks."""

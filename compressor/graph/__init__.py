@@ -1,0 +1,1 @@
+"""The model graph: surgery (physical unit removal) and MAC counts."""

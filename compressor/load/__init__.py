@@ -1,0 +1,1 @@
+"""Model loading: safety checks, Keras 3 import, saving."""

@@ -1,0 +1,1 @@
+"""Running a job: the pipeline, the output folder, checkpoints, progress."""

@@ -1,0 +1,1 @@
+"""Training: fine-tuning that keeps zeros, tf.distribute."""
