@@ -206,7 +206,7 @@ def load_dataset(spec: str | Path, settings=None, class_labels: bool = True):
         except Exception as exc:  # zipfile / pickle / value errors all mean the same to a user
             raise CompressorError(f"cannot read data file '{spec}' ({type(exc).__name__}); save it with numpy.savez") from exc
         return _from_arrays(spec, arrays, class_labels)
-    from compressor.data.sources import streams
+    from compressor.data import streams
 
     if streams.is_tfrecord(spec):
         return streams.tfrecord(spec, _settings(settings))
@@ -235,7 +235,7 @@ def _from_function(spec: str, settings, class_labels: bool):
     except (ImportError, AttributeError) as exc:
         raise CompressorError(f"cannot import data function '{spec}' ({exc}); use package.module:function") from exc
     result = func()
-    from compressor.data.sources import streams
+    from compressor.data import streams
 
     if streams.holds_datasets(result):
         return streams.from_datasets(spec, result, _settings(settings))
