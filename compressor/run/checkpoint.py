@@ -46,7 +46,8 @@ class Resumed:
 
 
 # What a checkpoint folder may hold: its manifest, stage models and their temp files while written.
-_OURS = re.compile(r"manifest\.json|(\.manifest\.json\..+\.partial)|\.?stage-\d+(-point-\d+)?(\.tmp-[0-9a-f]{8})?\.keras")
+_OURS = re.compile(r"manifest\.json|(\.manifest\.json\..+\.partial)"
+                   r"|\.?stage-\d+(-point-\d+)?(\.tmp-[0-9a-f]{8})?\.keras")
 
 
 def folder_for(out: str | Path) -> Path:
