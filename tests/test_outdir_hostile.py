@@ -378,3 +378,17 @@ def test_non_utf8_model_path_is_refused_in_one_line(tmp_path, capsys):
     errors = _errors(capsys)
     assert len(errors) == 1 and errors[0].startswith(f"error: --model '{tmp_path}/m\\xe9.keras' is not valid UTF-8")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_checkpoint_whose_first_save_fails_leaves_no_empty_folder(tmp_path, small_mlp, monkeypatch):
+    import compressor.load.model_io as model_io
+    from compressor.run.checkpoint import Checkpoint, folder_for
+
+    def fails(model, path):
+        Path(path).with_name(".stage-1.tmp-0123abcd.keras").write_bytes(b"half")
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(model_io, "save_model_atomic", fails)
+    with pytest.raises(OSError):
+        Checkpoint(tmp_path / "res", {"recipe": "r"}, load_keras=None).save(1, small_mlp, [], None)
+    assert not folder_for(tmp_path / "res").exists() and os.listdir(tmp_path) == []

@@ -196,7 +196,10 @@ def _resume_hint(args) -> str:
     from compressor.run.checkpoint import folder_for
 
     out = getattr(args, "resume", None) or getattr(args, "out", None)
-    if args.command != "run" or not out or not (folder_for(out) / "manifest.json").is_file():
+    try:
+        if args.command != "run" or not out or not (folder_for(out) / "manifest.json").is_file():
+            return ""
+    except (CompressorError, OSError):
         return ""
     return f"; its finished stages are kept: continue with `compressor run --resume {out}`"
 

@@ -176,25 +176,33 @@ class Checkpoint:
     def save(self, done: int, model, records: list[dict], points: dict | None) -> None:
         """After stage `done` (1-based): new files first, then the manifest that names them, then
         the files no manifest names any more."""
-        from compressor.load.model_io import save_model_atomic
-
-        if not checked_folder(self.folder):
+        created = not checked_folder(self.folder)
+        if created:
             os.mkdir(self.folder, 0o700)
-        name = f"stage-{done}.keras"
-        save_model_atomic(model, self.folder / name)
-        kept = [name]
-        point_rows = []
-        for i, (label, point) in enumerate((points or {}).items()):
-            file = f"stage-{done}-point-{i}.keras"
-            save_model_atomic(point, self.folder / file)
-            point_rows.append({"label": label, "file": file})
-            kept.append(file)
-        body = {"format": FORMAT, "fingerprint": self.fingerprint, "recipe_fields": self.recipe_fields,
-                "inputs": self.inputs, "done": done, "model": name, "points": point_rows, "records": records}
-        write_text_atomic(self.folder / MANIFEST, json.dumps(body, default=jsonable))
+        try:
+            name, point_rows = self._write_models(done, model, points)
+            body = {"format": FORMAT, "fingerprint": self.fingerprint, "recipe_fields": self.recipe_fields,
+                    "inputs": self.inputs, "done": done, "model": name, "points": point_rows, "records": records}
+            write_text_atomic(self.folder / MANIFEST, json.dumps(body, default=jsonable))
+        except BaseException:
+            if created:  # never leave an empty (or manifest-less) checkpoint folder behind
+                shutil.rmtree(self.folder, ignore_errors=True)
+            raise
+        kept = [name, *(row["file"] for row in point_rows)]
         for entry in os.scandir(self.folder):  # checked_folder: only checkpoint files, none a link
             if entry.name not in kept and entry.name != MANIFEST and _OURS.fullmatch(entry.name):
                 os.unlink(entry.path)
+
+    def _write_models(self, done: int, model, points: dict | None) -> tuple[str, list[dict]]:
+        from compressor.load.model_io import save_model_atomic
+
+        name = f"stage-{done}.keras"
+        save_model_atomic(model, self.folder / name)
+        rows = []
+        for i, (label, point) in enumerate((points or {}).items()):
+            rows.append({"label": label, "file": f"stage-{done}-point-{i}.keras"})
+            save_model_atomic(point, self.folder / rows[-1]["file"])
+        return name, rows
 
     def discard(self) -> bool:
         """Remove the checkpoint (the run finished, or a new run replaces it); True if there was one."""

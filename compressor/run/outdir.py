@@ -234,8 +234,10 @@ class OutputFolder:
             self._recover()
             check_out_dir(self.out, self.force, self.inputs)  # again, now that nobody else writes it
             os.mkdir(self.partial)  # fails on anything already there, a symlink included
-        except BaseException:
+        except BaseException as exc:
             self._unlock()
+            if is_disk_full(exc):
+                raise DiskFull(self.out, self.partial, 2**20) from None
             raise
         return self.partial
 
