@@ -363,11 +363,11 @@ def test_non_utf8_out_is_refused_before_any_work(inputs, tmp_path):
     out = os.fsencode(tmp_path) + b"/r\xffes"
     proc = subprocess.run([sys.executable, "-m", "compressor.cli", "run", "--model", str(inputs / "m.keras"),
                            "--data", "digits", "--out", out, "--quiet"], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines() == [
-        f"error: --out '{tmp_path}/r\\xffes' is not valid UTF-8 (TensorFlow and the runtimes cannot open such "
-        "paths); rename it, or pass a path whose name is UTF-8"]
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
+        (f"error: --out '{tmp_path}/r\\xffes' is not valid UTF-8 (TensorFlow and the runtimes cannot open such "
+         "paths); rename it, or pass a path whose name is UTF-8")]
     assert os.listdir(tmp_path) == []
 
 
@@ -381,7 +381,7 @@ def test_non_utf8_model_path_is_refused_in_one_line(tmp_path, capsys):
 
 
 def test_a_checkpoint_whose_first_save_fails_leaves_no_empty_folder(tmp_path, small_mlp, monkeypatch):
-    import compressor.load.model_io as model_io
+    from compressor.load import model_io
     from compressor.run.checkpoint import Checkpoint, folder_for
 
     def fails(model, path):
