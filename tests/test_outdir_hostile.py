@@ -193,6 +193,16 @@ def test_symlinked_out_is_written_where_the_link_points(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]  # no .link.old-*, no .real.*
 
 
+def test_run_with_force_on_a_symlinked_out_keeps_the_link(inputs, tmp_path, capsys):
+    real, link = tmp_path / "real", tmp_path / "link"
+    _previous(real)
+    link.symlink_to(real)
+    assert main(_run(inputs, link, "--force")) == 0, capsys.readouterr().err
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert all(v["ok"] for v in json.loads((real / "report.json").read_text())["verification"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
 def test_dangling_symlink_out_is_refused(tmp_path):
     (tmp_path / "link").symlink_to(tmp_path / "missing")
     with pytest.raises(CompressorError, match="symbolic link to a missing folder"):
