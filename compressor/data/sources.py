@@ -80,6 +80,10 @@ class Dataset:
     def steps_per_epoch(self, batch_size: int) -> int:
         return -(-len(self.x_train) // batch_size)
 
+    def known_count(self, split: str) -> int | None:
+        """Samples in a split, as far as known without reading data (arrays: always)."""
+        return len(self._xy(split)[0])
+
     def train_inputs(self, batch_size: int, batches: int):
         """Up to `batches` random training batches, inputs only (BatchNorm re-estimation)."""
         order = np.random.default_rng(0).permutation(len(self.x_train))

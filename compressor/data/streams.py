@@ -224,6 +224,16 @@ class StreamDataset:
         self._counts[split] = size
         return size
 
+    def known_count(self, split: str) -> int | None:
+        """Samples in a split when known without reading it (the source's count, a count already taken,
+        tf.data's cardinality), else None: a progress bar then shows batches, not samples."""
+        split = self._split(split)
+        known = self._counts.get(split)
+        if known is not None and not callable(known):
+            return int(known)
+        size = int(self.splits[split].cardinality()) if self.splits and split in self.splits else -1
+        return size if size >= 0 else None
+
     def steps_per_epoch(self, batch_size: int) -> int:
         return max(1, math.ceil(self.count("train") / batch_size))
 

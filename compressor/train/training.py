@@ -114,7 +114,7 @@ def fit(model: keras.Model, data: Dataset, epochs: int, batch_size: int, learnin
             cbs.append(HoldZeros(masks))
     if progress is not None:
         if hasattr(progress, "samples_per_epoch"):  # progress.py's EpochBar shows samples/s
-            progress.samples_per_epoch = len(data.x_train)
+            progress.samples_per_epoch = data.known_count("train")  # None for a stream of unknown size
         cbs.append(progress)
     with data.errors():  # a bad record met mid-epoch in a stream: one line, not a TensorFlow trace
         trained.fit(**data.fit_args(batch_size), epochs=epochs, verbose=0, callbacks=cbs)
