@@ -11,7 +11,43 @@ from compressor.core.errors import CompressorError
 SPLIT_SEED = 1234  # fixed seed of every train/test split and calibration sample (arrays and streams)
 
 
+LARGEST_CLASS = 2**31 - 1  # no classifier has more outputs; larger "labels" are ids or hashes (and overflow int64)
+NUMBER_KINDS = "biuf"  # numpy dtype kinds training can take: bool, int, uint, float
+
+
+def numeric_inputs(name: str, key: str, x) -> np.ndarray:
+    """An input array as float32, refused in one line when it is not an array of samples of numbers."""
+    x = np.asarray(x)
+    if x.ndim == 0:
+        raise CompressorError(f"data '{name}': {key} is a single value (a 0-d array), not samples; save an array "
+                              f"with one row per sample, shape (samples, features...)")
+    if x.dtype.kind not in NUMBER_KINDS:
+        raise CompressorError(f"data '{name}': {key} holds {_kind(x)} (dtype {x.dtype}) where real numbers "
+                              "are needed; encode text or categories as numeric features and save float32 inputs")
+    return x.astype(np.float32)
+
+
+def numeric_labels(name: str, key: str, y: np.ndarray) -> None:
+    """Labels must be numbers with a sample axis (strings are class names: map them to class ids)."""
+    if y.ndim == 0:
+        raise CompressorError(f"data '{name}': {key} is a single value (a 0-d array); save one label per sample")
+    if y.dtype.kind in "USO":
+        raise CompressorError(f"data '{name}': {key} holds {_kind(y)} (dtype {y.dtype}), not numbers; map class "
+                              "names to ids 0..classes-1, e.g. numpy.unique(y, return_inverse=True)[1]")
+    if y.dtype.kind not in NUMBER_KINDS:
+        raise CompressorError(f"data '{name}': {key} holds {_kind(y)} (dtype {y.dtype}); save integer class "
+                              "labels or float targets")
+
+
+def _kind(a: np.ndarray) -> str:
+    return {"U": "strings", "S": "byte strings", "O": "Python objects", "c": "complex numbers",
+            "M": "dates", "m": "time spans", "V": "raw records"}.get(a.dtype.kind, f"{a.dtype} values")
+
+
 def class_labels(name: str, key: str, y: np.ndarray) -> None:
+    """Integer class ids in 0..LARGEST_CLASS, checked before any cast (a cast of 1e30 or of a uint64
+    near 2**64 to int64 wraps to a negative number and hid the real cause)."""
+    numeric_labels(name, key, y)
     if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or np.all(np.mod(y, 1) == 0)):
         raise CompressorError(
             f"data '{name}': {key} must be a 1-D array of integer class labels (got shape {y.shape}, "
@@ -19,6 +55,13 @@ def class_labels(name: str, key: str, y: np.ndarray) -> None:
         )
     if len(y) and y.min() < 0:
         raise CompressorError(f"data '{name}': {key} has negative labels; labels must be 0..classes-1")
+    if len(y) and float(y.max()) > LARGEST_CLASS:
+        raise CompressorError(f"data '{name}': {key} has label {_number(y.max())}, out of range for class labels; "
+                              "labels must be class ids 0..classes-1 (map ids or hashes to 0..classes-1)")
+
+
+def _number(v) -> str:
+    return f"{int(v)}" if float(v).is_integer() and abs(float(v)) < 1e15 else f"{float(v):.4g}"
 
 
 def check_label_count(name: str, count: int, task) -> None:

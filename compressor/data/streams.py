@@ -59,9 +59,11 @@ class StreamDataset:
     when the model is known (an image folder is decoded at the model's input size).
     """
 
-    def __init__(self, name: str, build, settings, shuffled: bool = False, counts: dict | None = None):
+    def __init__(self, name: str, build, settings, shuffled: bool = False, counts: dict | None = None,
+                 broken_file=None):
         self.name = name
         self._build = build
+        self._broken_file = broken_file  # () -> (path, reason) of the first unreadable file, after a decode error
         self.settings = settings
         self._shuffled = shuffled  # the source shuffles its training stream itself
         self._counts = counts if counts is not None else {}
@@ -131,6 +133,10 @@ class StreamDataset:
         try:
             yield
         except tf.errors.OpError as exc:
+            found = self._broken_file() if self._broken_file and _about_decoding(exc.message) else None
+            if found:
+                raise CompressorError(f"data '{self.name}': cannot decode image '{found[0]}' ({found[1]}); remove or "
+                                      "re-encode that file") from None
             raise CompressorError(explain(self.name, exc.message)) from None
 
     # ------------------------------------------------------------------ reading
@@ -249,10 +255,39 @@ def explain(name: str, message: str) -> str:
     if missing:
         return (f"data '{name}': a record lacks feature '{missing.group(1)}' named in the recipe's data.tfrecord; "
                 "fix data.tfrecord.features or the records")
-    first = message.strip().splitlines()[0][:200] if message.strip() else "no message"
-    if any(k in message for k in ("decode", "image file format", "PNG", "JPEG")):
+    first = _clean(message)
+    if _about_decoding(message):
         return f"data '{name}': cannot decode an image ({first}); remove or re-encode the broken file"
     return f"data '{name}': reading the data failed ({first}); check the files and the recipe's data section"
+
+
+def _about_decoding(message: str) -> bool:
+    return any(k in message for k in ("decode", "Decode", "image file format", "PNG", "JPEG", "GIF", "BMP"))
+
+
+def _clean(message: str) -> str:
+    """The cause in a TensorFlow runtime message, without its `{{function_node ...}}`, `[[{{node ...}}]]`,
+    `[Op:...]` and iterator-chain wrapping."""
+    text = re.sub(r"\[\[.*?\]\]|\{\{.*?\}\}|\[Op:\w+\]( name: \S*)?", "", message, flags=re.S)
+    text = re.sub(r"Error in user-defined function passed to .*? transformation with iterator: ", "", text)
+    text = re.sub(r"Iterator(::\w+)+: ?", "", text)
+    return next((line.strip() for line in text.splitlines() if line.strip()), "no message")[:200]
+
+
+def first_broken_image(paths: list[str]):
+    """(path, reason) of the first image that is empty or does not decode, else None. Runs only after
+    a decode error (TensorFlow's message never names the file), so its cost is paid on failure only."""
+    tf = _tf()
+    for path in paths:
+        try:
+            if Path(path).stat().st_size == 0:
+                return path, "an empty file"
+            tf.io.decode_image(tf.io.read_file(path), expand_animations=False)
+        except tf.errors.OpError as exc:
+            return path, _clean(exc.message)
+        except OSError as exc:
+            return path, exc.strerror or type(exc).__name__
+    return None
 
 
 def _batched(shape, input_shape: tuple) -> bool:
@@ -363,9 +398,12 @@ def image_folder(spec: str, settings) -> StreamDataset:
             raise CompressorError(f"data folder '{spec}': {str(exc).splitlines()[0]}") from exc
         scale = float(settings.rescale)
         counts.update({s: len(ds.file_paths) for s, ds in made.items()})
+        paths[:] = [p for ds in made.values() for p in ds.file_paths]
         return {s: ds.map(lambda x, y: (x * scale, y)) for s, ds in made.items()}
 
-    return StreamDataset(spec, build, settings, shuffled=True, counts=counts)
+    paths: list[str] = []
+    return StreamDataset(spec, build, settings, shuffled=True, counts=counts,
+                         broken_file=lambda: first_broken_image(paths))
 
 
 # ---------------------------------------------------------------------------------- TFRecord files

@@ -168,6 +168,8 @@ def compress(model: keras.Model, data: Dataset, recipe: Recipe, out: str | Path,
     keras.utils.set_random_seed(recipe.seed)
     task = resolve(recipe, model)
     check_against_model(data, tuple(model.input_shape[1:]), task=task)
+    for note in getattr(data, "notes", ()):  # what loading the data replaced (an empty x_calib, ...)
+        reporter.warn(note)
     task.data = data
     dense = clone_with_weights(model)  # the caller's model object is never touched
     baseline = task.keras(dense, "test")
