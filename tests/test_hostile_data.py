@@ -99,3 +99,58 @@ def test_a_broken_image_in_an_image_folder_is_named(tmp_path, capsys, content, r
     line = _one_error_line(*_run(capsys, tmp_path / "cnn.keras", tmp_path / "images", tmp_path / "r.yaml",
                                  tmp_path / "out"))
     assert f"cannot decode image '{bad}'" in line and reason in line and "remove or re-encode" in line
+
+
+WIDE = 16  # the model rows' feature count (a Dense input of 4 hits a tfmot block-shape limit unrelated here)
+
+
+def _model_rows(kind: str, path):
+    keras.utils.set_random_seed(0)
+    if kind == "multi_input":
+        a, b = keras.Input((WIDE,), name="left"), keras.Input((WIDE,), name="right")
+        hidden = keras.layers.Dense(8, activation="relu", name="hidden")(keras.layers.Concatenate()([a, b]))
+        model = keras.Model([a, b], keras.layers.Dense(CLASSES, activation="softmax", name="classifier")(hidden))
+    elif kind == "no_kernel":
+        model = keras.Sequential([keras.layers.Activation("softmax", input_shape=(CLASSES,), name="probabilities")])
+    elif kind == "zero_units":
+        model = keras.Sequential([keras.layers.Dense(0, input_shape=(WIDE,), name="empty"),
+                                  keras.layers.Dense(CLASSES, activation="softmax", name="classifier")])
+    else:  # nan_weights
+        model = keras.Sequential([keras.layers.Dense(8, input_shape=(WIDE,), name="hidden"),
+                                  keras.layers.Dense(CLASSES, activation="softmax", name="classifier")])
+        kernel, bias = model.get_layer("hidden").get_weights()
+        kernel[0, 0], kernel[1, 1] = np.nan, np.inf
+        model.get_layer("hidden").set_weights([kernel, bias])
+    model.save(path)
+    return path
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("multi_input", "multi-input models are not supported yet: the model has 2 inputs (left, right)"),
+    ("no_kernel", "the model has no layer with a kernel (Dense, Conv, ...) to prune (its layers: Activation)"),
+    ("zero_units", "model layer 'empty' has a weight of shape (16, 0) (0 units)"),
+    ("nan_weights", "model layer 'hidden' holds 2 NaN/Inf value(s) in its weight 'kernel'"),
+])
+def test_models_the_pipeline_cannot_take_are_refused_in_one_line(files, tmp_path, capsys, kind, message):
+    """Were `unexpected TypeError/ValueError`; NaN weights were blamed on the recipe ("raise weight.epochs")."""
+    _, recipe = files
+    features = CLASSES if kind == "no_kernel" else WIDE
+    np.savez(tmp_path / "d.npz", **_arrays(x_train=np.random.default_rng(1).random((SAMPLES, features)),
+                                           x_test=np.random.default_rng(2).random((20, features))))
+    line = _one_error_line(*_run(capsys, _model_rows(kind, tmp_path / "m.keras"), tmp_path / "d.npz", recipe,
+                                 tmp_path / "out"))
+    assert message in line and "weight.epochs" not in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "m.keras", "r.yaml"]  # nothing left behind
+
+
+def test_a_diverging_fine_tune_names_the_non_finite_loss_stage_and_epoch(files, tmp_path, capsys):
+    """Finite inputs around 1e30 make the fine-tune's weights NaN; the run ended with "weight stage
+    reached only {'hidden': 0.0} of the 50% target; raise weight.epochs", never naming the cause."""
+    _, recipe = files
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", **_arrays(x_train=rng.random((SAMPLES, WIDE)) * 1e30, x_test=rng.random((20, WIDE)) * 1e30))
+    _mlp(tmp_path / "m.keras", inputs=WIDE)
+    line = _one_error_line(*_run(capsys, tmp_path / "m.keras", tmp_path / "d.npz", recipe, tmp_path / "out"))
+    assert line.startswith("error: weight: fine-tune with masks: ") and "in epoch 1/1" in line
+    assert "the fine-tune diverged (NaN/Inf)" in line and "scale the inputs" in line and "weight.epochs" not in line
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))

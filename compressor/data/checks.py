@@ -94,3 +94,42 @@ def check_labels(name: str, key: str, y: np.ndarray, task, i: int) -> np.ndarray
     if not np.all(np.isfinite(y)):
         raise CompressorError(f"data '{name}': {key} contains NaN/inf values; clean or impute them first")
     return y
+
+
+def check_model(model) -> None:
+    """What the pipeline cannot take, refused in one line before the model meets the data: several
+    inputs, a layer of zero width, nothing to prune, NaN/Inf weights (a damaged file or a diverged
+    training; fine-tuning from it ends in a NaN loss and was blamed on the recipe's epochs)."""
+    inputs = list(getattr(model, "inputs", None) or [])
+    if len(inputs) > 1:
+        names = ", ".join(str(getattr(t, "name", "?")).split(":")[0] for t in inputs)
+        raise CompressorError(f"multi-input models are not supported yet: the model has {len(inputs)} inputs ({names}); "
+                              "concatenate them into one input tensor, or compress each branch as its own model")
+    layers = list(_all_layers(model))
+    for layer in layers:
+        for weight in layer.weights:
+            if 0 in tuple(weight.shape):
+                raise CompressorError(f"model layer '{layer.name}' has a weight of shape {tuple(weight.shape)} (0 units): "
+                                      "a zero-width layer passes nothing on; rebuild the model with at least one unit")
+    if not any(len(w.shape) >= 2 for w in model.weights):
+        kinds = ", ".join(dict.fromkeys(type(layer).__name__ for layer in layers)) or "none"
+        raise CompressorError(f"the model has no layer with a kernel (Dense, Conv, ...) to prune (its layers: {kinds}); "
+                              "compress a model with Dense or convolution layers")
+    for layer in layers:
+        for weight in layer.weights:
+            value = np.asarray(weight.numpy())
+            if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+                bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+                raise CompressorError(f"model layer '{layer.name}' holds {bad} NaN/Inf value(s) in its weight "
+                                      f"'{weight.name.split('/')[-1].split(':')[0]}'; the file is damaged or its "
+                                      "training diverged: retrain the model or restore a good copy")
+
+
+def _all_layers(model):
+    """Every layer, nested models' layers included (each weight is checked where it lives)."""
+    for layer in model.layers:
+        sub = getattr(layer, "layers", None)
+        if sub:
+            yield from _all_layers(layer)
+        else:
+            yield layer
