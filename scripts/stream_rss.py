@@ -4,9 +4,9 @@ Generates N 28x28 grayscale PNGs of 10 classes (a bright bar per class over nois
 folder (`<work>/images_N/<class>/<i>.png`) and the same images as TFRecord shards
 (`<work>/records_N/shard-XX.tfrecord`), trains and saves a small conv net on a few of them, then runs
 `python -m compressor.cli run --model ... --data <folder or shards>` in a child process per form
-with a short recipe, the progress on as a user runs it (stderr to a pipe, no --quiet), and reports
-the child's peak RSS (getrusage of a wrapper process whose only
-child is the run) and wall time. Generated data is kept and reused on the next call.
+with a short recipe and the progress on as a user runs it (no --quiet; stderr to a pipe), and
+reports the child's peak RSS (getrusage of a wrapper process whose only child is the run) and wall
+time. Generated data is kept and reused on the next call.
 
     python scripts/stream_rss.py --work /tmp/rss --sizes 5000,50000
 """
