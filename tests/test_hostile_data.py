@@ -13,8 +13,9 @@ FEATURES, CLASSES, SAMPLES = 4, 3, 60
 
 def _arrays(**overrides):
     rng = np.random.default_rng(0)
-    arrays = {"x_train": rng.random((SAMPLES, FEATURES)).astype(np.float32), "y_train": rng.integers(0, CLASSES, SAMPLES),
-              "x_test": rng.random((20, FEATURES)).astype(np.float32), "y_test": rng.integers(0, CLASSES, 20)}
+    arrays = {"x_train": rng.random((SAMPLES, FEATURES)).astype(np.float32),
+              "y_train": rng.integers(0, CLASSES, SAMPLES), "x_test": rng.random((20, FEATURES)).astype(np.float32),
+              "y_test": rng.integers(0, CLASSES, 20)}
     return {**arrays, **overrides}
 
 
@@ -29,7 +30,8 @@ def _mlp(path, hidden: int = 8, inputs: int = FEATURES):
 @pytest.fixture
 def files(tmp_path):
     """A tiny MLP file and a one-stage, one-epoch recipe with one target (float LiteRT)."""
-    recipe = {"targets": ["tflite"], "max_accuracy_drop": 1.0, "stages": [{"name": "weight", "sparsity": 0.5, "epochs": 1}],
+    recipe = {"targets": ["tflite"], "max_accuracy_drop": 1.0,
+              "stages": [{"name": "weight", "sparsity": 0.5, "epochs": 1}],
               "bench": {"runs": 200, "warmup": 1, "batch": [1]}}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     return _mlp(tmp_path / "m.keras"), tmp_path / "r.yaml"
@@ -70,25 +72,28 @@ def test_an_empty_calibration_split_falls_back_to_training_samples_with_a_warnin
     """An empty x_calib with an int8 target ended in `unexpected ValueError: No data is collected.`"""
     model, _ = files
     recipe = {"targets": ["onnxruntime-int8"], "max_accuracy_drop": 1.0,
-              "stages": [{"name": "weight", "sparsity": 0.5, "epochs": 1}], "bench": {"runs": 200, "warmup": 1, "batch": [1]}}
+              "stages": [{"name": "weight", "sparsity": 0.5, "epochs": 1}],
+              "bench": {"runs": 200, "warmup": 1, "batch": [1]}}
     (tmp_path / "int8.yaml").write_text(yaml.safe_dump(recipe))
     np.savez(tmp_path / "d.npz", **_arrays(x_calib=np.zeros((0, FEATURES), np.float32)))
-    code = main(["run", "--model", str(model), "--data", str(tmp_path / "d.npz"), "--recipe", str(tmp_path / "int8.yaml"),
-                 "--out", str(tmp_path / "out")])
+    code = main(["run", "--model", str(model), "--data", str(tmp_path / "d.npz"),
+                 "--recipe", str(tmp_path / "int8.yaml"), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 0, err
     assert "warning: data" in err and "x_calib is empty; calibrating int8 on the first 500 training samples" in err
     assert (tmp_path / "out" / "pruned-int8.onnx").is_file()
 
 
-@pytest.mark.parametrize("content,reason", [(b"", "an empty file"), (b"\x89PNG\r\n\x1a\n" + b"junk" * 20, "Invalid PNG")])
+@pytest.mark.parametrize("content,reason", [(b"", "an empty file"),
+                                            (b"\x89PNG\r\n\x1a\n" + b"junk" * 20, "Invalid PNG")])
 def test_a_broken_image_in_an_image_folder_is_named(tmp_path, capsys, content, reason):
     """One line naming the file, not TensorFlow's `{{function_node __wrapped__IteratorGetNext...}}` blob."""
     rng = np.random.default_rng(0)
     for c in range(2):
         (tmp_path / "images" / f"c{c}").mkdir(parents=True)
         for i in range(12):
-            Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8), mode="L").save(tmp_path / "images" / f"c{c}" / f"{i}.png")
+            pixels = rng.integers(0, 255, (8, 8), dtype=np.uint8)
+            Image.fromarray(pixels, mode="L").save(tmp_path / "images" / f"c{c}" / f"{i}.png")
     bad = tmp_path / "images" / "c1" / "7.png"
     bad.write_bytes(content)
     keras.utils.set_random_seed(0)
@@ -148,7 +153,8 @@ def test_a_diverging_fine_tune_names_the_non_finite_loss_stage_and_epoch(files, 
     reached only {'hidden': 0.0} of the 50% target; raise weight.epochs", never naming the cause."""
     _, recipe = files
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "d.npz", **_arrays(x_train=rng.random((SAMPLES, WIDE)) * 1e30, x_test=rng.random((20, WIDE)) * 1e30))
+    np.savez(tmp_path / "d.npz", **_arrays(x_train=rng.random((SAMPLES, WIDE)) * 1e30,
+                                           x_test=rng.random((20, WIDE)) * 1e30))
     _mlp(tmp_path / "m.keras", inputs=WIDE)
     line = _one_error_line(*_run(capsys, tmp_path / "m.keras", tmp_path / "d.npz", recipe, tmp_path / "out"))
     assert line.startswith("error: weight: fine-tune with masks: ") and "in epoch 1/1" in line

@@ -196,8 +196,10 @@ def test_streamed_data_runs_with_the_progress_on(inputs, tmp_path, kind, termina
     folder, *_ = inputs
     data = {"image_folder": folder / "split", "tfrecord": folder / "data.tfrecord",
             "dataset_function": "tests.data_source:streams"}[kind]
-    recipe = {"targets": ["tflite"], "max_accuracy_drop": 0.5, "stages": [{"name": "weight", "sparsity": 0.5, "epochs": 1}],
-              "bench": {"runs": 200, "warmup": 1, "batch": [1]}, "data": {"tfrecord": {"features": FEATURES}}}
+    recipe = {"targets": ["tflite"], "max_accuracy_drop": 0.5,
+              "stages": [{"name": "weight", "sparsity": 0.5, "epochs": 1}],
+              "bench": {"runs": 200, "warmup": 1, "batch": [1]},
+              "data": {"tfrecord": {"features": FEATURES}}}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     code, err = _cli_run(["--model", str(folder / "m.keras"), "--data", str(data), "--recipe", str(tmp_path / "r.yaml"),
                           "--out", str(tmp_path / "out")], terminal)

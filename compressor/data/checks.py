@@ -103,18 +103,20 @@ def check_model(model) -> None:
     inputs = list(getattr(model, "inputs", None) or [])
     if len(inputs) > 1:
         names = ", ".join(str(getattr(t, "name", "?")).split(":")[0] for t in inputs)
-        raise CompressorError(f"multi-input models are not supported yet: the model has {len(inputs)} inputs ({names}); "
-                              "concatenate them into one input tensor, or compress each branch as its own model")
+        raise CompressorError(f"multi-input models are not supported yet: the model has {len(inputs)} inputs "
+                              f"({names}); concatenate them into one input tensor, or compress each branch as its "
+                              "own model")
     layers = list(_all_layers(model))
     for layer in layers:
         for weight in layer.weights:
             if 0 in tuple(weight.shape):
-                raise CompressorError(f"model layer '{layer.name}' has a weight of shape {tuple(weight.shape)} (0 units): "
-                                      "a zero-width layer passes nothing on; rebuild the model with at least one unit")
+                raise CompressorError(f"model layer '{layer.name}' has a weight of shape {tuple(weight.shape)} "
+                                      "(0 units): a zero-width layer passes nothing on; rebuild the model with at "
+                                      "least one unit")
     if not any(len(w.shape) >= 2 for w in model.weights):
         kinds = ", ".join(dict.fromkeys(type(layer).__name__ for layer in layers)) or "none"
-        raise CompressorError(f"the model has no layer with a kernel (Dense, Conv, ...) to prune (its layers: {kinds}); "
-                              "compress a model with Dense or convolution layers")
+        raise CompressorError(f"the model has no layer with a kernel (Dense, Conv, ...) to prune (its layers: "
+                              f"{kinds}); compress a model with Dense or convolution layers")
     for layer in layers:
         for weight in layer.weights:
             value = np.asarray(weight.numpy())

@@ -111,15 +111,17 @@ class StopOnNonFinite(keras.callbacks.Callback):
             self._diverged(f"the training loss became {float(loss)} (batch {batch + 1})")
 
     def on_epoch_end(self, epoch, logs=None):
-        bad = [w.name.split(":")[0] for w in self.model.trainable_weights if not bool(tf.reduce_all(tf.math.is_finite(w)))]
+        bad = [w.name.split(":")[0] for w in self.model.trainable_weights
+               if not bool(tf.reduce_all(tf.math.is_finite(w)))]
         if bad:
             loss = (logs or {}).get("loss")
             self._diverged(f"the weights became NaN/Inf ({bad[0]}" + (f"; loss {float(loss):.3g})" if loss is not None
                                                                       else ")"))
 
     def _diverged(self, what: str):
-        raise CompressorError(f"{self.label}: {what} in epoch {self._epoch}/{self.epochs}: the fine-tune diverged (NaN/Inf); "
-                              "scale the inputs to a small range (about -1..1) or lower the recipe's learning_rate")
+        raise CompressorError(f"{self.label}: {what} in epoch {self._epoch}/{self.epochs}: the fine-tune diverged "
+                              "(NaN/Inf); scale the inputs to a small range (about -1..1) or lower the recipe's "
+                              "learning_rate")
 
 
 def fit(model: keras.Model, data: Dataset, epochs: int, batch_size: int, learning_rate: float,
