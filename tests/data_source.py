@@ -52,6 +52,12 @@ def streams_bad_labels():
     return _datasets(x, y + 5), None, _datasets(x, y)
 
 
+def streams_huge_labels():
+    """Float class labels of 1e30: a cast to int64 wraps them to a negative number."""
+    x, y = images(40, seed=3)
+    return _datasets(x, np.full(len(y), 1e30)), None, _datasets(x, y)
+
+
 def streams_text_labels():
     x, y = images(40, seed=3)
     return _datasets(x, y.astype(str)), None, _datasets(x, y)

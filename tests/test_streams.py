@@ -109,6 +109,7 @@ def _one_line_error(capsys, argv) -> str:
     ("tests.data_source:streams_bad_labels", None, "label 7 is out of range for a model with 3 outputs"),
     ("tests.data_source:streams_nan_late", None, "a training batch contains NaN/inf values; clean or impute"),
     ("tests.data_source:streams_text_labels", None, "the train labels are string tensors; map them to numbers"),
+    ("tests.data_source:streams_huge_labels", None, "a train label is out of range for class labels"),
     ("tests.data_source:streams_wrong_shape", None, r"samples have shape \(10, 12, 1\) but the model expects \(12, 12, 1\)"),
     ("data.tfrecord", {"y": "lbl", "features": {**FEATURES, "lbl": {"dtype": "int64"}}},
      "feature 'lbl' named in the recipe's data.tfrecord is not in the records \\(they hold: image, label\\)"),

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compressor.data.checks import SPLIT_SEED, check_label_count, check_labels
+from compressor.data.checks import LARGEST_CLASS, SPLIT_SEED, check_label_count, check_labels
 from compressor.core.errors import CompressorError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
@@ -344,6 +344,11 @@ def _normalise(name: str, split: str, ds, input_shape: tuple, task):
             if task.sparse(i) and v.dtype.is_floating:
                 tf.debugging.assert_equal(tf.floor(v), v, message=MARK + f"data '{name}': {split} labels must be "
                                           "integer class labels; convert one-hot labels with argmax")
+            if task.sparse(i) and v.dtype in (tf.float16, tf.float32, tf.float64, tf.uint64, tf.int64):
+                # before the cast: 1e30 or a uint64 near 2**64 wraps to a negative int64 and hid the cause
+                tf.debugging.assert_less_equal(v, tf.constant(LARGEST_CLASS, v.dtype), message=MARK + (
+                    f"data '{name}': a {split} label is out of range for class labels; labels must be class ids "
+                    "0..classes-1 (map ids or hashes to 0..classes-1)"))
             out.append(tf.cast(v, tf.int64 if task.sparse(i) else tf.float32))
         return x, (tuple(out) if len(out) > 1 else out[0])
 
