@@ -268,7 +268,7 @@ def _about_decoding(message: str) -> bool:
 def _clean(message: str) -> str:
     """The cause in a TensorFlow runtime message, without its `{{function_node ...}}`, `[[{{node ...}}]]`,
     `[Op:...]` and iterator-chain wrapping."""
-    text = re.sub(r"\[\[.*?\]\]|\{\{.*?\}\}|\[Op:\w+\]( name: \S*)?", "", message, flags=re.S)
+    text = re.sub(r"\[\[.*?\]\]|\{\{.*?\}\}|\[Op:\w+\]( name: \S*)?", "", message, flags=re.DOTALL)
     text = re.sub(r"Error in user-defined function passed to .*? transformation with iterator: ", "", text)
     text = re.sub(r"Iterator(::\w+)+: ?", "", text)
     return next((line.strip() for line in text.splitlines() if line.strip()), "no message")[:200]
