@@ -207,3 +207,17 @@ def test_streamed_data_runs_with_the_progress_on(inputs, tmp_path, kind, termina
     assert code == 0, err[-3000:]
     assert "unexpected" not in err and "epoch 1/1" in err
     assert (tmp_path / "out" / "report.json").is_file()
+
+
+def test_an_empty_calibration_split_falls_back_to_training_samples_with_a_warning(inputs, tmp_path, capsys):
+    """An empty calibration dataset stopped the int8 export; the training stream stands in, with a warning."""
+    folder, *_ = inputs
+    recipe = yaml.safe_load((folder / "r.yaml").read_text())
+    recipe["targets"] = ["onnxruntime-int8"]
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    code = main(["run", "--model", str(folder / "m.keras"), "--data", "tests.data_source:streams_empty_calibration",
+                 "--recipe", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "warning: data 'tests.data_source:streams_empty_calibration': the calibration split is empty" in err
+    assert (tmp_path / "out" / "pruned-int8.onnx").is_file()

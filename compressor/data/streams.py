@@ -72,6 +72,7 @@ class StreamDataset:
         self.task = None
         self._key = None
         self._calib = None
+        self.notes: list[str] = []  # warnings for the user (an empty calibration split replaced)
 
     # ------------------------------------------------------------------ binding and checks
 
@@ -90,7 +91,14 @@ class StreamDataset:
                     seen += len(x)
                 if seen == 0 and split in ("train", "test"):
                     raise CompressorError(f"data '{self.name}': the {split} split is empty; provide at least one sample")
+            if "calibration" in self.splits and self._empty("calibration"):
+                del self.splits["calibration"]
+                self.notes = [f"data '{self.name}': the calibration split is empty; calibrating on "
+                              f"{self.settings.calibration_samples} shuffled training samples instead"]
         self._key = key
+
+    def _empty(self, split: str) -> bool:
+        return next(iter(self.splits[split].take(1)), None) is None
 
     def _check(self, split: str, index: int, x: np.ndarray, y) -> None:
         """One batch: the same checks (and messages) as for arrays."""
