@@ -155,6 +155,7 @@ def compress_file(model_path, data, out, recipe=None, *, force: bool = False, re
     """Everything is validated (recipe, data, output folder, model) before any training starts.
     Each finished stage is checkpointed beside `out`; `resume` continues an interrupted run with
     the same inputs (checked by hash) from its last finished stage."""
+    from compressor.data.checks import check_model
     from compressor.data.sources import check_against_model
     from compressor.load.model_io import file_sha256, load_model
     from compressor.run.checkpoint import checked_folder
@@ -178,6 +179,7 @@ def compress_file(model_path, data, out, recipe=None, *, force: bool = False, re
     model = loaded.model
     from compressor.config.task import resolve
 
+    check_model(model)
     check_against_model(dataset, tuple(model.input_shape[1:]), task=resolve(recipe, model))
     notes = list(loaded.warnings)  # includes one line per layer class the stages leave unpruned
     for note in dict.fromkeys(notes):
