@@ -335,8 +335,9 @@ def _scripted(speedups: list[float], within: list[bool]) -> "search._Search":
     cfg = parse_recipe({"stages": [{"name": "search", "bisect": 1}]}).stages[0]
     s = object.__new__(search._Search)
     s.cfg, s.follow, s.rows, s.good, s.reached, s.visited = cfg, ("onnxruntime",), [], (1.0, None, {}), True, []
+    s.capped, s.bad = False, None
 
-    def visit(speedup):
+    def visit(speedup, extra=None):
         s.visited.append(round(speedup, 3))
         if len(s.rows) == len(speedups):
             return None
@@ -344,6 +345,8 @@ def _scripted(speedups: list[float], within: list[bool]) -> "search._Search":
         s.rows.append({"visit_speedup": {"onnxruntime": speedups[i]}})
         if within[i]:
             s.good = (speedup, None, {})
+        else:
+            s.bad = (speedup, {})
         return within[i]
     s.visit = visit
     return s
