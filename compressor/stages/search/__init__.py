@@ -436,7 +436,7 @@ def apply(model, cfg: SearchStage, ctx: StageContext, amount: float = 1.0) -> St
     search.run(points, goal)
     _correct_to_goal(search, goal, cfg)
     measured = _measure(start, search, cfg, start_predicted, ctx.dense_model)
-    best, notes = _choose(search.rows, goal, cfg, _target_runtimes(ctx), task.name)
+    best, notes = _choose(search.rows, goal, cfg, _target_runtimes(ctx), task.name, floored=bool(search.notes))
     notes += search.notes
     for i, row in enumerate(search.rows):
         row["shipped"] = i == best
@@ -575,10 +575,11 @@ def _no_slower(rows: list[dict], good: list[int], runtimes: tuple[str, ...]) -> 
                   f"left on a target runtime ({slow}) and were not chosen"]
 
 
-def _choose(rows: list[dict], goal: float | None, cfg: SearchStage,
-            runtimes: tuple[str, ...] | None = None, metric: str = "accuracy") -> tuple[int | None, list[str]]:
+def _choose(rows: list[dict], goal: float | None, cfg: SearchStage, runtimes: tuple[str, ...] | None = None,
+            metric: str = "accuracy", floored: bool = False) -> tuple[int | None, list[str]]:
     """The goal point if it is within budget, else the fastest measured one: on the goal's runtime
-    when there is a goal, else on the recipe's target runtimes together; never one slower than the start."""
+    when there is a goal, else on the recipe's target runtimes together; never one slower than the start.
+    `floored`: the search stopped at the width floors (what a missed goal is then blamed on)."""
     runtime = cfg.goal.runtime
     judged = (runtimes or (runtime,)) if goal is None else (runtime,)
     good, slower = _no_slower(rows, [i for i, r in enumerate(rows) if r["within_budget"]], judged)
@@ -594,5 +595,6 @@ def _choose(rows: list[dict], goal: float | None, cfg: SearchStage,
         return fastest_here, slower + [f"search: goal {goal:.2f}x on {runtime} not reachable: the latency table "
                                        f"predicts at most {top:.2f}x at the width floors (fixed per-op cost dominates)"]
     reached = f"{rows[fastest_here]['measured_speedup'][runtime]:.2f}x measured" if fastest_here is not None else "nothing"
-    return fastest_here, slower + [f"search: goal {goal:.2f}x on {runtime} not reachable within the {metric} budget; "
+    why = "at the width floors" if floored else f"within the {metric} budget"
+    return fastest_here, slower + [f"search: goal {goal:.2f}x on {runtime} not reachable {why}; "
                                    f"best within budget: {reached}"]
