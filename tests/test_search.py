@@ -462,13 +462,13 @@ def test_no_visited_point_cuts_a_group_below_its_floor_or_more_than_half_at_once
     ctx = _ctx(digits, round_units=8, max_accuracy_drop=0.9)
     outcome = search.apply(model, _search_cfg(goal={"speedup": 16}), ctx)
     rows = outcome.details["frontier"]
-    assert rows and outcome.details["limits"]["floors"] == {"conv0": 8, "conv1": 8}
-    assert outcome.details["limits"]["bottlenecks"] == {"conv0": "stem", "conv1": "classifier input"}
     before = {"conv0": 16, "conv1": 32}
     for row in rows:
         assert all(w >= 8 for w in row["widths"].values()), row["widths"]
         assert all(row["widths"][g] >= before[g] / 2 for g in before), (before, row["widths"])
         before = row["widths"] if row["within_budget"] else before
+    assert rows and outcome.details["limits"]["floors"] == {"conv0": 8, "conv1": 8}
+    assert outcome.details["limits"]["bottlenecks"] == {"conv0": "stem", "conv1": "classifier input"}
     assert rows[-1]["widths"] == {"conv0": 8, "conv1": 8}  # the floors reached, and the search stopped there
     said = [n for n in outcome.notes if "out of reach at the width floors" in n]
     assert len(said) == 1 and "\n" not in said[0]
@@ -482,10 +482,10 @@ def test_below_round_units_only_where_faster_and_never_for_a_bottleneck(digits, 
     model = _cnn(digits, widths=(16, 32, 32), epochs=1)
     ctx = _ctx(digits, round_units=16, max_accuracy_drop=0.9)
     outcome = search.apply(model, _search_cfg(goal={"speedup": 16}), ctx)
-    assert outcome.details["limits"]["floors"] == {"conv0": 16, "conv1": 8, "conv2": 16}
     for row in outcome.details["frontier"]:
         assert row["widths"]["conv0"] == 16 and row["widths"]["conv1"] >= 8 and row["widths"]["conv2"] >= 16
     assert min(r["widths"]["conv1"] for r in outcome.details["frontier"]) == 8
+    assert outcome.details["limits"]["floors"] == {"conv0": 16, "conv1": 8, "conv2": 16}
 
 
 def test_min_width_and_min_fraction_raise_the_floors():
