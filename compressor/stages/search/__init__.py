@@ -8,8 +8,8 @@ previous point's fine-tuned model (progressive shrinking), each checked against 
 budget; past the first point that crosses it, the search bisects toward the last good one instead
 of backing off by fixed percentages. Importance is what a cut costs the task's loss, on one scale
 for all groups; no group goes below its floor (`limits`) and one point removes at most
-`max_cut_fraction` of a group, so a point never collapses a layer to a single unit. The returned model is the goal point, or without a speed goal
-the fastest point measured within budget.
+`max_cut_fraction` of a group, so a point never collapses a layer to a single unit. The returned
+model is the goal point, or without a speed goal the fastest point measured within budget.
 """
 from __future__ import annotations
 
