@@ -495,9 +495,13 @@ def test_min_width_and_min_fraction_raise_the_floors():
     assert floors({"a": 64, "b": 16, "c": 8}, set(), {}, cfg, 8, lambda *a: True) == {"a": 32, "b": 12, "c": 8}
     cfg = _search_cfg()
     assert floors({"a": 64, "b": 12, "h": 4}, {"h"}, {}, cfg, 8, lambda *a: False) == {"a": 8, "b": 8, "h": 1}
-    assert floors({"a": 64, "b": 12}, set(), {}, cfg, 16, lambda *a: True) == {"a": 8, "b": 6}
+    assert floors({"a": 64, "b": 12}, set(), {}, cfg, 16, lambda *a: True) == {"a": 8, "b": 8}
+    assert floors({"a": 64, "b": 12}, set(), {}, cfg, 16, lambda *a: False) == {"a": 16, "b": 12}
+    assert floors({"a": 64, "b": 12}, set(), {}, cfg, 1, lambda *a: True) == {"a": 8, "b": 8}  # round_units 1
     assert floors({"a": 64, "b": 12}, set(), {"a": "stem", "b": "residual"}, cfg, 16, lambda *a: True) == {
         "a": 16, "b": 12}
+    cfg = _search_cfg(min_width=4)
+    assert floors({"a": 64, "b": 12}, set(), {}, cfg, 8, lambda *a: False) == {"a": 8, "b": 4}
 
 
 def test_bottlenecks_are_the_stem_the_classifier_input_and_residual_projections():

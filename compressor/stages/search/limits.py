@@ -2,11 +2,12 @@
 
 NetAdapt and HALP never cut a layer to one channel: a stem conv at 1 of 16 channels, or the last conv
 before the classifier at 1, starves everything after it, and no fine-tune brings it back. So every
-group has a floor: `round_units` (or the recipe's `min_width`), never below 8 for a group of 16 or
-more, and `min_fraction` of its width. A group may go below `round_units` (not below the hard floor)
-only where the latency table predicts narrower is faster and the group is not a bottleneck: the
-stem (the first weighted layer after the input), the input of the classifier (the last weighted
-layer), or a projection that writes a residual sum (its width is the whole residual chain's).
+group has a floor: `round_units` and at least 8 units (or the group's whole width if narrower), or
+the recipe's `min_width` instead (a group of 16 or more still keeps 8), and `min_fraction` of its
+width. Without `min_width` a group may go below a `round_units` above 8, to 8, only where the
+latency table predicts narrower is faster and it is no bottleneck: the stem (the first weighted
+layer after the input), the input of the classifier (the last weighted layer), or a projection
+that writes a residual sum (its width is the whole residual chain's).
 """
 from __future__ import annotations
 
@@ -82,8 +83,11 @@ def floors(units: dict[str, int], heads: set[str], roles_of: dict[str, str], cfg
         if g in heads:  # attention heads are counted in heads, not channels: round_units does not apply
             out[g] = min(u, max(user, hard))
             continue
-        base = min(u, max(cfg.min_width or step, user, hard))
-        relaxed = min(base, max(user, hard if u >= HARD_FROM else math.ceil(u / 2), cfg.min_width or 1))
+        if cfg.min_width:  # the user's own floor holds as given (a group of 16 or more still keeps 8)
+            out[g] = min(u, max(cfg.min_width, user, hard))
+            continue
+        base = min(u, max(step, user, HARD_FLOOR))
+        relaxed = min(base, max(user, HARD_FLOOR))
         narrow = relaxed < base and g not in roles_of and faster(g, relaxed, base)
         out[g] = relaxed if narrow else base
     return out
