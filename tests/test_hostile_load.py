@@ -197,11 +197,11 @@ def test_keras_archive_with_external_weight_storage_is_refused(tmp_path, secret_
         group.create_dataset(name, shape=obj.shape, dtype=obj.dtype, external=[(str(secret_file), 0, SECRET.nbytes)])
 
     with h5py.File(tmp_path / "w.h5") as f:  # tf-keras .keras weights: layers/<name>/vars/0
-        kernel = f["layers/d/vars/0"]
+        kernel = f["layers/dense/vars/0"]
         shape, dtype = kernel.shape, kernel.dtype
     with h5py.File(tmp_path / "w.h5", "a") as f:
-        del f["layers/d/vars/0"]
-        external(f["layers/d/vars"], "0", type("K", (), {"shape": shape, "dtype": dtype}))
+        del f["layers/dense/vars/0"]
+        external(f["layers/dense/vars"], "0", type("K", (), {"shape": shape, "dtype": dtype}))
     with zipfile.ZipFile(tmp_path / "ext.keras", "w") as dst:
         for name, data in members.items():
             dst.writestr(name, data)

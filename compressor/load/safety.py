@@ -332,8 +332,8 @@ def check_savedmodel(path, source: str, policy: LoadPolicy = STRICT) -> None:
         if found:
             op, where = found
             raise CompressorError(
-                f"cannot read model '{clip(source)}': its stored graph runs the op '{clip(op, 32)}' ({clip(where, 48)}), "
-                "which no Keras layer needs and which may reach files or processes; refused: re-save it as .keras, "
+                f"cannot read model '{clip(source)}': its graph runs op '{clip(op, 24)}' (in {clip(where, 32)}), "
+                "which no Keras layer uses (it may reach files or processes); refused: re-save it as .keras, "
                 "or pass --trust-model-code if you made it")
 
 
@@ -368,12 +368,12 @@ def _refused_graph_op(graph) -> tuple[str, str] | None:
     ordinary = _reachable(roots, library) | set(graph.object_graph_def.concrete_functions)
     for node in top:
         if node.op not in KERAS_GRAPH_OPS and node.op not in library:
-            return node.op, "top-level graph"
+            return node.op, "the top-level graph"
     for name in sorted(library):
         allowed = KERAS_GRAPH_OPS | (SAVER_OPS if name in saver_reach and name not in ordinary else frozenset())
         bad = sorted(n.op for n in library[name].node_def if n.op not in allowed and n.op not in library)
         if bad:
-            return bad[0], f"function {name}"
+            return bad[0], name
     return None
 
 
