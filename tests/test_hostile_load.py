@@ -96,7 +96,8 @@ def test_ordinary_savedmodels_pass_the_graph_allow_list(tmp_path):
     }
     for name, model in models.items():
         model.compile("adam", "sparse_categorical_crossentropy", ["accuracy"])
-        x = np.random.default_rng(0).integers(0, 20, (4, 6)) if name == "text" else np.random.rand(4, *model.input_shape[1:])
+        shape = model.input_shape[1:]
+        x = np.random.default_rng(0).integers(0, 20, (4, *shape)) if name == "text" else np.random.rand(4, *shape)
         model.fit(x, np.zeros(4), epochs=1, verbose=0)
         model.save(tmp_path / name, save_format="tf")
         check_savedmodel(tmp_path / name, name)
@@ -271,8 +272,8 @@ def _keras_with_config(path: Path, config: bytes, model_dir: Path) -> None:
 @pytest.mark.parametrize("kind", ["deep", "wide"])
 def test_keras_config_bombs_are_refused_in_seconds(tmp_path, kind):
     if kind == "deep":  # a million levels: json and the config walk would recurse that deep
-        config, needle = b'{"class_name": "Sequential", "config": {"layers": ' + b"[" * 10 ** 6 + b"]" * 10 ** 6 + b"}}", \
-            "nested 1,000,002 levels deep"
+        config = b'{"class_name": "Sequential", "config": {"layers": ' + b"[" * 10 ** 6 + b"]" * 10 ** 6 + b"}}"
+        needle = "nested 1,000,002 levels deep"
     else:  # 40 MB of small objects just under the depth limit: gigabytes once parsed and walked
         unit = b"[" * 150 + b'{"class_name": "Dense", "config": {}}' + b"]" * 150
         config, needle = (b'{"class_name": "Sequential", "config": {"layers": [' + b",".join([unit] * 120_000)
@@ -355,8 +356,8 @@ def test_recipe_code_names_must_be_plain_functions_or_metric_classes(tmp_path, m
         "def mine(y_true, y_pred):\n    return y_pred\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     model = _tiny()
-    for spec, needle in (("userlosses_hostile:rmtree", "function from 'shutil'"), ("userlosses_hostile:not_code", "is a int"),
-                         ("userlosses_hostile:Plain", "is a type")):
+    for spec, needle in (("userlosses_hostile:rmtree", "function from 'shutil'"),
+                         ("userlosses_hostile:not_code", "is a int"), ("userlosses_hostile:Plain", "is a type")):
         with pytest.raises(CompressorError, match=needle) as caught:
             resolve(parse_recipe({"loss": spec}), model)
         assert len(str(caught.value)) < 300

@@ -400,9 +400,10 @@ def load_recipe(path: str | Path | None) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise CompressorError(f"recipe '{path}' not found; pass an existing YAML file or omit --recipe for the default")
-    if path.stat().st_size > MAX_RECIPE_BYTES:
-        raise CompressorError(f"recipe '{_clip(path)}' is {path.stat().st_size:,} bytes (at most {MAX_RECIPE_BYTES:,}); "
-                              "a recipe is a short YAML file (see `compressor recipe --example`)")
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise CompressorError(f"recipe '{_clip(path)}' is {size:,} bytes (at most {MAX_RECIPE_BYTES:,}); a recipe is "
+                              "a short YAML file (see `compressor recipe --example`)")
     try:
         raw = _safe_yaml(path.read_text(errors="replace"), path)
     except (yaml.YAMLError, RecursionError) as exc:

@@ -175,15 +175,16 @@ def _check_layer(layer: dict, where: str, source: str, known: set[str]) -> None:
     what = _stored_code(class_name, inner)
     if what:
         raise CompressorError(
-            f"cannot read model '{clip(source)}': layer '{where}' ({class_name}) holds {what} that loading or running "
-            "would execute; refused for safety: replace it with built-in layers and re-save, or pass "
-            "--trust-model-code if you made this file yourself")
+            f"cannot read model '{clip(source)}': layer '{clip(where, 40)}' ({clip(class_name, 30)}) holds {what} "
+            "that loading or running would execute; refused: replace it with built-in layers and re-save, or pass "
+            "--trust-model-code if you made the file")
     registered = layer.get("registered_name")
     if class_name in known or (isinstance(registered, str) and registered in known) or recognised(layer):
         return  # recognised: a Keras-library class (ConvNeXt's LayerScale) the importer rebuilds with ours
     raise CompressorError(
-        f"cannot read model '{clip(source)}': layer '{where}' has custom class '{registered or class_name}' that is not "
-        "registered; pass --custom-objects pkg.mod (your module defining it) or save the model without it")
+        f"cannot read model '{clip(source)}': layer '{clip(where, 40)}' has custom class "
+        f"'{clip(registered or class_name, 40)}' that is not registered; pass --custom-objects pkg.mod (your module "
+        "defining it) or save the model without it")
 
 
 def _check_object(obj: dict, where: str, source: str, known: set[str]) -> None:
@@ -191,8 +192,9 @@ def _check_object(obj: dict, where: str, source: str, known: set[str]) -> None:
     module = obj.get("module")
     if class_name in CODE_OBJECTS:
         raise CompressorError(
-            f"cannot read model '{clip(source)}': layer '{where}' holds a Python lambda that loading would run; refused "
-            "for safety: use built-in activations/initializers, or pass --trust-model-code if you made this file")
+            f"cannot read model '{clip(source)}': layer '{clip(where, 40)}' holds a Python lambda that loading would "
+            "run; refused for safety: use built-in activations/initializers, or pass --trust-model-code if you made "
+            "this file")
     if module is None or class_name in DATA_MARKERS:
         return
     if isinstance(module, str) and module.split(".")[0] in _KERAS_MODULES:
@@ -203,9 +205,9 @@ def _check_object(obj: dict, where: str, source: str, known: set[str]) -> None:
     if class_name == "function" and isinstance(obj.get("config"), str) and obj["config"] in known:
         return  # a function registered in this process (the importer's hard_silu, ...): resolved by name, never imported
     raise CompressorError(
-        f"cannot read model '{clip(source)}': layer '{where}' refers to '{class_name}' in module '{module}', which "
-        "loading would import and run; refused for safety: pass --custom-objects pkg.mod if it is your own "
-        "class, or --trust-model-code if you made this file yourself")
+        f"cannot read model '{clip(source)}': layer '{clip(where, 40)}' refers to '{clip(class_name, 30)}' in module "
+        f"'{clip(module, 40)}', which loading would import and run; refused: pass --custom-objects pkg.mod if it is "
+        "your own class, or --trust-model-code if you made the file")
 
 
 def _stored_code(class_name: str, config: dict) -> str:
@@ -218,7 +220,7 @@ def _stored_code(class_name: str, config: dict) -> str:
         node_def = config.get("node_def")
         target = str(config.get("function") or (node_def.get("op") if isinstance(node_def, dict) else "") or "")
         if not target or set(target.split(".")) & UNSAFE_TF_NAMES or target in UNSAFE_GRAPH_OPS:
-            return f"a call of the TensorFlow function '{target}'"
+            return f"a call of the TensorFlow function '{clip(target, 40)}'"
     return ""
 
 
