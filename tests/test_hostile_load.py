@@ -120,6 +120,17 @@ def test_savedmodel_checkpoint_ops_outside_the_saver_are_refused(tmp_path):
         check_savedmodel(tmp_path / "sm", "sm")
 
 
+def test_savedmodel_file_linked_to_elsewhere_is_refused(tmp_path):
+    from compressor.load.model_io import load_model
+
+    _tiny().save(tmp_path / "sm", save_format="tf")
+    data = next((tmp_path / "sm" / "variables").glob("variables.data-*"))
+    os.replace(data, tmp_path / "elsewhere.bin")
+    data.symlink_to(tmp_path / "elsewhere.bin")
+    with pytest.raises(CompressorError, match="link to a file outside the SavedModel folder"):
+        load_model(tmp_path / "sm")
+
+
 # --------------------------------------------------------------------------- HDF5 reading outside the file
 
 

@@ -102,6 +102,17 @@ def too_big(source: str, what: str, size: int) -> str:
             "Keras model (corrupt or crafted file)")
 
 
+def check_folder(folder, source: str) -> None:
+    """A SavedModel directory whose files are links to elsewhere would read bytes from outside it."""
+    from pathlib import Path
+
+    root = Path(folder).resolve()
+    for path in Path(folder).rglob("*"):
+        if path.is_symlink() and root not in Path(path).resolve().parents:
+            raise CompressorError(f"cannot read model '{clip(source)}': '{clip(path.relative_to(folder), 40)}' is a "
+                                  "link to a file outside the SavedModel folder; refused: copy the real files in")
+
+
 # --------------------------------------------------------------------------- HDF5
 
 #: HDF5 filters built into the library (deflate, shuffle, fletcher32, szip, nbit, scale-offset) and

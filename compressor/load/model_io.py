@@ -20,8 +20,8 @@ from compressor.core.errors import CompressorError
 # with, so that files saved after an import (pruned.keras) load again; tf-keras only.
 from compressor.layers import keras3_layers  # noqa: F401
 from compressor.layers import handler_for, supported_class_names
-from compressor.load.bounds import (MAX_CONFIG_BYTES, check_archive, check_h5, clip, parse_config, read_member,
-                                    too_big)
+from compressor.load.bounds import (MAX_CONFIG_BYTES, check_archive, check_folder, check_h5, clip, parse_config,
+                                    read_member, too_big)
 from compressor.load.safety import STRICT, LoadPolicy, check_config, check_savedmodel
 
 FORMAT_TFK_KERAS = "tf-keras .keras"
@@ -213,6 +213,7 @@ def _load_savedmodel(p: Path, source: str, policy: LoadPolicy):
     )
     if not (p / "keras_metadata.pb").is_file():
         raise no_meta
+    check_folder(p, source)
     check_savedmodel(p, source, policy)
     model = _load_tf_keras(source, policy)
     if not isinstance(model, keras.Model):
