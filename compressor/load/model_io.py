@@ -32,6 +32,8 @@ FORMAT_K3_H5 = "Keras 3 .h5 (imported)"
 
 _H5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _H5_SUFFIXES = {".h5", ".hdf5"}
+#: Keras stores model.weights.h5 uncompressed; a deflated one is checked in memory up to this size.
+_MAX_COMPRESSED_WEIGHTS = 512 << 20
 
 #: Layer classes the pruning stages prune, or prune around (the layer table, compressor/layers).
 #: Anything else (recurrent layers, Lambda, custom classes, ...) stays unpruned.
@@ -184,9 +186,21 @@ def _load_h5(p: Path, source: str, policy: LoadPolicy):
 
 def _check_h5_member(zf: zipfile.ZipFile, name: str, source: str) -> None:
     """The weights file inside a .keras archive, as tf-keras and Keras 3 open it (in place, by h5py)."""
+    import io
+
     import h5py  # noqa: PLC0415
 
-    with zf.open(name) as fh, h5py.File(fh, "r") as f:
+    info = zf.getinfo(name)
+    if info.compress_type == zipfile.ZIP_STORED:
+        with zf.open(name) as fh, h5py.File(fh, "r") as f:
+            check_h5(f, source)
+        return
+    # A compressed member seeks by decompressing again from its start: read it once instead.
+    if info.file_size > _MAX_COMPRESSED_WEIGHTS:
+        raise CompressorError(f"cannot read model '{clip(source)}': its compressed {name} expands to "
+                              f"{info.file_size:,} bytes (at most {_MAX_COMPRESSED_WEIGHTS:,} compressed); re-save it "
+                              "with model.save(), which stores it uncompressed")
+    with h5py.File(io.BytesIO(zf.read(name)), "r") as f:
         check_h5(f, source)
 
 
