@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterator
