@@ -253,7 +253,7 @@ def _tf_keras_error(source: str, exc: Exception) -> CompressorError:
     )
     if m:
         return CompressorError(
-            f"cannot read model '{clip(source)}': custom class '{m.group(1)}' cannot be deserialized; "
+            f"cannot read model '{clip(source)}': custom class '{clip(m.group(1), 40)}' cannot be deserialized; "
             "pass a tf-keras model of built-in layers, or register the class "
             "(@keras.saving.register_keras_serializable) before loading"
         )
