@@ -95,10 +95,9 @@ def test_ordinary_savedmodels_pass_the_graph_allow_list(tmp_path):
             layers.LayerNormalization()(attended)))),
     }
     for name, model in models.items():
-        model.compile("adam", "sparse_categorical_crossentropy", ["accuracy"])
-        shape = model.input_shape[1:]
-        x = np.random.default_rng(0).integers(0, 20, (4, *shape)) if name == "text" else np.random.rand(4, *shape)
-        model.fit(x, np.zeros(4), epochs=1, verbose=0)
+        if name == "cnn":  # compiled and trained: optimizer slots and metrics are saved too
+            model.compile("adam", "sparse_categorical_crossentropy", ["accuracy"])
+            model.fit(np.random.rand(4, *model.input_shape[1:]), np.zeros(4), epochs=1, verbose=0)
         model.save(tmp_path / name, save_format="tf")
         check_savedmodel(tmp_path / name, name)
 
