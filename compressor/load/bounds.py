@@ -56,10 +56,11 @@ def check_archive(zf: zipfile.ZipFile, source: str, archive_bytes: int) -> None:
                               f"most {MAX_MEMBERS:,}); not a Keras model file (corrupt or crafted)")
     ratio = expanded / max(archive_bytes, 1)
     if expanded > limit or (expanded > RATIO_FLOOR and ratio > MAX_RATIO):
+        fix = ("if you trust it, raise COMPRESSOR_MAX_MODEL_BYTES" if ratio <= MAX_RATIO else
+               "weights barely compress, so it is a zip bomb, not a Keras file; re-save it with model.save()")
         raise CompressorError(
             f"cannot read model '{clip(source)}': the archive would expand to {expanded:,} bytes ({ratio:,.0f}x its "
-            f"size; limits {limit:,} bytes and {MAX_RATIO}x), a zip bomb or not a Keras model; nothing was "
-            "extracted; if you trust it, raise COMPRESSOR_MAX_MODEL_BYTES")
+            f"size; limits {limit:,} bytes and {MAX_RATIO}x); nothing was extracted; {fix}")
 
 
 def read_member(zf: zipfile.ZipFile, name: str, source: str) -> bytes:
