@@ -57,10 +57,10 @@ def check_archive(zf: zipfile.ZipFile, source: str, archive_bytes: int) -> None:
     ratio = expanded / max(archive_bytes, 1)
     if expanded > limit or (expanded > RATIO_FLOOR and ratio > MAX_RATIO):
         fix = ("if you trust it, raise COMPRESSOR_MAX_MODEL_BYTES" if ratio <= MAX_RATIO else
-               "weights barely compress, so it is a zip bomb, not a Keras file; re-save it with model.save()")
+               "weights barely compress: a zip bomb, not a Keras file; re-save it with model.save()")
         raise CompressorError(
-            f"cannot read model '{clip(source)}': the archive would expand to {expanded:,} bytes ({ratio:,.0f}x its "
-            f"size; limits {limit:,} bytes and {MAX_RATIO}x); nothing was extracted; {fix}")
+            f"cannot read model '{clip(source)}': the archive would expand to {expanded:,} bytes, {ratio:,.0f}x its "
+            f"size (limits {limit:,} and {MAX_RATIO}x); nothing extracted; {fix}")
 
 
 def read_member(zf: zipfile.ZipFile, name: str, source: str) -> bytes:
