@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from compressor.core.errors import CompressorError
+from compressor.load.bounds import refused_module
 from exporters import targets as registry
 
 Target = Literal[registry.NAMES]  # the runtime targets the registry knows (exporters/targets.py)
@@ -186,7 +187,16 @@ class MetricSpec(_Strict):
     def _names(cls, value):
         if isinstance(value, list) and not value:
             raise ValueError("give at least one metric name")
-        return value
+        return _own_code(value)
+
+
+def _own_code(value: str | list[str]) -> str | list[str]:
+    """`pkg.mod:func` names code that runs: refused when it names the standard library or builtins."""
+    for name in [value] if isinstance(value, str) else value:
+        why = refused_module(name) if ":" in name else ""
+        if why:
+            raise ValueError(f"{why}; name a function of your own module")
+    return value
 
 
 class FeatureSpec(_Strict):
@@ -272,7 +282,7 @@ class Recipe(_Strict):
     data: DataSettings = Field(default_factory=DataSettings)
     batch_size: int = Field(32, ge=1, le=65536, description="fine-tuning batch size")
     learning_rate: float = Field(1e-3, gt=0.0, le=1.0, description="fine-tuning learning rate (Adam)")
-    seed: int = Field(0, ge=0, description="makes masks and files reproducible")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="makes masks and files reproducible (0 to 2**32 - 1)")
     round_units: int | Literal["auto"] = Field(
         "auto", description="keep widths narrowed by structured stages at a multiple of this: stages remove fewer "
         "units to get there (CPU kernels slow down on odd widths); auto: the channel block of the targets' kernels "
@@ -288,6 +298,11 @@ class Recipe(_Strict):
     @classmethod
     def _one_or_many(cls, value):
         return [value] if isinstance(value, str) else value
+
+    @field_validator("loss")
+    @classmethod
+    def _loss_code(cls, value):
+        return _own_code(value)
 
     @field_validator("round_units")
     @classmethod
@@ -319,12 +334,13 @@ class Recipe(_Strict):
 
 
 def _describe(err: dict) -> str:
-    where = ".".join(str(p) for p in err["loc"])
-    value = err.get("input")
-    msg = err["msg"]
+    where = ".".join(str(p) for p in err["loc"])[:80]
+    value = repr(err.get("input"))
+    value = value if len(value) <= 80 else f"{value[:76]} ..."
+    msg = str(err["msg"]).removeprefix("Value error, ")[:160]
     if err["type"] == "union_tag_invalid" or "tag" in err["type"]:
         msg = "unknown stage; allowed: weight, activation, cluster, sparse_opt, search, depth"
-    return f"recipe field '{where}' = {value!r}: {msg}"
+    return f"recipe field '{where}' = {value}: {msg}"
 
 
 def parse_recipe(raw: dict | None, source: str = "recipe") -> Recipe:
@@ -337,6 +353,52 @@ def parse_recipe(raw: dict | None, source: str = "recipe") -> Recipe:
         raise CompressorError(f"invalid {source}: {_describe(first)}{suffix}") from exc
 
 
+#: A recipe is a few dozen values: bounds on its file and on its YAML once anchors are expanded
+#: (billion laughs: 9 aliases of 9 aliases ... expand to 9**9 values from a few hundred bytes).
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_NODES = 100_000
+MAX_RECIPE_DEPTH = 50
+
+
+def _clip(path) -> str:
+    text = str(path)
+    return text if len(text) <= 80 else f"…{text[-79:]}"
+
+
+def _safe_yaml(text: str, path):
+    """yaml.safe_load, refusing before construction a document whose aliases expand past
+    MAX_RECIPE_NODES values (counted once per node, shared subtrees by their expanded size)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_size(node, {}, 0, path)
+        if size > MAX_RECIPE_NODES:
+            raise CompressorError(f"recipe '{_clip(path)}' expands to more than {MAX_RECIPE_NODES:,} values through "
+                                  "its YAML anchors and aliases (a YAML bomb?); write the values out")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node, memo: dict, depth: int, path) -> int:
+    if depth > MAX_RECIPE_DEPTH:
+        raise CompressorError(f"recipe '{_clip(path)}' nests more than {MAX_RECIPE_DEPTH} levels; a recipe is a "
+                              "shallow mapping (see `compressor recipe --example`)")
+    if id(node) in memo:
+        return memo[id(node)]
+    children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else (
+        node.value if isinstance(node, yaml.SequenceNode) else [])
+    total = 1
+    for child in children:
+        total += _expanded_size(child, memo, depth + 1, path)
+        if total > MAX_RECIPE_NODES:
+            break
+    memo[id(node)] = total
+    return total
+
+
 def load_recipe(path: str | Path | None) -> Recipe:
     """Read a YAML recipe; None gives the built-in default fusion recipe."""
     if path is None:
@@ -344,13 +406,18 @@ def load_recipe(path: str | Path | None) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise CompressorError(f"recipe '{path}' not found; pass an existing YAML file or omit --recipe for the default")
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise CompressorError(f"recipe '{_clip(path)}' is {size:,} bytes (at most {MAX_RECIPE_BYTES:,}); a recipe is "
+                              "a short YAML file (see `compressor recipe --example`)")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise CompressorError(f"recipe '{path}' is not valid YAML ({str(exc).splitlines()[0]}); check its indentation") from exc
+        raw = _safe_yaml(path.read_text(errors="replace"), path)
+    except (yaml.YAMLError, RecursionError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise CompressorError(f"recipe '{_clip(path)}' is not valid YAML ({first}); check its indentation") from None
     if raw is not None and not isinstance(raw, dict):
         raise CompressorError(f"recipe '{path}' must be a mapping of fields (see `compressor recipe --example`)")
-    return parse_recipe(raw, f"recipe '{path}'")
+    return parse_recipe(raw, f"recipe '{_clip(path)}'")
 
 
 def with_goal(recipe: Recipe, speedup: float | None = None, runtime: str | None = None) -> Recipe:

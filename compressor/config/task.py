@@ -9,13 +9,13 @@ number the report shows for every file.
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from compressor.core._tf import keras
 from compressor.core.errors import CompressorError
+from compressor.load.safety import user_function
 
 ACCURACY = ("accuracy", "acc", "sparse_categorical_accuracy")
 HIGHER = ACCURACY + ("auc", "binary_accuracy", "categorical_accuracy", "precision", "recall", "top_k_categorical_accuracy",
@@ -38,11 +38,8 @@ SPARSE = "sparse_categorical_crossentropy"
 
 
 def _import(spec: str, what: str):
-    module_name, _, attr = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise CompressorError(f"cannot import {what} '{spec}' ({exc}); use package.module:function") from exc
+    """The user's `pkg.mod:func` (code that runs): a plain function or a Keras Metric / Loss class."""
+    return user_function(spec, what, (keras.metrics.Metric,) if what == "metric" else (keras.losses.Loss,))
 
 
 def _per_output(value, names: list[str], what: str) -> list[str]:
@@ -136,7 +133,8 @@ class Task:
     @staticmethod
     def _loss(name: str, activation: str):
         if ":" in name:
-            return _import(name, "loss")
+            found = _import(name, "loss")
+            return found() if isinstance(found, type) else found
         probability = activation in ("softmax", "sigmoid")
         classes = {SPARSE: keras.losses.SparseCategoricalCrossentropy,
                    "categorical_crossentropy": keras.losses.CategoricalCrossentropy,

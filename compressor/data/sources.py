@@ -243,6 +243,10 @@ def _settings(settings):
 
 
 def _from_function(spec: str, settings, class_labels: bool):
+    from compressor.load.bounds import refused_module
+
+    if refused_module(spec):
+        raise CompressorError(f"data function '{spec[:80]}' {refused_module(spec)}; name a function of your own module")
     module_name, _, func_name = spec.partition(":")
     try:
         func = getattr(importlib.import_module(module_name), func_name)

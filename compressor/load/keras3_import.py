@@ -18,6 +18,7 @@ import numpy as np
 
 from compressor.core._tf import keras, tf
 from compressor.core.errors import CompressorError
+from compressor.load.bounds import clip
 from compressor.layers.keras3_layers import ACTIVATIONS, OPS, ConstantTerm, REFUSED, LayerSpec, OpSpec, is_op, recognised, refused, same_class
 from compressor.layers import keras3_rebuilder
 
@@ -51,19 +52,20 @@ def precheck_config(config: dict, path: str) -> None:
     top = config.get("class_name")
     if top not in _MODEL_CLASSES:
         raise CompressorError(
-            f"cannot read model '{path}': it is a subclassed Keras 3 model (class '{top}') whose "
+            f"cannot read model '{clip(path)}': it is a subclassed Keras 3 model (class '{clip(top, 40)}') whose "
             "graph cannot be rebuilt; pass a tf-keras model, or save a Sequential/functional model"
         )
     layers = list(_walk_layer_configs(config.get("config") or {}))
     if not any(l.get("class_name") != "InputLayer" for l in layers):
-        raise CompressorError(f"model '{path}' has no layers; save a trained model with at least one layer")
+        raise CompressorError(f"model '{clip(path)}' has no layers; save a trained model with at least one layer")
     for lcfg in layers:
         class_name = lcfg.get("class_name", "?")
         name = (lcfg.get("config") or {}).get("name") or lcfg.get("name") or "?"
         if is_op(lcfg):
             if class_name not in OPS:
                 raise CompressorError(
-                    f"cannot read model '{path}': Keras 3 operation '{name}' (keras.ops {class_name}) has "
+                    f"cannot read model '{clip(path)}': Keras 3 operation '{clip(name, 40)}' (keras.ops "
+                    f"{clip(class_name, 40)}) has "
                     "no tf-keras rebuild; express it with Keras layers and re-save, or save the model as tf-keras"
                 )
             continue
@@ -76,18 +78,21 @@ def precheck_config(config: dict, path: str) -> None:
         )
         if not custom and not known_to_tf_keras and getattr(_keras3().layers, class_name, None) is not None:
             raise CompressorError(
-                f"cannot read model '{path}': Keras 3 layer '{name}' ({class_name}) has no tf-keras "
+                f"cannot read model '{clip(path)}': Keras 3 layer '{clip(name, 40)}' ({clip(class_name, 40)}) "
+                f"has no tf-keras "
                 "equivalent; save the model without it, or build and save it with tf-keras"
             )
         if custom or not known_to_tf_keras:
             raise CompressorError(
-                f"cannot read model '{path}': layer '{name}' has custom class '{registered or class_name}' "
+                f"cannot read model '{clip(path)}': layer '{clip(name, 40)}' has custom class "
+                f"'{clip(registered or class_name, 40)}' "
                 "that cannot be deserialized into tf-keras; pass a tf-keras model (with the class registered "
                 "via keras.saving.register_keras_serializable) or save the model without it"
             )
         if class_name in _NO_EQUIVALENT:
             raise CompressorError(
-                f"cannot read model '{path}': Keras 3 layer '{name}' ({class_name}) has no tf-keras "
+                f"cannot read model '{clip(path)}': Keras 3 layer '{clip(name, 40)}' ({clip(class_name, 40)}) "
+                f"has no tf-keras "
                 "equivalent; save the model without it (e.g. built-in layers instead of Lambda) or as tf-keras"
             )
     from compressor.load.safety import check_config  # noqa: PLC0415 - the one safety check for every format
@@ -123,7 +128,7 @@ def load_keras3(path: str, kind: str, config: dict | None = None) -> tuple["kera
     k3_model = _load_with_keras3(keras3, path, config)
     if not isinstance(k3_model, keras3.Model):
         raise CompressorError(
-            f"'{path}' holds a {type(k3_model).__name__}, not a Keras model; "
+            f"'{clip(path)}' holds a {type(k3_model).__name__}, not a Keras model; "
             "save a Keras Sequential or functional model"
         )
     notes: list[str] = []
@@ -136,7 +141,7 @@ def load_keras3(path: str, kind: str, config: dict | None = None) -> tuple["kera
         raise
     except Exception as exc:  # noqa: BLE001 - an unforeseen config: still one clear line
         raise CompressorError(
-            f"cannot import Keras 3 model '{path}' into tf-keras: {_first_line(exc)}; "
+            f"cannot import Keras 3 model '{clip(path)}' into tf-keras: {_first_line(exc)}; "
             "save the model with tf-keras instead"
         ) from None
     if importer.nested:
@@ -195,17 +200,17 @@ def _keras3_load_error(path: str, exc: Exception) -> CompressorError:
     m = re.search(r"(?:Could not locate class|Could not deserialize class|Unknown \w+:?) '?([\w.>]+)'?", msg)
     if m:
         return CompressorError(
-            f"cannot read model '{path}': custom class '{m.group(1)}' cannot be deserialized; "
+            f"cannot read model '{clip(path)}': custom class '{clip(m.group(1), 40)}' cannot be deserialized; "
             "pass a tf-keras model, or register the class "
             "(@keras.saving.register_keras_serializable) and save the model without it"
         )
     if "Lambda" in msg and "safe_mode" in msg:
         return CompressorError(
-            f"cannot read model '{path}': it contains a Lambda layer (arbitrary Python code, "
+            f"cannot read model '{clip(path)}': it contains a Lambda layer (arbitrary Python code, "
             "refused for safety); replace the Lambda with built-in layers and re-save"
         )
     return CompressorError(
-        f"cannot read model '{path}' with Keras 3: {msg}; re-save it with model.save()"
+        f"cannot read model '{clip(path)}' with Keras 3: {clip(msg, 160)}; re-save it with model.save()"
     )
 
 
@@ -249,7 +254,7 @@ class _Importer:
         if isinstance(cfg, dict) and "input_layers" in cfg and "layers" in cfg:
             return self._rebuild_functional(k3_model, cfg)
         raise CompressorError(
-            f"model '{k3_model.name}' is a subclassed Keras 3 model ({cls}) whose graph cannot "
+            f"model '{clip(k3_model.name, 40)}' is a subclassed Keras 3 model ({cls}) whose graph cannot "
             "be read; save a Sequential or functional model instead"
         )
 
@@ -284,7 +289,7 @@ class _Importer:
                     out = layer(*args, **kwargs)
                 except Exception as exc:  # noqa: BLE001
                     raise CompressorError(
-                        f"cannot rebuild Keras 3 layer '{name}' ({lcfg['class_name']}) in "
+                        f"cannot rebuild Keras 3 layer '{clip(name, 40)}' ({clip(lcfg['class_name'], 40)}) in "
                         f"tf-keras: {_first_line(exc)}; save the model without it or as tf-keras"
                     ) from None
                 produced[(name, node_index)] = tf.nest.flatten(out)
@@ -330,7 +335,7 @@ class _Importer:
             kwargs = {k: v for k, v in resolve(node.get("kwargs", {})).items() if v is not None}
         except KeyError as exc:
             raise CompressorError(
-                f"Keras 3 layer '{layer_name}' reads tensor {exc} that the graph never "
+                f"Keras 3 layer '{clip(layer_name, 40)}' reads tensor {clip(exc, 120)} that the graph never "
                 "produces; re-save the model with Keras 3"
             ) from None
         return args, kwargs
@@ -358,7 +363,7 @@ class _Importer:
         name = lcfg.get("config", {}).get("name") or lcfg.get("name")
         if class_name in _MODEL_CLASSES:
             if k3_layer is None:
-                raise CompressorError(f"nested Keras 3 model '{name}' not found; re-save the model")
+                raise CompressorError(f"nested Keras 3 model '{clip(name, 40)}' not found; re-save the model")
             self.nested.append(f"'{name}' ({class_name})")
             return self.rebuild(k3_layer)
         self.n_layers += 1
@@ -373,7 +378,7 @@ class _Importer:
         if (registered and registered != class_name) or not library:
             label = registered or class_name
             raise CompressorError(
-                f"Keras 3 layer '{name}' ({label}) has no tf-keras equivalent; save the model "
+                f"Keras 3 layer '{clip(name, 40)}' ({label}) has no tf-keras equivalent; save the model "
                 "without it, or build and save it with tf-keras"
             )
         spec = LayerSpec(
@@ -452,7 +457,7 @@ class _Importer:
                 continue  # a keras.ops node rebuilt as a weightless layer, or holding its graph constant
             if k3_layer is None:
                 raise CompressorError(
-                    f"imported layer '{tf_layer.name}' has no Keras 3 counterpart; re-save the model"
+                    f"imported layer '{clip(tf_layer.name, 40)}' has no Keras 3 counterpart; re-save the model"
                 )
             if isinstance(tf_layer, keras.Model):
                 self.copy_weights(k3_layer, tf_layer)
@@ -463,7 +468,7 @@ class _Importer:
             shapes_dst = [w.shape for w in dst]
             if shapes_src != shapes_dst:
                 raise CompressorError(
-                    f"Keras 3 layer '{tf_layer.name}' ({type(k3_layer).__name__}) has weights "
+                    f"Keras 3 layer '{clip(tf_layer.name, 40)}' ({type(k3_layer).__name__}) has weights "
                     f"{shapes_src} but its tf-keras rebuild expects {shapes_dst}; save the model "
                     "without it or as tf-keras"
                 )
@@ -488,7 +493,7 @@ def _plain_dtype(value, layer_name) -> str | None:
         value = (value.get("config") or {}).get("name", "float32")
     if isinstance(value, str) and _QUANTIZED_POLICY.search(value):
         raise CompressorError(
-            f"Keras 3 layer '{layer_name}' is quantized (dtype policy '{value}'), which tf-keras "
+            f"Keras 3 layer '{clip(layer_name, 40)}' is quantized (dtype policy '{clip(value, 40)}'), which tf-keras "
             "cannot import; save the float model before calling quantize()"
         )
     return value
@@ -502,8 +507,9 @@ def _activation(value, layer_name: str, class_name: str):
             value = inner
         else:
             raise CompressorError(
-                f"Keras 3 layer '{layer_name}' ({class_name}) uses custom activation "
-                f"'{inner or value.get('class_name')}'; use a built-in activation or save the model as tf-keras"
+                f"Keras 3 layer '{clip(layer_name, 40)}' ({clip(class_name, 40)}) uses custom activation "
+                f"'{clip(inner or value.get('class_name'), 40)}'; use a built-in activation or save the model "
+                f"as tf-keras"
             )
     if value is None:
         return value
@@ -512,7 +518,8 @@ def _activation(value, layer_name: str, class_name: str):
         keras.activations.get(value)
     except Exception:  # noqa: BLE001
         raise CompressorError(
-            f"Keras 3 layer '{layer_name}' ({class_name}) uses activation '{value}', which tf-keras "
+            f"Keras 3 layer '{clip(layer_name, 40)}' ({clip(class_name, 40)}) uses activation "
+            f"'{clip(value, 40)}', which tf-keras "
             "lacks; use another activation or save the model as tf-keras"
         ) from None
     return value
@@ -580,7 +587,7 @@ def check_parity(k3_model, tf_model, seed: int = 0) -> float:
     culprit = _first_diverging_layer(k3_model, tf_model, inputs)
     where = f" first at layer {culprit}" if culprit else ""
     raise CompressorError(
-        f"imported model's outputs differ from Keras 3 by {diff:.3g} (> {allowed:.1g}){where}; "
+        f"imported model's outputs differ from Keras 3 by {diff:.3g} (> {allowed:.1g}){clip(where, 100)}; "
         "save the model without that layer, or build and save it with tf-keras"
     )
 

@@ -6,7 +6,6 @@ model (tensorflow-model-optimization needs Keras 2). The input path is only ever
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -21,6 +20,8 @@ from compressor.core.errors import CompressorError
 # with, so that files saved after an import (pruned.keras) load again; tf-keras only.
 from compressor.layers import keras3_layers  # noqa: F401
 from compressor.layers import handler_for, supported_class_names
+from compressor.load.bounds import (MAX_CONFIG_BYTES, check_archive, check_folder, check_h5, clip, parse_config,
+                                    read_member, too_big)
 from compressor.load.safety import STRICT, LoadPolicy, check_config, check_savedmodel
 
 FORMAT_TFK_KERAS = "tf-keras .keras"
@@ -31,6 +32,8 @@ FORMAT_K3_H5 = "Keras 3 .h5 (imported)"
 
 _H5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _H5_SUFFIXES = {".h5", ".hdf5"}
+#: Keras stores model.weights.h5 uncompressed; a deflated one is checked in memory up to this size.
+_MAX_COMPRESSED_WEIGHTS = 512 << 20
 
 #: Layer classes the pruning stages prune, or prune around (the layer table, compressor/layers).
 #: Anything else (recurrent layers, Lambda, custom classes, ...) stays unpruned.
@@ -60,7 +63,7 @@ def load_model(path: str | Path, policy: LoadPolicy = STRICT) -> LoadedModel:
     source = str(path)
     p = Path(path)
     if not p.exists():
-        raise CompressorError(f"model '{source}' not found; check the path passed to --model")
+        raise CompressorError(f"model '{clip(source)}' not found; check the path passed to --model")
     if p.is_dir():
         model, fmt, notes = _load_savedmodel(p, source, policy)
     else:
@@ -71,7 +74,7 @@ def load_model(path: str | Path, policy: LoadPolicy = STRICT) -> LoadedModel:
             model, fmt, notes = _load_h5(p, source, policy)
         else:
             raise CompressorError(
-                f"cannot read model '{source}': unknown extension '{p.suffix or '(none)'}'; "
+                f"cannot read model '{clip(source)}': unknown extension '{p.suffix or '(none)'}'; "
                 "pass a .keras or .h5 file or a SavedModel directory"
             )
     _check_is_model(model, source)
@@ -82,41 +85,44 @@ def load_model(path: str | Path, policy: LoadPolicy = STRICT) -> LoadedModel:
 def _check_is_model(model, source: str) -> None:
     if not isinstance(model, keras.Model):
         raise CompressorError(
-            f"'{source}' does not hold a Keras model ({type(model).__name__}); "
+            f"'{clip(source)}' does not hold a Keras model ({type(model).__name__}); "
             "save a Keras model with model.save()"
         )
     real = [l for l in model.layers if not isinstance(l, keras.layers.InputLayer)]
     if not real:
         raise CompressorError(
-            f"model '{source}' has no layers; save a trained model with at least one layer"
+            f"model '{clip(source)}' has no layers; save a trained model with at least one layer"
         )
 
 
 def _load_keras_zip(p: Path, source: str, policy: LoadPolicy):
     if not zipfile.is_zipfile(p):
         raise CompressorError(
-            f"cannot read model '{source}': file is not a Keras zip archive (corrupt or truncated?); "
+            f"cannot read model '{clip(source)}': file is not a Keras zip archive (corrupt or truncated?); "
             f"re-save it with model.save('{p.name}')"
         )
     try:
         with zipfile.ZipFile(p) as zf:
+            check_archive(zf, source, p.stat().st_size)  # before anything is decompressed
             names = set(zf.namelist())
             bad = zf.testzip()
-            meta = json.loads(zf.read("metadata.json")) if "metadata.json" in names else {}
-            config = json.loads(zf.read("config.json")) if "config.json" in names else None
+            meta = parse_config(read_member(zf, "metadata.json", source), source) if "metadata.json" in names else {}
+            config = parse_config(read_member(zf, "config.json", source), source) if "config.json" in names else None
+            if bad is None and "model.weights.h5" in names:
+                _check_h5_member(zf, "model.weights.h5", source)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError, RecursionError) as exc:
         raise CompressorError(
-            f"cannot read model '{source}': damaged Keras zip archive ({_one_line(exc)}); "
+            f"cannot read model '{clip(source)}': damaged Keras zip archive ({_one_line(exc)}); "
             f"re-save it with model.save('{p.name}')"
         ) from None
     if bad is not None:
         raise CompressorError(
-            f"cannot read model '{source}': archive member '{bad}' is corrupt (truncated?); "
+            f"cannot read model '{clip(source)}': archive member '{bad}' is corrupt (truncated?); "
             f"re-save it with model.save('{p.name}')"
         )
     if "config.json" not in names:
         raise CompressorError(
-            f"cannot read model '{source}': zip archive has no config.json, so it is not a Keras "
+            f"cannot read model '{clip(source)}': zip archive has no config.json, so it is not a Keras "
             f"model file; re-save it with model.save('{p.name}')"
         )
     version = str(meta.get("keras_version", "")) if isinstance(meta, dict) else ""
@@ -138,41 +144,64 @@ def _load_h5(p: Path, source: str, policy: LoadPolicy):
         head = fh.read(8)
     if head != _H5_SIGNATURE:
         raise CompressorError(
-            f"cannot read model '{source}': file is not an HDF5 file (corrupt or truncated?); "
+            f"cannot read model '{clip(source)}': file is not an HDF5 file (corrupt or truncated?); "
             f"re-save it with model.save('{p.name}')"
         )
     import h5py  # noqa: PLC0415 - ships with tf-keras; only needed here
 
     try:
         with h5py.File(p, "r") as f:
+            check_h5(f, source)  # nothing read from outside the file, before Keras reads a weight
             attrs = f.attrs
             has_config = "model_config" in attrs
+            size = attrs.get_id("model_config").get_storage_size() if has_config else 0
+            if size > MAX_CONFIG_BYTES:  # refused before it is read
+                raise CompressorError(too_big(source, "its stored model config is", size))
             version = attrs.get("keras_version", b"")
             raw_config = attrs.get("model_config") if has_config else None
     except OSError as exc:
         raise CompressorError(
-            f"cannot read model '{source}': damaged HDF5 file ({_one_line(exc)}); "
+            f"cannot read model '{clip(source)}': damaged HDF5 file ({_one_line(exc)}); "
             f"re-save it with model.save('{p.name}')"
         ) from None
     if isinstance(version, bytes):
         version = version.decode("utf-8", "replace")
     if not has_config:
         raise CompressorError(
-            f"'{source}' has no Keras model config (a weights-only file?); save the whole model with "
+            f"'{clip(source)}' has no Keras model config (a weights-only file?); save the whole model with "
             "model.save('model.keras'), not save_weights()"
         )
-    try:
-        config = json.loads(raw_config.decode("utf-8") if isinstance(raw_config, bytes) else raw_config)
-    except (TypeError, ValueError, RecursionError):
+    if not isinstance(raw_config, (bytes, str)):
         raise CompressorError(
-            f"cannot read model '{source}': its stored model config is not valid JSON (corrupt file?); "
+            f"cannot read model '{clip(source)}': its stored model config is not valid JSON (corrupt file?); "
             f"re-save it with model.save('{p.name}')"
-        ) from None
+        )
+    config = parse_config(raw_config, source)
     _config_object(config, source, version)
     if str(version).startswith("3"):
         return _import_keras3(source, "Keras 3 .h5", FORMAT_K3_H5, config)
     check_config(config, source, policy)
     return _load_tf_keras(source, policy), FORMAT_TFK_H5, []
+
+
+def _check_h5_member(zf: zipfile.ZipFile, name: str, source: str) -> None:
+    """The weights file inside a .keras archive, as tf-keras and Keras 3 open it (in place, by h5py)."""
+    import io
+
+    import h5py  # noqa: PLC0415
+
+    info = zf.getinfo(name)
+    if info.compress_type == zipfile.ZIP_STORED:
+        with zf.open(name) as fh, h5py.File(fh, "r") as f:
+            check_h5(f, source)
+        return
+    # A compressed member seeks by decompressing again from its start: read it once instead.
+    if info.file_size > _MAX_COMPRESSED_WEIGHTS:
+        raise CompressorError(f"cannot read model '{clip(source)}': its compressed {name} expands to "
+                              f"{info.file_size:,} bytes (at most {_MAX_COMPRESSED_WEIGHTS:,} compressed); re-save it "
+                              "with model.save(), which stores it uncompressed")
+    with h5py.File(io.BytesIO(zf.read(name)), "r") as f:
+        check_h5(f, source)
 
 
 def _config_object(config, source: str, version: str) -> None:
@@ -181,7 +210,7 @@ def _config_object(config, source: str, version: str) -> None:
     inner = (dict,) if str(version).startswith("3") else (dict, list)
     if not isinstance(config, dict) or not isinstance(config.get("config", {}), inner):
         raise CompressorError(
-            f"cannot read model '{source}': its stored model config is not a Keras model config "
+            f"cannot read model '{clip(source)}': its stored model config is not a Keras model config "
             "(corrupt file?); re-save it with model.save()"
         )
 
@@ -189,15 +218,16 @@ def _config_object(config, source: str, version: str) -> None:
 def _load_savedmodel(p: Path, source: str, policy: LoadPolicy):
     if not ((p / "saved_model.pb").exists() or (p / "saved_model.pbtxt").exists()):
         raise CompressorError(
-            f"'{source}' is a directory but not a SavedModel (no saved_model.pb); pass a .keras "
+            f"'{clip(source)}' is a directory but not a SavedModel (no saved_model.pb); pass a .keras "
             "or .h5 file or a SavedModel directory saved by tf-keras"
         )
     no_meta = CompressorError(
-        f"SavedModel '{source}' has no Keras metadata (saved by tf.saved_model.save or Keras 3 "
+        f"SavedModel '{clip(source)}' has no Keras metadata (saved by tf.saved_model.save or Keras 3 "
         "export?); re-save the Keras model with model.save('model.keras')"
     )
     if not (p / "keras_metadata.pb").is_file():
         raise no_meta
+    check_folder(p, source)
     check_savedmodel(p, source, policy)
     model = _load_tf_keras(source, policy)
     if not isinstance(model, keras.Model):
@@ -223,26 +253,26 @@ def _tf_keras_error(source: str, exc: Exception) -> CompressorError:
     )
     if m:
         return CompressorError(
-            f"cannot read model '{source}': custom class '{m.group(1)}' cannot be deserialized; "
+            f"cannot read model '{clip(source)}': custom class '{clip(m.group(1), 40)}' cannot be deserialized; "
             "pass a tf-keras model of built-in layers, or register the class "
             "(@keras.saving.register_keras_serializable) before loading"
         )
     if "Lambda" in msg and "safe_mode" in msg:
         return CompressorError(
-            f"cannot read model '{source}': it contains a Lambda layer (arbitrary Python code, "
+            f"cannot read model '{clip(source)}': it contains a Lambda layer (arbitrary Python code, "
             "refused for safety); replace the Lambda with built-in layers and re-save"
         )
     if "Unknown activation function: 'function'" in str(exc):
         return CompressorError(
-            f"cannot read model '{source}': it uses a registered activation function (e.g. hard_silu of "
+            f"cannot read model '{clip(source)}': it uses a registered activation function (e.g. hard_silu of "
             "an imported Keras 3 model), which tf-keras cannot read back from .h5; save the model as .keras"
         )
     if isinstance(exc, (zipfile.BadZipFile, EOFError)) or "truncated" in msg.lower() or "CRC" in msg:
         return CompressorError(
-            f"cannot read model '{source}': file is damaged ({msg}) (corrupt or truncated?); "
+            f"cannot read model '{clip(source)}': file is damaged ({msg}) (corrupt or truncated?); "
             "re-save it with model.save()"
         )
-    return CompressorError(f"cannot read model '{source}' with tf-keras: {msg}; re-save it with model.save()")
+    return CompressorError(f"cannot read model '{clip(source)}' with tf-keras: {msg}; re-save it with model.save()")
 
 
 def _import_keras3(source: str, kind: str, fmt: str, config: dict | None = None):
@@ -254,7 +284,7 @@ def _import_keras3(source: str, kind: str, fmt: str, config: dict | None = None)
 
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
+    return clip(text.splitlines()[0], 160)
 
 
 # --------------------------------------------------------------------------- inspection
