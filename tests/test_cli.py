@@ -154,3 +154,13 @@ def test_speedup_goal_on_the_command_line_adds_the_search_and_its_frontier(tmp_p
     assert main(["run", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "o2"),
                  "--speedup", "0.5"]) == 1
     assert "speedup" in capsys.readouterr().err
+
+
+def test_an_error_line_stays_short_and_keeps_its_cause_and_fix():
+    from compressor.cli.main import ERROR_CHARS, one_line
+
+    message = "model layer '" + "x" * 5000 + "' is refused\n(it runs code); pass --trust-model-code for your own file"
+    line = one_line(message)
+    assert len(line) <= ERROR_CHARS and "\n" not in line
+    assert line.startswith("model layer 'xxx") and line.endswith("pass --trust-model-code for your own file")
+    assert one_line("short; fix it") == "short; fix it"

@@ -226,6 +226,19 @@ def _check_path_encoding(args) -> None:
 COMMANDS = {"demo": cmd_demo, "run": cmd_run, "bench": cmd_bench, "inspect": cmd_inspect, "recipe": cmd_recipe}
 
 
+ERROR_CHARS = 320
+
+
+def one_line(message: str, limit: int = ERROR_CHARS) -> str:
+    """The message on one line of at most `limit` characters: a name taken from a hostile file can be
+    any length, and the cause (first) and the fix (last) must both stay readable, so the middle goes."""
+    flat = " ".join(message.split())
+    if len(flat) <= limit:
+        return flat
+    head = limit * 3 // 5
+    return f"{flat[:head]} … {flat[-(limit - head - 3):]}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from compressor.run.outdir import Terminated, sigterm_as_exception
@@ -239,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     except CompressorError as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt as exc:
         what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
