@@ -12,6 +12,7 @@ and `predict`, outside the timed region), so the limit bounds one call, not the 
 """
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing
 import signal
 import sys
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from compressor.core import CompressorError
 
-_current: "_Heartbeat | None" = None  # set in the child only
+_current: _Heartbeat | None = None  # set in the child only
 
 
 class _Heartbeat:
@@ -51,9 +52,11 @@ def beat(path) -> None:
         _current.beat(path)
 
 
-def _child(fn, args, heart: _Heartbeat, send) -> None:
+def _child(fn, args, heart: _Heartbeat, send, debug: bool) -> None:
     global _current
     _current = heart
+    if not debug:
+        faulthandler.disable()  # a crash is reported by the parent in one line, not as a thread dump
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent answers it
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
@@ -84,7 +87,7 @@ def run_watched(fn, args: tuple, files: list[Path], limit: float, debug: bool = 
     ctx = _context()
     heart = _Heartbeat(ctx, files)
     receive, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(fn, args, heart, send), daemon=True)
+    proc = ctx.Process(target=_child, args=(fn, args, heart, send, debug), daemon=True)
     proc.start()
     send.close()
     try:
@@ -111,7 +114,7 @@ def _wait(proc, receive, heart: _Heartbeat, limit: float):
     while not receive.poll(0.05):
         if not proc.is_alive() and not receive.poll(0):
             return None
-        if heart.age() > limit:
+        if heart.who.value >= 0 and heart.age() > limit:  # inside a runtime call (imports are not)
             raise CompressorError(f"{heart.file()}: one runtime call ran for more than {limit:g} s and was stopped; "
                                   "the file may loop without end (e.g. an ONNX Loop with a huge trip count): if it is "
                                   "only slow, raise the limit with --time-limit SECONDS")
