@@ -361,7 +361,7 @@ def test_families_update_replaces_a_familys_row_and_keeps_the_others_in_page_ord
 def test_families_row_shows_the_best_stage_beside_an_undertrained_dense_model(tmp_path):
     """MobileNetV3Large's sweep row read 0.102 -> 0.181, hiding that the stages had reached 0.939."""
     script = _load_script("families")
-    row = lambda variant, runtime, acc, ms: {"variant": variant, "runtime": runtime, "batch": 1, "threads": 1,
+    row = lambda variant, runtime, acc, ms: {"variant": variant, "runtime": runtime, "batch": 1, "threads": 1,  # noqa: E731
                                             "accuracy": acc, "latency_ms": {"p50": ms}, "gzip_bytes": 100, "flops": 10}
     report = {"results": [row("dense", "tflite", 0.102, 1.0), row("pruned", "tflite", 0.181, 0.1)],
               "verification": [{"ok": True}], "baseline_notes": ["the dense model looks undertrained: …"],

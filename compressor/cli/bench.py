@@ -143,13 +143,7 @@ def measure(args, paths: list[Path], dataset, reporter) -> dict:
     from exporters.files import gzip_size
     from exporters.latency import measure_interleaved
     from exporters.runtimes import open_runner_safely
-    from exporters.stats import (
-        accuracy_interval,
-        latency_summary,
-        mcnemar,
-        ratio_summary,
-        throughput,
-    )
+    from exporters.stats import accuracy_interval, latency_summary, mcnemar, ratio_summary, throughput
     from exporters.watchdog import beat
 
     files, runners, correct = [], {}, []
