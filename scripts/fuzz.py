@@ -307,6 +307,11 @@ class Guard:
         return self.extra(out) if self.extra else None
 
 
+def _nth(turn: int, variants: tuple):
+    """The k-th file of a hostile kind takes its k-th variant, so a few files cover them all."""
+    return variants[turn % len(variants)]
+
+
 def _case_dir(work: Path, kind: str, index: int) -> Path:
     folder = work / "cases" / f"h{index:04d}-{kind}"
     shutil.rmtree(folder, ignore_errors=True)  # a kept --workdir from an earlier fuzz (links not followed)
@@ -330,21 +335,23 @@ def _victims(folder: Path) -> tuple[Path, Path]:
     return thesis, notes
 
 
-def hostile_links(seeds, folder: Path, rng: random.Random) -> tuple[list[Case], str]:
+def hostile_links(seeds, folder: Path, rng: random.Random, turn: int) -> tuple[list[Case], str]:
     thesis, notes = _victims(folder)
-    name, target = rng.choice(((".res.checkpoint", thesis), (".res.lock", notes), (f".res.partial-{rng.randrange(2, 99999)}",
-                               thesis), (f".res.old-{rng.randrange(2, 99999)}", thesis)))
+    pid = rng.randrange(2, 99999)
+    name, target = _nth(turn, ((".res.checkpoint", thesis), (".res.lock", notes), (f".res.partial-{pid}", thesis),
+                               (f".res.old-{pid}", thesis)))
     (folder / name).symlink_to(target)
-    return [Case(folder / name, "links", "run", _run_argv(seeds, folder / "res"), Guard(folder))], f"{name} -> {target.name}"
+    case = Case(folder / name, "links", "run", _run_argv(seeds, folder / "res"), Guard(folder))
+    return [case], f"{name} -> {target.name}"
 
 
-def hostile_savedmodel(seeds, folder: Path, rng: random.Random) -> tuple[list[Case], str]:
+def hostile_savedmodel(seeds, folder: Path, rng: random.Random, turn: int) -> tuple[list[Case], str]:
     """tf.print(output_stream="file://...") in a tracked resource's initializer runs while it loads."""
     import tensorflow as tf
 
     from compressor.core._tf import keras
 
-    target = folder / rng.choice(("written.txt", "notes.txt"))
+    target = folder / _nth(turn, ("written.txt", "notes.txt"))
     if target.name == "notes.txt":
         target.write_text("appending to this is a foreign write\n")
 
@@ -367,7 +374,7 @@ def hostile_savedmodel(seeds, folder: Path, rng: random.Random) -> tuple[list[Ca
 SECRET = b"PRIVATE-KEY-0123" * 256  # 4096 bytes: the size of the seed's 64x16 float32 kernel
 
 
-def hostile_h5_external(seeds, folder: Path, rng: random.Random) -> tuple[list[Case], str]:
+def hostile_h5_external(seeds, folder: Path, rng: random.Random, turn: int) -> tuple[list[Case], str]:
     """The seed .h5 with its hidden kernel read from another file (external storage or a virtual dataset)."""
     import h5py
 
@@ -375,7 +382,7 @@ def hostile_h5_external(seeds, folder: Path, rng: random.Random) -> tuple[list[C
     secret.write_bytes(SECRET)
     model = folder / "model.h5"
     shutil.copyfile(seeds["h5"][0], model)
-    how = rng.choice(("external storage", "virtual dataset"))
+    how = _nth(turn, ("external storage", "virtual dataset"))
     with h5py.File(model, "r+") as f:
         name = next(n for n, d in _datasets(f) if d.shape == (64, 16))
         del f[name]
@@ -396,7 +403,8 @@ def hostile_h5_external(seeds, folder: Path, rng: random.Random) -> tuple[list[C
         return None
 
     cases = [Case(model, "h5-external", "inspect", ["inspect", str(model)], Guard(folder, extra=leaked)),
-             Case(model, "h5-external", "run", _run_argv(seeds, folder / "res", model=model), Guard(folder, extra=leaked))]
+             Case(model, "h5-external", "run", _run_argv(seeds, folder / "res", model=model),
+                  Guard(folder, extra=leaked))]
     return cases, how
 
 
@@ -430,7 +438,7 @@ def _markers(out: str, allowed: set[str]) -> str | None:
     return f"left in the tmpfs: {extra}" if extra else None
 
 
-def hostile_mount(seeds, folder: Path, rng: random.Random) -> tuple[list[Case], str]:
+def hostile_mount(seeds, folder: Path, rng: random.Random, turn: int) -> tuple[list[Case], str]:
     """--out is itself a tmpfs mount point (renaming onto it fails with EBUSY)."""
     mnt = folder / "res"
     mnt.mkdir()
@@ -448,23 +456,24 @@ def _report_only(out: str) -> str | None:
     return "exit 0 but no report.json in the mount point" if report == "no" and rc == "@@rc:0" else None
 
 
-def hostile_full_disk(seeds, folder: Path, rng: random.Random) -> tuple[list[Case], str]:
+def hostile_full_disk(seeds, folder: Path, rng: random.Random, turn: int) -> tuple[list[Case], str]:
     """--out on a tmpfs too small for the run: one line naming the file and the room, nothing left."""
     disk = folder / "disk"
     disk.mkdir()
-    size = rng.choice(("64k", "256k", "1m"))
+    size = _nth(turn, ("64k", "256k", "1m"))
     case = Case(disk, "full-disk", "run", _run_argv(seeds, disk / "res"),
                 Guard(folder, must_fail=False, extra=lambda out: _markers(out, {"res"})),
-                {"MNT": str(disk), "OUT": str(disk / "res"), "SIZE": size}, ["unshare", "-rm", "sh", "-c", _MOUNTED, "sh"])
+                {"MNT": str(disk), "OUT": str(disk / "res"), "SIZE": size},
+                ["unshare", "-rm", "sh", "-c", _MOUNTED, "sh"])
     return [case], f"--out on a {size} tmpfs"
 
 
-def hostile_symlink_out(seeds, folder: Path, rng: random.Random) -> tuple[list[Case], str]:
+def hostile_symlink_out(seeds, folder: Path, rng: random.Random, turn: int) -> tuple[list[Case], str]:
     """--out is a symlink to a folder: empty, or holding a previous result replaced with --force."""
     real, link = folder / "real", folder / "res"
     real.mkdir()
     link.symlink_to(real)
-    previous = rng.random() < 0.5
+    previous = _nth(turn, (False, True))
     argv = _run_argv(seeds, link) + (["--force"] if previous else [])
 
     def through(out: str) -> str | None:
@@ -473,14 +482,14 @@ def hostile_symlink_out(seeds, folder: Path, rng: random.Random) -> tuple[list[C
         return None
 
     guard = Guard(folder, must_fail=False, may_change=("real",), report_in=real, extra=through)
-    case = Case(link, "symlink-out", "run", argv, guard, prepare=_run_argv(seeds, real) + ["--force"] if previous else None)
+    case = Case(link, "symlink-out", "run", argv, guard, prepare=_run_argv(seeds, real) if previous else None)
     return [case], "--out symlink to a previous result, --force" if previous else "--out symlink to an empty folder"
 
 
-def hostile_bomb(seeds, folder: Path, rng: random.Random) -> tuple[list[Case], str]:
+def hostile_bomb(seeds, folder: Path, rng: random.Random, turn: int) -> tuple[list[Case], str]:
     """Expansion bombs: a .keras whose config.json inflates to 512 MiB, a config nested 100,000
     deep (.keras and .h5), a recipe of YAML aliases nine wide and six deep."""
-    how = rng.choice(("zip", "nest-keras", "nest-h5", "yaml"))
+    how = _nth(turn, ("zip", "nest-keras", "nest-h5", "yaml"))
     env = {"TMPDIR": str(folder / "tmp")}
     (folder / "tmp").mkdir()
     nested = "[" * 100_000 + "]" * 100_000
@@ -552,8 +561,8 @@ def loop_onnx(path: Path, constant: bool) -> Path:
     return path
 
 
-def hostile_onnx_loop(seeds, folder: Path, rng: random.Random) -> tuple[list[Case], str]:
-    constant = rng.random() < 0.5
+def hostile_onnx_loop(seeds, folder: Path, rng: random.Random, turn: int) -> tuple[list[Case], str]:
+    constant = _nth(turn, (True, False))
     path = loop_onnx(folder / "loop.onnx", constant)
     env = {"COMPRESSOR_BENCH_TIME_LIMIT": "5"}  # the computed count runs until bench's limit stops it
     bench = ["bench", "--model", str(path), "--runs", "20", "--warmup", "1", "--quiet"]
@@ -563,11 +572,11 @@ def hostile_onnx_loop(seeds, folder: Path, rng: random.Random) -> tuple[list[Cas
     return cases, "2**62 trips, constant" if constant else "2**62 trips, computed at run time"
 
 
-def hostile_odd_npz(seeds, folder: Path, rng: random.Random) -> tuple[list[Case], str]:
+def hostile_odd_npz(seeds, folder: Path, rng: random.Random, turn: int) -> tuple[list[Case], str]:
     """The seed .npz with one array of a dtype or rank the loader must refuse in one line."""
     arrays = dict(np.load(seeds["npz"][0]))
     n = len(arrays["y_train"])
-    how = rng.choice(("0-d x_train", "string x_train", "string labels", "uint64 labels near 2**64",
+    how = _nth(turn, ("0-d x_train", "string x_train", "string labels", "uint64 labels near 2**64",
                       "float labels 1e30"))
     if how == "0-d x_train":
         arrays["x_train"] = np.float32(3.0)
@@ -667,7 +676,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hostile", type=int, help="hostile files (default: a tenth of --files, or --files when "
                         "--kinds names only hostile kinds)")
-    parser.add_argument("--kinds", default=",".join(KINDS + HOSTILE), help=f"comma list of {', '.join(KINDS + HOSTILE)}")
+    parser.add_argument("--kinds", default=",".join(KINDS + HOSTILE),
+                        help=f"comma list of {', '.join(KINDS + HOSTILE)}")
     parser.add_argument("--commands", default=",".join(COMMANDS), help=f"comma list of {', '.join(COMMANDS)}")
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds per case before it counts as a hang")
     parser.add_argument("--jobs", type=int, default=2, help="cases run at once")
@@ -734,7 +744,8 @@ def hostile_cases(args, kinds, commands, seeds, work: Path) -> tuple[list[Case],
     cases = []
     for i in range(count if wanted else 0):
         kind = wanted[i % len(wanted)]
-        made, how = HOSTILE_MAKERS[kind](seeds, _case_dir(work, kind, i), random.Random(f"{args.seed}-{i}"))
+        rng, turn = random.Random(f"{args.seed}-{i}"), i // len(wanted) + args.seed
+        made, how = HOSTILE_MAKERS[kind](seeds, _case_dir(work, kind, i), rng, turn)
         for case in made:
             case.how = how
         cases += [c for c in made if c.command in commands]
