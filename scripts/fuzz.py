@@ -724,7 +724,7 @@ def _fuzz(args, kinds, commands, work: Path, start: float) -> int:
                   f"{o.detail}")
     for kind in skipped:
         print(f"SKIPPED: {kind}: needs a private mount namespace (unshare -rm with tmpfs), not allowed here")
-    print(f"fuzz summary: seed {args.seed}, files {args.files} ({', '.join(kinds)}), cases {len(outcomes)}, "
+    print(f"fuzz summary: seed {args.seed}, files {len(described)} ({', '.join(kinds)}), cases {len(outcomes)}, "
           f"passes {counts['pass']}, crashes {counts['crash']}, hangs {counts['hang']}, "
           f"tracebacks {counts['traceback']}, other failures {counts['bad-exit']}, broken promises {counts['broken']}, "
           f"{time.time() - start:.0f} s")
