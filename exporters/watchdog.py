@@ -30,19 +30,20 @@ class _Heartbeat:
 
     def __init__(self, ctx, files: list[Path]):
         self.stamp = ctx.RawValue("d", time.monotonic())
-        self.who = ctx.RawValue("i", -1)
+        self.who = ctx.RawValue("i", -1)  # the file in a runtime call now; -1: none (the clock is stopped)
+        self.last = -1  # the child's own note of the last file, for `who`
         self.files = [Path(f) for f in files]
         self._index = {str(f): i for i, f in enumerate(self.files)}
 
     def beat(self, path) -> None:
         self.stamp.value = time.monotonic()
-        self.who.value = self._index.get(str(path), self.who.value)
+        self.who.value = self.last = self._index.get(str(path), self.last)
 
     def age(self) -> float:
         return time.monotonic() - self.stamp.value
 
     def file(self) -> str:
-        i = self.who.value
+        i = self.who.value if self.who.value >= 0 else self.last
         return str(self.files[i]) if 0 <= i < len(self.files) else "the file"
 
 
@@ -50,6 +51,12 @@ def beat(path) -> None:
     """Mark the start of a runtime call on `path`; a no-op outside a watched child."""
     if _current is not None:
         _current.beat(path)
+
+
+def idle() -> None:
+    """Out of the runtime (hashing, gzip, statistics): the clock stops until the next `beat`."""
+    if _current is not None:
+        _current.who.value = -1
 
 
 def _child(fn, args, heart: _Heartbeat, send, debug: bool) -> None:

@@ -246,6 +246,26 @@ def _segfault():
     os.kill(os.getpid(), signal.SIGSEGV)
 
 
+def _slow_call(path, rest: bool):
+    from exporters.watchdog import beat, idle
+
+    beat(path)
+    if rest:
+        idle()  # out of the runtime: hashing, gzip
+    time.sleep(1.5)
+    return "done"
+
+
+def test_the_limit_counts_runtime_calls_only(tmp_path):
+    from compressor.core.errors import CompressorError
+    from exporters.watchdog import run_watched
+
+    path = tmp_path / "slow.onnx"
+    assert run_watched(_slow_call, (path, True), [path], limit=0.5) == "done"
+    with pytest.raises(CompressorError, match=r"slow.onnx: one runtime call ran for more than 0.5 s"):
+        run_watched(_slow_call, (path, False), [path], limit=0.5)
+
+
 def test_a_runtime_crash_in_the_child_is_one_line(tmp_path):
     from compressor.core.errors import CompressorError
     from exporters.watchdog import run_watched
