@@ -14,6 +14,7 @@ import numpy as np
 
 from compressor.train import distribute
 from compressor.core._tf import keras
+from compressor.data.checks import check_model
 from compressor.data.sources import Dataset, check_against_model
 from compressor.core.errors import CompressorError
 from compressor.run.progress import Reporter
@@ -166,8 +167,11 @@ def compress(model: keras.Model, data: Dataset, recipe: Recipe, out: str | Path,
     out = Path(out)  # the folder being built (compressor.run.outdir swaps it into place when complete)
     out.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(recipe.seed)
+    check_model(model)  # several inputs, zero-width layers, nothing to prune, NaN/Inf weights: one line
     task = resolve(recipe, model)
     check_against_model(data, tuple(model.input_shape[1:]), task=task)
+    for note in getattr(data, "notes", ()):  # what loading the data replaced (an empty x_calib, ...)
+        reporter.warn(note)
     task.data = data
     dense = clone_with_weights(model)  # the caller's model object is never touched
     baseline = task.keras(dense, "test")
