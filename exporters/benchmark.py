@@ -72,6 +72,10 @@ def file_params(path: Path) -> tuple[int, int]:
 
 def correctness(runner, x: np.ndarray, y: np.ndarray, path: Path) -> np.ndarray:
     """Per-sample top-1 correctness (a bool vector, for the CI and the paired test)."""
+    y = np.asarray(y)
+    if y.dtype.kind not in "iu" or (y.size and int(y.min()) < 0):
+        raise CompressorError(f"labels must be class indices (integers from 0), got {y.dtype} values from "
+                              f"{y.min() if y.size else 'none'}; pass integer labels in [0, outputs)")
     out = runner.predict(x).reshape(len(x), -1)
     if int(y.max()) >= out.shape[1]:
         raise CompressorError(f"labels go up to {int(y.max())} but '{path.name}' has {out.shape[1]} outputs; "

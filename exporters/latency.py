@@ -14,6 +14,8 @@ from typing import Callable
 
 import numpy as np
 
+from exporters.watchdog import beat
+
 BLOCK = 10  # calls per turn; the first of each turn is untimed
 
 
@@ -26,6 +28,7 @@ def measure_interleaved(runners: dict[str, object], x: np.ndarray | dict, runs: 
     for label, runner in runners.items():
         runner.set_input(inputs[label])
         for _ in range(warmup):
+            beat(getattr(runner, "path", label))  # each warm-up call is one call for the watchdog
             runner.invoke()
     times = {label: np.empty(runs) for label in runners}
     clock = time.perf_counter

@@ -11,6 +11,9 @@ a stack overflow or an exhausted machine. Limits (documented in the README):
   raises or lowers it.
 - MAX_TENSOR_ELEMENTS: one tensor as declared (shape, or a sparse tensor's dense size), 2**29.
 - MAX_GRAPH_DEPTH: ONNX subgraphs (If/Loop/Scan bodies) nested inside each other, 16.
+- MAX_LOOP_TRIPS: an ONNX Loop whose trip count is a constant above 2**20 and whose body never
+  turns its condition false (it runs exactly that many times), refused before it is run. Loops
+  computed at run time are stopped by `compressor bench`'s time limit (exporters.watchdog).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from exporters import targets
 MAX_FILE_BYTES = 2 << 30
 MAX_TENSOR_ELEMENTS = 1 << 29
 MAX_GRAPH_DEPTH = 16
+MAX_LOOP_TRIPS = 1 << 20
 _LIMIT_ENV = "COMPRESSOR_MAX_MODEL_BYTES"
 
 
@@ -98,6 +102,7 @@ def _onnx_tensors(p: Path, model):
             if depth > MAX_GRAPH_DEPTH:
                 raise CompressorError(f"{p}: ONNX subgraphs are nested more than {MAX_GRAPH_DEPTH} levels deep; the "
                                       "file is corrupt or built to exhaust the parser: re-export the model")
+            _check_loops(p, graph)
             yield from ((t, graph.name) for t in graph.initializer)
             for sp in graph.sparse_initializer:
                 yield sp.values, graph.name
@@ -110,6 +115,59 @@ def _onnx_tensors(p: Path, model):
             tensors = ([attr.t] if attr.HasField("t") else []) + list(attr.tensors)
             yield from ((t, node.name or node.op_type) for t in tensors)
             graphs.extend((g, depth) for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs))
+
+
+def _constants(graph) -> dict:
+    """Values of the graph's constant initializers and Constant nodes that are small enough to read."""
+    from onnx import numpy_helper
+
+    tensors = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output:
+            value = next((a.t for a in node.attribute if a.name == "value" and a.HasField("t")), None)
+            if value is not None:
+                tensors[node.output[0]] = value
+    values = {}
+    for name, t in tensors.items():
+        if len(t.dims) <= 1 and sum(t.dims) <= 1 and t.data_location != 1:  # a scalar or a 1-element vector
+            try:
+                values[name] = numpy_helper.to_array(t).reshape(-1)
+            except Exception:  # noqa: BLE001, S112 - damaged: onnxruntime reports it in its own words
+                continue
+    return values
+
+
+def _check_loops(p: Path, graph) -> None:
+    """Refuse a Loop that runs a constant number of times above MAX_LOOP_TRIPS with a condition that
+    never turns false (the body passes its condition input through, or the output is a constant true)."""
+    values = None
+    for node in graph.node:
+        if node.op_type != "Loop" or not node.input or not node.input[0]:
+            continue
+        values = _constants(graph) if values is None else values
+        trips = values.get(node.input[0])
+        if trips is None or trips.size != 1 or trips.dtype.kind not in "iu" or int(trips[0]) <= MAX_LOOP_TRIPS:
+            continue
+        start = values.get(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+        body = next((a.g for a in node.attribute if a.name == "body" and a.HasField("g")), None)
+        if (start is not None and not bool(start.reshape(-1)[:1].all())) or body is None or not _always_true(body):
+            continue
+        raise CompressorError(f"{p}: Loop '{node.name or node.output[0]}' runs {int(trips[0]):,} times (more than "
+                              f"{MAX_LOOP_TRIPS:,}) and nothing stops it earlier; the file is built to hang the "
+                              "runtime: re-export the model")
+
+
+def _always_true(body) -> bool:
+    """Whether the Loop body's condition output is its condition input passed through, or constant true."""
+    if len(body.input) < 2 or not body.output:
+        return False
+    cond_in, cond_out = body.input[1].name, body.output[0].name
+    seen = {cond_in}
+    for node in body.node:
+        if node.op_type == "Identity" and node.input and node.input[0] in seen:
+            seen.update(node.output)
+    const = _constants(body).get(cond_out)
+    return cond_out in seen or (const is not None and const.size == 1 and bool(const[0]))
 
 
 def _external_size(p: Path, folder: Path, name: str, info: dict) -> int:

@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +133,145 @@ def test_bad_inputs_fail_in_one_line(problem, files, capsys, tmp_path):
     expected = {"missing": "not found", "extension": "unknown extension", "corrupt": "cannot load",
                 "runs": "--runs", "compare-missing": "--compare"}[problem]
     assert expected in line
+
+
+# ---- files built to hang or exhaust the runtime ---------------------------------------------------
+
+def loop_model(path: Path, trips: int = 2**62, constant: bool = True) -> Path:
+    """An ONNX Loop that adds 1 to its input `trips` times and never stops early; with constant=False
+    the trip count is computed by a Mul at run time, so no static check can see it."""
+    import onnx
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    body = h.make_graph(
+        [h.make_node("Identity", ["cond_in"], ["cond_out"]), h.make_node("Add", ["v_in", "one"], ["v_out"])], "body",
+        [h.make_tensor_value_info("i", T.INT64, []), h.make_tensor_value_info("cond_in", T.BOOL, []),
+         h.make_tensor_value_info("v_in", T.FLOAT, [1, 4])],
+        [h.make_tensor_value_info("cond_out", T.BOOL, []), h.make_tensor_value_info("v_out", T.FLOAT, [1, 4])],
+        [h.make_tensor("one", T.FLOAT, [1], [1.0])])
+    inits, nodes = [h.make_tensor("cond", T.BOOL, [], [True])], []
+    if constant:
+        inits.append(h.make_tensor("M", T.INT64, [], [trips]))
+    else:
+        inits += [h.make_tensor("a", T.INT64, [], [2**31]), h.make_tensor("b", T.INT64, [], [trips // 2**31])]
+        nodes.append(h.make_node("Mul", ["a", "b"], ["M"]))
+    nodes.append(h.make_node("Loop", ["M", "cond", "x"], ["y"], body=body, name="forever"))
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, ["N", 4])],
+                         [h.make_tensor_value_info("y", T.FLOAT, ["N", 4])], inits)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def _cli(*argv, **kwargs) -> subprocess.Popen:
+    """`compressor` in a subprocess (a hang must fail the test, not block it)."""
+    return subprocess.Popen([sys.executable, "-m", "compressor.cli", *map(str, argv)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, **kwargs)
+
+
+def _answer(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    try:
+        return proc.communicate(timeout=timeout)
+    finally:
+        proc.kill()  # a hang fails the test and leaves nothing running
+        proc.wait()
+
+
+def test_loop_with_constant_huge_trip_count_is_refused_before_it_runs(tmp_path):
+    proc = _cli("bench", "--model", loop_model(tmp_path / "forever.onnx"), "--quiet")
+    out, err = _answer(proc, 60)
+    line = _single_error(proc.returncode, err)
+    assert "forever.onnx" in line and "4,611,686,018,427,387,904 times" in line and out == ""
+
+
+def test_loop_computed_at_run_time_is_stopped_at_the_time_limit(tmp_path):
+    path = loop_model(tmp_path / "computed.onnx", constant=False)
+    start = time.monotonic()
+    proc = _cli("bench", "--model", path, "--quiet", "--time-limit", "2")
+    out, err = _answer(proc, 90)
+    lines = err.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:"), err
+    assert "computed.onnx" in lines[0] and "more than 2 s" in lines[0] and "--time-limit" in lines[0]
+    assert "Traceback" not in err and out == "" and time.monotonic() - start < 60
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the runtime's process through /proc")
+def test_sigterm_ends_bench_within_a_second_while_the_runtime_runs(tmp_path):
+    proc = _cli("bench", "--model", loop_model(tmp_path / "computed.onnx", constant=False), "--quiet")
+    deadline = time.monotonic() + 60
+    while not _children(proc.pid) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    time.sleep(1.0)  # the runtime is inside the Loop now
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = _answer(proc, 10)
+    assert proc.returncode == 143 and time.monotonic() - sent < 2.0, (proc.returncode, err)
+    assert err.strip().splitlines() == ["error: terminated (SIGTERM)"]
+
+
+@pytest.mark.parametrize("flag, value, bound", [("--threads", "100000", "between 1 and 256"),
+                                                ("--batch", "100000000", "--batch <="),
+                                                ("--runs", "10000000000", "10,000,000"),
+                                                ("--time-limit", "-1", "positive number of seconds")])
+def test_huge_counts_are_refused_naming_the_bound(flag, value, bound, files, capsys):
+    short = [] if flag == "--runs" else ["--runs", "5", "--warmup", "0"]
+    code, out, err = _run(capsys, "--model", files["onnx"], flag, value, *short, "--quiet")
+    line = _single_error(code, err)
+    assert bound in line and flag in line and out == ""
+    assert "thread" not in line.replace("--threads", "") and "MemoryError" not in line
+
+
+def test_time_limit_from_the_environment(monkeypatch, files, capsys):
+    monkeypatch.setenv("COMPRESSOR_BENCH_TIME_LIMIT", "soon")
+    line = _single_error(*_run(capsys, "--model", files["tflite"], *FAST)[::2])
+    assert "COMPRESSOR_BENCH_TIME_LIMIT" in line
+    monkeypatch.setenv("COMPRESSOR_BENCH_TIME_LIMIT", "30")
+    assert _run(capsys, "--model", files["tflite"], *FAST)[0] == 0
+
+
+def _segfault():
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def _slow_call(path, rest: bool):
+    from exporters.watchdog import beat, idle
+
+    beat(path)
+    if rest:
+        idle()  # out of the runtime: hashing, gzip
+    time.sleep(1.5)
+    return "done"
+
+
+def test_the_limit_counts_runtime_calls_only(tmp_path):
+    from compressor.core.errors import CompressorError
+    from exporters.watchdog import run_watched
+
+    path = tmp_path / "slow.onnx"
+    assert run_watched(_slow_call, (path, True), [path], limit=0.5) == "done"
+    with pytest.raises(CompressorError, match=r"slow.onnx: one runtime call ran for more than 0.5 s"):
+        run_watched(_slow_call, (path, False), [path], limit=0.5)
+
+
+def test_a_runtime_crash_in_the_child_is_one_line(tmp_path):
+    from compressor.core.errors import CompressorError
+    from exporters.watchdog import run_watched
+
+    with pytest.raises(CompressorError, match=r"the runtime crashed \(signal 11\)"):
+        run_watched(_segfault, (), [tmp_path / "x.onnx"], limit=30)
 
 
 # ---- scripts/benchmark.py: model builders and the tfmot peer, not the whole suite -----------------

@@ -122,3 +122,13 @@ def test_unknown_extension(tmp):
     path.write_bytes(b"x")
     with pytest.raises(CompressorError, match="unknown file type"):
         inspect_file(path)
+
+
+def test_onnx_loop_that_runs_2_to_the_62_times_is_refused(tmp):
+    """Checked before the runtime opens it; the same Loop with a computed count is left to bench's time limit."""
+    from tests.test_bench_cli import loop_model
+
+    with pytest.raises(CompressorError, match=r"Loop 'forever' runs 4,611,686,018,427,387,904 times"):
+        inspect_file(loop_model(tmp / "forever.onnx"))
+    assert inspect_file(loop_model(tmp / "short.onnx", trips=1000))["tensors"] is not None
+    assert inspect_file(loop_model(tmp / "computed.onnx", constant=False))["tensors"] is not None

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -55,22 +57,71 @@ def batch_input(input_shape: tuple[int, ...], batch: int, x: np.ndarray | None) 
     return np.random.default_rng(RANDOM_SEED).random((batch, *input_shape), dtype=np.float32)
 
 
+MAX_THREADS = 256  # onnxruntime and LiteRT start one OS thread each: 100,000 fails in the runtime
+MAX_COUNT = 10_000_000  # --runs / --warmup: timings are kept in memory, and 10^7 calls is hours on any model
+TIME_LIMIT_S = 60.0  # one runtime call (opening the file or one inference) before the file is stopped
+_TIME_LIMIT_ENV = "COMPRESSOR_BENCH_TIME_LIMIT"
+INPUT_MEMORY_SHARE = 8  # the timed input may take at most 1/8 of the free memory (activations need the rest)
+
+
 def _validate(args) -> None:
     for name, low in (("runs", 1), ("warmup", 0), ("block", 1), ("threads", 1), ("batch", 1)):
         value = getattr(args, name)
         if value < low:
             raise CompressorError(f"--{name} {value} is invalid; pass --{name} >= {low}")
+    if args.threads > MAX_THREADS:
+        raise CompressorError(f"--threads {args.threads} is more than {MAX_THREADS}; pass --threads between 1 and "
+                              f"{MAX_THREADS} (this machine has {os.cpu_count()} cores)")
+    for name in ("runs", "warmup"):
+        if getattr(args, name) > MAX_COUNT:
+            raise CompressorError(f"--{name} {getattr(args, name)} is more than {MAX_COUNT:,}; pass a smaller --{name}")
+
+
+def time_limit(args) -> float:
+    """Seconds one runtime call may take: --time-limit, else COMPRESSOR_BENCH_TIME_LIMIT, else 60."""
+    value, source = getattr(args, "time_limit", None), "--time-limit"
+    if value is None:
+        raw = os.environ.get(_TIME_LIMIT_ENV, "").strip()
+        if not raw:
+            return TIME_LIMIT_S
+        value, source = raw, _TIME_LIMIT_ENV
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise CompressorError(f"{source} {value!r} is not a positive number of seconds; pass e.g. 60")
+    return seconds
+
+
+def check_batch_memory(batch: int, input_shape: tuple[int, ...], path: Path) -> None:
+    """Refuse a batch whose input alone would not fit, before anything is allocated."""
+    per_sample = 4 * max(1, int(np.prod(input_shape, dtype=np.float64)))
+    budget = _free_memory() // INPUT_MEMORY_SHARE
+    if batch * per_sample > budget:
+        gib = batch * per_sample / 2**30
+        raise CompressorError(f"--batch {batch} needs {gib:,.1f} GiB for the input of '{path.name}' alone "
+                              f"({'x'.join(map(str, input_shape))} float32 a sample), more than 1/{INPUT_MEMORY_SHARE}"
+                              f" of the free memory; pass --batch <= {max(1, budget // per_sample):,}")
+
+
+def _free_memory() -> int:
+    """Available physical memory in bytes (1 GiB x the share when the system does not say)."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return INPUT_MEMORY_SHARE << 30
 
 
 def bench_command(args, reporter) -> str:
-    """Run the benchmark described by the parsed `compressor bench` arguments; returns the text to print."""
-    from exporters.benchmark import correctness, machine_info
-    from exporters.runtimes import open_runner_safely
-    from exporters.files import gzip_size
-    from exporters.latency import measure_interleaved
-    from exporters.stats import accuracy_interval, latency_summary, mcnemar, ratio_summary, throughput
+    """Run the benchmark described by the parsed `compressor bench` arguments; returns the text to print.
+
+    The runtimes run in a watched child process (exporters.watchdog): a file that loops for ever
+    is stopped after the time limit, and SIGTERM ends the command at once."""
+    from exporters.watchdog import run_watched
 
     _validate(args)
+    limit = time_limit(args)
     paths = [check_file(args.model)]
     if args.compare:
         paths.append(check_file(args.compare, "--compare"))
@@ -82,11 +133,26 @@ def bench_command(args, reporter) -> str:
         if not isinstance(dataset, Dataset):
             raise CompressorError(f"`compressor bench --data` takes labelled arrays (.npz, {', '.join(('mnist5k', 'digits'))} "
                                   "or a function returning arrays); streamed data is read by `compressor run`")
+    result = run_watched(measure, (args, paths, dataset, reporter), paths, limit, debug=getattr(args, "debug", False))
+    return json.dumps(result, indent=2) if args.json else render_table(result)
+
+
+def measure(args, paths: list[Path], dataset, reporter) -> dict:
+    """Open, score and time every file (in the watched child); the JSON result."""
+    from exporters.benchmark import correctness, machine_info
+    from exporters.files import gzip_size
+    from exporters.latency import measure_interleaved
+    from exporters.runtimes import open_runner_safely
+    from exporters.stats import accuracy_interval, latency_summary, mcnemar, ratio_summary, throughput
+    from exporters.watchdog import beat, idle
 
     files, runners, correct = [], {}, []
     for i, path in enumerate(paths):
+        beat(path)
         runner, resolver, note = open_runner_safely(path, args.threads)
+        idle()  # gzip of a large file is not a runtime call
         shape = runner.input_shape
+        check_batch_memory(args.batch, shape, path)
         entry = {"file": str(path), "runtime": runner.runtime, "resolver": resolver, "input_shape": list(shape),
                  "size_bytes": path.stat().st_size, "gzip_bytes": gzip_size(path), "notes": [note] if note else []}
         x = None
@@ -102,6 +168,7 @@ def bench_command(args, reporter) -> str:
         runners[f"{i}:{path}"] = (runner, batch_input(shape, args.batch, x))
 
     times = _time(runners, args, reporter, measure_interleaved)
+    idle()
     for entry, samples in zip(files, times):
         entry["latency_ms"] = {**latency_summary(samples), "warmup": args.warmup}
         entry["throughput_per_s"] = throughput(samples, args.batch)
@@ -116,7 +183,7 @@ def bench_command(args, reporter) -> str:
         ratio = ratio_summary(times[0], times[1])
         result["compare"] = {"latency_ratio": ratio, "speedup_of_model": 1.0 / ratio["median"],
                              "mcnemar": mcnemar(correct[0], correct[1]) if len(correct) == 2 else None}
-    return json.dumps(result, indent=2) if args.json else render_table(result)
+    return result
 
 
 def _time(runners: dict, args, reporter, measure) -> list[np.ndarray]:

@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="back-to-back calls per file per turn, the first untimed (1: cold-cache figure)")
     bench.add_argument("--compare", help="a second file, run interleaved with the first (A B A B …)")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bench.add_argument("--time-limit", type=float, metavar="SECONDS",
+                       help="stop a file when one runtime call runs longer (default 60, or COMPRESSOR_BENCH_TIME_LIMIT)")
     _common(bench)
 
     inspect = sub.add_parser("inspect", help="per-tensor sparsity and storage as stored in a file")
@@ -256,8 +258,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt as exc:
         what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
-        print(f"error: {what}; no partial artifact was kept under its final name and a previous result in "
-              f"--out is untouched{_resume_hint(args)}", file=sys.stderr)
+        if args.command in ("bench", "inspect"):  # nothing written: nothing to reassure about
+            print(f"error: {what}", file=sys.stderr)
+        else:
+            print(f"error: {what}; no partial artifact was kept under its final name and a previous result in "
+                  f"--out is untouched{_resume_hint(args)}", file=sys.stderr)
         return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
     except Exception as exc:  # an unexpected failure still gets one line, the traceback with --debug
         if args.debug:
