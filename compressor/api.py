@@ -60,7 +60,10 @@ def compress(model, data, out, recipe=None, *, force: bool = False, quiet: bool 
     _start_strategy(recipe)
     dataset = _as_data(data, recipe)
     _check_out(out, force)
-    return _run_into(out, force, (), lambda: (model, getattr(model, "name", "model"), []), dataset, recipe,
+    from compressor.load.flatten import flatten_nested  # a model object is flattened as a file's is
+
+    flat, notes = flatten_nested(model)
+    return _run_into(out, force, (), lambda: (flat, getattr(model, "name", "model"), notes), dataset, recipe,
                      reporter or Reporter(quiet))
 
 

@@ -144,9 +144,6 @@ def load_keras3(path: str, kind: str, config: dict | None = None) -> tuple["kera
             f"cannot import Keras 3 model '{clip(path)}' into tf-keras: {_first_line(exc)}; "
             "save the model with tf-keras instead"
         ) from None
-    if importer.nested:
-        notes.append(f"nested model{'s' * (len(importer.nested) > 1)} {', '.join(importer.nested)} "
-                     "imported as tf-keras sub-models")
     version = getattr(keras3, "__version__", "3")
     notes.insert(
         0,
@@ -243,7 +240,6 @@ class _Importer:
     def __init__(self, notes: list[str]):
         self.notes = notes
         self.n_layers = 0
-        self.nested: list[str] = []
 
     # ----------------------------------------------------------------- graph
     def rebuild(self, k3_model) -> "keras.Model":
@@ -364,7 +360,6 @@ class _Importer:
         if class_name in _MODEL_CLASSES:
             if k3_layer is None:
                 raise CompressorError(f"nested Keras 3 model '{clip(name, 40)}' not found; re-save the model")
-            self.nested.append(f"'{name}' ({class_name})")
             return self.rebuild(k3_layer)
         self.n_layers += 1
         return self._layer_from_config(name, class_name, lcfg)

@@ -22,6 +22,7 @@ from compressor.layers import keras3_layers  # noqa: F401
 from compressor.layers import handler_for, supported_class_names
 from compressor.load.bounds import (MAX_CONFIG_BYTES, check_archive, check_folder, check_h5, clip, parse_config,
                                     read_member, too_big)
+from compressor.load.flatten import flatten_nested
 from compressor.load.safety import STRICT, LoadPolicy, check_config, check_savedmodel
 
 FORMAT_TFK_KERAS = "tf-keras .keras"
@@ -78,7 +79,8 @@ def load_model(path: str | Path, policy: LoadPolicy = STRICT) -> LoadedModel:
                 "pass a .keras or .h5 file or a SavedModel directory"
             )
     _check_is_model(model, source)
-    warnings = list(notes) + unsupported_notes(model)
+    model, flat_notes = flatten_nested(model)  # so the stages see the layers of nested models
+    warnings = list(notes) + flat_notes + unsupported_notes(model)
     return LoadedModel(model=model, source=source, format=fmt, warnings=warnings)
 
 
