@@ -151,9 +151,7 @@ def test_mobilenetv2_backbone_in_sequential_is_pruned_inside(tmp_path):
     backbone = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(32, 32, 3), alpha=0.35)
     model = keras.Sequential([backbone, L.GlobalAveragePooling2D(), L.Dense(10, activation="softmax")])
     x_train, y_train, x_test, y_test = _digit_images()
-    model.compile("adam", "sparse_categorical_crossentropy", ["accuracy"])
-    model.fit(x_train, y_train, epochs=1, batch_size=64, verbose=0)
-    model.save(tmp_path / "mnv2.keras")
+    model.save(tmp_path / "mnv2.keras")  # untrained: mean_abs still finds idle units, and no fit to wait for
     np.savez(tmp_path / "d.npz", x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
     recipe = parse_recipe({
         "targets": ["onnxruntime"], "max_accuracy_drop": 1.0, "bench": {"runs": 200, "warmup": 5, "batch": [1]},
