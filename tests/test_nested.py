@@ -168,3 +168,17 @@ def test_mobilenetv2_backbone_in_sequential_is_pruned_inside(tmp_path):
 
     nodes = [n.name for n in onnx.load(str(tmp_path / "out" / "pruned.onnx")).graph.node]
     assert any(f"{prefix}Conv1" in n for n in nodes), nodes[:5]
+
+
+def test_model_object_given_to_compress_is_flattened_too(tmp_path, digits):
+    """The Python API takes a model object without load_model: it is flattened the same way."""
+    keras.utils.set_random_seed(0)
+    body = keras.Sequential([keras.Input((64,)), L.Dense(64, activation="relu", name="hidden")], name="body")
+    model = keras.Sequential([keras.Input((64,)), body, L.Dense(10, activation="softmax", name="classifier")])
+    recipe = parse_recipe({
+        "targets": ["onnxruntime"], "max_accuracy_drop": 1.0, "bench": {"runs": 200, "warmup": 5, "batch": [1]},
+        "stages": [{"name": "activation", "criterion": "mean_abs", "threshold": 0.3, "epochs": 0}]})
+    report = compress(model, digits, tmp_path / "out", recipe, quiet=True)
+    assert any(n.startswith("flattened nested model 'body'") for n in report["model"]["load_notes"])
+    assert report["stages"][0]["details"]["layers"]["body.hidden"]["removed"] > 0
+    assert isinstance(model.layers[0], keras.Model)  # the caller's model is left as it was
