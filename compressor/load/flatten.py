@@ -14,6 +14,7 @@ import numpy as np
 
 from compressor.core._tf import keras, tf
 from compressor.core.errors import CompressorError
+from compressor.load.bounds import clip
 
 #: Joins the names along a nested path: `mobilenetv2_1.00_32.Conv1`.
 SEP = "."
@@ -41,7 +42,9 @@ def flatten_nested(model) -> tuple["keras.Model", list[str]]:
     nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
     if not nested:
         return model, []
-    listed = f"nested model{'s' * (len(nested) > 1)} " + ", ".join(f"'{m.name}' ({type(m).__name__})" for m in nested)
+    names = ", ".join(f"'{clip(m.name)}' ({type(m).__name__})" for m in nested[:4])
+    listed = f"nested model{'s' * (len(nested) > 1)} {names}"
+    listed += ", ..." if len(nested) > 4 else ""
     flattener = _Flattener()
     try:
         flat = flattener.flatten(model)
@@ -52,7 +55,7 @@ def flatten_nested(model) -> tuple["keras.Model", list[str]]:
     if not diff <= _TOLERANCE:
         return model, [(f"{listed} left as sub-models: flattening changed the outputs (max relative diff "
                         f"{diff:.2e}); the pruning stages cannot prune inside them")]
-    example = f" (e.g. '{flattener.inner[0]}')" if flattener.inner else ""
+    example = f" (e.g. '{clip(flattener.inner[0])}')" if flattener.inner else ""
     return flat, [(f"flattened {listed} into one graph: {len(flattener.inner)} layers named by nested path"
                    f"{example}; outputs match (max relative diff {diff:.1e})")]
 
@@ -68,7 +71,7 @@ class _Flattener:
 
     def flatten(self, model) -> "keras.Model":
         if not model.inputs:
-            raise CompressorError(f"model '{model.name}' was never built on an input shape")
+            raise CompressorError(f"model '{clip(model.name)}' was never built on an input shape")
         inputs = [keras.Input(batch_shape=tuple(t.shape), dtype=t.dtype, name=_input_name(t, i))
                   for i, t in enumerate(model.inputs)]
         self.names.update(t.name.split(":")[0] for t in inputs)
@@ -88,7 +91,7 @@ class _Flattener:
                 x = self.call(layer, (x,), {}, prefix, training)
             return tf.nest.flatten(x)
         if not getattr(model, "_is_graph_network", False):
-            raise CompressorError(f"'{model.name}' is a subclassed model whose graph cannot be read")
+            raise CompressorError(f"'{clip(model.name)}' is a subclassed model whose graph cannot be read")
         tensors = {str(id(ref)): _Repeat(new) for ref, new in zip(model.inputs, inputs)}
         for depth in sorted(model._nodes_by_depth, reverse=True):  # noqa: SLF001 - the graph's only map
             for node in model._nodes_by_depth[depth]:  # noqa: SLF001
@@ -127,7 +130,7 @@ class _Flattener:
         try:
             copy = type(layer).from_config(config)
         except Exception as exc:  # noqa: BLE001 - any class whose config does not round-trip
-            raise CompressorError(f"layer '{name}' ({type(layer).__name__}) cannot be copied: "
+            raise CompressorError(f"layer '{clip(name)}' ({type(layer).__name__}) cannot be copied: "
                                   f"{str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}") from None
         self.copies[id(layer)] = copy
         if prefix:
