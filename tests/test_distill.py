@@ -130,3 +130,26 @@ def test_recipe_checks_the_distill_fields(block, fragment):
     assert fragment in message and "\n" not in message
     recipe = parse_recipe({"distill": {"alpha": 0.2, "temperature": 2}})
     assert (recipe.distill.enabled, recipe.distill.alpha, recipe.distill.temperature) == (True, 0.2, 2.0)
+
+
+def test_two_output_fit_distills_the_class_head_only():
+    """alpha = 1: the class head learns only from the teacher, the regression head still from its labels."""
+    def two_heads(seed):
+        keras.utils.set_random_seed(seed)
+        inp = keras.layers.Input((6,))
+        h = keras.layers.Dense(8, activation="relu", name="h")(inp)
+        return keras.Model(inp, [keras.layers.Dense(3, name="cls")(h), keras.layers.Dense(1, name="reg")(h)])
+    base = _data()
+    target = base.x_train[:, :1] * 2.0
+    data = Dataset("two", base.x_train, [base.y_train, target], base.x_test, [base.y_test, target[:16]], base.x_calib)
+    task = Task(["cls", "reg"], ["sparse_categorical_crossentropy", "mse"], ["accuracy", "mae"], 0, "higher", 0.01,
+                [3, 1], ["", ""])
+    teacher, student = two_heads(7), two_heads(1)
+    mse = lambda m: float(np.mean((m.predict(base.x_train, verbose=0)[1] - target) ** 2))  # noqa: E731
+    before = mse(student)
+    fit(student, data, epochs=10, batch_size=16, learning_rate=3e-2, task=task, teacher=teacher,
+        distill_cfg=Distill(alpha=1.0, temperature=1.0))
+    assert mse(student) < 0.5 * before
+    kl = distill.kl_term(teacher.predict(base.x_train, verbose=0)[0], student.predict(base.x_train, verbose=0)[0],
+                         1.0, probability=False)
+    assert float(kl) < 0.05
