@@ -49,7 +49,7 @@ def test_train_step_loss_is_the_blend_of_task_loss_and_kl():
     """One SGD-free step's reported loss: (1 - alpha) * crossentropy + alpha * T^2 * KL, by hand."""
     student, teacher = _mlp(1), _mlp(2)
     x, y = _data().x_train[:8], _data().y_train[:8]
-    outputs = distill.plan(student, None)
+    outputs = distill.plan(student, None, probability=False)
     student.compile(optimizer=keras.optimizers.SGD(0.0), loss=keras.losses.SparseCategoricalCrossentropy(True),
                     loss_weights=distill.loss_weights(outputs, 0.3))
     s_logits, t_logits = student(x).numpy(), teacher(x).numpy()

@@ -35,12 +35,12 @@ def kl_term(teacher_out, student_out, temperature: float, probability: bool):
     return temperature * temperature * tf.reduce_mean(kl)
 
 
-def plan(model, task) -> list[tuple[bool, bool]]:
-    """Per output: (distilled, output is a probability). Without a task: one top-1 classification output."""
+def plan(model, task, probability: bool = False) -> list[tuple[bool, bool]]:
+    """Per output: (distilled, output is a probability). Without a task: top-1 classification, the output
+    a probability when `probability` (training.output_is_probability)."""
     outputs = model.outputs if getattr(model, "outputs", None) else [None]
     if task is None:
-        from compressor.train.training import output_is_probability  # training imports this module
-        return [(True, output_is_probability(model))] * len(outputs)
+        return [(True, probability)] * len(outputs)
     result = []
     for i, name in enumerate(task.losses):
         width = outputs[i].shape[-1] if i < len(outputs) and outputs[i] is not None else None

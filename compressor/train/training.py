@@ -171,7 +171,7 @@ def _distillation(student: keras.Model, teacher, cfg, task):
     strategy the teacher is copied into its scope like the student, so every replica reads its weights."""
     if not distill.active(student, teacher, cfg):
         return None
-    outputs = distill.plan(student, task)
+    outputs = distill.plan(student, task, output_is_probability(student))
     if not any(distilled for distilled, _ in outputs):
         return None
     if distribute.strategy() is not None and not distribute.built_in_scope(teacher):
