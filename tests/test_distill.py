@@ -76,12 +76,12 @@ def test_alpha_zero_trains_exactly_like_plain_fit():
     fit(plain, data, epochs=2, batch_size=16, learning_rate=1e-2)
     keras.utils.set_random_seed(0)
     fit(taught, data, epochs=2, batch_size=16, learning_rate=1e-2, teacher=teacher,
-        distill_cfg=Distill(alpha=0.0))
+        distill_cfg=Distill(enabled=True, alpha=0.0))
     for a, b in zip(plain.get_weights(), taught.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     keras.utils.set_random_seed(0)
     other = _mlp(1)
-    fit(other, data, epochs=2, batch_size=16, learning_rate=1e-2, teacher=teacher, distill_cfg=Distill(alpha=0.9))
+    fit(other, data, epochs=2, batch_size=16, learning_rate=1e-2, teacher=teacher, distill_cfg=Distill(enabled=True, alpha=0.9))
     assert not np.allclose(other.get_weights()[0], plain.get_weights()[0])  # the path really distills
     assert "train_step" not in vars(taught)  # the student's own train_step is back
 
@@ -92,7 +92,7 @@ def test_zeros_stay_zero_under_distillation():
     kernel = student.get_layer("h").kernel
     mask = np.random.default_rng(0).random(kernel.shape) < 0.5
     kernel.assign(kernel.numpy() * ~mask)
-    fit(student, data, epochs=2, batch_size=16, learning_rate=1e-2, teacher=teacher, distill_cfg=Distill(alpha=0.8))
+    fit(student, data, epochs=2, batch_size=16, learning_rate=1e-2, teacher=teacher, distill_cfg=Distill(enabled=True, alpha=0.8))
     assert np.all(student.get_layer("h").kernel.numpy()[mask] == 0)
     assert np.count_nonzero(student.get_layer("h").kernel.numpy()[~mask]) == int((~mask).sum())
 
@@ -113,9 +113,9 @@ def test_regression_output_keeps_its_task_loss():
 
 def test_teacher_that_is_the_student_is_not_used():
     model = _mlp(1)
-    assert not distill.active(model, model, Distill())
+    assert not distill.active(model, model, Distill(enabled=True))
     assert not distill.active(model, _mlp(2), Distill(enabled=False))
-    assert distill.active(model, clone_with_weights(model), Distill())
+    assert distill.active(model, clone_with_weights(model), Distill(enabled=True))
 
 
 @pytest.mark.parametrize("block, fragment", [
@@ -129,7 +129,8 @@ def test_recipe_checks_the_distill_fields(block, fragment):
     message = str(err.value)
     assert fragment in message and "\n" not in message
     recipe = parse_recipe({"distill": {"alpha": 0.2, "temperature": 2}})
-    assert (recipe.distill.enabled, recipe.distill.alpha, recipe.distill.temperature) == (True, 0.2, 2.0)
+    assert (recipe.distill.enabled, recipe.distill.alpha, recipe.distill.temperature) == (False, 0.2, 2.0)
+    assert parse_recipe({"distill": {"enabled": True}}).distill.enabled
 
 
 def test_two_output_fit_distills_the_class_head_only():
@@ -148,7 +149,7 @@ def test_two_output_fit_distills_the_class_head_only():
     mse = lambda m: float(np.mean((m.predict(base.x_train, verbose=0)[1] - target) ** 2))  # noqa: E731
     before = mse(student)
     fit(student, data, epochs=10, batch_size=16, learning_rate=3e-2, task=task, teacher=teacher,
-        distill_cfg=Distill(alpha=1.0, temperature=1.0))
+        distill_cfg=Distill(enabled=True, alpha=1.0, temperature=1.0))
     assert mse(student) < 0.5 * before
     kl = distill.kl_term(teacher.predict(base.x_train, verbose=0)[0], student.predict(base.x_train, verbose=0)[0],
                          1.0, probability=False)
