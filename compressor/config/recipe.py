@@ -254,8 +254,7 @@ class Distill(_Strict):
     """Distillation: every fine-tune also learns the dense model's softened outputs (classification outputs)."""
 
     enabled: bool = Field(False, description=(
-        "teach every stage's and search point's fine-tune with the dense model (off: on the demo it kept "
-        "fewer units idle and shipped a slower, less accurate model; docs/BENCHMARKS.md)"))
+        "teach every stage's and search point's fine-tune with the dense model (off: measured worse on the demo)"))
     alpha: float = Field(0.5, ge=0.0, le=1.0, description=(
         "weight of the KL term: loss = (1 - alpha) * task loss + alpha * T^2 * KL (regression outputs: task loss)"))
     temperature: float = Field(4.0, gt=0.0, le=100.0, description="softening temperature T of teacher and student")
