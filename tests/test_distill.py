@@ -81,7 +81,8 @@ def test_alpha_zero_trains_exactly_like_plain_fit():
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     keras.utils.set_random_seed(0)
     other = _mlp(1)
-    fit(other, data, epochs=2, batch_size=16, learning_rate=1e-2, teacher=teacher, distill_cfg=Distill(enabled=True, alpha=0.9))
+    fit(other, data, epochs=2, batch_size=16, learning_rate=1e-2, teacher=teacher,
+        distill_cfg=Distill(enabled=True, alpha=0.9))
     assert not np.allclose(other.get_weights()[0], plain.get_weights()[0])  # the path really distills
     assert "train_step" not in vars(taught)  # the student's own train_step is back
 
@@ -92,7 +93,8 @@ def test_zeros_stay_zero_under_distillation():
     kernel = student.get_layer("h").kernel
     mask = np.random.default_rng(0).random(kernel.shape) < 0.5
     kernel.assign(kernel.numpy() * ~mask)
-    fit(student, data, epochs=2, batch_size=16, learning_rate=1e-2, teacher=teacher, distill_cfg=Distill(enabled=True, alpha=0.8))
+    fit(student, data, epochs=2, batch_size=16, learning_rate=1e-2, teacher=teacher,
+        distill_cfg=Distill(enabled=True, alpha=0.8))
     assert np.all(student.get_layer("h").kernel.numpy()[mask] == 0)
     assert np.count_nonzero(student.get_layer("h").kernel.numpy()[~mask]) == int((~mask).sum())
 
