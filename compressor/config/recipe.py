@@ -260,6 +260,16 @@ class Distribute(_Strict):
         return self
 
 
+class Distill(_Strict):
+    """Distillation: every fine-tune also learns the dense model's softened outputs (classification outputs)."""
+
+    enabled: bool = Field(False, description=(
+        "teach every stage's and search point's fine-tune with the dense model (off: measured worse on the demo)"))
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description=(
+        "weight of the KL term: loss = (1 - alpha) * task loss + alpha * T^2 * KL (regression outputs: task loss)"))
+    temperature: float = Field(4.0, gt=0.0, le=100.0, description="softening temperature T of teacher and student")
+
+
 class Recipe(_Strict):
     """A whole compression run."""
 
@@ -293,6 +303,7 @@ class Recipe(_Strict):
     bench: BenchSettings = Field(default_factory=BenchSettings)
     distribute: Distribute = Field(default_factory=Distribute, description=(
         "fine-tune under tf.distribute; batch_size is the global batch, split over the replicas"))
+    distill: Distill = Field(default_factory=Distill, description="distillation from the dense model")
 
     @field_validator("targets", mode="before")
     @classmethod
@@ -451,7 +462,7 @@ def example_yaml() -> str:
     from the schema's own defaults and field descriptions, so it cannot drift from what is parsed."""
     recipe = default_recipe()
     lines = ["# compressor recipe: stages run in this order, then the model is exported for every target."]
-    sections = ("bench", "metric", "data", "distribute")
+    sections = ("bench", "metric", "data", "distribute", "distill")
     lines += [_example_line(name, getattr(recipe, name), field.description, "")
               for name, field in Recipe.model_fields.items() if name not in ("stages", *sections)]
     lines.append("stages:")

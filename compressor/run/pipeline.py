@@ -47,7 +47,7 @@ def run_stages(model: keras.Model, recipe: Recipe, data: Dataset, reporter: Repo
     stage is saved to `checkpoint` (compressor.run.checkpoint); `resumed` continues after its last one."""
     task = task or context_task(StageContext(recipe=recipe, data=data))
     ctx = StageContext(recipe=recipe, data=data, epoch_progress=reporter.epoch_callback, log=reporter.step,
-                       baseline_accuracy=baseline_accuracy, task=task, dense_model=model)
+                       baseline_accuracy=baseline_accuracy, task=task, dense_model=model, teacher=model)
     records, current, first = [], model, 0
     if resumed is not None:
         records, current, first = list(resumed.records), resumed.model, resumed.done

@@ -21,6 +21,7 @@ class StageContext:
     log: Callable[[str], None] | None = None  # progress lines of long stages (the search's steps)
     dense_model: object | None = None  # the model before any stage (a speed goal counts from it)
     baseline_accuracy: float | None = None  # dense metric on the budget split (goal-driven stages step back by it)
+    teacher: object | None = None  # the dense model that every fine-tune distills from (compressor.train.distill)
     task: object = None  # compressor.config.task.Task: loss for fine-tuning, metric and budget (None: top-1 accuracy)
 
 

@@ -345,11 +345,12 @@ def remove(model, plan: dict[str, list[int]], merge: dict[str, dict[int, int]] |
 
 
 def finetune(model, ctx, epochs: int, label: str, learning_rate: float | None = None):
-    """Fine-tune with the weight stage's zeros held (training.fit's HoldZeros)."""
+    """Fine-tune with the weight stage's zeros held (training.fit's HoldZeros), distilled from `ctx.teacher`."""
     if epochs > 0:
         progress = ctx.epoch_progress(label, epochs) if ctx.epoch_progress else None
         fit(model, ctx.data, epochs=epochs, batch_size=ctx.recipe.batch_size,
-            learning_rate=learning_rate or ctx.recipe.learning_rate, progress=progress, task=ctx.task, label=label)
+            learning_rate=learning_rate or ctx.recipe.learning_rate, progress=progress, task=ctx.task, label=label,
+            teacher=ctx.teacher, distill_cfg=ctx.recipe.distill)
     return model
 
 

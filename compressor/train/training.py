@@ -6,9 +6,11 @@ survives the later stages.
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
-from compressor.train import distribute
+from compressor.train import distill, distribute
 from compressor.core._tf import keras, tf
 from compressor.core.errors import CompressorError
 from compressor.data.sources import Dataset
@@ -34,13 +36,14 @@ def output_is_probability(model: keras.Model) -> bool:
     return getattr(act, "__name__", "") == "softmax" or type(last).__name__ == "Softmax"
 
 
-def compile_for_training(model: keras.Model, learning_rate: float, task=None) -> keras.Model:
-    """Adam with the task's loss (compressor/config/task.py); without a task, top-1 classification."""
+def compile_for_training(model: keras.Model, learning_rate: float, task=None, loss_weights=None) -> keras.Model:
+    """Adam with the task's loss (compressor/config/task.py); without a task, top-1 classification.
+    `loss_weights` (one per output) scale the task losses (distillation gives the rest to its KL term)."""
     if task is None:
         loss, metrics = keras.losses.SparseCategoricalCrossentropy(from_logits=not output_is_probability(model)), ["accuracy"]
     else:
         loss, metrics = task.keras_losses(), task.compile_metrics()
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=metrics)
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=metrics, loss_weights=loss_weights)
     return model
 
 
@@ -126,21 +129,24 @@ class StopOnNonFinite(keras.callbacks.Callback):
 
 def fit(model: keras.Model, data: Dataset, epochs: int, batch_size: int, learning_rate: float,
         callbacks: list | None = None, hold_zeros: bool = True, progress=None, task=None,
-        label: str | None = None) -> keras.Model:
+        label: str | None = None, teacher: keras.Model | None = None, distill_cfg=None) -> keras.Model:
     """Fine-tune `model` in place on the data's training arrays or stream (`data.fit_args`); existing
     kernel zeros are held when `hold_zeros`. A NaN/Inf loss ends it with an error naming `label`
     (the stage's fine-tune; default: the progress bar's label).
 
     Under a recipe's `distribute:` strategy a copy built in its scope trains (global batch
-    `batch_size` split over the replicas) and its weights are copied back (compressor.train.distribute)."""
+    `batch_size` split over the replicas) and its weights are copied back (compressor.train.distribute).
+    With `teacher` and the recipe's `distill` settings (`distill_cfg`) the loss adds the teacher's softened
+    outputs (compressor.train.distill)."""
     if epochs <= 0:
         return model
     trained = model
     if distribute.strategy() is not None and not distribute.built_in_scope(model):
         with distribute.scope():
             trained = clone_with_weights(model)
+    step = _distillation(trained, teacher, distill_cfg, task)
     with distribute.scope():
-        compile_for_training(trained, learning_rate, task)
+        compile_for_training(trained, learning_rate, task, step[0] if step else None)
     cbs = list(callbacks or [])
     cbs.append(StopOnNonFinite(label or getattr(progress, "label", None) or "fine-tune", epochs))
     if hold_zeros:
@@ -151,13 +157,27 @@ def fit(model: keras.Model, data: Dataset, epochs: int, batch_size: int, learnin
         if hasattr(progress, "samples_per_epoch"):  # progress.py's EpochBar shows samples/s
             progress.samples_per_epoch = data.known_count("train")  # None for a stream of unknown size
         cbs.append(progress)
-    with data.errors():  # a bad record met mid-epoch in a stream: one line, not a TensorFlow trace
+    with data.errors(), (distill.attached(trained, *step[1:]) if step else contextlib.nullcontext()):
         trained.fit(**data.fit_args(batch_size), epochs=epochs, verbose=0, callbacks=cbs)
     if trained is not model:
         model.set_weights(trained.get_weights())
     if not any(isinstance(layer, keras.layers.Wrapper) for layer in model.layers):  # tfmot: after strip_pruning
         recalibrate_batchnorm(model, data, batch_size)
     return model
+
+
+def _distillation(student: keras.Model, teacher, cfg, task):
+    """(loss weights, teacher, per-output plan, alpha, T) when this fine-tune distills, else None. Under a
+    strategy the teacher is copied into its scope like the student, so every replica reads its weights."""
+    if not distill.active(student, teacher, cfg):
+        return None
+    outputs = distill.plan(student, task, output_is_probability(student))
+    if not any(distilled for distilled, _ in outputs):
+        return None
+    if distribute.strategy() is not None and not distribute.built_in_scope(teacher):
+        with distribute.scope():
+            teacher = clone_with_weights(teacher)
+    return distill.loss_weights(outputs, cfg.alpha), teacher, outputs, cfg.alpha, cfg.temperature
 
 
 def recalibrate_batchnorm(model: keras.Model, data, batch_size: int = 32, batches: int = 50) -> None:
