@@ -473,7 +473,7 @@ def _compile_like(new_model, model) -> None:
     )
 
 
-def _cuts(analysis: _Analysis, kept_of, merges_of) -> tuple[dict, dict]:
+def _cuts(analysis: _Analysis, kept_of, merges_of, merge_exact: bool = False) -> tuple[dict, dict]:
     """New configs and weights of every layer the plan changes, from each family's handler."""
     new_configs, new_weights = {}, {}
     warned_inexact = set()
@@ -486,7 +486,7 @@ def _cuts(analysis: _Analysis, kept_of, merges_of) -> tuple[dict, dict]:
                   kept_of(name) if producer else None, analysis.producers.get(name))
         for _removed, _kept, segment in cut.pairs:
             culprit = segment.touched_by or (None if handler.exact_fold else name)
-            if culprit and (segment.space, name) not in warned_inexact:
+            if culprit and not merge_exact and (segment.space, name) not in warned_inexact:
                 warned_inexact.add((segment.space, name))
                 warnings.warn(
                     f"surgery: merging units of '{segment.space}' is approximate at '{name}': "
@@ -534,6 +534,8 @@ def remove_units(
     model,
     plan: dict[str, Iterable[int]],
     merge: dict[str, dict[int, int]] | None = None,
+    *,
+    merge_exact: bool = False,
 ) -> tuple[keras.Model, SurgeryResult]:
     """Return a NEW model without the planned units; the input model is not modified.
 
@@ -547,6 +549,9 @@ def remove_units(
         even if not in `plan`. Exact only when nothing with per-channel parameters (BN,
         DepthwiseConv, SeparableConv's depthwise step) sits between them and the consumer;
         otherwise a SurgeryWarning says it is an approximation.
+    merge_exact: the caller measured the merge relations where the consumer reads the units
+        (after BN, as the structured stages do), where surgery cannot see them: they are exact
+        there, so no 'approximate' warning is given.
 
     Producers that cannot shrink (unsupported consumer, model output, coupled to the input) keep
     their units; they are listed in `result.skipped` and a SurgeryWarning names the blocking
@@ -572,7 +577,7 @@ def remove_units(
         result.units_before[name] = units
         result.units_after[name] = len(kept_of(name))
 
-    new_configs, new_weights = _cuts(analysis, kept_of, merges_of)
+    new_configs, new_weights = _cuts(analysis, kept_of, merges_of, merge_exact)
     new_model = _rebuilt(model, new_configs, new_weights)
     _compile_like(new_model, model)
     return new_model, result

@@ -24,6 +24,11 @@ def handler_for(layer, exact: bool = True) -> Handler | None:
     return next((_BY_TYPE[kind] for kind in type(layer).__mro__ if kind in _BY_TYPE), None)
 
 
+def handler_or_default(layer) -> Handler:
+    """The layer's handler, or the defaults for an unknown type (nothing to observe or route through)."""
+    return handler_for(layer) or Handler()
+
+
 def handler_for_type(kind: type) -> Handler | None:
     return _BY_TYPE.get(kind)
 
@@ -50,5 +55,5 @@ def export_form(model):
     return export_forms.export_model(model, form_of)
 
 
-__all__ = ["HANDLERS", "Blocked", "Cut", "Handler", "export_form", "handler_for", "handler_for_type", "keras3_rebuilder",
+__all__ = ["HANDLERS", "Blocked", "Cut", "Handler", "export_form", "handler_for", "handler_for_type", "handler_or_default", "keras3_rebuilder",
            "register", "supported_class_names"]

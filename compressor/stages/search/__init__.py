@@ -18,9 +18,9 @@ import numpy as np
 from compressor import criteria
 from compressor.stages.search.latency_model import RUNTIMES, LatencyModel, measure_models, probe
 from compressor.config.recipe import SearchStage
-from compressor.stages import scoring
-from compressor.stages.activation import unit_scores
-from compressor.stages.base import StageContext, StageOutcome
+from compressor.graph import surgery
+from compressor.stages import observation, planning, recovery
+from compressor.stages.base import StageContext, StageOutcome, stage
 from compressor.config.task import Task, context_task
 
 MAX_SPEEDUP = 64.0  # without a speed goal the points double until the budget is crossed, at most to this
@@ -34,22 +34,22 @@ def _log(ctx: StageContext, message: str) -> None:
 def _budget(ctx: StageContext, model) -> tuple[Task, float]:
     """The task scoring the budget split (validation, else test) and the baseline the budget is counted from."""
     task = context_task(ctx)
-    return task, ctx.baseline_accuracy if ctx.baseline_accuracy is not None else task.keras(model).value
+    return task, ctx.baseline_metric if ctx.baseline_metric is not None else task.keras(model).value
 
 
 def _importance(model, cfg: SearchStage, ctx: StageContext):
     """Per group (current model's indices): units in removal order and the cumulative importance share.
     Channel groups are scored by the criterion on their activity; attention heads, which are not
     output channels, by how much the loss rises when the head alone is silenced."""
-    needs = criteria.get(cfg.criterion).needs_gradients
-    heads = bool(scoring.head_groups(model))
+    needs = "gradients" in criteria.get(cfg.criterion).needs
+    heads = bool(planning.head_groups(model))
     labelled = ctx.data.labelled_calibration() if needs or heads else None  # labels only when a score uses them
-    base, groups, traces, activity = scoring.observe(model, ctx.data.calibration(), labelled if needs else None,
-                                                     task=ctx.task)
+    base, groups, traces, activity = observation.observe(model, ctx.data.calibration(), labelled if needs else None,
+                                                         task=ctx.task)
     order, share = {}, {}
-    scores = {g.name: np.mean([unit_scores(base, m, activity[m], cfg.criterion) for m in g.members], axis=0)
+    scores = {g.name: np.mean([observation.unit_scores(base, m, activity[m], cfg.criterion) for m in g.members], axis=0)
               for g in groups}
-    scores.update(scoring.head_scores(base, *labelled, task=ctx.task) if heads else {})
+    scores.update(observation.head_scores(base, *labelled, task=ctx.task) if heads else {})
     for name, score in scores.items():
         order[name] = np.argsort(score, kind="stable")
         total = float(score.sum()) or 1.0
@@ -59,7 +59,7 @@ def _importance(model, cfg: SearchStage, ctx: StageContext):
 
 def search_groups(model) -> list:
     """What the search may narrow: channel groups and attention layers (heads)."""
-    return scoring.groups(model, observable=True) + scoring.head_groups(model)
+    return planning.groups(model, observable=True) + planning.head_groups(model)
 
 
 def allocate(lm: LatencyModel, units: dict[str, int], removed: dict[str, int], share: dict[str, np.ndarray],
@@ -117,7 +117,7 @@ def _add(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
 def _shrink(importance, extra: dict[str, int], cfg: SearchStage, ctx: StageContext, label: str):
     """Remove the least important units per group (mean-replaced into the next layer), then fine-tune."""
     base, traces, activity, order, _ = importance
-    base = scoring.copy(base)
+    base = recovery.copy(base)
     plan = {}
     for g, k in extra.items():
         if k <= 0:
@@ -125,10 +125,10 @@ def _shrink(importance, extra: dict[str, int], cfg: SearchStage, ctx: StageConte
         drop = [int(i) for i in order[g][:k]]
         tr = traces.get(g)
         if tr is not None and activity.get(g) is not None:
-            scoring.fold_into_consumers(base, tr, len(order[g]), offset={i: float(activity[g].mean[i]) for i in drop})
+            planning.fold_into_consumers(base, tr, len(order[g]), offset={i: float(activity[g].mean[i]) for i in drop})
         plan[g] = drop
-    pruned, _ = scoring.remove(base, plan)
-    return scoring.finetune(pruned, ctx, cfg.epochs, label)
+    pruned, _ = surgery.remove_units(base, plan)
+    return recovery.finetune(pruned, ctx, cfg.epochs, label)
 
 
 def _speed_targets(cfg: SearchStage, lm: LatencyModel, amount: float) -> tuple[list[float], float | None]:
@@ -189,7 +189,7 @@ def narrowed(model, units: dict[str, int], fraction: float, step: int) -> tuple[
         keep = min(u, max(unit, int(round(u * fraction / unit)) * unit))
         if keep < u:
             removed[g] = u - keep
-    smaller, _ = scoring.remove(scoring.copy(model), {g: list(range(k)) for g, k in removed.items()})
+    smaller, _ = surgery.remove_units(recovery.copy(model), {g: list(range(k)) for g, k in removed.items()})
     return smaller, removed
 
 
@@ -244,7 +244,7 @@ class _Search:
             return None
         label = f"search: fine-tune at {speedup:.2f}x"
         model = _shrink(importance, extra, self.cfg, self.ctx, label)
-        acc, recovery = scoring.recover(model, self.ctx, self.cfg.recover_epochs, self.task, self.floor, label)
+        acc, recovery = recovery.recover(model, self.ctx, self.cfg.recover_epochs, self.task, self.floor, label)
         ok = self.task.within(self.floor, acc)  # the pipeline's own test, same rounding
         predicted = dense_ms / self.lm.predict(total)
         self.reached = predicted >= 0.98 * speedup  # False: widths hit their floor (fixed per-op cost)
@@ -340,9 +340,10 @@ def _correct_to_goal(search: _Search, goal: float | None, cfg: SearchStage, trie
             return
 
 
+@stage(SearchStage)
 def apply(model, cfg: SearchStage, ctx: StageContext, amount: float = 1.0) -> StageOutcome:
     task, floor = _budget(ctx, model)
-    start = scoring.copy(model)
+    start = recovery.copy(model)
     groups = search_groups(start)
     if not groups:
         return StageOutcome(start, {"removed": 0, "frontier": []}, ["search: no prunable Dense/Conv layers"])
