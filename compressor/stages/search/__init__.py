@@ -244,20 +244,20 @@ class _Search:
             return None
         label = f"search: fine-tune at {speedup:.2f}x"
         model = _shrink(importance, extra, self.cfg, self.ctx, label)
-        acc, recovery = recovery.recover(model, self.ctx, self.cfg.recover_epochs, self.task, self.floor, label)
-        ok = self.task.within(self.floor, acc)  # the pipeline's own test, same rounding
+        metric, extra_epochs = recovery.recover(model, self.ctx, self.cfg.recover_epochs, self.task, self.floor, label)
+        ok = self.task.within(self.floor, metric)  # the pipeline's own test, same rounding
         predicted = dense_ms / self.lm.predict(total)
         self.reached = predicted >= 0.98 * speedup  # False: widths hit their floor (fixed per-op cost)
         row = {"goal_speedup": round(speedup, 3), "predicted_speedup": round(predicted, 3), "reached": self.reached,
-               "metric": acc, "accuracy": acc if self.task.is_accuracy else None, "within_budget": ok,
-               "recovery_epochs": recovery,
+               "metric": metric, "accuracy": metric if self.task.is_accuracy else None, "within_budget": ok,
+               "recovery_epochs": extra_epochs,
                "widths": {g: self.units[g] - total.get(g, 0) for g in self.units},
                "predicted_ms": {rt: lm.predict(total) for rt, lm in self.lms.items()}}
         row["visit_speedup"] = self._observe(model, total)
         self.rows.append(row)
         self.models.append(model)
         self.states.append((speedup, model, total))
-        _log(self.ctx, f"search: {speedup:.2f}x predicted -> {self.task.name} {acc:.4f} "
+        _log(self.ctx, f"search: {speedup:.2f}x predicted -> {self.task.name} {metric:.4f} "
                        f"({'within' if ok else 'over'} budget), measured "
                        + ", ".join(f"{rt} {v:.2f}x" for rt, v in row["visit_speedup"].items()))
         self.seen[key] = ok
