@@ -131,8 +131,9 @@ def _comparisons_section(report: dict) -> list[str]:
     if not comps:
         return []
     lines = ["", "## Against the dense baseline", "",
-             "| variant | runtime | batch | threads | speedup p50 | ideal (structural MAC ratio) | of ideal | gzip smaller | "
-             + ("accuracy drop (points)" if accuracy_task else f"{_metric(report)['name']} drop") + " | McNemar p | budget |",
+             "| variant | runtime | batch | threads | speedup p50 | ideal (structural MAC ratio) | of ideal | "
+             "gzip smaller | " + ("accuracy drop (points)" if accuracy_task else f"{_metric(report)['name']} drop")
+             + " | McNemar p | budget |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in comps:
         frac = (c["speedup_p50"] / c["ideal_speedup"]) if c["speedup_p50"] and c["ideal_speedup"] else None

@@ -55,5 +55,5 @@ def export_form(model):
     return export_forms.export_model(model, form_of)
 
 
-__all__ = ["HANDLERS", "Blocked", "Cut", "Handler", "export_form", "handler_for", "handler_for_type", "handler_or_default", "keras3_rebuilder",
-           "register", "supported_class_names"]
+__all__ = ["HANDLERS", "Blocked", "Cut", "Handler", "export_form", "handler_for", "handler_for_type",
+           "handler_or_default", "keras3_rebuilder", "register", "supported_class_names"]

@@ -70,8 +70,8 @@ def undertrained_baseline(task, baseline: float, records: list[dict]) -> list[st
         return []
     return [f"the dense model looks undertrained: this run's fine-tunes raised {task.name} from {baseline:.4f} to "
             f"{best:.4f} (after {stage}), but the budget counts from the dense model, so any {task.name} "
-            f"{'down' if task.direction == 'higher' else 'up'} to {task.limit(baseline):.4f} passes (shipped: {scored[-1][0]:.4f}); "
-            "train the dense model longer, then compress it"]
+            f"{'down' if task.direction == 'higher' else 'up'} to {task.limit(baseline):.4f} passes "
+            f"(shipped: {scored[-1][0]:.4f}); train the dense model longer, then compress it"]
 
 
 def search_results(stage_records: list[dict], files: dict[str, list[str]]) -> dict:
@@ -131,7 +131,8 @@ def _layer_table(dense: keras.Model, pruned: keras.Model) -> list[dict]:
             "layer": layer.name, "type": type(layer).__name__,
             "units_before": int(units if units is not None else k0.shape[-1]),
             "units_after": 0 if after is None else int(handler.units(after) if units is not None else k1.shape[-1]),
-            "sparsity_before": float(np.mean(k0 == 0)), "sparsity_after": float(np.mean(k1 == 0)) if k1 is not None else 1.0,
+            "sparsity_before": float(np.mean(k0 == 0)),
+            "sparsity_after": float(np.mean(k1 == 0)) if k1 is not None else 1.0,
             "params_before": int(k0.size), "params_after": int(k1.size) if k1 is not None else 0,
             **reasons.get(layer.name, {"coupled_with": [], "kept_because": "its width follows its input"}),
         })

@@ -16,6 +16,7 @@ import numpy as np
 
 from compressor import criteria
 from compressor.core._tf import keras, tf
+from compressor.data.protocol import DataSource
 from compressor.graph import surgery
 from compressor.layers import handler_or_default as _handler
 from compressor.stages import planning
@@ -196,7 +197,7 @@ def dead_units(model, producer: str) -> np.ndarray:
 # ------------------------------------------------------------------------------------ scores
 
 
-def labelled_for(criterion: str, data):
+def labelled_for(criterion: str, data: DataSource):
     """Labelled calibration samples when the criterion declares it reads gradients, else None."""
     return data.labelled_calibration() if "gradients" in criteria.get(criterion).needs else None
 

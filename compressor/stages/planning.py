@@ -118,7 +118,8 @@ def layer_details(result, extra: dict[str, dict]) -> dict[str, dict]:
     """Per-producer units before/after from the surgery result, merged with the stage's own notes."""
     out = {}
     for name, info in extra.items():
-        row = {"units_before": int(result.units_before.get(name, 0)), "units_after": int(result.units_after.get(name, 0))}
+        row = {"units_before": int(result.units_before.get(name, 0)),
+               "units_after": int(result.units_after.get(name, 0))}
         row["removed"] = row["units_before"] - row["units_after"]
         row.update(info)
         if name in result.skipped:

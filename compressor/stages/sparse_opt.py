@@ -53,6 +53,20 @@ def relative(values: np.ndarray) -> np.ndarray:
     return values / top if top > 0 else np.zeros_like(values)
 
 
+def _group_score(trained, group, traces, use_groups: bool, use_bn: bool) -> np.ndarray:
+    """Per unit of a group, the mean over its members of the smaller of the relative group norm and
+    the relative BN scale: a unit is idle if either its incoming group or its BN scale is gone."""
+    per_member = []
+    for m in group.members:
+        scores = []
+        if use_groups:
+            scores.append(relative(group_norms(trained.get_layer(m))))
+        bn = traces[m].batch_norm
+        if use_bn and bn:
+            scores.append(relative(np.abs(trained.get_layer(bn).gamma.numpy().astype(np.float64))))
+        per_member.append(np.min(scores, axis=0) if scores else np.ones(group.units))
+    return np.mean(per_member, axis=0)
+
 @stage(SparseOptStage, structured=True)
 def apply(model, cfg: SparseOptStage, ctx: StageContext, amount: float = 1.0) -> StageOutcome:
     with distribute.scope():  # the penalty below is attached to `work`, so `work` itself must train distributed
@@ -76,22 +90,11 @@ def apply(model, cfg: SparseOptStage, ctx: StageContext, amount: float = 1.0) ->
     recovery.finetune(work, ctx, cfg.epochs, f"sparse_opt: {cfg.penalty} training",
                      learning_rate=ctx.recipe.learning_rate * lr_scale)
     trained = clone_with_weights(work)  # drops the penalty: clone_model does not copy add_loss callables
-
     activity = observation.collect(trained, ctx.data.calibration(), [observation.trace(trained, m) for m in producers])
     threshold = cfg.threshold * amount
     plan, extra = {}, {}
     for group in groups:
-        per_member = []
-        for m in group.members:
-            scores = []
-            if use_groups:
-                scores.append(relative(group_norms(trained.get_layer(m))))
-            bn = traces[m].batch_norm
-            if use_bn and bn:
-                scores.append(relative(np.abs(trained.get_layer(bn).gamma.numpy().astype(np.float64))))
-            # a unit is idle if either its incoming group or its BN scale is gone
-            per_member.append(np.min(scores, axis=0) if scores else np.ones(group.units))
-        score = np.mean(per_member, axis=0)
+        score = _group_score(trained, group, traces, use_groups, use_bn)
         drop = planning.below(score, threshold, planning.cap(group.units, cfg.max_fraction, amount))
         drop = planning.rounded(drop, group.units, ctx.recipe.unit_multiple())
         compensated = False
@@ -102,7 +105,8 @@ def apply(model, cfg: SparseOptStage, ctx: StageContext, amount: float = 1.0) ->
         if drop:
             plan[group.name] = drop
         for m in group.members:
-            extra[m] = {"removed_units": list(drop), "scores": planning.summary(score), "near_zero": int(np.sum(score < threshold)),
+            extra[m] = {"removed_units": list(drop), "scores": planning.summary(score),
+                        "near_zero": int(np.sum(score < threshold)),
                         "batch_norm": traces[m].batch_norm, "compensated": compensated,
                         "coupled_with": [o for o in group.members if o != m]}
     pruned, result = surgery.remove_units(trained, plan)

@@ -47,8 +47,8 @@ def _importance(model, cfg: SearchStage, ctx: StageContext):
     base, groups, traces, activity = observation.observe(model, ctx.data.calibration(), labelled if needs else None,
                                                          task=ctx.task)
     order, share = {}, {}
-    scores = {g.name: np.mean([observation.unit_scores(base, m, activity[m], cfg.criterion) for m in g.members], axis=0)
-              for g in groups}
+    scores = {g.name: np.mean([observation.unit_scores(base, m, activity[m], cfg.criterion) for m in g.members],
+                              axis=0) for g in groups}
     scores.update(observation.head_scores(base, *labelled, task=ctx.task) if heads else {})
     for name, score in scores.items():
         order[name] = np.argsort(score, kind="stable")
