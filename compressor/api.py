@@ -69,33 +69,58 @@ def _run_into(out, force: bool, inputs: tuple, get_model, dataset, recipe, repor
     """Build the result in a hidden sibling folder and swap it into `out` only when complete, so a
     failed or interrupted run never costs the previous result (compressor.run.outdir). The stage
     checkpoint (compressor.run.checkpoint) outlives an interrupted run and is removed by a finished one."""
+    from compressor.run import outdir
     from compressor.run.outdir import OutputFolder
-    from compressor.run.pipeline import compress as run_pipeline
 
     model, source, notes = get_model()
     if not distribute.is_chief():
         return _run_as_worker(model, source, notes, dataset, recipe, reporter)
     folder = OutputFolder(out, force, inputs)
-    with folder as work:
-        if checkpoint is not None and not resume and checkpoint.discard():
-            reporter.warn(f"discarded the checkpoint of an interrupted run on '{out}' (start it with --resume "
-                          "to continue such a run instead)")
-        try:
-            report = run_pipeline(model, dataset, recipe, work, source=source, reporter=reporter, load_notes=notes,
-                                  checkpoint=checkpoint, resume=resume)
-        except CompressorError as exc:
-            if not (work / "report.json").is_file():
-                raise
-            folder.commit()  # complete, but a file failed verification: the report says which and why
-            if checkpoint is not None:
-                checkpoint.discard()
-            raise CompressorError(str(exc).replace(str(work), str(out))) from None
-        if finish is not None:
-            finish(work)
-        folder.commit()
+    try:
+        with folder as work:
+            try:
+                report = _build(folder, work, model, source, notes, dataset, recipe, reporter, finish, checkpoint,
+                                resume)
+            except OSError as exc:
+                if not outdir.is_disk_full(exc):
+                    raise
+                where = (checkpoint.folder,) if checkpoint is not None else ()
+                raise outdir.disk_full(exc, Path(out), work, where, _result_bytes(model)) from None
+    except outdir.DiskFull:
+        if checkpoint is not None:  # its models take room too; a rerun starts over
+            checkpoint.discard()
+        raise
+    reporter.step(f"result complete in {out}")
+    return report
+
+
+def _result_bytes(model) -> int:
+    """About what a result and its checkpoint take: float32 weights in ~8 files, plus plots and reports."""
+    return 8 * 4 * int(model.count_params()) + 2**20
+
+
+def _build(folder, work, model, source, notes, dataset, recipe, reporter, finish, checkpoint, resume) -> dict:
+    from compressor.run.pipeline import compress as run_pipeline
+
+    out = folder.out
+    if checkpoint is not None and not resume and checkpoint.discard():
+        reporter.warn(f"discarded the checkpoint of an interrupted run on '{out}' (start it with --resume "
+                      "to continue such a run instead)")
+    try:
+        report = run_pipeline(model, dataset, recipe, work, source=source, reporter=reporter, load_notes=notes,
+                              checkpoint=checkpoint, resume=resume)
+    except CompressorError as exc:
+        if not (work / "report.json").is_file():
+            raise
+        folder.commit()  # complete, but a file failed verification: the report says which and why
         if checkpoint is not None:
             checkpoint.discard()
-    reporter.step(f"result complete in {out}")
+        raise CompressorError(str(exc).replace(str(work), str(out))) from None
+    if finish is not None:
+        finish(work)
+    folder.commit()
+    if checkpoint is not None:
+        checkpoint.discard()
     return report
 
 
@@ -130,8 +155,10 @@ def compress_file(model_path, data, out, recipe=None, *, force: bool = False, re
     """Everything is validated (recipe, data, output folder, model) before any training starts.
     Each finished stage is checkpointed beside `out`; `resume` continues an interrupted run with
     the same inputs (checked by hash) from its last finished stage."""
+    from compressor.data.checks import check_model
     from compressor.data.sources import check_against_model
     from compressor.load.model_io import file_sha256, load_model
+    from compressor.run.checkpoint import checked_folder
     from compressor.load.safety import make_policy
 
     reporter = reporter or Reporter()
@@ -143,14 +170,16 @@ def compress_file(model_path, data, out, recipe=None, *, force: bool = False, re
     dataset = _as_data(data, recipe)
     inputs = (model_path, data_path, recipe_path)
     digest = file_sha256(model_path) if Path(model_path).exists() else None
-    checkpoint = _checkpoint(out, recipe, digest, data, dataset, policy)
+    checkpoint = _checkpoint(out, recipe, (model_path, digest), data, dataset, policy)
     if resume and digest is not None:
         checkpoint.check()  # a wrong or missing checkpoint fails before the model is loaded
+    checked_folder(checkpoint.folder)  # a planted link or a foreign file under its name fails before any work
     _check_out(out, force, inputs)
     loaded = load_model(model_path, policy)
     model = loaded.model
     from compressor.config.task import resolve
 
+    check_model(model)
     check_against_model(dataset, tuple(model.input_shape[1:]), task=resolve(recipe, model))
     notes = list(loaded.warnings)  # includes one line per layer class the stages leave unpruned
     for note in dict.fromkeys(notes):
@@ -163,16 +192,26 @@ def compress_file(model_path, data, out, recipe=None, *, force: bool = False, re
     return report
 
 
-def _checkpoint(out, recipe: Recipe, model_digest, data_spec, dataset, policy):
-    """The run's stage checkpoint, bound to these exact inputs by hash."""
+def _checkpoint(out, recipe: Recipe, model: tuple, data_spec, dataset, policy):
+    """The run's stage checkpoint, bound to these exact inputs by hash; it also names them (absolute
+    paths), so `--resume OUT` alone can continue the run. `model`: (path, SHA-256)."""
+    import os
+
     from compressor import __version__
     from compressor.run.checkpoint import Checkpoint, data_digest, recipe_digest
     from compressor.load.model_io import load_model
 
+    model_path, model_digest = model
     fingerprint = {"tool_version": __version__, "recipe": recipe_digest(recipe), "model": model_digest,
                    "data": data_digest(data_spec, dataset)}
-    fields = {k: json.dumps(v, sort_keys=True) for k, v in recipe.model_dump(mode="json").items()}
-    return Checkpoint(out, fingerprint, lambda path: load_model(path, policy).model, recipe_fields=fields)
+    dumped = recipe.model_dump(mode="json")
+    fields = {k: json.dumps(v, sort_keys=True) for k, v in dumped.items()}
+    spec = None  # a data set object cannot be named again
+    if isinstance(data_spec, (str, Path)):
+        spec = os.path.abspath(data_spec) if Path(data_spec).exists() else str(data_spec)
+    inputs = {"model": os.path.abspath(model_path), "data": spec, "recipe": dumped}
+    return Checkpoint(out, fingerprint, lambda path: load_model(path, policy).model, recipe_fields=fields,
+                      inputs=inputs)
 
 
 def demo(out, recipe=None, *, force: bool = False, reporter: Reporter | None = None) -> dict:

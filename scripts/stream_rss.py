@@ -4,8 +4,9 @@ Generates N 28x28 grayscale PNGs of 10 classes (a bright bar per class over nois
 folder (`<work>/images_N/<class>/<i>.png`) and the same images as TFRecord shards
 (`<work>/records_N/shard-XX.tfrecord`), trains and saves a small conv net on a few of them, then runs
 `python -m compressor.cli run --model ... --data <folder or shards>` in a child process per form
-with a short recipe and reports the child's peak RSS (getrusage of a wrapper process whose only
-child is the run) and wall time. Generated data is kept and reused on the next call.
+with a short recipe and the progress on as a user runs it (no --quiet; stderr to a pipe), and
+reports the child's peak RSS (getrusage of a wrapper process whose only child is the run) and wall
+time. Generated data is kept and reused on the next call.
 
     python scripts/stream_rss.py --work /tmp/rss --sizes 5000,50000
 """
@@ -97,7 +98,7 @@ def model_file(work: Path) -> Path:
 def measure(model: Path, data: Path, recipe: Path, out: Path) -> dict:
     """One `compressor run` in a fresh process: exit code, wall seconds, peak RSS, train/test sizes."""
     command = [sys.executable, "-m", "compressor.cli", "run", "--model", str(model), "--data", str(data),
-               "--recipe", str(recipe), "--out", str(out), "--force", "--quiet"]
+               "--recipe", str(recipe), "--out", str(out), "--force"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, "-c", WRAPPER, *command], env=env, capture_output=True, text=True, check=False)
     row = json.loads(done.stdout.strip().splitlines()[-1])

@@ -52,6 +52,17 @@ def streams_bad_labels():
     return _datasets(x, y + 5), None, _datasets(x, y)
 
 
+def streams_huge_labels():
+    """Float class labels of 1e30: a cast to int64 wraps them to a negative number."""
+    x, y = images(40, seed=3)
+    return _datasets(x, np.full(len(y), 1e30)), None, _datasets(x, y)
+
+
+def streams_empty_calibration():
+    x, y = images(60, seed=3)
+    return {"train": _datasets(x[:40], y[:40]), "test": _datasets(x[40:], y[40:]), "calibration": _datasets(x[:0], y[:0])}
+
+
 def streams_text_labels():
     x, y = images(40, seed=3)
     return _datasets(x, y.astype(str)), None, _datasets(x, y)

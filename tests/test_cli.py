@@ -29,7 +29,10 @@ def test_run_writes_the_contracted_folder(inputs, tmp_path, capsys):
     code = main(["run", "--model", str(model), "--data", str(data), "--recipe", str(recipe), "--out", str(out), "--quiet"])
     assert code == 0, capsys.readouterr().err
     assert EXPECTED_FILES <= {p.name for p in out.iterdir()}
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp leftovers
+    hidden = [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert hidden == [".compressor-files.json"]  # no temp leftovers; the list of what the run wrote
+    listed = set(json.loads((out / ".compressor-files.json").read_text())["files"])
+    assert listed == {p.name for p in out.iterdir()} - {".compressor-files.json"}
     report = json.loads((out / "report.json").read_text())
     for key in ("tool_version", "machine", "model", "recipe", "stages", "results", "verification"):
         assert key in report

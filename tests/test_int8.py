@@ -187,7 +187,7 @@ def test_the_pick_keeps_the_fastest_within_budget():
 
 
 def test_report_md_and_summary_show_the_verdict(capsys):
-    from compressor.cli import _summary
+    from compressor.cli.main import _summary
     from compressor.run.progress import Reporter
 
     line = "pruned-int8.onnx is not faster than pruned.onnx at batch 1"

@@ -163,3 +163,45 @@ def test_a_data_folder_is_fingerprinted_by_its_listing(tmp_path):
     added = data_digest(tmp_path, None)
     os.remove(tmp_path / "a" / "1.png")
     assert len({first, changed, added}) == 3 and data_digest(tmp_path, None) == changed
+
+
+def test_resume_alone_finishes_a_killed_run_with_the_inputs_its_checkpoint_names(inputs, tmp_path, capsys,
+                                                                                monkeypatch):
+    """A user who lost the shell history: `compressor run --resume OUT` and nothing else."""
+    out = tmp_path / "alone"
+    _kill_after_first_stage(inputs, out)
+    saved = json.loads((folder_for(out) / "manifest.json").read_text())["inputs"]
+    assert saved["model"] == str(inputs / "m.keras") and saved["data"] == "digits" and saved["recipe"]["seed"] == 5
+
+    capsys.readouterr()
+    assert main(["run", "--resume", str(out), "--seed", "6"]) == 1  # what is given must match what the run used
+    assert _errors(capsys) == [f"error: cannot resume '{out}': the recipe changed since the interrupted run "
+                               "(fields: seed); pass the same --recipe, --seed, --speedup, --runtime and "
+                               "--keep-frontier as that run, or run without --resume to start over"]
+    assert main(["run", "--resume", str(out), "--data", "mnist5k"]) == 1
+    errors = _errors(capsys)
+    assert len(errors) == 1 and "the data changed since the interrupted run" in errors[0]
+
+    monkeypatch.chdir(tmp_path)  # the checkpoint names its inputs by absolute path
+    assert main(["run", "--resume", str(out), "--quiet"]) == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert [s["name"] for s in report["stages"]] == ["weight", "activation", "cluster"]
+    assert report["verification"] and all(v["ok"] for v in report["verification"])
+    assert report["recipe"]["seed"] == 5 and report["model"]["source"] == str(inputs / "m.keras")
+    assert not folder_for(out).exists() and not list(tmp_path.glob(".alone.*"))
+
+
+def test_run_without_model_or_data_and_without_resume_is_one_error_line(tmp_path, capsys):
+    assert main(["run", "--data", "digits", "--out", str(tmp_path / "o")]) == 1
+    assert _errors(capsys) == ["error: the following arguments are required: --model (or --resume OUT alone to "
+                               "continue an interrupted run)"]
+    assert main(["run", "--resume", str(tmp_path / "o")]) == 1
+    assert "nothing to resume" in _errors(capsys)[0]
+
+
+def test_a_checkpoint_that_does_not_name_its_inputs_asks_for_them(tmp_path, small_mlp, capsys):
+    Checkpoint(tmp_path / "o", {"recipe": "r"}, load_keras=None).save(1, small_mlp, [], None)  # no inputs recorded
+    assert main(["run", "--resume", str(tmp_path / "o")]) == 1
+    assert _errors(capsys) == [f"error: the checkpoint of '{tmp_path / 'o'}' does not name its inputs (an older "
+                               "version wrote it); pass the interrupted run's --model, --data and --recipe with "
+                               "--resume"]

@@ -109,6 +109,7 @@ def _one_line_error(capsys, argv) -> str:
     ("tests.data_source:streams_bad_labels", None, "label 7 is out of range for a model with 3 outputs"),
     ("tests.data_source:streams_nan_late", None, "a training batch contains NaN/inf values; clean or impute"),
     ("tests.data_source:streams_text_labels", None, "the train labels are string tensors; map them to numbers"),
+    ("tests.data_source:streams_huge_labels", None, "a train label is out of range for class labels"),
     ("tests.data_source:streams_wrong_shape", None, r"samples have shape \(10, 12, 1\) but the model expects \(12, 12, 1\)"),
     ("data.tfrecord", {"y": "lbl", "features": {**FEATURES, "lbl": {"dtype": "int64"}}},
      "feature 'lbl' named in the recipe's data.tfrecord is not in the records \\(they hold: image, label\\)"),
@@ -152,3 +153,71 @@ def test_calibration_reads_a_shuffle_buffer_of_the_training_stream_not_all_of_it
     assert calib.shape == (32, SIDE, SIDE, 1)
     assert 32 <= data_source.READ["samples"] <= 64 + 32 + 16  # buffer + batch (+ read-ahead), of 5,000
     assert ds.calibration() is calib  # sampled once per binding
+
+
+def _cli_run(argv: list[str], terminal: bool) -> tuple[int, str]:
+    """`python -m compressor.cli run ...` with the progress on: stderr a file, or a pseudo-terminal
+    (rich then draws live bars). Returns the exit code and everything written to stderr."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+           "COLUMNS": "120"}
+    env.pop("NO_COLOR", None)
+    command = [sys.executable, "-m", "compressor.cli", "run", *argv]
+    if not terminal:
+        done = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, check=False)
+        return done.returncode, done.stderr
+    import pty
+
+    controller, child = pty.openpty()
+    proc = subprocess.Popen(command, env={**env, "TERM": "xterm"}, cwd=root, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=child)
+    os.close(child)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # EIO: the child closed its end
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(controller)
+    return proc.wait(), b"".join(chunks).decode("utf-8", "replace")
+
+
+@pytest.mark.parametrize("kind,terminal", [("image_folder", True), ("tfrecord", False), ("dataset_function", False)])
+def test_streamed_data_runs_with_the_progress_on(inputs, tmp_path, kind, terminal):
+    """The fine-tune's progress bar once read `len(data.x_train)`, which a stream does not have: every
+    streamed run crashed at its first fine-tune unless --quiet (the way the other tests run it)."""
+    folder, *_ = inputs
+    data = {"image_folder": folder / "split", "tfrecord": folder / "data.tfrecord",
+            "dataset_function": "tests.data_source:streams"}[kind]
+    recipe = {"targets": ["tflite"], "max_accuracy_drop": 0.5,
+              "stages": [{"name": "weight", "sparsity": 0.5, "epochs": 1}],
+              "bench": {"runs": 200, "warmup": 1, "batch": [1]},
+              "data": {"tfrecord": {"features": FEATURES}}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    code, err = _cli_run(["--model", str(folder / "m.keras"), "--data", str(data), "--recipe", str(tmp_path / "r.yaml"),
+                          "--out", str(tmp_path / "out")], terminal)
+    assert code == 0, err[-3000:]
+    assert "unexpected" not in err and "epoch 1/1" in err
+    assert (tmp_path / "out" / "report.json").is_file()
+
+
+def test_an_empty_calibration_split_falls_back_to_training_samples_with_a_warning(inputs, tmp_path, capsys):
+    """An empty calibration dataset stopped the int8 export; the training stream stands in, with a warning."""
+    folder, *_ = inputs
+    recipe = yaml.safe_load((folder / "r.yaml").read_text())
+    recipe["targets"] = ["onnxruntime-int8"]
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    code = main(["run", "--model", str(folder / "m.keras"), "--data", "tests.data_source:streams_empty_calibration",
+                 "--recipe", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "warning: data 'tests.data_source:streams_empty_calibration': the calibration split is empty" in err
+    assert (tmp_path / "out" / "pruned-int8.onnx").is_file()

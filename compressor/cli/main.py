@@ -59,12 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     _pipeline_options(demo)
 
     run = sub.add_parser("run", help="compress your own model")
-    run.add_argument("--model", required=True, help="Keras model: .keras, .h5 (tf-keras or Keras 3) or SavedModel dir")
-    run.add_argument("--data", required=True, help=".npz with x_train,y_train,x_test,y_test; a folder of class "
+    run.add_argument("--model", help="Keras model: .keras, .h5 (tf-keras or Keras 3) or SavedModel dir")
+    run.add_argument("--data", help=".npz with x_train,y_train,x_test,y_test; a folder of class "
                      "sub-folders of images; .tfrecord files (feature spec in the recipe's data.tfrecord); "
                      "mnist5k / digits; or pkg.mod:func returning arrays or tf.data.Datasets")
     run.add_argument("--resume", metavar="OUT", help="continue the interrupted run on output folder OUT from its "
-                                                     "last finished stage (pass the run's other arguments again)")
+                                                     "last finished stage, with the model, data and recipe its "
+                                                     "checkpoint names (arguments given must match them)")
     _model_safety(run)
     _pipeline_options(run, out_required=False)
 
@@ -93,10 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _recipe(args):
-    from compressor.config.recipe import load_recipe, with_goal
+def _recipe(args, saved: dict | None = None):
+    """The recipe file (default: built-in) with the command line's overrides; `saved`: the recipe of the
+    run being resumed, the base when no --recipe is given."""
+    from compressor.config.recipe import load_recipe, parse_recipe, with_goal
 
-    recipe = load_recipe(getattr(args, "recipe", None))
+    if saved is not None and not getattr(args, "recipe", None):
+        recipe = parse_recipe(saved)
+    else:
+        recipe = load_recipe(getattr(args, "recipe", None))
     if getattr(args, "seed", None) is not None:
         recipe = recipe.model_copy(update={"seed": args.seed})
     if getattr(args, "keep_frontier", False):
@@ -121,7 +127,18 @@ def cmd_run(args, reporter) -> int:
     if not (args.resume or args.out):
         raise CompressorError("the following arguments are required: --out (or --resume OUT to continue an "
                               "interrupted run)")
-    report = compress_file(args.model, args.data, args.resume or args.out, recipe=_recipe(args), force=args.force,
+    saved = None
+    if args.resume:  # what is not given comes from the checkpoint; what is given is checked against it by hash
+        from compressor.run.checkpoint import saved_inputs
+
+        saved = saved_inputs(args.resume)
+        args.model, args.data = args.model or saved["model"], args.data or saved["data"]
+    missing = [flag for flag, value in (("--model", args.model), ("--data", args.data)) if not value]
+    if missing:
+        raise CompressorError(f"the following arguments are required: {', '.join(missing)} (or --resume OUT alone "
+                              "to continue an interrupted run)")
+    recipe = _recipe(args, saved["recipe"] if saved else None)
+    report = compress_file(args.model, args.data, args.resume or args.out, recipe=recipe, force=args.force,
                            reporter=reporter, trust_model_code=args.trust_model_code,
                            custom_objects=args.custom_objects, resume=bool(args.resume))
     _summary(report, reporter)
@@ -179,9 +196,31 @@ def _resume_hint(args) -> str:
     from compressor.run.checkpoint import folder_for
 
     out = getattr(args, "resume", None) or getattr(args, "out", None)
-    if args.command != "run" or not out or not (folder_for(out) / "manifest.json").is_file():
+    try:
+        if args.command != "run" or not out or not (folder_for(out) / "manifest.json").is_file():
+            return ""
+    except (CompressorError, OSError):
         return ""
-    return f"; its finished stages are kept: continue with `compressor run --resume {out}` and the same arguments"
+    return f"; its finished stages are kept: continue with `compressor run --resume {out}`"
+
+
+_PATH_ARGS = (("model", "--model"), ("data", "--data"), ("out", "--out"), ("resume", "--resume"),
+              ("recipe", "--recipe"), ("file", "FILE"), ("compare", "--compare"))
+
+
+def _check_path_encoding(args) -> None:
+    """A path whose bytes are not UTF-8 cannot be passed to TensorFlow or the runtimes; refused before
+    any work, rather than failing after the training."""
+    for attr, flag in _PATH_ARGS:
+        value = getattr(args, attr, None)
+        if not isinstance(value, str):
+            continue
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = os.fsencode(value).decode("utf-8", "backslashreplace")
+            raise CompressorError(f"{flag} '{shown}' is not valid UTF-8 (TensorFlow and the runtimes cannot open "
+                                  "such paths); rename it, or pass a path whose name is UTF-8") from None
 
 
 COMMANDS = {"demo": cmd_demo, "run": cmd_run, "bench": cmd_bench, "inspect": cmd_inspect, "recipe": cmd_recipe}
@@ -195,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     reporter = Reporter(quiet=args.quiet)
     try:
         with sigterm_as_exception():
+            _check_path_encoding(args)
             return COMMANDS[args.command](args, reporter)
     except CompressorError as exc:
         if args.debug:

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from compressor.data.checks import SPLIT_SEED, check_label_count, check_labels
+from compressor.data.checks import SPLIT_SEED, check_label_count, check_labels, numeric_inputs, numeric_labels
 from compressor.data.checks import class_labels as check_class_labels
 from compressor.core.errors import CompressorError
 
 BUILTIN = ("mnist5k", "digits")
+CALIBRATION_LIMIT = 500  # training samples that stand in for a missing or empty x_calib
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Dataset:
     x_calib: np.ndarray
     x_val: np.ndarray | None = None  # optional: budget decisions use it instead of x_test
     y_val: np.ndarray | None = None
+    notes: list[str] = field(default_factory=list)  # warnings for the user (an empty x_calib replaced, ...)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -80,6 +82,10 @@ class Dataset:
     def steps_per_epoch(self, batch_size: int) -> int:
         return -(-len(self.x_train) // batch_size)
 
+    def known_count(self, split: str) -> int | None:
+        """Samples in a split, as far as known without reading data (arrays: always)."""
+        return len(self._xy(split)[0])
+
     def train_inputs(self, batch_size: int, batches: int):
         """Up to `batches` random training batches, inputs only (BatchNorm re-estimation)."""
         order = np.random.default_rng(0).permutation(len(self.x_train))
@@ -102,7 +108,7 @@ def _rows(y, index):
     return tuple(a[index] for a in y) if isinstance(y, (list, tuple)) else y[index]
 
 
-def _split(name: str, x: np.ndarray, y: np.ndarray, n_test: int, calib: int = 500) -> Dataset:
+def _split(name: str, x: np.ndarray, y: np.ndarray, n_test: int, calib: int = CALIBRATION_LIMIT) -> Dataset:
     """Stratified-enough fixed-seed shuffle split; calibration samples come from the train part."""
     order = np.random.default_rng(SPLIT_SEED).permutation(len(x))
     x, y = x[order], y[order]
@@ -145,13 +151,21 @@ def _from_arrays(name: str, arrays: dict, class_labels: bool = True) -> Dataset:
         raise CompressorError(
             f"data '{name}' lacks {', '.join(missing)}; provide x_train, y_train, x_test, y_test (optional x_calib)"
         )
-    x_train = np.asarray(arrays["x_train"])
-    x_calib = np.asarray(arrays["x_calib"]) if arrays.get("x_calib") is not None else x_train[:500]
-    ds = Dataset(name, x_train.astype(np.float32), labels["train"], np.asarray(arrays["x_test"]).astype(np.float32),
-                 labels["test"], x_calib.astype(np.float32))
-    if arrays.get("x_val") is not None and labels["val"] is not None:
-        ds.x_val = np.asarray(arrays["x_val"]).astype(np.float32)
-        ds.y_val = labels["val"]
+    inputs = {k: numeric_inputs(name, k, arrays[k]) for k in ("x_train", "x_test", "x_calib", "x_val")
+              if arrays.get(k) is not None}
+    for split, y in labels.items():
+        for i, part in enumerate(y if isinstance(y, tuple) else () if y is None else (y,)):
+            numeric_labels(name, f"y_{split}" + (f"_{i}" if isinstance(y, tuple) else ""), part)
+    x_train, notes = inputs["x_train"], []
+    x_calib = inputs.get("x_calib")
+    if x_calib is not None and len(x_calib) == 0:
+        notes.append(f"data '{name}': x_calib is empty; calibrating int8 on the first {CALIBRATION_LIMIT} training "
+                     "samples instead (drop x_calib or fill it to choose them)")
+    if x_calib is None or len(x_calib) == 0:
+        x_calib = x_train[:CALIBRATION_LIMIT]
+    ds = Dataset(name, x_train, labels["train"], inputs["x_test"], labels["test"], x_calib, notes=notes)
+    if "x_val" in inputs and labels["val"] is not None:
+        ds.x_val, ds.y_val = inputs["x_val"], labels["val"]
     _check_consistent(ds, class_labels)
     for split in ("train", "test", "val") if class_labels else ():
         y = getattr(ds, f"y_{split}")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compressor.data.checks import SPLIT_SEED, check_label_count, check_labels
+from compressor.data.checks import LARGEST_CLASS, SPLIT_SEED, check_label_count, check_labels
 from compressor.core.errors import CompressorError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
@@ -59,9 +59,11 @@ class StreamDataset:
     when the model is known (an image folder is decoded at the model's input size).
     """
 
-    def __init__(self, name: str, build, settings, shuffled: bool = False, counts: dict | None = None):
+    def __init__(self, name: str, build, settings, shuffled: bool = False, counts: dict | None = None,
+                 broken_file=None):
         self.name = name
         self._build = build
+        self._broken_file = broken_file  # () -> (path, reason) of the first unreadable file, after a decode error
         self.settings = settings
         self._shuffled = shuffled  # the source shuffles its training stream itself
         self._counts = counts if counts is not None else {}
@@ -70,6 +72,7 @@ class StreamDataset:
         self.task = None
         self._key = None
         self._calib = None
+        self.notes: list[str] = []  # warnings for the user (an empty calibration split replaced)
 
     # ------------------------------------------------------------------ binding and checks
 
@@ -88,7 +91,14 @@ class StreamDataset:
                     seen += len(x)
                 if seen == 0 and split in ("train", "test"):
                     raise CompressorError(f"data '{self.name}': the {split} split is empty; provide at least one sample")
+            if "calibration" in self.splits and self._empty("calibration"):
+                del self.splits["calibration"]
+                self.notes = [f"data '{self.name}': the calibration split is empty; calibrating on "
+                              f"{self.settings.calibration_samples} shuffled training samples instead"]
         self._key = key
+
+    def _empty(self, split: str) -> bool:
+        return next(iter(self.splits[split].take(1)), None) is None
 
     def _check(self, split: str, index: int, x: np.ndarray, y) -> None:
         """One batch: the same checks (and messages) as for arrays."""
@@ -131,6 +141,10 @@ class StreamDataset:
         try:
             yield
         except tf.errors.OpError as exc:
+            found = self._broken_file() if self._broken_file and _about_decoding(exc.message) else None
+            if found:
+                raise CompressorError(f"data '{self.name}': cannot decode image '{found[0]}' ({found[1]}); remove or "
+                                      "re-encode that file") from None
             raise CompressorError(explain(self.name, exc.message)) from None
 
     # ------------------------------------------------------------------ reading
@@ -224,6 +238,16 @@ class StreamDataset:
         self._counts[split] = size
         return size
 
+    def known_count(self, split: str) -> int | None:
+        """Samples in a split when known without reading it (the source's count, a count already taken,
+        tf.data's cardinality), else None: a progress bar then shows batches, not samples."""
+        split = self._split(split)
+        known = self._counts.get(split)
+        if known is not None and not callable(known):
+            return int(known)
+        size = int(self.splits[split].cardinality()) if self.splits and split in self.splits else -1
+        return size if size >= 0 else None
+
     def steps_per_epoch(self, batch_size: int) -> int:
         return max(1, math.ceil(self.count("train") / batch_size))
 
@@ -239,10 +263,39 @@ def explain(name: str, message: str) -> str:
     if missing:
         return (f"data '{name}': a record lacks feature '{missing.group(1)}' named in the recipe's data.tfrecord; "
                 "fix data.tfrecord.features or the records")
-    first = message.strip().splitlines()[0][:200] if message.strip() else "no message"
-    if any(k in message for k in ("decode", "image file format", "PNG", "JPEG")):
+    first = _clean(message)
+    if _about_decoding(message):
         return f"data '{name}': cannot decode an image ({first}); remove or re-encode the broken file"
     return f"data '{name}': reading the data failed ({first}); check the files and the recipe's data section"
+
+
+def _about_decoding(message: str) -> bool:
+    return any(k in message for k in ("decode", "Decode", "image file format", "PNG", "JPEG", "GIF", "BMP"))
+
+
+def _clean(message: str) -> str:
+    """The cause in a TensorFlow runtime message, without its `{{function_node ...}}`, `[[{{node ...}}]]`,
+    `[Op:...]` and iterator-chain wrapping."""
+    text = re.sub(r"\[\[.*?\]\]|\{\{.*?\}\}|\[Op:\w+\]( name: \S*)?", "", message, flags=re.DOTALL)
+    text = re.sub(r"Error in user-defined function passed to .*? transformation with iterator: ", "", text)
+    text = re.sub(r"Iterator(::\w+)+: ?", "", text)
+    return next((line.strip() for line in text.splitlines() if line.strip()), "no message")[:200]
+
+
+def first_broken_image(paths: list[str]):
+    """(path, reason) of the first image that is empty or does not decode, else None. Runs only after
+    a decode error (TensorFlow's message never names the file), so its cost is paid on failure only."""
+    tf = _tf()
+    for path in paths:
+        try:
+            if Path(path).stat().st_size == 0:
+                return path, "an empty file"
+            tf.io.decode_image(tf.io.read_file(path), expand_animations=False)
+        except tf.errors.OpError as exc:
+            return path, _clean(exc.message)
+        except OSError as exc:
+            return path, exc.strerror or type(exc).__name__
+    return None
 
 
 def _batched(shape, input_shape: tuple) -> bool:
@@ -299,6 +352,11 @@ def _normalise(name: str, split: str, ds, input_shape: tuple, task):
             if task.sparse(i) and v.dtype.is_floating:
                 tf.debugging.assert_equal(tf.floor(v), v, message=MARK + f"data '{name}': {split} labels must be "
                                           "integer class labels; convert one-hot labels with argmax")
+            if task.sparse(i) and v.dtype in (tf.float16, tf.float32, tf.float64, tf.uint64, tf.int64):
+                # before the cast: 1e30 or a uint64 near 2**64 wraps to a negative int64 and hid the cause
+                tf.debugging.assert_less_equal(v, tf.constant(LARGEST_CLASS, v.dtype), message=MARK + (
+                    f"data '{name}': a {split} label is out of range for class labels; labels must be class ids "
+                    "0..classes-1 (map ids or hashes to 0..classes-1)"))
             out.append(tf.cast(v, tf.int64 if task.sparse(i) else tf.float32))
         return x, (tuple(out) if len(out) > 1 else out[0])
 
@@ -353,9 +411,12 @@ def image_folder(spec: str, settings) -> StreamDataset:
             raise CompressorError(f"data folder '{spec}': {str(exc).splitlines()[0]}") from exc
         scale = float(settings.rescale)
         counts.update({s: len(ds.file_paths) for s, ds in made.items()})
+        paths[:] = [p for ds in made.values() for p in ds.file_paths]
         return {s: ds.map(lambda x, y: (x * scale, y)) for s, ds in made.items()}
 
-    return StreamDataset(spec, build, settings, shuffled=True, counts=counts)
+    paths: list[str] = []
+    return StreamDataset(spec, build, settings, shuffled=True, counts=counts,
+                         broken_file=lambda: first_broken_image(paths))
 
 
 # ---------------------------------------------------------------------------------- TFRecord files

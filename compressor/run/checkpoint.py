@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Callable
 import numpy as np
 
 from compressor.core.errors import CompressorError
+from compressor.run.outdir import hidden_path, own_folder
 from exporters.files import jsonable, write_text_atomic
 
 MANIFEST = "manifest.json"
@@ -43,10 +45,42 @@ class Resumed:
     points: dict
 
 
+# What a checkpoint folder may hold: its manifest, stage models and their temp files while written.
+_OURS = re.compile(r"manifest\.json|(\.manifest\.json\..+\.partial)"
+                   r"|\.?stage-\d+(-point-\d+)?(\.tmp-[0-9a-f]{8})?\.keras")
+
+
 def folder_for(out: str | Path) -> Path:
-    """The checkpoint folder of output folder `out` (a sibling that outdir's recovery leaves alone)."""
-    final = Path(os.path.abspath(out))
-    return final.parent / f".{final.name}.checkpoint"
+    """The checkpoint folder of output folder `out` (a sibling that outdir's recovery leaves alone;
+    inside `out` when it is written through, compressor.run.outdir)."""
+    return hidden_path(out, "checkpoint")
+
+
+def checked_folder(folder: Path) -> bool:
+    """True if the checkpoint folder exists; a symlink, a file, another user's folder or a folder holding
+    anything but checkpoint files is refused before it is read, written or deleted."""
+    if not own_folder(folder, "compressor's checkpoint folder"):
+        return False
+    foreign = sorted(e.name for e in os.scandir(folder) if not (_OURS.fullmatch(e.name)
+                                                                 and e.is_file(follow_symlinks=False)))
+    if foreign:
+        raise CompressorError(f"'{folder}' holds files compressor did not write ({', '.join(foreign[:3])}); nothing "
+                              "was written or deleted there: move them away, or choose another --out")
+    return True
+
+
+def saved_inputs(out: str | Path) -> dict:
+    """The model, data and recipe an interrupted run on `out` was started with (`--resume OUT` alone)."""
+    body = Checkpoint(out, {}, load_keras=None).manifest()
+    if body is None:
+        raise CompressorError(f"nothing to resume in '{out}': no checkpoint of an interrupted run (it finished, or "
+                              "was stopped before its first stage ended); run without --resume")
+    inputs = body.get("inputs")
+    if not isinstance(inputs, dict) or not all(isinstance(inputs.get(k), t) for k, t in
+                                               (("model", str), ("data", str), ("recipe", dict))):
+        raise CompressorError(f"the checkpoint of '{out}' does not name its inputs (an older version wrote it); "
+                              "pass the interrupted run's --model, --data and --recipe with --resume")
+    return inputs
 
 
 def recipe_digest(recipe) -> str:
@@ -89,14 +123,17 @@ class Checkpoint:
     back with the run's own loading policy."""
 
     def __init__(self, out: str | Path, fingerprint: dict[str, str], load_keras: Callable[[Path], object],
-                 recipe_fields: dict | None = None):
+                 recipe_fields: dict | None = None, inputs: dict | None = None):
         self.out, self.folder = Path(out), folder_for(out)
         self.fingerprint, self.load_keras = dict(fingerprint), load_keras
         self.recipe_fields = recipe_fields or {}
+        self.inputs = inputs or {}  # model path, data spec and recipe, so `--resume OUT` alone can continue
 
     # ------------------------------------------------------------------ reading
 
     def manifest(self) -> dict | None:
+        if not checked_folder(self.folder):
+            return None
         try:
             body = json.loads((self.folder / MANIFEST).read_text())
         except FileNotFoundError:
@@ -139,33 +176,39 @@ class Checkpoint:
     def save(self, done: int, model, records: list[dict], points: dict | None) -> None:
         """After stage `done` (1-based): new files first, then the manifest that names them, then
         the files no manifest names any more."""
+        created = not checked_folder(self.folder)
+        if created:
+            os.mkdir(self.folder, 0o700)
+        try:
+            name, point_rows = self._write_models(done, model, points)
+            body = {"format": FORMAT, "fingerprint": self.fingerprint, "recipe_fields": self.recipe_fields,
+                    "inputs": self.inputs, "done": done, "model": name, "points": point_rows, "records": records}
+            write_text_atomic(self.folder / MANIFEST, json.dumps(body, default=jsonable))
+        except BaseException:
+            if created:  # never leave an empty (or manifest-less) checkpoint folder behind
+                shutil.rmtree(self.folder, ignore_errors=True)
+            raise
+        kept = [name, *(row["file"] for row in point_rows)]
+        for entry in os.scandir(self.folder):  # checked_folder: only checkpoint files, none a link
+            if entry.name not in kept and entry.name != MANIFEST and _OURS.fullmatch(entry.name):
+                os.unlink(entry.path)
+
+    def _write_models(self, done: int, model, points: dict | None) -> tuple[str, list[dict]]:
         from compressor.load.model_io import save_model_atomic
 
-        self.folder.mkdir(exist_ok=True)
         name = f"stage-{done}.keras"
         save_model_atomic(model, self.folder / name)
-        kept = [name]
-        point_rows = []
+        rows = []
         for i, (label, point) in enumerate((points or {}).items()):
-            file = f"stage-{done}-point-{i}.keras"
-            save_model_atomic(point, self.folder / file)
-            point_rows.append({"label": label, "file": file})
-            kept.append(file)
-        body = {"format": FORMAT, "fingerprint": self.fingerprint, "recipe_fields": self.recipe_fields,
-                "done": done, "model": name, "points": point_rows, "records": records}
-        write_text_atomic(self.folder / MANIFEST, json.dumps(body, default=jsonable))
-        for entry in self.folder.iterdir():
-            if entry.name in kept or entry.name == MANIFEST:
-                continue
-            if entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
+            rows.append({"label": label, "file": f"stage-{done}-point-{i}.keras"})
+            save_model_atomic(point, self.folder / rows[-1]["file"])
+        return name, rows
 
     def discard(self) -> bool:
         """Remove the checkpoint (the run finished, or a new run replaces it); True if there was one."""
-        existed = self.folder.exists()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        existed = checked_folder(self.folder)
+        if existed:
+            shutil.rmtree(self.folder, ignore_errors=True)
         return existed
 
 

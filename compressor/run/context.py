@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from compressor.config.recipe import Recipe
 from compressor.config.task import Score, Task, resolve
 from compressor.core._tf import keras
+from compressor.data.checks import check_model
 from compressor.data.protocol import DataSource
 from compressor.data.sources import check_against_model
 from compressor.run.progress import Reporter
@@ -37,8 +38,11 @@ class Run:
         """Check the data against the model, bind the task to it and score the dense model."""
         reporter = reporter or Reporter()
         keras.utils.set_random_seed(recipe.seed)
+        check_model(model)  # several inputs, zero-width layers, nothing to prune, NaN/Inf weights: one line
         task = resolve(recipe, model)
         check_against_model(data, tuple(model.input_shape[1:]), task=task)
+        for note in getattr(data, "notes", ()):  # what loading the data replaced (an empty x_calib, ...)
+            reporter.warn(note)
         task = dataclasses.replace(task, data=data)
         dense = clone_with_weights(model)
         baseline = task.keras(dense, "test")

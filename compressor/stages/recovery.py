@@ -10,7 +10,7 @@ def finetune(model, ctx, epochs: int, label: str, learning_rate: float | None = 
     if epochs > 0:
         progress = ctx.epoch_progress(label, epochs) if ctx.epoch_progress else None
         fit(model, ctx.data, epochs=epochs, batch_size=ctx.recipe.batch_size,
-            learning_rate=learning_rate or ctx.recipe.learning_rate, progress=progress, task=ctx.task)
+            learning_rate=learning_rate or ctx.recipe.learning_rate, progress=progress, task=ctx.task, label=label)
     return model
 
 

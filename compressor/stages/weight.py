@@ -108,7 +108,7 @@ def apply(model: keras.Model, cfg: WeightStage, ctx: StageContext, amount: float
     callbacks = [tfmot.sparsity.keras.UpdatePruningStep()]
     progress = ctx.epoch_progress("weight: fine-tune with masks", cfg.epochs) if ctx.epoch_progress else None
     fit(wrapped, data, epochs=cfg.epochs, batch_size=recipe.batch_size, learning_rate=recipe.learning_rate,
-        callbacks=callbacks, hold_zeros=False, progress=progress, task=ctx.task)
+        callbacks=callbacks, hold_zeros=False, progress=progress, task=ctx.task, label="weight: fine-tune with masks")
     stripped = tfmot.sparsity.keras.strip_pruning(wrapped)
     pruned = clone_with_weights(stripped)
     recalibrate_batchnorm(pruned, data, recipe.batch_size)

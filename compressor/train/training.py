@@ -10,6 +10,7 @@ import numpy as np
 
 from compressor.train import distribute
 from compressor.core._tf import keras, tf
+from compressor.core.errors import CompressorError
 from compressor.data.sources import Dataset
 
 
@@ -92,10 +93,43 @@ class HoldZeros(keras.callbacks.Callback):
             weight.assign(weight * mask)
 
 
+class StopOnNonFinite(keras.callbacks.Callback):
+    """End a fine-tune at the first NaN/Inf loss (checked per batch) or NaN/Inf weight (per epoch), in
+    one line naming the fine-tune and the epoch. Keras trains on silently: the weights turn NaN and
+    the run later failed on a symptom ("weight stage reached only 0% ...; raise weight.epochs")."""
+
+    def __init__(self, label: str, epochs: int):
+        super().__init__()
+        self.label, self.epochs, self._epoch = label, epochs, 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch + 1
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(float(loss)):
+            self._diverged(f"the training loss became {float(loss)} (batch {batch + 1})")
+
+    def on_epoch_end(self, epoch, logs=None):
+        bad = [w.name.split(":")[0] for w in self.model.trainable_weights
+               if not bool(tf.reduce_all(tf.math.is_finite(w)))]
+        if bad:
+            loss = (logs or {}).get("loss")
+            self._diverged(f"the weights became NaN/Inf ({bad[0]}" + (f"; loss {float(loss):.3g})" if loss is not None
+                                                                      else ")"))
+
+    def _diverged(self, what: str):
+        raise CompressorError(f"{self.label}: {what} in epoch {self._epoch}/{self.epochs}: the fine-tune diverged "
+                              "(NaN/Inf); scale the inputs to a small range (about -1..1) or lower the recipe's "
+                              "learning_rate")
+
+
 def fit(model: keras.Model, data: Dataset, epochs: int, batch_size: int, learning_rate: float,
-        callbacks: list | None = None, hold_zeros: bool = True, progress=None, task=None) -> keras.Model:
+        callbacks: list | None = None, hold_zeros: bool = True, progress=None, task=None,
+        label: str | None = None) -> keras.Model:
     """Fine-tune `model` in place on the data's training arrays or stream (`data.fit_args`); existing
-    kernel zeros are held when `hold_zeros`.
+    kernel zeros are held when `hold_zeros`. A NaN/Inf loss ends it with an error naming `label`
+    (the stage's fine-tune; default: the progress bar's label).
 
     Under a recipe's `distribute:` strategy a copy built in its scope trains (global batch
     `batch_size` split over the replicas) and its weights are copied back (compressor.train.distribute)."""
@@ -108,13 +142,14 @@ def fit(model: keras.Model, data: Dataset, epochs: int, batch_size: int, learnin
     with distribute.scope():
         compile_for_training(trained, learning_rate, task)
     cbs = list(callbacks or [])
+    cbs.append(StopOnNonFinite(label or getattr(progress, "label", None) or "fine-tune", epochs))
     if hold_zeros:
         masks = kernel_masks(trained)
         if masks:
             cbs.append(HoldZeros(masks))
     if progress is not None:
         if hasattr(progress, "samples_per_epoch"):  # progress.py's EpochBar shows samples/s
-            progress.samples_per_epoch = len(data.x_train)
+            progress.samples_per_epoch = data.known_count("train")  # None for a stream of unknown size
         cbs.append(progress)
     with data.errors():  # a bad record met mid-epoch in a stream: one line, not a TensorFlow trace
         trained.fit(**data.fit_args(batch_size), epochs=epochs, verbose=0, callbacks=cbs)
