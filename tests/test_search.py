@@ -7,7 +7,7 @@ from compressor.core._tf import keras
 from compressor.core.errors import CompressorError
 from compressor.stages.search.latency_model import LatencyModel, grid
 from compressor.config.recipe import parse_recipe
-from compressor.stages import observation, planning, search
+from compressor.stages import observation, planning, recovery, search
 from compressor.stages.base import StageContext
 from exporters.frontier_plot import frontier_table, plot_frontier
 
@@ -335,8 +335,9 @@ def _scripted(speedups: list[float], within: list[bool]) -> "search._Search":
     cfg = parse_recipe({"stages": [{"name": "search", "bisect": 1}]}).stages[0]
     s = object.__new__(search._Search)
     s.cfg, s.follow, s.rows, s.good, s.reached, s.visited = cfg, ("onnxruntime",), [], (1.0, None, {}), True, []
+    s.capped, s.bad = False, None
 
-    def visit(speedup):
+    def visit(speedup, extra=None):
         s.visited.append(round(speedup, 3))
         if len(s.rows) == len(speedups):
             return None
@@ -344,6 +345,8 @@ def _scripted(speedups: list[float], within: list[bool]) -> "search._Search":
         s.rows.append({"visit_speedup": {"onnxruntime": speedups[i]}})
         if within[i]:
             s.good = (speedup, None, {})
+        else:
+            s.bad = (speedup, {})
         return within[i]
     s.visit = visit
     return s
@@ -390,3 +393,198 @@ def test_couplings_probed_once_follow_mobilenetv2s_residual_groups_and_leave_the
     assert {"block_2_expand", "block_3_expand"} <= readers
     expand = next(g for g in groups.values() if g.members == ["block_3_expand"])
     assert found["block_3_depthwise"] == ({expand.name: 1}, {expand.name: 1})  # depthwise follows its input
+
+
+# ------------------------------------------------------------------ floors, one scale, bisection (issue 25)
+
+OVERHEAD_MS, UNIT_MS = 0.01, 0.001  # the stand-in runtime: a fixed cost plus a cost per unit kept
+
+
+def _kept(model) -> int:
+    from compressor.graph import surgery
+
+    return sum(surgery.prunable_layers(model).values())
+
+
+class _LinearTable:
+    """A latency table whose narrower is always faster: the search's own loop, no runtime measured."""
+
+    def __init__(self, units: dict[str, int]):
+        self.units, self.samples, self.fit, self.entries = units, [], (0.0, 1.0), 0
+        self.table = type("T", (), {"path": "stand-in", "measured": 0})()
+
+    def predict(self, removed=None):
+        removed = removed or {}
+        return OVERHEAD_MS + UNIT_MS * sum(u - removed.get(g, 0) for g, u in self.units.items())
+
+    def observe(self, removed, measured_ms):
+        self.samples.append((self.predict(removed), measured_ms))
+
+
+@pytest.fixture
+def stand_in_runtime(monkeypatch):
+    """Replace the latency tables and the runtime measurements by `_LinearTable`'s arithmetic."""
+    def tables(model, names, cfg, ctx):
+        units = {g.name: g.units for g in search.search_groups(model)}
+        return {rt: _LinearTable(units) for rt in ("onnxruntime", "tflite")}
+
+    def measure(models, runtime, batch=1, runs=0):
+        return {label: OVERHEAD_MS + UNIT_MS * _kept(m) for label, m in models.items()}
+
+    monkeypatch.setattr(search, "_tables", tables)
+    monkeypatch.setattr(search, "measure_models", measure)
+    monkeypatch.setattr(search, "calibrate", lambda lms, *a: ({rt: lm.predict() for rt, lm in lms.items()},) * 2)
+
+
+def _cnn(digits, widths=(16, 32), epochs: int = 2) -> keras.Model:
+    """A small Conv-BN CNN on the 8x8 digits: the first conv is the stem, the last the classifier's input."""
+    keras.utils.set_random_seed(0)
+    x = inp = keras.Input((64,))
+    x = L.Reshape((8, 8, 1))(x)
+    for i, w in enumerate(widths):
+        x = L.Conv2D(w, 3, padding="same", use_bias=False, name=f"conv{i}")(x)
+        x = L.ReLU()(L.BatchNormalization(name=f"bn{i}")(x))
+    model = keras.Model(inp, L.Dense(10, activation="softmax", name="out")(L.GlobalAveragePooling2D()(x)))
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(digits.x_train, digits.y_train, epochs=epochs, verbose=0)
+    return model
+
+
+def _search_cfg(**fields):
+    return parse_recipe({"stages": [{"name": "search", "epochs": 0, "recover_epochs": 0, **fields}]}).stages[0]
+
+
+def test_no_visited_point_cuts_a_group_below_its_floor_or_more_than_half_at_once(digits, stand_in_runtime):
+    """Narrower is always faster here, the budget is loose and the goal is 16x: the old search drove both
+    convs to one unit. Now every point keeps each group at >= 8 (round_units), the stem included, cuts at
+    most half of a group per point, and the search says in one line that the floors stop it."""
+    model = _cnn(digits)
+    ctx = _ctx(digits, round_units=8, max_accuracy_drop=0.9)
+    outcome = search.apply(model, _search_cfg(goal={"speedup": 16}), ctx)
+    rows = outcome.details["frontier"]
+    before = {"conv0": 16, "conv1": 32}
+    for row in rows:
+        assert all(w >= 8 for w in row["widths"].values()), row["widths"]
+        assert all(row["widths"][g] >= before[g] / 2 for g in before), (before, row["widths"])
+        before = row["widths"] if row["within_budget"] else before
+    assert rows and outcome.details["limits"]["floors"] == {"conv0": 8, "conv1": 8}
+    assert outcome.details["limits"]["bottlenecks"] == {"conv0": "stem", "conv1": "classifier input"}
+    assert rows[-1]["widths"] == {"conv0": 8, "conv1": 8}  # the floors reached, and the search stopped there
+    said = [n for n in outcome.notes if "out of reach at the width floors" in n]
+    assert len(said) == 1 and "\n" not in said[0]
+    assert any("goal 16.00x on onnxruntime not reachable at the width floors" in n for n in outcome.notes)
+    assert sum(r["shipped"] for r in rows) == 1 and rows[outcome.details["chosen"]]["shipped"]
+
+
+def test_below_round_units_only_where_faster_and_never_for_a_bottleneck(digits, stand_in_runtime):
+    """round_units 16: the stem (16) and the classifier's input (32) keep 16; the middle conv, a plain
+    group the table says is faster narrower, may go to 8, never below (it has 32 units)."""
+    model = _cnn(digits, widths=(16, 32, 32), epochs=1)
+    ctx = _ctx(digits, round_units=16, max_accuracy_drop=0.9)
+    outcome = search.apply(model, _search_cfg(goal={"speedup": 16}), ctx)
+    for row in outcome.details["frontier"]:
+        assert row["widths"]["conv0"] == 16 and row["widths"]["conv1"] >= 8 and row["widths"]["conv2"] >= 16
+    assert min(r["widths"]["conv1"] for r in outcome.details["frontier"]) == 8
+    assert outcome.details["limits"]["floors"] == {"conv0": 16, "conv1": 8, "conv2": 16}
+
+
+def test_min_width_and_min_fraction_raise_the_floors():
+    from compressor.stages.search.limits import floors
+
+    cfg = _search_cfg(min_width=12, min_fraction=0.5)
+    assert floors({"a": 64, "b": 16, "c": 8}, set(), {}, cfg, 8, lambda *a: True) == {"a": 32, "b": 12, "c": 8}
+    cfg = _search_cfg()
+    assert floors({"a": 64, "b": 12, "h": 4}, {"h"}, {}, cfg, 8, lambda *a: False) == {"a": 8, "b": 8, "h": 1}
+    assert floors({"a": 64, "b": 12}, set(), {}, cfg, 16, lambda *a: True) == {"a": 8, "b": 8}
+    assert floors({"a": 64, "b": 12}, set(), {}, cfg, 16, lambda *a: False) == {"a": 16, "b": 12}
+    assert floors({"a": 64, "b": 12}, set(), {}, cfg, 1, lambda *a: True) == {"a": 8, "b": 8}  # round_units 1
+    assert floors({"a": 64, "b": 12}, set(), {"a": "stem", "b": "residual"}, cfg, 16, lambda *a: True) == {
+        "a": 16, "b": 12}
+    cfg = _search_cfg(min_width=4)
+    assert floors({"a": 64, "b": 12}, set(), {}, cfg, 8, lambda *a: False) == {"a": 8, "b": 4}
+
+
+def test_bottlenecks_are_the_stem_the_classifier_input_and_residual_projections():
+    from compressor.stages.search.limits import roles
+
+    inp = keras.Input((8, 8, 3))
+    x = L.Conv2D(8, 3, name="stem")(inp)
+    a = L.BatchNormalization()(L.Conv2D(16, 1, name="proj_a")(x))
+    b = L.Conv2D(16, 1, name="proj_b")(L.ReLU()(L.Conv2D(24, 1, name="expand")(a)))
+    x = L.Conv2D(32, 1, name="last")(L.Add()([a, b]))
+    model = keras.Model(inp, L.Dense(10, name="out")(L.GlobalAveragePooling2D()(x)))
+    found = roles(model, search.search_groups(model))
+    assert found == {"stem": "stem", "proj_a": "residual", "last": "classifier input"}  # 'expand' is free
+
+
+def test_importance_is_on_one_scale_across_groups(digits):
+    """Two groups of 16 read by the classifier: one carries the prediction, the other's output is
+    scaled to almost nothing. A share of each group's own total made half of either cost 0.5; the loss
+    cost makes the redundant group far cheaper, so with equal latency per unit the allocation takes it."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((64,))
+    merged = L.Concatenate()([L.Dense(16, activation="relu", name="important")(inp),
+                              L.Dense(16, activation="relu", name="redundant")(inp)])
+    model = keras.Model(inp, L.Dense(10, activation="softmax", name="out")(merged))
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(digits.x_train, digits.y_train, epochs=5, verbose=0)
+    kernel, bias = model.get_layer("out").get_weights()
+    kernel[16:] *= 1e-3
+    model.get_layer("out").set_weights([kernel, bias])
+    for criterion in ("taylor", "mean_abs"):
+        cost = search._importance(model, _search_cfg(criterion=criterion), _ctx(digits))[4]
+        assert cost["redundant"][8] < 0.05 * cost["important"][8], criterion
+        assert cost["redundant"][-1] + cost["important"][-1] == pytest.approx(1.0)  # one total for all groups
+
+    class Equal:
+        def predict(self, removed=None):
+            return float(sum(16 - (removed or {}).get(g, 0) for g in ("important", "redundant")))
+    extra = search.allocate(Equal(), {"important": 16, "redundant": 16}, {}, cost, target_ms=24.0, step=8)
+    assert extra == {"important": 0, "redundant": 8}
+
+
+def test_bisection_runs_a_point_between_the_last_good_and_the_failing_one(digits, stand_in_runtime, monkeypatch):
+    """Points that keep fewer than 40 of the MLP's 64+64 units fail the budget: after 2x holds and 4x
+    fails, the search visits a point between them, and it is within budget and faster than 2x."""
+    real = recovery.recover
+
+    def recover(model, ctx, limit, task, baseline, label):
+        acc, epochs = real(model, ctx, limit, task, baseline, label)
+        return (acc if _kept(model) >= 40 else 0.0), epochs
+    monkeypatch.setattr(search.recovery, "recover", recover)
+    model = _mlp(64)
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(digits.x_train, digits.y_train, epochs=3, verbose=0)
+    outcome = search.apply(model, _search_cfg(points=[2.0, 4.0], bisect=2, epochs=1),
+                           _ctx(digits, round_units=8, max_accuracy_drop=0.5))
+    rows = outcome.details["frontier"]
+    assert [r["goal_speedup"] for r in rows[:2]] == [2.0, 4.0]
+    assert rows[0]["within_budget"] and not rows[1]["within_budget"]
+    between = [r for r in rows[2:] if 2.0 < r["goal_speedup"] < 4.0]
+    assert between and any(r["within_budget"] for r in between)
+    kept = [sum(r["widths"].values()) for r in rows]
+    assert all(kept[1] < sum(r["widths"].values()) < kept[0] for r in between)
+    assert rows[outcome.details["chosen"]] in between  # the fastest within budget is the bisected one
+
+
+def test_bisection_falls_back_to_widths_half_way_when_the_midpoint_allocation_repeats_a_point():
+    """Seen with a small CNN: the allocation at the geometric-mean speedup gave the failing point's
+    widths again, so nothing between 2x and 4x was tried. Now the widths half way are."""
+    s = _scripted([2.0, 3.0], [True, False])
+    s.units, s.step = {"a": 64, "b": 16}, 8
+    calls = []
+
+    def visit(speedup, extra=None):
+        calls.append((round(speedup, 3), extra))
+        s.rows.append({"visit_speedup": {"onnxruntime": speedup}})
+        if speedup == 2.0:
+            s.good = (2.0, None, {"a": 32})  # widths 32 / 16
+            return True
+        if speedup == 4.0:
+            s.bad = (4.0, {"a": 56, "b": 8})  # widths 8 / 8
+            return False
+        return None if extra is None else True
+    s.visit = visit
+    s.run([2.0, 4.0], None)
+    # a: 32 -> 24 (of the grid widths 16 and 24 around the mean 20, the wider); b: no multiple of 8 between 16 and 8
+    assert calls[2] == (2.828, None) and calls[3] == (2.828, {"a": 8})

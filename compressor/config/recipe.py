@@ -154,6 +154,12 @@ class SearchStage(_Strict):
         "before it counts as over"))
     points: list[float] = Field([2.0, 4.0, 8.0], min_length=0, description="frontier speedups (predicted) to visit")
     bisect: int = Field(2, ge=0, le=10, description="steps of bisection between the last good and first bad point")
+    min_width: int | None = Field(None, ge=1, le=4096, description=(
+        "narrowest width of a channel group (a group of 16 or more never below 8); default: round_units and at least "
+        "8, down to 8 only where the latency table shows narrower is faster and it is no single-path bottleneck"))
+    min_fraction: float = Field(0.0, ge=0.0, le=1.0, description="no group narrower than this fraction of its width")
+    max_cut_fraction: float = Field(0.5, gt=0.0, le=0.95, description=(
+        "largest fraction of a group's width one operating point may remove (later points may remove more)"))
     latency_cache: str | None = Field(None, description="JSON latency table to read and extend (default: per machine)")
 
     @field_validator("points")

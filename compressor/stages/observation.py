@@ -155,7 +155,7 @@ def _forward(extractor, x, n_observed: int, y, task=None):
         else:  # the task's loss summed over the model's outputs (the extractor's last outputs)
             fns = task.keras_losses()
             fns, ys = (fns, list(y)) if isinstance(fns, list) else ([fns], [y])
-            loss = tf.add_n([fn(t, p) for fn, t, p in zip(fns, ys, outs[-len(fns):])])
+            loss = tf.add_n([tf.reduce_sum(fn(t, p)) for fn, t, p in zip(fns, ys, outs[-len(fns):])])
     return outs[:n_observed], tape.gradient(loss, outs[:n_observed])
 
 

@@ -1,13 +1,15 @@
 """Search stage: say the goal, not the knobs.
 
-Per-layer widths are chosen against latency measured on the target runtime (compressor/latency_model)
+Per-layer widths are chosen against latency measured on the target runtime (latency_model)
 and unit importance (a named criterion): NetAdapt-style greedy steps of `round_units` units, each
 step taking the group whose next units buy the most predicted latency per importance lost. The
 operating points (frontier speedups, then the user's goal) are visited in increasing order from the
 previous point's fine-tuned model (progressive shrinking), each checked against the accuracy
 budget; past the first point that crosses it, the search bisects toward the last good one instead
-of backing off by fixed percentages. The returned model is the goal point, or without a speed goal
-the fastest point measured within budget.
+of backing off by fixed percentages. Importance is what a cut costs the task's loss, on one scale
+for all groups; no group goes below its floor (`limits`) and one point removes at most
+`max_cut_fraction` of a group, so a point never collapses a layer to a single unit. The returned
+model is the goal point, or without a speed goal the fastest point measured within budget.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import numpy as np
 
 from compressor import criteria
 from compressor.stages.search.latency_model import RUNTIMES, LatencyModel, measure_models, probe
+from compressor.stages.search.limits import FASTER, floors, lowest, roles
 from compressor.config.recipe import SearchStage
 from compressor.graph import surgery
 from compressor.stages import observation, planning, recovery
@@ -38,23 +41,44 @@ def _budget(ctx: StageContext, model) -> tuple[Task, float]:
 
 
 def _importance(model, cfg: SearchStage, ctx: StageContext):
-    """Per group (current model's indices): units in removal order and the cumulative importance share.
-    Channel groups are scored by the criterion on their activity; attention heads, which are not
-    output channels, by how much the loss rises when the head alone is silenced."""
+    """Per group (current model's indices): units in removal order and the cumulative cost of removing them.
+
+    The order is the criterion's. The cost is on one scale for every group: what the cut adds to the
+    task's loss, by first-order Taylor (|activation x loss gradient| summed over the removed units and
+    the group's members, on a few labelled calibration batches), divided by one total for the whole
+    model. Attention heads, which are not output channels, cost the measured loss rise when the head
+    alone is silenced. So removing 15 of 16 stem channels costs what it costs the loss, and 15 idle
+    channels of a redundant group almost nothing, where a share of each group's own total made both 15/16."""
     needs = "gradients" in criteria.get(cfg.criterion).needs
     heads = bool(planning.head_groups(model))
-    labelled = ctx.data.labelled_calibration() if needs or heads else None  # labels only when a score uses them
+    labelled = ctx.data.labelled_calibration()
     base, groups, traces, activity = observation.observe(model, ctx.data.calibration(), labelled if needs else None,
-                                                         task=ctx.task)
-    order, share = {}, {}
+                                                     task=ctx.task)
+    losses = activity if needs or not traces else observation.collect(base, labelled[0], list(traces.values()),
+                                                                  labels=labelled[1], task=ctx.task)
     scores = {g.name: np.mean([observation.unit_scores(base, m, activity[m], cfg.criterion) for m in g.members],
                               axis=0) for g in groups}
-    scores.update(observation.head_scores(base, *labelled, task=ctx.task) if heads else {})
+    costs = {g.name: loss_cost(base, g.members, losses) for g in groups}
+    if heads:
+        rises = observation.head_scores(base, *labelled, task=ctx.task)
+        scores.update(rises)
+        costs.update(rises)
+    total = sum(float(c.sum()) for c in costs.values()) or 1.0
+    order, cost = {}, {}
     for name, score in scores.items():
         order[name] = np.argsort(score, kind="stable")
-        total = float(score.sum()) or 1.0
-        share[name] = np.concatenate([[0.0], np.cumsum(score[order[name]]) / total])
-    return base, traces, activity, order, share
+        cost[name] = np.concatenate([[0.0], np.cumsum(costs[name][order[name]])]) / total
+    return base, traces, activity, order, cost
+
+
+def loss_cost(model, members: list[str], losses: dict) -> np.ndarray:
+    """Per unit of a group: the first-order rise of the loss when it is removed from every member
+    (|a x dL/da|, mean per sample), 0 for a unit that is constant (dead kernel, never active)."""
+    cost = np.zeros_like(np.asarray(losses[members[0]].taylor, dtype=np.float64))
+    for m in members:
+        taylor = np.asarray(losses[m].taylor, dtype=np.float64)
+        cost += np.where(observation.dead_units(model, m) | (losses[m].mean_abs == 0), 0.0, taylor)
+    return cost
 
 
 def search_groups(model) -> list:
@@ -63,12 +87,13 @@ def search_groups(model) -> list:
 
 
 def allocate(lm: LatencyModel, units: dict[str, int], removed: dict[str, int], share: dict[str, np.ndarray],
-             target_ms: float, step: int) -> dict[str, int]:
+             target_ms: float, step: int, lowest: dict[str, int] | None = None) -> dict[str, int]:
     """Greedy: units to remove now per group so the predicted latency reaches `target_ms`.
 
     `removed` counts what earlier points took (relative to the latency model's model); `share[g][k]`
-    is the importance lost by removing the k least important of the current units. Widths stay
-    multiples of `step` down to one step, then narrow unit by unit, and never reach 0 (`narrower`).
+    is the importance lost by removing the k least important of the current units (one scale for all
+    groups, `_importance`). Widths stay multiples of `step` down to one step, then narrow unit by
+    unit (`narrower`), and never go below `lowest[g]` (the group's floor and the per-point cut, 1 if unset).
     """
     extra = {g: 0 for g in share}
     current = lm.predict(removed)
@@ -76,7 +101,7 @@ def allocate(lm: LatencyModel, units: dict[str, int], removed: dict[str, int], s
         best, best_ratio, best_ms = None, 0.0, current
         for g in share:
             keep = units[g] - removed.get(g, 0) - extra[g]
-            for new_keep in narrower(keep, step):
+            for new_keep in narrower(keep, step, (lowest or {}).get(g, 1)):
                 trial = dict(extra, **{g: extra[g] + keep - new_keep})
                 ms = lm.predict(_add(removed, trial))
                 lost = share[g][min(trial[g], len(share[g]) - 1)] - share[g][extra[g]]
@@ -97,15 +122,15 @@ def _unit(width: int, step: int) -> int:
     return step if width > step else 1
 
 
-def narrower(keep: int, step: int) -> list[int]:
+def narrower(keep: int, step: int, low: int = 1) -> list[int]:
     """Widths one, two and four steps below `keep` (multiples of `step`, single units at or below one
-    step, never 0): when the next step buys nothing, looking further lets a flat or noisy stretch of
-    the measured table not hide the gain behind it."""
+    step, never below `low` or 0): when the next step buys nothing, looking further lets a flat or
+    noisy stretch of the measured table not hide the gain behind it."""
     widths, w = [], keep
     for n in range(1, 5):
         unit = _unit(w, step)
         w = max(1, (w - 1) // unit * unit)
-        if n in (1, 2, 4) and w < keep and w not in widths:
+        if n in (1, 2, 4) and low <= w < keep and w not in widths:
             widths.append(w)
     return widths
 
@@ -178,6 +203,7 @@ class Joint:
 PROBES = (0.5, 0.25)  # width fractions of the uniformly narrowed copies the calibration starts from
 MEASURE_RUNS = 1000  # interleaved rounds per whole-model measurement (exports, not rounds, dominate its cost)
 GAIN = 0.02  # without a goal the search goes on while each point measures at least this much faster
+MAX_AGAIN = 3  # with a goal, points visited again toward it when the per-point cut held one short
 
 
 def narrowed(model, units: dict[str, int], fraction: float, step: int) -> tuple[object, dict[str, int]]:
@@ -217,27 +243,50 @@ class _Search:
     Every visited point (already fine-tuned) is measured beside the start model on each runtime and
     enters that runtime's calibration, so the next allocation uses the corrected model. A row's
     `predicted_ms` is recorded before its own measurement enters the fit: the report's error is honest.
+    `limits`: the narrowest width per group (`limits.floors`); one point removes at most the recipe's
+    `max_cut_fraction` of a group's width.
     """
 
     def __init__(self, model, cfg: SearchStage, ctx: StageContext, lms: dict[str, LatencyModel], units, floor, task,
-                 reference: dict[str, float], follow: tuple[str, ...] | None = None):
+                 reference: dict[str, float], follow: tuple[str, ...] | None = None,
+                 widths: dict[str, int] | None = None):
         self.cfg, self.ctx, self.lms, self.units, self.floor, self.task = cfg, ctx, lms, units, floor, task
         self.start, self.reference = model, reference
         self.follow = follow or (cfg.goal.runtime,)
         self.lm = lms[cfg.goal.runtime] if not follow else Joint([lms[rt] for rt in follow])
-        self.rows, self.models, self.states, self.seen = [], [], [], {}
+        self.step = max(1, ctx.recipe.unit_multiple())
+        self.limits = widths or {g: 1 for g in units}
+        self.rows, self.models, self.states, self.seen, self.notes = [], [], [], {}, []
         self.good = (1.0, model, {})  # (speedup, fine-tuned model, units removed per group)
-        self.reached = False
+        self.bad = None  # (speedup, units removed per group) of the last point over the budget
+        self.reached = self.capped = False  # capped: the per-point cut, not the floors, held the last point
 
-    def visit(self, speedup: float) -> bool | None:
-        """Shrink the last good model to the predicted speedup, fine-tune, check the budget, measure.
-        None: the allocation gives no widths not visited yet (nothing new to try)."""
+    def _plan(self, speedup: float, importance, removed: dict[str, int]) -> dict[str, int]:
+        """Units to remove at this point; sets `capped` when the per-point cut held it short of the
+        target, and says so once when the target is out of reach at the floors."""
+        target = self.lm.predict() / speedup
+        low = lowest(self.units, removed, self.limits, self.cfg.max_cut_fraction)
+        extra = allocate(self.lm, self.units, removed, importance[4], target, self.step, low)
+        total = _add(removed, extra)
+        if self.lm.predict(total) <= target * 1.02:
+            return extra
+        keep = {g: self.units[g] - total.get(g, 0) for g in self.units}
+        self.capped = any(w < low[g] for g in keep for w in narrower(keep[g], self.step, self.limits[g]))
+        if not self.capped and not self.notes:
+            at_most = self.lm.predict() / self.lm.predict(total)
+            self.notes.append(f"search: {speedup:.2f}x predicted is out of reach at the width floors (round_units, "
+                              f"min_width, min_fraction; at most {at_most:.2f}x predicted there); the search stops "
+                              "at the floors instead of narrowing further")
+            _log(self.ctx, self.notes[-1])
+        return extra
+
+    def visit(self, speedup: float, extra: dict[str, int] | None = None) -> bool | None:
+        """Shrink the last good model to the predicted speedup (or by `extra` units per group), fine-tune,
+        check the budget, measure. None: no widths not visited yet (nothing new to try)."""
         _, start, removed = self.good
-        self.reached = False
+        self.reached = self.capped = False
         importance = _importance(start, self.cfg, self.ctx)
-        dense_ms = self.lm.predict()
-        extra = allocate(self.lm, self.units, removed, importance[4], dense_ms / speedup,
-                         max(1, self.ctx.recipe.unit_multiple()))
+        extra = self._plan(speedup, importance, removed) if extra is None else extra
         total = _add(removed, extra)
         key = tuple(sorted(total.items()))
         if not any(extra.values()) or key in self.seen:
@@ -246,9 +295,10 @@ class _Search:
         model = _shrink(importance, extra, self.cfg, self.ctx, label)
         metric, extra_epochs = recovery.recover(model, self.ctx, self.cfg.recover_epochs, self.task, self.floor, label)
         ok = self.task.within(self.floor, metric)  # the pipeline's own test, same rounding
-        predicted = dense_ms / self.lm.predict(total)
-        self.reached = predicted >= 0.98 * speedup  # False: widths hit their floor (fixed per-op cost)
+        predicted = self.lm.predict() / self.lm.predict(total)
+        self.reached = predicted >= 0.98 * speedup  # False: the floors or the per-point cut held the widths
         row = {"goal_speedup": round(speedup, 3), "predicted_speedup": round(predicted, 3), "reached": self.reached,
+               "held_by": None if self.reached else "max_cut_fraction" if self.capped else "floors",
                "metric": metric, "accuracy": metric if self.task.is_accuracy else None, "within_budget": ok,
                "recovery_epochs": extra_epochs,
                "widths": {g: self.units[g] - total.get(g, 0) for g in self.units},
@@ -263,7 +313,20 @@ class _Search:
         self.seen[key] = ok
         if ok:
             self.good = (speedup, model, total)
+        else:
+            self.bad = (speedup, total)
         return ok
+
+    def between(self) -> dict[str, int]:
+        """Units to remove from the last good point to widths half way to the last bad one's (on the
+        width grid: multiples of round_units above it); empty when no width lies between them."""
+        extra = {}
+        for g, u in self.units.items():
+            wide, narrow = u - self.good[2].get(g, 0), u - self.bad[1].get(g, 0)
+            grid = [w for w in range(narrow + 1, wide) if w <= self.step or w % self.step == 0]
+            if grid:
+                extra[g] = wide - min(grid, key=lambda w: (abs(w - (wide + narrow) / 2), -w))
+        return extra
 
     def _observe(self, model, total: dict[str, int]) -> dict[str, float]:
         """Measure a point beside the start model (one interleaved session per runtime), refit each
@@ -283,35 +346,46 @@ class _Search:
         return float(np.exp(np.mean([math.log(row["visit_speedup"][rt]) for rt in self.follow])))
 
     def run(self, points: list[float], goal: float | None) -> None:
-        """Visit the points in order. With a goal, stop where the latency model says nothing faster can
-        be had; without one, keep doubling while each point measures faster than the last good one."""
-        queue, bad, best = list(points), None, 1.0
+        """Visit the points in order. With a goal, a point the per-point cut held short is visited again
+        from there, and the search stops where the floors leave nothing faster; without one, it keeps
+        doubling while each point measures faster than the last good one. Past the first point over the
+        budget it bisects toward the last good one."""
+        queue, best, again = list(points), 1.0, 0
         while queue:
             s = queue.pop(0)
             verdict = self.visit(s)
             if verdict is None:
                 break  # nothing new to remove for any predicted gain
             if not verdict:
-                bad = s
                 break
             if goal is not None:
-                if not self.reached:
-                    return  # the latency model predicts no faster model: later points cannot do better
+                if not self.reached and self.capped and again < MAX_AGAIN:
+                    queue.insert(0, s)  # the per-point cut held it: go on from this point toward the same target
+                    again += 1
+                elif not self.reached:
+                    return  # at the floors: later points cannot do better
                 continue
-            if self.score(self.rows[-1]) < best * (1.0 + GAIN):
-                return  # narrower, but not measurably faster: the runtime's fixed costs dominate
+            if self.score(self.rows[-1]) < best * (1.0 + GAIN) or not (self.reached or self.capped):
+                return  # not measurably faster (fixed costs dominate), or at the floors
             best = self.score(self.rows[-1])
             if not queue and s * 2 <= MAX_SPEEDUP:
                 queue.append(s * 2)  # no speed goal: keep doubling until the budget is crossed
-        for _ in range(self.cfg.bisect if bad else 0):
+        self.bisect()
+
+    def bisect(self) -> None:
+        """Up to `cfg.bisect` points between the last good and the last bad point: at the geometric-mean
+        speedup, or, when its allocation repeats a visited point, at widths half way between the two."""
+        for _ in range(self.cfg.bisect if self.bad else 0):
+            bad = self.bad[0]
             mid = math.sqrt(self.good[0] * bad)
             if mid - self.good[0] < 0.05 * self.good[0]:
                 break
             verdict = self.visit(mid)
             if verdict is None:
+                between = self.between()
+                verdict = self.visit(mid, between) if between else None
+            if verdict is None:
                 break
-            if not verdict:
-                bad = mid
 
 
 def _correct_to_goal(search: _Search, goal: float | None, cfg: SearchStage, tries: int = 2) -> None:
@@ -358,11 +432,15 @@ def apply(model, cfg: SearchStage, ctx: StageContext, amount: float = 1.0) -> St
     goal_less = cfg.goal.speedup is None and cfg.goal.latency_ms is None
     search = _Search(start, cfg, ctx, lms, units, floor, task, reference,
                      _target_runtimes(ctx) if goal_less else None)
+    limits = _set_floors(search, start, groups, cfg)
     points, goal = _speed_targets(cfg, search.lm, amount)
     search.run(points, goal)
     _correct_to_goal(search, goal, cfg)
     measured = _measure(start, search, cfg, start_predicted, ctx.dense_model)
-    best, notes = _choose(search.rows, goal, cfg, _target_runtimes(ctx), task.name)
+    best, notes = _choose(search.rows, goal, cfg, _target_runtimes(ctx), task.name, floored=bool(search.notes))
+    notes += search.notes
+    for i, row in enumerate(search.rows):
+        row["shipped"] = i == best
     if not search.rows:
         notes.append(f"search: not reachable on {cfg.goal.runtime}: the latency table predicts no gain from narrower "
                      "layers (fixed per-op cost dominates); model left unchanged")
@@ -375,7 +453,7 @@ def apply(model, cfg: SearchStage, ctx: StageContext, amount: float = 1.0) -> St
     notes += [goal_note] if goal_note else []
     if best is None:
         return StageOutcome(start, {"removed": 0, "frontier": search.rows, "latency_model": measured,
-                                    "calibration": calibration(lms)}, notes)
+                                    "calibration": calibration(lms), "limits": limits}, notes)
     row = search.rows[best]
     removed = sum((units[g] - w) * members[g] for g, w in row["widths"].items())
     runtime = cfg.goal.runtime
@@ -386,9 +464,25 @@ def apply(model, cfg: SearchStage, ctx: StageContext, amount: float = 1.0) -> St
                "chosen": best, "widths": row["widths"], "frontier": search.rows, "latency_model": measured,
                "tables": {rt: {"path": str(lm.table.path), "entries": lm.entries, "measured_now": lm.table.measured}
                           for rt, lm in lms.items()},
-               "calibration": calibration(lms)}
+               "calibration": calibration(lms), "limits": limits}
     points = {point_label(i, r): m for i, (r, m) in enumerate(zip(search.rows, search.models)) if i != best}
     return StageOutcome(search.models[best], details, notes, points)
+
+
+def _set_floors(search: _Search, start, groups, cfg: SearchStage) -> dict:
+    """Fix each group's narrowest width on the search (`limits.floors`); returns the stage record's account."""
+    bottlenecks = roles(start, groups)
+    heads = {g.name for g in planning.head_groups(start)}
+    search.limits = floors(search.units, heads, bottlenecks, cfg, search.step, _faster(search.lm, search.units))
+    return {"floors": dict(search.limits), "bottlenecks": bottlenecks, "max_cut_fraction": cfg.max_cut_fraction}
+
+
+def _faster(lm, units: dict[str, int]):
+    """Whether the latency table predicts a group at width `narrow` to be faster than at `wide` (by FASTER)."""
+    def faster(g: str, narrow: int, wide: int) -> bool:
+        gain = lm.predict({g: units[g] - wide}) - lm.predict({g: units[g] - narrow})
+        return gain > FASTER * lm.predict()
+    return faster
 
 
 def calibration(lms: dict[str, LatencyModel]) -> dict:
@@ -482,10 +576,11 @@ def _no_slower(rows: list[dict], good: list[int], runtimes: tuple[str, ...]) -> 
                   f"left on a target runtime ({slow}) and were not chosen"]
 
 
-def _choose(rows: list[dict], goal: float | None, cfg: SearchStage,
-            runtimes: tuple[str, ...] | None = None, metric: str = "accuracy") -> tuple[int | None, list[str]]:
+def _choose(rows: list[dict], goal: float | None, cfg: SearchStage, runtimes: tuple[str, ...] | None = None,
+            metric: str = "accuracy", floored: bool = False) -> tuple[int | None, list[str]]:
     """The goal point if it is within budget, else the fastest measured one: on the goal's runtime
-    when there is a goal, else on the recipe's target runtimes together; never one slower than the start."""
+    when there is a goal, else on the recipe's target runtimes together; never one slower than the start.
+    `floored`: the search stopped at the width floors (what a missed goal is then blamed on)."""
     runtime = cfg.goal.runtime
     judged = (runtimes or (runtime,)) if goal is None else (runtime,)
     good, slower = _no_slower(rows, [i for i, r in enumerate(rows) if r["within_budget"]], judged)
@@ -499,7 +594,8 @@ def _choose(rows: list[dict], goal: float | None, cfg: SearchStage,
     if rows and not any(r.get("reached", True) for r in rows):
         top = max((r["predicted_speedup"] for r in rows), default=1.0)
         return fastest_here, slower + [f"search: goal {goal:.2f}x on {runtime} not reachable: the latency table "
-                                       f"predicts at most {top:.2f}x at the narrowest widths (fixed per-op cost dominates)"]
+                                       f"predicts at most {top:.2f}x at the width floors (fixed per-op cost dominates)"]
     reached = f"{rows[fastest_here]['measured_speedup'][runtime]:.2f}x measured" if fastest_here is not None else "nothing"
-    return fastest_here, slower + [f"search: goal {goal:.2f}x on {runtime} not reachable within the {metric} budget; "
+    why = "at the width floors" if floored else f"within the {metric} budget"
+    return fastest_here, slower + [f"search: goal {goal:.2f}x on {runtime} not reachable {why}; "
                                    f"best within budget: {reached}"]
