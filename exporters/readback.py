@@ -176,6 +176,25 @@ def decode_tflite_sparse(values: np.ndarray, shape: tuple[int, ...], sparsity):
         )
     block_size = [int(dims[trav.index(rank + j)].denseSize) for j in range(len(bmap))]
 
+    coords, pos = _traverse(dims)
+    if len(pos) != values.size:
+        raise ValueError(f"sparsity metadata describes {len(pos)} values, buffer holds {values.size}")
+
+    orig = _original_coords(coords, shape, trav, bmap, block_size)
+    dense = np.zeros(shape, dtype=values.dtype)
+    if rank:
+        dense[tuple(orig)] = values
+    block = None
+    if bmap:
+        b = [1] * rank
+        for j, d in enumerate(bmap):
+            b[d] = block_size[j]
+        block = tuple(b)
+    return dense, block
+
+
+def _traverse(dims) -> tuple[list[np.ndarray], np.ndarray]:
+    """Every stored value's index at each level (in traversal order), and its position in the last level."""
     pos = np.zeros(1, dtype=np.int64)  # position of each partial path inside its level
     coords: list[np.ndarray] = []  # per level, the index taken by each partial path
     for dm in dims:
@@ -198,30 +217,24 @@ def decode_tflite_sparse(values: np.ndarray, shape: tuple[int, ...], sparsity):
             child = np.repeat(starts, counts) + (np.arange(int(counts.sum())) - np.repeat(first, counts))
             coords = [c[parent] for c in coords] + [ind[child]]
             pos = child
-    if len(pos) != values.size:
-        raise ValueError(f"sparsity metadata describes {len(pos)} values, buffer holds {values.size}")
+    return coords, pos
 
+
+def _original_coords(coords: list[np.ndarray], shape: tuple[int, ...], trav: list[int], bmap: list[int],
+                     block_size: list[int]) -> list[np.ndarray]:
+    """Per original dimension, every stored value's coordinate (block levels refine their dimension)."""
+    rank = len(shape)
     orig: list[np.ndarray] = [None] * rank  # type: ignore[list-item]
     for level in range(rank):
         orig[trav[level]] = coords[level]
-    for level in range(rank, levels):
+    for level in range(rank, len(trav)):
         j = trav[level] - rank
         d = bmap[j]
         orig[d] = orig[d] * block_size[j] + coords[level]
     for d in range(rank):
         if len(orig[d]) and (orig[d].min() < 0 or orig[d].max() >= shape[d]):
             raise ValueError("sparse indices fall outside the tensor shape")
-
-    dense = np.zeros(shape, dtype=values.dtype)
-    if rank:
-        dense[tuple(orig)] = values
-    block = None
-    if bmap:
-        b = [1] * rank
-        for j, d in enumerate(bmap):
-            b[d] = block_size[j]
-        block = tuple(b)
-    return dense, block
+    return orig
 
 
 def _zero_point(quant, shape) -> tuple[np.ndarray | int, bool]:

@@ -81,15 +81,39 @@ def _multiple(report: dict) -> str:
 
 
 def render_markdown(report: dict, plots: list[str]) -> str:
-    results = report["results"]
     lines = _header(report)
-    metric, accuracy_task = _metric(report), report["baseline"].get("accuracy") is not None
+    lines += _results_section(report)
+    lines += _int8_section(report)
+    lines += _comparisons_section(report)
+    lines += _stages_section(report)
+    lines += _weight_choices(report)
+    lines += _depth_section(report)
+    lines += _layers_section(report)
+    lines += _verification_section(report)
+    lines += _execution_section(report)
+    lines += _frontier_section(report)
+    notes = [n for r in report["results"] for n in r.get("notes", [])] + report.get("target_notes", [])
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in dict.fromkeys(notes)]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
+    lines += ["", "Latency: interleaved runs in one process after warm-up; compare ratios, not absolute times.", ""]
+    return "\n".join(lines)
+
+
+def _accuracy_task(report: dict) -> bool:
+    return report["baseline"].get("accuracy") is not None
+
+
+def _results_section(report: dict) -> list[str]:
+    results, metric = report["results"], _metric(report)
     outputs = len(metric.get("per_output") or [None])
-    column = ("accuracy (95% CI)" if accuracy_task and outputs == 1
+    column = ("accuracy (95% CI)" if _accuracy_task(report) and outputs == 1
               else f"{metric['name']}" + (" (every output's metric)" if outputs > 1 else ""))
-    lines += ["## Side by side (batch 1, 1 thread unless noted)", "",
-              f"| variant | runtime | file | {column} | p50 ms | p90 ms | p99 ms | speedup p50 | size | gzip | gzip ratio | params | non-zero | MACs |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["## Side by side (batch 1, 1 thread unless noted)", "",
+             f"| variant | runtime | file | {column} | p50 ms | p90 ms | p99 ms | speedup p50 | size | gzip | "
+             "gzip ratio | params | non-zero | MACs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         base = dense_row(results, r) or r
         lat = r["latency_ms"]
@@ -99,67 +123,87 @@ def render_markdown(report: dict, plots: list[str]) -> str:
             f"{lat['p50']:.4f} | {lat['p90']:.4f} | {lat['p99']:.4f} | {_ratio(base['latency_ms']['p50'], lat['p50'])} | "
             f"{r['size_bytes']:,} | {r['gzip_bytes']:,} | {_ratio(base['gzip_bytes'], r['gzip_bytes'])} | "
             f"{r['params']:,} | {r['nonzero_params']:,} | {r['flops']:,} |")
-    lines += _int8_section(report)
-    comps = report.get("comparisons", [])
-    if comps:
-        lines += ["", "## Against the dense baseline", "",
-                  "| variant | runtime | batch | threads | speedup p50 | ideal (structural MAC ratio) | of ideal | gzip smaller | "
-                  + ("accuracy drop (points)" if accuracy_task else f"{metric['name']} drop") + " | McNemar p | budget |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for c in comps:
-            frac = (c["speedup_p50"] / c["ideal_speedup"]) if c["speedup_p50"] and c["ideal_speedup"] else None
-            p = c["paired_test"]["p_value"] if c["paired_test"] else None
-            verdict = (c["paired_test"]["verdict"].replace("_", " ") if c["paired_test"]
-                       else "within" if c.get("within_budget") else "over")
-            drop = f"{c['accuracy_drop'] * 100:+.2f}" if accuracy_task else f"{c['metric_drop']:+.4g}"
-            lines.append(
-                f"| {c['variant']} | {c['runtime']} | {c['batch']} | {c['threads']} | {c['speedup_p50']:.2f}x | "
-                f"{c['ideal_speedup']:.2f}x | {'' if frac is None else f'{frac:.0%}'} | {c['size_ratio_gzip']:.2f}x | "
-                f"{drop} | {'' if p is None else f'{p:.3f}'} | {verdict} |")
-    lines += ["", "## Stages", "", f"| stage | amount | params before | params after | non-zero after | {metric['name']} after "
-              "| seconds | notes |", "|---|---|---|---|---|---|---|---|"]
+    return lines
+
+
+def _comparisons_section(report: dict) -> list[str]:
+    comps, accuracy_task = report.get("comparisons", []), _accuracy_task(report)
+    if not comps:
+        return []
+    lines = ["", "## Against the dense baseline", "",
+             "| variant | runtime | batch | threads | speedup p50 | ideal (structural MAC ratio) | of ideal | "
+             "gzip smaller | " + ("accuracy drop (points)" if accuracy_task else f"{_metric(report)['name']} drop")
+             + " | McNemar p | budget |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in comps:
+        frac = (c["speedup_p50"] / c["ideal_speedup"]) if c["speedup_p50"] and c["ideal_speedup"] else None
+        p = c["paired_test"]["p_value"] if c["paired_test"] else None
+        verdict = (c["paired_test"]["verdict"].replace("_", " ") if c["paired_test"]
+                   else "within" if c.get("within_budget") else "over")
+        drop = f"{c['accuracy_drop'] * 100:+.2f}" if accuracy_task else f"{c['metric_drop']:+.4g}"
+        lines.append(
+            f"| {c['variant']} | {c['runtime']} | {c['batch']} | {c['threads']} | {c['speedup_p50']:.2f}x | "
+            f"{c['ideal_speedup']:.2f}x | {'' if frac is None else f'{frac:.0%}'} | {c['size_ratio_gzip']:.2f}x | "
+            f"{drop} | {'' if p is None else f'{p:.3f}'} | {verdict} |")
+    return lines
+
+
+def _stages_section(report: dict) -> list[str]:
+    lines = ["", "## Stages", "", f"| stage | amount | params before | params after | non-zero after | "
+             f"{_metric(report)['name']} after | seconds | notes |", "|---|---|---|---|---|---|---|---|"]
     for s in report["stages"]:
         after = s.get("metric_after", s.get("accuracy_after"))
         lines.append(f"| {s['name']} | {s['amount']:.0%} | {s['params_before']:,} | {s['params_after']:,} | "
                      f"{s['nonzero_after']:,} | {after:.4f} | {s['seconds']:.1f} | {'; '.join(s['notes'])} |")
-    lines += _weight_choices(report)
-    lines += _depth_section(report)
-    lines += ["", "## Layers", "", "| layer | type | units before | units after | sparsity before | sparsity after | kernel params before | after | shrinks with | kept because |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for l in report["layers"]:
-        lines.append(f"| {l['layer']} | {l['type']} | {l['units_before']} | {l['units_after']} | {l['sparsity_before']:.1%} | "
-                     f"{l['sparsity_after']:.1%} | {l['params_before']:,} | {l['params_after']:,} | "
-                     f"{', '.join(l.get('coupled_with', [])) or '–'} | {l.get('kept_because') or '–'} |")
-    lines += ["", "## Verification", "", "| file | max abs diff | prediction agreement | zeros expected | zeros in file | ok |",
-              "|---|---|---|---|---|---|"]
+    return lines
+
+
+def _layers_section(report: dict) -> list[str]:
+    lines = ["", "## Layers", "", "| layer | type | units before | units after | sparsity before | sparsity after | "
+             "kernel params before | after | shrinks with | kept because |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in report["layers"]:
+        lines.append(f"| {row['layer']} | {row['type']} | {row['units_before']} | {row['units_after']} | "
+                     f"{row['sparsity_before']:.1%} | {row['sparsity_after']:.1%} | {row['params_before']:,} | "
+                     f"{row['params_after']:,} | {', '.join(row.get('coupled_with', [])) or '–'} | "
+                     f"{row.get('kept_because') or '–'} |")
+    return lines
+
+
+def _verification_section(report: dict) -> list[str]:
+    lines = ["", "## Verification", "", "| file | max abs diff | prediction agreement | zeros expected | "
+             "zeros in file | ok |", "|---|---|---|---|---|---|"]
     for v in report["verification"]:
         ok = (f"ok ({v['note']})" if v.get("note") else "ok") if v["ok"] else f"FAILED: {v.get('problem', '')}"
-        lines.append(f"| {v['file']} | {v['max_abs_diff']:.2e} | {v['prediction_agreement']:.2%} | {v['zeros_expected']:,} | "
-                     f"{v['zeros_in_file']:,} | {ok} |")
-    if report.get("execution"):
-        lines += ["", "## How each pruned weight is stored and run (read back from the files)", "",
-                  "| file | tensor | shape | dtype | sparsity | storage | sparse kernel runs | note |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for e in report["execution"]:
-            storage = e["storage"] + (f" {e['block'][0]}x{e['block'][1]}" if e.get("block") else "")
-            runs = {True: "yes", False: "no", None: "n/a"}[e["sparse_kernel"]]
-            name = e["tensor"] if len(e["tensor"]) <= 48 else "…" + e["tensor"][-47:]
-            lines.append(f"| {e['file']} | {name} | {'x'.join(map(str, e['shape']))} | {e['dtype']} | "
-                         f"{e['sparsity']:.1%} | {storage} | {runs} | {e['note']} |")
-    if report.get("frontier"):
-        from exporters.frontier_plot import frontier_table
+        lines.append(f"| {v['file']} | {v['max_abs_diff']:.2e} | {v['prediction_agreement']:.2%} | "
+                     f"{v['zeros_expected']:,} | {v['zeros_in_file']:,} | {ok} |")
+    return lines
 
-        lines += ["", "## Frontier (search stage: operating points, measured on each runtime)", "",
-                  frontier_table(report, _baseline(report))]
-        lines += ["", "Latency model, predicted vs measured p50 (error): " + ", ".join(
-            f"{m['runtime']} {m['model']} {m['error_pct']:+.1f}%" for m in report.get("latency_model", []))]
-    notes = [n for r in results for n in r.get("notes", [])] + report.get("target_notes", [])
-    if notes:
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in dict.fromkeys(notes)]
-    if plots:
-        lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
-    lines += ["", "Latency: interleaved runs in one process after warm-up; compare ratios, not absolute times.", ""]
-    return "\n".join(lines)
+
+def _execution_section(report: dict) -> list[str]:
+    if not report.get("execution"):
+        return []
+    lines = ["", "## How each pruned weight is stored and run (read back from the files)", "",
+             "| file | tensor | shape | dtype | sparsity | storage | sparse kernel runs | note |",
+             "|---|---|---|---|---|---|---|---|"]
+    for e in report["execution"]:
+        storage = e["storage"] + (f" {e['block'][0]}x{e['block'][1]}" if e.get("block") else "")
+        runs = {True: "yes", False: "no", None: "n/a"}[e["sparse_kernel"]]
+        name = e["tensor"] if len(e["tensor"]) <= 48 else "…" + e["tensor"][-47:]
+        lines.append(f"| {e['file']} | {name} | {'x'.join(map(str, e['shape']))} | {e['dtype']} | "
+                     f"{e['sparsity']:.1%} | {storage} | {runs} | {e['note']} |")
+    return lines
+
+
+def _frontier_section(report: dict) -> list[str]:
+    if not report.get("frontier"):
+        return []
+    from exporters.frontier_plot import frontier_table
+
+    return ["", "## Frontier (search stage: operating points, measured on each runtime)", "",
+            frontier_table(report, _baseline(report)), "",
+            "Latency model, predicted vs measured p50 (error): " + ", ".join(
+                f"{m['runtime']} {m['model']} {m['error_pct']:+.1f}%" for m in report.get("latency_model", []))]
 
 
 def _metric(report: dict) -> dict:

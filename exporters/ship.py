@@ -84,10 +84,10 @@ def export_points(points: dict, recipe, folder: Path, reporter, save_keras) -> d
     return written
 
 
-def export_all(dense, pruned, recipe, data, out: Path, reporter, flops: tuple[int, int] = (0, 0),
-               judge=None) -> Shipped:
+def export_all(dense, pruned, recipe, out: Path, reporter, judge, flops: tuple[int, int] = (0, 0)) -> Shipped:
     """Dense and pruned float files for every runtime the targets use, then each int8 target's file
-    (its scheme judged by `judge`). `flops`: the dense and pruned models' MACs, recorded with each file."""
+    (its scheme judged by `judge`, the task bound to the run's data, whose calibration samples the
+    int8 converters read). `flops`: the dense and pruned models' MACs, recorded with each file."""
     shipped = Shipped()
     dense_flops, pruned_flops = flops
     reporter.step("exporting dense and pruned models for " + ", ".join(recipe.targets))
@@ -103,7 +103,7 @@ def export_all(dense, pruned, recipe, data, out: Path, reporter, flops: tuple[in
         shipped.add(Artifact("pruned", runtime, pruned_path, pruned_flops), pruned)
     for target in targets.selected(recipe.targets):
         if target.int8:
-            artifact, record = choose_int8(target, pruned, recipe, data, out, reporter, shipped.notes, judge)
+            artifact, record = choose_int8(target, pruned, recipe, out, reporter, shipped.notes, judge)
             artifact.flops = pruned_flops
             shipped.add(artifact, pruned, record["description"])
             shipped.int8.append(record)
@@ -175,8 +175,10 @@ def _pick(pool: list[dict], max_drop: float, reference: float, drop=lambda ref, 
     return next(c for c in within if c["p50_ms"] <= best * (1 + SAME_SPEED))
 
 
-def choose_int8(target, pruned, recipe, data, out: Path, reporter, notes: list[str], judge) -> tuple[Artifact, dict]:
-    """Measure the target's int8 schemes on this model at batch 1 and keep the fastest within budget."""
+def choose_int8(target, pruned, recipe, out: Path, reporter, notes: list[str], judge) -> tuple[Artifact, dict]:
+    """Measure the target's int8 schemes on this model at batch 1 and keep the fastest within budget
+    (`judge`: the task bound to the run's data, which scores and calibrates the candidates)."""
+    data = judge.data
     final = out / target.filename("pruned-int8")
     encode = _can_encode(pruned, target, reporter, notes)
     reference = judge.keras(pruned, "budget").value

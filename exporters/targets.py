@@ -9,7 +9,9 @@ here instead of testing its extension.
 
 Factories are named as "module:attribute" and resolved on first use: looking up a target (the
 recipe validates its names here) never imports TensorFlow or onnxruntime, and the modules the
-registry points at may ask the registry for a file's format without an import cycle.
+registry points at may ask the registry for a file's format without an import cycle. A target is
+one `TARGETS.register(Target(...))` (the same `Registry` pattern as stages, criteria and layer
+handlers); the recipe's `targets:` names are read from it.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compressor.core import CompressorError, export_form
+from compressor.core import CompressorError, Registry, export_form
 
 __all__ = [
     "FileFormat", "Target", "Scheme", "Fallback", "FORMATS", "known_format", "TARGETS", "NAMES", "RUNTIMES",
@@ -139,37 +141,35 @@ _XNNPACK_SPARSE_INT8 = Fallback(
     "than 16x1) and the default interpreter would fail to run the file; dense int8 storage still keeps the "
     "zeros, gzip shrinks them")
 
-TARGETS: dict[str, Target] = {t.name: t for t in (
-    Target("tflite", "tflite", TFLITE, False, "exporters.tflite_export:export_for_target", (4, 1),
-           (Scheme("float32", "float32 weights; pruned tensors block-sparse encoded"),),
-           (_MISALIGNED,)),
-    Target("tflite-int8", "tflite", TFLITE, True, "exporters.tflite_export:export_for_target", (16, 1),
-           (Scheme("int8-sparse", "full-integer int8, per-channel weights, sparse storage of pruned tensors",
-                   {"int8": True, "encode": True}),
-            Scheme("int8-dense", "full-integer int8, per-channel weights, dense storage",
-                   {"int8": True, "encode": False}),
-            Scheme("dynamic-range", "int8 weights, float activations quantized at run time (for models whose "
-                   "activations full-integer int8 loses accuracy on), sparse storage of pruned tensors",
-                   {"dynamic": True, "encode": True})),
-           (_MISALIGNED, _XNNPACK_SPARSE_INT8)),
-    Target("onnxruntime", "onnxruntime", ONNX, False, "exporters.onnx_export:export_for_target", (1, 1),
-           (Scheme("float32", "float32 weights; pruned initializers as sparse_initializer when compact"),),
-           storage_flag="compact_onnx", channel_block="exporters.targets:nchwc_channel_block"),
-    Target("onnxruntime-int8", "onnxruntime", ONNX, True, "exporters.onnx_export:export_for_target", (1, 1),
-           (Scheme("qdq-s8s8-per-channel", "static QDQ, int8 activations and per-channel int8 weights "
-                   "(reduce_range on CPUs without VNNI)", {"mode": "static"}),
-            Scheme("dynamic", "dynamic quantization: per-tensor int8 weights, activations scaled at run time "
-                   "(tiny MatMuls left float)", {"mode": "dynamic"})),
-           channel_block="exporters.targets:nchwc_channel_block"),
-)}
+TARGETS: Registry[Target] = Registry("target")
+TARGETS.register(Target("tflite", "tflite", TFLITE, False, "exporters.tflite_export:export_for_target", (4, 1),
+                    (Scheme("float32", "float32 weights; pruned tensors block-sparse encoded"),),
+                    (_MISALIGNED,)))
+TARGETS.register(Target("tflite-int8", "tflite", TFLITE, True, "exporters.tflite_export:export_for_target", (16, 1),
+                    (Scheme("int8-sparse", "full-integer int8, per-channel weights, sparse storage of pruned tensors",
+                            {"int8": True, "encode": True}),
+                     Scheme("int8-dense", "full-integer int8, per-channel weights, dense storage",
+                            {"int8": True, "encode": False}),
+                     Scheme("dynamic-range", "int8 weights, float activations quantized at run time (for models whose "
+                            "activations full-integer int8 loses accuracy on), sparse storage of pruned tensors",
+                            {"dynamic": True, "encode": True})),
+                    (_MISALIGNED, _XNNPACK_SPARSE_INT8)))
+TARGETS.register(Target("onnxruntime", "onnxruntime", ONNX, False, "exporters.onnx_export:export_for_target", (1, 1),
+                    (Scheme("float32", "float32 weights; pruned initializers as sparse_initializer when compact"),),
+                    storage_flag="compact_onnx", channel_block="exporters.targets:nchwc_channel_block"))
+TARGETS.register(Target("onnxruntime-int8", "onnxruntime", ONNX, True, "exporters.onnx_export:export_for_target",
+                        (1, 1),
+                    (Scheme("qdq-s8s8-per-channel", "static QDQ, int8 activations and per-channel int8 weights "
+                            "(reduce_range on CPUs without VNNI)", {"mode": "static"}),
+                     Scheme("dynamic", "dynamic quantization: per-tensor int8 weights, activations scaled at run time "
+                            "(tiny MatMuls left float)", {"mode": "dynamic"})),
+                    channel_block="exporters.targets:nchwc_channel_block"))
 NAMES: tuple[str, ...] = tuple(TARGETS)
 RUNTIMES: tuple[str, ...] = tuple(dict.fromkeys(t.runtime for t in TARGETS.values()))
 
 
 def target(name: str) -> Target:
-    if name not in TARGETS:
-        raise CompressorError(f"unknown target '{name}'; choose from {', '.join(NAMES)}")
-    return TARGETS[name]
+    return TARGETS.lookup(name)
 
 
 def selected(names) -> list[Target]:

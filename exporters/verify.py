@@ -180,24 +180,9 @@ def verify_file(path: str | Path, runner, keras_model, keras_outputs: np.ndarray
                max(FLOAT_TOLERANCE, FLOAT_RELATIVE * float(np.max(np.abs(k), initial=0.0)))) for o, k in pairs_out]
     diff = max(d for d, _ in checks)
     worst, tolerance = max(checks, key=lambda c: c[0] / c[1])
-    pairs = pair_kernels(path, keras_kernels(export_form(keras_model)))  # kernels in the layout the converters got
-    pruned_zeros = int(sum(k.size - np.count_nonzero(k) for k, _ in pairs))
-    in_file = int(sum(t.zeros for _, t in pairs if t is not None))
-    expected, lost, gained, kept = pruned_zeros, 0, 0, 0
-    if quantized:
-        checks = [int8_zero_check(k, t) if t is not None and t.quantized
-                  else {"expected": k.size - np.count_nonzero(k), "lost": 0, "gained": 0} for k, t in pairs]
-        expected = int(sum(c["expected"] for c in checks))
-        lost, gained = sum(c["lost"] for c in checks), sum(c["gained"] for c in checks)
-        kept = sum(c.get("kept", 0) for c in checks)
+    pruned_zeros, in_file, expected, lost, gained, kept = _zero_counts(path, keras_model, quantized)
     agreement = min(_agreement(o, k) for o, k in pairs_out)
-    problems = []
-    if lost or gained:
-        problems.append(f"file stores {in_file} zero weights, expected {expected}: {lost} pruned zero(s) lost, "
-                        f"{gained} weight(s) zeroed that do not round to zero")
-    elif in_file != expected:
-        problems.append(f"file stores {in_file} zero weights, expected {expected}"
-                        + (f" ({kept} weight(s) that round to zero stored non-zero)" if kept else ""))
+    problems = _zero_problems(in_file, expected, lost, gained, kept)
     note = None
     if quantized and agreement < MIN_AGREEMENT:
         if accuracy_held:
@@ -224,3 +209,31 @@ def verify_file(path: str | Path, runner, keras_model, keras_outputs: np.ndarray
     if problems:
         row["problem"] = "; ".join(problems)
     return row
+
+
+def _zero_counts(path, keras_model, quantized) -> tuple[int, int, int, int, int, int]:
+    """(zeros in the Keras kernels, zeros in the file, zeros expected in it, pruned zeros lost, weights
+    zeroed that do not round to zero, weights that round to zero stored non-zero)."""
+    pairs = pair_kernels(path, keras_kernels(export_form(keras_model)))  # kernels in the layout the converters got
+    pruned_zeros = int(sum(k.size - np.count_nonzero(k) for k, _ in pairs))
+    in_file = int(sum(t.zeros for _, t in pairs if t is not None))
+    expected, lost, gained, kept = pruned_zeros, 0, 0, 0
+    if quantized:
+        checks = [int8_zero_check(k, t) if t is not None and t.quantized
+                  else {"expected": k.size - np.count_nonzero(k), "lost": 0, "gained": 0} for k, t in pairs]
+        expected = int(sum(c["expected"] for c in checks))
+        lost, gained = sum(c["lost"] for c in checks), sum(c["gained"] for c in checks)
+        kept = sum(c.get("kept", 0) for c in checks)
+    return pruned_zeros, in_file, expected, lost, gained, kept
+
+
+def _zero_problems(in_file: int, expected: int, lost: int, gained: int, kept: int) -> list[str]:
+    """What is wrong with the file's zeros (an empty list when nothing is)."""
+    problems = []
+    if lost or gained:
+        problems.append(f"file stores {in_file} zero weights, expected {expected}: {lost} pruned zero(s) lost, "
+                        f"{gained} weight(s) zeroed that do not round to zero")
+    elif in_file != expected:
+        problems.append(f"file stores {in_file} zero weights, expected {expected}"
+                        + (f" ({kept} weight(s) that round to zero stored non-zero)" if kept else ""))
+    return problems

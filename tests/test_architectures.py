@@ -8,7 +8,7 @@ from compressor.graph import surgery
 from compressor.core._tf import keras
 from compressor.layers.keras3_layers import LayerScale
 from compressor.layers import handler_for
-from compressor.stages import scoring
+from compressor.stages import planning
 from compressor.graph.flops import model_macs
 
 L = keras.layers
@@ -58,7 +58,7 @@ FAMILIES = {
 def _plan(model, fraction: float = 0.25) -> dict[str, list[int]]:
     """The weakest `fraction` of every prunable group's units (by weight norm)."""
     plan = {}
-    for group in scoring.groups(model):
+    for group in planning.groups(model):
         layer = model.get_layer(group.name)
         norms = handler_for(layer).unit_norms(layer)
         count = int(group.units * fraction)

@@ -4,7 +4,7 @@ import numpy as np
 from compressor import criteria
 from compressor.core._tf import keras
 from compressor.config.recipe import ActivationStage
-from compressor.stages import scoring
+from compressor.stages import observation
 
 L = keras.layers
 
@@ -35,8 +35,8 @@ def test_taylor_ranks_an_ignored_unit_lowest():
     model = _model_with_an_ignored_unit()
     x = np.abs(np.random.default_rng(1).normal(size=(64, 6))).astype("float32")
     y = np.random.default_rng(2).integers(0, 3, size=64)
-    tr = scoring.trace(model, "hidden")
-    activity = scoring.collect(model, x, [tr], labels=y)["hidden"]
+    tr = observation.trace(model, "hidden")
+    activity = observation.collect(model, x, [tr], labels=y)["hidden"]
     taylor = criteria.get("taylor").scores(model, "hidden", activity)
     mean_abs = criteria.get("mean_abs").scores(model, "hidden", activity)
     assert taylor[0] == 0.0 and np.all(taylor[1:] > 0)

@@ -9,7 +9,7 @@ import pytest
 
 from compressor.core._tf import keras
 from compressor.config.recipe import parse_recipe
-from compressor.stages import depth, scoring, weight
+from compressor.stages import depth, recovery, weight
 from compressor.stages.base import StageContext
 from compressor.train.training import accuracy, fit
 
@@ -91,7 +91,7 @@ def trained_encoder(digits):
 
 def _ctx(data, drop=0.03, baseline=None):
     recipe = parse_recipe({"max_accuracy_drop": drop, "stages": [{"name": "depth"}]})
-    return recipe, StageContext(recipe, data, baseline_accuracy=baseline)
+    return recipe, StageContext(recipe, data, baseline_metric=baseline)
 
 
 def test_depth_stage_removes_least_important_blocks_within_budget(trained_encoder):
@@ -156,7 +156,7 @@ def test_a_step_over_budget_gets_recovery_epochs_while_they_help(trained_encoder
     monkeypatch.setattr(task, "keras", _Metric(values))
     monkeypatch.setattr(depth, "context_task", lambda ctx: task)
     trained = []
-    monkeypatch.setattr(scoring, "finetune", lambda m, c, n, label: trained.append(n))
+    monkeypatch.setattr(recovery, "finetune", lambda m, c, n, label: trained.append(n))
     outcome = depth.apply(model, cfg, ctx)
     step = outcome.details["steps"][0]
     assert step["recovery_epochs"] == epochs == sum(trained) and step["within_budget"] is kept

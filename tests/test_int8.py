@@ -321,7 +321,7 @@ def test_a_scheme_the_delegate_rejects_sparse_is_written_dense_and_still_chosen_
     target = targets.target("tflite-int8")
     tflite_export.export_float(model, tmp_path / "pruned.tflite")
     notes = []
-    artifact, record = ship.choose_int8(target, model, recipe, digits, tmp_path, Reporter(quiet=True), notes, task)
+    artifact, record = ship.choose_int8(target, model, recipe, tmp_path, Reporter(quiet=True), notes, task)
     dynamic = next(c for c in record["candidates"] if c["scheme"] == "dynamic-range")
     assert dynamic["storage"] == "dense int8 storage" and dynamic["resolver"] == "default"
     assert dynamic["skipped"] is None and dynamic["p50_ms"] > 0

@@ -2,6 +2,7 @@
 import numpy as np
 
 from compressor.core._tf import keras
+from compressor.run.context import Run
 from compressor.run.pipeline import run_stages
 from compressor.run.progress import Reporter
 from compressor.config.recipe import parse_recipe
@@ -12,8 +13,9 @@ from compressor.train.training import accuracy
 
 def _stages(model, digits, raw):
     recipe = parse_recipe(raw)
-    base = accuracy(model, digits.x_test, digits.y_test)
-    return run_stages(model, recipe, digits, Reporter(quiet=True), base), base, recipe
+    run = Run.build(model, digits, recipe, Reporter(quiet=True))
+    assert run.budget_baseline == accuracy(model, digits.x_test, digits.y_test)  # digits: no validation split
+    return run_stages(run), run.budget_baseline, recipe
 
 
 def test_fusion_stages_run_in_order_and_stay_within_budget(small_mlp, digits):
@@ -56,7 +58,7 @@ def test_align_makes_block_pruned_dense_inputs_a_multiple_of_the_block(digits):
     model.get_layer("b").set_weights(w)
     assert align.misaligned_dense(model, 16) == ["b"]
     recipe = parse_recipe({"targets": ["tflite-int8"]})
-    outcome = align.apply(model, StageContext(recipe, digits), block_height=16, epochs=0)
+    outcome = align.apply(model, align.AlignConfig(block_height=16, epochs=0), StageContext(recipe, digits))
     assert outcome.model.get_layer("a").units == 32 and outcome.details["removed"] == 5
     assert align.misaligned_dense(outcome.model, 16) == []
     assert model.get_layer("a").units == 37  # the input model is untouched
@@ -75,7 +77,7 @@ def _records(*values):
 def test_an_undertrained_dense_model_is_named_when_the_search_gives_the_stages_gain_back():
     """MobileNetV3Large at 3 epochs on 2,000 digits: dense 0.102, the stages' fine-tunes 0.939, and the
     search shipped 0.181 (within a 1-point budget of 0.102). The run must say why."""
-    from compressor.run.pipeline import undertrained_baseline
+    from compressor.run.report import undertrained_baseline
 
     [line] = undertrained_baseline(_task(), 0.102, _records(0.102, 0.915, 0.939, 0.181))
     assert "undertrained" in line and "0.1020 to 0.9390 (after stage2)" in line

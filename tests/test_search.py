@@ -7,7 +7,7 @@ from compressor.core._tf import keras
 from compressor.core.errors import CompressorError
 from compressor.stages.search.latency_model import LatencyModel, grid
 from compressor.config.recipe import parse_recipe
-from compressor.stages import scoring, search
+from compressor.stages import observation, planning, recovery, search
 from compressor.stages.base import StageContext
 from exporters.frontier_plot import frontier_table, plot_frontier
 
@@ -88,7 +88,7 @@ def test_allocation_meets_a_speedup_goal_on_a_tiny_model(digits, tmp_path, share
     if met:
         chosen = rows[outcome.details["chosen"]]
         assert chosen["within_budget"] and chosen["predicted_speedup"] >= 0.98 * 1.5
-        widths = scoring.groups(outcome.model)
+        widths = planning.groups(outcome.model)
         assert all(g.units % 8 == 0 for g in widths)  # round_units respected
         assert "search (taylor, onnxruntime)" in outcome.notes[0]
     else:  # an honest one-line reason instead of a model over budget
@@ -161,7 +161,7 @@ def test_a_point_slower_than_the_start_on_a_target_runtime_never_ships():
 
 def test_keep_frontier_writes_each_other_point_and_names_its_files(tmp_path):
     from compressor.load.model_io import save_model_atomic
-    from compressor.run.pipeline import _search_results
+    from compressor.run.report import search_results
     from compressor.run.progress import Reporter
     from exporters import ship
 
@@ -173,7 +173,7 @@ def test_keep_frontier_writes_each_other_point_and_names_its_files(tmp_path):
     assert sorted(files[label]) == [f"frontier/{label}/pruned.keras", f"frontier/{label}/pruned.onnx",
                                     f"frontier/{label}/pruned.tflite"]
     assert all((tmp_path / f).stat().st_size > 0 for f in files[label])
-    lifted = _search_results([{"name": "search", "details": {"frontier": rows, "chosen": 1}}], files)
+    lifted = search_results([{"name": "search", "details": {"frontier": rows, "chosen": 1}}], files)
     assert lifted["frontier"][0]["files"] == files[label] and lifted["frontier"][1]["files"] == ["pruned.keras"]
 
 
@@ -201,7 +201,7 @@ def test_attention_heads_are_a_search_group_with_a_measured_table(digits, shared
     model.fit(data.x_train, data.y_train, epochs=2, verbose=0)
     names = [g.name for g in search.search_groups(model)]
     assert {"mha0", "mha1"} <= set(names) and "ffn0_in" in names
-    scores = scoring.head_scores(model, data.x_train[:64], data.y_train[:64])
+    scores = observation.head_scores(model, data.x_train[:64], data.y_train[:64])
     assert scores["mha0"].shape == (2,) and np.all(scores["mha0"] > 0)
     lm = LatencyModel(model, names, "tflite", cache=shared_cache / default_cache("tflite").name, runs=20)
     mha = next(t for t in lm.terms if t.name == "mha0")
@@ -240,14 +240,14 @@ def test_head_scores_use_the_tasks_loss_for_a_regression_encoder(digits):
     model.compile("adam", "mae")
     model.fit(data.x_train[:256], data.y_train[:256].astype("float32") / 10.0, epochs=2, verbose=0)
     task = resolve(parse_recipe({"metric": "mae", "max_metric_drop": 0.05}), model)
-    scores = scoring.head_scores(model, data.x_train[:64], y, task=task)
+    scores = observation.head_scores(model, data.x_train[:64], y, task=task)
     assert scores["mha0"].shape == (2,) and np.all(scores["mha0"] > 0)
     kernel = model.get_layer("mha0")._output_dense.kernel
     silenced = kernel.numpy()
     silenced[0] = 0.0
-    before = scoring._loss_of(task)(y, model.predict(data.x_train[:64], verbose=0))
+    before = observation._loss_of(task)(y, model.predict(data.x_train[:64], verbose=0))
     kernel.assign(silenced)
-    after = scoring._loss_of(task)(y, model.predict(data.x_train[:64], verbose=0))
+    after = observation._loss_of(task)(y, model.predict(data.x_train[:64], verbose=0))
     assert scores["mha0"][0] == pytest.approx(max(after - before, 0.0) + 1e-6, rel=1e-4, abs=1e-6)
 
 
@@ -546,12 +546,12 @@ def test_importance_is_on_one_scale_across_groups(digits):
 def test_bisection_runs_a_point_between_the_last_good_and_the_failing_one(digits, stand_in_runtime, monkeypatch):
     """Points that keep fewer than 40 of the MLP's 64+64 units fail the budget: after 2x holds and 4x
     fails, the search visits a point between them, and it is within budget and faster than 2x."""
-    real = scoring.recover
+    real = recovery.recover
 
     def recover(model, ctx, limit, task, baseline, label):
         acc, epochs = real(model, ctx, limit, task, baseline, label)
         return (acc if _kept(model) >= 40 else 0.0), epochs
-    monkeypatch.setattr(search.scoring, "recover", recover)
+    monkeypatch.setattr(search.recovery, "recover", recover)
     model = _mlp(64)
     model.compile("adam", "sparse_categorical_crossentropy")
     model.fit(digits.x_train, digits.y_train, epochs=3, verbose=0)

@@ -11,7 +11,9 @@ from typing import Annotated, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from compressor import criteria
 from compressor.core.errors import CompressorError
+from compressor.core.registry import Registry
 from compressor.load.bounds import refused_module
 from exporters import targets as registry
 
@@ -22,10 +24,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-#: The importance criteria a recipe may name: the registered ones (compressor/criteria; a test keeps them equal).
-CriterionName = Literal["mean_abs", "apoz", "magnitude", "bn_scale", "taylor"]
+#: The importance criteria a recipe may name: the registered ones (compressor/criteria).
+CriterionName = Literal[criteria.CRITERIA.names()]
+_CRITERIA_TEXT = " | ".join(criteria.CRITERIA)
 
 
+def stage_name(config: type) -> str:
+    """The name a stage's config class answers to (its `name` field's default)."""
+    fields = getattr(config, "model_fields", None)
+    return fields["name"].default if fields is not None else config.name
+
+
+#: The stage configurations a recipe may list, by name: the recipe's stage union and its error text
+#: are read from here; each stage's implementation registers against its class (compressor/stages).
+STAGES: Registry[type[BaseModel]] = Registry("stage", key=stage_name)
+
+
+@STAGES.register
 class WeightStage(_Strict):
     """Magnitude pruning through tfmot with a polynomial-decay schedule, masks held while fine-tuning."""
 
@@ -44,12 +59,13 @@ class WeightStage(_Strict):
         "FULLY_CONNECTED kernel over a token sequence is slower than its dense one"))
 
 
+@STAGES.register
 class ActivationStage(_Strict):
     """Remove neurons/channels that are idle on calibration data (mean |activation| or APoZ)."""
 
     name: Literal["activation"] = "activation"
     criterion: CriterionName = Field(
-        "mean_abs", description="unit score: mean_abs | apoz | magnitude | bn_scale | taylor (compressor/criteria)")
+        "mean_abs", description=f"unit score: {_CRITERIA_TEXT} (compressor/criteria)")
     threshold: float = Field(0.1, ge=0.0, le=1.0, description="tau_a: remove units whose normalised score is below")
     max_fraction: float = Field(0.5, ge=0.0, lt=1.0, description="never remove more than this fraction of a layer")
     compensate: bool = Field(
@@ -58,6 +74,7 @@ class ActivationStage(_Strict):
     epochs: int = Field(2, ge=0, le=1000, description="fine-tuning epochs after removal")
 
 
+@STAGES.register
 class ClusterStage(_Strict):
     """K-means on activation patterns: drop units of tiny clusters, merge redundant units of a cluster."""
 
@@ -76,6 +93,7 @@ class ClusterStage(_Strict):
     epochs: int = Field(2, ge=0, le=1000, description="fine-tuning epochs after merging")
 
 
+@STAGES.register
 class SparseOptStage(_Strict):
     """Group-lasso / BN-gamma L1 training that drives whole units to zero, then removes them."""
 
@@ -93,6 +111,7 @@ class SparseOptStage(_Strict):
     finetune_epochs: int = Field(2, ge=0, le=1000, description="fine-tuning epochs after removal")
 
 
+@STAGES.register
 class DepthStage(_Strict):
     """Remove whole residual blocks (the branch of an identity-skip Add), least important first."""
 
@@ -122,6 +141,7 @@ class Goal(_Strict):
     batch: int = Field(1, ge=1, le=4096, description="batch size the latency is measured at")
 
 
+@STAGES.register
 class SearchStage(_Strict):
     """Per-layer widths chosen against latency measured on the runtime and the accuracy budget."""
 
@@ -151,8 +171,7 @@ class SearchStage(_Strict):
         return sorted(values)
 
 
-Stage = Annotated[Union[WeightStage, ActivationStage, ClusterStage, SparseOptStage, SearchStage, DepthStage],
-                  Field(discriminator="name")]
+Stage = Annotated[Union[tuple(STAGES.values())], Field(discriminator="name")]
 
 
 class BenchSettings(_Strict):
@@ -350,7 +369,7 @@ def _describe(err: dict) -> str:
     value = value if len(value) <= 80 else f"{value[:76]} ..."
     msg = str(err["msg"]).removeprefix("Value error, ")[:160]
     if err["type"] == "union_tag_invalid" or "tag" in err["type"]:
-        msg = "unknown stage; allowed: weight, activation, cluster, sparse_opt, search, depth"
+        msg = f"unknown stage; allowed: {', '.join(STAGES)}"
     return f"recipe field '{where}' = {value}: {msg}"
 
 

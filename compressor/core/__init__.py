@@ -1,7 +1,8 @@
 """The shared basics that both packages import, and the only part of `compressor` that `exporters`
 may import: TensorFlow with tf-keras as `tf.keras`, the one error type the CLI turns into a
-one-line message, stderr quieting for native libraries, and the enumeration of Keras kernels that
-the pruning stages zero and verification counts in the files (they must agree).
+one-line message, the registration pattern of every table (`Registry`), stderr quieting for
+native libraries, and the enumeration of Keras kernels that the pruning stages zero and
+verification counts in the files (they must agree).
 """
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import numpy as np
 
 from compressor.core.errors import CompressorError
 from compressor.core.quiet import quiet_stderr
+from compressor.core.registry import Registry
 
-__all__ = ["CompressorError", "export_form", "keras", "keras_kernels", "kernel_zeros", "quiet_stderr", "tf"]
+__all__ = ["CompressorError", "Registry", "export_form", "keras", "keras_kernels", "kernel_zeros", "quiet_stderr", "tf"]
 
 
 def __getattr__(name: str):

@@ -1,32 +1,14 @@
-"""Importance criteria, chosen by name. Every module in this package that defines a `Criterion`
-subclass with a `name` is registered: adding a criterion is one new module (and its name in the
-recipe's list)."""
+"""Importance criteria, chosen by name. A criterion is a `Criterion` subclass decorated with
+`@register` (compressor/criteria/base.py) in a module imported below; the recipe's `criterion:`
+names are read from the table, so adding a criterion is one class."""
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
-from compressor.criteria.base import Criterion, relative
-
-
-def _discover() -> dict[str, Criterion]:
-    found = {}
-    for info in pkgutil.iter_modules(__path__):
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        for value in vars(module).values():
-            if isinstance(value, type) and issubclass(value, Criterion) and value.name and not getattr(value, "__abstractmethods__", None):
-                found[value.name] = value()
-    return found
-
-
-CRITERIA: dict[str, Criterion] = _discover()
+from compressor.criteria import activity, taylor, weights  # noqa: F401  (each registers its criteria)
+from compressor.criteria.base import CRITERIA, STATISTICS, Criterion, register, relative
 
 
 def get(name: str) -> Criterion:
-    try:
-        return CRITERIA[name]
-    except KeyError:
-        raise ValueError(f"unknown criterion '{name}'; choose one of {', '.join(sorted(CRITERIA))}") from None
+    return CRITERIA.lookup(name)
 
 
-__all__ = ["CRITERIA", "Criterion", "get", "relative"]
+__all__ = ["CRITERIA", "STATISTICS", "Criterion", "get", "register", "relative"]

@@ -1,9 +1,10 @@
 """Criteria read from what a unit does on calibration data (the source article's tau_a)."""
 from __future__ import annotations
 
-from compressor.criteria.base import Criterion
+from compressor.criteria.base import Criterion, register
 
 
+@register
 class MeanAbs(Criterion):
     name = "mean_abs"
     summary = "mean |activation| / layer max"
@@ -12,6 +13,7 @@ class MeanAbs(Criterion):
         return activity.mean_abs
 
 
+@register
 class APoZ(Criterion):
     """Average Percentage of Zeros after ReLU (Hu et al. 2016): 1 - APoZ, so idle is low."""
 

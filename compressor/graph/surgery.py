@@ -231,56 +231,8 @@ def _analyze(model) -> _Analysis:
     analysis = _Analysis(layers={layer.name: layer for layer in graph.order},
                          order=[layer.name for layer in graph.order])
     output_layouts: dict[str, _Layout] = {}
-
-    def input_layout_of(source: str, width: int) -> _Layout:
-        if source == _MODEL_INPUT:
-            analysis.block_space(_MODEL_INPUT, "channels come from the model input")
-            return _opaque(_MODEL_INPUT, width)
-        return output_layouts[source]
-
     for layer in graph.order:
-        name, kind, sources = layer.name, type(layer), graph.inbound[layer.name]
-        handler = handler_for(layer)
-        if isinstance(layer, keras.layers.InputLayer):
-            space = f"<input {name}>"
-            analysis.block_space(space, f"channels come from model input '{name}'")
-            output_layouts[name] = _opaque(space, _last_dim(layer.output_shape))
-            continue
-        # Keyword tensors (attention's value/key) are read whole: never cut them.
-        analysis.block([output_layouts[src] for src in graph.keyword[name] if src in output_layouts],
-                       f"read by '{name}' ({kind.__name__}) as a keyword input")
-        if name in graph.shared:
-            why, label = "shared layer", f"shared layer '{name}' ({kind.__name__}, called more than once)"
-        elif handler is None:
-            why, label = "unsupported", f"unsupported layer '{name}' ({kind.__name__})"
-        else:
-            why = handler.check(layer)
-            label = f"'{name}' ({kind.__name__}: {why})"
-        if why is not None:
-            # Do not even ask for its input shapes: nested or keyword inputs may not have one.
-            analysis.block([output_layouts[src] for src in sources if src in output_layouts], f"consumed by {label}")
-            output_layouts[name] = analysis.fresh_output(layer, why)
-            continue
-        input_shapes = layer.input_shape
-        if len(sources) == 1:
-            input_shapes = [input_shapes]
-        input_shapes = [_shape_of(shape) for shape in input_shapes]
-        in_layouts = [input_layout_of(src, _last_dim(shape)) for src, shape in zip(sources, input_shapes)]
-        # A derived layout must agree with the real tensor width (it may not, e.g. for the 2nd
-        # output of a multi-output layer): otherwise treat that input as an unknown source.
-        for position, shape in enumerate(input_shapes):
-            if in_layouts[position].width != _last_dim(shape):
-                analysis.block([in_layouts[position]], f"channel layout mismatch at '{name}'")
-                space = f"<input {position} of {name}>"
-                analysis.block_space(space, f"input {position} of '{name}' is not understood")
-                in_layouts[position] = _opaque(space, _last_dim(shape))
-        try:
-            output_layouts[name] = handler.propagate(layer, in_layouts, input_shapes, analysis)
-            analysis.input_layouts[name] = in_layouts  # only for layers the rebuild may slice
-        except Blocked as blocked:
-            analysis.block(in_layouts, f"consumed by '{name}' ({kind.__name__}: {blocked})")
-            output_layouts[name] = analysis.fresh_output(layer, f"{kind.__name__}: {blocked}")
-
+        output_layouts[layer.name] = _layer_output(analysis, graph, layer, output_layouts)
     for layout in list(output_layouts.values()) + [lay for lays in analysis.input_layouts.values() for lay in lays]:
         for seg in layout.segments:
             analysis.space_width.setdefault(seg.space, seg.length)
@@ -289,6 +241,62 @@ def _analyze(model) -> _Analysis:
         for space in output_layouts[name].spaces:
             analysis.blocked.setdefault(space, reason)
     return analysis
+
+
+def _layer_output(analysis: _Analysis, graph: ModelGraph, layer, output_layouts: dict[str, _Layout]) -> _Layout:
+    """The layout of one layer's output, from its handler; its inputs blocked where it cannot carry them."""
+    name, kind, sources = layer.name, type(layer), graph.inbound[layer.name]
+    handler = handler_for(layer)
+    if isinstance(layer, keras.layers.InputLayer):
+        space = f"<input {name}>"
+        analysis.block_space(space, f"channels come from model input '{name}'")
+        return _opaque(space, _last_dim(layer.output_shape))
+    # Keyword tensors (attention's value/key) are read whole: never cut them.
+    analysis.block([output_layouts[src] for src in graph.keyword[name] if src in output_layouts],
+                   f"read by '{name}' ({kind.__name__}) as a keyword input")
+    if name in graph.shared:
+        why, label = "shared layer", f"shared layer '{name}' ({kind.__name__}, called more than once)"
+    elif handler is None:
+        why, label = "unsupported", f"unsupported layer '{name}' ({kind.__name__})"
+    else:
+        why = handler.check(layer)
+        label = f"'{name}' ({kind.__name__}: {why})"
+    if why is not None:
+        # Do not even ask for its input shapes: nested or keyword inputs may not have one.
+        analysis.block([output_layouts[src] for src in sources if src in output_layouts], f"consumed by {label}")
+        return analysis.fresh_output(layer, why)
+    input_shapes = layer.input_shape
+    if len(sources) == 1:
+        input_shapes = [input_shapes]
+    input_shapes = [_shape_of(shape) for shape in input_shapes]
+    in_layouts = _input_layouts(analysis, name, sources, input_shapes, output_layouts)
+    try:
+        out = handler.propagate(layer, in_layouts, input_shapes, analysis)
+        analysis.input_layouts[name] = in_layouts  # only for layers the rebuild may slice
+        return out
+    except Blocked as blocked:
+        analysis.block(in_layouts, f"consumed by '{name}' ({kind.__name__}: {blocked})")
+        return analysis.fresh_output(layer, f"{kind.__name__}: {blocked}")
+
+
+def _input_layouts(analysis: _Analysis, name: str, sources: list[str], input_shapes: list[tuple],
+                   output_layouts: dict[str, _Layout]) -> list[_Layout]:
+    """The layouts a layer reads. A derived layout must agree with the real tensor width (it may not,
+    e.g. for the 2nd output of a multi-output layer): otherwise that input is an unknown source."""
+    layouts = []
+    for source, shape in zip(sources, input_shapes):
+        if source == _MODEL_INPUT:
+            analysis.block_space(_MODEL_INPUT, "channels come from the model input")
+            layouts.append(_opaque(_MODEL_INPUT, _last_dim(shape)))
+        else:
+            layouts.append(output_layouts[source])
+    for position, shape in enumerate(input_shapes):
+        if layouts[position].width != _last_dim(shape):
+            analysis.block([layouts[position]], f"channel layout mismatch at '{name}'")
+            space = f"<input {position} of {name}>"
+            analysis.block_space(space, f"input {position} of '{name}' is not understood")
+            layouts[position] = _opaque(space, _last_dim(shape))
+    return layouts
 
 
 def _last_dim(shape) -> int:
@@ -372,15 +380,33 @@ def _plan_groups(
 ) -> tuple[dict[str, np.ndarray], dict[str, dict[int, int]]]:
     """Per group root: kept channel indices, and {removed: kept} folds to apply at consumers."""
     _check_plan_names(analysis, list(plan) + list(merge))
-    requested: dict[str, dict[str, set[int]]] = {}  # root -> member -> removal set
-    folds: dict[str, dict[int, int]] = {}  # root -> removed -> kept
+    requested, folds = _requests(analysis, plan, merge)
+    kept_by_root: dict[str, np.ndarray] = {}
+    folds_by_root: dict[str, dict[int, int]] = {}
+    for root in set(requested) | set(folds):
+        members = [s for s in analysis.group_members[root] if s in analysis.producers]
+        asked = requested.get(root, {})
+        group_folds = folds.get(root, {})
+        named = list(asked) + [m for m in merge if analysis.root(m) == root and m not in asked]
+        if not group_folds and not any(asked.values()):
+            continue  # nothing to remove in this group
+        kept = _group_kept(analysis, members, asked, group_folds, named, result)
+        if kept is not None:
+            kept_by_root[root] = kept
+            folds_by_root[root] = group_folds
+    return kept_by_root, folds_by_root
+
+
+def _requests(analysis: _Analysis, plan, merge) -> tuple[dict[str, dict[str, set[int]]], dict[str, dict[int, int]]]:
+    """The plan and merge by group root: root -> member -> removal set, and root -> removed -> kept."""
+    requested: dict[str, dict[str, set[int]]] = {}
+    folds: dict[str, dict[int, int]] = {}
     for name, indices in plan.items():
         units = analysis.producers[name]
         requested.setdefault(analysis.root(name), {})[name] = _as_index_set(name, indices, units)
     for name, pairs in merge.items():
         units = analysis.producers[name]
-        root = analysis.root(name)
-        group_folds = folds.setdefault(root, {})
+        group_folds = folds.setdefault(analysis.root(name), {})
         for removed, kept in pairs.items():
             removed, kept = int(removed), int(kept)
             _as_index_set(name, (removed, kept), units)
@@ -389,55 +415,40 @@ def _plan_groups(
             if group_folds.get(removed, kept) != kept:
                 raise ValueError(f"merge folds unit {removed} of group of '{name}' onto two units")
             group_folds[removed] = kept
+    return requested, folds
 
-    kept_by_root: dict[str, np.ndarray] = {}
-    folds_by_root: dict[str, dict[int, int]] = {}
-    for root in set(requested) | set(folds):
-        members = [s for s in analysis.group_members[root] if s in analysis.producers]
-        units = analysis.producers[members[0]]
-        asked = requested.get(root, {})
-        group_folds = folds.get(root, {})
-        named = list(asked) + [m for m in merge if analysis.root(m) == root and m not in asked]
-        if not group_folds and not any(asked.values()):
-            continue  # nothing to remove in this group
 
-        reason = analysis.block_reason(members[0])  # any member's reason blocks the group
-        if reason is not None:
-            for member in members:
-                member_reason = analysis.block_reason(member) or reason
-                result.skipped[member] = member_reason
-                if member in named:
-                    warnings.warn(
-                        f"surgery: units of '{member}' are kept: {member_reason}",
-                        SurgeryWarning,
-                        stacklevel=3,
-                    )
-            continue
-
-        removal_sets = list(asked.values())
-        removal = set.intersection(*removal_sets) if removal_sets else set()
-        if len(removal_sets) > 1 and any(s != removal for s in removal_sets):
-            note = (
-                f"coupled group {members} got different plans; removed their intersection "
-                f"({len(removal)} units)"
-            )
-            for member in members:
-                result.notes[member] = note
-            warnings.warn(f"surgery: {note}", SurgeryWarning, stacklevel=3)
-        removal |= set(group_folds)
-        bad_targets = sorted(kept for kept in group_folds.values() if kept in removal)
-        if bad_targets:
-            raise ValueError(f"merge targets {bad_targets} of '{members[0]}' are removed too")
-        if len(removal) >= units:
-            survivor = min(removal)
-            removal.discard(survivor)
-            note = f"plan removed all {units} units; kept unit {survivor}"
-            for member in members:
-                result.notes[member] = note
-            warnings.warn(f"surgery: {members}: {note}", SurgeryWarning, stacklevel=3)
-        kept_by_root[root] = np.array(sorted(set(range(units)) - removal), dtype=np.int64)
-        folds_by_root[root] = group_folds
-    return kept_by_root, folds_by_root
+def _group_kept(analysis: _Analysis, members: list[str], asked: dict[str, set[int]], group_folds: dict[int, int],
+                named: list[str], result: SurgeryResult) -> np.ndarray | None:
+    """The units one coupled group keeps, or None when a member's reason blocks the whole group."""
+    units = analysis.producers[members[0]]
+    reason = analysis.block_reason(members[0])  # any member's reason blocks the group
+    if reason is not None:
+        for member in members:
+            member_reason = analysis.block_reason(member) or reason
+            result.skipped[member] = member_reason
+            if member in named:
+                warnings.warn(f"surgery: units of '{member}' are kept: {member_reason}", SurgeryWarning, stacklevel=4)
+        return None
+    removal_sets = list(asked.values())
+    removal = set.intersection(*removal_sets) if removal_sets else set()
+    if len(removal_sets) > 1 and any(s != removal for s in removal_sets):
+        note = f"coupled group {members} got different plans; removed their intersection ({len(removal)} units)"
+        for member in members:
+            result.notes[member] = note
+        warnings.warn(f"surgery: {note}", SurgeryWarning, stacklevel=4)
+    removal |= set(group_folds)
+    bad_targets = sorted(kept for kept in group_folds.values() if kept in removal)
+    if bad_targets:
+        raise ValueError(f"merge targets {bad_targets} of '{members[0]}' are removed too")
+    if len(removal) >= units:
+        survivor = min(removal)
+        removal.discard(survivor)
+        note = f"plan removed all {units} units; kept unit {survivor}"
+        for member in members:
+            result.notes[member] = note
+        warnings.warn(f"surgery: {members}: {note}", SurgeryWarning, stacklevel=4)
+    return np.array(sorted(set(range(units)) - removal), dtype=np.int64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -473,7 +484,7 @@ def _compile_like(new_model, model) -> None:
     )
 
 
-def _cuts(analysis: _Analysis, kept_of, merges_of) -> tuple[dict, dict]:
+def _cuts(analysis: _Analysis, kept_of, merges_of, merge_exact: bool = False) -> tuple[dict, dict]:
     """New configs and weights of every layer the plan changes, from each family's handler."""
     new_configs, new_weights = {}, {}
     warned_inexact = set()
@@ -486,7 +497,7 @@ def _cuts(analysis: _Analysis, kept_of, merges_of) -> tuple[dict, dict]:
                   kept_of(name) if producer else None, analysis.producers.get(name))
         for _removed, _kept, segment in cut.pairs:
             culprit = segment.touched_by or (None if handler.exact_fold else name)
-            if culprit and (segment.space, name) not in warned_inexact:
+            if culprit and not merge_exact and (segment.space, name) not in warned_inexact:
                 warned_inexact.add((segment.space, name))
                 warnings.warn(
                     f"surgery: merging units of '{segment.space}' is approximate at '{name}': "
@@ -534,6 +545,8 @@ def remove_units(
     model,
     plan: dict[str, Iterable[int]],
     merge: dict[str, dict[int, int]] | None = None,
+    *,
+    merge_exact: bool = False,
 ) -> tuple[keras.Model, SurgeryResult]:
     """Return a NEW model without the planned units; the input model is not modified.
 
@@ -547,6 +560,9 @@ def remove_units(
         even if not in `plan`. Exact only when nothing with per-channel parameters (BN,
         DepthwiseConv, SeparableConv's depthwise step) sits between them and the consumer;
         otherwise a SurgeryWarning says it is an approximation.
+    merge_exact: the caller measured the merge relations where the consumer reads the units
+        (after BN, as the structured stages do), where surgery cannot see them: they are exact
+        there, so no 'approximate' warning is given.
 
     Producers that cannot shrink (unsupported consumer, model output, coupled to the input) keep
     their units; they are listed in `result.skipped` and a SurgeryWarning names the blocking
@@ -572,7 +588,7 @@ def remove_units(
         result.units_before[name] = units
         result.units_after[name] = len(kept_of(name))
 
-    new_configs, new_weights = _cuts(analysis, kept_of, merges_of)
+    new_configs, new_weights = _cuts(analysis, kept_of, merges_of, merge_exact)
     new_model = _rebuilt(model, new_configs, new_weights)
     _compile_like(new_model, model)
     return new_model, result

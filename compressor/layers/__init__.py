@@ -4,29 +4,16 @@ Surgery's graph analysis, the stages' scoring, the weight stage, the load-time s
 FLOP counter and the Keras 3 importer all look layer types up here. Matching is by exact type: a
 user subclass of Dense may change `call`, so it is unknown rather than trusted.
 
-Adding a family is one module with a `Handler` subclass, listed in HANDLERS below.
+Adding a family is one `Handler` subclass decorated with `@register` (compressor/layers/base.py):
+in a module imported below, or in the user's own module given with `--custom-objects` (the API's
+`custom_objects`), for the user's own layer class.
 """
 from __future__ import annotations
 
-from compressor.layers import (attention, dense_conv, depthwise, elementwise, embedding, export_forms, merge,
-                               normalization, shape, tf_ops)
-from compressor.layers.base import Blocked, Cut, Handler
-
-HANDLERS: tuple[Handler, ...] = (
-    dense_conv.DenseConv(), dense_conv.ConvTranspose(),
-    depthwise.Depthwise(), depthwise.Separable(),
-    normalization.PerChannel(), normalization.KerasNormalization(), normalization.LayerScale(), normalization.ConstantTerm(),
-    normalization.Rescaling(),
-    normalization.LayerNorm(),
-    elementwise.Activations(), elementwise.Softmax(), elementwise.Dropout(), elementwise.Pooling(),
-    elementwise.Spatial(),
-    shape.Flatten(), shape.Reshape(),
-    merge.Elementwise(), merge.Concatenate(), tf_ops.TFOp(),
-    attention.MultiHeadAttention(),
-    embedding.Embedding(), embedding.Recurrent(),
-)
-
-_BY_TYPE = {kind: handler for handler in HANDLERS for kind in handler.kinds}
+from compressor.layers import (attention, dense_conv, depthwise, elementwise, embedding,  # noqa: F401  (they register)
+                               export_forms, merge, normalization, shape, tf_ops)
+from compressor.layers.base import BY_TYPE as _BY_TYPE
+from compressor.layers.base import HANDLERS, Blocked, Cut, Handler, register
 
 
 def handler_for(layer, exact: bool = True) -> Handler | None:
@@ -37,13 +24,18 @@ def handler_for(layer, exact: bool = True) -> Handler | None:
     return next((_BY_TYPE[kind] for kind in type(layer).__mro__ if kind in _BY_TYPE), None)
 
 
+def handler_or_default(layer) -> Handler:
+    """The layer's handler, or the defaults for an unknown type (nothing to observe or route through)."""
+    return handler_for(layer) or Handler()
+
+
 def handler_for_type(kind: type) -> Handler | None:
     return _BY_TYPE.get(kind)
 
 
 def keras3_rebuilder(class_name: str):
     """How the family's handler rebuilds a Keras 3 layer of this class in tf-keras, or None."""
-    return next((h.keras3[class_name] for h in HANDLERS if class_name in h.keras3), None)
+    return next((h.keras3[class_name] for h in HANDLERS.values() if class_name in h.keras3), None)
 
 
 def supported_class_names() -> frozenset[str]:
@@ -63,5 +55,5 @@ def export_form(model):
     return export_forms.export_model(model, form_of)
 
 
-__all__ = ["HANDLERS", "Blocked", "Cut", "Handler", "export_form", "handler_for", "handler_for_type", "keras3_rebuilder",
-           "supported_class_names"]
+__all__ = ["HANDLERS", "Blocked", "Cut", "Handler", "export_form", "handler_for", "handler_for_type",
+           "handler_or_default", "keras3_rebuilder", "register", "supported_class_names"]

@@ -9,7 +9,7 @@ import numpy as np
 from compressor.layers import keras3_layers
 from compressor.core._tf import keras, tf
 from compressor.layers.export_forms import attention_form
-from compressor.layers.base import Cut, Handler, size, take
+from compressor.layers.base import Cut, Handler, register, size, take
 
 _L = keras.layers
 
@@ -20,6 +20,7 @@ def _projections(layer):
             (layer._output_dense, 0, None)]
 
 
+@register
 class MultiHeadAttention(Handler):
     kinds = (_L.MultiHeadAttention,)
     family = "attention"

@@ -4,7 +4,8 @@ A handler is everything the tool knows about one family of tf-keras layer types:
 channels are coupled to its inputs and outputs (`propagate`, read by surgery's graph analysis and
 by the stages' scoring), how to cut its weights and config when units go (`resize`), how many
 multiply-adds it costs (`macs`) and how its Keras 3 config maps to tf-keras (`keras3_config`).
-A family that is not registered is unknown: surgery keeps every channel around it.
+A family that is not registered is unknown: surgery keeps every channel around it. A handler
+class joins the table with the `@register` decorator at the end of this module.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from typing import Callable, Protocol
 import numpy as np
 
 from compressor.core._tf import tf
+from compressor.core.errors import CompressorError
+from compressor.core.registry import Registry
 from compressor.layers.layout import Layout
 
 
@@ -180,3 +183,33 @@ def activation_name(layer) -> str:
 
 # Activations that mix units: removing one changes the others.
 CROSS_UNIT_ACTIVATIONS = frozenset({"softmax", "log_softmax"})
+
+
+# ------------------------------------------------------------------------------------ the table
+
+
+def _handler_key(handler: Handler) -> str:
+    return f"{type(handler).__module__}.{type(handler).__qualname__}"
+
+
+#: Every registered handler (one instance per class), in registration order.
+HANDLERS: Registry[Handler] = Registry("layer handler", key=_handler_key)
+BY_TYPE: dict[type, Handler] = {}  # layer type -> its handler, kept in step with HANDLERS
+
+
+def register(cls: type[Handler]) -> type[Handler]:
+    """Class decorator: the handler answers for the layer types in its `kinds`. A user's module
+    (given with --custom-objects or the API's custom_objects) may register one for its own layer
+    class, as tfmot's PrunableLayer allows; each layer type has one handler."""
+    handler = cls()
+    key = _handler_key(handler)
+    taken = [kind.__name__ for kind in handler.kinds if kind in BY_TYPE and _handler_key(BY_TYPE[kind]) != key]
+    if taken:
+        raise CompressorError(f"layer handler {cls.__name__} claims {', '.join(taken)}, which already "
+                              f"{'has' if len(taken) == 1 else 'have'} a handler; register it for your own layer class")
+    previous = HANDLERS.get(key)
+    for kind in previous.kinds if previous is not None else ():
+        BY_TYPE.pop(kind, None)
+    HANDLERS.register(handler)
+    BY_TYPE.update({kind: handler for kind in handler.kinds})
+    return cls

@@ -6,12 +6,13 @@ from __future__ import annotations
 from compressor.core._tf import keras
 from compressor.layers.export_forms import dense_form, grouped_conv_form
 from compressor.layers.base import (CROSS_UNIT_ACTIVATIONS, Blocked, Cut, Handler, activation_name, fold_rows,
-                                    map_weights, positions, size, take)
+                                    map_weights, positions, register, size, take)
 from compressor.layers.layout import single
 
 _L = keras.layers
 
 
+@register
 class DenseConv(Handler):
     kinds = (_L.Dense, _L.Conv1D, _L.Conv2D, _L.Conv3D)
     family = "dense/conv"
@@ -73,6 +74,7 @@ def _depthwise_like(layer) -> bool:
     return groups > 1 and groups == int(layer.filters) == int(layer.kernel.shape[-1]) and int(layer.kernel.shape[-2]) == 1
 
 
+@register
 class ConvTranspose(Handler):
     """Counted for MACs; channel removal through transposed convolutions is not supported."""
 

@@ -5,12 +5,14 @@ step whose filters are the layer's own units."""
 from __future__ import annotations
 
 from compressor.core._tf import keras
-from compressor.layers.base import Blocked, Cut, Handler, expand, fold_rows, map_weights, positions, size, take
+from compressor.layers.base import (Blocked, Cut, Handler, expand, fold_rows, map_weights, positions, register, size,
+                                    take)
 from compressor.layers.layout import single
 
 _L = keras.layers
 
 
+@register
 class Depthwise(Handler):
     kinds = (_L.DepthwiseConv1D, _L.DepthwiseConv2D)
     family = "depthwise conv"
@@ -41,6 +43,7 @@ class Depthwise(Handler):
         return positions(out_shape, channels) * size(kernel, nonzero_only)
 
 
+@register
 class Separable(Handler):
     kinds = (_L.SeparableConv1D, _L.SeparableConv2D)
     family = "separable conv"

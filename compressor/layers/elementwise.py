@@ -5,7 +5,7 @@ from __future__ import annotations
 from compressor.core._tf import keras
 from compressor.layers import keras3_layers
 from compressor.layers.keras3_layers import StochasticDepth
-from compressor.layers.base import CROSS_UNIT_ACTIVATIONS, Blocked, Handler, activation_name
+from compressor.layers.base import CROSS_UNIT_ACTIVATIONS, Blocked, Handler, activation_name, register
 
 _L = keras.layers
 
@@ -16,6 +16,7 @@ POOLING = (_L.MaxPooling1D, _L.MaxPooling2D, _L.MaxPooling3D, _L.AveragePooling1
            _L.GlobalAveragePooling1D, _L.GlobalAveragePooling2D, _L.GlobalAveragePooling3D)
 
 
+@register
 class Activations(Handler):
     kinds = (_L.Activation, _L.ReLU, _L.LeakyReLU, _L.ELU, _L.ThresholdedReLU)
     family = "activation"
@@ -28,6 +29,7 @@ class Activations(Handler):
         return ins[0]
 
 
+@register
 class Softmax(Handler):
     kinds = (_L.Softmax,)
     family = "activation"
@@ -36,6 +38,7 @@ class Softmax(Handler):
         raise Blocked("Softmax normalises across its axis")
 
 
+@register
 class Dropout(Handler):
     kinds = (*DROPOUT, StochasticDepth)  # StochasticDepth: drops a whole sample's branch, identity at inference
     keras3 = {"StochasticDepth": keras3_layers.ours(StochasticDepth)}
@@ -44,12 +47,14 @@ class Dropout(Handler):
     route_through = True
 
 
+@register
 class Pooling(Handler):
     kinds = POOLING
     family = "pooling"
     route_through = True
 
 
+@register
 class Spatial(Handler):
     kinds = (_L.ZeroPadding1D, _L.ZeroPadding2D, _L.ZeroPadding3D, _L.Cropping1D, _L.Cropping2D,
              _L.Cropping3D, _L.UpSampling1D, _L.UpSampling2D, _L.UpSampling3D, _L.RepeatVector)

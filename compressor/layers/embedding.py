@@ -3,12 +3,13 @@ integer ids, not channels, so nothing upstream is coupled to it."""
 from __future__ import annotations
 
 from compressor.core._tf import keras
-from compressor.layers.base import Cut, Handler, take
+from compressor.layers.base import Cut, Handler, register, take
 from compressor.layers.layout import single
 
 _L = keras.layers
 
 
+@register
 class Embedding(Handler):
     kinds = (_L.Embedding,)
     family = "embedding"
@@ -29,6 +30,7 @@ class Embedding(Handler):
         return config, [take(layer.embeddings.numpy(), cut.out_kept, axis=-1)]
 
 
+@register
 class Recurrent(Handler):
     """Known and left whole: gates couple every unit of the state with every other."""
 

@@ -4,12 +4,13 @@ lose the same indices (union-find in surgery). Concatenate puts its inputs' chan
 from __future__ import annotations
 
 from compressor.core._tf import keras
-from compressor.layers.base import Blocked, Handler, is_last_axis
+from compressor.layers.base import Blocked, Handler, is_last_axis, register
 from compressor.layers.layout import Layout
 
 _L = keras.layers
 
 
+@register
 class Elementwise(Handler):
     kinds = (_L.Add, _L.Subtract, _L.Average, _L.Maximum, _L.Minimum, _L.Multiply)
     family = "elementwise merge"
@@ -25,6 +26,7 @@ class Elementwise(Handler):
         return first.touched(touched) if touched else first
 
 
+@register
 class Concatenate(Handler):
     kinds = (_L.Concatenate,)
     family = "concatenate"

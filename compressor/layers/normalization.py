@@ -9,11 +9,12 @@ from compressor.core._tf import keras
 from compressor.layers import keras3_layers
 from compressor.layers.keras3_layers import ConstantTerm as ConstantTermLayer, LayerScale as LayerScaleLayer
 from compressor.layers.export_forms import layer_norm_form
-from compressor.layers.base import Blocked, Cut, Handler, is_last_axis, map_weights, take
+from compressor.layers.base import Blocked, Cut, Handler, is_last_axis, map_weights, register, take
 
 _L = keras.layers
 
 
+@register
 class PerChannel(Handler):
     """Channel-wise affine layers: every weight with a channel axis is sliced on its last axis."""
 
@@ -38,6 +39,7 @@ class PerChannel(Handler):
         return None, map_weights(layer, rule)
 
 
+@register
 class KerasNormalization(PerChannel):
     """`keras.layers.Normalization` (EfficientNet's input standardisation): mean/variance per channel."""
 
@@ -51,6 +53,7 @@ class KerasNormalization(PerChannel):
         return ins[0].touched(layer.name)
 
 
+@register
 class LayerScale(PerChannel):
     """ConvNeXt's per-channel residual gain (the tf-keras class Keras 3 imports are rebuilt with)."""
 
@@ -67,6 +70,7 @@ class LayerScale(PerChannel):
         return config, super().resize(layer, cut)[1]
 
 
+@register
 class ConstantTerm(Handler):
     """x + c, x * c, ... with a stored constant (Keras 3 inline tensors): a constant with a channel
     axis is sliced with its input's channels; one broadcast over channels leaves them alone."""
@@ -88,6 +92,7 @@ class ConstantTerm(Handler):
         return config, [take(value, cut.positions[0], axis=-1)]
 
 
+@register
 class Rescaling(Handler):
     kinds = (_L.Rescaling,)
     family = "rescaling"
@@ -98,6 +103,7 @@ class Rescaling(Handler):
         return ins[0]
 
 
+@register
 class LayerNorm(Handler):
     kinds = (_L.LayerNormalization,)
     family = "layer normalisation"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from compressor.core._tf import keras
-from compressor.layers.base import Blocked, Cut, Handler
+from compressor.layers.base import Blocked, Cut, Handler, register
 from compressor.layers.layout import Layout
 
 _L = keras.layers
@@ -26,6 +26,7 @@ def reshape_kind(layout: Layout, input_shape, target_shape) -> str | None:
     return "flat" if len(target) == 1 else None
 
 
+@register
 class Flatten(Handler):
     kinds = (_L.Flatten,)
     family = "flatten/reshape"
@@ -37,6 +38,7 @@ class Flatten(Handler):
         return out
 
 
+@register
 class Reshape(Handler):
     kinds = (_L.Reshape,)
     family = "flatten/reshape"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from compressor.core._tf import keras
+from compressor.layers.base import register
 from compressor.layers.merge import Elementwise
 
 try:  # the class is not exported publicly by tf-keras
@@ -26,6 +27,7 @@ def _tensor(value) -> bool:
     return hasattr(value, "_keras_history") or type(value).__name__ == "KerasTensor"
 
 
+@register
 class TFOp(Elementwise):
     """Propagates like an elementwise merge: one tensor passes through, two are coupled."""
 

@@ -11,49 +11,41 @@ from __future__ import annotations
 
 import numpy as np
 
-from compressor import criteria
 from compressor.config.recipe import ActivationStage
-from compressor.stages import scoring
-from compressor.stages.base import StageContext, StageOutcome
+from compressor.graph import surgery
+from compressor.stages import observation, planning, recovery
+from compressor.stages.base import StageContext, StageOutcome, stage
 
 
-def unit_scores(model, producer: str, activity: scoring.Activity, criterion: str) -> np.ndarray:
-    """Normalised score in [0, 1] per unit from the named criterion (compressor/criteria); dead units get 0."""
-    score = np.array(criteria.get(criterion).scores(model, producer, activity), dtype=np.float64)
-    score[scoring.dead_units(model, producer) | (activity.mean_abs == 0)] = 0.0
-    return score
-
-
+@stage(ActivationStage, structured=True)
 def apply(model, cfg: ActivationStage, ctx: StageContext, amount: float = 1.0) -> StageOutcome:
     # biases get compensated before surgery: never on the caller's model
-    labelled = None
-    if criteria.get(cfg.criterion).needs_gradients:
-        labelled = ctx.data.labelled_calibration()
-    base, groups, traces, activity = scoring.observe(model, ctx.data.calibration(), labelled, task=ctx.task)
+    labelled = observation.labelled_for(cfg.criterion, ctx.data)
+    base, groups, traces, activity = observation.observe(model, ctx.data.calibration(), labelled, task=ctx.task)
     if not groups:
         return StageOutcome(base, {"layers": {}, "removed": 0}, ["activation: no prunable Dense/Conv layers"])
     threshold = cfg.threshold * amount
     plan, extra = {}, {}
     for group in groups:
-        per_member = [unit_scores(base, m, activity[m], cfg.criterion) for m in group.members]
+        per_member = [observation.unit_scores(base, m, activity[m], cfg.criterion) for m in group.members]
         score = np.mean(per_member, axis=0)  # a residual group loses the same channels: joint score
         dead = np.any([s == 0 for s in per_member], axis=0) & (score == 0)
-        drop = scoring.below(score, threshold, scoring.cap(group.units, cfg.max_fraction, amount))
-        drop = scoring.rounded(drop, group.units, ctx.recipe.unit_multiple())
+        drop = planning.below(score, threshold, planning.cap(group.units, cfg.max_fraction, amount))
+        drop = planning.rounded(drop, group.units, ctx.recipe.unit_multiple())
         compensated = False
         if drop and cfg.compensate and len(group.members) == 1:
             tr = traces[group.name]
-            compensated = scoring.fold_into_consumers(
+            compensated = planning.fold_into_consumers(
                 base, tr, group.units, offset={i: float(activity[group.name].mean[i]) for i in drop})
         if drop:
             plan[group.name] = drop
         for m in group.members:
             extra[m] = {"observed_at": traces[m].observe, "removed_units": list(drop), "dead": int(dead.sum()),
-                        "dead_removed": int(sum(dead[i] for i in drop)), "scores": scoring.summary(score),
+                        "dead_removed": int(sum(dead[i] for i in drop)), "scores": planning.summary(score),
                         "compensated": compensated, "coupled_with": [o for o in group.members if o != m]}
-    pruned, result = scoring.remove(base, plan)
-    scoring.finetune(pruned, ctx, cfg.epochs, "activation: fine-tune")
-    layers = scoring.layer_details(result, extra)
+    pruned, result = surgery.remove_units(base, plan)
+    recovery.finetune(pruned, ctx, cfg.epochs, "activation: fine-tune")
+    layers = planning.layer_details(result, extra)
     removed = sum(row["removed"] for row in layers.values())
     total = sum(row["units_before"] for row in layers.values())
     dead_removed = sum(row["dead_removed"] for row in layers.values())

@@ -17,8 +17,9 @@ from sklearn.cluster import KMeans
 from threadpoolctl import threadpool_limits
 
 from compressor.config.recipe import ClusterStage
-from compressor.stages import scoring
-from compressor.stages.base import StageContext, StageOutcome
+from compressor.graph import surgery
+from compressor.stages import observation, planning, recovery
+from compressor.stages.base import StageContext, StageOutcome, stage
 
 _CONSTANT = 1e-6  # relative pattern norm below which a unit is taken as constant
 
@@ -67,15 +68,16 @@ def plan_group(patterns: np.ndarray, mean_abs: np.ndarray, cfg: ClusterStage, am
     order = [("constant", int(u)) for u in np.flatnonzero(constant)]
     order += [("merge", r) for r in sorted(merges, key=lambda r: merges[r][1])]
     order += [("rare", u) for u in sorted(rare, key=lambda u: mean_abs[u])]
-    chosen = scoring.rounded(order[:scoring.cap(units, cfg.max_fraction, amount)], units, round_to)
+    chosen = planning.rounded(order[:planning.cap(units, cfg.max_fraction, amount)], units, round_to)
     return {"k": k, "constant": [u for kind, u in chosen if kind == "constant"],
             "merge": {u: merges[u] for kind, u in chosen if kind == "merge"},
             "rare": [u for kind, u in chosen if kind == "rare"]}
 
 
+@stage(ClusterStage, structured=True)
 def apply(model, cfg: ClusterStage, ctx: StageContext, amount: float = 1.0) -> StageOutcome:
     # consumer rows get rescaled before surgery: never the caller's model
-    base, groups, traces, activity = scoring.observe(model, ctx.data.calibration())
+    base, groups, traces, activity = observation.observe(model, ctx.data.calibration())
     if not groups:
         return StageOutcome(base, {"layers": {}, "removed": 0}, ["cluster: no prunable Dense/Conv layers"])
     plan, merge, extra = {}, {}, {}
@@ -95,7 +97,7 @@ def apply(model, cfg: ClusterStage, ctx: StageContext, amount: float = 1.0) -> S
         for r, (k, _dist) in chosen["merge"].items():
             s, t = affine_fit(act.patterns[:, r].astype(np.float64), act.patterns[:, k].astype(np.float64))
             scales[r], offsets[r] = s, t
-        folded = can_fold and scoring.fold_into_consumers(base, tr, group.units, scale=scales, offset=offsets)
+        folded = can_fold and planning.fold_into_consumers(base, tr, group.units, scale=scales, offset=offsets)
         if not folded:  # no consumer to fold into: merges are impossible, removals go uncompensated
             chosen["merge"] = {}
         drop = chosen["constant"] + chosen["rare"]
@@ -111,9 +113,9 @@ def apply(model, cfg: ClusterStage, ctx: StageContext, amount: float = 1.0) -> S
                         "rare_dropped": len(chosen["rare"]), "compensated": bool(folded),
                         "merge_scales": summary_of(list(scales.values())),
                         "coupled_with": [o for o in group.members if o != m]}
-    pruned, result = scoring.remove(base, plan, merge)
-    scoring.finetune(pruned, ctx, cfg.epochs, "cluster: fine-tune")
-    layers = scoring.layer_details(result, extra)
+    pruned, result = surgery.remove_units(base, plan, merge, merge_exact=True)
+    recovery.finetune(pruned, ctx, cfg.epochs, "cluster: fine-tune")
+    layers = planning.layer_details(result, extra)
     removed = sum(r["removed"] for r in layers.values())
     merged = sum(r["merged"] for r in layers.values())
     notes = [f"cluster (K = {cfg.clusters_fraction:.0%} of units, merge distance {cfg.merge_distance * amount:.3g}, "
@@ -126,4 +128,4 @@ def apply(model, cfg: ClusterStage, ctx: StageContext, amount: float = 1.0) -> S
 
 
 def summary_of(values: list[float]) -> dict | None:
-    return scoring.summary(np.asarray(values)) if values else None
+    return planning.summary(np.asarray(values)) if values else None

@@ -27,8 +27,8 @@ import numpy as np
 from compressor.core._tf import keras
 from compressor.graph.flops import layer_macs
 from compressor.config.recipe import DepthStage
-from compressor.stages import scoring
-from compressor.stages.base import StageContext, StageOutcome
+from compressor.stages import recovery
+from compressor.stages.base import StageContext, StageOutcome, stage
 from compressor.graph.surgery import ModelGraph, model_graph
 from compressor.config.task import context_task
 from compressor.train.training import output_is_probability
@@ -169,26 +169,27 @@ def score_blocks(model, blocks: list[Block], x: np.ndarray) -> list[dict]:
     return rows
 
 
+@stage(DepthStage)
 def apply(model, cfg: DepthStage, ctx: StageContext, amount: float = 1.0) -> StageOutcome:
     blocks = residual_blocks(model)
     if not blocks:
-        return StageOutcome(scoring.copy(model), {"removed": 0, "removed_blocks": [], "candidates": []},
+        return StageOutcome(recovery.copy(model), {"removed": 0, "removed_blocks": [], "candidates": []},
                             ["depth: no residual Add whose branch the identity can replace (no identity-skip "
                              "blocks of equal shape); model left as is"])
     x_calib = ctx.data.calibration()[:cfg.samples]
     rows = sorted(score_blocks(model, blocks, x_calib), key=lambda r: r["output_kl"])
     limit = int(np.floor(cfg.max_fraction * amount * len(blocks)))
     task = context_task(ctx)
-    baseline = ctx.baseline_accuracy if ctx.baseline_accuracy is not None else task.keras(model).value
-    current, removed, steps = scoring.copy(model), [], []
+    baseline = ctx.baseline_metric if ctx.baseline_metric is not None else task.keras(model).value
+    current, removed, steps = recovery.copy(model), [], []
     step = cfg.step
     while len(removed) < limit and step > 0:
         chunk = rows[len(removed):min(len(removed) + step, limit)]
         by_add = {b.add: b for b in residual_blocks(current)}  # a block's skip may be an Add removed earlier
         trial = without_blocks(current, [by_add[r["add"]] for r in chunk])
         label = f"depth: fine-tune without {len(removed) + len(chunk)} blocks"
-        scoring.finetune(trial, ctx, cfg.epochs, label)
-        value, extra = scoring.recover(trial, ctx, cfg.recover_epochs, task, baseline, label)
+        recovery.finetune(trial, ctx, cfg.epochs, label)
+        value, extra = recovery.recover(trial, ctx, cfg.recover_epochs, task, baseline, label)
         ok = task.within(baseline, value)
         steps.append({"blocks": [r["add"] for r in chunk], "metric": value, "recovery_epochs": extra,
                       "accuracy": value if task.is_accuracy else None, "within_budget": ok})

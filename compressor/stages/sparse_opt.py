@@ -19,8 +19,9 @@ from compressor.train import distribute
 from compressor.core._tf import tf
 from compressor.config.recipe import SparseOptStage
 from compressor.layers import handler_for
-from compressor.stages import scoring
-from compressor.stages.base import StageContext, StageOutcome
+from compressor.graph import surgery
+from compressor.stages import observation, planning, recovery
+from compressor.stages.base import StageContext, StageOutcome, stage
 from compressor.train.training import clone_with_weights
 
 _EPS = 1e-12  # keeps the norm differentiable at an all-zero unit (weight-stage masks can make one)
@@ -52,14 +53,29 @@ def relative(values: np.ndarray) -> np.ndarray:
     return values / top if top > 0 else np.zeros_like(values)
 
 
+def _group_score(trained, group, traces, use_groups: bool, use_bn: bool) -> np.ndarray:
+    """Per unit of a group, the mean over its members of the smaller of the relative group norm and
+    the relative BN scale: a unit is idle if either its incoming group or its BN scale is gone."""
+    per_member = []
+    for m in group.members:
+        scores = []
+        if use_groups:
+            scores.append(relative(group_norms(trained.get_layer(m))))
+        bn = traces[m].batch_norm
+        if use_bn and bn:
+            scores.append(relative(np.abs(trained.get_layer(bn).gamma.numpy().astype(np.float64))))
+        per_member.append(np.min(scores, axis=0) if scores else np.ones(group.units))
+    return np.mean(per_member, axis=0)
+
+@stage(SparseOptStage, structured=True)
 def apply(model, cfg: SparseOptStage, ctx: StageContext, amount: float = 1.0) -> StageOutcome:
     with distribute.scope():  # the penalty below is attached to `work`, so `work` itself must train distributed
-        work = scoring.copy(model)  # trained in place below: never the caller's model
-    groups = scoring.groups(work)
+        work = recovery.copy(model)  # trained in place below: never the caller's model
+    groups = planning.groups(work)
     if not groups:
         return StageOutcome(work, {"layers": {}, "removed": 0}, ["sparse_opt: no prunable Dense/Conv layers"])
-    graph = scoring.layer_graph(work)
-    traces = {m: scoring.trace(work, m, graph) for g in groups for m in g.members}
+    graph = observation.layer_graph(work)
+    traces = {m: observation.trace(work, m, graph) for g in groups for m in g.members}
     producers = [m for g in groups for m in g.members]
     bns = sorted({t.batch_norm for t in traces.values() if t.batch_norm})
     use_groups = cfg.penalty in ("group_lasso", "both")
@@ -71,41 +87,31 @@ def apply(model, cfg: SparseOptStage, ctx: StageContext, amount: float = 1.0) ->
     strength = cfg.strength * amount
     lr_scale = 1.0 + (cfg.lr_scale - 1.0) * amount
     work.add_loss(_penalty(work, producers if use_groups else [], bns if use_bn else [], strength))
-    scoring.finetune(work, ctx, cfg.epochs, f"sparse_opt: {cfg.penalty} training",
+    recovery.finetune(work, ctx, cfg.epochs, f"sparse_opt: {cfg.penalty} training",
                      learning_rate=ctx.recipe.learning_rate * lr_scale)
     trained = clone_with_weights(work)  # drops the penalty: clone_model does not copy add_loss callables
-
-    activity = scoring.collect(trained, ctx.data.calibration(), [scoring.trace(trained, m) for m in producers])
+    activity = observation.collect(trained, ctx.data.calibration(), [observation.trace(trained, m) for m in producers])
     threshold = cfg.threshold * amount
     plan, extra = {}, {}
     for group in groups:
-        per_member = []
-        for m in group.members:
-            scores = []
-            if use_groups:
-                scores.append(relative(group_norms(trained.get_layer(m))))
-            bn = traces[m].batch_norm
-            if use_bn and bn:
-                scores.append(relative(np.abs(trained.get_layer(bn).gamma.numpy().astype(np.float64))))
-            # a unit is idle if either its incoming group or its BN scale is gone
-            per_member.append(np.min(scores, axis=0) if scores else np.ones(group.units))
-        score = np.mean(per_member, axis=0)
-        drop = scoring.below(score, threshold, scoring.cap(group.units, cfg.max_fraction, amount))
-        drop = scoring.rounded(drop, group.units, ctx.recipe.unit_multiple())
+        score = _group_score(trained, group, traces, use_groups, use_bn)
+        drop = planning.below(score, threshold, planning.cap(group.units, cfg.max_fraction, amount))
+        drop = planning.rounded(drop, group.units, ctx.recipe.unit_multiple())
         compensated = False
         if drop and len(group.members) == 1 and handler_for(trained.get_layer(group.name)).units_on_output:
-            compensated = scoring.fold_into_consumers(
+            compensated = planning.fold_into_consumers(
                 trained, traces[group.name], group.units,
                 offset={i: float(activity[group.name].mean[i]) for i in drop})
         if drop:
             plan[group.name] = drop
         for m in group.members:
-            extra[m] = {"removed_units": list(drop), "scores": scoring.summary(score), "near_zero": int(np.sum(score < threshold)),
+            extra[m] = {"removed_units": list(drop), "scores": planning.summary(score),
+                        "near_zero": int(np.sum(score < threshold)),
                         "batch_norm": traces[m].batch_norm, "compensated": compensated,
                         "coupled_with": [o for o in group.members if o != m]}
-    pruned, result = scoring.remove(trained, plan)
-    scoring.finetune(pruned, ctx, cfg.finetune_epochs, "sparse_opt: fine-tune")
-    layers = scoring.layer_details(result, extra)
+    pruned, result = surgery.remove_units(trained, plan)
+    recovery.finetune(pruned, ctx, cfg.finetune_epochs, "sparse_opt: fine-tune")
+    layers = planning.layer_details(result, extra)
     removed = sum(r["removed"] for r in layers.values())
     notes.insert(0, f"sparse_opt ({cfg.penalty}, strength {strength:g}, {cfg.epochs} epochs): removed {removed} of "
                     f"{sum(r['units_before'] for r in layers.values())} units whose norm fell below "

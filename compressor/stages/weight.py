@@ -17,8 +17,8 @@ from compressor.core._tf import keras
 from compressor.core.errors import CompressorError
 from compressor.layers import handler_for
 from compressor.config.recipe import WeightStage
-from compressor.stages.base import StageContext, StageOutcome
-from compressor.stages.scoring import unit_kernel
+from compressor.stages.base import StageContext, StageOutcome, stage
+from compressor.stages.observation import unit_kernel
 from compressor.train.training import clone_with_weights, fit, recalibrate_batchnorm
 
 def _magnitude_prunable(layer) -> bool:
@@ -77,6 +77,7 @@ def kernel_sparsity(model: keras.Model, names: list[str]) -> dict[str, float]:
     return {n: float(np.mean(unit_kernel(model.get_layer(n)).numpy() == 0)) for n in names}
 
 
+@stage(WeightStage)
 def apply(model: keras.Model, cfg: WeightStage, ctx: StageContext, amount: float = 1.0) -> StageOutcome:
     target = cfg.sparsity * amount
     recipe, data = ctx.recipe, ctx.data

@@ -21,9 +21,9 @@ from compressor import criteria
 from compressor.stages.search.latency_model import RUNTIMES, LatencyModel, measure_models, probe
 from compressor.stages.search.limits import FASTER, floors, lowest, roles
 from compressor.config.recipe import SearchStage
-from compressor.stages import scoring
-from compressor.stages.activation import unit_scores
-from compressor.stages.base import StageContext, StageOutcome
+from compressor.graph import surgery
+from compressor.stages import observation, planning, recovery
+from compressor.stages.base import StageContext, StageOutcome, stage
 from compressor.config.task import Task, context_task
 
 MAX_SPEEDUP = 64.0  # without a speed goal the points double until the budget is crossed, at most to this
@@ -37,7 +37,7 @@ def _log(ctx: StageContext, message: str) -> None:
 def _budget(ctx: StageContext, model) -> tuple[Task, float]:
     """The task scoring the budget split (validation, else test) and the baseline the budget is counted from."""
     task = context_task(ctx)
-    return task, ctx.baseline_accuracy if ctx.baseline_accuracy is not None else task.keras(model).value
+    return task, ctx.baseline_metric if ctx.baseline_metric is not None else task.keras(model).value
 
 
 def _importance(model, cfg: SearchStage, ctx: StageContext):
@@ -49,18 +49,18 @@ def _importance(model, cfg: SearchStage, ctx: StageContext):
     model. Attention heads, which are not output channels, cost the measured loss rise when the head
     alone is silenced. So removing 15 of 16 stem channels costs what it costs the loss, and 15 idle
     channels of a redundant group almost nothing, where a share of each group's own total made both 15/16."""
-    needs = criteria.get(cfg.criterion).needs_gradients
-    heads = bool(scoring.head_groups(model))
+    needs = "gradients" in criteria.get(cfg.criterion).needs
+    heads = bool(planning.head_groups(model))
     labelled = ctx.data.labelled_calibration()
-    base, groups, traces, activity = scoring.observe(model, ctx.data.calibration(), labelled if needs else None,
+    base, groups, traces, activity = observation.observe(model, ctx.data.calibration(), labelled if needs else None,
                                                      task=ctx.task)
-    losses = activity if needs or not traces else scoring.collect(base, labelled[0], list(traces.values()),
+    losses = activity if needs or not traces else observation.collect(base, labelled[0], list(traces.values()),
                                                                   labels=labelled[1], task=ctx.task)
-    scores = {g.name: np.mean([unit_scores(base, m, activity[m], cfg.criterion) for m in g.members], axis=0)
-              for g in groups}
+    scores = {g.name: np.mean([observation.unit_scores(base, m, activity[m], cfg.criterion) for m in g.members],
+                              axis=0) for g in groups}
     costs = {g.name: loss_cost(base, g.members, losses) for g in groups}
     if heads:
-        rises = scoring.head_scores(base, *labelled, task=ctx.task)
+        rises = observation.head_scores(base, *labelled, task=ctx.task)
         scores.update(rises)
         costs.update(rises)
     total = sum(float(c.sum()) for c in costs.values()) or 1.0
@@ -77,13 +77,13 @@ def loss_cost(model, members: list[str], losses: dict) -> np.ndarray:
     cost = np.zeros_like(np.asarray(losses[members[0]].taylor, dtype=np.float64))
     for m in members:
         taylor = np.asarray(losses[m].taylor, dtype=np.float64)
-        cost += np.where(scoring.dead_units(model, m) | (losses[m].mean_abs == 0), 0.0, taylor)
+        cost += np.where(observation.dead_units(model, m) | (losses[m].mean_abs == 0), 0.0, taylor)
     return cost
 
 
 def search_groups(model) -> list:
     """What the search may narrow: channel groups and attention layers (heads)."""
-    return scoring.groups(model, observable=True) + scoring.head_groups(model)
+    return planning.groups(model, observable=True) + planning.head_groups(model)
 
 
 def allocate(lm: LatencyModel, units: dict[str, int], removed: dict[str, int], share: dict[str, np.ndarray],
@@ -142,7 +142,7 @@ def _add(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
 def _shrink(importance, extra: dict[str, int], cfg: SearchStage, ctx: StageContext, label: str):
     """Remove the least important units per group (mean-replaced into the next layer), then fine-tune."""
     base, traces, activity, order, _ = importance
-    base = scoring.copy(base)
+    base = recovery.copy(base)
     plan = {}
     for g, k in extra.items():
         if k <= 0:
@@ -150,10 +150,10 @@ def _shrink(importance, extra: dict[str, int], cfg: SearchStage, ctx: StageConte
         drop = [int(i) for i in order[g][:k]]
         tr = traces.get(g)
         if tr is not None and activity.get(g) is not None:
-            scoring.fold_into_consumers(base, tr, len(order[g]), offset={i: float(activity[g].mean[i]) for i in drop})
+            planning.fold_into_consumers(base, tr, len(order[g]), offset={i: float(activity[g].mean[i]) for i in drop})
         plan[g] = drop
-    pruned, _ = scoring.remove(base, plan)
-    return scoring.finetune(pruned, ctx, cfg.epochs, label)
+    pruned, _ = surgery.remove_units(base, plan)
+    return recovery.finetune(pruned, ctx, cfg.epochs, label)
 
 
 def _speed_targets(cfg: SearchStage, lm: LatencyModel, amount: float) -> tuple[list[float], float | None]:
@@ -215,7 +215,7 @@ def narrowed(model, units: dict[str, int], fraction: float, step: int) -> tuple[
         keep = min(u, max(unit, int(round(u * fraction / unit)) * unit))
         if keep < u:
             removed[g] = u - keep
-    smaller, _ = scoring.remove(scoring.copy(model), {g: list(range(k)) for g, k in removed.items()})
+    smaller, _ = surgery.remove_units(recovery.copy(model), {g: list(range(k)) for g, k in removed.items()})
     return smaller, removed
 
 
@@ -293,21 +293,21 @@ class _Search:
             return None
         label = f"search: fine-tune at {speedup:.2f}x"
         model = _shrink(importance, extra, self.cfg, self.ctx, label)
-        acc, recovery = scoring.recover(model, self.ctx, self.cfg.recover_epochs, self.task, self.floor, label)
-        ok = self.task.within(self.floor, acc)  # the pipeline's own test, same rounding
+        metric, extra_epochs = recovery.recover(model, self.ctx, self.cfg.recover_epochs, self.task, self.floor, label)
+        ok = self.task.within(self.floor, metric)  # the pipeline's own test, same rounding
         predicted = self.lm.predict() / self.lm.predict(total)
         self.reached = predicted >= 0.98 * speedup  # False: the floors or the per-point cut held the widths
         row = {"goal_speedup": round(speedup, 3), "predicted_speedup": round(predicted, 3), "reached": self.reached,
                "held_by": None if self.reached else "max_cut_fraction" if self.capped else "floors",
-               "metric": acc, "accuracy": acc if self.task.is_accuracy else None, "within_budget": ok,
-               "recovery_epochs": recovery,
+               "metric": metric, "accuracy": metric if self.task.is_accuracy else None, "within_budget": ok,
+               "recovery_epochs": extra_epochs,
                "widths": {g: self.units[g] - total.get(g, 0) for g in self.units},
                "predicted_ms": {rt: lm.predict(total) for rt, lm in self.lms.items()}}
         row["visit_speedup"] = self._observe(model, total)
         self.rows.append(row)
         self.models.append(model)
         self.states.append((speedup, model, total))
-        _log(self.ctx, f"search: {speedup:.2f}x predicted -> {self.task.name} {acc:.4f} "
+        _log(self.ctx, f"search: {speedup:.2f}x predicted -> {self.task.name} {metric:.4f} "
                        f"({'within' if ok else 'over'} budget), measured "
                        + ", ".join(f"{rt} {v:.2f}x" for rt, v in row["visit_speedup"].items()))
         self.seen[key] = ok
@@ -414,9 +414,10 @@ def _correct_to_goal(search: _Search, goal: float | None, cfg: SearchStage, trie
             return
 
 
+@stage(SearchStage)
 def apply(model, cfg: SearchStage, ctx: StageContext, amount: float = 1.0) -> StageOutcome:
     task, floor = _budget(ctx, model)
-    start = scoring.copy(model)
+    start = recovery.copy(model)
     groups = search_groups(start)
     if not groups:
         return StageOutcome(start, {"removed": 0, "frontier": []}, ["search: no prunable Dense/Conv layers"])
@@ -471,7 +472,7 @@ def apply(model, cfg: SearchStage, ctx: StageContext, amount: float = 1.0) -> St
 def _set_floors(search: _Search, start, groups, cfg: SearchStage) -> dict:
     """Fix each group's narrowest width on the search (`limits.floors`); returns the stage record's account."""
     bottlenecks = roles(start, groups)
-    heads = {g.name for g in scoring.head_groups(start)}
+    heads = {g.name for g in planning.head_groups(start)}
     search.limits = floors(search.units, heads, bottlenecks, cfg, search.step, _faster(search.lm, search.units))
     return {"floors": dict(search.limits), "bottlenecks": bottlenecks, "max_cut_fraction": cfg.max_cut_fraction}
 

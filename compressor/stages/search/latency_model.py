@@ -29,6 +29,7 @@ from exporters import targets
 from exporters.latency import BLOCK
 from compressor.core._tf import keras
 from compressor.core.errors import CompressorError
+from compressor.graph import surgery
 
 RUNTIMES = ("onnxruntime", "tflite")
 LEVELS = (0.03125, 0.125, 0.25, 0.5, 1.0)  # grid fractions of a layer's full width (rounded to `step`)
@@ -255,12 +256,11 @@ def probe(model, group_names: list[str]) -> dict[str, tuple[dict[str, int], dict
     """Per measured layer, how many input and output channels it loses per unit removed from each
     group: {layer: (a_in, a_out)}, found by one surgery per group on `model` (which stays as it is).
     The runtimes' tables share it: surgery on a deep network costs seconds per group."""
-    from compressor.stages import scoring
-
+    
     shapes = measured_shapes(model)
     found = {n: ({}, {}) for n in shapes}
     for g in group_names:
-        smaller, _ = scoring.remove(model, {g: [0]})  # a new model; `model` keeps its units
+        smaller, _ = surgery.remove_units(model, {g: [0]})  # a new model; `model` keeps its units
         for name, shape in shapes.items():
             layer = smaller.get_layer(name)
             for lost, width, full in ((found[name][0], in_width(layer), shape.in0),

@@ -1,40 +1,34 @@
-"""Shared machinery of the structured stages: where to observe a unit, what it does on calibration
-data, and how to fold a removed unit's signal into the layers that read it.
+"""Observation: where a producer's units are seen, what they do on calibration data, and what
+each unit is worth by a named criterion (compressor/criteria).
 
 A producer's unit is judged by what the *next* weighted layer sees, so activity is taken after the
 pass-through layers that follow it (BatchNormalization, activations, dropout): for Dense+ReLU that
-is the Dense output, for Conv -> BN -> ReLU the ReLU output. Removal then goes through
-`compressor.graph.surgery`; before it, a removed unit's mean activation is folded into the consumers'
-bias ("mean replacement"), which makes removing a constant unit (zero kernel, gamma = 0, a ReLU
-that never fires) exact and is the least-squares best guess for any other unit.
+is the Dense output, for Conv -> BN -> ReLU the ReLU output. Attention heads, which are not output
+channels, are scored by the loss rise when one is silenced.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from compressor.graph import surgery
+from compressor import criteria
 from compressor.core._tf import keras, tf
-from compressor.layers import Handler, handler_for
-from compressor.train.training import clone_with_weights, fit
-
-
+from compressor.data.protocol import DataSource
+from compressor.graph import surgery
+from compressor.layers import handler_or_default as _handler
+from compressor.stages import planning
+from compressor.stages.recovery import copy
 
 # ------------------------------------------------------------------------------------ graph
-
 
 def layer_graph(model) -> tuple[dict[str, list[str]], set[str]]:
     """Consumers of each layer (by name) and the names of output layers."""
     graph = surgery.model_graph(model)
     return graph.consumers, set(graph.outputs)
 
-
-def _handler(layer):
-    return handler_for(layer) or Handler()  # unknown layers: nothing to observe or route through
 
 
 @dataclass
@@ -175,7 +169,7 @@ def observe(model, x_calib: np.ndarray, labelled: tuple[np.ndarray, np.ndarray] 
     the calibration samples (or, for gradient criteria, on `labelled` (x, y) samples): what every
     activity-based stage starts from."""
     base = copy(model)
-    found = groups(base, observable=True)
+    found = planning.groups(base, observable=True)
     if not found:
         return base, [], {}, {}
     graph = layer_graph(base)
@@ -199,45 +193,27 @@ def dead_units(model, producer: str) -> np.ndarray:
     return np.all(kernel.reshape(-1, kernel.shape[-1]) == 0, axis=0)
 
 
-# ------------------------------------------------------------------------------------ planning
+
+# ------------------------------------------------------------------------------------ scores
 
 
-@dataclass
-class Group:
-    """Producers that must lose the same units (one residual group, or a single layer)."""
-
-    members: list[str]
-    units: int
-
-    @property
-    def name(self) -> str:
-        return self.members[0]
+def labelled_for(criterion: str, data: DataSource):
+    """Labelled calibration samples when the criterion declares it reads gradients, else None."""
+    return data.labelled_calibration() if "gradients" in criteria.get(criterion).needs else None
 
 
-def groups(model, observable: bool = False) -> list[Group]:
-    """Coupled producer groups in which every member is prunable, in model order. `observable`:
-    only groups whose units are channels of their outputs (what activity statistics can see)."""
-    prunable = surgery.prunable_layers(model)
-    out = []
-    for members in surgery.coupled_groups(model):
-        if members and all(m in prunable for m in members):
-            if observable and not all(_handler(model.get_layer(m)).units_on_output for m in members):
-                continue
-            out.append(Group(list(members), prunable[members[0]]))
-    return out
-
-
-def head_groups(model) -> list[Group]:
-    """Attention layers whose heads may be removed (their units are heads, not output channels)."""
-    return [g for g in groups(model) if not _handler(model.get_layer(g.name)).units_on_output
-            and isinstance(model.get_layer(g.name), keras.layers.MultiHeadAttention)]
+def unit_scores(model, producer: str, activity: Activity, criterion: str) -> np.ndarray:
+    """Normalised score in [0, 1] per unit from the named criterion (compressor/criteria); dead units get 0."""
+    score = np.array(criteria.get(criterion).scores(model, producer, activity), dtype=np.float64)
+    score[dead_units(model, producer) | (activity.mean_abs == 0)] = 0.0
+    return score
 
 
 def head_scores(model, x: np.ndarray, y, task=None, batch_size: int = 256) -> dict[str, np.ndarray]:
     """Per attention layer, per head: the rise of the task's loss on (x, y) when that head's output
     projection rows are zeroed (the head silenced; everything else as is). Never negative.
     The loss is the one the model is fine-tuned with (regression, multi-output), not a fixed one."""
-    found = head_groups(model)
+    found = planning.head_groups(model)
     if not found:
         return {}
     loss = _loss_of(task)
@@ -271,119 +247,3 @@ def _loss_of(task):
         pairs = zip(fns if many else [fns], list(y) if many else [y], pred if many else [pred])
         return float(sum(np.mean(fn(t, p).numpy()) for fn, t, p in pairs))  # loss objects or per-sample functions
     return total
-
-
-def cap(units: int, max_fraction: float, amount: float) -> int:
-    """Most units a layer may lose: max_fraction*amount of it, and never the last one."""
-    return max(0, min(units - 1, int(math.floor(units * max_fraction * amount + 1e-9))))
-
-
-def rounded(chosen: list, units: int, round_to: int) -> list:
-    """Trim an ordered removal list (cheapest first) so the units kept are a multiple of `round_to`.
-
-    Rounds the kept width *up*, i.e. removes fewer units, which never costs accuracy: CPU kernels
-    (onnxruntime's blocked convolutions, XNNPACK) slow down sharply on odd widths.
-    """
-    if round_to <= 1 or units < round_to:
-        return chosen
-    keep = units - len(chosen)
-    keep = min(units, -(-keep // round_to) * round_to)
-    return chosen[: units - keep]
-
-
-def below(scores: np.ndarray, threshold: float, limit: int) -> list[int]:
-    """Indices with score < threshold, lowest first, at most `limit`."""
-    order = np.argsort(scores, kind="stable")
-    return [int(i) for i in order if scores[i] < threshold][:limit]
-
-
-def summary(scores: np.ndarray) -> dict:
-    return {"min": float(np.min(scores)), "median": float(np.median(scores)), "max": float(np.max(scores))}
-
-
-# ------------------------------------------------------------------------------------ folding
-
-
-def fold_into_consumers(model, tr: Trace, channels: int, scale: dict[int, float] | None = None,
-                        offset: dict[int, float] | None = None) -> bool:
-    """In place: multiply the consumer rows that read unit c by scale[c], and add offset[c] times
-    those rows (before scaling) to the consumer bias. False, and nothing changed, if impossible.
-
-    With offset = mean activation this replaces a removed unit by its mean (exact for a constant
-    unit); with a_r ~ s * a_k + t it prepares surgery's unscaled merge of r into k.
-    """
-    scale, offset = scale or {}, {c: t for c, t in (offset or {}).items() if t != 0.0}
-    if tr.consumers is None or (not scale and not offset):
-        return tr.consumers is not None
-    layers = [model.get_layer(c.name) for c in tr.consumers]
-    if offset and any(not getattr(layer, "use_bias", False) for layer in layers):
-        return False
-    for cons, layer in zip(tr.consumers, layers):
-        weights = layer.get_weights()
-        kernel = weights[0]
-        for c in set(scale) | set(offset):
-            if type(layer) is keras.layers.Dense:
-                rows = np.arange(cons.outer) * channels + c
-                if c in offset:
-                    weights[1] += offset[c] * kernel[rows].sum(axis=0)
-                kernel[rows] *= scale.get(c, 1.0)
-            else:  # conv: exact for 'valid' padding; 'same' borders see zeros instead
-                part = kernel[..., c, :]
-                if c in offset:
-                    weights[1] += offset[c] * part.reshape(-1, part.shape[-1]).sum(axis=0)
-                kernel[..., c, :] = part * scale.get(c, 1.0)
-        layer.set_weights(weights)
-    return True
-
-
-def remove(model, plan: dict[str, list[int]], merge: dict[str, dict[int, int]] | None = None):
-    """surgery.remove_units, silencing its 'merge is approximate' warning: our merge relations are
-    measured after BN, where surgery cannot see them, so they are exact there."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*merging units of.*", category=surgery.SurgeryWarning)
-        return surgery.remove_units(model, plan, merge or {})
-
-
-def finetune(model, ctx, epochs: int, label: str, learning_rate: float | None = None):
-    """Fine-tune with the weight stage's zeros held (training.fit's HoldZeros), distilled from `ctx.teacher`."""
-    if epochs > 0:
-        progress = ctx.epoch_progress(label, epochs) if ctx.epoch_progress else None
-        fit(model, ctx.data, epochs=epochs, batch_size=ctx.recipe.batch_size,
-            learning_rate=learning_rate or ctx.recipe.learning_rate, progress=progress, task=ctx.task, label=label,
-            teacher=ctx.teacher, distill_cfg=ctx.recipe.distill)
-    return model
-
-
-def recover(model, ctx, limit: int, task, baseline: float, label: str) -> tuple[float, int]:
-    """The metric of a just fine-tuned `model` after up to `limit` more epochs, one at a time, spent
-    only while it is over the budget and still improving; and the epochs spent. A model that lost a
-    residual block or half its heads often heals with a little more training than its step's own
-    fine-tune (the encoder without its second attention block: 0.774 after 2 epochs, 0.805 after 6,
-    dense 0.814); a hopeless one stops at the first epoch that does not help."""
-    value, extra = task.keras(model).value, 0
-    while extra < limit and not task.within(baseline, value):
-        finetune(model, ctx, 1, f"{label} (recovery)")
-        extra += 1
-        after = task.keras(model).value
-        improved = task.drop(value, after) < 0
-        value = after
-        if not improved:
-            break
-    return value, extra
-
-
-def layer_details(result, extra: dict[str, dict]) -> dict[str, dict]:
-    """Per-producer units before/after from the surgery result, merged with the stage's own notes."""
-    out = {}
-    for name, info in extra.items():
-        row = {"units_before": int(result.units_before.get(name, 0)), "units_after": int(result.units_after.get(name, 0))}
-        row["removed"] = row["units_before"] - row["units_after"]
-        row.update(info)
-        if name in result.skipped:
-            row["skipped"] = result.skipped[name]
-        out[name] = row
-    return out
-
-
-def copy(model):
-    return clone_with_weights(model)
