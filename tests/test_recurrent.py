@@ -1,0 +1,114 @@
+"""Recurrent models ship: an LSTM and a Bidirectional GRU classifier (digits rows as 8 steps of 8
+features) go through `compressor run` to all four targets, every file verified; the Dense layers
+after them prune. The search times only the runtimes of the recipe's targets."""
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from compressor.cli import main
+from compressor.core._tf import keras
+from compressor.data.sources import load_dataset
+
+ALL_TARGETS = ["tflite", "tflite-int8", "onnxruntime", "onnxruntime-int8"]
+
+
+@pytest.fixture(scope="module")
+def sequences(tmp_path_factory):
+    """Digits 8x8 images as sequences: 8 time steps of 8 features."""
+    digits = load_dataset("digits")
+    rows = {k: getattr(digits, k).reshape(-1, 8, 8).astype(np.float32) for k in ("x_train", "x_test")}
+    path = tmp_path_factory.mktemp("seq") / "seq.npz"
+    np.savez(path, x_train=rows["x_train"], y_train=digits.y_train, x_test=rows["x_test"], y_test=digits.y_test)
+    return path, rows["x_train"], digits.y_train
+
+
+def _model(kind: str, x, y, steps=8):
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((steps, 8))
+    if kind == "lstm":
+        h = keras.layers.LSTM(12, name="lstm")(inp)
+    else:
+        h = keras.layers.Bidirectional(keras.layers.GRU(8), name="bigru")(inp)
+    h = keras.layers.Dense(32, activation="relu", name="hidden")(h)
+    model = keras.Model(inp, keras.layers.Dense(10, activation="softmax", name="head")(h), name=kind)
+    model.compile("adam", "sparse_categorical_crossentropy", ["accuracy"])
+    model.fit(x, y, epochs=3, batch_size=32, verbose=0)
+    return model
+
+
+def _recipe(tmp_path, **overrides):
+    raw = {"targets": ALL_TARGETS, "max_accuracy_drop": 0.1, "round_units": 8,
+           "stages": [{"name": "weight", "sparsity": 0.5, "epochs": 1}],
+           "bench": {"runs": 200, "warmup": 5, "batch": [1]}}
+    raw.update(overrides)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "bigru"])
+def test_recurrent_classifier_ships_to_every_target(tmp_path, sequences, kind, capsys):
+    data, x, y = sequences
+    _model(kind, x, y).save(tmp_path / f"{kind}.keras")
+    code = main(["run", "--model", str(tmp_path / f"{kind}.keras"), "--data", str(data), "--quiet",
+                 "--recipe", _recipe(tmp_path), "--out", str(tmp_path / "o")])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    checks = {v["file"]: v for v in report["verification"]}
+    assert set(checks) == {"dense.tflite", "pruned.tflite", "pruned-int8.tflite", "dense.onnx", "pruned.onnx",
+                           "pruned-int8.onnx"}
+    assert all(v["ok"] for v in checks.values()), checks
+    # the Dense layers around the recurrent layer were pruned, and the files hold those zeros
+    assert checks["pruned.tflite"]["zeros_expected"] > 0
+    assert checks["pruned.tflite"]["zeros_in_file"] >= checks["pruned.tflite"]["zeros_expected"]
+    assert checks["pruned.onnx"]["zeros_in_file"] >= checks["pruned.onnx"]["zeros_expected"] > 0
+
+
+def test_unrolled_tflite_runs_at_any_batch(tmp_path, sequences):
+    """LiteRT files of recurrent models keep a dynamic batch (a fused sequence op would pin it to 1)."""
+    from exporters import tflite_export
+    from exporters.runtimes import TFLiteRunner
+
+    _, x, y = sequences
+    model = _model("bigru", x[:200], y[:200])
+    tflite_export.export_float(model, tmp_path / "m.tflite")
+    runner = TFLiteRunner(tmp_path / "m.tflite")
+    for batch in (1, 7, 64):
+        np.testing.assert_allclose(runner.predict(x[:64], batch=batch), model.predict(x[:64], verbose=0), atol=1e-5)
+    assert "WHILE" not in runner.op_names()
+
+
+def test_unknown_sequence_length_is_named_for_tflite(tmp_path, sequences, capsys):
+    _, x, y = sequences
+    inp = keras.Input((None, 8))
+    model = keras.Model(inp, keras.layers.Dense(10, activation="softmax")(keras.layers.LSTM(8, name="rec")(inp)))
+    from exporters import tflite_export
+    from compressor.core import CompressorError
+
+    with pytest.raises(CompressorError, match="'rec' reads sequences of unknown length.*fixed length"):
+        tflite_export.export_float(model, tmp_path / "m.tflite")
+    assert not (tmp_path / "m.tflite").exists()
+
+
+def test_search_times_only_the_targets_runtimes(tmp_path, sequences, capsys):
+    """onnxruntime targets only: no LiteRT table is built, so a model LiteRT cannot convert (an LSTM
+    over sequences of any length) still goes through the search."""
+    data, x, y = sequences
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((None, 8))
+    h = keras.layers.Dense(32, activation="relu", name="hidden")(keras.layers.LSTM(12, name="lstm")(inp))
+    model = keras.Model(inp, keras.layers.Dense(10, activation="softmax", name="head")(h))
+    model.compile("adam", "sparse_categorical_crossentropy", ["accuracy"])
+    model.fit(x, y, epochs=3, batch_size=32, verbose=0)
+    model.save(tmp_path / "any_length.keras")
+    search = {"name": "search", "epochs": 1, "recover_epochs": 0, "points": [2.0], "bisect": 0,
+              "goal": {"runtime": "tflite"}}
+    code = main(["run", "--model", str(tmp_path / "any_length.keras"), "--data", str(data), "--quiet",
+                 "--recipe", _recipe(tmp_path, targets=["onnxruntime"], stages=[search]), "--out", str(tmp_path / "o")])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    stage = report["stages"][0]
+    assert {c["runtime"] for c in stage["details"]["latency_model"]} == {"onnxruntime"}
+    assert set(stage["details"]["calibration"]) == {"onnxruntime"}
