@@ -74,6 +74,31 @@ def test_recurrent_classifier_ships_to_every_target(tmp_path, sequences, kind, c
     np.testing.assert_allclose(runner.predict(x[:64], batch=1), runner.predict(x[:64], batch=64), atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["lstm", "gru", "simple_rnn", "bidirectional"])
+def test_a_producer_before_a_recurrent_layer_prunes_exactly(kind):
+    """A per-step Dense feeding a recurrent layer loses units as rows of each direction's input
+    kernel: the result computes what the model computes with those units disconnected."""
+    from compressor.graph.surgery import remove_units
+
+    keras.utils.set_random_seed(0)
+    layer = {"lstm": keras.layers.LSTM(12), "gru": keras.layers.GRU(12), "simple_rnn": keras.layers.SimpleRNN(12),
+             "bidirectional": keras.layers.Bidirectional(keras.layers.GRU(6))}[kind]
+    inp = keras.Input((8, 8))
+    h = layer(keras.layers.Dense(16, activation="relu", name="pre")(inp))
+    model = keras.Model(inp, keras.layers.Dense(10, name="head")(h))
+    gone = [0, 3, 7]
+    disconnected = keras.models.clone_model(model)
+    disconnected.set_weights(model.get_weights())
+    kernel, bias = disconnected.get_layer("pre").get_weights()
+    kernel[:, gone], bias[gone] = 0.0, 0.0
+    disconnected.get_layer("pre").set_weights([kernel, bias])
+
+    smaller, result = remove_units(model, {"pre": gone})
+    assert result.units_after["pre"] == 13
+    x = np.random.default_rng(0).random((16, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(smaller.predict(x, verbose=0), disconnected.predict(x, verbose=0), atol=1e-5)
+
+
 def test_unknown_sequence_length_is_named_for_tflite(tmp_path):
     from compressor.core import CompressorError
     from exporters import tflite_export

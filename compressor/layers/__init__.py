@@ -9,7 +9,7 @@ Adding a family is one module with a `Handler` subclass, listed in HANDLERS belo
 from __future__ import annotations
 
 from compressor.layers import (attention, dense_conv, depthwise, elementwise, embedding, export_forms, merge,
-                               normalization, shape, tf_ops)
+                               normalization, recurrent, shape, tf_ops)
 from compressor.layers.base import Blocked, Cut, Handler
 
 HANDLERS: tuple[Handler, ...] = (
@@ -23,7 +23,7 @@ HANDLERS: tuple[Handler, ...] = (
     shape.Flatten(), shape.Reshape(),
     merge.Elementwise(), merge.Concatenate(), tf_ops.TFOp(),
     attention.MultiHeadAttention(),
-    embedding.Embedding(), embedding.Recurrent(),
+    embedding.Embedding(), recurrent.Recurrent(), recurrent.ConvRecurrent(),
 )
 
 _BY_TYPE = {kind: handler for handler in HANDLERS for kind in handler.kinds}
