@@ -99,6 +99,30 @@ def test_a_producer_before_a_recurrent_layer_prunes_exactly(kind):
     np.testing.assert_allclose(smaller.predict(x, verbose=0), disconnected.predict(x, verbose=0), atol=1e-5)
 
 
+def test_dynamic_int8_onnx_lstm_verifies(tmp_path, sequences):
+    """onnxruntime's dynamic int8 writes a DynamicQuantizeLSTM whose kernels hold ONNX's gate order
+    (input, output, forget, cell): verification lays them over Keras' (input, forget, cell, output)
+    and finds exactly the zeros the weight stage left in the LSTM's kernels."""
+    import onnx
+
+    from exporters.onnx_export import export_for_target
+    from exporters.runtimes import OnnxRunner
+    from exporters.verify import verify_file
+
+    _, x, y = sequences
+    model = _model("lstm", x[:100], y[:100])
+    lstm = model.get_layer("lstm")
+    kernel, recurrent, bias = lstm.get_weights()
+    kernel[:, ::3] = 0.0  # pruned zeros spread over all four gate blocks
+    lstm.set_weights([kernel, recurrent, bias])
+    path = export_for_target(model, tmp_path / "m.onnx", calibration=x[:32], mode="dynamic")
+    runner = OnnxRunner(path)
+    assert "DynamicQuantizeLSTM" in {n.op_type for n in onnx.load(path).graph.node}
+    row = verify_file(path, runner, model, model.predict(x[:64], verbose=0), x[:64], quantized="dynamic")
+    assert row["ok"], row
+    assert row["zeros_in_file"] >= int(np.sum(kernel == 0))
+
+
 def test_unknown_sequence_length_is_named_for_tflite(tmp_path):
     from compressor.core import CompressorError
     from exporters import tflite_export
