@@ -7,7 +7,15 @@ removed unit is a row cut of each direction's input kernel."""
 from __future__ import annotations
 
 from compressor.core._tf import keras
-from compressor.layers.base import Blocked, Cut, Handler, fold_rows, map_weights, size, take
+from compressor.layers.base import (
+    Blocked,
+    Cut,
+    Handler,
+    fold_rows,
+    map_weights,
+    size,
+    take,
+)
 
 _L = keras.layers
 
