@@ -123,6 +123,22 @@ def test_dynamic_int8_onnx_lstm_verifies(tmp_path, sequences):
     assert row["zeros_in_file"] >= int(np.sum(kernel == 0))
 
 
+def test_gru_bias_of_two_axes_is_not_counted_as_a_kernel(tmp_path):
+    """GRU(reset_after=True) holds a (2, 3 units) bias; its zeros (all of them, untrained) are no
+    pruned kernel zeros, so an ONNX file of an untrained Bidirectional GRU verifies."""
+    from exporters.onnx_export import export_for_target
+    from exporters.runtimes import OnnxRunner
+    from exporters.verify import verify_file
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8, 8))
+    model = keras.Model(inp, keras.layers.Dense(10)(keras.layers.Bidirectional(keras.layers.GRU(8))(inp)))
+    x = np.random.default_rng(0).random((16, 8, 8)).astype(np.float32)
+    path = export_for_target(model, tmp_path / "m.onnx", sparse=False)
+    row = verify_file(path, OnnxRunner(path), model, model.predict(x, verbose=0), x)
+    assert row["ok"] and row["zeros_expected"] == 0, row
+
+
 def test_unknown_sequence_length_is_named_for_tflite(tmp_path):
     from compressor.core import CompressorError
     from exporters import tflite_export
