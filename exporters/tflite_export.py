@@ -3,6 +3,13 @@
 `EXPERIMENTAL_SPARSITY` makes the converter store pruned tensors compactly; whether the sparse
 kernel then runs depends on the block pattern (float: 4x1 blocks, int8: 16x1 on FULLY_CONNECTED;
 random zeros get a DENSIFY op and run dense), which the weight stage chose.
+
+Recurrent layers (LSTM, GRU, SimpleRNN, Bidirectional) are converted unrolled: tf-keras runs them as
+a while loop over a TensorList whose element shape holds the batch, which the converter refuses
+with a dynamic batch ("'tf.TensorListReserve' op requires element_shape to be static"). Its fused
+UNIDIRECTIONAL_SEQUENCE_LSTM needs a fixed batch, and LiteRT then cannot resize the file's input
+(the state tensors keep batch 1). Unrolled over the fixed sequence length, each step is
+FULLY_CONNECTED + LOGISTIC/TANH/MUL/ADD, which every LiteRT kernel runs at any batch, int8 included.
 """
 from __future__ import annotations
 
@@ -15,7 +22,58 @@ from exporters.files import write_bytes_atomic
 
 
 def _converter(model: keras.Model) -> "tf.lite.TFLiteConverter":
-    return tf.lite.TFLiteConverter.from_keras_model(model)
+    return tf.lite.TFLiteConverter.from_keras_model(unrolled(model))
+
+
+def _recurrent(layer) -> bool:
+    L = keras.layers
+    if isinstance(layer, L.Bidirectional):
+        return True
+    return isinstance(layer, (L.LSTM, L.GRU, L.SimpleRNN))
+
+
+def _unrolled_config(layer) -> dict:
+    """The layer's config with `unroll` on (both directions of a Bidirectional)."""
+    config = layer.get_config()
+    if isinstance(layer, keras.layers.Bidirectional):
+        for key in ("layer", "backward_layer"):
+            if config.get(key):
+                config[key]["config"]["unroll"] = True
+        return config
+    config["unroll"] = True
+    return config
+
+
+def _check_unrollable(layer) -> None:
+    inner = layer.forward_layer if isinstance(layer, keras.layers.Bidirectional) else layer
+    shape = tuple(layer.input_shape) if not isinstance(layer.input_shape, list) else tuple(layer.input_shape[0])
+    if inner.stateful:
+        raise CompressorError(f"recurrent layer '{layer.name}' is stateful, which LiteRT cannot run unrolled; "
+                              "rebuild it with stateful=False or drop the tflite targets from the recipe")
+    if len(shape) < 2 or shape[1] is None:
+        raise CompressorError(f"recurrent layer '{layer.name}' reads sequences of unknown length {shape}, which "
+                              "LiteRT cannot convert; build the model with a fixed length (keras.Input((steps, "
+                              "features))) or drop the tflite targets from the recipe")
+
+
+def unrolled(model: keras.Model) -> keras.Model:
+    """`model` with its recurrent layers unrolled over their fixed sequence length (why: module
+    docstring); every other layer is shared with `model`, not copied. `model` itself if it has none."""
+    if not any(_recurrent(layer) for layer in model.layers):
+        return model
+    fresh = {}
+
+    def clone(layer):
+        if not _recurrent(layer):
+            return layer
+        _check_unrollable(layer)
+        fresh[layer.name] = layer
+        return type(layer).from_config(_unrolled_config(layer))
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    for name, layer in fresh.items():
+        copy.get_layer(name).set_weights(layer.get_weights())
+    return copy
 
 
 def export_float(model: keras.Model, path: str | Path, sparse: bool = True) -> Path:

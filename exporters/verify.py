@@ -54,7 +54,26 @@ def align_to_kernel(values: np.ndarray, kernel: np.ndarray) -> tuple[np.ndarray 
         score = _channel_match(cand, kernel)
         if score > best_score:
             best, best_score = cand, score
+    if best is not None and best_score < GATE_RETRY:
+        reordered = _gates_in_keras_order(best)
+        score = _channel_match(reordered, kernel) if reordered is not None else -1.0
+        if score > best_score:
+            best, best_score = reordered, score
     return best, best_score
+
+
+GATE_RETRY = 0.9  # a best match below this may be an LSTM kernel with its gate blocks in ONNX order
+
+
+def _gates_in_keras_order(values: np.ndarray) -> np.ndarray | None:
+    """An LSTM kernel stored with ONNX's gate order (input, output, forget, cell: tf2onnx's LSTM op,
+    onnxruntime's DynamicQuantizeLSTM) with its column blocks put back in Keras' (input, forget,
+    cell, output); None when the last axis is not four gate blocks."""
+    columns = values.shape[-1]
+    if columns % 4:
+        return None
+    blocks = values.reshape(*values.shape[:-1], 4, columns // 4)
+    return blocks[..., [0, 2, 3, 1], :].reshape(values.shape)
 
 
 def _channel_match(stored: np.ndarray, kernel: np.ndarray) -> float:

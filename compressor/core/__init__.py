@@ -43,12 +43,21 @@ def keras_kernels(model: keras.Model) -> list[np.ndarray]:
     kernels = []
     for layer in model.layers:
         for w in layer.weights:
-            if len(w.shape) >= 2:
+            if len(w.shape) >= 2 and not _recurrent_bias(layer, w):
                 value = w.numpy()
                 if "depthwise_kernel" in w.name and value.ndim == 4:
                     value = value.reshape(value.shape[0], value.shape[1], -1)
                 kernels.append(value)
     return kernels
+
+
+def _recurrent_bias(layer, weight) -> bool:
+    """A GRU's bias is (2, 3 units) with reset_after: a bias, not a kernel (tf2onnx stores it as one
+    row, and nothing prunes it), though it has two axes."""
+    from compressor.core._tf import keras
+
+    recurrent = isinstance(layer, (keras.layers.RNN, keras.layers.Bidirectional))
+    return recurrent and weight.name.split("/")[-1].startswith("bias")
 
 
 def kernel_zeros(model: keras.Model) -> tuple[int, int]:

@@ -29,14 +29,3 @@ class Embedding(Handler):
         config["output_dim"] = len(cut.out_kept)
         return config, [take(layer.embeddings.numpy(), cut.out_kept, axis=-1)]
 
-
-@register
-class Recurrent(Handler):
-    """Known and left whole: gates couple every unit of the state with every other."""
-
-    kinds = (_L.LSTM, _L.GRU, _L.SimpleRNN, _L.Bidirectional, _L.ConvLSTM2D)
-    left_whole = True
-    family = "recurrent"
-
-    def check(self, layer):
-        return "recurrent layers are left whole"

@@ -67,8 +67,11 @@ def _pruned_layers(model: keras.Model, cfg: WeightStage) -> list[str]:
 
 
 def _block_for(layer, dense_block: tuple[int, int]) -> tuple[int, int]:
-    """Blocks only on Dense kernels whose input width divides evenly; conv kernels stay unstructured."""
-    if isinstance(layer, keras.layers.Dense) and layer.kernel.shape[0] % dense_block[0] == 0:
+    """Blocks only on Dense kernels whose input width divides evenly; conv kernels stay unstructured.
+    A kernel of one block row or column stays unstructured too: tfmot squeezes its pooled mask to
+    rank 1 and fails ("Input tensor must be rank 2"), e.g. Dense after a Bidirectional GRU(8)."""
+    rows, cols = (int(d) for d in layer.kernel.shape[-2:]) if isinstance(layer, keras.layers.Dense) else (0, 0)
+    if rows % dense_block[0] == 0 and min(rows // dense_block[0], cols // dense_block[1]) > 1:
         return dense_block
     return (1, 1)
 

@@ -167,7 +167,19 @@ def _speed_targets(cfg: SearchStage, lm: LatencyModel, amount: float) -> tuple[l
     return points, (gentle(goal) if goal else None)
 
 
-def _tables(model, names: list[str], cfg: SearchStage, ctx: StageContext) -> dict[str, LatencyModel]:
+def _on_targets(cfg: SearchStage, ctx: StageContext) -> tuple[SearchStage, tuple[str, ...]]:
+    """The runtimes the search times: those of the recipe's targets (a model one runtime cannot
+    convert must not stop a search for the other), plus the runtime of a speed goal. Without a goal
+    the runtime only names the table the allocation follows: it moves to a target's runtime."""
+    ships = _target_runtimes(ctx)
+    goal_less = cfg.goal.speedup is None and cfg.goal.latency_ms is None
+    if goal_less and cfg.goal.runtime not in ships:
+        cfg = cfg.model_copy(update={"goal": cfg.goal.model_copy(update={"runtime": ships[0]})})
+    return cfg, tuple(rt for rt in RUNTIMES if rt in ships or rt == cfg.goal.runtime)
+
+
+def _tables(model, names: list[str], cfg: SearchStage, ctx: StageContext,
+            runtimes: tuple[str, ...] = RUNTIMES) -> dict[str, LatencyModel]:
     from pathlib import Path
     from compressor.stages.search.latency_model import default_cache
 
@@ -175,7 +187,7 @@ def _tables(model, names: list[str], cfg: SearchStage, ctx: StageContext) -> dic
     _log(ctx, f"search: which layers each of {len(names)} groups narrows (one surgery per group)")
     couplings = probe(model, names)
     out = {}
-    for rt in RUNTIMES:
+    for rt in runtimes:
         cache = Path(cfg.latency_cache) / default_cache(rt).name if cfg.latency_cache else None
         _log(ctx, f"search: latency table for {rt} (cached entries are reused)")
         out[rt] = LatencyModel(model, names, rt, cfg.goal.batch, step, cache, couplings=couplings)
@@ -421,12 +433,13 @@ def apply(model, cfg: SearchStage, ctx: StageContext, amount: float = 1.0) -> St
     groups = search_groups(start)
     if not groups:
         return StageOutcome(start, {"removed": 0, "frontier": []}, ["search: no prunable Dense/Conv layers"])
+    cfg, runtimes = _on_targets(cfg, ctx)
     cfg, goal_note = _relative_goal(cfg, ctx, model, start)
     if cfg is None:
         return StageOutcome(start, {"removed": 0, "frontier": []}, [goal_note])
     units = {g.name: g.units for g in groups}
     members = {g.name: len(g.members) for g in groups}
-    lms = _tables(start, list(units), cfg, ctx)
+    lms = _tables(start, list(units), cfg, ctx, runtimes)
     _log(ctx, "search: calibrating the latency tables on whole models measured on each runtime")
     reference, start_predicted = calibrate(lms, start, units, max(1, ctx.recipe.unit_multiple()), cfg.goal.batch)
     goal_less = cfg.goal.speedup is None and cfg.goal.latency_ms is None
