@@ -10,13 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
-from compressor.train import distribute
-from compressor.data.sources import Dataset, load_dataset
-from compressor.core.errors import CompressorError
-from compressor.run.progress import Reporter
 from compressor.config.recipe import Recipe, load_recipe
+from compressor.core.errors import CompressorError
+from compressor.data.sources import load_dataset
+from compressor.run.progress import Reporter
+from compressor.train import distribute
 
 DEMO_TRAIN_EPOCHS = 10
 
@@ -161,8 +159,8 @@ def compress_file(model_path, data, out, recipe=None, *, force: bool = False, re
     from compressor.data.checks import check_model
     from compressor.data.sources import check_against_model
     from compressor.load.model_io import file_sha256, load_model
-    from compressor.run.checkpoint import checked_folder
     from compressor.load.safety import make_policy
+    from compressor.run.checkpoint import checked_folder
 
     reporter = reporter or Reporter()
     policy = make_policy(trust_model_code, custom_objects)
@@ -201,8 +199,8 @@ def _checkpoint(out, recipe: Recipe, model: tuple, data_spec, dataset, policy):
     import os
 
     from compressor import __version__
-    from compressor.run.checkpoint import Checkpoint, data_digest, recipe_digest
     from compressor.load.model_io import load_model
+    from compressor.run.checkpoint import Checkpoint, data_digest, recipe_digest
 
     model_path, model_digest = model
     fingerprint = {"tool_version": __version__, "recipe": recipe_digest(recipe), "model": model_digest,

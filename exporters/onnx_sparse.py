@@ -14,9 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from exporters.files import write_bytes_atomic
-
 from compressor.core import CompressorError
+from exporters.files import write_bytes_atomic
 
 __all__ = ["to_sparse_initializers", "to_dense_initializers", "compact_onnx_file"]
 

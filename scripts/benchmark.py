@@ -226,8 +226,8 @@ def static_metrics(entry: dict, x: np.ndarray, y: np.ndarray) -> dict:
     """Accuracy (+ Wilson CI), sizes and stored weights of every file; correctness kept for McNemar."""
     from compressor.cli.bench import fit_samples
     from exporters.benchmark import correctness, file_params
-    from exporters.runtimes import open_runner_safely
     from exporters.files import gzip_size
+    from exporters.runtimes import open_runner_safely
     from exporters.stats import accuracy_interval
 
     out = {}
@@ -623,8 +623,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
 
     from compressor import __version__
-    from compressor.data.sources import load_dataset
     from compressor.config.recipe import default_recipe
+    from compressor.data.sources import load_dataset
     from exporters.benchmark import machine_info
     from exporters.files import write_text_atomic
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from compressor.config.recipe import parse_recipe
 from compressor.core._tf import keras
 from compressor.data.sources import load_dataset
-from compressor.config.recipe import parse_recipe
 
 
 @pytest.fixture(scope="session")

@@ -4,12 +4,12 @@ the pruned model computes what the original computes with those units disconnect
 import numpy as np
 import pytest
 
-from compressor.graph import surgery
 from compressor.core._tf import keras
-from compressor.layers.keras3_layers import LayerScale
-from compressor.layers import handler_for
-from compressor.stages import planning
+from compressor.graph import surgery
 from compressor.graph.flops import model_macs
+from compressor.layers import handler_for
+from compressor.layers.keras3_layers import LayerScale
+from compressor.stages import planning
 
 L = keras.layers
 APPS = keras.applications

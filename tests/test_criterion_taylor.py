@@ -2,8 +2,8 @@
 import numpy as np
 
 from compressor import criteria
-from compressor.core._tf import keras
 from compressor.config.recipe import ActivationStage
+from compressor.core._tf import keras
 from compressor.stages import observation
 
 L = keras.layers

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from compressor.data.sources import check_against_model, load_dataset
 from compressor.core.errors import CompressorError
+from compressor.data.sources import check_against_model, load_dataset
 
 
 def test_mnist5k_is_the_fixed_offline_split():

@@ -7,8 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from compressor.core._tf import keras
 from compressor.config.recipe import parse_recipe
+from compressor.core._tf import keras
 from compressor.stages import depth, recovery, weight
 from compressor.stages.base import StageContext
 from compressor.train.training import accuracy, fit

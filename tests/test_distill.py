@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compressor.core._tf import keras, tf
-from compressor.core.errors import CompressorError
 from compressor.config.recipe import Distill, parse_recipe
 from compressor.config.task import Task
+from compressor.core._tf import keras, tf
+from compressor.core.errors import CompressorError
 from compressor.data.sources import Dataset
 from compressor.train import distill
 from compressor.train.training import clone_with_weights, fit

@@ -4,9 +4,9 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from compressor.core import kernel_zeros
 from compressor.stages import weight
 from compressor.stages.base import StageContext
-from compressor.core import kernel_zeros
 from compressor.train.training import predictions
 from exporters import onnx_export, tflite_export
 from exporters.readback import count_weight_zeros
@@ -232,8 +232,8 @@ def test_dynamic_range_int8_encoder_keeps_its_zeros_and_tracks_keras_closer(tmp_
 
 def test_models_without_run_time_shapes_are_exported_as_they_are():
     """A convnet (or an MLP) has no layer with an export form: the converters get the model itself."""
-    from compressor.core._tf import keras
     from compressor.core import export_form
+    from compressor.core._tf import keras
 
     L = keras.layers
     inputs = L.Input((8, 8, 3))

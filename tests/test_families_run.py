@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 import yaml
 
-from compressor.core._tf import keras
 from compressor.cli import main
+from compressor.core._tf import keras
 from compressor.data.sources import load_dataset
 from exporters import targets
-from compressor.train.training import fit
 from tests.test_architectures import FAMILIES
 
 RECIPE = {

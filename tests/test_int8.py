@@ -10,11 +10,11 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from compressor.core import keras_kernels
 from compressor.core._tf import keras
 from exporters import onnx_export, ship, tflite_export
-from exporters.runtimes import open_runner_safely
-from compressor.core import keras_kernels
 from exporters.readback import tflite_weights
+from exporters.runtimes import open_runner_safely
 from exporters.verify import align_to_kernel, int8_zero_check, pair_kernels, verify_file
 
 L = keras.layers
@@ -304,8 +304,8 @@ def test_a_scheme_the_delegate_rejects_sparse_is_written_dense_and_still_chosen_
     delegate (found on DenseNet121, whose full-integer int8 lost the accuracy that only dynamic-range
     kept). The registry's fallback says: write it with dense int8 storage. It then runs in the default
     interpreter, keeps every pruned zero, and is timed and chosen from like the others."""
-    from compressor.run.progress import Reporter
     from compressor.config.task import resolve
+    from compressor.run.progress import Reporter
     from exporters import targets
 
     keras.utils.set_random_seed(0)

@@ -250,8 +250,8 @@ def test_inline_tensor_constants_import_and_shrink_with_their_channels(tmp_path)
     """A learned position table applied to ops.arange at build time is stored as an inline tensor
     constant of `x + c`; with `x - c`, `c - x` and `x * c` it becomes ConstantTerm: same outputs,
     saved again by tf-keras, and sliced with the channels surgery removes through it."""
-    from compressor.layers.keras3_layers import ConstantTerm
     from compressor.graph.surgery import remove_units
+    from compressor.layers.keras3_layers import ConstantTerm
 
     ops = keras3.ops
     inp = L3.Input((5, 4))

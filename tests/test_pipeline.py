@@ -1,11 +1,11 @@
 """The fusion pipeline: stage order, accuracy budget back-off, block alignment, per-stage report."""
 import numpy as np
 
+from compressor.config.recipe import parse_recipe
 from compressor.core._tf import keras
 from compressor.run.context import Run
 from compressor.run.pipeline import run_stages
 from compressor.run.progress import Reporter
-from compressor.config.recipe import parse_recipe
 from compressor.stages import align
 from compressor.stages.base import StageContext
 from compressor.train.training import accuracy

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compressor.core._tf import tf, keras
+from compressor.core._tf import keras, tf
 from compressor.core.errors import CompressorError
 from exporters import readback
 from exporters.onnx_sparse import compact_onnx_file, to_sparse_initializers

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import yaml
 
-from compressor.run.checkpoint import Checkpoint, folder_for
 from compressor.cli import main
 from compressor.core.errors import CompressorError
+from compressor.run.checkpoint import Checkpoint, folder_for
 
 ROOT = Path(__file__).resolve().parents[1]
 # Three stages; the second trains long enough that a kill right after the first checkpoint lands inside it.

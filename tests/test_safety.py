@@ -114,8 +114,8 @@ def user_module(tmp_path, monkeypatch):
 
 
 def test_unregistered_custom_class_is_refused_and_its_module_never_imported(user_module, tmp_path, capsys):
-    from compressor.core._tf import keras
     from compressor.api import compress
+    from compressor.core._tf import keras
 
     module, marker = user_module
     model = keras.Sequential([keras.Input((64,)), module.Twice(name="twice"), keras.layers.Dense(10)])

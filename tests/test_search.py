@@ -3,12 +3,12 @@ against a goal, and the goal fields validated like the rest of the recipe."""
 import numpy as np
 import pytest
 
+from compressor.config.recipe import parse_recipe
 from compressor.core._tf import keras
 from compressor.core.errors import CompressorError
-from compressor.stages.search.latency_model import LatencyModel, grid
-from compressor.config.recipe import parse_recipe
 from compressor.stages import observation, planning, recovery, search
 from compressor.stages.base import StageContext
+from compressor.stages.search.latency_model import LatencyModel, grid
 from exporters.frontier_plot import frontier_table, plot_frontier
 
 L = keras.layers
@@ -161,8 +161,8 @@ def test_a_point_slower_than_the_start_on_a_target_runtime_never_ships():
 
 def test_keep_frontier_writes_each_other_point_and_names_its_files(tmp_path):
     from compressor.load.model_io import save_model_atomic
-    from compressor.run.report import search_results
     from compressor.run.progress import Reporter
+    from compressor.run.report import search_results
     from exporters import ship
 
     recipe = parse_recipe({"targets": ["tflite", "onnxruntime"], "keep_frontier": True})

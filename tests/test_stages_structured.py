@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from compressor.config.recipe import parse_recipe
 from compressor.core._tf import keras
 from compressor.data.sources import Dataset
-from compressor.config.recipe import parse_recipe
 from compressor.stages import activation, cluster, sparse_opt
 from compressor.stages.base import StageContext
 from compressor.train.training import accuracy

@@ -7,10 +7,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from compressor.core._tf import keras, tf
 from compressor.cli import main
-from compressor.data.sources import check_against_model, load_dataset
 from compressor.config.recipe import parse_recipe
+from compressor.core._tf import keras, tf
+from compressor.data.sources import check_against_model, load_dataset
 from tests import data_source
 from tests.data_source import CLASSES, SIDE, images
 

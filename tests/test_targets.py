@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from compressor.config.recipe import parse_recipe
 from compressor.core._tf import keras
 from compressor.core.errors import CompressorError
-from compressor.config.recipe import parse_recipe
 from exporters import targets
 from exporters.readback import is_weight
 

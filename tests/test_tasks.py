@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import yaml
 
-from compressor.core._tf import keras
 from compressor.cli import main
-from compressor.data.sources import load_dataset
-from compressor.core.errors import CompressorError
 from compressor.config.recipe import parse_recipe
 from compressor.config.task import resolve
+from compressor.core._tf import keras
+from compressor.core.errors import CompressorError
+from compressor.data.sources import load_dataset
 
 L = keras.layers
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from compressor.core.errors import CompressorError
 from compressor.data.checks import SPLIT_SEED, check_label_count, check_labels, numeric_inputs, numeric_labels
 from compressor.data.checks import class_labels as check_class_labels
-from compressor.core.errors import CompressorError
 
 BUILTIN = ("mnist5k", "digits")
 CALIBRATION_LIMIT = 500  # training samples that stand in for a missing or empty x_calib

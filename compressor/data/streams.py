@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from compressor.data.checks import LARGEST_CLASS, SPLIT_SEED, check_label_count, check_labels
 from compressor.core.errors import CompressorError
+from compressor.data.checks import LARGEST_CLASS, SPLIT_SEED, check_label_count, check_labels
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 TFRECORD_SUFFIXES = (".tfrecord", ".tfrecords", ".tfr")

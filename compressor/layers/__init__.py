@@ -10,8 +10,19 @@ in a module imported below, or in the user's own module given with `--custom-obj
 """
 from __future__ import annotations
 
-from compressor.layers import (attention, dense_conv, depthwise, elementwise, embedding,  # noqa: F401  (they register)
-                               export_forms, merge, normalization, recurrent, shape, tf_ops)
+from compressor.layers import (  # noqa: F401  (they register)
+    attention,
+    dense_conv,
+    depthwise,
+    elementwise,
+    embedding,
+    export_forms,
+    merge,
+    normalization,
+    recurrent,
+    shape,
+    tf_ops,
+)
 from compressor.layers.base import BY_TYPE as _BY_TYPE
 from compressor.layers.base import HANDLERS, Blocked, Cut, Handler, register
 

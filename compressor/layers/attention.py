@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from compressor.layers import keras3_layers
 from compressor.core._tf import keras, tf
-from compressor.layers.export_forms import attention_form
+from compressor.layers import keras3_layers
 from compressor.layers.base import Cut, Handler, register, size, take
+from compressor.layers.export_forms import attention_form
 
 _L = keras.layers
 

@@ -4,9 +4,20 @@ row folded onto its kept twin when the cluster stage merges units)."""
 from __future__ import annotations
 
 from compressor.core._tf import keras
+from compressor.layers.base import (
+    CROSS_UNIT_ACTIVATIONS,
+    Blocked,
+    Cut,
+    Handler,
+    activation_name,
+    fold_rows,
+    map_weights,
+    positions,
+    register,
+    size,
+    take,
+)
 from compressor.layers.export_forms import dense_form, grouped_conv_form
-from compressor.layers.base import (CROSS_UNIT_ACTIVATIONS, Blocked, Cut, Handler, activation_name, fold_rows,
-                                    map_weights, positions, register, size, take)
 from compressor.layers.layout import single
 
 _L = keras.layers

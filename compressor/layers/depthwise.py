@@ -5,8 +5,18 @@ step whose filters are the layer's own units."""
 from __future__ import annotations
 
 from compressor.core._tf import keras
-from compressor.layers.base import (Blocked, Cut, Handler, expand, fold_rows, map_weights, positions, register, size,
-                                    take)
+from compressor.layers.base import (
+    Blocked,
+    Cut,
+    Handler,
+    expand,
+    fold_rows,
+    map_weights,
+    positions,
+    register,
+    size,
+    take,
+)
 from compressor.layers.layout import single
 
 _L = keras.layers

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from compressor.core._tf import keras
 from compressor.layers import keras3_layers
-from compressor.layers.keras3_layers import StochasticDepth
 from compressor.layers.base import CROSS_UNIT_ACTIVATIONS, Blocked, Handler, activation_name, register
+from compressor.layers.keras3_layers import StochasticDepth
 
 _L = keras.layers
 

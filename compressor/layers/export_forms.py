@@ -26,6 +26,7 @@ import numpy as np
 
 from compressor.core._tf import keras, tf
 
+
 def _static(shape) -> bool:
     """All dimensions but the batch are known."""
     return shape is not None and len(shape) >= 2 and all(d is not None for d in shape[1:])

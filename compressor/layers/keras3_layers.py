@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
+
 from compressor.core._tf import keras, tf
 from compressor.core.errors import CompressorError
 

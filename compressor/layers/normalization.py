@@ -7,9 +7,10 @@ import numpy as np
 
 from compressor.core._tf import keras
 from compressor.layers import keras3_layers
-from compressor.layers.keras3_layers import ConstantTerm as ConstantTermLayer, LayerScale as LayerScaleLayer
-from compressor.layers.export_forms import layer_norm_form
 from compressor.layers.base import Blocked, Cut, Handler, is_last_axis, map_weights, register, take
+from compressor.layers.export_forms import layer_norm_form
+from compressor.layers.keras3_layers import ConstantTerm as ConstantTermLayer
+from compressor.layers.keras3_layers import LayerScale as LayerScaleLayer
 
 _L = keras.layers
 

@@ -11,9 +11,9 @@ from compressor.layers.base import (
     Blocked,
     Cut,
     Handler,
-    register,
     fold_rows,
     map_weights,
+    register,
     size,
     take,
 )

@@ -18,9 +18,20 @@ import numpy as np
 
 from compressor.core._tf import keras, tf
 from compressor.core.errors import CompressorError
-from compressor.load.bounds import clip
-from compressor.layers.keras3_layers import ACTIVATIONS, OPS, ConstantTerm, REFUSED, LayerSpec, OpSpec, is_op, recognised, refused, same_class
 from compressor.layers import keras3_rebuilder
+from compressor.layers.keras3_layers import (
+    ACTIVATIONS,
+    OPS,
+    REFUSED,
+    ConstantTerm,
+    LayerSpec,
+    OpSpec,
+    is_op,
+    recognised,
+    refused,
+    same_class,
+)
+from compressor.load.bounds import clip
 
 #: Max |tf-keras - Keras 3| allowed on the parity check, scaled by max(1, |reference output|).
 PARITY_TOL = 1e-4

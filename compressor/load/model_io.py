@@ -16,12 +16,24 @@ from pathlib import Path
 
 from compressor.core._tf import keras
 from compressor.core.errors import CompressorError
+
 # Importing keras3_layers registers the tf-keras classes/activations that Keras 3 imports are rebuilt
 # with, so that files saved after an import (pruned.keras) load again; tf-keras only.
-from compressor.layers import keras3_layers  # noqa: F401
-from compressor.layers import handler_for, supported_class_names
-from compressor.load.bounds import (MAX_CONFIG_BYTES, check_archive, check_folder, check_h5, clip, parse_config,
-                                    read_member, too_big)
+from compressor.layers import (
+    handler_for,
+    keras3_layers,  # noqa: F401
+    supported_class_names,
+)
+from compressor.load.bounds import (
+    MAX_CONFIG_BYTES,
+    check_archive,
+    check_folder,
+    check_h5,
+    clip,
+    parse_config,
+    read_member,
+    too_big,
+)
 from compressor.load.flatten import flatten_nested
 from compressor.load.safety import STRICT, LoadPolicy, check_config, check_savedmodel
 

@@ -16,9 +16,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from compressor.layers.keras3_layers import recognised
 from compressor.core.errors import CompressorError
-from compressor.load.bounds import MODULE_NAME, MAX_DEPTH, clip, parse_config, refused_module
+from compressor.layers.keras3_layers import recognised
+from compressor.load.bounds import MAX_DEPTH, MODULE_NAME, clip, parse_config, refused_module
 
 #: Layer classes whose config carries Python code (marshalled bytecode) or a reference to it.
 CODE_LAYERS = frozenset({"Lambda"})

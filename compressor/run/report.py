@@ -112,8 +112,8 @@ def _execution_table(artifacts) -> list[dict]:
 
 def _layer_table(dense: keras.Model, pruned: keras.Model) -> list[dict]:
     """Units and kernel sparsity per producer layer, before and after, and why a layer could not shrink."""
-    from compressor.layers import handler_for
     from compressor.graph.surgery import shrink_reasons
+    from compressor.layers import handler_for
 
     reasons = shrink_reasons(dense)
     rows = []

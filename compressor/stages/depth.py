@@ -24,13 +24,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from compressor.config.recipe import DepthStage
+from compressor.config.task import context_task
 from compressor.core._tf import keras
 from compressor.graph.flops import layer_macs
-from compressor.config.recipe import DepthStage
+from compressor.graph.surgery import ModelGraph, model_graph
 from compressor.stages import recovery
 from compressor.stages.base import StageContext, StageOutcome, stage
-from compressor.graph.surgery import ModelGraph, model_graph
-from compressor.config.task import context_task
 from compressor.train.training import output_is_probability
 
 

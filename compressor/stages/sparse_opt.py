@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from compressor.train import distribute
-from compressor.core._tf import tf
 from compressor.config.recipe import SparseOptStage
-from compressor.layers import handler_for
+from compressor.core._tf import tf
 from compressor.graph import surgery
+from compressor.layers import handler_for
 from compressor.stages import observation, planning, recovery
 from compressor.stages.base import StageContext, StageOutcome, stage
+from compressor.train import distribute
 from compressor.train.training import clone_with_weights
 
 _EPS = 1e-12  # keeps the norm differentiable at an all-zero unit (weight-stage masks can make one)

@@ -7,19 +7,18 @@ because tfmot wraps the layer objects in place.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import tensorflow_model_optimization as tfmot
 
-from compressor.train import distribute
+from compressor.config.recipe import WeightStage
 from compressor.core._tf import keras
 from compressor.core.errors import CompressorError
 from compressor.layers import handler_for
-from compressor.config.recipe import WeightStage
 from compressor.stages.base import StageContext, StageOutcome, stage
 from compressor.stages.observation import unit_kernel
+from compressor.train import distribute
 from compressor.train.training import clone_with_weights, fit, recalibrate_batchnorm
+
 
 def _magnitude_prunable(layer) -> bool:
     """The layer table says which kernels tfmot masks (SeparableConv: its pointwise kernel; depthwise

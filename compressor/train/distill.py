@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import types
 
-from compressor.core._tf import keras, tf
+from compressor.core._tf import tf
 
 CATEGORICAL = ("sparse_categorical_crossentropy", "categorical_crossentropy")
 _EPS = 1e-7

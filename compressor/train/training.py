@@ -10,10 +10,10 @@ import contextlib
 
 import numpy as np
 
-from compressor.train import distill, distribute
 from compressor.core._tf import keras, tf
 from compressor.core.errors import CompressorError
 from compressor.data.sources import Dataset
+from compressor.train import distill, distribute
 
 
 def reference_model(input_shape=(784,), classes: int = 10, hidden: int = 128) -> keras.Model:

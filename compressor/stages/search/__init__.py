@@ -18,13 +18,13 @@ import math
 import numpy as np
 
 from compressor import criteria
-from compressor.stages.search.latency_model import RUNTIMES, LatencyModel, measure_models, probe
-from compressor.stages.search.limits import FASTER, floors, lowest, roles
 from compressor.config.recipe import SearchStage
+from compressor.config.task import Task, context_task
 from compressor.graph import surgery
 from compressor.stages import observation, planning, recovery
 from compressor.stages.base import StageContext, StageOutcome, stage
-from compressor.config.task import Task, context_task
+from compressor.stages.search.latency_model import RUNTIMES, LatencyModel, measure_models, probe
+from compressor.stages.search.limits import FASTER, floors, lowest, roles
 
 MAX_SPEEDUP = 64.0  # without a speed goal the points double until the budget is crossed, at most to this
 
@@ -181,6 +181,7 @@ def _on_targets(cfg: SearchStage, ctx: StageContext) -> tuple[SearchStage, tuple
 def _tables(model, names: list[str], cfg: SearchStage, ctx: StageContext,
             runtimes: tuple[str, ...] = RUNTIMES) -> dict[str, LatencyModel]:
     from pathlib import Path
+
     from compressor.stages.search.latency_model import default_cache
 
     step = max(1, ctx.recipe.unit_multiple())

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from exporters import targets
-from exporters.latency import BLOCK
 from compressor.core._tf import keras
 from compressor.core.errors import CompressorError
 from compressor.graph import surgery
+from exporters import targets
+from exporters.latency import BLOCK
 
 RUNTIMES = ("onnxruntime", "tflite")
 LEVELS = (0.03125, 0.125, 0.25, 0.5, 1.0)  # grid fractions of a layer's full width (rounded to `step`)
@@ -256,7 +256,7 @@ def probe(model, group_names: list[str]) -> dict[str, tuple[dict[str, int], dict
     """Per measured layer, how many input and output channels it loses per unit removed from each
     group: {layer: (a_in, a_out)}, found by one surgery per group on `model` (which stays as it is).
     The runtimes' tables share it: surgery on a deep network costs seconds per group."""
-    
+
     shapes = measured_shapes(model)
     found = {n: ({}, {}) for n in shapes}
     for g in group_names:
