@@ -225,7 +225,8 @@ def demo(out, recipe=None, *, force: bool = False, reporter: Reporter | None = N
     _start_strategy(recipe)
     _check_out(out, force)
     data = load_dataset("mnist5k")
-    reporter.step(f"demo: training Flatten -> Dense(128, relu) -> Dense(10, softmax) on {len(data.x_train)} MNIST digits")
+    reporter.step(f"demo: training Flatten -> Dense(128, relu) -> Dense(10, softmax) on {len(data.x_train)} "
+                  "MNIST digits")
     model = train_reference(data, epochs=DEMO_TRAIN_EPOCHS, seed=recipe.seed,
                             progress=reporter.epoch_callback("train reference model", DEMO_TRAIN_EPOCHS))
     reporter.step(f"reference model test accuracy {accuracy(model, data.x_test, data.y_test):.4f}")

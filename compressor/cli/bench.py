@@ -131,7 +131,8 @@ def bench_command(args, reporter) -> str:
 
         dataset = load_dataset(args.data)
         if not isinstance(dataset, Dataset):
-            raise CompressorError(f"`compressor bench --data` takes labelled arrays (.npz, {', '.join(('mnist5k', 'digits'))} "
+            raise CompressorError("`compressor bench --data` takes labelled arrays "
+                                  f"(.npz, {', '.join(('mnist5k', 'digits'))} "
                                   "or a function returning arrays); streamed data is read by `compressor run`")
     result = run_watched(measure, (args, paths, dataset, reporter), paths, limit, debug=getattr(args, "debug", False))
     return json.dumps(result, indent=2) if args.json else render_table(result)
@@ -175,8 +176,8 @@ def measure(args, paths: list[Path], dataset, reporter) -> dict:
 
     result = {
         "machine": machine_info(),
-        "settings": {"threads": args.threads, "batch": args.batch, "runs": args.runs, "warmup": args.warmup, "block": args.block,
-                     "data": args.data, "interleaved": len(paths) > 1},
+        "settings": {"threads": args.threads, "batch": args.batch, "runs": args.runs, "warmup": args.warmup,
+                     "block": args.block, "data": args.data, "interleaved": len(paths) > 1},
         "files": files,
     }
     if len(paths) > 1:
@@ -202,7 +203,8 @@ def render_table(result: dict) -> str:
     from rich.table import Table
 
     s = result["settings"]
-    table = Table(title=f"compressor bench: batch {s['batch']}, {s['threads']} thread{'s' if s['threads'] > 1 else ''}, "
+    table = Table(title=f"compressor bench: batch {s['batch']}, "
+                        f"{s['threads']} thread{'s' if s['threads'] > 1 else ''}, "
                         f"{s['runs']} runs after {s['warmup']} warm-up" + (", interleaved" if s["interleaved"] else ""))
     table.add_column("metric")
     for f in result["files"]:

@@ -30,7 +30,8 @@ def _pipeline_options(parser: argparse.ArgumentParser, out_required: bool = True
     parser.add_argument("--seed", type=int, help="override the recipe's seed")
     parser.add_argument("--speedup", type=float, help="goal: this p50 speedup over dense on --runtime (adds or sets "
                                                       "the recipe's search stage)")
-    parser.add_argument("--runtime", choices=("tflite", "onnxruntime"), help="runtime the --speedup goal is measured on")
+    parser.add_argument("--runtime", choices=("tflite", "onnxruntime"),
+                        help="runtime the --speedup goal is measured on")
     parser.add_argument("--keep-frontier", action="store_true",
                         help="also write the search's other operating points' files to OUT/frontier/<point>/")
     _common(parser)
@@ -81,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compare", help="a second file, run interleaved with the first (A B A B …)")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bench.add_argument("--time-limit", type=float, metavar="SECONDS",
-                       help="stop a file when one runtime call runs longer (default 60, or COMPRESSOR_BENCH_TIME_LIMIT)")
+                       help="stop a file when one runtime call runs longer "
+                            "(default 60, or COMPRESSOR_BENCH_TIME_LIMIT)")
     _common(bench)
 
     inspect = sub.add_parser("inspect", help="per-tensor sparsity and storage as stored in a file")
@@ -268,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        print(f"error: unexpected {type(exc).__name__}: {first} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(f"error: unexpected {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
+              file=sys.stderr)
         return EXIT_ERROR
 
 

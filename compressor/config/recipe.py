@@ -51,7 +51,8 @@ class WeightStage(_Strict):
         "auto", description="zero pattern on Dense kernels; auto = what the targets' kernels execute"
     )
     epochs: int = Field(6, ge=1, le=1000, description="fine-tuning epochs while the sparsity ramps up")
-    prune_last_layer: bool = Field(False, description="also prune the classifier layer (costs accuracy for little size)")
+    prune_last_layer: bool = Field(
+        False, description="also prune the classifier layer (costs accuracy for little size)")
     conv_zeros: bool = Field(False, description=(
         "also zero conv kernels: smaller files only, since LiteRT (XNNPACK on x86) and onnxruntime run them dense"))
     sequence_zeros: bool = Field(False, description=(
@@ -69,7 +70,8 @@ class ActivationStage(_Strict):
     threshold: float = Field(0.1, ge=0.0, le=1.0, description="tau_a: remove units whose normalised score is below")
     max_fraction: float = Field(0.5, ge=0.0, lt=1.0, description="never remove more than this fraction of a layer")
     compensate: bool = Field(
-        True, description="fold each removed unit's mean activation into the next layer's bias (exact for constant units)"
+        True,
+        description="fold each removed unit's mean activation into the next layer's bias (exact for constant units)",
     )
     epochs: int = Field(2, ge=0, le=1000, description="fine-tuning epochs after removal")
 
@@ -98,9 +100,11 @@ class SparseOptStage(_Strict):
     """Group-lasso / BN-gamma L1 training that drives whole units to zero, then removes them."""
 
     name: Literal["sparse_opt"] = "sparse_opt"
-    penalty: Literal["group_lasso", "bn_l1", "both"] = Field("both", description="sparsity-inducing penalty (BN undoes group lasso on conv kernels; both covers either)")
+    penalty: Literal["group_lasso", "bn_l1", "both"] = Field("both", description=(
+        "sparsity-inducing penalty (BN undoes group lasso on conv kernels; both covers either)"))
     strength: float = Field(1e-2, gt=0.0, description="penalty weight added to the loss (per unit norm / |gamma|)")
-    threshold: float = Field(0.05, ge=0.0, description="remove units whose group norm (relative to the layer max) is below")
+    threshold: float = Field(
+        0.05, ge=0.0, description="remove units whose group norm (relative to the layer max) is below")
     max_fraction: float = Field(0.7, ge=0.0, lt=1.0, description="never remove more than this fraction of a layer")
     epochs: int = Field(3, ge=1, le=1000, description="penalised training epochs")
     lr_scale: float = Field(
@@ -302,7 +306,8 @@ class Recipe(_Strict):
         "depth (residual blocks) before the width stages, then sparse_opt, then a search for the fastest widths "
         "within the budget",
     )
-    max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0, description="accuracy budget, as a fraction (0.01 = 1 point)")
+    max_accuracy_drop: float = Field(
+        0.01, ge=0.0, le=1.0, description="accuracy budget, as a fraction (0.01 = 1 point)")
     loss: str | list[str] = Field("auto", description="fine-tuning loss: Keras name or pkg.mod:func, a list: one per "
                                   "output; auto: sparse categorical crossentropy (from the metric for mae/mse/auc)")
     metric: MetricSpec = Field(default_factory=MetricSpec)
@@ -465,7 +470,8 @@ def with_goal(recipe: Recipe, speedup: float | None = None, runtime: str | None 
         stages.append(raw)
     else:
         stages[index] = raw
-    return parse_recipe({**recipe.model_dump(), "stages": [s if isinstance(s, dict) else s.model_dump() for s in stages]},
+    return parse_recipe({**recipe.model_dump(),
+                         "stages": [s if isinstance(s, dict) else s.model_dump() for s in stages]},
                         "command-line goal")
 
 
@@ -487,7 +493,8 @@ def example_yaml() -> str:
     lines.append("stages:")
     for stage in recipe.stages:
         fields = type(stage).model_fields
-        lines += [_example_line(name, getattr(stage, name), fields[name].description or type(stage).__doc__.split(".")[0],
+        lines += [_example_line(name, getattr(stage, name),
+                                fields[name].description or type(stage).__doc__.split(".")[0],
                                 "  - " if i == 0 else "    ") for i, name in enumerate(fields)]
     for section in sections:
         value = getattr(recipe, section)

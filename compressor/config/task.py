@@ -18,8 +18,9 @@ from compressor.core.errors import CompressorError
 from compressor.load.safety import user_function
 
 ACCURACY = ("accuracy", "acc", "sparse_categorical_accuracy")
-HIGHER = ACCURACY + ("auc", "binary_accuracy", "categorical_accuracy", "precision", "recall", "top_k_categorical_accuracy",
-                     "sparse_top_k_categorical_accuracy", "r2_score", "f1_score", "iou", "mean_iou")
+HIGHER = ACCURACY + ("auc", "binary_accuracy", "categorical_accuracy", "precision", "recall",
+                     "top_k_categorical_accuracy", "sparse_top_k_categorical_accuracy", "r2_score", "f1_score",
+                     "iou", "mean_iou")
 LOWER = ("mae", "mse", "rmse", "msle", "mape", "mean_absolute_error", "mean_squared_error", "root_mean_squared_error",
          "mean_squared_logarithmic_error", "mean_absolute_percentage_error", "huber", "logcosh", "log_cosh",
          "binary_crossentropy", "categorical_crossentropy", "sparse_categorical_crossentropy", "kl_divergence",
@@ -52,7 +53,7 @@ def _per_output(value, names: list[str], what: str) -> list[str]:
 
 
 def _activation(model, output_name: str) -> str:
-    layer = model.get_layer(output_name) if output_name in [l.name for l in model.layers] else model.layers[-1]
+    layer = model.get_layer(output_name) if output_name in [each.name for each in model.layers] else model.layers[-1]
     layer = getattr(layer, "layer", layer)  # see through tfmot's wrapper
     if type(layer).__name__ == "Softmax":
         return "softmax"
@@ -266,7 +267,8 @@ def _check_names(task: Task) -> None:
             Task._loss(loss, task.activations[i])
         except (ValueError, TypeError) as exc:
             raise CompressorError(f"recipe loss '{loss}' is not a Keras loss ({_first_sentence(exc)}); use a Keras "
-                                  "name such as sparse_categorical_crossentropy, mae, mse, or package.module:function") from exc
+                                  "name such as sparse_categorical_crossentropy, mae, mse, "
+                                  "or package.module:function") from exc
 
 
 def expects_class_labels(recipe) -> bool:

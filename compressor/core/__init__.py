@@ -6,11 +6,16 @@ verification counts in the files (they must agree).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from compressor.core.errors import CompressorError
 from compressor.core.quiet import quiet_stderr
 from compressor.core.registry import Registry
+
+if TYPE_CHECKING:  # at run time `keras` comes from __getattr__, so TensorFlow loads only on use
+    from compressor.core._tf import keras
 
 __all__ = ["CompressorError", "Registry", "export_form", "keras", "keras_kernels", "kernel_zeros", "quiet_stderr", "tf"]
 

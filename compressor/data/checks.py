@@ -68,7 +68,8 @@ def check_label_count(name: str, count: int, task) -> None:
     outputs = task.output_names
     if count != len(outputs):
         raise CompressorError(
-            f"data '{name}' has {count} label array(s) but the model has {len(outputs)} outputs ({', '.join(outputs)}); "
+            f"data '{name}' has {count} label array(s) but the model has {len(outputs)} outputs "
+            f"({', '.join(outputs)}); "
             "give one label array per output (y_train_0, y_train_1, ... in an .npz; a tuple in a function)")
 
 

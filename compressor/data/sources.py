@@ -129,7 +129,8 @@ def digits() -> Dataset:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    return _split("digits", (bunch.data / 16.0).astype(np.float32), bunch.target.astype(np.int64), n_test=360, calib=300)
+    return _split("digits", (bunch.data / 16.0).astype(np.float32), bunch.target.astype(np.int64),
+                  n_test=360, calib=300)
 
 
 def _labels(arrays: dict, split: str):
@@ -218,7 +219,8 @@ def load_dataset(spec: str | Path, settings=None, class_labels: bool = True):
             with np.load(path, allow_pickle=False) as npz:
                 arrays = {k: npz[k] for k in npz.files}
         except Exception as exc:  # zipfile / pickle / value errors all mean the same to a user
-            raise CompressorError(f"cannot read data file '{spec}' ({type(exc).__name__}); save it with numpy.savez") from exc
+            raise CompressorError(
+                f"cannot read data file '{spec}' ({type(exc).__name__}); save it with numpy.savez") from exc
         return _from_arrays(spec, arrays, class_labels)
     from compressor.data import streams
 
