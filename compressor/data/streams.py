@@ -83,14 +83,16 @@ class StreamDataset:
         self.input_shape, self.task, self._calib = tuple(input_shape), task, None
         with self.errors():
             raw = self._build(self.input_shape, task)
-            self.splits = {k: _normalise(self.name, k, ds, self.input_shape, task) for k, ds in raw.items() if ds is not None}
+            self.splits = {k: _normalise(self.name, k, ds, self.input_shape, task)
+                           for k, ds in raw.items() if ds is not None}
             for split, ds in self.splits.items():
                 seen = 0
                 for index, (x, y) in enumerate(ds.batch(CHECK_BATCH).take(FIRST_BATCHES).as_numpy_iterator()):
                     self._check(split, index, x, y)
                     seen += len(x)
                 if seen == 0 and split in ("train", "test"):
-                    raise CompressorError(f"data '{self.name}': the {split} split is empty; provide at least one sample")
+                    raise CompressorError(
+                        f"data '{self.name}': the {split} split is empty; provide at least one sample")
             if "calibration" in self.splits and self._empty("calibration"):
                 del self.splits["calibration"]
                 self.notes = [f"data '{self.name}': the calibration split is empty; calibrating on "
@@ -111,7 +113,8 @@ class StreamDataset:
                                   "NaN/inf values; clean or impute them first")
         parts = list(y) if isinstance(y, tuple) else [y]
         for i, part in enumerate(parts):
-            check_labels(self.name, f"{split} labels" + (f" of output {i}" if len(parts) > 1 else ""), part, self.task, i)
+            check_labels(self.name, f"{split} labels" + (f" of output {i}" if len(parts) > 1 else ""),
+                         part, self.task, i)
 
     def _graph_checks(self, x, y):
         """The training stream's checks, as assertions that fail the step that reads the bad batch."""
@@ -129,7 +132,8 @@ class StreamDataset:
                     f"range for a model with {units} outputs; labels must be 0..{units - 1}"))
             else:
                 deps.append(tf.debugging.assert_all_finite(
-                    v, MARK + f"data '{self.name}': training labels contain NaN/inf values; clean or impute them first"))
+                    v, MARK + f"data '{self.name}': training labels contain NaN/inf values; "
+                              "clean or impute them first"))
         with tf.control_dependencies(deps):
             x = tf.identity(x)
         return x, (tuple(ys) if len(ys) > 1 else ys[0])
@@ -323,7 +327,8 @@ def _normalise(name: str, split: str, ds, input_shape: tuple, task):
     shape, labels = spec[0].shape, spec[1]
     for what, part in [("inputs", spec[0])] + [("labels", t) for t in tf.nest.flatten(labels)]:
         if not (part.dtype.is_floating or part.dtype.is_integer or part.dtype.is_bool):
-            raise CompressorError(f"data '{name}': the {split} {what} are {part.dtype.name} tensors; map them to numbers "
+            raise CompressorError(f"data '{name}': the {split} {what} are {part.dtype.name} tensors; "
+                                  "map them to numbers "
                                   "(decode images, look labels up as integer classes) before returning the dataset")
     reshape = False
     if shape.is_fully_defined() and tuple(shape.as_list()) != input_shape:
@@ -335,7 +340,8 @@ def _normalise(name: str, split: str, ds, input_shape: tuple, task):
     if isinstance(labels, dict):
         absent = [n for n in names if n not in labels]
         if absent:
-            raise CompressorError(f"data '{name}': the {split} labels are keyed {sorted(labels)} but the model's outputs "
+            raise CompressorError(f"data '{name}': the {split} labels are keyed {sorted(labels)} "
+                                  "but the model's outputs "
                                   f"are {names}; key them by output name")
         count = len(names)
     else:
@@ -402,7 +408,8 @@ def image_folder(spec: str, settings) -> StreamDataset:
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # "Found N files belonging to K classes."
                 if dirs:
-                    made = {s: keras.utils.image_dataset_from_directory(d, shuffle=s == "train", class_names=classes, **kw)
+                    made = {s: keras.utils.image_dataset_from_directory(d, shuffle=s == "train",
+                                                                        class_names=classes, **kw)
                             for s, d in dirs.items()}
                 else:
                     made = dict(zip(("train", "test"), keras.utils.image_dataset_from_directory(
@@ -431,7 +438,8 @@ def _tfrecord_files(spec: str) -> list[Path]:
     elif path.is_file():
         files = [path]
     else:
-        raise CompressorError(f"data file '{spec}' not found; pass existing .tfrecord files (a file, a glob or a folder)")
+        raise CompressorError(
+            f"data file '{spec}' not found; pass existing .tfrecord files (a file, a glob or a folder)")
     if not files:
         raise CompressorError(f"no TFRecord files match '{spec}'; pass a .tfrecord file, a glob or a folder of them")
     return files
@@ -449,7 +457,8 @@ def _check_features(spec: str, file: Path, cfg) -> None:
     try:
         stored = tf.train.Example.FromString(raw.numpy()).features.feature
     except Exception as exc:  # a protobuf decode error: not tf.train.Example records
-        raise CompressorError(f"TFRecord file '{file}' does not hold tf.train.Example records ({type(exc).__name__})") from exc
+        raise CompressorError(
+            f"TFRecord file '{file}' does not hold tf.train.Example records ({type(exc).__name__})") from exc
     kinds = {"float32": "float_list", "int64": "int64_list", "string": "bytes_list"}
     for name, feature in cfg.features.items():
         if name not in stored:
@@ -461,7 +470,8 @@ def _check_features(spec: str, file: Path, cfg) -> None:
                                   f"{feature.dtype}; fix data.tfrecord.features.{name}.dtype")
         values = len(getattr(stored[name], kind).value)
         if feature.dtype != "string" and values != math.prod(feature.shape):
-            raise CompressorError(f"data '{spec}': feature '{name}' holds {values} value(s) per record but the recipe's "
+            raise CompressorError(f"data '{spec}': feature '{name}' holds {values} value(s) per record "
+                                  "but the recipe's "
                                   f"shape {feature.shape} needs {math.prod(feature.shape)}; fix data.tfrecord.features")
 
 
@@ -496,9 +506,11 @@ def tfrecord(spec: str, settings) -> StreamDataset:
         raise CompressorError(f"TFRecord data '{spec}' needs a feature spec: add data.tfrecord (x, y, features) to "
                               "the recipe; see the README")
     files = _tfrecord_files(spec)
-    pick = {s: [f for f in files if fnmatch.fnmatch(f.name, getattr(cfg, s))] for s in ("test", "validation", "calibration")}
+    pick = {s: [f for f in files if fnmatch.fnmatch(f.name, getattr(cfg, s))]
+            for s in ("test", "validation", "calibration")}
     named = {f for found in pick.values() for f in found}
-    train = [f for f in files if fnmatch.fnmatch(f.name, cfg.train) and f not in named] or [f for f in files if f not in named]
+    train = ([f for f in files if fnmatch.fnmatch(f.name, cfg.train) and f not in named]
+             or [f for f in files if f not in named])
     if not train:
         raise CompressorError(f"no training files among '{spec}' (all match the test/validation/calibration patterns); "
                               "set data.tfrecord.train")
@@ -514,7 +526,8 @@ def tfrecord(spec: str, settings) -> StreamDataset:
                              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
     def count(paths, keep=lambda n: n):
-        return lambda: keep(int(tf.data.TFRecordDataset([str(p) for p in paths]).reduce(np.int64(0), lambda c, _: c + 1)))
+        return lambda: keep(int(tf.data.TFRecordDataset([str(p) for p in paths])
+                                .reduce(np.int64(0), lambda c, _: c + 1)))
 
     counts = {s: count(p) for s, p in pick.items() if p}
     if holdout:

@@ -48,7 +48,8 @@ class DenseConv(Handler):
         units = self.units(layer)
         graph.add_producer(layer.name, units)
         if activation_name(layer) in CROSS_UNIT_ACTIVATIONS:
-            graph.block_space(layer.name, f"'{layer.name}' has activation {activation_name(layer)}, which mixes its units")
+            graph.block_space(layer.name,
+                              f"'{layer.name}' has activation {activation_name(layer)}, which mixes its units")
         if not isinstance(layer, _L.Dense) and ins[0].outer != 1:
             raise Blocked("convolution over a flattened layout")
         return single(layer.name, units)
@@ -82,7 +83,8 @@ class DenseConv(Handler):
 def _depthwise_like(layer) -> bool:
     """A grouped conv with one group per input and output channel computes a depthwise conv."""
     groups = int(getattr(layer, "groups", 1) or 1)
-    return groups > 1 and groups == int(layer.filters) == int(layer.kernel.shape[-1]) and int(layer.kernel.shape[-2]) == 1
+    return (groups > 1 and groups == int(layer.filters) == int(layer.kernel.shape[-1])
+            and int(layer.kernel.shape[-2]) == 1)
 
 
 @register

@@ -67,7 +67,7 @@ def precheck_config(config: dict, path: str) -> None:
             "graph cannot be rebuilt; pass a tf-keras model, or save a Sequential/functional model"
         )
     layers = list(_walk_layer_configs(config.get("config") or {}))
-    if not any(l.get("class_name") != "InputLayer" for l in layers):
+    if not any(each.get("class_name") != "InputLayer" for each in layers):
         raise CompressorError(f"model '{clip(path)}' has no layers; save a trained model with at least one layer")
     for lcfg in layers:
         class_name = lcfg.get("class_name", "?")
@@ -357,7 +357,8 @@ class _Importer:
     @staticmethod
     def _input_kwargs(cfg: dict) -> dict:
         shape = cfg.get("batch_shape") or cfg.get("batch_input_shape")
-        kwargs = {"batch_shape": tuple(shape), "name": cfg.get("name"), "dtype": _plain_dtype(cfg.get("dtype"), cfg.get("name"))}
+        kwargs = {"batch_shape": tuple(shape), "name": cfg.get("name"),
+                  "dtype": _plain_dtype(cfg.get("dtype"), cfg.get("name"))}
         if cfg.get("sparse"):
             kwargs["sparse"] = True
         if cfg.get("ragged"):

@@ -102,7 +102,7 @@ def _check_is_model(model, source: str) -> None:
             f"'{clip(source)}' does not hold a Keras model ({type(model).__name__}); "
             "save a Keras model with model.save()"
         )
-    real = [l for l in model.layers if not isinstance(l, keras.layers.InputLayer)]
+    real = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
     if not real:
         raise CompressorError(
             f"model '{clip(source)}' has no layers; save a trained model with at least one layer"

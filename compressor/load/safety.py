@@ -202,7 +202,8 @@ def _check_object(obj: dict, where: str, source: str, known: set[str]) -> None:
     if class_name in known or (isinstance(registered, str) and registered in known):
         return
     if class_name == "function" and isinstance(obj.get("config"), str) and obj["config"] in known:
-        return  # a function registered in this process (the importer's hard_silu, ...): resolved by name, never imported
+        # a function registered in this process (the importer's hard_silu, ...): resolved by name, never imported
+        return
     raise CompressorError(
         f"cannot read model '{clip(source)}': layer '{clip(where, 40)}' refers to '{clip(class_name, 30)}' in module "
         f"'{clip(module, 40)}', which loading would import and run; refused: pass --custom-objects pkg.mod if it is "

@@ -178,7 +178,8 @@ def check_out_dir(out: str | Path, force: bool, inputs: tuple = ()) -> Path:
     names = os.listdir(real) if real.exists() else []
     skip = frozenset(n for n in names if (inside and n.startswith(INSIDE)) or _is_leftover(n, INSIDE))
     if len(names) > len(skip) and not force:
-        raise CompressorError(f"output folder '{out}' is not empty; pass --force to overwrite it or choose another --out")
+        raise CompressorError(
+            f"output folder '{out}' is not empty; pass --force to overwrite it or choose another --out")
     foreign = foreign_entries(real, skip) if len(names) > len(skip) else []
     if foreign:
         shown = ", ".join(foreign[:3]) + (" …" if len(foreign) > 3 else "")
@@ -229,7 +230,8 @@ class OutputFolder:
             self._lock()
         except OSError as exc:
             raise CompressorError(f"cannot write beside the output folder '{self.out}' ({exc.strerror}); the result "
-                                  "is built next to --out and swapped in: choose a --out in a writable folder") from None
+                                  "is built next to --out and swapped in: "
+                                  "choose a --out in a writable folder") from None
         try:
             self._recover()
             check_out_dir(self.out, self.force, self.inputs)  # again, now that nobody else writes it

@@ -54,5 +54,6 @@ def apply(model, cfg: ActivationStage, ctx: StageContext, amount: float = 1.0) -
              + (f", {dead_removed} of them dead" if dead_removed else "")]
     if any(r["compensated"] for r in layers.values()):
         notes.append("activation: removed units' mean activation folded into the next layer's bias")
-    return StageOutcome(pruned, {"criterion": cfg.criterion, "threshold": threshold, "max_fraction": cfg.max_fraction * amount,
+    return StageOutcome(pruned, {"criterion": cfg.criterion, "threshold": threshold,
+                                 "max_fraction": cfg.max_fraction * amount,
                                  "removed": removed, "layers": layers, "skipped": dict(result.skipped)}, notes)

@@ -120,7 +120,8 @@ def apply(model, cfg: ClusterStage, ctx: StageContext, amount: float = 1.0) -> S
     merged = sum(r["merged"] for r in layers.values())
     notes = [f"cluster (K = {cfg.clusters_fraction:.0%} of units, merge distance {cfg.merge_distance * amount:.3g}, "
              f"tau_k={cfg.min_cluster_size * amount:.3g}): removed {removed} of "
-             f"{sum(r['units_before'] for r in layers.values())} units, {merged} of them merged into a near-identical unit, "
+             f"{sum(r['units_before'] for r in layers.values())} units, "
+             f"{merged} of them merged into a near-identical unit, "
              f"{sum(r['rare_dropped'] for r in layers.values())} from rare clusters, "
              f"{sum(r['constant_removed'] for r in layers.values())} constant"]
     return StageOutcome(pruned, {"removed": removed, "merged": merged, "layers": layers,

@@ -87,7 +87,8 @@ def apply(model: keras.Model, cfg: WeightStage, ctx: StageContext, amount: float
     names = _pruned_layers(model, cfg)
     skipped = left_dense(model, cfg)
     if not names:
-        return StageOutcome(clone_with_weights(model), {"sparsity": 0.0, "block": list(dense_block), "left_dense": skipped},
+        return StageOutcome(clone_with_weights(model),
+                            {"sparsity": 0.0, "block": list(dense_block), "left_dense": skipped},
                             ["weight stage: no Dense/Conv kernels to prune", *_skip_notes(skipped)])
     steps_per_epoch = data.steps_per_epoch(recipe.batch_size)
     total = steps_per_epoch * cfg.epochs
@@ -101,7 +102,8 @@ def apply(model: keras.Model, cfg: WeightStage, ctx: StageContext, amount: float
     def wrap(layer):
         if layer.name in names:
             blocks[layer.name] = _block_for(layer, dense_block)
-            return tfmot.sparsity.keras.prune_low_magnitude(layer, pruning_schedule=schedule, block_size=blocks[layer.name])
+            return tfmot.sparsity.keras.prune_low_magnitude(layer, pruning_schedule=schedule,
+                                                            block_size=blocks[layer.name])
         return layer
 
     with distribute.scope():  # tfmot's wrappers must be built where the strategy mirrors their variables
@@ -121,7 +123,8 @@ def apply(model: keras.Model, cfg: WeightStage, ctx: StageContext, amount: float
         raise CompressorError(
             f"weight stage reached only {short} of the {target:.0%} target; raise weight.epochs or lower batch_size"
         )
-    notes = [f"weight: {target:.0%} magnitude sparsity on {len(names)} kernels, Dense blocks {tuple(dense_block)} (in, out)"]
+    notes = [f"weight: {target:.0%} magnitude sparsity on {len(names)} kernels, "
+             f"Dense blocks {tuple(dense_block)} (in, out)"]
     return StageOutcome(pruned, {"sparsity": target, "block": list(dense_block), "layers": reached,
                                  "blocks": {n: list(b) for n, b in blocks.items()}, "left_dense": skipped},
                         notes + _skip_notes(skipped))

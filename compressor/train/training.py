@@ -40,7 +40,8 @@ def compile_for_training(model: keras.Model, learning_rate: float, task=None, lo
     """Adam with the task's loss (compressor/config/task.py); without a task, top-1 classification.
     `loss_weights` (one per output) scale the task losses (distillation gives the rest to its KL term)."""
     if task is None:
-        loss, metrics = keras.losses.SparseCategoricalCrossentropy(from_logits=not output_is_probability(model)), ["accuracy"]
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=not output_is_probability(model))
+        metrics = ["accuracy"]
     else:
         loss, metrics = task.keras_losses(), task.compile_metrics()
     model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=metrics, loss_weights=loss_weights)

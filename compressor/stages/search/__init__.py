@@ -161,7 +161,9 @@ def _speed_targets(cfg: SearchStage, lm: LatencyModel, amount: float) -> tuple[l
     goal = cfg.goal.speedup
     if cfg.goal.latency_ms is not None:
         goal = max(1.0, lm.predict() / cfg.goal.latency_ms)
-    gentle = (lambda s: 1.0 + (s - 1.0) * amount)
+    def gentle(s):
+        return 1.0 + (s - 1.0) * amount
+
     points = sorted({gentle(p) for p in cfg.points} | ({gentle(goal)} if goal else set()))
     points = [p for p in points if p > 1.0]
     return points, (gentle(goal) if goal else None)
@@ -584,7 +586,8 @@ def _no_slower(rows: list[dict], good: list[int], runtimes: tuple[str, ...]) -> 
     kept = [i for i in good if all(rows[i]["measured_speedup"][rt] >= 1.0 for rt in runtimes)]
     if len(kept) == len(good):
         return kept, []
-    worst = min((i for i in good if i not in kept), key=lambda i: min(rows[i]["measured_speedup"][rt] for rt in runtimes))
+    worst = min((i for i in good if i not in kept),
+                key=lambda i: min(rows[i]["measured_speedup"][rt] for rt in runtimes))
     slow = ", ".join(f"{rt} {rows[worst]['measured_speedup'][rt]:.2f}x" for rt in runtimes)
     return kept, [f"search: {len(good) - len(kept)} point(s) within budget measured slower than the model the stages "
                   f"left on a target runtime ({slow}) and were not chosen"]
@@ -609,7 +612,8 @@ def _choose(rows: list[dict], goal: float | None, cfg: SearchStage, runtimes: tu
         top = max((r["predicted_speedup"] for r in rows), default=1.0)
         return fastest_here, slower + [f"search: goal {goal:.2f}x on {runtime} not reachable: the latency table "
                                        f"predicts at most {top:.2f}x at the width floors (fixed per-op cost dominates)"]
-    reached = f"{rows[fastest_here]['measured_speedup'][runtime]:.2f}x measured" if fastest_here is not None else "nothing"
+    reached = (f"{rows[fastest_here]['measured_speedup'][runtime]:.2f}x measured" if fastest_here is not None
+               else "nothing")
     why = "at the width floors" if floored else f"within the {metric} budget"
     return fastest_here, slower + [f"search: goal {goal:.2f}x on {runtime} not reachable {why}; "
                                    f"best within budget: {reached}"]

@@ -76,7 +76,8 @@ class LayerShape:
         c = self.config
         parts = [self.kind, f"in={width_in}", f"out={width_out}", f"sp={'x'.join(map(str, self.spatial))}",
                  f"k={c.get('kernel_size', '')}", f"s={c.get('strides', '')}", f"pad={c.get('padding', '')}",
-                 f"act={c.get('activation', '')}", f"bias={c.get('use_bias', '')}", f"dm={c.get('depth_multiplier', '')}",
+                 f"act={c.get('activation', '')}", f"bias={c.get('use_bias', '')}",
+                 f"dm={c.get('depth_multiplier', '')}",
                  f"b={batch}"]
         if self.kind == ATTENTION:  # heads of this size: the table's out width counts heads
             parts[-1:-1] = [f"kd={c.get('key_dim')}", f"vd={c.get('value_dim')}"]
@@ -113,7 +114,7 @@ def layer_shape(layer) -> LayerShape | None:
 
 def measured_shapes(model) -> dict[str, LayerShape]:
     """Layer name -> table key, for every layer the latency model measures."""
-    return {l.name: s for l in model.layers if (s := layer_shape(l)) is not None}
+    return {layer.name: s for layer in model.layers if (s := layer_shape(layer)) is not None}
 
 
 def _query_shape(layer):
@@ -168,7 +169,8 @@ class LatencyTable:
         if path.is_file():
             try:
                 raw = json.loads(path.read_text())
-                if (raw.get("runtime"), raw.get("version"), raw.get("timing")) == (runtime, runtime_version(runtime), TIMING):
+                stored = (raw.get("runtime"), raw.get("version"), raw.get("timing"))
+                if stored == (runtime, runtime_version(runtime), TIMING):
                     entries = {k: float(v) for k, v in raw.get("entries", {}).items()}
             except (ValueError, AttributeError):
                 entries = {}  # a damaged cache is rebuilt, not trusted
