@@ -45,7 +45,8 @@ def gzip_size(path: str | Path) -> int:
 
 
 def jsonable(value):
-    """`json.dump(default=...)`: reports and checkpoints hold numpy scalars/arrays and paths; written as plain values."""
+    """`json.dump(default=...)`: reports and checkpoints hold numpy scalars/arrays and paths; written as plain
+    values."""
     if isinstance(value, np.integer):
         return int(value)
     if isinstance(value, np.floating):

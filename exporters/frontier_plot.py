@@ -3,7 +3,8 @@ runtime, as a chart and a table.
 
 Input is the search stage's `details` (frontier rows with `metric` (older rows: `accuracy`),
 `measured_ms`, `dense_ms`, `start_ms`, `within_budget`, `widths`); the dense model (before any stage)
-is marked and every point's speedup is shown over it, and over the start (the model the stages left). `details["metric"]["name"]`, when present, labels the axis.
+is marked and every point's speedup is shown over it, and over the start (the model the stages left).
+`details["metric"]["name"]`, when present, labels the axis.
 """
 from __future__ import annotations
 
@@ -83,7 +84,8 @@ def frontier_table(details: dict, dense_accuracy: float | None = None) -> str:
             pred = r.get("predicted_ms", {}).get(rt)
             cells.append(f"{meas:.4f} ({pred:.4f})" if meas is not None else f"- ({pred:.4f})")
             speed = r.get("measured_speedup", {}).get(rt)
-            cells.append(f"{_ratio(dense_ms, r.get('measured_ms', {}), rt)} ({speed:.2f}x)" if speed is not None else "-")
+            cells.append(f"{_ratio(dense_ms, r.get('measured_ms', {}), rt)} ({speed:.2f}x)" if speed is not None
+                         else "-")
         cells.append(", ".join(f"{k} {v}" for k, v in r.get("widths", {}).items()))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -121,7 +121,8 @@ def small_matmuls(float_path: str | Path) -> list[str]:
     model = onnx.load(str(float_path))
     sizes = {init.name: int(np.prod(init.dims)) for init in model.graph.initializer}
     return [node.name for node in model.graph.node
-            if node.op_type in ("MatMul", "Gemm") and any(sizes.get(i, SMALL_MATMUL) < SMALL_MATMUL for i in node.input[1:2])]
+            if node.op_type in ("MatMul", "Gemm")
+            and any(sizes.get(i, SMALL_MATMUL) < SMALL_MATMUL for i in node.input[1:2])]
 
 
 def reduce_range_needed() -> bool:
@@ -182,7 +183,8 @@ def export_int8(float_path: str | Path, path: str | Path, calibration: np.ndarra
         if mode == "dynamic":
             quantize_dynamic(str(float_path), tmp, weight_type=QuantType.QInt8, nodes_to_exclude=skip)
         else:
-            quantize_static(str(float_path), tmp, _calibration_reader(calibration, "input", _file_input_dtype(float_path)),
+            quantize_static(str(float_path), tmp,
+                            _calibration_reader(calibration, "input", _file_input_dtype(float_path)),
                             quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
                             weight_type=QuantType.QInt8, per_channel=True, reduce_range=reduce_range_needed(),
                             # a LayerNormalization's gamma is rank 1: its channels are axis 0, not the

@@ -70,13 +70,15 @@ def _header(report: dict) -> list[str]:
     on = f" (output '{metric['output']}')" if len(metric.get("per_output") or []) > 1 else ""
     lines += [f"Dense baseline test {metric['name']}{on}: **{_baseline(report):.4f}**; targets: "
               f"{', '.join(report['recipe']['targets'])}; {budget}{_multiple(report)}.", ""]
-    return lines + [f"**Note: {line}**" for line in report.get("baseline_notes", [])] + ([""] if report.get("baseline_notes") else [])
+    return (lines + [f"**Note: {line}**" for line in report.get("baseline_notes", [])]
+            + ([""] if report.get("baseline_notes") else []))
 
 
 def _multiple(report: dict) -> str:
     if not report.get("unit_multiple"):
         return ""
-    auto = " (round_units auto: the targets' channel block on this CPU)" if report["recipe"].get("round_units") == "auto" else ""
+    auto = (" (round_units auto: the targets' channel block on this CPU)"
+            if report["recipe"].get("round_units") == "auto" else "")
     return f"; narrowed widths kept at multiples of {report['unit_multiple']}{auto}"
 
 
@@ -120,7 +122,8 @@ def _results_section(report: dict) -> list[str]:
         tag = "" if (r["batch"], r["threads"]) == (1, 1) else f" (b{r['batch']}, t{r['threads']})"
         lines.append(
             f"| {r['variant']}{tag} | {r['runtime']} | {r['file']} | {_quality_cell(r)} | "
-            f"{lat['p50']:.4f} | {lat['p90']:.4f} | {lat['p99']:.4f} | {_ratio(base['latency_ms']['p50'], lat['p50'])} | "
+            f"{lat['p50']:.4f} | {lat['p90']:.4f} | {lat['p99']:.4f} | "
+            f"{_ratio(base['latency_ms']['p50'], lat['p50'])} | "
             f"{r['size_bytes']:,} | {r['gzip_bytes']:,} | {_ratio(base['gzip_bytes'], r['gzip_bytes'])} | "
             f"{r['params']:,} | {r['nonzero_params']:,} | {r['flops']:,} |")
     return lines
@@ -244,7 +247,8 @@ def _depth_section(report: dict) -> list[str]:
     if not rows:
         return []
     return ["", "## Depth stage: residual blocks removed (output of the Add = its skip input)", "",
-            "| Add | branch layers | output KL without it alone | relative branch norm | MACs removed |", "|---|---|---|---|---|",
+            "| Add | branch layers | output KL without it alone | relative branch norm | MACs removed |",
+            "|---|---|---|---|---|",
             *[f"| {b['add']} | {len(b['layers'])} ({b['layers'][0]} … {b['layers'][-1]}) | {b['output_kl']:+.4f} | "
               f"{b['branch_norm']:.3f} | {b['macs']:,} |" for b in rows]]
 

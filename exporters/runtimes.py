@@ -1,7 +1,8 @@
 """One small runner per runtime, so verification, accuracy and latency all run files the same way.
 
 LiteRT: `ai_edge_litert.interpreter` (tf.lite.Interpreter is deprecated), default resolver
-(XNNPACK) unless the file needs the builtin one. onnxruntime: fixed intra-op threads, sequential, all graph optimisations, run through an IOBinding.
+(XNNPACK) unless the file needs the builtin one. onnxruntime: fixed intra-op threads, sequential,
+all graph optimisations, run through an IOBinding.
 """
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ class TFLiteRunner:
                 self.interpreter = Interpreter(model_path=str(path), num_threads=threads,
                                                experimental_op_resolver_type=kind)
         except (ValueError, RuntimeError) as exc:
-            raise CompressorError(f"LiteRT cannot load '{path}': {str(exc).splitlines()[0]}; is it a .tflite file?") from exc
+            raise CompressorError(
+                f"LiteRT cannot load '{path}': {str(exc).splitlines()[0]}; is it a .tflite file?") from exc
         self._input = self.interpreter.get_input_details()[0]
         details = self.interpreter.get_output_details()
         self._output = details[0]
@@ -203,7 +205,8 @@ def open_runner(path: str | Path, threads: int = 1, resolver: str = "default"):
     """A runner for the file's format (looked up in the target registry)."""
     fmt = targets.format_for(path, runnable=True)
     if not Path(path).is_file():
-        raise CompressorError(f"model file '{path}' not found; pass an existing {targets.extension_list(runnable=True)}")
+        raise CompressorError(
+            f"model file '{path}' not found; pass an existing {targets.extension_list(runnable=True)}")
     beat(path)
     return fmt.open_runner(path, threads, resolver)
 

@@ -127,7 +127,8 @@ def _candidates(target, pruned, data, out: Path, encode: bool, judge) -> list[di
             target.export(pruned, path, calibration=data.calibration(), scheme=scheme, sparse=False)
             runner, resolver, note = open_runner_safely(path)
             entry["storage"] = fallback.instead
-            entry["description"] += f"; written with {entry['storage']}: the default delegate rejects its sparse tensors"
+            entry["description"] += (f"; written with {entry['storage']}: "
+                                     "the default delegate rejects its sparse tensors")
         value = judge.file(runner, "budget").value
         entry.update(path=path, runner=runner, resolver=resolver, delegate_note=note, metric=value,
                      accuracy=value if judge.is_accuracy else None)
@@ -206,8 +207,10 @@ def choose_int8(target, pruned, recipe, out: Path, reporter, notes: list[str], j
         "reference_accuracy": reference if judge.is_accuracy else None, "reference_metric": reference,
         "metric": judge.name, "max_accuracy_drop": recipe.max_accuracy_drop, "budget": judge.budget,
         "float_file": float_path.name, "float_p50_ms": float_p50,
-        "within_budget": bool(judge.drop(reference, chosen["metric"]) <= judge.budget), "chosen_metric": chosen["metric"],
-        "candidates": [{k: c.get(k) for k in ("scheme", "accuracy", "metric", "p50_ms", "resolver", "skipped", "storage")}
+        "within_budget": bool(judge.drop(reference, chosen["metric"]) <= judge.budget),
+        "chosen_metric": chosen["metric"],
+        "candidates": [{k: c.get(k)
+                        for k in ("scheme", "accuracy", "metric", "p50_ms", "resolver", "skipped", "storage")}
                        for c in found],
     }
     reporter.step(f"{target.name}: chose {chosen['scheme']} ("

@@ -112,7 +112,8 @@ class Target:
         """Write `model` for this target; `sparse` asks for compact storage of pruned weights. Every
         converter gets the model's export form (static shapes but the batch; compressor.core.export_form)."""
         scheme = scheme or self.schemes[0]
-        return _resolve(self.exporter)(export_form(model), path, calibration=calibration, sparse=sparse, **scheme.options)
+        return _resolve(self.exporter)(export_form(model), path, calibration=calibration, sparse=sparse,
+                                       **scheme.options)
 
     def fallback(self, when: str) -> Fallback | None:
         """The registry's fallback for `when`, or None where this target names none."""

@@ -215,7 +215,8 @@ def mutate_npz(seed: Path, out: Path, rng: random.Random) -> str:
     arrays = dict(np.load(seed))
     key = rng.choice(sorted(arrays))
     swaps = {"strings": np.array(["a"] * len(arrays[key])), "empty": arrays[key][:0], "nan": np.full_like(
-        arrays[key], np.nan, dtype=np.float32), "scalar": np.float32(3), "3d": arrays[key].reshape(len(arrays[key]), -1, 1),
+        arrays[key], np.nan, dtype=np.float32), "scalar": np.float32(3),
+        "3d": arrays[key].reshape(len(arrays[key]), -1, 1),
         "objects": np.array([None, 1], dtype=object), "negative": -np.abs(arrays[key]) - 1, "missing": None}
     how = rng.choice(sorted(swaps))
     if swaps[how] is None:

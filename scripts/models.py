@@ -92,7 +92,8 @@ def transformer_encoder(blocks: int = 2, d_model: int = 64, heads: int = 4, ffn:
         attended = L.MultiHeadAttention(heads, d_model // heads, name=f"mha{b}")(x, x)
         x = L.LayerNormalization(name=f"ln{b}a")(L.Add(name=f"res{b}a")([x, attended]))
         hidden = L.Dense(ffn, activation="gelu", name=f"ffn{b}_in")(x)
-        x = L.LayerNormalization(name=f"ln{b}b")(L.Add(name=f"res{b}b")([x, L.Dense(d_model, name=f"ffn{b}_out")(hidden)]))
+        x = L.LayerNormalization(name=f"ln{b}b")(
+            L.Add(name=f"res{b}b")([x, L.Dense(d_model, name=f"ffn{b}_out")(hidden)]))
     outputs = L.Dense(CLASSES, activation="softmax", name="classifier")(L.GlobalAveragePooling1D(name="gap")(x))
     return keras.Model(inputs, outputs, name="transformer_encoder")
 
