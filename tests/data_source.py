@@ -60,7 +60,8 @@ def streams_huge_labels():
 
 def streams_empty_calibration():
     x, y = images(60, seed=3)
-    return {"train": _datasets(x[:40], y[:40]), "test": _datasets(x[40:], y[40:]), "calibration": _datasets(x[:0], y[:0])}
+    return {"train": _datasets(x[:40], y[:40]), "test": _datasets(x[40:], y[40:]),
+            "calibration": _datasets(x[:0], y[:0])}
 
 
 def streams_text_labels():

@@ -297,7 +297,7 @@ def test_suite_model_builders_build_and_run(digits):
         out = model.predict(shaped, verbose=0)
         assert out.shape == (2, 10) and np.allclose(out.sum(axis=1), 1.0, atol=1e-4)
         assert model_macs(model) > 0
-    names = {type(l).__name__ for l in models.MODELS["dscnn"].build().layers}
+    names = {type(layer).__name__ for layer in models.MODELS["dscnn"].build().layers}
     assert {"DepthwiseConv2D", "SeparableConv2D", "BatchNormalization", "GlobalAveragePooling2D"} <= names
 
 
@@ -357,7 +357,8 @@ def test_suite_update_keeps_other_models_and_refuses_another_machine(tmp_path):
     assert [(e["name"], e["measured"]["date"]) for e in merged["models"]] == [("mlp-128", "d0"), ("cnn", "d1")]
     assert merged["meta"]["updates"] == ["python scripts/benchmark.py --update --models cnn"]
     assert merged["meta"]["command"] == "python scripts/benchmark.py" and merged["meta"]["date"] == "d1"
-    assert script._public_args(["--update", "--work", "/w", "--out=/o", "--models", "cnn"]) == ["--update", "--models", "cnn"]
+    assert script._public_args(["--update", "--work", "/w", "--out=/o", "--models", "cnn"]) == [
+        "--update", "--models", "cnn"]
     (tmp_path / "benchmarks.json").write_text(json.dumps(merged))
     again = script._merged(tmp_path / "benchmarks.json", new)  # the same command twice is listed once
     assert again["meta"]["updates"] == ["python scripts/benchmark.py --update --models cnn"]
@@ -369,7 +370,8 @@ def test_suite_update_keeps_other_models_and_refuses_another_machine(tmp_path):
 def test_families_update_replaces_a_familys_row_and_keeps_the_others_in_page_order():
     """A sweep of several hours is run in parts: `families.py --update` merges each into the page."""
     script = _load_script("families")
-    previous = [{"family": "encoder", "exit": 1, "measured": "a"}, {"family": "MobileNetV2", "exit": 0, "measured": "a"}]
+    previous = [{"family": "encoder", "exit": 1, "measured": "a"},
+                {"family": "MobileNetV2", "exit": 0, "measured": "a"}]
     rows = [{"family": "encoder", "exit": 0, "measured": "b"}, {"family": "ResNet50", "exit": 0, "measured": "b"}]
     page = script.merged(previous, rows, ["MobileNetV2", "ResNet50", "encoder"])
     assert [(r["family"], r["exit"], r["measured"]) for r in page] == [

@@ -26,7 +26,8 @@ def inputs(tmp_path_factory, small_mlp, digits):
 def test_run_writes_the_contracted_folder(inputs, tmp_path, capsys):
     model, data, recipe = inputs
     out = tmp_path / "out"
-    code = main(["run", "--model", str(model), "--data", str(data), "--recipe", str(recipe), "--out", str(out), "--quiet"])
+    code = main(["run", "--model", str(model), "--data", str(data), "--recipe", str(recipe), "--out", str(out),
+                 "--quiet"])
     assert code == 0, capsys.readouterr().err
     assert EXPECTED_FILES <= {p.name for p in out.iterdir()}
     hidden = [p.name for p in out.iterdir() if p.name.startswith(".")]

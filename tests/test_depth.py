@@ -24,7 +24,8 @@ def _encoder(tokens=8, features=8, d_model=16, blocks=2):
         attended = L.MultiHeadAttention(2, d_model // 2, name=f"mha{b}")(x, x)
         x = L.LayerNormalization(name=f"ln{b}a")(L.Add(name=f"res{b}a")([x, attended]))
         hidden = L.Dense(32, activation="gelu", name=f"ffn{b}_in")(x)
-        x = L.LayerNormalization(name=f"ln{b}b")(L.Add(name=f"res{b}b")([x, L.Dense(d_model, name=f"ffn{b}_out")(hidden)]))
+        x = L.LayerNormalization(name=f"ln{b}b")(
+            L.Add(name=f"res{b}b")([x, L.Dense(d_model, name=f"ffn{b}_out")(hidden)]))
     outputs = L.Dense(10, activation="softmax", name="classifier")(L.GlobalAveragePooling1D(name="gap")(x))
     return keras.Model(inputs, outputs)
 

@@ -59,7 +59,8 @@ def _finish(proc: subprocess.Popen, timeout: int = 300) -> tuple[int, str]:
 def _check_result(out: Path, strategy: str, replicas: int, workers: int) -> dict:
     """Verified files, every pruned file within the budget, and the strategy recorded."""
     report = json.loads((out / "report.json").read_text())
-    assert {"pruned.keras", "pruned.tflite", "pruned.onnx", "dense.tflite", "dense.onnx"} <= {p.name for p in out.iterdir()}
+    assert ({"pruned.keras", "pruned.tflite", "pruned.onnx", "dense.tflite", "dense.onnx"}
+            <= {p.name for p in out.iterdir()})
     assert report["verification"] and all(v["ok"] for v in report["verification"])
     assert report["distribute"]["strategy"] == strategy
     assert report["distribute"]["replicas"] == replicas and report["distribute"]["workers"] == workers
@@ -116,7 +117,8 @@ def test_two_worker_cluster_on_localhost(model_file, tmp_path):
     for i in range(2):
         with logs[i].open("w") as log:  # the child keeps its own handle
             procs.append(_run(model_file, recipe, outs[i], log=log,
-                              env={"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})}))
+                              env={"TF_CONFIG": json.dumps({"cluster": cluster,
+                                                            "task": {"type": "worker", "index": i}})}))
     results = _wait_all(procs, logs, timeout=420)
     assert [code for code, _ in results] == [0, 0], [err[-2000:] for _, err in results]
     _check_result(outs[0], "multi_worker", replicas=2, workers=2)
@@ -149,7 +151,8 @@ def test_bad_distribute_config_is_one_line(distribute, env, expected, model_file
 def test_devices_after_tensorflow_started_is_one_line(model_file, tmp_path, capsys):
     """This test process runs TensorFlow already: 3 CPU devices can no longer be made."""
     code = main(["run", "--model", str(model_file), "--data", "digits", "--recipe",
-                 str(_recipe(tmp_path, {"strategy": "mirrored", "devices": 3})), "--out", str(tmp_path / "o"), "--quiet"])
+                 str(_recipe(tmp_path, {"strategy": "mirrored", "devices": 3})), "--out", str(tmp_path / "o"),
+                 "--quiet"])
     err = capsys.readouterr().err.strip()
     assert code == 1 and "must be created before TensorFlow starts" in err and "\n" not in err
 

@@ -105,7 +105,8 @@ def test_exact_gelu_exports_to_onnx_that_onnxruntime_loads(tmp_path):
     from compressor.core._tf import keras
     from exporters.runtimes import open_runner
 
-    model = keras.Sequential([keras.layers.Input((8,)), keras.layers.Dense(16, activation="gelu"), keras.layers.Dense(4)])
+    model = keras.Sequential([keras.layers.Input((8,)), keras.layers.Dense(16, activation="gelu"),
+                              keras.layers.Dense(4)])
     path = onnx_export.export_float(model, tmp_path / "gelu.onnx")
     assert "Erfc" not in {node.op_type for node in onnx.load(str(path)).graph.node}
     x = np.random.default_rng(0).normal(scale=3.0, size=(16, 8)).astype("float32")
@@ -263,7 +264,8 @@ def test_token_id_inputs_run_in_both_runtimes_and_time_without_data(tmp_path):
         assert runner.integer_input
         for fed in (ids, ids.astype("float32")):
             np.testing.assert_allclose(runner.predict(fed), expected, atol=1e-5 if "int8" not in name else 0.1)
-            np.testing.assert_allclose(runner.predict_outputs(fed)[0], expected, atol=1e-5 if "int8" not in name else 0.1)
+            np.testing.assert_allclose(runner.predict_outputs(fed)[0], expected,
+                                       atol=1e-5 if "int8" not in name else 0.1)
         probe = timing_input(runner, 2)
         assert probe.shape == (2, 7) and not probe.any()
         runner.predict(probe)

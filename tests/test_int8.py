@@ -138,8 +138,10 @@ def _row(variant, runtime, p50, file):
 
 
 def test_an_int8_file_that_loses_is_named_in_one_line():
-    results = [_row("pruned", "onnxruntime", 0.10, "pruned.onnx"), _row("pruned-int8", "onnxruntime", 0.12, "pruned-int8.onnx"),
-               _row("pruned", "tflite", 0.10, "pruned.tflite"), _row("pruned-int8", "tflite", 0.05, "pruned-int8.tflite")]
+    results = [_row("pruned", "onnxruntime", 0.10, "pruned.onnx"),
+               _row("pruned-int8", "onnxruntime", 0.12, "pruned-int8.onnx"),
+               _row("pruned", "tflite", 0.10, "pruned.tflite"),
+               _row("pruned-int8", "tflite", 0.05, "pruned-int8.tflite")]
     records = [{"runtime": "onnxruntime", "chosen": "dynamic"}, {"runtime": "tflite", "chosen": "int8-dense"}]
     lines = ship.int8_verdicts(results, records)
     assert len(lines) == 1 and lines[0].startswith("pruned-int8.onnx is not faster than pruned.onnx")
@@ -147,7 +149,8 @@ def test_an_int8_file_that_loses_is_named_in_one_line():
 
 
 _OVER = {"target": "tflite-int8", "runtime": "tflite", "file": "pruned-int8.tflite", "chosen": "int8-dense",
-         "metric": "accuracy", "chosen_metric": 0.133, "reference_metric": 0.847, "budget": 0.01, "within_budget": False}
+         "metric": "accuracy", "chosen_metric": 0.133, "reference_metric": 0.847, "budget": 0.01,
+         "within_budget": False}
 
 
 def test_no_int8_scheme_within_budget_is_said_in_one_line_with_the_fix():
@@ -173,7 +176,8 @@ def test_a_failed_int8_file_outside_the_budget_names_the_budget_as_its_cause(mon
         [row] = ship.verify_all(shipped, np.zeros((2, 3)), type("R", (), {"step": print, "warn": print})())
         assert row["ok"] is held
         if not held:
-            assert row["problem"].startswith("int8 predictions agree with Keras on only 13.3% of samples; no tflite int8 scheme")
+            assert row["problem"].startswith(
+                "int8 predictions agree with Keras on only 13.3% of samples; no tflite int8 scheme")
 
 
 def test_the_pick_keeps_the_fastest_within_budget():

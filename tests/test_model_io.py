@@ -111,7 +111,7 @@ def test_keras3_functional_cnn_imports_with_matching_outputs(k3_cnn_files, ext):
     assert "Keras 3" in loaded.format and ext in loaded.format and "imported" in loaded.format
     assert loaded.source == str(path)
     assert any("imported from Keras 3" in w for w in loaded.warnings)
-    assert [l.name for l in loaded.model.layers if not isinstance(l, keras.layers.InputLayer)] == [
+    assert [layer.name for layer in loaded.model.layers if not isinstance(layer, keras.layers.InputLayer)] == [
         "conv_a", "bn_a", "conv_b", "bn_b", "residual", "gap", "probs",
     ]
     x = _x((4, 12, 12, 3), seed=7)
@@ -167,7 +167,7 @@ def test_keras3_many_layer_types_shared_layer_and_nested_model(tmp_path):
 
     x = _x((2, 10, 10, 2), seed=4)
     np.testing.assert_allclose(_predict(loaded.model, x), _predict(k3_model, x), atol=1e-5)
-    leaky = [l for l in loaded.model.layers if isinstance(l, keras.layers.LeakyReLU)][0]
+    leaky = [layer for layer in loaded.model.layers if isinstance(layer, keras.layers.LeakyReLU)][0]
     assert leaky.alpha == pytest.approx(0.2)
 
 

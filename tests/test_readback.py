@@ -49,7 +49,7 @@ def make_model(pattern: str, sparsity: float = 0.8, seed: int = 0):
 
 
 def keras_kernel_zeros(model) -> int:
-    return int(sum(np.count_nonzero(l.get_weights()[0] == 0) for l in model.layers))
+    return int(sum(np.count_nonzero(layer.get_weights()[0] == 0) for layer in model.layers))
 
 
 def to_tflite(model, path, sparse: bool = True, int8: bool = False):

@@ -167,7 +167,8 @@ def test_interrupted_run_leaves_no_partial_artifact(tmp_path, small_mlp):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "interrupted" in err
-    leftovers = [p.name for p in out.iterdir() if ".partial" in p.name or p.name.startswith(".")] if out.exists() else []
+    leftovers = ([p.name for p in out.iterdir() if ".partial" in p.name or p.name.startswith(".")]
+                 if out.exists() else [])
     assert leftovers == [] and list(tmp_path.glob(".o.*")) == []
     assert not (out / "report.json").exists()
 

@@ -277,7 +277,8 @@ def test_onnx_external_data_outside_the_folder_is_refused(exported, tmp_path, ca
     tensor.external_data.add(key="location", value=location)
     (tmp_path / "model").mkdir()
     onnx.save(model, tmp_path / "model" / "m.onnx")
-    for argv in (["inspect", str(tmp_path / "model" / "m.onnx")], ["bench", "--model", str(tmp_path / "model" / "m.onnx")]):
+    for argv in (["inspect", str(tmp_path / "model" / "m.onnx")],
+                 ["bench", "--model", str(tmp_path / "model" / "m.onnx")]):
         assert main(argv) == 1
         errors, _ = _errors(capsys)
         assert len(errors) == 1 and "outside the model's folder" in errors[0] and location in errors[0]
@@ -288,9 +289,11 @@ def test_onnx_subgraphs_nested_too_deep_are_refused(tmp_path, capsys):
 
     def nested(level):
         out = helper.make_tensor_value_info(f"y{level}", TensorProto.FLOAT, [1])
-        const = helper.make_node("Constant", [], [f"y{level}"], value=helper.make_tensor("c", TensorProto.FLOAT, [1], [1.0]))
-        body = [const] if level == 0 else [helper.make_node("If", ["cond"], [f"y{level}"], then_branch=nested(level - 1),
-                                                             else_branch=nested(level - 1) if level < 2 else nested(0))]
+        const = helper.make_node("Constant", [], [f"y{level}"],
+                                 value=helper.make_tensor("c", TensorProto.FLOAT, [1], [1.0]))
+        body = [const] if level == 0 else [
+            helper.make_node("If", ["cond"], [f"y{level}"], then_branch=nested(level - 1),
+                             else_branch=nested(level - 1) if level < 2 else nested(0))]
         return helper.make_graph(body, f"g{level}", [], [out])
 
     graph = nested(20)

@@ -17,7 +17,8 @@ L = keras.layers
 def _mlp(width: int = 32) -> keras.Model:
     keras.utils.set_random_seed(0)
     return keras.Sequential([keras.Input((64,)), L.Dense(width, activation="relu", name="h1"),
-                             L.Dense(width, activation="relu", name="h2"), L.Dense(10, activation="softmax", name="out")])
+                             L.Dense(width, activation="relu", name="h2"),
+                             L.Dense(10, activation="softmax", name="out")])
 
 
 def test_latency_table_is_measured_then_reused_from_its_file(tmp_path):
@@ -184,7 +185,8 @@ def test_a_speedup_goal_counts_from_the_model_before_any_stage(digits):
     cfg = parse_recipe({"stages": [{"name": "search", "goal": {"speedup": 1.2}}]}).stages[0]
     kept, note = search._relative_goal(cfg, ctx, narrow, narrow)
     assert kept is None and "already measured" in note and "\n" not in note
-    same, none = search._relative_goal(cfg, StageContext(recipe=ctx.recipe, data=digits, dense_model=narrow), narrow, narrow)
+    same, none = search._relative_goal(cfg, StageContext(recipe=ctx.recipe, data=digits, dense_model=narrow),
+                                       narrow, narrow)
     assert same is cfg and none is None  # the search is the first stage: the goal is its own
 
 
@@ -258,7 +260,8 @@ def test_without_a_goal_the_allocation_follows_every_target_runtime():
             self.per_unit = per_unit
 
         def predict(self, removed=None):
-            return 10.0 + sum(self.per_unit.get(g, 0.0) * (8 - k) for g, k in {"heads": 0, "ffn": 0, **(removed or {})}.items())
+            return 10.0 + sum(self.per_unit.get(g, 0.0) * (8 - k)
+                              for g, k in {"heads": 0, "ffn": 0, **(removed or {})}.items())
 
     flat_heads = Table({"ffn": 1.0})  # onnxruntime-like: heads cost nothing measurable
     costly_heads = Table({"heads": 2.0, "ffn": 0.1})  # LiteRT-like
@@ -313,7 +316,8 @@ def test_calibrated_prediction_of_a_held_out_narrowed_model_is_close_to_its_meas
 def test_the_goal_less_search_refits_on_every_visited_point_and_goes_past_the_first(digits, shared_cache):
     keras.utils.set_random_seed(0)  # two wide layers: after a 2x cut it still runs well above the per-call floor
     model = keras.Sequential([keras.Input((64,)), L.Dense(1024, activation="relu", name="h1"),
-                              L.Dense(1024, activation="relu", name="h2"), L.Dense(10, activation="softmax", name="out")])
+                              L.Dense(1024, activation="relu", name="h2"),
+                              L.Dense(10, activation="softmax", name="out")])
     model.compile("adam", "sparse_categorical_crossentropy")
     model.fit(digits.x_train, digits.y_train, epochs=2, verbose=0)
     ctx = _ctx(digits)
@@ -382,10 +386,11 @@ def test_couplings_probed_once_follow_mobilenetv2s_residual_groups_and_leave_the
     from compressor.stages.search.latency_model import probe
 
     model = keras.applications.MobileNetV2(alpha=0.35, input_shape=(32, 32, 3), weights=None, classes=10)
-    before = {l.name: w.shape for l in model.layers for w in l.get_weights()}
+    before = {layer.name: w.shape for layer in model.layers for w in layer.get_weights()}
     groups = {g.name: g for g in search.search_groups(model)}
     found = probe(model, list(groups))
-    assert {l.name: w.shape for l in model.layers for w in l.get_weights()} == before  # nothing cut in place
+    # nothing cut in place
+    assert {layer.name: w.shape for layer in model.layers for w in layer.get_weights()} == before
     residual = next(g for g in groups.values() if "block_2_project" in g.members)
     writers = {name for name, (_, a_out) in found.items() if a_out.get(residual.name)}
     readers = {name for name, (a_in, _) in found.items() if a_in.get(residual.name)}

@@ -97,7 +97,8 @@ def test_at_most_six_modules_at_the_top_of_compressor():
 
 
 def test_exporters_import_only_the_core_from_compressor():
-    offending = {name: sorted(dep for dep in deps if dep.startswith("compressor") and dep not in ("compressor", "compressor.core"))
+    offending = {name: sorted(dep for dep in deps
+                              if dep.startswith("compressor") and dep not in ("compressor", "compressor.core"))
                  for name, deps in import_graph().items() if name.startswith("exporters")}
     assert not {k: v for k, v in offending.items() if v}
 

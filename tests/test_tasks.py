@@ -39,12 +39,15 @@ def _run(tmp_path, capsys, model, arrays, recipe) -> dict:
 def test_regression_under_an_mae_budget(tmp_path, capsys):
     x, y, _ = _regression_data()
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([L.Dense(32, activation="relu", input_shape=(8,), name="hidden"), L.Dense(1, name="value")])
+    model = keras.Sequential([L.Dense(32, activation="relu", input_shape=(8,), name="hidden"),
+                              L.Dense(1, name="value")])
     model.compile(keras.optimizers.Adam(0.01), "mae")
     model.fit(x[:300], y[:300], epochs=20, verbose=0)
     keras_mae = float(np.mean(np.abs(model.predict(x[300:], verbose=0)[:, 0] - y[300:])))
-    report = _run(tmp_path, capsys, model, {"x_train": x[:300], "y_train": y[:300], "x_test": x[300:], "y_test": y[300:]},
-                  {"metric": "mae", "max_metric_drop": 0.05, "stages": [{"name": "weight", "sparsity": 0.5, "epochs": 2}]})
+    report = _run(tmp_path, capsys, model,
+                  {"x_train": x[:300], "y_train": y[:300], "x_test": x[300:], "y_test": y[300:]},
+                  {"metric": "mae", "max_metric_drop": 0.05,
+                   "stages": [{"name": "weight", "sparsity": 0.5, "epochs": 2}]})
     assert report["metric"] == {"name": "mae", "direction": "lower", "budget": 0.05, "output": "value",
                                 "per_output": {"value": "mae"}}
     assert report["baseline"]["accuracy"] is None

@@ -21,7 +21,8 @@ def test_reaches_target_with_executable_blocks_and_leaves_input_alone(small_mlp,
     assert np.all(blocks.all(axis=1) == blocks.any(axis=1))
     assert np.all(outcome.model.get_layer("classifier").kernel.numpy() != 0)  # classifier left dense
     assert all(np.array_equal(a, b) for a, b in zip(before, small_mlp.get_weights()))
-    assert accuracy(outcome.model, digits.x_test, digits.y_test) > accuracy(small_mlp, digits.x_test, digits.y_test) - 0.05
+    assert (accuracy(outcome.model, digits.x_test, digits.y_test)
+            > accuracy(small_mlp, digits.x_test, digits.y_test) - 0.05)
 
 
 def test_int8_target_uses_16x1_blocks_and_onnx_only_is_unstructured(small_mlp, digits, fast_recipe):
