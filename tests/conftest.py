@@ -4,14 +4,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from compressor.config.recipe import parse_recipe
 from compressor.core._tf import keras
 from compressor.data.sources import load_dataset
-from compressor.config.recipe import parse_recipe
 
 
 @pytest.fixture(scope="session")
 def digits():
     return load_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def mnist5k():
+    """The embedded 5,000 MNIST digits, loaded once per worker: read them, never change them."""
+    return load_dataset("mnist5k")
 
 
 @pytest.fixture(scope="session")
