@@ -78,7 +78,8 @@ def tfmot_peer(dense, ds, seed: int):
     """Plain tfmot as its pruning guide runs it; returns (stripped model, sparsity per pruned kernel).
 
     Faithful to the guide except two settings, both in the peer's favour: the default
-    `frequency=100` would prune only at step 0 on a 4,000-sample set (tfmot's schedules prune every `frequency` steps) and leave
+    `frequency=100` would prune only at step 0 on a 4,000-sample set (tfmot's schedules prune every
+    `frequency` steps) and leave
     the peer at 50%, so it prunes every step; and batch 32 (as the baseline was trained) instead of
     the guide's 128, which leaves 58 steps on 3,600 samples (small CNN: 91.1% vs 97.7% accuracy).
     """
@@ -201,7 +202,8 @@ def _fusion(entry: dict, dense, ds, out: Path, variant: str) -> None:
         entry[key] = [{k: s.get(k) for k in ("name", "amount", "params_before", "params_after", "nonzero_after",
                                              "accuracy_after", "seconds", "notes")} for s in report["stages"]]
         entry.setdefault("verification", []).extend(
-            {k: v.get(k) for k in ("file", "ok", "max_abs_diff", "prediction_agreement")} for v in report["verification"])
+            {k: v.get(k) for k in ("file", "ok", "max_abs_diff", "prediction_agreement")}
+            for v in report["verification"])
         if default:
             entry["frontier"] = report.get("frontier", [])
             entry["latency_model"] = report.get("latency_model", [])
@@ -364,7 +366,8 @@ def _find(items, **keys):
 
 
 def headline_table(results: dict) -> str:
-    lines = ["| model | runtime | variant | speedup vs dense | speedup vs tfmot | gzip smaller vs dense | gzip smaller vs tfmot | "
+    lines = ["| model | runtime | variant | speedup vs dense | speedup vs tfmot | gzip smaller vs dense | "
+             "gzip smaller vs tfmot | "
              "accuracy ± 95% CI (dense) |",
              "|---|---|---|---|---|---|---|---|"]
     for m in results["models"]:
@@ -375,7 +378,8 @@ def headline_table(results: dict) -> str:
                 if row is None or dense is None:
                     continue
                 vd = _find(m["comparisons"], variant=variant, baseline="dense", runtime=runtime, batch=1, threads=1)
-                vt = _find(m["comparisons"], variant=variant, baseline="tfmot-peer", runtime=runtime, batch=1, threads=1)
+                vt = _find(m["comparisons"], variant=variant, baseline="tfmot-peer", runtime=runtime, batch=1,
+                           threads=1)
                 vs_peer = (_speed(vt), f"{vt['gzip_ratio']:.1f}x") if vt else ("–", "–")
                 lines.append(
                     f"| {m['name']} | {runtime} | {_label(row)} | {_speed(vd)} | {vs_peer[0]} | "
@@ -441,20 +445,23 @@ def _method(results: dict) -> list[str]:
         "## Method", "",
         "- **Models** (`scripts/models.py`), each trained with seed 0 on the embedded mnist5k "
         "(4,000 train / 1,000 test real MNIST digits):", "",
-        "| model | description | params | dense MACs | epochs | Keras test accuracy | build seconds (train / peer / fixed / fusion) | measured |",
+        "| model | description | params | dense MACs | epochs | Keras test accuracy | "
+        "build seconds (train / peer / fixed / fusion) | measured |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for m in results["models"]:
         s = m["seconds"]
-        lines.append(f"| {m['name']} | {m['title']} | {m['params']:,} | {m['macs']['dense']['macs']:,} | {m['train_epochs']} | "
-                     f"{m['keras_accuracy']:.4f} | {s.get('train', 0):.0f} / {s.get('tfmot-peer', 0):.0f} / {s.get('fusion-fixed', 0):.0f} / {s.get('fusion', 0):.0f} | "
+        built = " / ".join(f"{s.get(k, 0):.0f}" for k in ("train", "tfmot-peer", "fusion-fixed", "fusion"))
+        lines.append(f"| {m['name']} | {m['title']} | {m['params']:,} | {m['macs']['dense']['macs']:,} | "
+                     f"{m['train_epochs']} | {m['keras_accuracy']:.4f} | {built} | "
                      f"{_measured(m, meta)} |")
     p = PEER
     lines += [
         "",
         "- **Variants**: `dense` = the trained model exported as is. `tfmot-peer` = plain tfmot as its guide runs it: "
-        f"`prune_low_magnitude` on the whole model, PolynomialDecay {p['initial_sparsity']:.0%} -> {p['final_sparsity']:.0%} "
-        f"over {p['epochs']} epochs (batch {p['batch_size']}, 10% validation split), `UpdatePruningStep`, `strip_pruning`, "
+        f"`prune_low_magnitude` on the whole model, PolynomialDecay {p['initial_sparsity']:.0%} -> "
+        f"{p['final_sparsity']:.0%} over {p['epochs']} epochs (batch {p['batch_size']}, 10% validation split), "
+        "`UpdatePruningStep`, `strip_pruning`, "
         "TFLite with `EXPERIMENTAL_SPARSITY`, ONNX via tf2onnx. One deviation, in the peer's favour: pruning "
         "frequency 1 instead of the default 100, which on this small set would stop the peer at 50%; "
         "batch 32 (as the baseline was trained) instead of the guide's 128, which gives only 58 steps here "
@@ -485,7 +492,8 @@ def _method(results: dict) -> list[str]:
         "- **Ideal speedup** = dense MACs / variant MACs, two ways: *non-zero* (every zero weight skipped; "
         "the bound for sparse kernels) and *structural* (only physically removed units/channels; the bound "
         "for runtimes that densify, such as onnxruntime). *Of ideal* = measured speedup / ideal. MACs from "
-        "`compressor.graph.flops.model_macs` of the Keras model (Dense and Conv family; int8 shares the float model's MACs).",
+        "`compressor.graph.flops.model_macs` of the Keras model (Dense and Conv family; int8 shares the float "
+        "model's MACs).",
         "",
     ]
     return lines
@@ -520,8 +528,10 @@ def _model_section(m: dict) -> list[str]:
         lines.append(
             f"| {_label(r)} | {r['runtime']} | {r['batch']} | {r['threads']} | {lat['p50']:.4f} | "
             f"{lat['p90']:.4f} | {lat['p99']:.4f} | {r['throughput_per_s']:,.0f} | {_acc(r)} | {_f(mp, '.3f')} | "
-            f"{r['size_bytes']:,} | {r['gzip_bytes']:,} | {params} | {_f(r['macs'], ',')} | {_f(r['macs_nonzero'], ',')} |")
-    lines += ["", "| variant | vs | runtime | batch | threads | speedup (95% CI) | p10-p90 | gzip smaller | raw smaller | "
+            f"{r['size_bytes']:,} | {r['gzip_bytes']:,} | {params} | {_f(r['macs'], ',')} | "
+            f"{_f(r['macs_nonzero'], ',')} |")
+    lines += ["", "| variant | vs | runtime | batch | threads | speedup (95% CI) | p10-p90 | gzip smaller | "
+              "raw smaller | "
               "accuracy Δ (points) | McNemar p | ideal non-zero | of ideal | ideal structural | of ideal |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in m.get("comparisons", []):
@@ -530,7 +540,8 @@ def _model_section(m: dict) -> list[str]:
             f"| {c['variant']} | {c['baseline']} | {c['runtime']} | {c['batch']} | {c['threads']} | {_speed(c)} | "
             f"{sp['p10']:.2f}-{sp['p90']:.2f} | {c['gzip_ratio']:.2f}x | {c['size_ratio']:.2f}x | "
             f"{c['accuracy_delta'] * 100:+.1f} | {c['mcnemar']['p_value']:.3f} | {_x(c['ideal_nonzero'])} | "
-            f"{_f(c['of_ideal_nonzero'], '.0%')} | {_x(c['ideal_structural'])} | {_f(c['of_ideal_structural'], '.0%')} |")
+            f"{_f(c['of_ideal_nonzero'], '.0%')} | {_x(c['ideal_structural'])} | "
+            f"{_f(c['of_ideal_structural'], '.0%')} |")
     notes = sorted({n for r in m.get("rows", []) for n in r["notes"]})
     if notes:
         lines += [""] + [f"- note: {n}" for n in notes]
@@ -559,7 +570,8 @@ def frontier_section(results: dict) -> list[str]:
             measured = " | ".join(_x(r.get("measured_speedup", {}).get(rt)) for rt in runtimes)
             widths = ", ".join(f"{g} {w}" for g, w in r["widths"].items())
             lines.append(f"| {r.get('point', '')} | {r['predicted_speedup']:.2f}x | {measured} | {r['accuracy']:.4f} | "
-                         f"{'yes' if r['within_budget'] else 'no'} | {widths} | {'yes' if r.get('files') == ['pruned.keras'] else ''} |")
+                         f"{'yes' if r['within_budget'] else 'no'} | {widths} | "
+                         f"{'yes' if r.get('files') == ['pruned.keras'] else ''} |")
         errors = [abs(c["error_pct"]) for c in m.get("latency_model", []) if c["model"] not in ("dense", "start")]
         if errors:
             lines += ["", f"Latency model: median |prediction error| {float(np.median(errors)):.1f}% over "
