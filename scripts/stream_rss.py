@@ -28,7 +28,8 @@ SIDE, CLASSES, SHARD = 28, 10, 5000
 RECIPE = {"targets": ["tflite", "onnxruntime"], "max_accuracy_drop": 0.05,
           "stages": [{"name": "weight", "sparsity": 0.5, "epochs": 1}],
           "bench": {"runs": 200, "warmup": 10, "batch": [1]},
-          "data": {"tfrecord": {"features": {"image": {"dtype": "string", "image": True}, "label": {"dtype": "int64"}}}}}
+          "data": {"tfrecord": {"features": {"image": {"dtype": "string", "image": True},
+                                             "label": {"dtype": "int64"}}}}}
 # The wrapper's only child is the run, so RUSAGE_CHILDREN's ru_maxrss (KiB on Linux) is the run's peak RSS.
 WRAPPER = ("import json, resource, subprocess, sys, time; t = time.perf_counter(); "
            "code = subprocess.run(sys.argv[1:]).returncode; "
@@ -99,7 +100,8 @@ def measure(model: Path, data: Path, recipe: Path, out: Path) -> dict:
     command = [sys.executable, "-m", "compressor.cli", "run", "--model", str(model), "--data", str(data),
                "--recipe", str(recipe), "--out", str(out), "--force", "--quiet"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-c", WRAPPER, *command], env=env, capture_output=True, text=True, check=False)
+    done = subprocess.run([sys.executable, "-c", WRAPPER, *command], env=env, capture_output=True, text=True,
+                          check=False)
     row = json.loads(done.stdout.strip().splitlines()[-1])
     if row["exit"] != 0:
         raise SystemExit(f"run failed: {' '.join(command)}\n{done.stderr[-2000:]}")
@@ -130,7 +132,8 @@ def main() -> None:
             rows.append(row)
     print("\n| images | form | train | test | peak RSS (MB) | wall (s) |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['images']:,} | {r['form']} | {r['train']:,} | {r['test']:,} | {r['peak_rss_mb']:.0f} | {r['seconds']:.0f} |")
+        print(f"| {r['images']:,} | {r['form']} | {r['train']:,} | {r['test']:,} | {r['peak_rss_mb']:.0f} | "
+              f"{r['seconds']:.0f} |")
 
 
 if __name__ == "__main__":
