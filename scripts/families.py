@@ -158,17 +158,19 @@ def render(rows: list[dict]) -> str:
              "gain for speed (the run's report says so). "
              "MobileNetV2, EfficientNetB0 and the encoder, trained longer and timed beside the tfmot peer, are in "
              "docs/BENCHMARKS.md.",
-             "", "| family | exit | verified | accuracy dense -> pruned | LiteRT | onnxruntime | gzip smaller (LiteRT / "
-             "onnxruntime) | MACs | run time | measured |",
+             "", "| family | exit | verified | accuracy dense -> pruned | LiteRT | onnxruntime | "
+             "gzip smaller (LiteRT / onnxruntime) | MACs | run time | measured |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         speed = r.get("speedup", {})
-        acc = f"{r['accuracy_dense']:.3f} -> {r['accuracy_pruned']:.3f}" if r.get("accuracy_pruned") is not None else "–"
+        acc = (f"{r['accuracy_dense']:.3f} -> {r['accuracy_pruned']:.3f}"
+               if r.get("accuracy_pruned") is not None else "–")
         if r.get("accuracy_stages_best") is not None and r.get("accuracy_pruned") is not None:
             acc += f" (best stage {r['accuracy_stages_best']:.3f})"
         fmt = lambda v: f"{v:.2f}x" if isinstance(v, (int, float)) else "–"  # noqa: E731
         lines.append(f"| {r['family']} | {r['exit']}{' ' + ' '.join(r['error']) if r.get('error') else ''} | "
-                     f"{r.get('verified', '–')} | {acc} | {fmt(speed.get('tflite'))} | {fmt(speed.get('onnxruntime'))} | "
+                     f"{r.get('verified', '–')} | {acc} | {fmt(speed.get('tflite'))} | "
+                     f"{fmt(speed.get('onnxruntime'))} | "
                      f"{fmt(r.get('gzip', {}).get('tflite'))} / {fmt(r.get('gzip', {}).get('onnxruntime'))} | "
                      f"{fmt(r.get('mac_ratio'))} | {r.get('run_s', '–')} s | {r.get('measured', '–')} |")
     return "\n".join(lines) + "\n"
@@ -196,7 +198,9 @@ def main(argv=None) -> int:
     names = args.families.split(",") if args.families else list(builders(keras3))
     rows, out = [], Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    previous = json.loads((out / "families.json").read_text()) if args.update and (out / "families.json").exists() else []
+    previous = []
+    if args.update and (out / "families.json").exists():
+        previous = json.loads((out / "families.json").read_text())
     for name in names:  # the page is rewritten after every family: a sweep of hours keeps what it finished
         rows.append(run_family(name, args, work))
         print(json.dumps(rows[-1]), flush=True)

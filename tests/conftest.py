@@ -15,6 +15,12 @@ def digits():
 
 
 @pytest.fixture(scope="session")
+def mnist5k():
+    """The embedded 5,000 MNIST digits, loaded once per worker: read them, never change them."""
+    return load_dataset("mnist5k")
+
+
+@pytest.fixture(scope="session")
 def small_mlp(digits):
     """A trained 64-64-10 MLP: big enough for (16, 1) blocks, small enough to train in a second."""
     keras.utils.set_random_seed(0)

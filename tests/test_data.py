@@ -73,3 +73,21 @@ def test_checked_against_the_model(tmp_path):
 def test_python_callable_source():
     ds = load_dataset("tests.data_source:tiny")
     assert ds.x_test.shape == (10, 4)
+
+
+def test_calibration_samples_limits_array_sources(tmp_path):
+    """`data.calibration_samples` is the number of samples calibration reads from arrays too: the
+    first of x_calib, else of x_train (500 by default); a built-in set's own split is cut, never grown."""
+    from compressor.config.recipe import DataSettings
+
+    arrays = _arrays(n=700)
+    plain = _write(tmp_path / "plain.npz", **arrays)
+    assert np.array_equal(load_dataset(plain).calibration(), arrays["x_train"][:500].astype(np.float32))
+    calib = np.random.default_rng(1).random((40, 4))
+    with_calib = _write(tmp_path / "calib.npz", **arrays, x_calib=calib)
+    for spec, source in ((plain, arrays["x_train"]), (with_calib, calib)):
+        got = load_dataset(spec, DataSettings(calibration_samples=16)).calibration()
+        assert np.array_equal(got, source[:16].astype(np.float32))
+    assert len(load_dataset(plain, DataSettings(calibration_samples=600)).calibration()) == 600
+    assert len(load_dataset("digits", DataSettings(calibration_samples=100)).calibration()) == 100
+    assert len(load_dataset("digits", DataSettings()).calibration()) == 300

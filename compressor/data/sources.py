@@ -144,7 +144,8 @@ def _labels(arrays: dict, split: str):
     return tuple(parts) if parts else None
 
 
-def _from_arrays(name: str, arrays: dict, class_labels: bool = True) -> Dataset:
+def _from_arrays(name: str, arrays: dict, class_labels: bool = True, calibration_samples: int = CALIBRATION_LIMIT) -> Dataset:
+    """Arrays as a Dataset; calibration reads the first `calibration_samples` of x_calib, else of x_train."""
     labels = {split: _labels(arrays, split) for split in ("train", "test", "val")}
     missing = [k for k in ("x_train", "y_train", "x_test", "y_test")
                if (labels[k[2:]] is None if k.startswith("y_") else k not in arrays)]
@@ -160,10 +161,11 @@ def _from_arrays(name: str, arrays: dict, class_labels: bool = True) -> Dataset:
     x_train, notes = inputs["x_train"], []
     x_calib = inputs.get("x_calib")
     if x_calib is not None and len(x_calib) == 0:
-        notes.append(f"data '{name}': x_calib is empty; calibrating int8 on the first {CALIBRATION_LIMIT} training "
-                     "samples instead (drop x_calib or fill it to choose them)")
+        notes.append(f"data '{name}': x_calib is empty; calibrating int8 on the first {calibration_samples} "
+                     "training samples instead (drop x_calib or fill it to choose them)")
     if x_calib is None or len(x_calib) == 0:
-        x_calib = x_train[:CALIBRATION_LIMIT]
+        x_calib = x_train
+    x_calib = x_calib[:calibration_samples]
     ds = Dataset(name, x_train, labels["train"], inputs["x_test"], labels["test"], x_calib, notes=notes)
     if "x_val" in inputs and labels["val"] is not None:
         ds.x_val, ds.y_val = inputs["x_val"], labels["val"]
@@ -207,10 +209,11 @@ def load_dataset(spec: str | Path, settings=None, class_labels: bool = True):
     `class_labels`: the recipe is plain classification, so array labels are checked as classes now.
     """
     spec = str(spec)
-    if spec == "mnist5k":
-        return mnist5k()
-    if spec == "digits":
-        return digits()
+    limit = _settings(settings).calibration_samples
+    if spec in BUILTIN:
+        ds = mnist5k() if spec == "mnist5k" else digits()
+        ds.x_calib = ds.x_calib[:limit]  # the set's own calibration split (500 / 300 samples), at most `limit`
+        return ds
     path = Path(spec)
     if path.suffix == ".npz":
         if not path.is_file():
@@ -221,7 +224,7 @@ def load_dataset(spec: str | Path, settings=None, class_labels: bool = True):
         except Exception as exc:  # zipfile / pickle / value errors all mean the same to a user
             raise CompressorError(
                 f"cannot read data file '{spec}' ({type(exc).__name__}); save it with numpy.savez") from exc
-        return _from_arrays(spec, arrays, class_labels)
+        return _from_arrays(spec, arrays, class_labels, limit)
     from compressor.data import streams
 
     if streams.is_tfrecord(spec):
@@ -267,7 +270,7 @@ def _from_function(spec: str, settings, class_labels: bool):
             f"data function '{spec}' must return a dict with x_train, y_train, x_test, y_test, "
             "((x_train, y_train), (x_test, y_test)), or tf.data.Datasets {'train', 'validation', 'test', 'calibration'}"
         )
-    return _from_arrays(spec, result, class_labels)
+    return _from_arrays(spec, result, class_labels, _settings(settings).calibration_samples)
 
 
 def check_against_model(ds, input_shape: tuple, num_outputs: int = 0, task=None) -> None:
