@@ -23,7 +23,8 @@ def transformer_encoder(blocks: int = 2, d_model: int = 32, heads: int = 4, ffn:
         attended = L.MultiHeadAttention(heads, d_model // heads, name=f"mha{b}")(x, x)
         x = L.LayerNormalization(name=f"ln{b}a")(L.Add(name=f"res{b}a")([x, L.Dropout(0.1)(attended)]))
         hidden = L.Dense(ffn, activation="gelu", name=f"ffn{b}_in")(x)
-        x = L.LayerNormalization(name=f"ln{b}b")(L.Add(name=f"res{b}b")([x, L.Dense(d_model, name=f"ffn{b}_out")(hidden)]))
+        projected = L.Dense(d_model, name=f"ffn{b}_out")(hidden)
+        x = L.LayerNormalization(name=f"ln{b}b")(L.Add(name=f"res{b}b")([x, projected]))
     outputs = L.Dense(10, activation="softmax", name="classifier")(L.GlobalAveragePooling1D()(x))
     return keras.Model(inputs, outputs, name="encoder")
 
@@ -104,8 +105,8 @@ def family(request):
 
 def test_every_layer_is_known_and_most_producers_may_shrink(family):
     name, model = family
-    unknown = [f"{l.name} ({type(l).__name__})" for l in model.layers
-               if handler_for(l) is None and not isinstance(l, L.InputLayer)]
+    unknown = [f"{layer.name} ({type(layer).__name__})" for layer in model.layers
+               if handler_for(layer) is None and not isinstance(layer, L.InputLayer)]
     assert not unknown, f"{name}: layers the layer table does not know: {unknown}"
     analysis = surgery._analyze(model)
     free = [p for p in analysis.producers if analysis.block_reason(p) is None]

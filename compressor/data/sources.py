@@ -144,7 +144,8 @@ def _labels(arrays: dict, split: str):
     return tuple(parts) if parts else None
 
 
-def _from_arrays(name: str, arrays: dict, class_labels: bool = True, calibration_samples: int = CALIBRATION_LIMIT) -> Dataset:
+def _from_arrays(name: str, arrays: dict, class_labels: bool = True,
+                 calibration_samples: int = CALIBRATION_LIMIT) -> Dataset:
     """Arrays as a Dataset; calibration reads the first `calibration_samples` of x_calib, else of x_train."""
     labels = {split: _labels(arrays, split) for split in ("train", "test", "val")}
     missing = [k for k in ("x_train", "y_train", "x_test", "y_test")
