@@ -429,7 +429,7 @@ class _LinearTable:
 @pytest.fixture
 def stand_in_runtime(monkeypatch):
     """Replace the latency tables and the runtime measurements by `_LinearTable`'s arithmetic."""
-    def tables(model, names, cfg, ctx):
+    def tables(model, names, cfg, ctx, runtimes=None):
         units = {g.name: g.units for g in search.search_groups(model)}
         return {rt: _LinearTable(units) for rt in ("onnxruntime", "tflite")}
 
