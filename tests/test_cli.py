@@ -163,5 +163,8 @@ def test_an_error_line_stays_short_and_keeps_its_cause_and_fix():
     message = "model layer '" + "x" * 5000 + "' is refused\n(it runs code); pass --trust-model-code for your own file"
     line = one_line(message)
     assert len(line) <= ERROR_CHARS and "\n" not in line
-    assert line.startswith("model layer 'xxx") and line.endswith("pass --trust-model-code for your own file")
+    assert line.startswith("model layer '…xxx") and line.endswith("pass --trust-model-code for your own file")
     assert one_line("short; fix it") == "short; fix it"
+    deep = "/" + "/".join(["folder"] * 40)
+    line = one_line(f"no space left on the disk of '{deep}/res' while writing '{deep}/res/report.json'; free some")
+    assert len(line) <= ERROR_CHARS and line.endswith("folder/res/report.json'; free some")

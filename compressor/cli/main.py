@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import traceback
 
@@ -237,6 +238,9 @@ def one_line(message: str, limit: int = ERROR_CHARS) -> str:
     """The message on one line of at most `limit` characters: a name taken from a hostile file can be
     any length, and the cause (first) and the fix (last) must both stay readable, so the middle goes."""
     flat = " ".join(message.split())
+    if len(flat) <= limit:
+        return flat
+    flat = re.sub(r"'([^']{72,})'", lambda m: f"'…{m.group(1)[-68:]}'", flat)  # a long quoted path keeps its tail
     if len(flat) <= limit:
         return flat
     head = limit * 3 // 5

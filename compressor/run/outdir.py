@@ -427,6 +427,15 @@ def _signals_deferred():
 _TEMP_NAMES = (re.compile(r"\.(?P<name>.+)\.[^.]+\.partial"), re.compile(r"\.(?P<stem>.+)\.tmp-[0-9a-f]{8}(?P<ext>.*)"))
 
 
+def _inside(path: Path, out: Path) -> str:
+    """`path` as the user reads it beside `out`: relative to it when inside (the line names `out`
+    already, and two long absolute paths would not fit one line)."""
+    try:
+        return str(Path(path).relative_to(out))
+    except ValueError:
+        return str(path)
+
+
 class DiskFull(CompressorError):
     """ENOSPC/EDQUOT while writing; the free space is measured when the message is shown, after the
     run's partial files are gone, so it is the room a rerun has."""
@@ -438,7 +447,7 @@ class DiskFull(CompressorError):
     def __str__(self) -> str:
         where = next(p for p in (self.out, *self.out.parents) if p.exists())
         free = shutil.disk_usage(where).free
-        what = f"'{self.path}'" if self.path is not None else "the result"
+        what = "the result" if self.path is None else f"'{_inside(self.path, self.out)}'"
         return (f"no space left on the disk of '{self.out}' while writing {what} (this run needs about "
                 f"{_size(self.needed)}, {_size(free)} free); free some space or choose an --out on another disk")
 
