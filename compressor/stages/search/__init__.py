@@ -23,6 +23,7 @@ from compressor.config.task import Task, context_task
 from compressor.graph import surgery
 from compressor.stages import observation, planning, recovery
 from compressor.stages.base import StageContext, StageOutcome, stage
+from compressor.stages.search import goal as goal_choice
 from compressor.stages.search.latency_model import RUNTIMES, LatencyModel, measure_models, probe
 from compressor.stages.search.limits import FASTER, floors, lowest, roles
 
@@ -450,10 +451,12 @@ def apply(model, cfg: SearchStage, ctx: StageContext, amount: float = 1.0) -> St
                      _target_runtimes(ctx) if goal_less else None)
     limits = _set_floors(search, start, groups, cfg)
     points, goal = _speed_targets(cfg, search.lm, amount)
-    search.run(points, goal)
-    _correct_to_goal(search, goal, cfg)
+    points, aimed = goal_choice.aim(points, goal, cfg.goal_margin)  # the goal's point aimed above it by the margin
+    search.run(points, aimed)
+    _correct_to_goal(search, aimed, cfg)
     measured = _measure(start, search, cfg, start_predicted, ctx.dense_model)
-    best, notes = _choose(search.rows, goal, cfg, _target_runtimes(ctx), task.name, floored=bool(search.notes))
+    best, notes = _choose(search.rows, goal, cfg, _target_runtimes(ctx), task.name, floored=bool(search.notes),
+                          higher=task.direction != "lower")
     notes += search.notes
     for i, row in enumerate(search.rows):
         row["shipped"] = i == best
@@ -594,26 +597,28 @@ def _no_slower(rows: list[dict], good: list[int], runtimes: tuple[str, ...]) -> 
 
 
 def _choose(rows: list[dict], goal: float | None, cfg: SearchStage, runtimes: tuple[str, ...] | None = None,
-            metric: str = "accuracy", floored: bool = False) -> tuple[int | None, list[str]]:
-    """The goal point if it is within budget, else the fastest measured one: on the goal's runtime
-    when there is a goal, else on the recipe's target runtimes together; never one slower than the start.
-    `floored`: the search stopped at the width floors (what a missed goal is then blamed on)."""
+            metric: str = "accuracy", floored: bool = False, higher: bool = True) -> tuple[int | None, list[str]]:
+    """With a goal: the most accurate point whose measured speed meets it with `goal_margin`
+    (`goal.choose`), else the fastest measured one, saying why; without: the fastest on the recipe's
+    target runtimes together. Never one slower than the start. `floored`: the search stopped at the
+    width floors (what a missed goal is then blamed on)."""
     runtime = cfg.goal.runtime
     judged = (runtimes or (runtime,)) if goal is None else (runtime,)
     good, slower = _no_slower(rows, [i for i, r in enumerate(rows) if r["within_budget"]], judged)
     if goal is None:
         return _fastest(rows, good, judged), slower
+    best, said = goal_choice.choose(rows, good, goal, runtime, cfg.goal_margin, cfg.goal.latency_ms, higher)
+    if best is not None:
+        return best, slower + said
     fastest_here = min(good, key=lambda i: rows[i]["measured_ms"][runtime]) if good else None
-    hit = [i for i in good if rows[i]["reached"] and not rows[i].get("superseded")
-           and (abs(rows[i]["goal_speedup"] - round(goal, 3)) < 1e-6 or rows[i].get("corrected_for_goal"))]
-    if hit:
-        return hit[-1], slower
     if rows and not any(r.get("reached", True) for r in rows):
         top = max((r["predicted_speedup"] for r in rows), default=1.0)
         return fastest_here, slower + [f"search: goal {goal:.2f}x on {runtime} not reachable: the latency table "
                                        f"predicts at most {top:.2f}x at the width floors (fixed per-op cost dominates)"]
     reached = (f"{rows[fastest_here]['measured_speedup'][runtime]:.2f}x measured" if fastest_here is not None
                else "nothing")
-    why = "at the width floors" if floored else f"within the {metric} budget"
+    over = [r for r in rows if not r["within_budget"] and (goal_choice.measured(r, runtime) or 0.0) >= goal]
+    why = ("at the width floors" if floored else f"within the {metric} budget" if over or not good
+           else "as measured (the points within budget ran slower than predicted)")
     return fastest_here, slower + [f"search: goal {goal:.2f}x on {runtime} not reachable {why}; "
                                    f"best within budget: {reached}"]
