@@ -438,6 +438,7 @@ def apply(model, cfg: SearchStage, ctx: StageContext, amount: float = 1.0) -> St
     if not groups:
         return StageOutcome(start, {"removed": 0, "frontier": []}, ["search: no prunable Dense/Conv layers"])
     cfg, runtimes = _on_targets(cfg, ctx)
+    asked = cfg.goal.speedup if amount >= 1.0 else None  # over dense, before the stages' share is taken off
     cfg, goal_note = _relative_goal(cfg, ctx, model, start)
     if cfg is None:
         return StageOutcome(start, {"removed": 0, "frontier": []}, [goal_note])
@@ -456,7 +457,7 @@ def apply(model, cfg: SearchStage, ctx: StageContext, amount: float = 1.0) -> St
     _correct_to_goal(search, aimed, cfg)
     measured = _measure(start, search, cfg, start_predicted, ctx.dense_model)
     best, notes = _choose(search.rows, goal, cfg, _target_runtimes(ctx), task.name, floored=bool(search.notes),
-                          higher=task.direction != "lower")
+                          higher=task.direction != "lower", asked=asked)
     notes += search.notes
     for i, row in enumerate(search.rows):
         row["shipped"] = i == best
@@ -521,14 +522,13 @@ def _relative_goal(cfg: SearchStage, ctx: StageContext, model, start) -> tuple[S
     if cfg.goal.speedup is None or dense is None or dense is model:
         return cfg, None
     runtime = cfg.goal.runtime
-    p50 = measure_models({"dense": dense, "start": start}, runtime, cfg.goal.batch)
-    done = p50["dense"] / p50["start"]
+    done = goal_choice.done_before(measure_models, dense, start, cfg)
     if done < 1.05:
         return cfg, None
     rest = cfg.goal.speedup / done
-    if rest <= 1.0:
+    if rest * (1.0 + cfg.goal_margin) <= 1.0:
         return None, (f"search: earlier stages already measured {done:.2f}x on {runtime}, meeting the "
-                      f"{cfg.goal.speedup:.2f}x goal; model left as they made it")
+                      f"{cfg.goal.speedup:.2f}x goal with the {cfg.goal_margin:.0%} margin; model left as they made it")
     goal = cfg.goal.model_copy(update={"speedup": rest})
     return cfg.model_copy(update={"goal": goal}), (
         f"search: earlier stages measured {done:.2f}x on {runtime}; the search aimed at the remaining {rest:.2f}x "
@@ -597,17 +597,18 @@ def _no_slower(rows: list[dict], good: list[int], runtimes: tuple[str, ...]) -> 
 
 
 def _choose(rows: list[dict], goal: float | None, cfg: SearchStage, runtimes: tuple[str, ...] | None = None,
-            metric: str = "accuracy", floored: bool = False, higher: bool = True) -> tuple[int | None, list[str]]:
+            metric: str = "accuracy", floored: bool = False, higher: bool = True,
+            asked: float | None = None) -> tuple[int | None, list[str]]:
     """With a goal: the most accurate point whose measured speed meets it with `goal_margin`
     (`goal.choose`), else the fastest measured one, saying why; without: the fastest on the recipe's
     target runtimes together. Never one slower than the start. `floored`: the search stopped at the
-    width floors (what a missed goal is then blamed on)."""
+    width floors (what a missed goal is then blamed on); `asked`: the goal over the dense model."""
     runtime = cfg.goal.runtime
     judged = (runtimes or (runtime,)) if goal is None else (runtime,)
     good, slower = _no_slower(rows, [i for i, r in enumerate(rows) if r["within_budget"]], judged)
     if goal is None:
         return _fastest(rows, good, judged), slower
-    best, said = goal_choice.choose(rows, good, goal, runtime, cfg.goal_margin, cfg.goal.latency_ms, higher)
+    best, said = goal_choice.choose(rows, good, goal, runtime, cfg.goal_margin, cfg.goal.latency_ms, higher, asked)
     if best is not None:
         return best, slower + said
     fastest_here = min(good, key=lambda i: rows[i]["measured_ms"][runtime]) if good else None
