@@ -118,3 +118,29 @@ def test_a_goal_met_by_the_shipped_file_adds_no_line():
     assert "p50 <= 0.2 ms" in goal.check(latency.model_copy(update={"stages": [
         latency.stages[0].model_copy(update={"goal": latency.stages[0].goal.model_copy(
             update={"latency_ms": 0.2})})]}), _results(0.25), _frontier(), [], default_task(0.01))[1][0]
+
+
+
+def _sessions(*pairs):
+    """A stand-in for measure_models: each call is one session's (dense, start) p50s."""
+    it, calls = iter(pairs), []
+
+    def measure(models, runtime, batch=1, runs=0):
+        calls.append(runtime)
+        dense, start = next(it)
+        return {"dense": dense, "start": start}
+    return measure, calls
+
+
+def test_a_goal_the_earlier_stages_seem_to_meet_is_measured_again_and_the_slower_figure_counts():
+    """One loaded session read 4.58x for what the final benchmark read 3.26x: a goal thought met ends the search."""
+    measure, calls = _sessions((1.0, 0.218), (1.0, 0.31))
+    assert goal_choice.done_before(measure, None, None, _cfg()) == pytest.approx(1 / 0.31) and len(calls) == 2
+    measure, calls = _sessions((1.0, 0.31))
+    assert goal_choice.done_before(measure, None, None, _cfg()) == pytest.approx(1 / 0.31) and len(calls) == 1
+    row = _point(1.4, 0.95)
+    row["dense_ms"][RT] = 3.0  # the end-of-search session: the stages bought 3x over dense, not the 3.4x assumed
+    assert goal_choice.needed(row, 4.0 / 3.4, None, RT, asked=4.0) == pytest.approx(4.0 / 3.0)
+    assert search._choose([row], 4.0 / 3.4, _cfg()) == (0, [])  # 1.4x clears 1.18x by 10%
+    best, notes = search._choose([row], 4.0 / 3.4, _cfg(), asked=4.0)  # but not 1.33x: shipped with the line
+    assert best == 0 and "10% margin" in notes[0]
