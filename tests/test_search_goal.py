@@ -110,6 +110,7 @@ def test_a_goal_met_by_the_shipped_file_adds_no_line():
     recipe = parse_recipe({"stages": [{"name": "search", "goal": {"runtime": RT, "speedup": 4}}]})
     check, notes = goal.check(recipe, _results(1 / 3.6, int8_p50=1 / 4.4), _frontier(), [], default_task(0.01))
     assert notes == [] and check["met"] and check["file"] == "pruned-int8.onnx"  # the fastest shipped file
+    assert check["files"] == {"pruned.onnx": pytest.approx(3.6), "pruned-int8.onnx": pytest.approx(4.4)}
     assert goal.check(parse_recipe({"stages": [{"name": "search"}]}), _results(0.5), [], [],
                       default_task(0.01)) == (None, [])  # no goal: nothing to check
     latency = parse_recipe({"stages": [{"name": "search", "goal": {"runtime": RT, "latency_ms": 0.3}}]})

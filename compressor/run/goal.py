@@ -32,7 +32,7 @@ def _rows(results: list[dict], runtime: str, batch: int) -> list[dict]:
 
 def measure(results: list[dict], runtime: str, batch: int, budget: float) -> dict | None:
     """The fastest shipped (non-dense) file on the runtime, among those within the budget when any is,
-    against the dense file of the same session."""
+    against the dense file of the same session (`files`: every shipped file's speedup, the float one too)."""
     from exporters.report import metric_drop
 
     rows = _rows(results, runtime, batch)
@@ -43,9 +43,11 @@ def measure(results: list[dict], runtime: str, batch: int, budget: float) -> dic
     kept = [r for r in files if metric_drop(dense, r) <= budget] or files
     best = min(kept, key=lambda r: r["latency_ms"]["p50"])
     p50 = best["latency_ms"]["p50"]
+    base = dense["latency_ms"]["p50"]
     return {"runtime": runtime, "batch": best["batch"], "threads": best["threads"], "file": best["file"],
-            "dense_file": dense["file"], "p50_ms": p50, "dense_p50_ms": dense["latency_ms"]["p50"],
-            "measured_speedup": dense["latency_ms"]["p50"] / p50 if p50 else None}
+            "dense_file": dense["file"], "p50_ms": p50, "dense_p50_ms": base,
+            "measured_speedup": base / p50 if p50 else None,
+            "files": {r["file"]: base / r["latency_ms"]["p50"] for r in files if r["latency_ms"]["p50"]}}
 
 
 def search_speedup(row: dict, runtime: str) -> float | None:
