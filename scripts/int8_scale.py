@@ -1,0 +1,147 @@
+"""int8 against float at deployment size: latency ratios, agreement and the graph each runtime runs.
+
+    nice python scripts/int8_scale.py [--models MobileNetV2,ResNet50] [--runtimes onnxruntime,tflite]
+                                      [--size 224] [--runs 100] [--schemes all|NAME,...] [--work DIR]
+
+keras.applications models built with `weights=None` (seeded), exported through the target
+registry (exporters/targets.py) as `pruned` float and every int8 scheme of each runtime's int8
+target, calibrated on mnist5k digits resized to the input size. Files of one runtime are timed in
+one process, interleaved (exporters/latency.py), batch 1, 1 thread, after warm-up; the float file
+is the baseline of every ratio. Agreement: top-1 of the int8 file against the float file on
+held-out digits, and the int8 output's relative L2 error. onnxruntime rows also count the op
+types of the graph onnxruntime runs (all optimisations), where a float Conv left is visible.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT)]
+
+import numpy as np  # noqa: E402
+
+BUILDERS = {"MobileNetV2": lambda keras, shape: keras.applications.MobileNetV2(alpha=1.0, weights=None,
+                                                                               input_shape=shape),
+            "ResNet50": lambda keras, shape: keras.applications.ResNet50(weights=None, input_shape=shape),
+            "EfficientNetB0": lambda keras, shape: keras.applications.EfficientNetB0(weights=None,
+                                                                                     input_shape=shape)}
+KEY_OPS = ("Conv", "QLinearConv", "QuantizeLinear", "DequantizeLinear", "Transpose", "Add", "QLinearAdd", "Pad")
+
+
+def digits(size: int, n: int, seed: int = 0) -> np.ndarray:
+    """mnist5k digits resized to size x size, three channels, in [0, 1]."""
+    from compressor.core._tf import tf
+    from compressor.data.sources import mnist5k
+
+    x = mnist5k().x_train
+    x = x[np.random.default_rng(seed).permutation(len(x))[:n]].reshape(n, 28, 28, 1)
+    return np.repeat(tf.image.resize(x, (size, size)).numpy(), 3, axis=-1).astype(np.float32)
+
+
+def export(name: str, size: int, runtimes: list[str], schemes: list[str] | None, work: Path,
+           calib: np.ndarray) -> list[dict]:
+    """Float and int8 files of one model per runtime: [{runtime, label, path, export_s}], float first."""
+    from compressor.core._tf import keras
+    from exporters import targets
+
+    keras.utils.set_random_seed(0)
+    model = BUILDERS[name](keras, (size, size, 3))
+    files = []
+    for runtime in runtimes:
+        fp, i8 = targets.float_target(runtime), next(t for t in targets.TARGETS.values()
+                                                     if t.runtime == runtime and t.int8)
+        start = time.perf_counter()
+        path = fp.export(model, work / f"{name}-{fp.filename('pruned')}")
+        files.append({"runtime": runtime, "label": "float", "path": path, "export_s": time.perf_counter() - start})
+        for scheme in i8.schemes:
+            if (schemes and scheme.name not in schemes) or scheme.name in ("dynamic", "dynamic-range"):
+                continue
+            start = time.perf_counter()
+            path = i8.export(model, work / f"{name}-{scheme.name}-{i8.filename('pruned-int8')}", calibration=calib,
+                             scheme=scheme, sparse=False)
+            files.append({"runtime": runtime, "label": scheme.name, "path": path,
+                          "export_s": time.perf_counter() - start})
+    return files
+
+
+def op_summary(row: dict) -> str:
+    if row["runtime"] == "onnxruntime":
+        from exporters.onnx_quant import optimized_op_counts
+
+        counts = optimized_op_counts(row["path"])
+        return ", ".join(f"{op} {counts[op]}" for op in KEY_OPS if counts.get(op))
+    from exporters.runtimes import open_runner
+
+    ops = open_runner(row["path"]).op_names()
+    return ", ".join(f"{op} {ops.count(op)}" for op in ("CONV_2D", "DEPTHWISE_CONV_2D", "QUANTIZE", "DEQUANTIZE",
+                                                        "DELEGATE") if op in ops)
+
+
+def _logits(y: np.ndarray) -> np.ndarray:
+    """Probabilities (rows summing to 1) as centred log-probabilities, the logits up to a constant:
+    a random-weight model's softmax is near uniform and would hide any error."""
+    if y.min() >= 0 and np.allclose(y.sum(-1), 1, atol=1e-3):
+        y = np.log(np.maximum(y, 1e-30))
+        return y - y.mean(-1, keepdims=True)
+    return y
+
+
+def measure(rows: list[dict], x_time: np.ndarray, x_check: np.ndarray, runs: int, warmup: int) -> None:
+    """p50 ms, ratio over float, top-1 agreement and relative error for each file of one runtime."""
+    from exporters.latency import measure_interleaved
+    from exporters.runtimes import open_runner
+    from exporters.stats import latency_summary
+
+    runners = {r["label"]: open_runner(r["path"]) for r in rows}
+    outputs = {label: runner.predict(x_check, batch=8) for label, runner in runners.items()}
+    times = measure_interleaved(runners, x_time, runs, warmup)
+    base = latency_summary(times["float"])["p50"]
+    for r in rows:
+        r["p50_ms"] = latency_summary(times[r["label"]])["p50"]
+        r["speedup"] = base / r["p50_ms"]
+        ref, out = _logits(outputs["float"]), _logits(outputs[r["label"]])
+        r["agreement"] = float(np.mean(ref.argmax(-1) == out.argmax(-1)))
+        r["rel_error"] = float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-12))
+        r["ops"] = op_summary(r)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="MobileNetV2,ResNet50")
+    parser.add_argument("--runtimes", default="onnxruntime,tflite")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--calibration", type=int, default=64, help="calibration samples")
+    parser.add_argument("--check", type=int, default=64, help="held-out samples for the agreement")
+    parser.add_argument("--schemes", default="qdq-per-channel,qdq-per-channel-percentile,int8-dense",
+                        help="int8 scheme names to export, or all (every static one)")
+    parser.add_argument("--work", default="artifacts/int8-scale")
+    args = parser.parse_args(argv)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    data = digits(args.size, args.calibration + args.check)
+    calib, check = data[: args.calibration], data[args.calibration :]
+    schemes = None if args.schemes == "all" else args.schemes.split(",")
+    print(f"# batch 1, 1 thread, {args.size}x{args.size}x3, {args.runs} interleaved runs; "
+          f"load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print("| model | runtime | file | export s | p50 ms | x float | top-1 agreement | rel. error | ops run |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in args.models.split(","):
+        files = export(name, args.size, args.runtimes.split(","), schemes, work, calib)
+        for runtime in args.runtimes.split(","):
+            rows = [r for r in files if r["runtime"] == runtime]
+            measure(rows, check[:1], check, args.runs, args.warmup)
+            for r in rows:
+                print(f"| {name} | {runtime} | {r['label']} | {r['export_s']:.0f} | {r['p50_ms']:.2f} | "
+                      f"{r['speedup']:.2f} | {r['agreement']:.3f} | {r['rel_error']:.3f} | {r['ops']} |", flush=True)
+    print(f"# load average at end {os.getloadavg()[0]:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
