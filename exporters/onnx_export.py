@@ -14,7 +14,7 @@ import onnx
 from compressor.core import CompressorError, keras, tf
 from exporters.files import make_readable, write_bytes_atomic
 from exporters.onnx_fusions import layer_norms, reshape_chains, unused_initializers
-from exporters.onnx_quant import quantize_qdq
+from exporters.onnx_quant import fold_pad_into_maxpool, quantize_qdq
 
 OPSET = 17
 
@@ -29,7 +29,7 @@ def keras_to_onnx(model: keras.Model) -> onnx.ModelProto:
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise CompressorError(f"ONNX conversion of model '{model.name}' failed: {first}") from exc
-    proto = layer_norms(_drop_identity_reshapes(reshape_chains(_erfc_as_erf(proto))))
+    proto = fold_pad_into_maxpool(layer_norms(_drop_identity_reshapes(reshape_chains(_erfc_as_erf(proto)))))
     return _stable_dim_names(unused_initializers(proto))
 
 
