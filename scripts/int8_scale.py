@@ -139,6 +139,8 @@ def main(argv=None) -> int:
     parser.add_argument("--schemes", default="qdq-per-channel,qdq-per-tensor,int8-dense",
                         help="int8 scheme names to export, or all (every static one)")
     parser.add_argument("--work", default="artifacts/int8-scale")
+    parser.add_argument("--doc", help="also write the table as a markdown section here (docs/int8_scale.md, "
+                        "which scripts/benchmark.py puts into docs/BENCHMARKS.md)")
     args = parser.parse_args(argv)
     work = Path(args.work)
     convert_once()
@@ -146,20 +148,35 @@ def main(argv=None) -> int:
     data = digits(args.size, args.calibration + args.check)
     calib, check = data[: args.calibration], data[args.calibration :]
     schemes = None if args.schemes == "all" else args.schemes.split(",")
-    print(f"# batch 1, 1 thread, {args.size}x{args.size}x3, {args.runs} interleaved runs; "
-          f"load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print("| model | runtime | file | export s | p50 ms | x float | top-1 agreement | rel. error | ops run |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    start_load = os.getloadavg()[0]
+    lines = ["| model | runtime | file | export s | p50 ms | x float | top-1 agreement | rel. error | ops run |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
     for name in args.models.split(","):
         files = export(name, args.size, args.runtimes.split(","), schemes, work, calib)
         for runtime in args.runtimes.split(","):
             rows = [r for r in files if r["runtime"] == runtime]
             measure(rows, check[:1], check, args.runs, args.warmup)
             for r in rows:
-                print(f"| {name} | {runtime} | {r['label']} | {r['export_s']:.0f} | {r['p50_ms']:.2f} | "
-                      f"{r['speedup']:.2f} | {r['agreement']:.3f} | {r['rel_error']:.3f} | {r['ops']} |", flush=True)
-    print(f"# load average at end {os.getloadavg()[0]:.1f}")
+                lines.append(f"| {name} | {runtime} | {r['label']} | {r['export_s']:.0f} | {r['p50_ms']:.2f} | "
+                             f"{r['speedup']:.2f} | {r['agreement']:.3f} | {r['rel_error']:.3f} | {r['ops']} |")
+                print(lines[-1], flush=True)
+    note = (f"batch 1, 1 thread, {args.size}x{args.size}x3, {args.runs} interleaved runs, "
+            f"{time.strftime('%Y-%m-%d', time.gmtime())}; 1-min load average {start_load:.1f} at start and "
+            f"{os.getloadavg()[0]:.1f} at end on {os.cpu_count()} cores")
+    print("# " + note)
+    if args.doc:
+        _write_doc(Path(args.doc), lines, note, argv if argv is not None else sys.argv[1:])
     return 0
+
+
+def _write_doc(path: Path, table: list[str], note: str, argv: list[str]) -> None:
+    command = " ".join(["python scripts/int8_scale.py", *argv])
+    text = [f"## Deployment size: int8 against float at {note.split(', ')[2]}", "",
+            "keras.applications models built with `weights=None`; latency only (random weights: the agreement "
+            "columns compare the int8 file with the float one on resized mnist5k digits, not accuracy). "
+            f"Regenerate with `{command}`.", "", f"{note[0].upper()}{note[1:]}.", "", *table]
+    path.write_text("\n".join(text) + "\n")
 
 
 if __name__ == "__main__":
