@@ -87,6 +87,9 @@ def fold_pad_into_maxpool(proto: onnx.ModelProto) -> onnx.ModelProto:
         dropped.append(pad)
     for pad in dropped:
         graph.node.remove(pad)
+    used = {name for node in graph.node for name in node.input}
+    for init in [i for pad in dropped for i in graph.initializer if i.name in pad.input[1:] and i.name not in used]:
+        graph.initializer.remove(init)
     return proto
 
 
