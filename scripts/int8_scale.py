@@ -191,7 +191,9 @@ def main(argv=None) -> int:
 
 
 def _write_doc(path: Path, table: list[str], note: str, argv: list[str]) -> None:
-    command = " ".join(["python scripts/int8_scale.py", *argv])
+    local = ("--work", "--doc")
+    shown = [a for i, a in enumerate(argv) if a not in local and (i == 0 or argv[i - 1] not in local)]
+    command = " ".join(["python scripts/int8_scale.py", *shown, "--doc docs/int8_scale.md"])
     text = [f"## Deployment size: int8 against float at {note.split(', ')[2]}", "",
             "keras.applications models built with `weights=None`; latency only (random weights: the agreement "
             "columns compare the int8 file with the float one on resized mnist5k digits, not accuracy). "
