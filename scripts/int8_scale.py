@@ -62,24 +62,6 @@ def with_statistics(model, x: np.ndarray):
     return model
 
 
-def convert_once() -> None:
-    """Each model's tf2onnx conversion is reused for its float and int8 files (the exporters convert
-    per file, minutes for ResNet50 on a loaded machine); the files are the same."""
-    import copy
-
-    from exporters import onnx_export
-
-    convert, done = onnx_export.keras_to_onnx, {}
-
-    def cached(model):
-        key = (model.name, model.count_params())
-        if key not in done:
-            done[key] = convert(model)
-        return copy.deepcopy(done[key])
-
-    onnx_export.keras_to_onnx = cached
-
-
 def export(name: str, size: int, runtimes: list[str], schemes: list[str] | None, work: Path,
            calib: np.ndarray) -> list[dict]:
     """Float and int8 files of one model per runtime: [{runtime, label, path, export_s}], float first."""
@@ -163,7 +145,6 @@ def main(argv=None) -> int:
                         "which scripts/benchmark.py puts into docs/BENCHMARKS.md)")
     args = parser.parse_args(argv)
     work = Path(args.work)
-    convert_once()
     work.mkdir(parents=True, exist_ok=True)
     data = digits(args.size, args.calibration + args.check)
     calib, check = data[: args.calibration], data[args.calibration :]
