@@ -89,14 +89,15 @@ def export(name: str, size: int, runtimes: list[str], schemes: list[str] | None,
 
 
 def op_summary(row: dict) -> str:
-    if row["runtime"] == "onnxruntime":
+    from exporters.runtimes import open_runner
+
+    runner = open_runner(row["path"])
+    if not hasattr(runner, "op_names"):  # onnxruntime: the op types of the graph it optimised
         from exporters.onnx_quant import optimized_op_counts
 
         counts = optimized_op_counts(row["path"])
         return ", ".join(f"{op} {counts[op]}" for op in KEY_OPS if counts.get(op))
-    from exporters.runtimes import open_runner
-
-    ops = open_runner(row["path"]).op_names()
+    ops = runner.op_names()
     return ", ".join(f"{op} {ops.count(op)}" for op in ("CONV_2D", "DEPTHWISE_CONV_2D", "QUANTIZE", "DEQUANTIZE",
                                                         "DELEGATE") if op in ops)
 
