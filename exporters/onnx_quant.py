@@ -14,7 +14,9 @@ Why each choice (measured on keras.applications MobileNetV2 alpha 1.0 and ResNet
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
+import io
 import platform
 import shutil
 import tempfile
@@ -158,17 +160,19 @@ def quantize_qdq(float_path: str | Path, out: str | Path, calibration: np.ndarra
     folded = Path(out).with_name(Path(out).name + ".folded")
     try:
         onnx.save(fold_pad_into_maxpool(onnx.load(str(float_path))), str(folded))
-        quantize_static(str(folded), str(out), reader(calibration, "input", input_dtype),
-                        quant_format=QuantFormat.QDQ, activation_type=activation_type(),
-                        weight_type=QuantType.QInt8, per_channel=per_channel, reduce_range=reduce_range,
-                        calibrate_method=calibrate, op_types_to_quantize=op_types(),
-                        calibration_cache_path=str(calibration_cache(folded, calibration, method)),
-                        extra_options={
-                            # ranges merged batch by batch: bounded memory at 224 px, for every method
-                            "CalibStridedMinMax": 1,
-                            # a LayerNormalization's gamma is rank 1: its channels are axis 0, not the
-                            # default axis 1 (which the quantizer logs as out of range)
-                            "QDQOpTypePerChannelSupportToAxis": {"LayerNormalization": 0}})
+        # the histogram calibrators print their progress; the tool's own progress lines say what runs
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantize_static(str(folded), str(out), reader(calibration, "input", input_dtype),
+                            quant_format=QuantFormat.QDQ, activation_type=activation_type(),
+                            weight_type=QuantType.QInt8, per_channel=per_channel, reduce_range=reduce_range,
+                            calibrate_method=calibrate, op_types_to_quantize=op_types(),
+                            calibration_cache_path=str(calibration_cache(folded, calibration, method)),
+                            extra_options={
+                                # ranges merged batch by batch: bounded memory at 224 px, for every method
+                                "CalibStridedMinMax": 1,
+                                # a LayerNormalization's gamma is rank 1: its channels are axis 0, not the
+                                # default axis 1 (which the quantizer logs as out of range)
+                                "QDQOpTypePerChannelSupportToAxis": {"LayerNormalization": 0}})
     finally:
         folded.unlink(missing_ok=True)
     return Path(out)
