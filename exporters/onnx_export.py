@@ -14,11 +14,44 @@ import onnx
 from compressor.core import CompressorError, keras, tf
 from exporters.files import make_readable, write_bytes_atomic
 from exporters.onnx_fusions import layer_norms, reshape_chains, unused_initializers
+from exporters.onnx_quant import fold_pad_into_maxpool, quantize_qdq
 
 OPSET = 17
 
 
+_LAST: dict[str, onnx.ModelProto] = {}  # the last model converted, by its digest
+
+
+def _digest(model: keras.Model) -> str | None:
+    """The model's architecture and weights, hashed; None when its config cannot be serialised."""
+    import hashlib
+
+    try:
+        digest = hashlib.sha256(model.to_json().encode())
+    except Exception:  # a layer without a config: convert it every time
+        return None
+    for weight in model.weights:
+        digest.update(np.ascontiguousarray(weight.numpy()).tobytes())
+    return digest.hexdigest()
+
+
 def keras_to_onnx(model: keras.Model) -> onnx.ModelProto:
+    """The model as ONNX. The last conversion is kept: the pruned float file and every int8 scheme
+    candidate of one model are converted from the same model (tf2onnx took 17 s for MobileNetV2 and
+    minutes for ResNet50 at 224 px, per file)."""
+    import copy
+
+    key = _digest(model)
+    if key is None or key not in _LAST:
+        _LAST.clear()
+        proto = _convert(model)
+        if key is None:
+            return proto
+        _LAST[key] = proto
+    return copy.deepcopy(_LAST[key])
+
+
+def _convert(model: keras.Model) -> onnx.ModelProto:
     import tf2onnx
 
     shape = (None,) + tuple(model.input_shape[1:])
@@ -28,7 +61,7 @@ def keras_to_onnx(model: keras.Model) -> onnx.ModelProto:
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise CompressorError(f"ONNX conversion of model '{model.name}' failed: {first}") from exc
-    proto = layer_norms(_drop_identity_reshapes(reshape_chains(_erfc_as_erf(proto))))
+    proto = fold_pad_into_maxpool(layer_norms(_drop_identity_reshapes(reshape_chains(_erfc_as_erf(proto)))))
     return _stable_dim_names(unused_initializers(proto))
 
 
@@ -135,24 +168,6 @@ def reduce_range_needed() -> bool:
     return bool(x86 and flags and not flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
-def _calibration_reader(calibration: np.ndarray, input_name: str, dtype=np.float32):
-    """Samples one at a time, in the file's input type (token ids rounded, not truncated)."""
-    from onnxruntime.quantization import CalibrationDataReader
-
-    samples = calibration[:200]
-    samples = np.rint(samples).astype(dtype) if np.issubdtype(dtype, np.integer) else samples.astype(np.float32)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self._iter = iter(samples[i : i + 1] for i in range(len(samples)))
-
-        def get_next(self):
-            item = next(self._iter, None)
-            return None if item is None else {input_name: item}
-
-    return Reader()
-
-
 def _file_input_dtype(path) -> np.dtype:
     elem = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.elem_type
     return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem))
@@ -165,11 +180,11 @@ def _no_preprocessing_hint(record: logging.LogRecord) -> bool:
 
 
 def export_int8(float_path: str | Path, path: str | Path, calibration: np.ndarray | None = None,
-                mode: str = "dynamic") -> Path:
+                mode: str = "dynamic", calibrate: str = "minmax", per_channel: bool = True) -> Path:
     """int8 via onnxruntime.quantization: `dynamic` (per-tensor int8 weights, activations scaled at run
-    time, tiny MatMuls left float) or `static` (QDQ, int8 activations and per-channel int8 weights,
-    calibrated on `calibration`)."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+    time, tiny MatMuls left float) or `static` (QDQ int8 end to end, exporters/onnx_quant.py: weights
+    per channel when `per_channel`, activation ranges by `calibrate` on `calibration`)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     if mode == "static" and calibration is None:
         raise CompressorError("static int8 quantization needs calibration samples; pass data with x_calib or x_train")
@@ -183,13 +198,8 @@ def export_int8(float_path: str | Path, path: str | Path, calibration: np.ndarra
         if mode == "dynamic":
             quantize_dynamic(str(float_path), tmp, weight_type=QuantType.QInt8, nodes_to_exclude=skip)
         else:
-            quantize_static(str(float_path), tmp,
-                            _calibration_reader(calibration, "input", _file_input_dtype(float_path)),
-                            quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
-                            weight_type=QuantType.QInt8, per_channel=True, reduce_range=reduce_range_needed(),
-                            # a LayerNormalization's gamma is rank 1: its channels are axis 0, not the
-                            # default axis 1 (which the quantizer logs as out of range)
-                            extra_options={"QDQOpTypePerChannelSupportToAxis": {"LayerNormalization": 0}})
+            quantize_qdq(float_path, tmp, calibration, input_dtype=_file_input_dtype(float_path), method=calibrate,
+                         per_channel=per_channel, reduce_range=reduce_range_needed())
         make_readable(tmp)
         os.replace(tmp, path)
     finally:
@@ -218,7 +228,7 @@ def _preprocessed(plain: Path) -> Path:
 
 
 def export_for_target(model: keras.Model, path: str | Path, *, calibration: np.ndarray | None = None,
-                      sparse: bool = True, mode: str | None = None) -> Path:
+                      sparse: bool = True, mode: str | None = None, **int8_options) -> Path:
     """The registry's exporter (exporters/targets.py): float (compact storage when `sparse`), or int8
     quantized from an uncompacted float export (the quantizer cannot read sparse initializers)."""
     if mode is None:
@@ -228,7 +238,8 @@ def export_for_target(model: keras.Model, path: str | Path, *, calibration: np.n
     try:
         export_float(model, plain, compact=False)
         # dynamic mode keeps the exported MatMuls: on fused Gemms it ignores the small-head exclusion
-        return export_int8(_preprocessed(plain) if mode == "static" else plain, path, calibration, mode=mode)
+        return export_int8(_preprocessed(plain) if mode == "static" else plain, path, calibration, mode=mode,
+                           **int8_options)
     finally:
         plain.unlink(missing_ok=True)
         plain.with_name(plain.name + ".pre").unlink(missing_ok=True)

@@ -160,8 +160,15 @@ TARGETS.register(Target("onnxruntime", "onnxruntime", ONNX, False, "exporters.on
                     storage_flag="compact_onnx", channel_block="exporters.targets:nchwc_channel_block"))
 TARGETS.register(Target("onnxruntime-int8", "onnxruntime", ONNX, True, "exporters.onnx_export:export_for_target",
                         (1, 1),
-                    (Scheme("qdq-s8s8-per-channel", "static QDQ, int8 activations and per-channel int8 weights "
-                            "(reduce_range on CPUs without VNNI)", {"mode": "static"}),
+                    (Scheme("qdq-per-channel", "static QDQ int8 end to end (uint8 activations on x86, int8 on ARM: "
+                            "what onnxruntime's int8 kernels fuse), per-channel int8 weights, min-max ranges "
+                            "(reduce_range on x86 CPUs without VNNI)", {"mode": "static"}),
+                     Scheme("qdq-per-tensor", "the same with one weight scale per tensor (faster pointwise convs; less "
+                            "accurate where folded BatchNorm scales differ by channel)",
+                            {"mode": "static", "per_channel": False}),
+                     Scheme("qdq-per-channel-percentile", "the same with 99.999th-percentile activation ranges "
+                            "(outliers clipped: for models min-max int8 loses accuracy on)",
+                            {"mode": "static", "calibrate": "percentile"}),
                      Scheme("dynamic", "dynamic quantization: per-tensor int8 weights, activations scaled at run time "
                             "(tiny MatMuls left float)", {"mode": "dynamic"})),
                     channel_block="exporters.targets:nchwc_channel_block"))

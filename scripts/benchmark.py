@@ -406,10 +406,17 @@ def _measured(entry: dict, meta: dict) -> str:
 
 def render_page(results: dict) -> str:
     """docs/BENCHMARKS.md from benchmarks.json: header and headline, method, frontier, per-model results."""
-    lines = _page_top(results) + _method(results) + frontier_section(results) + ["## Full results", ""]
+    lines = (_page_top(results) + _deployment_size() + _method(results) + frontier_section(results)
+             + ["## Full results", ""])
     for m in results["models"]:
         lines += _model_section(m)
     return "\n".join(lines)
+
+
+def _deployment_size() -> list[str]:
+    """The 224 px latency section scripts/int8_scale.py writes (docs/int8_scale.md), kept on regeneration."""
+    section = ROOT / "docs" / "int8_scale.md"
+    return section.read_text().splitlines() + [""] if section.is_file() else []
 
 
 def _page_top(results: dict) -> list[str]:

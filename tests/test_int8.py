@@ -125,7 +125,8 @@ def test_int8_scheme_is_chosen_by_measurement_and_recorded(tmp_path, fast_recipe
         assert rec["chosen"] in {c["scheme"] for c in measured} and len(rec["candidates"]) == len(measured)
         assert all(c["accuracy"] is not None for c in measured) and rec["float_p50_ms"] > 0
         assert "faster_than_float" in rec
-    assert {c["scheme"] for c in records["onnxruntime-int8"]["candidates"]} == {"qdq-s8s8-per-channel", "dynamic"}
+    assert {c["scheme"] for c in records["onnxruntime-int8"]["candidates"]} == {
+        "qdq-per-channel", "qdq-per-tensor", "qdq-per-channel-percentile", "dynamic"}
     assert {c["scheme"] for c in records["tflite-int8"]["candidates"]} == {"int8-sparse", "int8-dense", "dynamic-range"}
     assert all(v["ok"] for v in report["verification"])
     assert "## int8 schemes" in (tmp_path / "report.md").read_text()
