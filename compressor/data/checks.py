@@ -48,6 +48,7 @@ def class_labels(name: str, key: str, y: np.ndarray) -> None:
     """Integer class ids in 0..LARGEST_CLASS, checked before any cast (a cast of 1e30 or of a uint64
     near 2**64 to int64 wraps to a negative number and hid the real cause)."""
     numeric_labels(name, key, y)
+    y = y.reshape(len(y)) if y.ndim == 2 and y.shape[1] == 1 else y  # (N, 1): one class id per row
     if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or np.all(np.mod(y, 1) == 0)):
         raise CompressorError(
             f"data '{name}': {key} must be a 1-D array of integer class labels (got shape {y.shape}, "
@@ -87,6 +88,8 @@ def check_labels(name: str, key: str, y: np.ndarray, task, i: int) -> np.ndarray
             )
         return y.astype(np.int64)
     per_sample = int(np.prod(y.shape[1:]))
+    if task.binary(i):
+        return _binary_labels(name, key, y)
     if per_sample != units:
         raise CompressorError(
             f"data '{name}': {key} has {per_sample} value(s) per sample but output '{task.output_names[i]}' has "
@@ -94,6 +97,20 @@ def check_labels(name: str, key: str, y: np.ndarray, task, i: int) -> np.ndarray
     y = y.astype(np.float32)
     if not np.all(np.isfinite(y)):
         raise CompressorError(f"data '{name}': {key} contains NaN/inf values; clean or impute them first")
+    return y
+
+
+def _binary_labels(name: str, key: str, y: np.ndarray) -> np.ndarray:
+    """0/1 labels of a one-unit sigmoid output, (N,) or (N, 1), as (N, 1) float32 like the output."""
+    numeric_labels(name, key, y)
+    if y.ndim > 2 or (y.ndim == 2 and y.shape[1] != 1):
+        raise CompressorError(f"data '{name}': {key} has shape {y.shape} but the model's output is one unit "
+                              "(binary): give one 0/1 label per sample, shape (N,) or (N, 1)")
+    y = y.reshape(len(y), 1).astype(np.float32)
+    if len(y) and (not np.all(np.isfinite(y)) or y.min() < 0 or y.max() > 1):
+        raise CompressorError(f"data '{name}': {key} holds values outside 0..1 but the model's output is one "
+                              "sigmoid unit (binary classification): labels must be 0 or 1; for more classes "
+                              "give the model one output unit per class")
     return y
 
 

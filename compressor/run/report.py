@@ -41,6 +41,7 @@ def assemble(run, pruned: keras.Model, records: list[dict], shipped, verificatio
         "execution": _execution_table(shipped.artifacts),
         "int8": shipped.int8,
         "int8_notes": ship.int8_verdicts(results, shipped.int8),  # shown in report.md and the CLI summary
+        "speed_notes": ship.float_verdicts(results),  # likewise: a shipped float file slower than dense
         "baseline_notes": undertrained_baseline(task, run.budget_baseline, records),  # likewise
         "target_notes": shipped.notes,
         "distribute": distribute.describe(),
