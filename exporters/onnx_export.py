@@ -13,6 +13,7 @@ import onnx
 
 from compressor.core import CompressorError, keras, tf
 from exporters.files import make_readable, write_bytes_atomic
+from exporters.float_inputs import leading_normalizations, onnx_nodes
 from exporters.onnx_fusions import layer_norms, reshape_chains, unused_initializers
 
 OPSET = 17
@@ -165,16 +166,17 @@ def _no_preprocessing_hint(record: logging.LogRecord) -> bool:
 
 
 def export_int8(float_path: str | Path, path: str | Path, calibration: np.ndarray | None = None,
-                mode: str = "dynamic") -> Path:
+                mode: str = "dynamic", float_layers: list[str] | None = None) -> Path:
     """int8 via onnxruntime.quantization: `dynamic` (per-tensor int8 weights, activations scaled at run
     time, tiny MatMuls left float) or `static` (QDQ, int8 activations and per-channel int8 weights,
-    calibrated on `calibration`)."""
+    calibrated on `calibration`; `float_layers`' nodes stay float: exporters/float_inputs.py)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     if mode == "static" and calibration is None:
         raise CompressorError("static int8 quantization needs calibration samples; pass data with x_calib or x_train")
     path = Path(path)
     skip = small_matmuls(float_path)
+    keep_float = onnx_nodes(onnx.load(str(float_path), load_external_data=False), float_layers or [])
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
     root = logging.getLogger()
@@ -187,6 +189,7 @@ def export_int8(float_path: str | Path, path: str | Path, calibration: np.ndarra
                             _calibration_reader(calibration, "input", _file_input_dtype(float_path)),
                             quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
                             weight_type=QuantType.QInt8, per_channel=True, reduce_range=reduce_range_needed(),
+                            nodes_to_exclude=keep_float,
                             # a LayerNormalization's gamma is rank 1: its channels are axis 0, not the
                             # default axis 1 (which the quantizer logs as out of range)
                             extra_options={"QDQOpTypePerChannelSupportToAxis": {"LayerNormalization": 0}})
@@ -228,7 +231,8 @@ def export_for_target(model: keras.Model, path: str | Path, *, calibration: np.n
     try:
         export_float(model, plain, compact=False)
         # dynamic mode keeps the exported MatMuls: on fused Gemms it ignores the small-head exclusion
-        return export_int8(_preprocessed(plain) if mode == "static" else plain, path, calibration, mode=mode)
+        return export_int8(_preprocessed(plain) if mode == "static" else plain, path, calibration, mode=mode,
+                           float_layers=leading_normalizations(model))
     finally:
         plain.unlink(missing_ok=True)
         plain.with_name(plain.name + ".pre").unlink(missing_ok=True)

@@ -19,6 +19,7 @@ import numpy as np
 
 from compressor.core import CompressorError, keras, quiet_stderr, tf
 from exporters.files import write_bytes_atomic
+from exporters.float_inputs import leading_normalizations, tflite_nodes
 
 
 def _converter(model: keras.Model) -> "tf.lite.TFLiteConverter":
@@ -98,8 +99,31 @@ def export_int8(model: keras.Model, path: str | Path, calibration: np.ndarray, s
     conv = _converter(model)
     conv.optimizations = [tf.lite.Optimize.DEFAULT] + ([tf.lite.Optimize.EXPERIMENTAL_SPARSITY] if sparse else [])
     conv.representative_dataset = representative
+    float_layers = leading_normalizations(model)
+    if float_layers:  # quantize from the Normalization's output (exporters/float_inputs.py)
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]  # the debugger takes no sparsity: encoded afterwards
+        return write_bytes_atomic(path, _selective(conv, model, representative, float_layers, sparse))
     conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     return write_bytes_atomic(path, _convert(conv, model))
+
+
+def _selective(conv, model: keras.Model, representative, float_layers: list[str], sparse: bool) -> bytes:
+    """Full-integer int8 but for `float_layers`' ops, through the converter's quantization debugger
+    (its documented selective quantization: denylisted nodes keep float kernels); sparse storage
+    by the converter's own sparsity pass on the result (the debugger refuses EXPERIMENTAL_SPARSITY)."""
+    from tensorflow.lite.python.convert import mlir_sparsify
+
+    options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=tflite_nodes(model, float_layers))
+    try:
+        with quiet_stderr():
+            debugger = tf.lite.experimental.QuantizationDebugger(converter=conv, debug_dataset=representative,
+                                                                 debug_options=options)
+            flat = debugger.get_nondebug_quantized_model()
+            return mlir_sparsify(flat) if sparse else flat
+    except Exception as exc:
+        raise CompressorError(f"TFLite int8 conversion of model '{model.name}' with {', '.join(float_layers)} kept "
+                              f"in float failed: {str(exc).strip()[:200]}; drop tflite-int8 from the recipe's "
+                              "targets") from exc
 
 
 def export_dynamic_range(model: keras.Model, path: str | Path, sparse: bool = True) -> Path:
