@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from compressor.core import CompressorError, keras, tf
+from compressor.core import CompressorError, inputs, keras, tf
 from exporters.files import make_readable, write_bytes_atomic
 from exporters.float_inputs import leading_normalizations, onnx_nodes
 from exporters.onnx_fusions import layer_norms, reshape_chains, unused_initializers
@@ -22,8 +22,11 @@ OPSET = 17
 def keras_to_onnx(model: keras.Model) -> onnx.ModelProto:
     import tf2onnx
 
-    shape = (None,) + tuple(model.input_shape[1:])
-    signature = (tf.TensorSpec(shape, _input_dtype(model), name="input"),)
+    if len(model.inputs) == 1:
+        signature = (tf.TensorSpec((None,) + tuple(model.input_shape[1:]), _input_dtype(model), name="input"),)
+    else:  # several inputs: each named as its Keras input, so runners feed them by name
+        signature = ([tf.TensorSpec((None,) + tuple(t.shape[1:]), _input_dtype(model, i), name=n)
+                      for i, (n, t) in enumerate(zip(inputs.names(model), model.inputs))],)
     try:
         proto, _ = tf2onnx.convert.from_keras(model, input_signature=signature, opset=OPSET)
     except Exception as exc:
@@ -33,9 +36,9 @@ def keras_to_onnx(model: keras.Model) -> onnx.ModelProto:
     return _stable_dim_names(unused_initializers(proto))
 
 
-def _input_dtype(model: keras.Model):
+def _input_dtype(model: keras.Model, index: int = 0):
     """The model's own input type when it is integer (token ids stay ids in the file), else float32."""
-    dtype = tf.as_dtype(model.inputs[0].dtype)
+    dtype = tf.as_dtype(model.inputs[index].dtype)
     return dtype if dtype.is_integer else tf.float32
 
 
@@ -136,27 +139,33 @@ def reduce_range_needed() -> bool:
     return bool(x86 and flags and not flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
-def _calibration_reader(calibration: np.ndarray, input_name: str, dtype=np.float32):
-    """Samples one at a time, in the file's input type (token ids rounded, not truncated)."""
+def _calibration_reader(calibration, path):
+    """Samples one at a time, each input in the file's input type (token ids rounded, not truncated);
+    a multi-input model's calibration is a dict keyed by its input names, as the file's inputs are."""
     from onnxruntime.quantization import CalibrationDataReader
 
-    samples = calibration[:200]
-    samples = np.rint(samples).astype(dtype) if np.issubdtype(dtype, np.integer) else samples.astype(np.float32)
+    types = _file_input_dtypes(path)
+    feeds = calibration if inputs.is_multi(calibration) else {next(iter(types)): calibration}
+    samples = {name: _typed(np.asarray(feeds[name])[:200], dtype) for name, dtype in types.items()}
+    count = min(len(v) for v in samples.values())
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self._iter = iter(samples[i : i + 1] for i in range(len(samples)))
+            self._iter = iter({k: v[i : i + 1] for k, v in samples.items()} for i in range(count))
 
         def get_next(self):
-            item = next(self._iter, None)
-            return None if item is None else {input_name: item}
+            return next(self._iter, None)
 
     return Reader()
 
 
-def _file_input_dtype(path) -> np.dtype:
-    elem = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.elem_type
-    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem))
+def _typed(samples: np.ndarray, dtype) -> np.ndarray:
+    return np.rint(samples).astype(dtype) if np.issubdtype(dtype, np.integer) else samples.astype(np.float32)
+
+
+def _file_input_dtypes(path) -> dict:
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {i.name: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)) for i in graph.input}
 
 
 def _no_preprocessing_hint(record: logging.LogRecord) -> bool:
@@ -186,7 +195,7 @@ def export_int8(float_path: str | Path, path: str | Path, calibration: np.ndarra
             quantize_dynamic(str(float_path), tmp, weight_type=QuantType.QInt8, nodes_to_exclude=skip)
         else:
             quantize_static(str(float_path), tmp,
-                            _calibration_reader(calibration, "input", _file_input_dtype(float_path)),
+                            _calibration_reader(calibration, float_path),
                             quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
                             weight_type=QuantType.QInt8, per_channel=True, reduce_range=reduce_range_needed(),
                             nodes_to_exclude=keep_float,

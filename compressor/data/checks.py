@@ -115,15 +115,9 @@ def _binary_labels(name: str, key: str, y: np.ndarray) -> np.ndarray:
 
 
 def check_model(model) -> None:
-    """What the pipeline cannot take, refused in one line before the model meets the data: several
-    inputs, a layer of zero width, nothing to prune, NaN/Inf weights (a damaged file or a diverged
+    """What the pipeline cannot take, refused in one line before the model meets the data:
+    a layer of zero width, nothing to prune, NaN/Inf weights (a damaged file or a diverged
     training; fine-tuning from it ends in a NaN loss and was blamed on the recipe's epochs)."""
-    inputs = list(getattr(model, "inputs", None) or [])
-    if len(inputs) > 1:
-        names = ", ".join(str(getattr(t, "name", "?")).split(":")[0] for t in inputs)
-        raise CompressorError(f"multi-input models are not supported yet: the model has {len(inputs)} inputs "
-                              f"({names}); concatenate them into one input tensor, or compress each branch as its "
-                              "own model")
     layers = list(_all_layers(model))
     for layer in layers:
         for weight in layer.weights:
