@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compressor.core import keras
+from compressor.core import inputs, keras
 from exporters import targets
 from exporters.benchmark import Artifact
 from exporters.latency import measure_interleaved
@@ -190,7 +190,7 @@ def choose_int8(target, pruned, recipe, out: Path, reporter, notes: list[str], j
         float_runner, _, _ = open_runner_safely(float_path)
         reporter.step(f"{target.name}: timing {len(pool)} int8 scheme(s) against {float_path.name} at batch 1")
         runners = {c["scheme"]: c["runner"] for c in pool} | {"float": float_runner}
-        sample = np.asarray(data.sample("budget", 1)[0], np.float32)
+        sample = inputs.each(data.sample("budget", 1)[0], lambda a: np.asarray(a, np.float32))
         times = measure_interleaved(runners, sample, recipe.bench.runs, recipe.bench.warmup, block=recipe.bench.block)
         for c in pool:
             c["p50_ms"] = latency_summary(times[c["scheme"]])["p50"]

@@ -107,7 +107,7 @@ class Dataset:
 
     def bind(self, input_shape: tuple, task) -> None:
         """Fit the arrays to the model (reshape to its input) and check the labels against its outputs."""
-        _bind_arrays(self, tuple(input_shape), task)
+        _bind_arrays(self, input_shape if isinstance(input_shape, dict) else tuple(input_shape), task)
 
 
 def _inputs(arrays: dict, key: str):
@@ -325,7 +325,7 @@ def check_against_model(ds, input_shape: tuple, num_outputs: int = 0, task=None)
         from compressor.config.task import default_task
 
         task = default_task(num_outputs)
-    ds.bind(tuple(input_shape), task)
+    ds.bind(input_shape if isinstance(input_shape, dict) else tuple(input_shape), task)
 
 
 def _bind_arrays(ds: Dataset, expected, task) -> None:

@@ -24,7 +24,7 @@ def assemble(run, pruned: keras.Model, records: list[dict], shipped, verificatio
     return {
         "tool_version": _version(),
         "machine": machine_info(),
-        "model": {"source": source, "input_shape": [None, *model.input_shape[1:]], "params": params,
+        "model": {"source": source, "input_shape": _input_shape(model), "params": params,
                   "load_notes": list(load_notes or [])},
         "data": {"name": data.name, **data.sizes(), "budget_split": "x_val" if data.has_val else "x_test",
                  "streamed": not isinstance(data, Dataset)},
@@ -47,6 +47,12 @@ def assemble(run, pruned: keras.Model, records: list[dict], shipped, verificatio
         "distribute": distribute.describe(),
         **search_results(records, frontier_files),
     }
+
+
+def _input_shape(model):
+    """[null, ...] of the one input; a list of them, one per input, for a multi-input model."""
+    shapes = [[None, *t.shape[1:]] for t in model.inputs]
+    return shapes[0] if len(shapes) == 1 else shapes
 
 
 def worker_report(run, records: list[dict]) -> dict:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from compressor import criteria
+from compressor.core import inputs
 from compressor.core._tf import keras, tf
 from compressor.data.protocol import DataSource
 from compressor.graph import surgery
@@ -111,14 +112,14 @@ def collect(model, x: np.ndarray, traces: list[Trace], batch_size: int = 128, li
     """Run `model` on up to `limit` calibration samples; activity of every traced producer. With
     `labels`, the gradient of the loss (the task's, compressor/config/task.py) w.r.t. each observed
     activation is gathered too (Taylor)."""
-    x = np.asarray(x)[:limit]
+    x = inputs.rows(inputs.each(x, np.asarray), slice(0, limit))
     observe = sorted({t.observe for t in traces})
     extractor = keras.Model(model.inputs, [model.get_layer(n).output for n in observe] + list(model.outputs))
     sums = {n: None for n in observe}
     patterns = {n: [] for n in observe}
     taylor = {n: 0.0 for n in observe}
-    for start in range(0, len(x), batch_size):
-        outs, grads = _forward(extractor, x[start:start + batch_size], len(observe),
+    for start in range(0, inputs.count(x), batch_size):
+        outs, grads = _forward(extractor, inputs.rows(x, slice(start, start + batch_size)), len(observe),
                                None if labels is None else _label_rows(labels, slice(start, start + batch_size)), task)
         for name, out, grad in zip(observe, outs, grads):
             a = out.numpy().astype(np.float64)
