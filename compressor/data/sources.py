@@ -211,7 +211,7 @@ def _from_arrays(name: str, arrays: dict, class_labels: bool = True,
 
 
 def _keyed(x):
-    """A tuple of input arrays as the dict the helpers of compressor.core.inputs count and slice."""
+    """A tuple of input arrays as the dict the helpers of compressor.core.model_inputs count and slice."""
     return {str(i): v for i, v in enumerate(x)} if isinstance(x, tuple) else x
 
 
