@@ -69,22 +69,26 @@ def _tabular(n=500, seed=0):
     return x, (x[:, 0] + x[:, 1] / 10 - x[:, 4] > 0.3).astype(np.int64)
 
 
-def test_binary_head_on_normalized_raw_features_runs_end_to_end(tmp_path, capsys, stand_in_search):
-    """Labels (N, 1) for training and (N,) for testing, the default loss (auto): binary crossentropy,
-    accuracy by threshold 0.5 in the stages, the search and every file; the int8 files keep the
-    Normalization in float and score above the majority class (per-tensor int8 of the raw inputs
-    before it scored exactly the majority class)."""
-    x, y = _tabular()
+def _binary_model(x, y):
     keras.utils.set_random_seed(0)
     norm = L.Normalization(input_shape=(6,), name="norm")
-    norm.adapt(x[:400])
+    norm.adapt(x)
     model = keras.Sequential([norm, L.Dense(32, activation="relu", name="h1"),
                               L.Dense(32, activation="relu", name="h2"), L.Dense(1, activation="sigmoid", name="out")])
     model.compile(keras.optimizers.Adam(0.01), "binary_crossentropy")
-    model.fit(x[:400], y[:400], epochs=15, verbose=0)
+    model.fit(x, y, epochs=15, verbose=0)
+    return model
+
+
+def test_binary_head_on_normalized_raw_features_runs_end_to_end(tmp_path, capsys, stand_in_search):
+    """Labels (N, 1) for training and (N,) for testing, the default loss (auto): binary crossentropy,
+    accuracy by threshold 0.5 in the stages, the search and every file; the int8 files score above
+    the majority class (per-tensor int8 of the raw inputs before the Normalization scored exactly it)."""
+    x, y = _tabular()
+    model = _binary_model(x[:400], y[:400])
     report = _run(tmp_path, capsys, model,
                   {"x_train": x[:400], "y_train": y[:400, None], "x_test": x[400:], "y_test": y[400:]},
-                  {"stages": STAGES})
+                  {"stages": STAGES[1:]})
     majority = max(y[400:].mean(), 1 - y[400:].mean())
     assert report["baseline"]["accuracy"] > majority + 0.1
     rows = {(r["variant"], r["runtime"]): r for r in report["results"]}
@@ -92,8 +96,32 @@ def test_binary_head_on_normalized_raw_features_runs_end_to_end(tmp_path, capsys
         assert rows[("pruned-int8", runtime)]["accuracy"] > majority + 0.1, runtime
         assert rows[("pruned", runtime)]["accuracy_ci95"]  # paired statistics apply to a binary classifier
     assert all(v["ok"] for v in report["verification"]), report["verification"]
-    assert [s["name"] for s in report["stages"]][:2] == ["weight", "search"]
-    assert "speed_notes" in report
+    assert report["stages"][0]["name"] == "search" and "speed_notes" in report
+    from exporters.runtimes import open_runner
+
+    ops = open_runner(tmp_path / "out" / "pruned-int8.tflite").op_names()
+    assert ops[:2] == ["SUB", "MUL"], ops  # whichever scheme won, the Normalization reads the float input
+
+
+def test_full_integer_int8_quantizes_after_an_input_normalization(tmp_path):
+    """Both runtimes' full-integer (static) int8 keep the Normalization float: LiteRT's file starts
+    SUB, MUL, then QUANTIZE; onnxruntime's first QuantizeLinear reads the Normalization's output."""
+    import onnx
+
+    from exporters import onnx_export, tflite_export
+    from exporters.runtimes import open_runner
+
+    x, y = _tabular()
+    model = _binary_model(x[:400], y[:400])
+    majority = max(y[400:].mean(), 1 - y[400:].mean())
+    tflite_export.export_int8(model, tmp_path / "m.tflite", x[:400])
+    onnx_export.export_for_target(model, tmp_path / "m.onnx", calibration=x[:400], mode="static")
+    assert open_runner(tmp_path / "m.tflite").op_names()[:3] == ["SUB", "MUL", "QUANTIZE"]
+    first = onnx.load(str(tmp_path / "m.onnx")).graph.node
+    assert not any("input" in n.input for n in first if n.op_type == "QuantizeLinear")
+    for name in ("m.tflite", "m.onnx"):
+        pred = open_runner(tmp_path / name).predict(x[400:]).reshape(-1)
+        assert np.mean((pred > 0.5) == y[400:]) > majority + 0.1, name
 
 
 def test_verification_of_a_one_unit_output_thresholds_it():

@@ -136,7 +136,7 @@ def _probabilities(model, x: np.ndarray) -> np.ndarray:
     outs = outs if isinstance(outs, list) else [outs]
     parts = []
     for out in outs:
-        out = out.reshape(len(x), -1).astype(np.float64)
+        out = out.reshape(len(out), -1).astype(np.float64)
         if len(outs) > 1 or not output_is_probability(model):
             out = np.exp(out - out.max(axis=1, keepdims=True))
             out /= out.sum(axis=1, keepdims=True)
