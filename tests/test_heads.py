@@ -206,3 +206,23 @@ def test_two_input_data_that_does_not_match_is_one_line(tmp_path, capsys):
                  "--out", str(tmp_path / "out"), "--quiet"])
     err = capsys.readouterr().err.strip()
     assert code != 0 and err.count("\n") == 0 and "x_train_0, x_train_1" in err, err
+
+
+def test_a_function_gives_two_inputs_by_name_and_a_stream_is_refused_in_one_line():
+    """Keyed by input name in any order: held in the model's order, sliced and counted together."""
+    from compressor.config.task import default_task
+    from compressor.core import CompressorError
+    from compressor.data.sources import check_against_model, load_dataset
+
+    ds = load_dataset("tests.data_source:two_inputs")
+    check_against_model(ds, {"a": (8,), "b": (5,)}, task=default_task(4))
+    x, y = ds.sample("test", 4)
+    assert list(x) == ["a", "b"] and x["a"].shape == (4, 8) and x["b"].shape == (4, 5) and len(y) == 4
+    assert ds.sizes() == {"train": 30, "test": 10} and ds.steps_per_epoch(8) == 4
+    assert [len(xb["a"]) for xb, _ in ds.batches("train", 16)] == [16, 14]
+    with pytest.raises(CompressorError, match="keyed \\['a', 'b'\\] but the model's inputs are \\['a', 'c'\\]"):
+        check_against_model(load_dataset("tests.data_source:two_inputs"), {"a": (8,), "c": (5,)},
+                            task=default_task(4))
+    stream = load_dataset("tests.data_source:streams")
+    with pytest.raises(CompressorError, match="streamed data feeds one input but the model has 2"):
+        stream.bind({"a": (8,), "b": (5,)}, default_task(4))

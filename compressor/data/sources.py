@@ -131,6 +131,13 @@ def _numeric(name: str, key: str, x):
     return numeric_inputs(name, key, x)
 
 
+def _shapes(x):
+    """Per-sample shapes of the input arrays (a dict's by name, whatever its order)."""
+    if isinstance(x, dict):
+        return tuple(sorted((k, tuple(v.shape[1:])) for k, v in x.items()))
+    return tuple(tuple(a.shape[1:]) for a in _parts(x))
+
+
 def _parts(x) -> list:
     return list(x.values()) if isinstance(x, dict) else list(x) if isinstance(x, tuple) else [x]
 
@@ -226,11 +233,13 @@ def _check_consistent(ds: Dataset, class_labels: bool) -> None:
         xs, y = _parts(getattr(ds, f"x_{split}")), getattr(ds, f"y_{split}")
         if len(xs[0]) == 0:
             raise CompressorError(f"data '{ds.name}': x_{split} is empty; provide at least one sample")
-        for part in [*xs[1:], *(y if isinstance(y, tuple) else (y,))]:
+        if any(len(part) != len(xs[0]) for part in xs[1:]):
+            raise CompressorError(f"data '{ds.name}': the inputs of x_{split} have {[len(p) for p in xs]} samples; "
+                                  "every input array of a split must have one row per sample")
+        for part in (y if isinstance(y, tuple) else (y,)):
             if len(xs[0]) != len(part):
                 raise CompressorError(
-                    f"data '{ds.name}': x_{split} has {len(xs[0])} samples but another input or y_{split} has "
-                    f"{len(part)}; every input and label array of a split must have one row per sample"
+                    f"data '{ds.name}': x_{split} has {len(xs[0])} samples but y_{split} has {len(part)}; they must match"
                 )
         if class_labels and not isinstance(y, tuple):
             check_class_labels(ds.name, f"y_{split}", y)
@@ -240,7 +249,7 @@ def _check_consistent(ds: Dataset, class_labels: bool) -> None:
                 bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
                 raise CompressorError(f"data '{ds.name}': {key} contains {bad} NaN/inf values; clean or impute "
                                       "them first")
-    shapes = {k: tuple(a.shape[1:] for a in _parts(getattr(ds, k))) for k in ("x_train", "x_test", "x_calib")}
+    shapes = {k: _shapes(getattr(ds, k)) for k in ("x_train", "x_test", "x_calib")}
     if len(set(shapes.values())) != 1:
         raise CompressorError(f"data '{ds.name}': sample shapes differ between splits {shapes}; they must be equal")
 
