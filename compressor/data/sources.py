@@ -238,9 +238,8 @@ def _check_consistent(ds: Dataset, class_labels: bool) -> None:
                                   "every input array of a split must have one row per sample")
         for part in (y if isinstance(y, tuple) else (y,)):
             if len(xs[0]) != len(part):
-                raise CompressorError(
-                    f"data '{ds.name}': x_{split} has {len(xs[0])} samples but y_{split} has {len(part)}; they must match"
-                )
+                raise CompressorError(f"data '{ds.name}': x_{split} has {len(xs[0])} samples but y_{split} has "
+                                      f"{len(part)}; they must match")
         if class_labels and not isinstance(y, tuple):
             check_class_labels(ds.name, f"y_{split}", y)
     for key in ("x_train", "x_test", "x_calib") + (("x_val",) if ds.has_val else ()):
