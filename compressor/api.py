@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from compressor.config.recipe import Recipe, load_recipe
+from compressor.core import inputs as model_inputs
 from compressor.core.errors import CompressorError
 from compressor.data.sources import load_dataset
 from compressor.run.progress import Reporter
@@ -181,7 +182,7 @@ def compress_file(model_path, data, out, recipe=None, *, force: bool = False, re
     from compressor.config.task import resolve
 
     check_model(model)
-    check_against_model(dataset, tuple(model.input_shape[1:]), task=resolve(recipe, model))
+    check_against_model(dataset, model_inputs.shapes(model), task=resolve(recipe, model))
     notes = list(loaded.warnings)  # includes one line per layer class the stages leave unpruned
     for note in dict.fromkeys(notes):
         (reporter.step if note.startswith("imported from") else reporter.warn)(note)

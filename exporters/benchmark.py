@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compressor.core import CompressorError
+from compressor.core import CompressorError, inputs
 from exporters.cpu import ISA_FLAGS, cpu_flags
 from exporters.files import gzip_size
 from exporters.latency import BLOCK, measure_interleaved
@@ -120,7 +120,7 @@ def run_benchmark(artifacts: list[Artifact], judge, x_sample: np.ndarray, runs: 
     for runtime, threads, batch in combos:
         group = by_runtime[runtime]
         runners = {str(a.path): open_runner(a.path, threads=threads, resolver=a.resolver) for a in group}
-        x = np.resize(x_sample[: max(batch, 1)], (batch,) + x_sample.shape[1:]).astype(np.float32)
+        x = inputs.each(x_sample, lambda a: np.resize(a[: max(batch, 1)], (batch,) + a.shape[1:]).astype(np.float32))
         label = f"bench {runtime} batch {batch} threads {threads}"
         if reporter is not None:
             with reporter.bar(label, runs) as bar:

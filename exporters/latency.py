@@ -23,8 +23,10 @@ def measure_interleaved(runners: dict[str, object], x: np.ndarray | dict, runs: 
                         on_round: Callable[[int], None] | None = None, block: int = BLOCK) -> dict[str, np.ndarray]:
     """Per-runner invoke() times in seconds, `runs` each; the input is set outside the timed region.
     `x` is one input for every runner, or a dict giving each runner its own (files of different
-    input shapes, e.g. the latency tables' probes or `compressor bench` on two models)."""
-    inputs = x if isinstance(x, dict) else {label: x for label in runners}
+    input shapes, e.g. the latency tables' probes or `compressor bench` on two models), keyed by the
+    runners' labels; any other dict is one multi-input sample (keyed by input name) for every runner."""
+    own = isinstance(x, dict) and set(runners) <= set(x)
+    inputs = x if own else {label: x for label in runners}
     for label, runner in runners.items():
         runner.set_input(inputs[label])
         for _ in range(warmup):

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from compressor.core import CompressorError, keras, tf
+from compressor.core import CompressorError, inputs, keras, tf
 from exporters.files import make_readable, write_bytes_atomic
+from exporters.float_inputs import leading_normalizations, onnx_nodes
 from exporters.onnx_fusions import layer_norms, reshape_chains, unused_initializers
 from exporters.onnx_quant import fold_pad_into_maxpool, quantize_qdq
 
@@ -54,8 +55,11 @@ def keras_to_onnx(model: keras.Model) -> onnx.ModelProto:
 def _convert(model: keras.Model) -> onnx.ModelProto:
     import tf2onnx
 
-    shape = (None,) + tuple(model.input_shape[1:])
-    signature = (tf.TensorSpec(shape, _input_dtype(model), name="input"),)
+    if len(model.inputs) == 1:
+        signature = (tf.TensorSpec((None,) + tuple(model.input_shape[1:]), _input_dtype(model), name="input"),)
+    else:  # several inputs: each named as its Keras input, so runners feed them by name
+        signature = ([tf.TensorSpec((None,) + tuple(t.shape[1:]), _input_dtype(model, i), name=n)
+                      for i, (n, t) in enumerate(zip(inputs.names(model), model.inputs))],)
     try:
         proto, _ = tf2onnx.convert.from_keras(model, input_signature=signature, opset=OPSET)
     except Exception as exc:
@@ -65,9 +69,9 @@ def _convert(model: keras.Model) -> onnx.ModelProto:
     return _stable_dim_names(unused_initializers(proto))
 
 
-def _input_dtype(model: keras.Model):
+def _input_dtype(model: keras.Model, index: int = 0):
     """The model's own input type when it is integer (token ids stay ids in the file), else float32."""
-    dtype = tf.as_dtype(model.inputs[0].dtype)
+    dtype = tf.as_dtype(model.inputs[index].dtype)
     return dtype if dtype.is_integer else tf.float32
 
 
@@ -168,9 +172,9 @@ def reduce_range_needed() -> bool:
     return bool(x86 and flags and not flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
-def _file_input_dtype(path) -> np.dtype:
-    elem = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.elem_type
-    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem))
+def _file_input_dtypes(path) -> dict:
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {i.name: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)) for i in graph.input}
 
 
 def _no_preprocessing_hint(record: logging.LogRecord) -> bool:
@@ -180,16 +184,19 @@ def _no_preprocessing_hint(record: logging.LogRecord) -> bool:
 
 
 def export_int8(float_path: str | Path, path: str | Path, calibration: np.ndarray | None = None,
-                mode: str = "dynamic", calibrate: str = "minmax", per_channel: bool = True) -> Path:
+                mode: str = "dynamic", calibrate: str = "minmax", per_channel: bool = True,
+                float_layers: list[str] | None = None) -> Path:
     """int8 via onnxruntime.quantization: `dynamic` (per-tensor int8 weights, activations scaled at run
     time, tiny MatMuls left float) or `static` (QDQ int8 end to end, exporters/onnx_quant.py: weights
-    per channel when `per_channel`, activation ranges by `calibrate` on `calibration`)."""
+    per channel when `per_channel`, activation ranges by `calibrate` on `calibration`; `float_layers`'
+    nodes stay float: exporters/float_inputs.py)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     if mode == "static" and calibration is None:
         raise CompressorError("static int8 quantization needs calibration samples; pass data with x_calib or x_train")
     path = Path(path)
     skip = small_matmuls(float_path)
+    keep_float = onnx_nodes(onnx.load(str(float_path), load_external_data=False), float_layers or [])
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
     root = logging.getLogger()
@@ -198,8 +205,8 @@ def export_int8(float_path: str | Path, path: str | Path, calibration: np.ndarra
         if mode == "dynamic":
             quantize_dynamic(str(float_path), tmp, weight_type=QuantType.QInt8, nodes_to_exclude=skip)
         else:
-            quantize_qdq(float_path, tmp, calibration, input_dtype=_file_input_dtype(float_path), method=calibrate,
-                         per_channel=per_channel, reduce_range=reduce_range_needed())
+            quantize_qdq(float_path, tmp, calibration, input_dtypes=_file_input_dtypes(float_path), method=calibrate,
+                         per_channel=per_channel, reduce_range=reduce_range_needed(), keep_float=keep_float)
         make_readable(tmp)
         os.replace(tmp, path)
     finally:
@@ -239,7 +246,7 @@ def export_for_target(model: keras.Model, path: str | Path, *, calibration: np.n
         export_float(model, plain, compact=False)
         # dynamic mode keeps the exported MatMuls: on fused Gemms it ignores the small-head exclusion
         return export_int8(_preprocessed(plain) if mode == "static" else plain, path, calibration, mode=mode,
-                           **int8_options)
+                           float_layers=leading_normalizations(model), **int8_options)
     finally:
         plain.unlink(missing_ok=True)
         plain.with_name(plain.name + ".pre").unlink(missing_ok=True)

@@ -26,6 +26,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from compressor.core import inputs
+
 CALIBRATION_LIMIT = 200   # samples read for calibration
 CALIBRATION_ELEMENTS = 2 ** 19  # input values a calibration call runs at once: 3 samples at 224x224x3, at most 8
 METHODS = ("minmax", "percentile", "entropy")
@@ -104,16 +106,19 @@ def _zero_constant_pad(pad: onnx.NodeProto, constants: dict, pads: np.ndarray) -
             and len(pad.input) < 4 and rank > 2 and not any(pads[[0, 1, rank, rank + 1]]))
 
 
-def reader(calibration: np.ndarray, input_name: str, dtype=np.float32, limit: int = CALIBRATION_LIMIT):
-    """Calibration samples in small batches, in the file's input type (token ids rounded, not
-    truncated). It has a length and ranges, so the quantizer merges the ranges batch by batch
+def reader(calibration, dtypes: dict, limit: int = CALIBRATION_LIMIT):
+    """Calibration samples in small batches, each input in the file's input type (token ids rounded, not
+    truncated); a multi-input model's calibration is a dict keyed by its input names, as the file's inputs
+    are. It has a length and ranges, so the quantizer merges the ranges batch by batch
     (`CalibStridedMinMax`) and never holds every intermediate tensor of every sample at once."""
     from onnxruntime.quantization import CalibrationDataReader
 
-    samples = np.asarray(calibration[:limit])
-    samples = np.rint(samples).astype(dtype) if np.issubdtype(dtype, np.integer) else samples.astype(np.float32)
-    size = max(1, min(8, CALIBRATION_ELEMENTS // max(1, int(np.prod(samples.shape[1:])))))
-    batches = [samples[i : i + size] for i in range(0, len(samples), size)]
+    feeds = calibration if inputs.is_multi(calibration) else {next(iter(dtypes)): calibration}
+    samples = {name: _typed(np.asarray(feeds[name])[:limit], dtype) for name, dtype in dtypes.items()}
+    count = min(len(v) for v in samples.values())
+    per_sample = sum(int(np.prod(v.shape[1:])) for v in samples.values())
+    size = max(1, min(8, CALIBRATION_ELEMENTS // max(1, per_sample)))
+    batches = [{k: v[i : i + size] for k, v in samples.items()} for i in range(0, count, size)]
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -126,31 +131,37 @@ def reader(calibration: np.ndarray, input_name: str, dtype=np.float32, limit: in
             self._iter = iter(batches[start_index:end_index])
 
         def get_next(self):
-            item = next(self._iter, None)
-            return None if item is None else {input_name: item}
+            return next(self._iter, None)
 
     return Reader()
+
+
+def _typed(samples: np.ndarray, dtype) -> np.ndarray:
+    return np.rint(samples).astype(dtype) if np.issubdtype(dtype, np.integer) else samples.astype(np.float32)
 
 
 _CACHE: list[Path] = []
 
 
-def calibration_cache(model_path: str | Path, calibration: np.ndarray, method: str) -> Path:
+def calibration_cache(model_path: str | Path, calibration, method: str) -> Path:
     """Where the tensor ranges of this model, data and method are kept for the process's life: the
     schemes of one model that share a method calibrate once (onnxruntime's calibration_cache_path)."""
     if not _CACHE:
         _CACHE.append(Path(tempfile.mkdtemp(prefix="compressor-calib-")))
         atexit.register(shutil.rmtree, _CACHE[0], True)
     digest = hashlib.sha256(Path(model_path).read_bytes())
-    digest.update(np.ascontiguousarray(calibration[:CALIBRATION_LIMIT]).tobytes())
+    for part in inputs.parts(calibration):
+        digest.update(np.ascontiguousarray(np.asarray(part)[:CALIBRATION_LIMIT]).tobytes())
     digest.update(method.encode())
     return _CACHE[0] / f"{digest.hexdigest()[:32]}.json"
 
 
-def quantize_qdq(float_path: str | Path, out: str | Path, calibration: np.ndarray, *, input_dtype=np.float32,
-                 method: str = "minmax", per_channel: bool = True, reduce_range: bool = False) -> Path:
+def quantize_qdq(float_path: str | Path, out: str | Path, calibration, *, input_dtypes: dict,
+                 method: str = "minmax", per_channel: bool = True, reduce_range: bool = False,
+                 keep_float: list[str] | None = None) -> Path:
     """QDQ int8 of a (pre-processed) float file: activations in `activation_type()`, int8 weights
-    (per channel when asked), ranges by `method` (minmax, percentile at 99.999%, or entropy)."""
+    (per channel when asked), ranges by `method` (minmax, percentile at 99.999%, or entropy) on
+    `calibration` (an array, or a dict by input name); `keep_float` nodes stay float."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if method not in METHODS:
@@ -162,10 +173,10 @@ def quantize_qdq(float_path: str | Path, out: str | Path, calibration: np.ndarra
         onnx.save(fold_pad_into_maxpool(onnx.load(str(float_path))), str(folded))
         # the histogram calibrators print their progress; the tool's own progress lines say what runs
         with contextlib.redirect_stdout(io.StringIO()):
-            quantize_static(str(folded), str(out), reader(calibration, "input", input_dtype),
+            quantize_static(str(folded), str(out), reader(calibration, input_dtypes),
                             quant_format=QuantFormat.QDQ, activation_type=activation_type(),
                             weight_type=QuantType.QInt8, per_channel=per_channel, reduce_range=reduce_range,
-                            calibrate_method=calibrate, op_types_to_quantize=op_types(),
+                            calibrate_method=calibrate, op_types_to_quantize=op_types(), nodes_to_exclude=keep_float,
                             calibration_cache_path=str(calibration_cache(folded, calibration, method)),
                             extra_options={
                                 # ranges merged batch by batch: bounded memory at 224 px, for every method

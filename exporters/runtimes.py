@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compressor.core import CompressorError, quiet_stderr
+from compressor.core import CompressorError, inputs, quiet_stderr
 from exporters import targets
 from exporters.watchdog import beat
 
@@ -27,6 +27,9 @@ def timing_input(runner, batch: int, seed: int = 0) -> np.ndarray:
     """Fixed-seed input to time a file on when no data is given: standard normal values for a float
     input; id 0 for an integer one (token ids), which every vocabulary holds, where noise would index
     past an Embedding's table (latency does not depend on which ids are looked up)."""
+    if isinstance(runner.input_shape, dict):  # several inputs: each as if it were the only one
+        rng = np.random.default_rng(seed)
+        return {k: rng.standard_normal((batch, *s)).astype(np.float32) for k, s in runner.input_shape.items()}
     shape = (batch, *runner.input_shape)
     if runner.integer_input:
         return np.zeros(shape, np.float32)
@@ -48,6 +51,7 @@ class TFLiteRunner:
             raise CompressorError(
                 f"LiteRT cannot load '{path}': {str(exc).splitlines()[0]}; is it a .tflite file?") from exc
         self._input = self.interpreter.get_input_details()[0]
+        self._inputs = self._named_inputs()
         details = self.interpreter.get_output_details()
         self._output = details[0]
         # the converter lists outputs sorted by name; the signature maps each Keras output name to its tensor
@@ -59,13 +63,29 @@ class TFLiteRunner:
         self.outputs = {n: by_index[i] for n, i in named.items() if i in by_index} or {d["name"]: d for d in details}
         self._batch = None
 
+    def _named_inputs(self) -> dict:
+        """Input details by Keras input name (the signature's), when the file has several inputs."""
+        details = self.interpreter.get_input_details()
+        if len(details) == 1:
+            return {}
+        by_index = {d["index"]: d for d in details}
+        try:
+            named = next(iter(self.interpreter._get_full_signature_list().values()))["inputs"]
+        except (StopIteration, KeyError, AttributeError):
+            named = {}
+        return {n: by_index[i] for n, i in named.items() if i in by_index} or {d["name"]: d for d in details}
+
     @property
-    def input_shape(self) -> tuple[int, ...]:
+    def input_shape(self):
+        """Per-sample input shape; {input name: shape} for a file with several inputs."""
+        if self._inputs:
+            return {n: tuple(int(v) for v in d["shape"][1:]) for n, d in self._inputs.items()}
         return tuple(int(d) for d in self._input["shape"][1:])
 
     def _prepare(self, batch: int) -> None:
         if batch != self._batch:
-            self.interpreter.resize_tensor_input(self._input["index"], [batch, *self.input_shape])
+            for d in self._inputs.values() or [self._input]:
+                self.interpreter.resize_tensor_input(d["index"], [batch, *(int(v) for v in d["shape"][1:])])
             with quiet_stderr():
                 self.interpreter.allocate_tensors()
             self._batch = batch
@@ -75,13 +95,14 @@ class TFLiteRunner:
         """An integer input that is not quantized: token ids or indices (a quantized one has a scale)."""
         return self._input["dtype"] != np.float32 and not self._input["quantization"][0]
 
-    def _encode(self, x: np.ndarray) -> np.ndarray:
-        dtype = self._input["dtype"]
+    def _encode(self, x: np.ndarray, detail: dict | None = None) -> np.ndarray:
+        detail = detail or self._input
+        dtype = detail["dtype"]
         if dtype == np.float32:
             return x.astype(np.float32)
-        if self.integer_input:
+        if not detail["quantization"][0]:  # token ids or indices
             return _ids(x, dtype)
-        scale, zero = self._input["quantization"]
+        scale, zero = detail["quantization"]
         info = np.iinfo(dtype)
         return np.clip(np.round(x / scale + zero), info.min, info.max).astype(dtype)
 
@@ -93,8 +114,12 @@ class TFLiteRunner:
 
     def set_input(self, x: np.ndarray) -> None:
         beat(self.path)  # the next call starts (outside the timed region): exporters.watchdog
-        self._prepare(len(x))
-        self.interpreter.set_tensor(self._input["index"], self._encode(x))
+        self._prepare(inputs.count(x))
+        if not inputs.is_multi(x):
+            self.interpreter.set_tensor(self._input["index"], self._encode(x))
+            return
+        for name, detail in self._inputs.items():
+            self.interpreter.set_tensor(detail["index"], self._encode(x[name], detail))
 
     def invoke(self) -> None:
         self.interpreter.invoke()
@@ -104,8 +129,8 @@ class TFLiteRunner:
 
     def predict(self, x: np.ndarray, batch: int = 64) -> np.ndarray:
         outs = []
-        for start in range(0, len(x), batch):
-            self.set_input(x[start : start + batch])
+        for start in range(0, inputs.count(x), batch):
+            self.set_input(inputs.rows(x, slice(start, start + batch)))
             self.invoke()
             outs.append(self.output().copy())
         return np.concatenate(outs)
@@ -115,8 +140,8 @@ class TFLiteRunner:
         order = [self.outputs[n] for n in names] if names and all(n in self.outputs for n in names) \
             else list(self.outputs.values())
         parts = [[] for _ in order]
-        for start in range(0, len(x), batch):
-            self.set_input(x[start : start + batch])
+        for start in range(0, inputs.count(x), batch):
+            self.set_input(inputs.rows(x, slice(start, start + batch)))
             self.invoke()
             for part, detail in zip(parts, order):
                 part.append(self._decode(self.interpreter.get_tensor(detail["index"]), detail).copy())
@@ -146,6 +171,7 @@ class OnnxRunner:
         except Exception as exc:
             raise CompressorError(f"onnxruntime cannot load '{path}': {str(exc).splitlines()[0][:200]}") from exc
         self._input = self.session.get_inputs()[0]
+        self._all = self.session.get_inputs()  # named as the Keras inputs when there are several
         self._dtype = _ONNX_TYPES.get(self._input.type, np.float32)
         self.output_names = [o.name for o in self.session.get_outputs()]
         # bound once, outside the timed call (LiteRT's set_tensor is outside it too): invoke() times the
@@ -154,25 +180,35 @@ class OnnxRunner:
         self._x = None
 
     @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(int(d) if isinstance(d, int) else 1 for d in self._input.shape[1:])
+    def input_shape(self):
+        """Per-sample input shape; {input name: shape} for a file with several inputs."""
+        shapes = {i.name: tuple(int(d) if isinstance(d, int) else 1 for d in i.shape[1:]) for i in self._all}
+        return shapes if len(shapes) > 1 else shapes[self._input.name]
 
     @property
     def integer_input(self) -> bool:
         return self._dtype != np.float32
 
-    def _typed(self, x: np.ndarray) -> np.ndarray:
+    def _typed(self, x: np.ndarray, node=None) -> np.ndarray:
         """x in the file's input type (token ids rounded to ids)."""
-        return _ids(x, self._dtype) if self.integer_input else x.astype(np.float32)
+        dtype = self._dtype if node is None else _ONNX_TYPES.get(node.type, np.float32)
+        return _ids(x, dtype) if dtype != np.float32 else x.astype(np.float32)
+
+    def _feed(self, x) -> dict:
+        """{file input name: array}: one input, or every Keras input by name."""
+        if not inputs.is_multi(x):
+            return {self._input.name: self._typed(x)}
+        return {i.name: np.ascontiguousarray(self._typed(x[i.name], i)) for i in self._all}
 
     def set_input(self, x: np.ndarray) -> None:
         beat(self.path)  # the next call starts (outside the timed region): exporters.watchdog
-        if self._x is None or self._x.shape != x.shape:  # outputs allocated for another batch size: rebind
+        if self._x is None or inputs.count(self._x) != inputs.count(x):  # outputs sized for another batch: rebind
             self._binding.clear_binding_outputs()
             for name in self.output_names:
                 self._binding.bind_output(name, "cpu")
-        self._x = np.ascontiguousarray(self._typed(x))  # kept alive: the binding points at its memory
-        self._binding.bind_cpu_input(self._input.name, self._x)
+        self._x = {k: np.ascontiguousarray(v) for k, v in self._feed(x).items()}  # kept alive: bound memory
+        for name, value in self._x.items():
+            self._binding.bind_cpu_input(name, value)
 
     def invoke(self) -> None:
         self.session.run_with_iobinding(self._binding)
@@ -182,8 +218,8 @@ class OnnxRunner:
 
     def predict(self, x: np.ndarray, batch: int = 256) -> np.ndarray:
         outs = []
-        for start in range(0, len(x), batch):
-            self.set_input(x[start : start + batch])
+        for start in range(0, inputs.count(x), batch):
+            self.set_input(inputs.rows(x, slice(start, start + batch)))
             self.invoke()
             outs.append(self.output())
         return np.concatenate(outs)
@@ -193,9 +229,9 @@ class OnnxRunner:
         order = [self.output_names.index(n) for n in names] if names and all(n in self.output_names for n in names) \
             else list(range(len(self.output_names)))
         parts = [[] for _ in order]
-        for start in range(0, len(x), batch):
+        for start in range(0, inputs.count(x), batch):
             beat(self.path)
-            outs = self.session.run(None, {self._input.name: self._typed(x[start : start + batch])})
+            outs = self.session.run(None, self._feed(inputs.rows(x, slice(start, start + batch))))
             for part, i in zip(parts, order):
                 part.append(outs[i])
         return [np.concatenate(p) for p in parts]
@@ -220,7 +256,7 @@ def open_runner_safely(path: str | Path, threads: int = 1) -> tuple[object, str,
     fmt = targets.format_for(path, runnable=True)
     runner = open_runner(path, threads=threads)
     try:
-        runner.predict(np.zeros((1, *runner.input_shape), np.float32))
+        runner.predict(inputs.zeros(runner.input_shape))
         return runner, "default", None
     except CompressorError:
         raise
@@ -231,7 +267,7 @@ def open_runner_safely(path: str | Path, threads: int = 1) -> tuple[object, str,
     fallback = fmt.resolvers[1]
     runner = open_runner(path, threads=threads, resolver=fallback)
     try:
-        runner.predict(np.zeros((1, *runner.input_shape), np.float32))
+        runner.predict(inputs.zeros(runner.input_shape))
     except Exception as exc:
         raise CompressorError(f"{fmt.runtime} cannot run '{path}' ({str(exc).splitlines()[0][:160]}); "
                               "re-export it with `compressor run`") from exc

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compressor.core import keras
+from compressor.core import inputs, keras
 from exporters import targets
 from exporters.benchmark import Artifact
 from exporters.latency import measure_interleaved
@@ -190,7 +190,7 @@ def choose_int8(target, pruned, recipe, out: Path, reporter, notes: list[str], j
         float_runner, _, _ = open_runner_safely(float_path)
         reporter.step(f"{target.name}: timing {len(pool)} int8 scheme(s) against {float_path.name} at batch 1")
         runners = {c["scheme"]: c["runner"] for c in pool} | {"float": float_runner}
-        sample = np.asarray(data.sample("budget", 1)[0], np.float32)
+        sample = inputs.each(data.sample("budget", 1)[0], lambda a: np.asarray(a, np.float32))
         times = measure_interleaved(runners, sample, recipe.bench.runs, recipe.bench.warmup, block=recipe.bench.block)
         for c in pool:
             c["p50_ms"] = latency_summary(times[c["scheme"]])["p50"]
@@ -219,9 +219,12 @@ def choose_int8(target, pruned, recipe, out: Path, reporter, notes: list[str], j
                     notes=[chosen["delegate_note"]] if chosen["delegate_note"] else []), record
 
 
-def verify_all(shipped: Shipped, x_check: np.ndarray, reporter) -> list[dict]:
+def verify_all(shipped: Shipped, x_check: np.ndarray, reporter, judge=None) -> list[dict]:
     """One verification row per file, each against the Keras model it was exported from, on the
-    samples `x_check` (every output of a multi-output model, matched by name)."""
+    samples `x_check` (every output of a multi-output model, matched by name; a binary output of the
+    `judge`'s task by its thresholded class)."""
+    thresholds = None if judge is None else [judge.threshold(i) if judge.binary(i) else None
+                                             for i in range(len(judge.output_names))]
     reporter.step("verifying every exported file")
     expected = {}
     rows = []
@@ -236,7 +239,8 @@ def verify_all(shipped: Shipped, x_check: np.ndarray, reporter) -> list[dict]:
             reporter.warn(note)
         rec = records.get(Path(art.path).name, {})
         row = verify_file(art.path, runner, model, expected[id(model)], x_check, quantized=quantization,
-                          accuracy_held=rec.get("within_budget", False))  # int8 score measured within budget
+                          accuracy_held=rec.get("within_budget", False),  # int8 score measured within budget
+                          thresholds=thresholds)
         if rec and not rec["within_budget"] and row["prediction_agreement"] < MIN_AGREEMENT:
             row["problem"] += f"; {over_budget(rec)}"  # the cause a user can act on
         rows.append(row)
@@ -267,4 +271,20 @@ def int8_verdicts(results: list[dict], records: list[dict]) -> list[str]:
         if a >= b:
             lines.append(f"{int8['file']} is not faster than {flt['file']} at batch 1 ({a:.4f} vs {b:.4f} ms p50, "
                          f"scheme {rec['chosen']}): int8 buys size here, not speed")
+    return lines
+
+
+def float_verdicts(results: list[dict]) -> list[str]:
+    """One line per runtime whose shipped float file is slower than its dense one at batch 1, 1 thread:
+    the compression bought size or accuracy there, not speed, and the summary must say so."""
+    lines = []
+    rows = {(r["variant"], r["runtime"]): r for r in results if r["batch"] == 1 and r["threads"] == 1}
+    for (variant, runtime), row in rows.items():
+        dense = rows.get(("dense", runtime))
+        if variant != "pruned" or dense is None:
+            continue
+        a, b = row["latency_ms"]["p50"], dense["latency_ms"]["p50"]
+        if a > b:
+            lines.append(f"{row['file']} is slower than {dense['file']} at batch 1 ({a:.4f} vs {b:.4f} ms p50, "
+                         f"{b / a:.2f}x): the pruned float file buys size here, not speed")
     return lines

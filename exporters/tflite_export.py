@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from compressor.core import CompressorError, keras, quiet_stderr, tf
+from compressor.core import CompressorError, inputs, keras, quiet_stderr, tf
 from exporters.files import write_bytes_atomic
+from exporters.float_inputs import leading_normalizations, tflite_nodes
 
 
 def _converter(model: keras.Model) -> "tf.lite.TFLiteConverter":
@@ -86,20 +87,50 @@ def export_float(model: keras.Model, path: str | Path, sparse: bool = True) -> P
 def export_int8(model: keras.Model, path: str | Path, calibration: np.ndarray, sparse: bool = True,
                 samples: int = 200) -> Path:
     """Full-integer weights and activations (float32 input/output kept for drop-in use)."""
-    dtype = tf.as_dtype(model.inputs[0].dtype)
-    calib = calibration[:samples]
     # in the model's input type: token ids stay ids (rounded), the representative data is fed as is
-    calib = np.rint(calib).astype(dtype.as_numpy_dtype) if dtype.is_integer else calib.astype(np.float32)
+    if inputs.is_multi(calibration):  # several inputs: one sample of each, keyed by the signature's names
+        calib = {n: _typed(np.asarray(calibration[n])[:samples], t) for n, t in zip(inputs.names(model), model.inputs)}
+    else:
+        calib = _typed(calibration[:samples], model.inputs[0])
 
     def representative():
-        for i in range(len(calib)):
-            yield [calib[i : i + 1]]
+        for i in range(inputs.count(calib)):
+            one = inputs.rows(calib, slice(i, i + 1))
+            yield one if inputs.is_multi(one) else [one]
 
     conv = _converter(model)
     conv.optimizations = [tf.lite.Optimize.DEFAULT] + ([tf.lite.Optimize.EXPERIMENTAL_SPARSITY] if sparse else [])
     conv.representative_dataset = representative
+    float_layers = leading_normalizations(model)
+    if float_layers:  # quantize from the Normalization's output (exporters/float_inputs.py)
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]  # the debugger takes no sparsity: encoded afterwards
+        return write_bytes_atomic(path, _selective(conv, model, representative, float_layers, sparse))
     conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     return write_bytes_atomic(path, _convert(conv, model))
+
+
+def _selective(conv, model: keras.Model, representative, float_layers: list[str], sparse: bool) -> bytes:
+    """Full-integer int8 but for `float_layers`' ops, through the converter's quantization debugger
+    (its documented selective quantization: denylisted nodes keep float kernels); sparse storage
+    by the converter's own sparsity pass on the result (the debugger refuses EXPERIMENTAL_SPARSITY)."""
+    from tensorflow.lite.python.convert import mlir_sparsify
+
+    options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=tflite_nodes(model, float_layers))
+    try:
+        with quiet_stderr():
+            debugger = tf.lite.experimental.QuantizationDebugger(converter=conv, debug_dataset=representative,
+                                                                 debug_options=options)
+            flat = debugger.get_nondebug_quantized_model()
+            return mlir_sparsify(flat) if sparse else flat
+    except Exception as exc:
+        raise CompressorError(f"TFLite int8 conversion of model '{model.name}' with {', '.join(float_layers)} kept "
+                              f"in float failed: {str(exc).strip()[:200]}; drop tflite-int8 from the recipe's "
+                              "targets") from exc
+
+
+def _typed(samples: np.ndarray, tensor) -> np.ndarray:
+    dtype = tf.as_dtype(tensor.dtype)
+    return np.rint(samples).astype(dtype.as_numpy_dtype) if dtype.is_integer else samples.astype(np.float32)
 
 
 def export_dynamic_range(model: keras.Model, path: str | Path, sparse: bool = True) -> Path:

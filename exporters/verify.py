@@ -167,10 +167,15 @@ def int8_zero_check(kernel: np.ndarray, stored) -> dict:
     }
 
 
-def _agreement(outputs: np.ndarray, keras_outputs: np.ndarray) -> float:
+def _agreement(outputs: np.ndarray, keras_outputs: np.ndarray, threshold: float | None = None) -> float:
     """Top-1 agreement over the samples where Keras' choice is decisive: a near-tie between two
-    classes may flip under int8 rounding without the file being wrong."""
+    classes may flip under int8 rounding without the file being wrong. A binary output (one unit,
+    `threshold` given) compares the thresholded classes: argmax over one unit always agrees."""
     out, ref = outputs.reshape(len(outputs), -1), keras_outputs.reshape(len(outputs), -1)
+    if threshold is not None and ref.shape[1] == 1:
+        decisive = np.abs(ref[:, 0] - threshold) > DECISIVE_MARGIN * max(1.0, float(np.abs(ref).max(initial=0.0)))
+        disagree = ((ref[:, 0] > threshold) != (out[:, 0] > threshold)) & decisive
+        return float(1.0 - disagree.mean()) if len(ref) else 1.0
     top, mine = ref.argmax(1), out.argmax(1)
     rows = np.arange(len(ref))
     margin = ref[rows, top] - ref[rows, mine]
@@ -180,7 +185,7 @@ def _agreement(outputs: np.ndarray, keras_outputs: np.ndarray) -> float:
 
 
 def verify_file(path: str | Path, runner, keras_model, keras_outputs: np.ndarray, x: np.ndarray,
-                quantized: str | None = None, accuracy_held: bool = False) -> dict:
+                quantized: str | None = None, accuracy_held: bool = False, thresholds=None) -> dict:
     """One verification row (CONTRACTS.md); `ok` false names why in `problem`.
 
     `quantized` describes the int8 scheme of an int8 file (for the report); its expected zeros are
@@ -189,6 +194,7 @@ def verify_file(path: str | Path, runner, keras_model, keras_outputs: np.ndarray
     `accuracy_held`: the int8 file's own score was measured within the budget of its float model's. Low
     top-1 agreement then comes from rounding on a model with few decisive predictions (EfficientNetB3
     near chance: 93.6%, while its int8 accuracy matched), not from a broken file: a note, not a failure.
+    `thresholds`: per output, the decision threshold of a binary (one-unit) output, else None.
     """
     if isinstance(keras_outputs, (list, tuple)):
         pairs_out = list(zip(runner.predict_outputs(x, list(keras_model.output_names)), keras_outputs))
@@ -200,7 +206,8 @@ def verify_file(path: str | Path, runner, keras_model, keras_outputs: np.ndarray
     diff = max(d for d, _ in checks)
     worst, tolerance = max(checks, key=lambda c: c[0] / c[1])
     pruned_zeros, in_file, expected, lost, gained, kept = _zero_counts(path, keras_model, quantized)
-    agreement = min(_agreement(o, k) for o, k in pairs_out)
+    thresholds = list(thresholds or [None] * len(pairs_out))
+    agreement = min(_agreement(o, k, t) for (o, k), t in zip(pairs_out, thresholds))
     problems = _zero_problems(in_file, expected, lost, gained, kept)
     note = None
     if quantized and agreement < MIN_AGREEMENT:

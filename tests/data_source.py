@@ -10,6 +10,14 @@ def tiny():
     return (rng.random((30, 4)), rng.integers(0, 2, 30)), (rng.random((10, 4)), rng.integers(0, 2, 10))
 
 
+def two_inputs():
+    """A two-input model's arrays from a function: inputs keyed by the model's input names."""
+    rng = np.random.default_rng(2)
+    a, b, y = rng.random((40, 8)), rng.random((40, 5)), rng.integers(0, 4, 40)
+    return {"x_train": {"b": b[:30], "a": a[:30]}, "y_train": y[:30],
+            "x_test": {"a": a[30:], "b": b[30:]}, "y_test": y[30:]}
+
+
 def images(n: int, seed: int = 0):
     """n SIDE x SIDE grayscale images in [0, 1] that are multiples of 1/255 (PNG round trips are exact):
     each class is a bright band at its own rows, plus noise."""

@@ -131,7 +131,7 @@ def _model_rows(kind: str, path):
 
 
 @pytest.mark.parametrize("kind,message", [
-    ("multi_input", "multi-input models are not supported yet: the model has 2 inputs (left, right)"),
+    ("multi_input", "has 1 input array(s) but the model has 2 input(s) (left, right); give one per input"),
     ("no_kernel", "the model has no layer with a kernel (Dense, Conv, ...) to prune (its layers: Activation)"),
     ("zero_units", "model layer 'empty' has a weight of shape (16, 0) (0 units)"),
     ("nan_weights", "model layer 'hidden' holds 2 NaN/Inf value(s) in its weight 'kernel'"),

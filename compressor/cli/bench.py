@@ -153,6 +153,9 @@ def measure(args, paths: list[Path], dataset, reporter) -> dict:
         runner, resolver, note = open_runner_safely(path, args.threads)
         idle()  # gzip of a large file is not a runtime call
         shape = runner.input_shape
+        if isinstance(shape, dict):  # several inputs: timed on fixed-seed noise, each set by name
+            files.append(_several_inputs(args, path, runner, resolver, note, dataset, runners))
+            continue
         check_batch_memory(args.batch, shape, path)
         entry = {"file": str(path), "runtime": runner.runtime, "resolver": resolver, "input_shape": list(shape),
                  "size_bytes": path.stat().st_size, "gzip_bytes": gzip_size(path), "notes": [note] if note else []}
@@ -187,6 +190,23 @@ def measure(args, paths: list[Path], dataset, reporter) -> dict:
     return result
 
 
+def _several_inputs(args, path: Path, runner, resolver: str, note, dataset, runners: dict) -> dict:
+    """The entry of a file with several inputs, its runner queued with a fixed-seed input per input."""
+    from compressor.core import CompressorError
+    from exporters.files import gzip_size
+    from exporters.runtimes import timing_input
+
+    if dataset is not None:
+        raise CompressorError(f"'{path.name}' takes {len(runner.input_shape)} inputs ({', '.join(runner.input_shape)})"
+                              "; --data feeds one: time it without --data, or score it with compressor run")
+    for shape in runner.input_shape.values():
+        check_batch_memory(args.batch, shape, path)
+    runners[f"{len(runners)}:{path}"] = (runner, timing_input(runner, args.batch, RANDOM_SEED))
+    return {"file": str(path), "runtime": runner.runtime, "resolver": resolver,
+            "input_shape": {k: list(v) for k, v in runner.input_shape.items()}, "size_bytes": path.stat().st_size,
+            "gzip_bytes": gzip_size(path), "notes": [note] if note else [], "inputs": "random (fixed seed)"}
+
+
 def _time(runners: dict, args, reporter, measure) -> list[np.ndarray]:
     """Interleaved invoke() timings. Each runner keeps its own input, so files with different
     input shapes can still be compared round by round."""
@@ -195,6 +215,12 @@ def _time(runners: dict, args, reporter, measure) -> list[np.ndarray]:
         out = measure({k: r for k, (r, _) in runners.items()}, {k: x for k, (_, x) in runners.items()}, args.runs,
                       args.warmup, on_round=lambda i: bar.advance(), block=args.block)
     return [out[label] for label in runners]
+
+
+def _shape_text(shape) -> str:
+    if isinstance(shape, dict):
+        return " + ".join(f"{k} " + "x".join(map(str, v)) for k, v in shape.items())
+    return "x".join(map(str, shape))
 
 
 def render_table(result: dict) -> str:
@@ -211,7 +237,7 @@ def render_table(result: dict) -> str:
         table.add_column(Path(f["file"]).name, justify="right")
     rows = [
         ("runtime", lambda f: f["runtime"] + ("" if f["resolver"] == "default" else " (builtin ops)")),
-        ("input", lambda f: "x".join(map(str, f["input_shape"])) + f", {f['inputs']}"),
+        ("input", lambda f: _shape_text(f["input_shape"]) + f", {f['inputs']}"),
         ("p50 ms", lambda f: f"{f['latency_ms']['p50']:.4f}"),
         ("p90 ms", lambda f: f"{f['latency_ms']['p90']:.4f}"),
         ("p99 ms", lambda f: f"{f['latency_ms']['p99']:.4f}"),

@@ -36,6 +36,7 @@ LOSS_FOR_METRIC = {"mae": "mae", "mean_absolute_error": "mae", "mse": "mse", "me
                    "precision": "binary_crossentropy", "recall": "binary_crossentropy",
                    "categorical_accuracy": "categorical_crossentropy"}
 SPARSE = "sparse_categorical_crossentropy"
+BINARY = "binary_crossentropy"
 
 
 def _import(spec: str, what: str):
@@ -93,10 +94,23 @@ class Task:
         """Output `i` is trained on integer class labels."""
         return self.losses[i] == SPARSE
 
+    def binary(self, i: int) -> bool:
+        """Output `i` is one unit trained on 0/1 labels (binary classification: thresholded, not argmax)."""
+        return self.losses[i] == BINARY and self.units[i] == 1
+
+    def threshold(self, i: int) -> float:
+        """Where a binary output's prediction turns to class 1: 0.5 of a sigmoid, 0 of a logit."""
+        return 0.5 if self.activations[i] == "sigmoid" else 0.0
+
+    def classes(self, i: int, pred: np.ndarray) -> np.ndarray:
+        """Predicted class ids of output `i` (top-1, or thresholded for a binary output)."""
+        pred = pred.reshape(len(pred), -1)
+        return (pred[:, 0] > self.threshold(i)).astype(np.int64) if self.binary(i) else pred.argmax(axis=1)
+
     @property
     def is_accuracy(self) -> bool:
-        """The budget is top-1 accuracy on integer labels: `accuracy` fields are filled."""
-        return self.name in ACCURACY and self.sparse(self.output)
+        """The budget is top-1 (or binary) accuracy on class labels: `accuracy` fields are filled."""
+        return self.name in ACCURACY and (self.sparse(self.output) or self.binary(self.output))
 
     @property
     def paired(self) -> bool:
@@ -157,8 +171,9 @@ class Task:
         """A fresh stateful metric for output `i` (updated batch by batch, never on all data at once)."""
         name = self.metrics[i]
         if name in ACCURACY:
+            if self.losses[i] == BINARY:
+                return keras.metrics.BinaryAccuracy(name=name, threshold=self.threshold(i))
             cls = {SPARSE: keras.metrics.SparseCategoricalAccuracy,
-                   "binary_crossentropy": keras.metrics.BinaryAccuracy,
                    "categorical_crossentropy": keras.metrics.CategoricalAccuracy}.get(self.losses[i])
             return (cls or keras.metrics.Accuracy)(name=name)
         if ":" in name:
@@ -187,7 +202,7 @@ class Task:
                 truth, pred = self._shaped(i, np.asarray(truth), np.asarray(pred))
                 metric.update_state(truth, pred)
                 if correct is not None:
-                    correct.append(pred.argmax(axis=1) == truth)
+                    correct.append(self.classes(i, pred) == truth.reshape(len(truth)))
             samples += len(x)
         if samples == 0:
             raise CompressorError("the evaluation split holds no samples; give the data a test split")
@@ -221,8 +236,11 @@ def resolve(recipe, model) -> Task:
     """The recipe's loss/metric/budget applied to `model`'s outputs; every problem is one line."""
     names = list(model.output_names)
     metrics = _per_output(recipe.metric.name, names, "metric.name")
+    shapes = model.output_shape if len(names) > 1 else [model.output_shape]
+    units = [int(np.prod([d for d in s[1:] if d is not None])) for s in shapes]
+    activations = [_activation(model, n) for n in names]
     losses = (_per_output(recipe.loss, names, "loss") if recipe.loss != "auto"
-              else [LOSS_FOR_METRIC.get(m, SPARSE) if ":" not in m else SPARSE for m in metrics])
+              else [_auto_loss(m, u, a) for m, u, a in zip(metrics, units, activations)])
     output = recipe.metric.output
     if isinstance(output, str):
         if output not in names:
@@ -230,10 +248,7 @@ def resolve(recipe, model) -> Task:
         output = names.index(output)
     if not 0 <= output < len(names):
         raise CompressorError(f"recipe metric.output {output} is out of range: the model has {len(names)} outputs")
-    shapes = model.output_shape if len(names) > 1 else [model.output_shape]
-    task = Task(names, losses, metrics, output, recipe.metric.direction, 0.0,
-                [int(np.prod([d for d in s[1:] if d is not None])) for s in shapes],
-                [_activation(model, n) for n in names])
+    task = Task(names, losses, metrics, output, recipe.metric.direction, 0.0, units, activations)
     _check_names(task)
     name = task.name
     if task.direction == "auto":
@@ -249,6 +264,16 @@ def resolve(recipe, model) -> Task:
         budget = recipe.max_accuracy_drop
     task.budget = float(budget)
     return task
+
+
+def _auto_loss(metric: str, units: int, activation: str) -> str:
+    """`loss: auto` for one output: from the metric, else class labels; a 1-unit sigmoid classifier
+    takes 0/1 labels (binary crossentropy: sparse crossentropy over one unit knows only class 0)."""
+    if ":" in metric:
+        return SPARSE
+    if metric in ACCURACY and units == 1 and activation == "sigmoid":
+        return BINARY
+    return LOSS_FOR_METRIC.get(metric, SPARSE)
 
 
 def _first_sentence(exc: Exception) -> str:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from compressor.core import model_inputs as inputs  # one array or several (a dict by input name): see there
 from compressor.core.errors import CompressorError
 from compressor.core.quiet import quiet_stderr
 from compressor.core.registry import Registry
@@ -17,7 +18,8 @@ from compressor.core.registry import Registry
 if TYPE_CHECKING:  # at run time `keras` comes from __getattr__, so TensorFlow loads only on use
     from compressor.core._tf import keras
 
-__all__ = ["CompressorError", "Registry", "export_form", "keras", "keras_kernels", "kernel_zeros", "quiet_stderr", "tf"]
+__all__ = ["CompressorError", "Registry", "export_form", "inputs", "keras", "keras_kernels", "kernel_zeros",
+           "quiet_stderr", "tf"]
 
 
 def __getattr__(name: str):

@@ -48,6 +48,7 @@ def class_labels(name: str, key: str, y: np.ndarray) -> None:
     """Integer class ids in 0..LARGEST_CLASS, checked before any cast (a cast of 1e30 or of a uint64
     near 2**64 to int64 wraps to a negative number and hid the real cause)."""
     numeric_labels(name, key, y)
+    y = y.reshape(len(y)) if y.ndim == 2 and y.shape[1] == 1 else y  # (N, 1): one class id per row
     if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or np.all(np.mod(y, 1) == 0)):
         raise CompressorError(
             f"data '{name}': {key} must be a 1-D array of integer class labels (got shape {y.shape}, "
@@ -87,6 +88,8 @@ def check_labels(name: str, key: str, y: np.ndarray, task, i: int) -> np.ndarray
             )
         return y.astype(np.int64)
     per_sample = int(np.prod(y.shape[1:]))
+    if task.binary(i):
+        return _binary_labels(name, key, y)
     if per_sample != units:
         raise CompressorError(
             f"data '{name}': {key} has {per_sample} value(s) per sample but output '{task.output_names[i]}' has "
@@ -97,16 +100,24 @@ def check_labels(name: str, key: str, y: np.ndarray, task, i: int) -> np.ndarray
     return y
 
 
+def _binary_labels(name: str, key: str, y: np.ndarray) -> np.ndarray:
+    """0/1 labels of a one-unit sigmoid output, (N,) or (N, 1), as (N, 1) float32 like the output."""
+    numeric_labels(name, key, y)
+    if y.ndim > 2 or (y.ndim == 2 and y.shape[1] != 1):
+        raise CompressorError(f"data '{name}': {key} has shape {y.shape} but the model's output is one unit "
+                              "(binary): give one 0/1 label per sample, shape (N,) or (N, 1)")
+    y = y.reshape(len(y), 1).astype(np.float32)
+    if len(y) and (not np.all(np.isfinite(y)) or y.min() < 0 or y.max() > 1):
+        raise CompressorError(f"data '{name}': {key} holds values outside 0..1 but the model's output is one "
+                              "sigmoid unit (binary classification): labels must be 0 or 1; for more classes "
+                              "give the model one output unit per class")
+    return y
+
+
 def check_model(model) -> None:
-    """What the pipeline cannot take, refused in one line before the model meets the data: several
-    inputs, a layer of zero width, nothing to prune, NaN/Inf weights (a damaged file or a diverged
+    """What the pipeline cannot take, refused in one line before the model meets the data:
+    a layer of zero width, nothing to prune, NaN/Inf weights (a damaged file or a diverged
     training; fine-tuning from it ends in a NaN loss and was blamed on the recipe's epochs)."""
-    inputs = list(getattr(model, "inputs", None) or [])
-    if len(inputs) > 1:
-        names = ", ".join(str(getattr(t, "name", "?")).split(":")[0] for t in inputs)
-        raise CompressorError(f"multi-input models are not supported yet: the model has {len(inputs)} inputs "
-                              f"({names}); concatenate them into one input tensor, or compress each branch as its "
-                              "own model")
     layers = list(_all_layers(model))
     for layer in layers:
         for weight in layer.weights:

@@ -13,7 +13,8 @@ import numpy as np
 @runtime_checkable
 class DataSource(Protocol):
     name: str
-    input_shape: tuple | None  # per-sample input shape (a stream knows it once bound to the model)
+    input_shape: tuple | None  # per-sample input shape (a stream knows it once bound to the model); a
+    # multi-input model's arrays give {input name: shape}, and every x below is then a dict by input name
 
     @property
     def has_val(self) -> bool:

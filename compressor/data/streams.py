@@ -77,6 +77,10 @@ class StreamDataset:
     # ------------------------------------------------------------------ binding and checks
 
     def bind(self, input_shape: tuple, task) -> None:
+        if isinstance(input_shape, dict):
+            raise CompressorError(f"data '{self.name}': streamed data feeds one input but the model has "
+                                  f"{len(input_shape)} ({', '.join(input_shape)}); pass the inputs as arrays "
+                                  "(x_train_0, x_train_1, ... in an .npz, or a function returning them)")
         key = (tuple(input_shape), tuple(task.output_names), tuple(task.losses), tuple(task.units))
         if key == self._key:
             return

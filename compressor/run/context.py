@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from compressor.config.recipe import Recipe
 from compressor.config.task import Score, Task, resolve
+from compressor.core import inputs
 from compressor.core._tf import keras
 from compressor.data.checks import check_model
 from compressor.data.protocol import DataSource
@@ -40,7 +41,7 @@ class Run:
         keras.utils.set_random_seed(recipe.seed)
         check_model(model)  # several inputs, zero-width layers, nothing to prune, NaN/Inf weights: one line
         task = resolve(recipe, model)
-        check_against_model(data, tuple(model.input_shape[1:]), task=task)
+        check_against_model(data, inputs.shapes(model), task=task)
         for note in getattr(data, "notes", ()):  # what loading the data replaced (an empty x_calib, ...)
             reporter.warn(note)
         task = dataclasses.replace(task, data=data)

@@ -46,7 +46,7 @@ def compress(model: keras.Model, data: DataSource, recipe: Recipe, out: str | Pa
     shipped = ship.export_all(run.dense, pruned, recipe, out, run.reporter, run.task,
                               flops=(model_macs(run.dense), model_macs(pruned)))
     x_check = run.data.sample("test", VERIFY_SAMPLES)[0]
-    verification = ship.verify_all(shipped, x_check, run.reporter)
+    verification = ship.verify_all(shipped, x_check, run.reporter, run.task)
     results, correct = _benchmark(run, shipped.artifacts, x_check)
     body = report.assemble(run, pruned, records, shipped, verification, results, frontier_files, source, load_notes)
     write_reports(body, out, correct)

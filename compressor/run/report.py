@@ -27,7 +27,7 @@ def assemble(run, pruned: keras.Model, records: list[dict], shipped, verificatio
     return {
         "tool_version": _version(),
         "machine": machine_info(),
-        "model": {"source": source, "input_shape": [None, *model.input_shape[1:]], "params": params,
+        "model": {"source": source, "input_shape": _input_shape(model), "params": params,
                   "load_notes": list(load_notes or [])},
         "data": {"name": data.name, **data.sizes(), "budget_split": "x_val" if data.has_val else "x_test",
                  "streamed": not isinstance(data, Dataset)},
@@ -44,6 +44,7 @@ def assemble(run, pruned: keras.Model, records: list[dict], shipped, verificatio
         "execution": _execution_table(shipped.artifacts),
         "int8": shipped.int8,
         "int8_notes": ship.int8_verdicts(results, shipped.int8),  # shown in report.md and the CLI summary
+        "speed_notes": ship.float_verdicts(results),  # likewise: a shipped float file slower than dense
         "baseline_notes": undertrained_baseline(task, run.budget_baseline, records),  # likewise
         "target_notes": shipped.notes,
         "distribute": distribute.describe(),
@@ -55,6 +56,12 @@ def assemble(run, pruned: keras.Model, records: list[dict], shipped, verificatio
 
 def _search_notes(records: list[dict]) -> list[str]:
     return next((r["notes"] for r in records if r["name"] == "search"), [])
+
+
+def _input_shape(model):
+    """[null, ...] of the one input; a list of them, one per input, for a multi-input model."""
+    shapes = [[None, *t.shape[1:]] for t in model.inputs]
+    return shapes[0] if len(shapes) == 1 else shapes
 
 
 def worker_report(run, records: list[dict]) -> dict:

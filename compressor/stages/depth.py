@@ -26,6 +26,7 @@ import numpy as np
 
 from compressor.config.recipe import DepthStage
 from compressor.config.task import context_task
+from compressor.core import inputs
 from compressor.core._tf import keras
 from compressor.graph.flops import layer_macs
 from compressor.graph.surgery import ModelGraph, model_graph
@@ -135,7 +136,7 @@ def _probabilities(model, x: np.ndarray) -> np.ndarray:
     outs = outs if isinstance(outs, list) else [outs]
     parts = []
     for out in outs:
-        out = out.reshape(len(x), -1).astype(np.float64)
+        out = out.reshape(len(out), -1).astype(np.float64)
         if len(outs) > 1 or not output_is_probability(model):
             out = np.exp(out - out.max(axis=1, keepdims=True))
             out /= out.sum(axis=1, keepdims=True)
@@ -176,7 +177,7 @@ def apply(model, cfg: DepthStage, ctx: StageContext, amount: float = 1.0) -> Sta
         return StageOutcome(recovery.copy(model), {"removed": 0, "removed_blocks": [], "candidates": []},
                             ["depth: no residual Add whose branch the identity can replace (no identity-skip "
                              "blocks of equal shape); model left as is"])
-    x_calib = ctx.data.calibration()[:cfg.samples]
+    x_calib = inputs.rows(ctx.data.calibration(), slice(0, cfg.samples))
     rows = sorted(score_blocks(model, blocks, x_calib), key=lambda r: r["output_kl"])
     limit = int(np.floor(cfg.max_fraction * amount * len(blocks)))
     task = context_task(ctx)

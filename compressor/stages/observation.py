@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from compressor import criteria
+from compressor.core import inputs
 from compressor.core._tf import keras, tf
 from compressor.data.protocol import DataSource
 from compressor.graph import surgery
@@ -111,14 +112,14 @@ def collect(model, x: np.ndarray, traces: list[Trace], batch_size: int = 128, li
     """Run `model` on up to `limit` calibration samples; activity of every traced producer. With
     `labels`, the gradient of the loss (the task's, compressor/config/task.py) w.r.t. each observed
     activation is gathered too (Taylor)."""
-    x = np.asarray(x)[:limit]
+    x = inputs.rows(inputs.each(x, np.asarray), slice(0, limit))
     observe = sorted({t.observe for t in traces})
     extractor = keras.Model(model.inputs, [model.get_layer(n).output for n in observe] + list(model.outputs))
     sums = {n: None for n in observe}
     patterns = {n: [] for n in observe}
     taylor = {n: 0.0 for n in observe}
-    for start in range(0, len(x), batch_size):
-        outs, grads = _forward(extractor, x[start:start + batch_size], len(observe),
+    for start in range(0, inputs.count(x), batch_size):
+        outs, grads = _forward(extractor, inputs.rows(x, slice(start, start + batch_size)), len(observe),
                                None if labels is None else _label_rows(labels, slice(start, start + batch_size)), task)
         for name, out, grad in zip(observe, outs, grads):
             a = out.numpy().astype(np.float64)
@@ -150,13 +151,25 @@ def _forward(extractor, x, n_observed: int, y, task=None):
         return outs[:n_observed], [None] * n_observed
     with tf.GradientTape() as tape:
         outs = extractor(x, training=False)
-        if task is None or task.paired:
+        if task is None or (task.paired and task.sparse(0)):
             loss = tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(y, outs[-1]))
         else:  # the task's loss summed over the model's outputs (the extractor's last outputs)
             fns = task.keras_losses()
             fns, ys = (fns, list(y)) if isinstance(fns, list) else ([fns], [y])
-            loss = tf.add_n([tf.reduce_sum(fn(t, p)) for fn, t, p in zip(fns, ys, outs[-len(fns):])])
+            loss = tf.add_n([_summed(fn, t, p) for fn, t, p in zip(fns, ys, outs[-len(fns):])])
     return outs[:n_observed], tape.gradient(loss, outs[:n_observed])
+
+
+def _summed(fn, truth, pred):
+    """One output's loss summed over the batch, whatever `fn` returns (a Loss object's mean or a
+    function's per-sample values), as a float32 scalar; labels shaped like the output where they fit
+    ((N,) against (N, 1) broadcast to (N, N) in a per-sample function)."""
+    truth = tf.convert_to_tensor(truth)
+    if truth.shape.rank == 1 and pred.shape.rank == 2 and pred.shape[-1] == 1:
+        truth = tf.reshape(truth, (-1, 1))
+    value = tf.cast(fn(truth, pred), tf.float32)
+    mean = value.shape.rank == 0
+    return tf.reduce_sum(value) * (tf.cast(tf.shape(pred)[0], tf.float32) if mean else 1.0)
 
 
 def _positions(shape) -> int:
