@@ -48,6 +48,10 @@ class HubLayer:
         self.spec = spec
         self.name = spec.name
         self.parts: dict[str, keras.layers.Layer] = {}
+        # Keras' implicit padding mask, made explicit: the tf-keras graph holds no implicit masks, which
+        # the exported files would lose. Set by the importer before a call (input), by the call (output).
+        self.input_mask = None
+        self.output_mask = None
 
     def part(self, key: str, cls: type, **config):
         """A tf-keras layer of this rebuild, named `<layer>.<key>`; config translated like any Keras 3 one."""
@@ -68,8 +72,8 @@ class ReversibleEmbedding(HubLayer):
         cfg = self.spec.config
         if kwargs.get("reverse"):
             raise self.spec.refuse("is called in reverse (tied output projection), which has no tf-keras rebuild")
-        return self.part("embedding", _L.Embedding, input_dim=cfg["input_dim"], output_dim=cfg["output_dim"],
-                         mask_zero=bool(cfg.get("mask_zero")))(ids)
+        self.output_mask = _padding_mask(ids) if cfg.get("mask_zero") else None
+        return self.part("embedding", _L.Embedding, input_dim=cfg["input_dim"], output_dim=cfg["output_dim"])(ids)
 
     def weights(self, k3_layer):
         return {"embedding": [np.asarray(k3_layer.embeddings)]}
@@ -86,6 +90,11 @@ class HubPositionEmbedding(HubLayer):
         return {"table": [np.asarray(k3_layer.position_embeddings)]}
 
 
+def _padding_mask(ids):
+    """Keras' mask_zero: token id 0 is padding."""
+    return tf.math.not_equal(ids, 0)
+
+
 class TokenAndPositionEmbedding(HubLayer):
     """Token table + positions table, added (the token mask, with mask_zero, passes on)."""
 
@@ -93,8 +102,9 @@ class TokenAndPositionEmbedding(HubLayer):
         cfg = self.spec.config
         if positions is not None or not isinstance(start_index, int):
             raise self.spec.refuse("is called with explicit positions, which has no tf-keras rebuild")
+        self.output_mask = _padding_mask(ids) if cfg.get("mask_zero") else None
         tokens = self.part("token_embedding", _L.Embedding, input_dim=cfg["vocabulary_size"],
-                           output_dim=cfg["embedding_dim"], mask_zero=bool(cfg.get("mask_zero")))(ids)
+                           output_dim=cfg["embedding_dim"])(ids)
         where = self.part("position_embedding", PositionEmbedding, sequence_length=cfg["sequence_length"],
                           start_index=start_index)(tokens)
         return self.part("add", _L.Add)([tokens, where])
@@ -115,7 +125,8 @@ class TransformerEncoder(HubLayer):
         width = int(x.shape[-1])
         init = {k: cfg[k] for k in ("kernel_initializer", "bias_initializer") if k in cfg}
         first, eps = bool(cfg.get("normalize_first")), float(cfg.get("layer_norm_epsilon", 1e-5))
-        mask = _attention_mask(padding_mask, attention_mask)
+        mask = _attention_mask(padding_mask, attention_mask, self.input_mask)
+        self.output_mask = self.input_mask
         residual, h = x, x
         if first:
             h = self.part("self_attention_layer_norm", _L.LayerNormalization, epsilon=eps)(h)
@@ -148,12 +159,16 @@ class TransformerEncoder(HubLayer):
         return found
 
 
-def _attention_mask(padding_mask, attention_mask):
+def _attention_mask(padding_mask, attention_mask, implicit=None):
     """KerasHub's merge_padding_and_attention_mask: padding (batch, keys) -> (batch, 1, keys), AND an
-    explicit (batch, queries, keys) mask; None when neither is given (the implicit Keras mask then)."""
+    explicit (batch, queries, keys) mask. With Keras' implicit mask instead (mask_zero), Keras 3's
+    attention also masks the padded queries: (batch, queries, 1) AND (batch, 1, keys)."""
     mask = None
     if padding_mask is not None:
         mask = tf.expand_dims(tf.cast(padding_mask, "int32"), 1)
+    elif implicit is not None:
+        ints = tf.cast(implicit, "int32")
+        mask = tf.minimum(tf.expand_dims(ints, 2), tf.expand_dims(ints, 1))
     if attention_mask is not None:
         explicit = tf.cast(attention_mask, "int32")
         mask = explicit if mask is None else tf.minimum(mask, explicit)

@@ -49,6 +49,8 @@ _BASE_LAYER_KWARGS = {
 }
 _QUANTIZED_POLICY = re.compile(r"int8|int4|float8|gptq", re.I)
 _NESTED_LAYER_KEYS = {"layer", "backward_layer", "cell"}
+# Keras 3 layers that read a padding mask off their input tensors rather than through a `mask` argument.
+_IMPLICIT_MASK_READERS = frozenset({"MultiHeadAttention", "Attention", "AdditiveAttention", "GroupQueryAttention"})
 
 
 def _keras3():
@@ -289,6 +291,7 @@ class _Importer:
         # tf-keras layer name -> its weights' source, for layers with no same-named Keras 3 layer
         self.sources: dict[str, Any] = {}
         self.hub_layers: list[tuple[HubLayer, Any]] = []
+        self.masks: dict[int, Any] = {}  # id(tf-keras tensor) -> its explicit padding mask
 
     # ----------------------------------------------------------------- graph
     def rebuild(self, k3_model) -> "keras.Model":
@@ -337,6 +340,7 @@ class _Importer:
                 args, kwargs = self._node_call(node, produced, name)
                 if is_op(lcfg):
                     layer, args, kwargs = self._op_layer(lcfg, prefix + name, args, kwargs)
+                mask = self._mask_in(layer, self._k3_sublayer(k3_model, name), name, args, kwargs)
                 try:
                     out = layer(*args, **kwargs)
                 except CompressorError:
@@ -347,6 +351,7 @@ class _Importer:
                         f"tf-keras: {_first_line(exc)}; save the model without it or as tf-keras"
                     ) from None
                 produced[(name, node_index)] = tf.nest.flatten(out)
+                self._mask_out(layer, self._k3_sublayer(k3_model, name), mask, out)
 
         def pick(spec):
             if isinstance(spec, dict):
@@ -356,6 +361,35 @@ class _Importer:
             return [pick(s) for s in spec]
 
         return pick(cfg["input_layers"]), pick(cfg["output_layers"])
+
+    def _mask_in(self, layer, k3_layer, name: str, args, kwargs):
+        """The explicit padding mask a call reads (KerasHub's mask_zero), handed to the layer the way
+        Keras 3 would: a KerasHub rebuild takes it as its input mask, a layer whose call has `mask`
+        as that argument; attention outside a KerasHub encoder is refused (it reads masks implicitly)."""
+        mask = next((self.masks[id(t)] for t in tf.nest.flatten((args, kwargs)) if id(t) in self.masks), None)
+        if mask is None or k3_layer is None:
+            return mask
+        if isinstance(layer, HubLayer):
+            layer.input_mask = mask
+        elif "mask" in inspect.signature(k3_layer.call).parameters and "mask" in inspect.signature(
+                layer.call).parameters:
+            kwargs["mask"] = mask
+        elif type(k3_layer).__name__ in _IMPLICIT_MASK_READERS:
+            raise CompressorError(
+                f"Keras 3 layer '{clip(name, 40)}' ({type(k3_layer).__name__}) reads a KerasHub padding mask "
+                "implicitly, which the tf-keras rebuild cannot pass on; use a KerasHub TransformerEncoder, or "
+                "pass the mask explicitly (attention_mask=), or save the model as tf-keras")
+        return mask
+
+    def _mask_out(self, layer, k3_layer, mask, out) -> None:
+        """Where Keras 3 passes the mask on (a masking-aware layer keeping the token axis), so do we."""
+        if isinstance(layer, HubLayer):
+            mask = layer.output_mask
+        elif mask is None or k3_layer is None or not getattr(k3_layer, "supports_masking", False):
+            return
+        for tensor in tf.nest.flatten(out) if mask is not None else ():
+            if len(tensor.shape) >= 3 and tensor.shape[1] == mask.shape[1]:
+                self.masks[id(tensor)] = mask
 
     def _input(self, lcfg: dict, name: str, feed: dict | None):
         if feed is None:
