@@ -123,3 +123,13 @@ def test_kerashub_model_without_kerashub_installed_says_how_to_install(tmp_path,
     with pytest.raises(CompressorError) as info:
         load_model(tmp_path / "text.keras")
     assert "\n" not in str(info.value) and "keras-hub" in str(info.value)
+
+
+def test_sequential_with_kerashub_layers_imports(tmp_path):
+    k3_model = _vary(keras3.Sequential([
+        L3.Input((SEQ,), dtype="int32"), keras_hub.layers.TokenAndPositionEmbedding(VOCAB, SEQ, 8, mask_zero=True),
+        keras_hub.layers.TransformerEncoder(16, 2), L3.GlobalAveragePooling1D(), L3.Dense(3)]))
+    k3_model.save(tmp_path / "seq.keras")
+    loaded = load_model(tmp_path / "seq.keras")
+    assert unsupported_layers(loaded.model) == []
+    _assert_same(k3_model, loaded.model, _ids(seed=2))

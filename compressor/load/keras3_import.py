@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import warnings
 from typing import Any
 
 import numpy as np
@@ -205,7 +206,9 @@ def _load_with_keras3(keras3, path: str, config: dict | None):
     """Keras 3's own loader; for .h5 files with keras.ops nodes, which Keras 3 writes but cannot
     read back (its .h5 config drops the ops' module), rebuild from the checked config instead."""
     try:
-        return keras3.saving.load_model(path, compile=False)
+        with warnings.catch_warnings():  # KerasHub's own layers warn about their masks while Keras 3 rebuilds them
+            warnings.filterwarnings("ignore", message=".*does not support masking.*", category=UserWarning)
+            return keras3.saving.load_model(path, compile=False)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one user-facing line
         patched = _ops_marked(config) if config and str(path).lower().endswith((".h5", ".hdf5")) else None
         if patched is None:
@@ -316,10 +319,25 @@ class _Importer:
                 layers.append(keras.layers.InputLayer(**kwargs))
                 continue
             layers.append(self._make_layer(lcfg, self._k3_sublayer(k3_model, name)))
+        if any(isinstance(layer, (HubLayer, _Backbone)) for layer in layers):
+            return self._chain(k3_model, layers, cfg.get("name"))
         model = keras.Sequential(layers, name=cfg.get("name"))
         if not model.built and cfg.get("build_input_shape"):
             model.build(tuple(cfg["build_input_shape"]))
         return model
+
+    def _chain(self, k3_model, layers: list, name: str | None) -> "keras.Model":
+        """A Sequential holding KerasHub layers (not tf-keras layers themselves): a functional chain."""
+        if not layers or not isinstance(layers[0], keras.layers.InputLayer):
+            raise CompressorError(f"Sequential model '{clip(name, 40)}' with KerasHub layers has no input shape; "
+                                  "build it with keras.Input first and re-save")
+        inputs = x = layers[0].output
+        for layer, k3_layer in zip(layers[1:], k3_model.layers):
+            args, kwargs = [x], {}
+            mask = self._mask_in(layer, k3_layer, getattr(k3_layer, "name", "?"), args, kwargs)
+            x = layer(*args, **kwargs)
+            self._mask_out(layer, k3_layer, mask, x)
+        return keras.Model(inputs, x, name=name)
 
     def _rebuild_functional(self, k3_model, cfg: dict) -> "keras.Model":
         inputs, outputs = self.graph(k3_model, cfg)
