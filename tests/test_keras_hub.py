@@ -1,5 +1,5 @@
-"""KerasHub models (a BertBackbone classifier, keras.io's TokenAndPositionEmbedding + TransformerEncoder
-text classifier) import into tf-keras as built-in layers with the same outputs, and their attention
+"""KerasHub models (BertBackbone and ViTBackbone classifiers, keras.io's TokenAndPositionEmbedding +
+TransformerEncoder text classifier) import into tf-keras as built-in layers with the same outputs, and their attention
 heads and feed-forward widths are prunable; KerasHub classes without a rebuild are named in one line."""
 from __future__ import annotations
 
@@ -133,3 +133,16 @@ def test_sequential_with_kerashub_layers_imports(tmp_path):
     loaded = load_model(tmp_path / "seq.keras")
     assert unsupported_layers(loaded.model) == []
     _assert_same(k3_model, loaded.model, _ids(seed=2))
+
+
+def test_vit_backbone_classifier_imports_with_prunable_heads_and_mlp(tmp_path):
+    backbone = keras_hub.models.ViTBackbone(image_shape=(16, 16, 3), patch_size=4, num_layers=1, num_heads=2,
+                                            hidden_dim=16, mlp_dim=32, name="vit")
+    images = L3.Input((16, 16, 3))
+    k3_model = _vary(keras3.Model(images, L3.Dense(3)(backbone(images)[:, 0, :])))
+    k3_model.save(tmp_path / "vit.keras")
+    loaded = load_model(tmp_path / "vit.keras")
+    assert unsupported_layers(loaded.model) == []
+    _assert_same(k3_model, loaded.model, np.random.default_rng(4).uniform(0, 1, (3, 16, 16, 3)).astype("float32"))
+    prunable = surgery.prunable_layers(loaded.model)
+    assert prunable["vit.vit_encoder.block_0.mha"] == 2 and prunable["vit.vit_encoder.block_0.mlp.dense_1"] == 32

@@ -14,9 +14,9 @@ with -1 for the batch, matmuls on the last axis, layer norm as means over the la
 used only when the model is handed to a converter (`compressor.core.export_form`), never in the
 user's or the pruned Keras model; a layer whose non-batch dimensions are not all static, or that is
 called with masks (but attention's rank-3 attention_mask), keeps its own code. Weights are held in the
-layout the converters store (query/key/value kernels (d_model, heads * head_dim), output kernel (heads * head_dim, d_model)),
-so verification lays the files' tensors over these kernels channel by channel; the query kernel
-and bias carry attention's 1/sqrt(head_dim) scale.
+layout the converters store (query/key/value kernels (d_model, heads * head_dim), output kernel
+(heads * head_dim, d_model)), so verification lays the files' tensors over these kernels channel by
+channel; the query kernel and bias carry attention's 1/sqrt(head_dim) scale.
 """
 from __future__ import annotations
 

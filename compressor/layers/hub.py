@@ -17,7 +17,7 @@ import numpy as np
 
 from compressor.core._tf import keras, tf
 from compressor.layers.base import Cut, Handler, register, take
-from compressor.layers.keras3_layers import ACTIVATIONS, LayerSpec, PositionEmbedding, gelu_tanh
+from compressor.layers.keras3_layers import ACTIVATIONS, ClassToken, LayerSpec, PositionEmbedding, gelu_tanh
 
 _L = keras.layers
 #: KerasHub functions a stored activation may name, and the tf-keras activation computing them.
@@ -175,12 +175,75 @@ def _attention_mask(padding_mask, attention_mask, implicit=None):
     return mask
 
 
+class ViTPatchingAndEmbedding(HubLayer):
+    """Patches by a strided Conv2D, flattened to tokens, the class token first, positions added."""
+
+    def __call__(self, images):
+        cfg = self.spec.config
+        if cfg.get("data_format") not in (None, "channels_last"):
+            raise self.spec.refuse("uses channels_first, which has no tf-keras rebuild here")
+        width, patch = int(cfg["hidden_dim"]), tuple(cfg["patch_size"])
+        x = self.part("patch_embedding", _L.Conv2D, filters=width, kernel_size=patch, strides=patch,
+                      padding="valid", use_bias=bool(cfg.get("use_patch_bias", True)))(images)
+        x = self.part("flatten", _L.Reshape, target_shape=(int(x.shape[1]) * int(x.shape[2]), width))(x)
+        if cfg.get("use_class_token", True):
+            x = self.part("class_token", ClassToken)(x)
+        where = self.part("position_embedding", PositionEmbedding, sequence_length=int(x.shape[1]))(x)
+        return self.part("add", _L.Add)([x, where])
+
+    def weights(self, k3_layer):
+        found = {"patch_embedding": _vars(k3_layer.patch_embedding),
+                 "position_embedding": [np.asarray(k3_layer.position_embedding.embeddings)]}
+        if getattr(k3_layer, "use_class_token", False):
+            found["class_token"] = [np.asarray(k3_layer.class_token)]
+        return found
+
+
+class ViTEncoder(HubLayer):
+    """Pre-norm blocks (LayerNorm, attention, Add; LayerNorm, GELU MLP, Add), then a LayerNorm."""
+
+    def __call__(self, x):
+        cfg = self.spec.config
+        eps, rate = float(cfg.get("layer_norm_epsilon", 1e-6)), float(cfg.get("dropout_rate", 0))
+        heads, width = int(cfg["num_heads"]), int(cfg["hidden_dim"])
+        mlp_bias = bool(cfg.get("use_mlp_bias", True))
+        x = self.part("dropout", _L.Dropout, rate=rate)(x)
+        for i in range(int(cfg["num_layers"])):
+            h = self.part(f"block_{i}.ln_1", _L.LayerNormalization, epsilon=eps)(x)
+            h = self.part(f"block_{i}.mha", _L.MultiHeadAttention, num_heads=heads, key_dim=width // heads,
+                          use_bias=bool(cfg.get("use_mha_bias", True)),
+                          dropout=float(cfg.get("attention_dropout", 0)))(h, h)
+            h = self.part(f"block_{i}.dropout", _L.Dropout, rate=rate)(h)
+            x = self.part(f"block_{i}.add_1", _L.Add)([h, x])
+            h = self.part(f"block_{i}.ln_2", _L.LayerNormalization, epsilon=eps)(x)
+            h = self.part(f"block_{i}.mlp.dense_1", _L.Dense, units=int(cfg["mlp_dim"]), activation="gelu",
+                          use_bias=mlp_bias)(h)
+            h = self.part(f"block_{i}.mlp.dense_2", _L.Dense, units=width, use_bias=mlp_bias)(
+                self.part(f"block_{i}.mlp.dropout_1", _L.Dropout, rate=rate)(h))
+            h = self.part(f"block_{i}.mlp.dropout_2", _L.Dropout, rate=rate)(h)
+            x = self.part(f"block_{i}.add_2", _L.Add)([x, h])
+        return self.part("layer_norm", _L.LayerNormalization, epsilon=eps)(x)
+
+    def weights(self, k3_layer):
+        found = {"layer_norm": _vars(k3_layer.layer_norm)}
+        for i, block in enumerate(k3_layer.encoder_layers):
+            att = block.mha
+            found[f"block_{i}.mha"] = [np.asarray(w) for sub in (att._query_dense, att._key_dense, att._value_dense,
+                                                                 att._output_dense) for w in sub.weights]
+            for key, sub in (("ln_1", block.layer_norm_1), ("ln_2", block.layer_norm_2),
+                             ("mlp.dense_1", block.mlp.dense_1), ("mlp.dense_2", block.mlp.dense_2)):
+                found[f"block_{i}.{key}"] = _vars(sub)
+        return found
+
+
 #: KerasHub layer class -> its rebuild. Anything else from KerasHub is refused naming the class.
 HUB_LAYERS: dict[str, Callable[[LayerSpec], HubLayer]] = {
     "ReversibleEmbedding": ReversibleEmbedding,
     "PositionEmbedding": HubPositionEmbedding,
     "TokenAndPositionEmbedding": TokenAndPositionEmbedding,
     "TransformerEncoder": TransformerEncoder,
+    "ViTPatchingAndEmbedding": ViTPatchingAndEmbedding,
+    "ViTEncoder": ViTEncoder,
 }
 
 
@@ -196,3 +259,17 @@ class PositionTable(Handler):
 
     def resize(self, layer, cut: Cut):
         return None, [take(layer.embeddings.numpy(), cut.positions[0], axis=-1)]
+
+
+@register
+class ClassTokenHandler(Handler):
+    """A learned token put before the others: the token axis grows, every channel keeps its place."""
+
+    kinds = (ClassToken,)
+    family = "class token"
+
+    def propagate(self, layer, ins, shapes, graph):
+        return ins[0].touched(layer.name)
+
+    def resize(self, layer, cut: Cut):
+        return None, [take(layer.token.numpy(), cut.positions[0], axis=-1)]

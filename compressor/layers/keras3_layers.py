@@ -143,6 +143,23 @@ class PositionEmbedding(keras.layers.Layer):
         return {**super().get_config(), "sequence_length": self.sequence_length, "start_index": self.start_index}
 
 
+@_register(package=PACKAGE)
+class ClassToken(keras.layers.Layer):
+    """ViT's learned class token, (1, 1, width), put before the patch tokens of every sample."""
+
+    def build(self, input_shape):
+        self.token = self.add_weight(name="token", shape=(1, 1, int(input_shape[-1])), initializer="zeros",
+                                     trainable=True)
+        super().build(input_shape)
+
+    def call(self, inputs):
+        token = tf.tile(tf.cast(self.token, inputs.dtype), [tf.shape(inputs)[0], 1, 1])
+        return tf.concat([token, inputs], axis=1)
+
+    def get_prunable_weights(self):
+        return []
+
+
 # --------------------------------------------------------------------------- activations
 # Keras 3 activations that tf-keras lacks or defines differently, with Keras 3's formulas.
 
@@ -489,8 +506,8 @@ OPS: dict[str, Callable[[OpSpec], tuple[Any, list]]] = {
 #: KerasHub classes the importer rebuilds (compressor/layers/hub.py): layers, and backbones whose
 #: functional graph is inlined layer by layer. A file naming any other KerasHub class is refused.
 HUB_LAYER_CLASSES = frozenset({"ReversibleEmbedding", "PositionEmbedding", "TokenAndPositionEmbedding",
-                               "TransformerEncoder"})
-HUB_BACKBONES = frozenset({"BertBackbone", "DistilBertBackbone", "RobertaBackbone"})
+                               "TransformerEncoder", "ViTPatchingAndEmbedding", "ViTEncoder"})
+HUB_BACKBONES = frozenset({"BertBackbone", "DistilBertBackbone", "RobertaBackbone", "ViTBackbone"})
 #: KerasHub functions a stored layer config may name (activations), rebuilt by name in hub.py.
 HUB_FUNCTIONS = frozenset({"gelu_approximate"})
 
@@ -522,7 +539,7 @@ def recognised(layer_config: dict) -> bool:
 
 
 #: Our tf-keras classes: model_io treats them like tf-keras' own layers.
-IMPORT_CLASSES = (LayerScale, StochasticDepth, ConstantTerm, PositionEmbedding)
+IMPORT_CLASSES = (LayerScale, StochasticDepth, ConstantTerm, PositionEmbedding, ClassToken)
 
 __all__ = [
     "ACTIVATIONS", "OPS", "REFUSED", "LIBRARY_CLASSES", "IMPORT_CLASSES", "LayerSpec", "OpSpec",

@@ -638,6 +638,8 @@ class _Backbone:
         spec = self.cfg["input_layers"]
         if isinstance(spec, dict):
             feed = {spec[key][0]: inputs[key] for key in spec if key in inputs}
+        elif len(spec) == 3 and isinstance(spec[0], str):  # one input, stored as one reference
+            feed = {spec[0]: tf.nest.flatten(inputs)[0]}
         else:
             feed = {s[0]: t for s, t in zip(spec, tf.nest.flatten(inputs))}
         return self.importer.graph(self.view, self.cfg, feed=feed, prefix=self.name + ".")[1]
