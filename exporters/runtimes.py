@@ -25,15 +25,25 @@ def _ids(x: np.ndarray, dtype) -> np.ndarray:
 
 def timing_input(runner, batch: int, seed: int = 0) -> np.ndarray:
     """Fixed-seed input to time a file on when no data is given: standard normal values for a float
-    input; id 0 for an integer one (token ids), which every vocabulary holds, where noise would index
-    past an Embedding's table (latency does not depend on which ids are looked up)."""
+    input; id 1 for an integer one (token ids), which every real vocabulary holds, where noise would
+    index past an Embedding's table (latency does not depend on which ids are looked up). Not id 0:
+    that is Keras' padding id (mask_zero), and a sequence of padding only makes a masked mean divide
+    by zero (LiteRT's int8 DIV aborts on it)."""
     if isinstance(runner.input_shape, dict):  # several inputs: each as if it were the only one
         rng = np.random.default_rng(seed)
         return {k: rng.standard_normal((batch, *s)).astype(np.float32) for k, s in runner.input_shape.items()}
     shape = (batch, *runner.input_shape)
     if runner.integer_input:
-        return np.zeros(shape, np.float32)
+        return np.ones(shape, np.float32)
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _probe(runner) -> np.ndarray:
+    """One sample to try a file on: zeros, or ids 1 for token ids (ids 0 are all padding, see timing_input)."""
+    if isinstance(runner.input_shape, dict):  # several inputs
+        return inputs.zeros(runner.input_shape)
+    return (np.ones if runner.integer_input else np.zeros)((1, *runner.input_shape), np.float32)
+
 
 class TFLiteRunner:
     runtime = "tflite"
@@ -256,7 +266,7 @@ def open_runner_safely(path: str | Path, threads: int = 1) -> tuple[object, str,
     fmt = targets.format_for(path, runnable=True)
     runner = open_runner(path, threads=threads)
     try:
-        runner.predict(inputs.zeros(runner.input_shape))
+        runner.predict(_probe(runner))
         return runner, "default", None
     except CompressorError:
         raise
@@ -267,7 +277,7 @@ def open_runner_safely(path: str | Path, threads: int = 1) -> tuple[object, str,
     fallback = fmt.resolvers[1]
     runner = open_runner(path, threads=threads, resolver=fallback)
     try:
-        runner.predict(inputs.zeros(runner.input_shape))
+        runner.predict(_probe(runner))
     except Exception as exc:
         raise CompressorError(f"{fmt.runtime} cannot run '{path}' ({str(exc).splitlines()[0][:160]}); "
                               "re-export it with `compressor run`") from exc

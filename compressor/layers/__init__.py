@@ -17,6 +17,7 @@ from compressor.layers import (  # noqa: F401  (they register)
     elementwise,
     embedding,
     export_forms,
+    hub,
     merge,
     normalization,
     recurrent,

@@ -13,10 +13,10 @@ The forms below compute the same function with every shape a constant except the
 with -1 for the batch, matmuls on the last axis, layer norm as means over the last axis). They are
 used only when the model is handed to a converter (`compressor.core.export_form`), never in the
 user's or the pruned Keras model; a layer whose non-batch dimensions are not all static, or that is
-called with masks, keeps its own code. Weights are held in the layout the converters store
-(query/key/value kernels (d_model, heads * head_dim), output kernel (heads * head_dim, d_model)),
-so verification lays the files' tensors over these kernels channel by channel; the query kernel
-and bias carry attention's 1/sqrt(head_dim) scale.
+called with masks (but attention's rank-3 attention_mask), keeps its own code. Weights are held in the
+layout the converters store (query/key/value kernels (d_model, heads * head_dim), output kernel
+(heads * head_dim, d_model)), so verification lays the files' tensors over these kernels channel by
+channel; the query kernel and bias carry attention's 1/sqrt(head_dim) scale.
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ class StaticDense(_ExportLayer):
 
 
 class StaticMultiHeadAttention(_ExportLayer):
-    """Self- or cross-attention without masks, on (batch, tokens, features) inputs."""
+    """Self- or cross-attention on (batch, tokens, features) inputs, optionally masked."""
 
     def __init__(self, layer):
         heads, key_dim = int(layer._num_heads), int(layer._key_dim)
@@ -108,12 +108,16 @@ class StaticMultiHeadAttention(_ExportLayer):
         y = _affine(_flat(x), getattr(self, f"{which}_kernel"), getattr(self, f"{which}_bias", None))
         return tf.transpose(tf.reshape(y, [-1, int(x.shape[1]), self._heads, depth]), perm)
 
-    def call(self, query, value, key=None, **_unused):
+    def call(self, query, value, key=None, attention_mask=None, **_unused):
         key = value if key is None else key
         q = self._split(query, "query", self._key_dim, [0, 2, 1, 3])
         k = self._split(key, "key", self._key_dim, [0, 2, 3, 1])
         v = self._split(value, "value", self._value_dim, [0, 2, 1, 3])
-        scores = tf.nn.softmax(tf.matmul(q, k), axis=-1)  # (batch, heads, T, S)
+        scores = tf.matmul(q, k)  # (batch, heads, T, S)
+        if attention_mask is not None:  # (batch, T or 1, S), tf-keras' masked softmax: -1e9 where masked
+            keep = tf.expand_dims(tf.cast(attention_mask, scores.dtype), 1)
+            scores += (1.0 - keep) * -1e9
+        scores = tf.nn.softmax(scores, axis=-1)
         context = tf.transpose(tf.matmul(scores, v), [0, 2, 1, 3])  # (batch, T, heads, value_dim)
         context = tf.reshape(context, [-1, self._heads * self._value_dim])
         y = _affine(context, self.output_kernel, getattr(self, "output_bias", None))
@@ -184,8 +188,12 @@ def dense_form(layer, input_shapes):
 
 
 def attention_form(layer, input_shapes, call_kwargs: dict):
-    """MultiHeadAttention over (batch, tokens, features) with the default attention axis and no mask."""
-    if any(call_kwargs.get(k) for k in ("attention_mask", "use_causal_mask", "return_attention_scores")):
+    """MultiHeadAttention over (batch, tokens, features) with the default attention axis; an
+    attention_mask of rank 3 (KerasHub's padding mask) is applied as tf-keras applies it."""
+    if any(call_kwargs.get(k) for k in ("use_causal_mask", "return_attention_scores")):
+        return None
+    mask = call_kwargs.get("attention_mask")
+    if mask is not None and len(getattr(mask, "shape", ())) != 3:
         return None
     if layer._attention_axes not in (None, (1,), [1]) or layer._output_shape is not None:
         return None

@@ -114,6 +114,52 @@ class ConstantTerm(keras.layers.Layer):
         return {**super().get_config(), "op": self.op, "shape": list(self.constant_shape)}
 
 
+@_register(package=PACKAGE)
+class PositionEmbedding(keras.layers.Layer):
+    """KerasHub's learned positions: rows start..start+T of a (sequence_length, width) table,
+    broadcast over the batch; reads only its input's shape (and passes its mask on)."""
+
+    def __init__(self, sequence_length: int = 1, start_index: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.sequence_length = int(sequence_length)
+        self.start_index = int(start_index)
+        self.supports_masking = True
+
+    def build(self, input_shape):
+        self.embeddings = self.add_weight(
+            name="embeddings", shape=(self.sequence_length, int(input_shape[-1])), initializer="zeros",
+            trainable=True)
+        super().build(input_shape)
+
+    def call(self, inputs):
+        length = inputs.shape[-2] if inputs.shape[-2] is not None else tf.shape(inputs)[-2]
+        rows = self.embeddings[self.start_index:self.start_index + length]
+        return tf.broadcast_to(tf.cast(rows, inputs.dtype), tf.shape(inputs))
+
+    def get_prunable_weights(self):
+        return []
+
+    def get_config(self):
+        return {**super().get_config(), "sequence_length": self.sequence_length, "start_index": self.start_index}
+
+
+@_register(package=PACKAGE)
+class ClassToken(keras.layers.Layer):
+    """ViT's learned class token, (1, 1, width), put before the patch tokens of every sample."""
+
+    def build(self, input_shape):
+        self.token = self.add_weight(name="token", shape=(1, 1, int(input_shape[-1])), initializer="zeros",
+                                     trainable=True)
+        super().build(input_shape)
+
+    def call(self, inputs):
+        token = tf.tile(tf.cast(self.token, inputs.dtype), [tf.shape(inputs)[0], 1, 1])
+        return tf.concat([token, inputs], axis=1)
+
+    def get_prunable_weights(self):
+        return []
+
+
 # --------------------------------------------------------------------------- activations
 # Keras 3 activations that tf-keras lacks or defines differently, with Keras 3's formulas.
 
@@ -382,6 +428,49 @@ def _unary_activation(activation: str, allowed: dict[str, tuple] | None = None):
     return handler
 
 
+def _tf_call(fn: Callable, n_tensors: int = 1, options: tuple[str, ...] = ()):
+    """A mask-building op (x != 0, cast, zeros_like, expand_dims): the TensorFlow function on the
+    tf-keras tensor, which tf-keras records as a TFOpLambda layer; constants must be scalars."""
+
+    def handler(spec: OpSpec):
+        tensors, constants = spec.args[:n_tensors], spec.args[n_tensors:]
+        if not all(_is_tensor(t) for t in tensors) or spec.kwargs or any(
+                not isinstance(c, (numbers.Number, str)) for c in constants):
+            raise spec.refuse("is called in a form the importer does not know")
+        config = {k: spec.config[k] for k in options if spec.config.get(k) is not None}
+        return (lambda *xs: fn(*xs, *constants, **config)), list(tensors)
+
+    return handler
+
+
+def _index(value):
+    """A GetItem key as Keras 3 stores it (__slice__ dicts, ints, None, __ellipsis__) -> Python."""
+    if isinstance(value, dict) and value.get("class_name") == "__slice__":
+        cfg = value.get("config") or {}
+        return slice(cfg.get("start"), cfg.get("stop"), cfg.get("step"))
+    if isinstance(value, dict) and value.get("class_name") == "__ellipsis__":
+        return Ellipsis
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise ValueError(str(value)[:60])
+
+
+def _get_item(spec: OpSpec):
+    """x[:, 0, :] (BERT's first-token pooling): a constant index, recorded as a SlicingOpLambda."""
+    if len(spec.args) != 2 or not _is_tensor(spec.args[0]) or spec.kwargs:
+        raise spec.refuse("is called in a form the importer does not know")
+    key = spec.args[1]
+    try:
+        index = tuple(_index(k) for k in key) if isinstance(key, list) else _index(key)
+    except ValueError:
+        raise spec.refuse(f"indexes with {str(key)[:60]!r}; only constant ints and slices are supported") from None
+    return (lambda x: x[index]), [spec.args[0]]
+
+
+def _cast(x, dtype):
+    return tf.cast(x, dtype)
+
+
 #: Keras 3 `keras.ops` class name -> handler(OpSpec) -> (tf-keras layer, call args).
 OPS: dict[str, Callable[[OpSpec], tuple[Any, list]]] = {
     "Add": _binary(keras.layers.Add, lambda c: (1.0, c), lambda c: (1.0, c), ("add", "add")),
@@ -401,7 +490,36 @@ OPS: dict[str, Callable[[OpSpec], tuple[Any, list]]] = {
     "Gelu": _unary_activation("gelu", {"approximate": (True, False)}),
     "Tanh": _unary_activation("tanh"),
     "Softmax": _unary_activation("softmax", {"axis": (-1, None)}),
+    # padding masks: ids != 0, segment ids of zeros, the mask's dtype and axes
+    "NotEqual": _tf_call(tf.math.not_equal),
+    "Equal": _tf_call(tf.math.equal),
+    "Greater": _tf_call(tf.math.greater),
+    "Less": _tf_call(tf.math.less),
+    "Cast": _tf_call(_cast, options=("dtype",)),
+    "ZerosLike": _tf_call(tf.zeros_like, options=("dtype",)),
+    "OnesLike": _tf_call(tf.ones_like, options=("dtype",)),
+    "ExpandDims": _tf_call(tf.expand_dims, options=("axis",)),
+    "GetItem": _get_item,
 }
+
+
+#: KerasHub classes the importer rebuilds (compressor/layers/hub.py): layers, and backbones whose
+#: functional graph is inlined layer by layer. A file naming any other KerasHub class is refused.
+HUB_LAYER_CLASSES = frozenset({"ReversibleEmbedding", "PositionEmbedding", "TokenAndPositionEmbedding",
+                               "TransformerEncoder", "ViTPatchingAndEmbedding", "ViTEncoder"})
+HUB_BACKBONES = frozenset({"BertBackbone", "DistilBertBackbone", "RobertaBackbone", "ViTBackbone"})
+#: KerasHub functions a stored layer config may name (activations), rebuilt by name in hub.py.
+HUB_FUNCTIONS = frozenset({"gelu_approximate"})
+
+
+def hub_class(layer_config: dict) -> str | None:
+    """The KerasHub class a stored layer names ('keras_hub>TransformerEncoder'), or None."""
+    registered = str(layer_config.get("registered_name") or "")
+    if registered.startswith("keras_hub>"):
+        return registered.split(">", 1)[1]
+    if str(layer_config.get("module") or "").startswith("keras_hub."):
+        return str(layer_config.get("class_name"))
+    return None
 
 
 def is_op(layer_config: dict) -> bool:
@@ -415,13 +533,15 @@ def recognised(layer_config: dict) -> bool:
     class_name = layer_config.get("class_name")
     if is_op(layer_config):
         return class_name in OPS
+    if hub_class(layer_config) is not None:
+        return hub_class(layer_config) in HUB_LAYER_CLASSES | HUB_BACKBONES | HUB_FUNCTIONS
     return class_name in LIBRARY_CLASSES.get(module, ())
 
 
 #: Our tf-keras classes: model_io treats them like tf-keras' own layers.
-IMPORT_CLASSES = (LayerScale, StochasticDepth, ConstantTerm)
+IMPORT_CLASSES = (LayerScale, StochasticDepth, ConstantTerm, PositionEmbedding, ClassToken)
 
 __all__ = [
     "ACTIVATIONS", "OPS", "REFUSED", "LIBRARY_CLASSES", "IMPORT_CLASSES", "LayerSpec", "OpSpec",
-    "LayerScale", "StochasticDepth", "ConstantTerm", "is_op", "recognised", "same_class",
+    "LayerScale", "StochasticDepth", "ConstantTerm", "PositionEmbedding", "is_op", "recognised", "same_class",
 ]

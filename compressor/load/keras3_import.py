@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import warnings
 from typing import Any
 
 import numpy as np
@@ -19,13 +20,16 @@ import numpy as np
 from compressor.core._tf import keras, tf
 from compressor.core.errors import CompressorError
 from compressor.layers import keras3_rebuilder
+from compressor.layers.hub import HUB_LAYERS, HubLayer
 from compressor.layers.keras3_layers import (
     ACTIVATIONS,
+    HUB_BACKBONES,
     OPS,
     REFUSED,
     ConstantTerm,
     LayerSpec,
     OpSpec,
+    hub_class,
     is_op,
     recognised,
     refused,
@@ -46,6 +50,8 @@ _BASE_LAYER_KWARGS = {
 }
 _QUANTIZED_POLICY = re.compile(r"int8|int4|float8|gptq", re.I)
 _NESTED_LAYER_KEYS = {"layer", "backward_layer", "cell"}
+# Keras 3 layers that read a padding mask off their input tensors rather than through a `mask` argument.
+_IMPLICIT_MASK_READERS = frozenset({"MultiHeadAttention", "Attention", "AdditiveAttention", "GroupQueryAttention"})
 
 
 def _keras3():
@@ -80,6 +86,8 @@ def precheck_config(config: dict, path: str) -> None:
                     "no tf-keras rebuild; express it with Keras layers and re-save, or save the model as tf-keras"
                 )
             continue
+        if _hub_checked(lcfg, name, path):
+            continue
         registered = lcfg.get("registered_name")
         custom = ("module" in lcfg and not str(lcfg.get("module") or "").startswith("keras")) or (
             registered not in (None, class_name)
@@ -111,6 +119,34 @@ def precheck_config(config: dict, path: str) -> None:
     check_config(config, path, keras3=True)
 
 
+def _hub_checked(lcfg: dict, name: str, path: str) -> bool:
+    """True for a KerasHub class the importer rebuilds; one line naming any other KerasHub class."""
+    hub = hub_class(lcfg)
+    if hub is None:
+        return False
+    if hub in HUB_LAYERS or hub in HUB_BACKBONES:
+        return True
+    known = ", ".join(sorted({*HUB_LAYERS, *HUB_BACKBONES}))
+    raise CompressorError(
+        f"cannot read model '{clip(path)}': KerasHub layer '{clip(name, 40)}' ({clip(hub, 40)}) has no tf-keras "
+        f"rebuild (KerasHub classes rebuilt: {known}); save the model without it, or as tf-keras")
+
+
+def _uses_hub(config: dict | None) -> bool:
+    return bool(config) and any(hub_class(lcfg) for lcfg in _walk_layer_configs(config.get("config") or {}))
+
+
+def _import_keras_hub(path: str) -> None:
+    """Keras 3 deserializes KerasHub classes only once KerasHub registered them (its installed code;
+    nothing from the file runs: the precheck allowed only the classes in HUB_LAYERS/HUB_BACKBONES)."""
+    try:
+        import keras_hub  # noqa: F401, PLC0415 - only for files that name KerasHub classes
+    except ImportError:
+        raise CompressorError(
+            f"model '{clip(path)}' uses KerasHub layers; install KerasHub to import it: pip install 'compressor[hub]' "
+            "(or pip install keras-hub)") from None
+
+
 def _walk_layer_configs(model_cfg: dict):
     for lcfg in model_cfg.get("layers", []) or []:
         if not isinstance(lcfg, dict):
@@ -136,6 +172,8 @@ def load_keras3(path: str, kind: str, config: dict | None = None) -> tuple["kera
     if config:
         precheck_config(config, path)
     keras3 = _keras3()
+    if _uses_hub(config):
+        _import_keras_hub(path)
     k3_model = _load_with_keras3(keras3, path, config)
     if not isinstance(k3_model, keras3.Model):
         raise CompressorError(
@@ -168,7 +206,9 @@ def _load_with_keras3(keras3, path: str, config: dict | None):
     """Keras 3's own loader; for .h5 files with keras.ops nodes, which Keras 3 writes but cannot
     read back (its .h5 config drops the ops' module), rebuild from the checked config instead."""
     try:
-        return keras3.saving.load_model(path, compile=False)
+        with warnings.catch_warnings():  # KerasHub's own layers warn about their masks while Keras 3 rebuilds them
+            warnings.filterwarnings("ignore", message=".*does not support masking.*", category=UserWarning)
+            return keras3.saving.load_model(path, compile=False)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one user-facing line
         patched = _ops_marked(config) if config and str(path).lower().endswith((".h5", ".hdf5")) else None
         if patched is None:
@@ -251,6 +291,10 @@ class _Importer:
     def __init__(self, notes: list[str]):
         self.notes = notes
         self.n_layers = 0
+        # tf-keras layer name -> its weights' source, for layers with no same-named Keras 3 layer
+        self.sources: dict[str, Any] = {}
+        self.hub_layers: list[tuple[HubLayer, Any]] = []
+        self.masks: dict[int, Any] = {}  # id(tf-keras tensor) -> its explicit padding mask
 
     # ----------------------------------------------------------------- graph
     def rebuild(self, k3_model) -> "keras.Model":
@@ -275,31 +319,57 @@ class _Importer:
                 layers.append(keras.layers.InputLayer(**kwargs))
                 continue
             layers.append(self._make_layer(lcfg, self._k3_sublayer(k3_model, name)))
+        if any(isinstance(layer, (HubLayer, _Backbone)) for layer in layers):
+            return self._chain(k3_model, layers, cfg.get("name"))
         model = keras.Sequential(layers, name=cfg.get("name"))
         if not model.built and cfg.get("build_input_shape"):
             model.build(tuple(cfg["build_input_shape"]))
         return model
 
+    def _chain(self, k3_model, layers: list, name: str | None) -> "keras.Model":
+        """A Sequential holding KerasHub layers (not tf-keras layers themselves): a functional chain."""
+        if not layers or not isinstance(layers[0], keras.layers.InputLayer):
+            raise CompressorError(f"Sequential model '{clip(name, 40)}' with KerasHub layers has no input shape; "
+                                  "build it with keras.Input first and re-save")
+        inputs = x = layers[0].output
+        for layer, k3_layer in zip(layers[1:], k3_model.layers):
+            args, kwargs = [x], {}
+            mask = self._mask_in(layer, k3_layer, getattr(k3_layer, "name", "?"), args, kwargs)
+            x = layer(*args, **kwargs)
+            self._mask_out(layer, k3_layer, mask, x)
+        return keras.Model(inputs, x, name=name)
+
     def _rebuild_functional(self, k3_model, cfg: dict) -> "keras.Model":
+        inputs, outputs = self.graph(k3_model, cfg)
+        return keras.Model(inputs, outputs, name=cfg.get("name"))
+
+    def graph(self, k3_model, cfg: dict, feed: dict | None = None, prefix: str = ""):
+        """(inputs, outputs) of the functional graph `cfg`, rebuilt in tf-keras. With `feed` (input
+        layer name -> tf-keras tensor) the graph is inlined where those tensors are, its layers named
+        `prefix + name` (a KerasHub backbone inside a classifier)."""
         produced: dict[tuple[str, int], list] = {}
         for lcfg in cfg["layers"]:
             name = lcfg.get("name") or lcfg["config"]["name"]
             if lcfg["class_name"] == "InputLayer":
-                produced[(name, 0)] = [keras.Input(**self._input_kwargs(lcfg["config"]))]
+                produced[(name, 0)] = [self._input(lcfg, name, feed)]
                 continue
-            layer = None if is_op(lcfg) else self._make_layer(lcfg, self._k3_sublayer(k3_model, name))
+            layer = None if is_op(lcfg) else self._make_layer(lcfg, self._k3_sublayer(k3_model, name), prefix)
             for node_index, node in enumerate(lcfg.get("inbound_nodes", [])):
                 args, kwargs = self._node_call(node, produced, name)
                 if is_op(lcfg):
-                    layer, args, kwargs = self._op_layer(lcfg, name, args, kwargs)
+                    layer, args, kwargs = self._op_layer(lcfg, prefix + name, args, kwargs)
+                mask = self._mask_in(layer, self._k3_sublayer(k3_model, name), name, args, kwargs)
                 try:
                     out = layer(*args, **kwargs)
+                except CompressorError:
+                    raise
                 except Exception as exc:  # noqa: BLE001
                     raise CompressorError(
                         f"cannot rebuild Keras 3 layer '{clip(name, 40)}' ({clip(lcfg['class_name'], 40)}) in "
                         f"tf-keras: {_first_line(exc)}; save the model without it or as tf-keras"
                     ) from None
                 produced[(name, node_index)] = tf.nest.flatten(out)
+                self._mask_out(layer, self._k3_sublayer(k3_model, name), mask, out)
 
         def pick(spec):
             if isinstance(spec, dict):
@@ -308,7 +378,44 @@ class _Importer:
                 return produced[(spec[0], spec[1])][spec[2]]
             return [pick(s) for s in spec]
 
-        return keras.Model(pick(cfg["input_layers"]), pick(cfg["output_layers"]), name=cfg.get("name"))
+        return pick(cfg["input_layers"]), pick(cfg["output_layers"])
+
+    def _mask_in(self, layer, k3_layer, name: str, args, kwargs):
+        """The explicit padding mask a call reads (KerasHub's mask_zero), handed to the layer the way
+        Keras 3 would: a KerasHub rebuild takes it as its input mask, a layer whose call has `mask`
+        as that argument; attention outside a KerasHub encoder is refused (it reads masks implicitly)."""
+        mask = next((self.masks[id(t)] for t in tf.nest.flatten((args, kwargs)) if id(t) in self.masks), None)
+        if mask is None or k3_layer is None:
+            return mask
+        if isinstance(layer, HubLayer):
+            layer.input_mask = mask
+        elif "mask" in inspect.signature(k3_layer.call).parameters and "mask" in inspect.signature(
+                layer.call).parameters:
+            kwargs["mask"] = mask
+        elif type(k3_layer).__name__ in _IMPLICIT_MASK_READERS:
+            raise CompressorError(
+                f"Keras 3 layer '{clip(name, 40)}' ({type(k3_layer).__name__}) reads a KerasHub padding mask "
+                "implicitly, which the tf-keras rebuild cannot pass on; use a KerasHub TransformerEncoder, or "
+                "pass the mask explicitly (attention_mask=), or save the model as tf-keras")
+        return mask
+
+    def _mask_out(self, layer, k3_layer, mask, out) -> None:
+        """Where Keras 3 passes the mask on (a masking-aware layer keeping the token axis), so do we."""
+        if isinstance(layer, HubLayer):
+            mask = layer.output_mask
+        elif mask is None or k3_layer is None or not getattr(k3_layer, "supports_masking", False):
+            return
+        for tensor in tf.nest.flatten(out) if mask is not None else ():
+            if len(tensor.shape) >= 3 and tensor.shape[1] == mask.shape[1]:
+                self.masks[id(tensor)] = mask
+
+    def _input(self, lcfg: dict, name: str, feed: dict | None):
+        if feed is None:
+            return keras.Input(**self._input_kwargs(lcfg["config"]))
+        if name not in feed:
+            raise CompressorError(f"Keras 3 backbone input '{clip(name, 40)}' is not fed by the model; "
+                                  "pass every backbone input, or save the model as tf-keras")
+        return feed[name]
 
     def _op_layer(self, lcfg: dict, name: str, args: list, kwargs: dict):
         """A keras.ops node (x + y, x * 0.5, ...) -> (tf-keras layer computing it, args, kwargs)."""
@@ -366,15 +473,35 @@ class _Importer:
         return kwargs
 
     # ----------------------------------------------------------------- layers
-    def _make_layer(self, lcfg: dict, k3_layer):
+    def _make_layer(self, lcfg: dict, k3_layer, prefix: str = ""):
         class_name = lcfg["class_name"]
-        name = lcfg.get("config", {}).get("name") or lcfg.get("name")
+        name = prefix + (lcfg.get("config", {}).get("name") or lcfg.get("name"))
+        if prefix:
+            lcfg = {**lcfg, "config": {**(lcfg.get("config") or {}), "name": name}}
+        if k3_layer is not None and prefix:
+            self.sources[name] = k3_layer.get_weights
+        hub = hub_class(lcfg) or (class_name if class_name in HUB_LAYERS else None)
+        if hub is not None:
+            return self._hub_layer(hub, name, lcfg, k3_layer)
         if class_name in _MODEL_CLASSES:
             if k3_layer is None:
                 raise CompressorError(f"nested Keras 3 model '{clip(name, 40)}' not found; re-save the model")
             return self.rebuild(k3_layer)
         self.n_layers += 1
         return self._layer_from_config(name, class_name, lcfg)
+
+    def _hub_layer(self, hub: str, name: str, lcfg: dict, k3_layer):
+        """A KerasHub layer as its tf-keras parts (compressor/layers/hub.py), or a backbone inlined."""
+        self.n_layers += 1
+        if k3_layer is None:
+            raise CompressorError(f"KerasHub layer '{clip(name, 40)}' not found in the loaded model; re-save the model")
+        if hub in HUB_BACKBONES:
+            return _Backbone(self, k3_layer, name)
+        spec = LayerSpec(name, hub, str(lcfg.get("module") or ""), dict(lcfg.get("config") or {}),
+                         lambda tf_cls, cfg: self._translate(name, hub, tf_cls, cfg), self.notes)
+        rebuild = HUB_LAYERS[hub](spec)
+        self.hub_layers.append((rebuild, k3_layer))
+        return rebuild
 
     def _layer_from_config(self, name: str, class_name: str, lcfg: dict):
         """Ask the layer table (compressor/layers) how to rebuild the class; default: same tf-keras class."""
@@ -455,13 +582,21 @@ class _Importer:
     # ----------------------------------------------------------------- weights
     def copy_weights(self, k3_model, tf_model) -> None:
         """Copy weights layer by layer (by name), checking every shape."""
+        for rebuild, k3_layer in self.hub_layers:
+            for part, arrays in rebuild.weights(k3_layer).items():
+                self.sources[f"{rebuild.name}.{part}"] = lambda arrays=arrays: arrays
         for tf_layer in tf_model.layers:
             if isinstance(tf_layer, keras.layers.InputLayer):
                 continue
+            if tf_layer.name in self.sources:
+                self._set_weights(tf_layer, self.sources[tf_layer.name](), "?")
+                continue
             k3_layer = self._k3_sublayer(k3_model, tf_layer.name)
-            if k3_layer is None and _is_k3_op(k3_model, tf_layer.name) and (
+            if k3_layer is None and (_is_k3_op(k3_model, tf_layer.name) or _tf_op(tf_layer)) and (
                     not tf_layer.weights or isinstance(tf_layer, ConstantTerm)):
                 continue  # a keras.ops node rebuilt as a weightless layer, or holding its graph constant
+            if k3_layer is None and not tf_layer.weights and self.hub_layers:
+                continue  # a weightless part of a KerasHub rebuild (Add, Dropout)
             if k3_layer is None:
                 raise CompressorError(
                     f"imported layer '{clip(tf_layer.name, 40)}' has no Keras 3 counterpart; re-save the model"
@@ -469,18 +604,50 @@ class _Importer:
             if isinstance(tf_layer, keras.Model):
                 self.copy_weights(k3_layer, tf_layer)
                 continue
-            src = [np.asarray(w) for w in k3_layer.get_weights()]
-            dst = tf_layer.get_weights()
-            shapes_src = [w.shape for w in src]
-            shapes_dst = [w.shape for w in dst]
-            if shapes_src != shapes_dst:
-                raise CompressorError(
-                    f"Keras 3 layer '{clip(tf_layer.name, 40)}' ({type(k3_layer).__name__}) has weights "
-                    f"{shapes_src} but its tf-keras rebuild expects {shapes_dst}; save the model "
-                    "without it or as tf-keras"
-                )
-            if src:
-                tf_layer.set_weights(src)
+            self._set_weights(tf_layer, k3_layer.get_weights(), type(k3_layer).__name__)
+
+    @staticmethod
+    def _set_weights(tf_layer, weights, k3_class: str) -> None:
+        src = [np.asarray(w) for w in weights]
+        shapes_src = [w.shape for w in src]
+        shapes_dst = [w.shape for w in tf_layer.get_weights()]
+        if shapes_src != shapes_dst:
+            raise CompressorError(
+                f"Keras 3 layer '{clip(tf_layer.name, 40)}' ({k3_class}) has weights "
+                f"{shapes_src} but its tf-keras rebuild expects {shapes_dst}; save the model "
+                "without it or as tf-keras"
+            )
+        if src:
+            tf_layer.set_weights(src)
+
+
+class _Backbone:
+    """A KerasHub backbone (a Functional subclass storing only its constructor arguments): its live
+    graph, read through a plain functional view of it, is inlined where the classifier calls it."""
+
+    def __init__(self, importer: "_Importer", k3_backbone, name: str):
+        self.importer, self.name, self.calls = importer, name, 0
+        self.view = _keras3().Model(k3_backbone.input, k3_backbone.output)
+        self.cfg = self.view.get_config()
+
+    def __call__(self, inputs, **kwargs):
+        self.calls += 1
+        if self.calls > 1:
+            raise CompressorError(f"KerasHub backbone '{clip(self.name, 40)}' is called more than once; "
+                                  "save a model that calls it once, or as tf-keras")
+        spec = self.cfg["input_layers"]
+        if isinstance(spec, dict):
+            feed = {spec[key][0]: inputs[key] for key in spec if key in inputs}
+        elif len(spec) == 3 and isinstance(spec[0], str):  # one input, stored as one reference
+            feed = {spec[0]: tf.nest.flatten(inputs)[0]}
+        else:
+            feed = {s[0]: t for s, t in zip(spec, tf.nest.flatten(inputs))}
+        return self.importer.graph(self.view, self.cfg, feed=feed, prefix=self.name + ".")[1]
+
+
+def _tf_op(tf_layer) -> bool:
+    """A TensorFlow call tf-keras recorded itself (a padding-mask op rebuilt from keras.ops)."""
+    return type(tf_layer).__name__ in ("TFOpLambda", "SlicingOpLambda")
 
 
 def _is_k3_op(k3_model, name: str) -> bool:

@@ -199,7 +199,7 @@ def _check_object(obj: dict, where: str, source: str, known: set[str]) -> None:
     if isinstance(module, str) and module.split(".")[0] in _KERAS_MODULES:
         return
     registered = obj.get("registered_name")
-    if class_name in known or (isinstance(registered, str) and registered in known):
+    if class_name in known or (isinstance(registered, str) and registered in known) or recognised(obj):
         return
     if class_name == "function" and isinstance(obj.get("config"), str) and obj["config"] in known:
         # a function registered in this process (the importer's hard_silu, ...): resolved by name, never imported
