@@ -78,7 +78,7 @@ class TFLiteRunner:
     def _encode(self, x: np.ndarray) -> np.ndarray:
         dtype = self._input["dtype"]
         if dtype == np.float32:
-            return x.astype(np.float32)
+            return np.asarray(x, np.float32)  # set_tensor copies it
         if self.integer_input:
             return _ids(x, dtype)
         scale, zero = self._input["quantization"]
@@ -100,6 +100,13 @@ class TFLiteRunner:
         self.interpreter.invoke()
 
     def output(self) -> np.ndarray:
+        return self._decode(self.interpreter.get_tensor(self._output["index"]))
+
+    def serve(self, x: np.ndarray) -> np.ndarray:
+        """One request as a Python server handles it: set_tensor (a copy in), invoke, get_tensor (a
+        copy out). The batch must be the one set last (the timing loop's)."""
+        self.interpreter.set_tensor(self._input["index"], self._encode(x))
+        self.interpreter.invoke()
         return self._decode(self.interpreter.get_tensor(self._output["index"]))
 
     def predict(self, x: np.ndarray, batch: int = 64) -> np.ndarray:
@@ -163,7 +170,7 @@ class OnnxRunner:
 
     def _typed(self, x: np.ndarray) -> np.ndarray:
         """x in the file's input type (token ids rounded to ids)."""
-        return _ids(x, self._dtype) if self.integer_input else x.astype(np.float32)
+        return _ids(x, self._dtype) if self.integer_input else np.asarray(x, np.float32)
 
     def set_input(self, x: np.ndarray) -> None:
         beat(self.path)  # the next call starts (outside the timed region): exporters.watchdog
@@ -171,11 +178,16 @@ class OnnxRunner:
             self._binding.clear_binding_outputs()
             for name in self.output_names:
                 self._binding.bind_output(name, "cpu")
-        self._x = np.ascontiguousarray(self._typed(x))  # kept alive: the binding points at its memory
+        self._x = np.array(self._typed(x), order="C")  # owned, kept alive: the binding points at its memory
         self._binding.bind_cpu_input(self._input.name, self._x)
 
     def invoke(self) -> None:
         self.session.run_with_iobinding(self._binding)
+
+    def serve(self, x: np.ndarray) -> list[np.ndarray]:
+        """One request as a Python server handles it: `session.run` with a numpy feed, every output
+        fetched as new numpy arrays (the feed-dict conversion and the output copies included)."""
+        return self.session.run(None, {self._input.name: self._typed(x)})
 
     def output(self) -> np.ndarray:
         return np.array(self._binding.get_outputs()[0].numpy())  # a copy: the next run may reuse the buffer

@@ -51,7 +51,7 @@ def _single_error(code, err):
 def test_table_for_tflite_with_random_inputs(files, capsys):
     code, out, _ = _run(capsys, "--model", files["tflite"], *FAST)
     assert code == 0
-    for word in ("tiny.tflite", "p50 ms", "p99 ms", "throughput", "gzip bytes", "random"):
+    for word in ("tiny.tflite", "p50 ms", "p99 ms", "served p50 ms", "throughput", "gzip bytes", "random"):
         assert word in out
     assert "accuracy" not in out  # no --data: no accuracy claimed
 
@@ -64,6 +64,7 @@ def test_json_for_onnx_with_data(files, capsys, small_mlp, digits):
     assert f["runtime"] == "onnxruntime"
     assert {"p50", "p90", "p99", "mean", "runs", "warmup"} <= set(f["latency_ms"])
     assert f["latency_ms"]["runs"] == 30 and f["latency_ms"]["p50"] <= f["latency_ms"]["p99"]
+    assert 0 < f["latency_ms_served"]["runs"] < 30  # fewer served calls (copy-in + call + copy-out), same turns
     keras_acc = float(np.mean(small_mlp.predict(digits.x_test, verbose=0).argmax(1) == digits.y_test))
     assert f["accuracy"] == pytest.approx(keras_acc, abs=0.01)
     low, high = f["accuracy_ci95"]
