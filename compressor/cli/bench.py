@@ -137,7 +137,7 @@ def bench_command(args, reporter) -> str:
         dataset = load_dataset(args.data)
         if not isinstance(dataset, Dataset):
             raise CompressorError("`compressor bench --data` takes labelled arrays "
-                                  f"(.npz, {', '.join(('mnist5k', 'digits'))} "
+                                  f"(.npz, {', '.join(('mnist5k', 'digits', 'mnist5k@SIZE', 'clutter@SIZE'))} "
                                   "or a function returning arrays); streamed data is read by `compressor run`")
     result = run_watched(measure, (args, paths, dataset, reporter), paths, limit, debug=getattr(args, "debug", False))
     return json.dumps(result, indent=2) if args.json else render_table(result)
