@@ -9,7 +9,6 @@ import numpy as np
 from exporters.files import jsonable, write_text_atomic
 from exporters.latency import SERVED_EVERY
 
-
 TIMINGS = ("p50/p90/p99 ms = the runtime call alone, the input placed before the clock (LiteRT `invoke`, "
            "onnxruntime `run_with_iobinding`); served = the call as a Python server pays it, input copied in and "
            "output copied out (LiteRT `set_tensor` + `invoke` + `get_tensor`, onnxruntime `session.run` with a numpy "

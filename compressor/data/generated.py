@@ -96,15 +96,14 @@ def _render(src: np.ndarray, scale: np.ndarray, angle: np.ndarray, offset: np.nd
 
 def _stamp(images: np.ndarray, alpha: np.ndarray, corner: np.ndarray, colour: np.ndarray, on: np.ndarray) -> None:
     """Paint each (box, box) opacity map into its image at `corner` (may reach past the edges) in
-    `colour`, where `on`."""
+    `colour`, where `on` (a loop of slices: at 128 px faster than one fancy-indexed write)."""
     box, size = alpha.shape[1], images.shape[1]
     low = np.maximum(corner, 0)
     high = np.minimum(corner + box, size)
     for i in np.flatnonzero(on & np.all(high > low, axis=1)):
         (y0, x0), (y1, x1), (cy, cx) = low[i], high[i], corner[i]
         region = images[i, y0:y1, x0:x1]
-        a = alpha[i, y0 - cy:y1 - cy, x0 - cx:x1 - cx, None]
-        region -= a * (region - colour[i])
+        region -= alpha[i, y0 - cy:y1 - cy, x0 - cx:x1 - cx, None] * (region - colour[i])
 
 
 def _contrasting(rng, image_mean: np.ndarray) -> np.ndarray:
