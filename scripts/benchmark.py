@@ -491,6 +491,7 @@ def headline_md(results: dict) -> str:
         f"{meta['settings']['runs']['1']} interleaved rounds (95% CI); gzip = gzip -9 file size ratio; "
         "accuracy on 1,000 MNIST test digits. Full tables: docs/BENCHMARKS.md.",
         "",
+        *([deployment_table(results), "", "At 28-32 px:", ""] if deployment_table(results) else []),
         headline_table(results), ""])
 
 
@@ -594,7 +595,10 @@ def _method(results: dict) -> list[str]:
         f"(dense, peer, fusion, int8, int8, fusion, …) of {meta['settings'].get('block', 1)} back-to-back calls "
         "each, the first of a turn untimed (it refills the caches the previous file evicted; a served model runs "
         "call after call), with `exporters.latency.measure_interleaved`; onnxruntime through an IOBinding (input "
-        "bound before the clock starts, as LiteRT's `set_tensor`). After warm-up "
+        "bound before the clock starts, as LiteRT's `set_tensor`). Rows measured since the served timing was added "
+        "also carry `latency_ms_served` (the *served p50* column): the call as a Python server pays it, input copied "
+        "in and output copied out (LiteRT `set_tensor` + `invoke` + `get_tensor`, onnxruntime `session.run` with a "
+        "numpy feed), one served call after every 3 call-only ones in the same turns. After warm-up "
         f"({meta['settings']['warmup']['1']} runs at batch 1, {meta['settings']['warmup']['32']} at batch 32), "
         f"{meta['settings']['runs']['1']} rounds at batch 1 and {meta['settings']['runs']['32']} at batch 32, "
         "fixed intra-op threads. LiteRT uses its default resolver (XNNPACK) unless a file needs the builtin one "
