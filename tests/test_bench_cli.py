@@ -395,3 +395,32 @@ def test_families_row_shows_the_best_stage_beside_an_undertrained_dense_model(tm
     assert summary["accuracy_stages_best"] == 0.939 and summary["notes"] == report["baseline_notes"]
     table = script.render([{"family": "MobileNetV3Large", "exit": 0, **summary}])
     assert "0.102 -> 0.181 (best stage 0.939)" in table
+
+
+def test_deployment_rows_head_the_page_with_both_timings_and_keep_the_suites_settings(tmp_path):
+    """Rows at deployment size (scripts/benchmark.py --rows deployment|latency) come first, each with
+    the call-only and the served speedup; adding them keeps the suite's meta (its rounds and load)."""
+    script = _load_script("benchmark")
+    speed = lambda x: {"median": x, "p10": x, "p90": x, "ci95": [x, x], "rounds": 600}  # noqa: E731
+    row = lambda variant, ms, acc: {"variant": variant, "runtime": "tflite", "batch": 1, "threads": 1,  # noqa: E731
+                                    "resolver": "default", "accuracy": acc, "accuracy_ci95": [acc, acc],
+                                    "latency_ms": {"p50": ms}, "latency_ms_served": {"p50": ms + 0.5}}
+    entry = {"name": "mobilenetv2-128-clutter", "data": "clutter@128",
+             "rows": [row("dense", 4.0, 0.8), row("fusion", 1.0, 0.79)],
+             "comparisons": [{"variant": "fusion", "baseline": "dense", "runtime": "tflite", "batch": 1, "threads": 1,
+                              "speedup": speed(4.0), "speedup_served": speed(3.0), "gzip_ratio": 5.0}],
+             "measured": {"load_average_1m": {"before_timing": 3.0, "after_timing": 4.0}}}
+    results = {"meta": {"machine": {"cores": 2}}, "models": [entry]}
+    table = script.deployment_table(results)
+    assert "| mobilenetv2-128-clutter | clutter@128 | tflite | fusion | 1.000 (4.000) | 4.00x (4.00–4.00) | " \
+           "1.5000 (4.5000) | 3.00x (3.00–3.00) | – | 5.0x | 0.790 ± 0.000 (0.800 ± 0.000) |" in table
+    assert "**served**" in "\n".join(script._deployment_top(results))
+    old = {"meta": {"machine": {"cpu": "A"}, "quick": False, "command": "python scripts/benchmark.py",
+                    "settings": {"runs": {"1": 2000}}}, "models": [{"name": "cnn"}]}
+    (tmp_path / "benchmarks.json").write_text(json.dumps(old))
+    new = {"meta": {"machine": {"cpu": "A"}, "quick": False, "command": "python scripts/benchmark.py --rows deployment",
+                    "settings": {"runs": {"1": 600}}, "rows": "deployment"}, "models": [entry]}
+    merged = script._merged(tmp_path / "benchmarks.json", new)
+    assert [m["name"] for m in merged["models"]] == ["cnn", "mobilenetv2-128-clutter"]
+    assert merged["meta"]["settings"]["runs"]["1"] == 2000
+    assert merged["meta"]["updates"] == ["python scripts/benchmark.py --rows deployment"]
