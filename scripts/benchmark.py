@@ -62,6 +62,7 @@ class Settings:
     threads: tuple[int, ...] = THREADS
     fusions: tuple[str, ...] = ("fusion-fixed", "fusion")  # compressor runs per model
     bench: dict | None = None  # the fusion runs' own `bench:` settings (None: the default recipe's)
+    reuse: bool = False  # take the trained models and finished runs an earlier run left in --work
 
 
 FULL = Settings(tuple(suite.MODELS), {1: 2000, 32: 300}, {1: 200, 32: 30})
@@ -131,6 +132,32 @@ def macs(model) -> dict:
     return {"macs": model_macs(model), "macs_nonzero": model_macs(model, nonzero_only=True)}
 
 
+def _trained(spec, data, saved: Path, reuse: bool):
+    """The dense baseline: trained with the fixed seed and saved beside its files, or with --reuse
+    the one an earlier run on this --work saved."""
+    from compressor.load.model_io import load_model
+
+    if reuse and saved.is_file():
+        log(f"reusing {saved} from --work")
+        return load_model(saved).model
+    dense = suite.train(spec, data, seed=SEED)
+    dense.save(saved)
+    return dense
+
+
+def _peer(dense, ds, saved: Path, reuse: bool):
+    """The tfmot peer and its per-kernel sparsity, built (and saved) or with --reuse read back."""
+    from compressor.load.model_io import load_model
+
+    if not (reuse and saved.is_file()):
+        peer, reached = tfmot_peer(dense, ds, SEED)
+        peer.save(saved)
+        return peer, reached
+    peer = load_model(saved).model
+    return peer, {w.name: float(np.mean(w.numpy() == 0)) for layer in peer.layers for w in layer.weights
+                  if len(w.shape) >= 2 and "kernel" in w.name}
+
+
 def build(spec, data, work: Path, settings: Settings = FULL) -> dict:
     """Train the model and make every variant's files; a failing variant is recorded, not fatal."""
     if spec.data is None:
@@ -141,7 +168,7 @@ def build(spec, data, work: Path, settings: Settings = FULL) -> dict:
     entry = {"name": spec.name, "title": spec.title, "input_shape": list(spec.input_shape), "data": spec.data,
              "train_epochs": spec.epochs, "files": {}, "macs": {}, "errors": {}, "seconds": {}}
     t = time.perf_counter()
-    dense = suite.train(spec, data, seed=SEED)
+    dense = _trained(spec, data, folder / "dense.keras", settings.reuse)
     entry["params"] = int(dense.count_params())
     entry["keras_accuracy"] = suite.test_accuracy(dense, spec, data)
     entry["seconds"]["train"] = round(time.perf_counter() - t, 1)
@@ -154,7 +181,7 @@ def build(spec, data, work: Path, settings: Settings = FULL) -> dict:
     entry["macs"]["dense"] = macs(dense)
 
     try:
-        peer, reached = tfmot_peer(dense, ds, SEED)
+        peer, reached = _peer(dense, ds, folder / "tfmot-peer.keras", settings.reuse)
         entry["files"]["tfmot-peer"] = {rt: folder / f"tfmot-peer{ext}" for rt, ext in RUNTIMES.items()}
         for rt, path in entry["files"]["tfmot-peer"].items():
             # the peer as tfmot users ship it: sparse-encoded LiteRT file, plain ONNX
@@ -169,7 +196,7 @@ def build(spec, data, work: Path, settings: Settings = FULL) -> dict:
 
     for variant in settings.fusions:
         t = time.perf_counter()
-        _fusion(entry, dense, ds, folder / variant, variant, settings.bench)
+        _fusion(entry, dense, ds, folder / variant, variant, settings.bench, settings.reuse)
         entry["seconds"][variant] = round(time.perf_counter() - t, 1)
     keras.backend.clear_session()
     return entry
@@ -219,27 +246,37 @@ def _recipe(default: bool, bench: dict | None):
     return recipe if bench is None else recipe.model_copy(update={"bench": recipe.bench.model_copy(update=bench)})
 
 
-def _fusion(entry: dict, dense, ds, out: Path, variant: str, bench: dict | None = None) -> None:
-    """One compressor run: `fusion` = the default recipe (goal-less search), `fusion-fixed` = without
-    the search; files, stages and the frontier are recorded, a failure is recorded, not fatal."""
+def _compressed(entry: dict, dense, ds, out: Path, variant: str, recipe) -> dict:
+    """compressor.api.compress's report; a failed verification is flagged, its files still timed."""
     from compressor.api import compress
     from compressor.core.errors import CompressorError
+
+    try:
+        return compress(dense, ds, out, recipe=recipe, force=True, quiet=True)
+    except CompressorError as exc:
+        # The pipeline writes every file and report.json before it refuses a failed verification;
+        # those files are still timed, and the page flags them with the verification problem.
+        if not str(exc).startswith("verification failed") or not (out / "report.json").is_file():
+            raise
+        entry["errors"][f"{variant} verification"] = str(exc).split("; see ")[0]
+        log(f"{entry['name']}: {variant} verification failed; timing its files anyway, flagged: {exc}")
+        return json.loads((out / "report.json").read_text())
+
+
+def _fusion(entry: dict, dense, ds, out: Path, variant: str, bench: dict | None = None, reuse: bool = False) -> None:
+    """One compressor run: `fusion` = the default recipe (goal-less search), `fusion-fixed` = without
+    the search; files, stages and the frontier are recorded, a failure is recorded, not fatal."""
     from compressor.load.model_io import load_model
     from compressor.train.training import count_params
 
     default = variant == "fusion"
     try:
         recipe = None if default and bench is None else _recipe(default, bench)
-        try:
-            report = compress(dense, ds, out, recipe=recipe, force=True, quiet=True)
-        except CompressorError as exc:
-            # The pipeline writes every file and report.json before it refuses a failed verification;
-            # those files are still timed, and the page flags them with the verification problem.
-            if not str(exc).startswith("verification failed") or not (out / "report.json").is_file():
-                raise
+        if reuse and (out / "report.json").is_file():  # an earlier run on this --work finished it
             report = json.loads((out / "report.json").read_text())
-            entry["errors"][f"{variant} verification"] = str(exc).split("; see ")[0]
-            log(f"{entry['name']}: {variant} verification failed; timing its files anyway, flagged: {exc}")
+            log(f"{entry['name']}: {variant} reused from --work")
+        else:
+            report = _compressed(entry, dense, ds, out, variant, recipe)
         entry["files"][variant] = {rt: out / f"pruned{ext}" for rt, ext in RUNTIMES.items()}
         int8 = {rt: out / f"pruned-int8{ext}" for rt, ext in RUNTIMES.items() if (out / f"pruned-int8{ext}").is_file()}
         if int8 and default:
@@ -774,6 +811,9 @@ def _options(argv: list[str] | None):
                              "untrained MobileNetV2 and ResNet50 at --size, dense float and int8 files timed "
                              "(not scored). "
                              "deployment and latency rows are added to the page beside the suite's (as --update)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="with --work: reuse the dense and peer models and the finished compressor runs an earlier "
+                             "run left there (a deployment-size model trains and compresses for tens of minutes)")
     parser.add_argument("--size", type=int, help="input side in pixels for --rows deployment (128) or latency (224)")
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
@@ -783,6 +823,10 @@ def _options(argv: list[str] | None):
         SPECS.update(specs)
         settings = dataclasses.replace(DEPLOYMENT if deployment else LATENCY, models=tuple(specs))
         args.update = True
+    if args.reuse:
+        if not args.work:
+            parser.error("--reuse needs --work (the folder an earlier run kept)")
+        settings = dataclasses.replace(settings, reuse=True)
     names = tuple(args.models.split(",")) if args.models else settings.models
     unknown = [n for n in names if n not in SPECS]
     if unknown:

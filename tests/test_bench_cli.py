@@ -424,3 +424,13 @@ def test_deployment_rows_head_the_page_with_both_timings_and_keep_the_suites_set
     assert [m["name"] for m in merged["models"]] == ["cnn", "mobilenetv2-128-clutter"]
     assert merged["meta"]["settings"]["runs"]["1"] == 2000
     assert merged["meta"]["updates"] == ["python scripts/benchmark.py --rows deployment"]
+
+
+def test_reuse_takes_the_models_an_earlier_run_left_in_work(small_mlp, tmp_path):
+    """`--reuse --work DIR`: a deployment-size model is not trained (tens of minutes) twice."""
+    script = _load_script("benchmark")
+    small_mlp.save(tmp_path / "dense.keras")
+    again = script._trained(None, None, tmp_path / "dense.keras", reuse=True)  # no spec needed: nothing trains
+    assert all(np.array_equal(a, b) for a, b in zip(again.get_weights(), small_mlp.get_weights()))
+    peer, reached = script._peer(None, None, tmp_path / "dense.keras", reuse=True)
+    assert set(reached) and all(v == 0.0 for v in reached.values())
