@@ -17,7 +17,7 @@ import numpy as np
 from compressor.core import CompressorError, inputs
 from exporters.cpu import ISA_FLAGS, cpu_flags
 from exporters.files import gzip_size
-from exporters.latency import BLOCK, measure_interleaved
+from exporters.latency import BLOCK, measure_both
 from exporters.readback import is_weight, stored_weights
 from exporters.runtimes import open_runner
 from exporters.stats import accuracy_interval, latency_summary, throughput
@@ -95,12 +95,24 @@ def _scored(judge, runner) -> tuple[dict, np.ndarray | None]:
     return row, score.correct
 
 
+def _time_group(group: list[Artifact], x: np.ndarray, threads: int, runs: int, warmup: int, block: int,
+                reporter, label: str) -> tuple[dict, dict]:
+    """One runtime's files timed interleaved at one thread count and batch: (call-only, served) times."""
+    runners = {str(a.path): open_runner(a.path, threads=threads, resolver=a.resolver) for a in group}
+    if reporter is None:
+        return measure_both(runners, x, runs, warmup, block=block)
+    with reporter.bar(label, runs) as bar:
+        return measure_both(runners, x, runs, warmup, on_round=lambda i: bar.advance(), block=block)
+
+
 def run_benchmark(artifacts: list[Artifact], judge, x_sample: np.ndarray, runs: int, warmup: int,
                   threads_list: list[int], batches: list[int], reporter=None,
                   block: int = BLOCK) -> tuple[list[dict], dict]:
     """Rows for report.json `results`, plus per-file correctness vectors for paired tests (only where
     they apply: single-output classification). `judge` scores each file in the recipe's metric
-    (compressor/config/task.py); `x_sample` feeds the timed runs."""
+    (compressor/config/task.py); `x_sample` feeds the timed runs. `latency_ms` is the runtime call
+    alone (input placed before the clock); `latency_ms_served` adds the copy-in and copy-out a
+    Python server pays (exporters.latency)."""
     rows, correct_by_file = [], {}
     static = {}
     for art in artifacts:
@@ -119,20 +131,16 @@ def run_benchmark(artifacts: list[Artifact], judge, x_sample: np.ndarray, runs: 
     combos = [(rt, t, b) for rt in by_runtime for t in threads_list for b in batches]
     for runtime, threads, batch in combos:
         group = by_runtime[runtime]
-        runners = {str(a.path): open_runner(a.path, threads=threads, resolver=a.resolver) for a in group}
         x = inputs.each(x_sample, lambda a: np.resize(a[: max(batch, 1)], (batch,) + a.shape[1:]).astype(np.float32))
-        label = f"bench {runtime} batch {batch} threads {threads}"
-        if reporter is not None:
-            with reporter.bar(label, runs) as bar:
-                times = measure_interleaved(runners, x, runs, warmup, on_round=lambda i: bar.advance(), block=block)
-        else:
-            times = measure_interleaved(runners, x, runs, warmup, block=block)
+        times, served = _time_group(group, x, threads, runs, warmup, block, reporter,
+                                    f"bench {runtime} batch {batch} threads {threads}")
         for art in group:
             samples = times[str(art.path)]
             rows.append({
                 "variant": art.variant, "runtime": runtime, "file": art.path.name,
                 **{k: static[art.path][k] for k in ("accuracy", "accuracy_ci95", "metric") if k in static[art.path]},
                 "latency_ms": {**latency_summary(samples), "warmup": warmup, "block": block},
+                "latency_ms_served": {**latency_summary(served[str(art.path)]), "warmup": warmup, "block": block},
                 "throughput_per_s": throughput(samples, batch),
                 "batch": batch, "threads": threads,
                 **{k: static[art.path][k] for k in ("size_bytes", "gzip_bytes", "params", "nonzero_params")},

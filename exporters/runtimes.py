@@ -109,7 +109,7 @@ class TFLiteRunner:
         detail = detail or self._input
         dtype = detail["dtype"]
         if dtype == np.float32:
-            return x.astype(np.float32)
+            return np.asarray(x, np.float32)  # set_tensor copies it
         if not detail["quantization"][0]:  # token ids or indices
             return _ids(x, dtype)
         scale, zero = detail["quantization"]
@@ -135,6 +135,17 @@ class TFLiteRunner:
         self.interpreter.invoke()
 
     def output(self) -> np.ndarray:
+        return self._decode(self.interpreter.get_tensor(self._output["index"]))
+
+    def serve(self, x: np.ndarray) -> np.ndarray:
+        """One request as a Python server handles it: set_tensor (a copy in), invoke, get_tensor (a
+        copy out). The batch must be the one set last (the timing loop's)."""
+        if inputs.is_multi(x):
+            for name, detail in self._inputs.items():
+                self.interpreter.set_tensor(detail["index"], self._encode(x[name], detail))
+        else:
+            self.interpreter.set_tensor(self._input["index"], self._encode(x))
+        self.interpreter.invoke()
         return self._decode(self.interpreter.get_tensor(self._output["index"]))
 
     def predict(self, x: np.ndarray, batch: int = 64) -> np.ndarray:
@@ -202,7 +213,7 @@ class OnnxRunner:
     def _typed(self, x: np.ndarray, node=None) -> np.ndarray:
         """x in the file's input type (token ids rounded to ids)."""
         dtype = self._dtype if node is None else _ONNX_TYPES.get(node.type, np.float32)
-        return _ids(x, dtype) if dtype != np.float32 else x.astype(np.float32)
+        return _ids(x, dtype) if dtype != np.float32 else np.asarray(x, np.float32)
 
     def _feed(self, x) -> dict:
         """{file input name: array}: one input, or every Keras input by name."""
@@ -216,12 +227,18 @@ class OnnxRunner:
             self._binding.clear_binding_outputs()
             for name in self.output_names:
                 self._binding.bind_output(name, "cpu")
-        self._x = {k: np.ascontiguousarray(v) for k, v in self._feed(x).items()}  # kept alive: bound memory
+        # owned copies, kept alive: the binding points at their memory
+        self._x = {k: np.array(v, order="C") for k, v in self._feed(x).items()}
         for name, value in self._x.items():
             self._binding.bind_cpu_input(name, value)
 
     def invoke(self) -> None:
         self.session.run_with_iobinding(self._binding)
+
+    def serve(self, x: np.ndarray) -> list[np.ndarray]:
+        """One request as a Python server handles it: `session.run` with a numpy feed, every output
+        fetched as new numpy arrays (the feed-dict conversion and the output copies included)."""
+        return self.session.run(None, self._feed(x))
 
     def output(self) -> np.ndarray:
         return np.array(self._binding.get_outputs()[0].numpy())  # a copy: the next run may reuse the buffer

@@ -20,6 +20,7 @@ few runs) and by default writes to artifacts/benchmarks-quick so it never replac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -44,7 +45,7 @@ from compressor.core._tf import keras  # noqa: E402
 from exporters import targets as registry  # noqa: E402
 from exporters.latency import BLOCK  # noqa: E402
 
-VARIANTS = ("dense", "tfmot-peer", "fusion-fixed", "fusion", "fusion-int8")
+VARIANTS = ("dense", "dense-int8", "tfmot-peer", "fusion-fixed", "fusion", "fusion-int8")
 RUNTIMES = {rt: fmt.extensions[0] for rt, fmt in registry.runtime_formats(registry.NAMES)}
 BATCHES = (1, 32)
 THREADS = (1, 2)
@@ -57,10 +58,20 @@ class Settings:
     models: tuple[str, ...]
     runs: dict        # batch -> timed rounds
     warmup: dict      # batch -> untimed runs per file
+    batches: tuple[int, ...] = BATCHES
+    threads: tuple[int, ...] = THREADS
+    fusions: tuple[str, ...] = ("fusion-fixed", "fusion")  # compressor runs per model
+    bench: dict | None = None  # the fusion runs' own `bench:` settings (None: the default recipe's)
+    reuse: bool = False  # take the trained models and finished runs an earlier run left in --work
 
 
 FULL = Settings(tuple(suite.MODELS), {1: 2000, 32: 300}, {1: 200, 32: 30})
 QUICK = Settings(("mlp-128", "cnn"), {1: 30, 32: 10}, {1: 5, 32: 2})
+# Deployment size: MobileNetV2 at --size on mnist5k resized and on the cluttered task; the default recipe
+# alone (a 20-40 min run each), its own report timed at batch 1 only (the files do not depend on it).
+DEPLOYMENT = Settings((), {1: 600}, {1: 30}, (1,), (1,), ("fusion",), {"batch": [1], "threads": [1]})
+LATENCY = Settings((), {1: 600}, {1: 30}, (1,), (1,), ())
+SPECS: dict = dict(suite.MODELS)  # every model this run may build, by name (the --rows sets add theirs)
 
 
 def log(msg: str) -> None:
@@ -121,16 +132,43 @@ def macs(model) -> dict:
     return {"macs": model_macs(model), "macs_nonzero": model_macs(model, nonzero_only=True)}
 
 
-def build(spec, data, work: Path) -> dict:
-    """Train the model and make every variant's files; a failing variant is recorded, not fatal."""
+def _trained(spec, data, saved: Path, reuse: bool):
+    """The dense baseline: trained with the fixed seed and saved beside its files, or with --reuse
+    the one an earlier run on this --work saved."""
+    from compressor.load.model_io import load_model
 
+    if reuse and saved.is_file():
+        log(f"reusing {saved} from --work")
+        return load_model(saved).model
+    dense = suite.train(spec, data, seed=SEED)
+    dense.save(saved)
+    return dense
+
+
+def _peer(dense, ds, saved: Path, reuse: bool):
+    """The tfmot peer and its per-kernel sparsity, built (and saved) or with --reuse read back."""
+    from compressor.load.model_io import load_model
+
+    if not (reuse and saved.is_file()):
+        peer, reached = tfmot_peer(dense, ds, SEED)
+        peer.save(saved)
+        return peer, reached
+    peer = load_model(saved).model
+    return peer, {w.name: float(np.mean(w.numpy() == 0)) for layer in peer.layers for w in layer.weights
+                  if len(w.shape) >= 2 and "kernel" in w.name}
+
+
+def build(spec, data, work: Path, settings: Settings = FULL) -> dict:
+    """Train the model and make every variant's files; a failing variant is recorded, not fatal."""
+    if spec.data is None:
+        return build_latency_only(spec, work)
     folder = work / spec.name
     folder.mkdir(parents=True, exist_ok=True)
     ds = suite.dataset_for(spec, data)
-    entry = {"name": spec.name, "title": spec.title, "input_shape": list(spec.input_shape),
+    entry = {"name": spec.name, "title": spec.title, "input_shape": list(spec.input_shape), "data": spec.data,
              "train_epochs": spec.epochs, "files": {}, "macs": {}, "errors": {}, "seconds": {}}
     t = time.perf_counter()
-    dense = suite.train(spec, data, seed=SEED)
+    dense = _trained(spec, data, folder / "dense.keras", settings.reuse)
     entry["params"] = int(dense.count_params())
     entry["keras_accuracy"] = suite.test_accuracy(dense, spec, data)
     entry["seconds"]["train"] = round(time.perf_counter() - t, 1)
@@ -143,7 +181,7 @@ def build(spec, data, work: Path) -> dict:
     entry["macs"]["dense"] = macs(dense)
 
     try:
-        peer, reached = tfmot_peer(dense, ds, SEED)
+        peer, reached = _peer(dense, ds, folder / "tfmot-peer.keras", settings.reuse)
         entry["files"]["tfmot-peer"] = {rt: folder / f"tfmot-peer{ext}" for rt, ext in RUNTIMES.items()}
         for rt, path in entry["files"]["tfmot-peer"].items():
             # the peer as tfmot users ship it: sparse-encoded LiteRT file, plain ONNX
@@ -156,9 +194,9 @@ def build(spec, data, work: Path) -> dict:
         log(f"{spec.name}: tfmot peer FAILED: {_one_line(exc)}")
     entry["seconds"]["tfmot-peer"] = round(time.perf_counter() - t, 1)
 
-    for variant in ("fusion-fixed", "fusion"):
+    for variant in settings.fusions:
         t = time.perf_counter()
-        _fusion(entry, dense, ds, folder / variant, variant)
+        _fusion(entry, dense, ds, folder / variant, variant, settings.bench, settings.reuse)
         entry["seconds"][variant] = round(time.perf_counter() - t, 1)
     keras.backend.clear_session()
     return entry
@@ -174,26 +212,71 @@ def fixed_recipe():
     return recipe.model_copy(update={"stages": [st for st in recipe.stages if st.name != "search"]})
 
 
-def _fusion(entry: dict, dense, ds, out: Path, variant: str) -> None:
-    """One compressor run: `fusion` = the default recipe (goal-less search), `fusion-fixed` = without
-    the search; files, stages and the frontier are recorded, a failure is recorded, not fatal."""
+def build_latency_only(spec, work: Path) -> dict:
+    """An untrained model's dense float and int8 files, for latency rows (no accuracy: nothing was learned)."""
+    folder = work / spec.name
+    folder.mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(SEED)
+    model = spec.build()
+    calibration = np.random.default_rng(SEED).random((32, *spec.input_shape), dtype=np.float32)
+    entry = {"name": spec.name, "title": spec.title, "input_shape": list(spec.input_shape), "data": None,
+             "train_epochs": 0, "params": int(model.count_params()), "keras_accuracy": None,
+             "files": {"dense": {}, "dense-int8": {}}, "macs": {}, "errors": {}, "seconds": {}}
+    for runtime, ext in RUNTIMES.items():
+        for variant, name in (("dense", runtime), ("dense-int8", f"{runtime}-int8")):
+            t = time.perf_counter()
+            path = folder / f"{variant}{ext}"
+            try:
+                registry.target(name).export(model, path, calibration=calibration, sparse=False)
+                entry["files"][variant][runtime] = path
+            except Exception as exc:
+                entry["errors"][f"{variant} {runtime} failed"] = _one_line(exc)
+            entry["seconds"][f"export {variant}{ext}"] = round(time.perf_counter() - t, 1)
+            log(f"{spec.name}: {path.name} in {entry['seconds'][f'export {variant}{ext}']}s")
+    entry["macs"]["dense"] = entry["macs"]["dense-int8"] = macs(model)
+    keras.backend.clear_session()
+    return entry
+
+
+def _recipe(default: bool, bench: dict | None):
+    """The default recipe (or its fixed form), with the run's own report timed as `bench` says."""
+    from compressor.config.recipe import default_recipe
+
+    recipe = default_recipe() if default else fixed_recipe()
+    return recipe if bench is None else recipe.model_copy(update={"bench": recipe.bench.model_copy(update=bench)})
+
+
+def _compressed(entry: dict, dense, ds, out: Path, variant: str, recipe) -> dict:
+    """compressor.api.compress's report; a failed verification is flagged, its files still timed."""
     from compressor.api import compress
     from compressor.core.errors import CompressorError
+
+    try:
+        return compress(dense, ds, out, recipe=recipe, force=True, quiet=True)
+    except CompressorError as exc:
+        # The pipeline writes every file and report.json before it refuses a failed verification;
+        # those files are still timed, and the page flags them with the verification problem.
+        if not str(exc).startswith("verification failed") or not (out / "report.json").is_file():
+            raise
+        entry["errors"][f"{variant} verification"] = str(exc).split("; see ")[0]
+        log(f"{entry['name']}: {variant} verification failed; timing its files anyway, flagged: {exc}")
+        return json.loads((out / "report.json").read_text())
+
+
+def _fusion(entry: dict, dense, ds, out: Path, variant: str, bench: dict | None = None, reuse: bool = False) -> None:
+    """One compressor run: `fusion` = the default recipe (goal-less search), `fusion-fixed` = without
+    the search; files, stages and the frontier are recorded, a failure is recorded, not fatal."""
     from compressor.load.model_io import load_model
     from compressor.train.training import count_params
 
     default = variant == "fusion"
     try:
-        try:
-            report = compress(dense, ds, out, recipe=None if default else fixed_recipe(), force=True, quiet=True)
-        except CompressorError as exc:
-            # The pipeline writes every file and report.json before it refuses a failed verification;
-            # those files are still timed, and the page flags them with the verification problem.
-            if not str(exc).startswith("verification failed") or not (out / "report.json").is_file():
-                raise
+        recipe = None if default and bench is None else _recipe(default, bench)
+        if reuse and (out / "report.json").is_file():  # an earlier run on this --work finished it
             report = json.loads((out / "report.json").read_text())
-            entry["errors"][f"{variant} verification"] = str(exc).split("; see ")[0]
-            log(f"{entry['name']}: {variant} verification failed; timing its files anyway, flagged: {exc}")
+            log(f"{entry['name']}: {variant} reused from --work")
+        else:
+            report = _compressed(entry, dense, ds, out, variant, recipe)
         entry["files"][variant] = {rt: out / f"pruned{ext}" for rt, ext in RUNTIMES.items()}
         int8 = {rt: out / f"pruned-int8{ext}" for rt, ext in RUNTIMES.items() if (out / f"pruned-int8{ext}").is_file()}
         if int8 and default:
@@ -224,8 +307,9 @@ def _fusion(entry: dict, dense, ds, out: Path, variant: str) -> None:
             entry["errors"][f"{variant} MACs unavailable"] = _one_line(exc)
 
 
-def static_metrics(entry: dict, x: np.ndarray, y: np.ndarray) -> dict:
-    """Accuracy (+ Wilson CI), sizes and stored weights of every file; correctness kept for McNemar."""
+def static_metrics(entry: dict, x: np.ndarray, y: np.ndarray | None) -> dict:
+    """Accuracy (+ Wilson CI), sizes and stored weights of every file; correctness kept for McNemar
+    (`y` None: a latency-only model, not scored)."""
     from compressor.cli.bench import fit_samples
     from exporters.benchmark import correctness, file_params
     from exporters.files import gzip_size
@@ -237,15 +321,16 @@ def static_metrics(entry: dict, x: np.ndarray, y: np.ndarray) -> dict:
     for variant, by_runtime in entry["files"].items():
         for runtime, path in by_runtime.items():
             runner, resolver, note = open_runner_safely(path, 1)
-            ok = correctness(runner, fit_samples(x, runner.input_shape, "mnist5k", path), y, path)
+            ok = None if y is None else correctness(runner, fit_samples(x, runner.input_shape, "data", path), y, path)
             try:
                 params, nonzero = file_params(path)
             except Exception as exc:  # read-back is best effort here; the pipeline verifies its own files
                 params = nonzero = None
                 note = (note + "; " if note else "") + f"weights not read back: {_one_line(exc)}"
             out[(variant, runtime)] = {
-                "file": str(path), "resolver": resolver, "correct": ok, "accuracy": float(ok.mean()),
-                "accuracy_ci95": list(accuracy_interval(ok)), "size_bytes": path.stat().st_size,
+                "file": str(path), "resolver": resolver, "correct": ok,
+                "accuracy": None if ok is None else float(ok.mean()),
+                "accuracy_ci95": None if ok is None else list(accuracy_interval(ok)), "size_bytes": path.stat().st_size,
                 "gzip_bytes": gzip_size(path), "params": params, "nonzero_params": nonzero,
                 "notes": [note] if note else [],
                 "verified": verified.get(path.name, True) if variant.startswith("fusion") else None,
@@ -255,23 +340,23 @@ def static_metrics(entry: dict, x: np.ndarray, y: np.ndarray) -> dict:
 
 def time_runtime(entry: dict, static: dict, runtime: str, x: np.ndarray, settings: Settings) -> list[dict]:
     """Interleaved timings of every variant of one runtime, for each thread count and batch size."""
-    from exporters.latency import measure_interleaved
+    from exporters.latency import measure_both
     from exporters.runtimes import open_runner
 
     variants = [v for v in VARIANTS if (v, runtime) in static]
     timings = []
-    for threads in THREADS:
-        for batch in BATCHES:
+    for threads in settings.threads:
+        for batch in settings.batches:
             runners = {v: open_runner(static[(v, runtime)]["file"], threads=threads,
                                       resolver=static[(v, runtime)]["resolver"]) for v in variants}
             shape = runners[variants[0]].input_shape
             xb = np.resize(x[:batch], (batch, *x.shape[1:])).reshape((batch, *shape)).astype(np.float32)
             t = time.perf_counter()
-            times = measure_interleaved(runners, xb, settings.runs[batch], settings.warmup[batch])
+            times, served = measure_both(runners, xb, settings.runs[batch], settings.warmup[batch])
             log(f"{entry['name']} {runtime} t{threads} b{batch}: {len(variants)} files x {settings.runs[batch]} rounds "
                 f"in {time.perf_counter() - t:.1f}s")
             timings.append({"runtime": runtime, "threads": threads, "batch": batch, "times": times,
-                            "warmup": settings.warmup[batch]})
+                            "served": served, "warmup": settings.warmup[batch]})
     return timings
 
 
@@ -279,22 +364,28 @@ def measure(entry: dict, data, settings: Settings) -> None:
     """Fill entry['rows'] and entry['comparisons'] from the files built for this model."""
     from exporters.stats import latency_summary, mcnemar, ratio_summary, throughput
 
-    shaped = suite.dataset_for(suite.MODELS[entry["name"]], data)  # 784, 28x28 rows or 32x32x3
-    x, y = shaped.x_test, shaped.y_test
+    spec = SPECS[entry["name"]]
+    if spec.data is None:  # latency only: fixed-seed inputs, nothing scored
+        x, y = np.random.default_rng(SEED).random((8, *spec.input_shape), dtype=np.float32), None
+    else:
+        shaped = suite.dataset_for(spec, data)  # 784, 28x28 rows, 32x32x3 or SIZExSIZEx3
+        x, y = shaped.x_test, shaped.y_test
     static = static_metrics(entry, x, y)
     rows, comps = [], []
     for runtime in RUNTIMES:
         if ("dense", runtime) not in static:
             continue
         for timing in time_runtime(entry, static, runtime, x, settings):
-            times, batch, threads = timing["times"], timing["batch"], timing["threads"]
+            times, served, batch, threads = timing["times"], timing["served"], timing["batch"], timing["threads"]
             for variant, samples in times.items():
                 s = static[(variant, runtime)]
-                paired = mcnemar(static[("dense", runtime)]["correct"], s["correct"]) if variant != "dense" else None
+                paired = (mcnemar(static[("dense", runtime)]["correct"], s["correct"])
+                          if variant != "dense" and y is not None else None)
                 rows.append({
                     "model": entry["name"], "variant": variant, "runtime": runtime, "batch": batch, "threads": threads,
                     "file": Path(s["file"]).relative_to(WORK_ROOT).as_posix(), "resolver": s["resolver"],
                     "latency_ms": {**latency_summary(samples), "warmup": timing["warmup"]},
+                    "latency_ms_served": {**latency_summary(served[variant]), "warmup": timing["warmup"]},
                     "throughput_per_s": throughput(samples, batch),
                     **{k: s[k] for k in ("accuracy", "accuracy_ci95", "size_bytes", "gzip_bytes", "params",
                                          "nonzero_params", "notes", "verified")},
@@ -305,8 +396,13 @@ def measure(entry: dict, data, settings: Settings) -> None:
                 for base in ("dense", "tfmot-peer"):
                     if variant == base or variant not in times or base not in times:
                         continue
-                    comps.append(compare(entry, static, runtime, batch, threads, variant, base,
-                                         ratio_summary(times[base], times[variant]), mcnemar))
+                    row = compare(entry, static, runtime, batch, threads, variant, base,
+                                  ratio_summary(times[base], times[variant]), mcnemar)
+                    ratio = ratio_summary(served[base], served[variant])
+                    row["speedup_served"] = {"median": ratio["median"], "p10": ratio["p10"], "p90": ratio["p90"],
+                                             "ci95": [ratio["ci95_low"], ratio["ci95_high"]],
+                                             "rounds": ratio["rounds"]}
+                    comps.append(row)
     entry["rows"], entry["comparisons"] = rows, comps
 
 
@@ -321,7 +417,8 @@ def compare(entry, static, runtime, batch, threads, variant, base, ratio, mcnema
         "speedup": {"median": ratio["median"], "p10": ratio["p10"], "p90": ratio["p90"],
                     "ci95": [ratio["ci95_low"], ratio["ci95_high"]], "rounds": ratio["rounds"]},
         "gzip_ratio": a["gzip_bytes"] / b["gzip_bytes"], "size_ratio": a["size_bytes"] / b["size_bytes"],
-        "accuracy_delta": b["accuracy"] - a["accuracy"], "mcnemar": mcnemar(a["correct"], b["correct"]),
+        "accuracy_delta": None if a["correct"] is None else b["accuracy"] - a["accuracy"],
+        "mcnemar": None if a["correct"] is None else mcnemar(a["correct"], b["correct"]),
         "ideal_nonzero": None, "of_ideal_nonzero": None, "ideal_structural": None, "of_ideal_structural": None,
     }
     if base == "dense" and m_base.get("macs") and m_var.get("macs"):
@@ -351,14 +448,24 @@ def _x(value) -> str:
 
 
 def _acc(row) -> str:
+    if row.get("accuracy") is None:
+        return "–"
     lo, hi = row["accuracy_ci95"]
     return f"{row['accuracy']:.3f} ± {(hi - lo) / 2:.3f}"
 
 
-def _speed(c) -> str:
-    lo, hi = c["speedup"]["ci95"]
+def _speed(c, key: str = "speedup") -> str:
+    """The median per-round speedup with its 95% CI; `speedup_served` for the served timing."""
+    if not c or not c.get(key):
+        return "–"
+    lo, hi = c[key]["ci95"]
     ci = f" ({lo:.2f}–{hi:.2f})" if lo is not None else ""
-    return f"{c['speedup']['median']:.2f}x{ci}"
+    return f"{c[key]['median']:.2f}x{ci}"
+
+
+def _served(row) -> str:
+    served = row.get("latency_ms_served")
+    return f"{served['p50']:.4f}" if served else "–"
 
 
 def _find(items, **keys):
@@ -387,6 +494,32 @@ def headline_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def deployment_table(results: dict) -> str:
+    """The models at deployment size (not the 28-32 px suite), batch 1, 1 thread: both timings."""
+    lines = ["| model | data | runtime | variant | p50 ms call (dense) | speedup call vs dense | "
+             "p50 ms served (dense) | speedup served vs dense | speedup call vs tfmot | gzip smaller | "
+             "accuracy ± 95% CI (dense) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for m in results["models"]:
+        if m["name"] in suite.MODELS:
+            continue
+        for runtime in RUNTIMES:
+            dense = _find(m.get("rows", []), variant="dense", runtime=runtime, batch=1, threads=1)
+            for variant in VARIANTS[1:]:
+                row = _find(m.get("rows", []), variant=variant, runtime=runtime, batch=1, threads=1)
+                if row is None or dense is None or variant == "tfmot-peer":
+                    continue
+                vd = _find(m["comparisons"], variant=variant, baseline="dense", runtime=runtime, batch=1, threads=1)
+                vt = _find(m["comparisons"], variant=variant, baseline="tfmot-peer", runtime=runtime, batch=1,
+                           threads=1)
+                lines.append(
+                    f"| {m['name']} | {m.get('data') or 'random (untrained)'} | {runtime} | {_label(row)} | "
+                    f"{row['latency_ms']['p50']:.3f} ({dense['latency_ms']['p50']:.3f}) | {_speed(vd)} | "
+                    f"{_served(row)} ({_served(dense)}) | {_speed(vd, 'speedup_served')} | {_speed(vt)} | "
+                    f"{vd['gzip_ratio']:.1f}x | {_acc(row)} ({_acc(dense)}) |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def headline_md(results: dict) -> str:
     meta = results["meta"]
     return "\n".join([
@@ -395,6 +528,7 @@ def headline_md(results: dict) -> str:
         f"{meta['settings']['runs']['1']} interleaved rounds (95% CI); gzip = gzip -9 file size ratio; "
         "accuracy on 1,000 MNIST test digits. Full tables: docs/BENCHMARKS.md.",
         "",
+        *([deployment_table(results), "", "At 28-32 px:", ""] if deployment_table(results) else []),
         headline_table(results), ""])
 
 
@@ -436,12 +570,36 @@ def _page_top(results: dict) -> list[str]:
         f"- CPU: {mi['cpu']}, {mi['cores']} cores ({mi['platform']}), no GPU",
         f"- Python {mi['python']}; compressor {meta['tool_version']}",
         "- " + ", ".join(f"{k} {v}" for k, v in mi["versions"].items() if v), "",
+        *_deployment_top(results),
+        "## Headline at 28-32 px (batch 1, 1 thread)" if deployment_table(results) else
         "## Headline (batch 1, 1 thread)", "",
         "Fusion = this tool's default recipe (`" + " -> ".join(meta["recipe_stages"]) + "`, targets "
         + ", ".join(meta["recipe"]["targets"]) + "). Speedup is the median of per-round latency ratios "
         "(baseline / variant) with its 95% CI; gzip ratio is baseline gzip bytes / variant gzip bytes. "
         "Paste-ready copy: `docs/benchmarks_headline.md`.", "",
         headline_table(results), "",
+    ]
+
+
+def _deployment_top(results: dict) -> list[str]:
+    """The deployment-size headline, when such models were measured."""
+    table = deployment_table(results)
+    if not table:
+        return []
+    stamps = [m["measured"] for m in results["models"] if m["name"] not in suite.MODELS and m.get("measured")]
+    loads = sorted({v for st in stamps for v in st["load_average_1m"].values()})
+    return [
+        "## Headline at deployment size (batch 1, 1 thread)", "",
+        "keras.applications models at 128-224 px, where a call takes milliseconds. `fusion` = the default recipe "
+        "(`compressor run` without `--recipe`); `dense-int8` = the untrained dense model's int8 files (latency only). "
+        "Two timings per file, taken in the same interleaved turns: **call** = the runtime call alone, the input "
+        "placed before the clock (LiteRT `invoke`, onnxruntime `run_with_iobinding`); **served** = the call as a "
+        "Python server pays it, input copied in and output copied out (LiteRT `set_tensor` + `invoke` + "
+        "`get_tensor`, onnxruntime `session.run` with a numpy feed; one served call per 3 call-only ones). "
+        f"1-min load average while timing: {loads[0]}-{loads[-1]} on {results['meta']['machine']['cores']} cores "
+        "(other jobs shared the machine: read the ratios, not the milliseconds). Commands and dates: the models "
+        "table under Method.", "",
+        table, "",
     ]
 
 
@@ -460,7 +618,7 @@ def _method(results: dict) -> list[str]:
         s = m["seconds"]
         built = " / ".join(f"{s.get(k, 0):.0f}" for k in ("train", "tfmot-peer", "fusion-fixed", "fusion"))
         lines.append(f"| {m['name']} | {m['title']} | {m['params']:,} | {m['macs']['dense']['macs']:,} | "
-                     f"{m['train_epochs']} | {m['keras_accuracy']:.4f} | {built} | "
+                     f"{m['train_epochs']} | {_f(m['keras_accuracy'], '.4f')} | {built} | "
                      f"{_measured(m, meta)} |")
     p = PEER
     lines += [
@@ -481,7 +639,10 @@ def _method(results: dict) -> list[str]:
         f"(dense, peer, fusion, int8, int8, fusion, …) of {meta['settings'].get('block', 1)} back-to-back calls "
         "each, the first of a turn untimed (it refills the caches the previous file evicted; a served model runs "
         "call after call), with `exporters.latency.measure_interleaved`; onnxruntime through an IOBinding (input "
-        "bound before the clock starts, as LiteRT's `set_tensor`). After warm-up "
+        "bound before the clock starts, as LiteRT's `set_tensor`). Rows measured since the served timing was added "
+        "also carry `latency_ms_served` (the *served p50* column): the call as a Python server pays it, input copied "
+        "in and output copied out (LiteRT `set_tensor` + `invoke` + `get_tensor`, onnxruntime `session.run` with a "
+        "numpy feed), one served call after every 3 call-only ones in the same turns. After warm-up "
         f"({meta['settings']['warmup']['1']} runs at batch 1, {meta['settings']['warmup']['32']} at batch 32), "
         f"{meta['settings']['runs']['1']} rounds at batch 1 and {meta['settings']['runs']['32']} at batch 32, "
         "fixed intra-op threads. LiteRT uses its default resolver (XNNPACK) unless a file needs the builtin one "
@@ -525,28 +686,30 @@ def _model_section(m: dict) -> list[str]:
             parts.append(f"fusion {m['fusion_kernel_sparsity']:.1%}, {total:,} weights left of {m['params']:,} "
                          f"({nonzero:,} non-zero)")
         lines += ["Zeros over all kernels: " + "; ".join(parts) + ".", ""]
-    lines += ["| variant | runtime | batch | threads | p50 ms | p90 ms | p99 ms | throughput/s | accuracy ± 95% CI | "
-              "McNemar p vs dense | size bytes | gzip bytes | params (non-zero) in file | MACs | non-zero MACs |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| variant | runtime | batch | threads | p50 ms | p90 ms | p99 ms | served p50 ms | throughput/s | "
+              "accuracy ± 95% CI | McNemar p vs dense | size bytes | gzip bytes | params (non-zero) in file | MACs | "
+              "non-zero MACs |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in m.get("rows", []):
         lat = r["latency_ms"]
         mp = r["mcnemar_vs_dense"]["p_value"] if r["mcnemar_vs_dense"] else None
         params = (f"{r['params']:,} ({r['nonzero_params']:,})" if r["params"] is not None else "–")
         lines.append(
             f"| {_label(r)} | {r['runtime']} | {r['batch']} | {r['threads']} | {lat['p50']:.4f} | "
-            f"{lat['p90']:.4f} | {lat['p99']:.4f} | {r['throughput_per_s']:,.0f} | {_acc(r)} | {_f(mp, '.3f')} | "
+            f"{lat['p90']:.4f} | {lat['p99']:.4f} | {_served(r)} | {r['throughput_per_s']:,.0f} | {_acc(r)} | "
+            f"{_f(mp, '.3f')} | "
             f"{r['size_bytes']:,} | {r['gzip_bytes']:,} | {params} | {_f(r['macs'], ',')} | "
             f"{_f(r['macs_nonzero'], ',')} |")
-    lines += ["", "| variant | vs | runtime | batch | threads | speedup (95% CI) | p10-p90 | gzip smaller | "
-              "raw smaller | "
+    lines += ["", "| variant | vs | runtime | batch | threads | speedup (95% CI) | p10-p90 | served speedup | "
+              "gzip smaller | raw smaller | "
               "accuracy Δ (points) | McNemar p | ideal non-zero | of ideal | ideal structural | of ideal |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in m.get("comparisons", []):
         sp = c["speedup"]
         lines.append(
             f"| {c['variant']} | {c['baseline']} | {c['runtime']} | {c['batch']} | {c['threads']} | {_speed(c)} | "
-            f"{sp['p10']:.2f}-{sp['p90']:.2f} | {c['gzip_ratio']:.2f}x | {c['size_ratio']:.2f}x | "
-            f"{c['accuracy_delta'] * 100:+.1f} | {c['mcnemar']['p_value']:.3f} | {_x(c['ideal_nonzero'])} | "
+            f"{sp['p10']:.2f}-{sp['p90']:.2f} | {_speed(c, 'speedup_served')} | {c['gzip_ratio']:.2f}x | "
+            f"{c['size_ratio']:.2f}x | {_f(c['accuracy_delta'] and c['accuracy_delta'] * 100, '+.1f')} | "
+            f"{_f((c['mcnemar'] or {}).get('p_value'), '.3f')} | {_x(c['ideal_nonzero'])} | "
             f"{_f(c['of_ideal_nonzero'], '.0%')} | {_x(c['ideal_structural'])} | "
             f"{_f(c['of_ideal_structural'], '.0%')} |")
     notes = sorted({n for r in m.get("rows", []) for n in r["notes"]})
@@ -633,6 +796,8 @@ def _merged(previous: Path, results: dict) -> dict:
         return results
     updates = list(dict.fromkeys(old["meta"].get("updates", []) + [results["meta"]["command"]]))  # each command once
     meta = dict(results["meta"], command=old["meta"]["command"], updates=updates)  # date, load, recipe: this run's
+    if results["meta"].get("rows", "suite") != "suite":  # rows added beside the suite: its settings stay the page's
+        meta = dict(old["meta"], updates=updates)
     return {"meta": meta, "models": models}
 
 
@@ -647,12 +812,32 @@ def _options(argv: list[str] | None):
     parser.add_argument("--update", action="store_true",
                         help="re-measure only --models and keep the other models' entries of the existing "
                              "benchmarks.json in --out (same machine only; each model's page row shows its date)")
+    parser.add_argument("--rows", choices=("suite", "deployment", "latency"), default="suite",
+                        help="suite: the reference models at 28-32 px; deployment: MobileNetV2 (alpha 1.0) at "
+                             "--size on mnist5k@SIZE and clutter@SIZE, dense / tfmot peer / default recipe; latency: "
+                             "untrained MobileNetV2 and ResNet50 at --size, dense float and int8 files timed "
+                             "(not scored). "
+                             "deployment and latency rows are added to the page beside the suite's (as --update)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="with --work: reuse the dense and peer models and the finished compressor runs an earlier "
+                             "run left there (a deployment-size model trains and compresses for tens of minutes)")
+    parser.add_argument("--size", type=int, help="input side in pixels for --rows deployment (128) or latency (224)")
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
+    if args.rows != "suite":
+        deployment = args.rows == "deployment"
+        specs = suite.deployment(args.size or 128) if deployment else suite.latency_only(args.size or 224)
+        SPECS.update(specs)
+        settings = dataclasses.replace(DEPLOYMENT if deployment else LATENCY, models=tuple(specs))
+        args.update = True
+    if args.reuse:
+        if not args.work:
+            parser.error("--reuse needs --work (the folder an earlier run kept)")
+        settings = dataclasses.replace(settings, reuse=True)
     names = tuple(args.models.split(",")) if args.models else settings.models
-    unknown = [n for n in names if n not in suite.MODELS]
+    unknown = [n for n in names if n not in SPECS]
     if unknown:
-        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(suite.MODELS)}")
+        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(settings.models)}")
     out = Path(args.out or ("artifacts/benchmarks-quick" if args.quick else ROOT / "docs"))
     return args, settings, names, out
 
@@ -662,20 +847,32 @@ def _build_and_measure(names, settings: Settings, recipe, start: float) -> tuple
     returns the entries and the build time and load averages the page states."""
     from compressor.data.sources import load_dataset
 
-    data = load_dataset("mnist5k")
     log(f"building {len(names)} models into {WORK_ROOT}; default recipe stages: "
         f"{', '.join(s.name for s in recipe.stages)}")
-    entries = [build(suite.MODELS[n], data, WORK_ROOT) for n in names]
+    loaded: dict = {}
+
+    def data_for(name: str):
+        spec = SPECS[name]
+        if spec.data is not None and spec.data not in loaded:
+            t = time.perf_counter()
+            loaded.clear()  # one generated set in memory at a time (clutter@128 is ~1 GB)
+            loaded[spec.data] = load_dataset(spec.data)
+            log(f"data {spec.data}: {loaded[spec.data].input_shape} in {time.perf_counter() - t:.1f}s")
+        return loaded.get(spec.data)
+
+    entries = [build(SPECS[n], data_for(n), WORK_ROOT, settings) for n in names]
     build_seconds = time.perf_counter() - start
     load_before = os.getloadavg()
     for entry in entries:
         t = time.perf_counter()
-        measure(entry, data, settings)
+        measure(entry, data_for(entry["name"]), settings)
         entry["seconds"]["bench"] = round(time.perf_counter() - t, 1)
     load_after = os.getloadavg()
     load = {"before_timing": round(load_before[0], 2), "after_timing": round(load_after[0], 2)}
     stamp = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": provenance.commit(),
-             "block": BLOCK, "load_average_1m": dict(load)}
+             "block": BLOCK, "load_average_1m": dict(load),
+             "runs": {str(k): v for k, v in settings.runs.items()}, "threads": list(settings.threads),
+             "batches": list(settings.batches), "bench_recipe": settings.bench}
     for entry in entries:
         entry["measured"] = stamp
     return entries, {"build_seconds": round(build_seconds, 1), "load_average_1m": load}
@@ -697,7 +894,9 @@ def _results(args, argv, settings: Settings, recipe, entries: list[dict], timing
             "settings": {"runs": {str(k): v for k, v in settings.runs.items()},
                          "warmup": {str(k): v for k, v in settings.warmup.items()},
                          "block": BLOCK,
-                         "batches": list(BATCHES), "threads": list(THREADS), "seed": SEED, "peer": PEER},
+                         "batches": list(settings.batches), "threads": list(settings.threads), "seed": SEED,
+                         "peer": PEER},
+            "rows": args.rows,
         },
         "models": entries,
     }

@@ -112,6 +112,7 @@ class ModelSpec:
     input_shape: tuple[int, ...]
     epochs: int
     shape: Callable[[np.ndarray], np.ndarray] | None = None  # None: a plain reshape to input_shape
+    data: str | None = "mnist5k"  # the --data name it is trained and scored on; None: latency only (untrained)
 
 
 MODELS: dict[str, ModelSpec] = {s.name: s for s in (
@@ -127,6 +128,38 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in (
     ModelSpec("encoder", "transformer encoder: 2 blocks, d_model 64, 4 heads, FFN 128 (28 rows as tokens)",
               transformer_encoder, (28, 28), 8),
 )}
+
+
+def _application(name: str, size: int, **kwargs) -> Callable[[], keras.Model]:
+    """A keras.applications model at size x size x 3 (untrained weights), built when called."""
+    return lambda: getattr(keras.applications, name)(input_shape=(size, size, 3), weights=None, classes=CLASSES,
+                                                      **kwargs)
+
+
+DEPLOYMENT_EPOCHS = {"mnist5k": 3, "clutter": 6}
+
+
+def deployment(size: int = 128) -> dict[str, ModelSpec]:
+    """MobileNetV2 (alpha 1.0) at deployment size, trained on mnist5k resized and on the cluttered task."""
+    build = _application("MobileNetV2", size, alpha=1.0)
+    return {s.name: s for s in (
+        ModelSpec(f"mobilenetv2-{size}-mnist5k", f"keras.applications MobileNetV2 (alpha 1.0) at {size}x{size}x3 on "
+                  f"mnist5k@{size} (the digits resized)", build, (size, size, 3), DEPLOYMENT_EPOCHS["mnist5k"],
+                  data=f"mnist5k@{size}"),
+        ModelSpec(f"mobilenetv2-{size}-clutter", f"keras.applications MobileNetV2 (alpha 1.0) at {size}x{size}x3 on "
+                  f"clutter@{size} (digits among clutter)", build, (size, size, 3), DEPLOYMENT_EPOCHS["clutter"],
+                  data=f"clutter@{size}"),
+    )}
+
+
+def latency_only(size: int = 224) -> dict[str, ModelSpec]:
+    """Untrained keras.applications models at size x size x 3: float and int8 files timed, not scored."""
+    return {s.name: s for s in (
+        ModelSpec(f"mobilenetv2-{size}", f"keras.applications MobileNetV2 (alpha 1.0) at {size}x{size}x3, untrained",
+                  _application("MobileNetV2", size, alpha=1.0), (size, size, 3), 0, data=None),
+        ModelSpec(f"resnet50-{size}", f"keras.applications ResNet50 at {size}x{size}x3, untrained",
+                  _application("ResNet50", size), (size, size, 3), 0, data=None),
+    )}
 
 
 def dataset_for(spec: ModelSpec, data: Dataset) -> Dataset:

@@ -51,7 +51,7 @@ def _single_error(code, err):
 def test_table_for_tflite_with_random_inputs(files, capsys):
     code, out, _ = _run(capsys, "--model", files["tflite"], *FAST)
     assert code == 0
-    for word in ("tiny.tflite", "p50 ms", "p99 ms", "throughput", "gzip bytes", "random"):
+    for word in ("tiny.tflite", "p50 ms", "p99 ms", "served p50 ms", "throughput", "gzip bytes", "random"):
         assert word in out
     assert "accuracy" not in out  # no --data: no accuracy claimed
 
@@ -64,6 +64,7 @@ def test_json_for_onnx_with_data(files, capsys, small_mlp, digits):
     assert f["runtime"] == "onnxruntime"
     assert {"p50", "p90", "p99", "mean", "runs", "warmup"} <= set(f["latency_ms"])
     assert f["latency_ms"]["runs"] == 30 and f["latency_ms"]["p50"] <= f["latency_ms"]["p99"]
+    assert 0 < f["latency_ms_served"]["runs"] < 30  # fewer served calls (copy-in + call + copy-out), same turns
     keras_acc = float(np.mean(small_mlp.predict(digits.x_test, verbose=0).argmax(1) == digits.y_test))
     assert f["accuracy"] == pytest.approx(keras_acc, abs=0.01)
     low, high = f["accuracy_ci95"]
@@ -394,3 +395,42 @@ def test_families_row_shows_the_best_stage_beside_an_undertrained_dense_model(tm
     assert summary["accuracy_stages_best"] == 0.939 and summary["notes"] == report["baseline_notes"]
     table = script.render([{"family": "MobileNetV3Large", "exit": 0, **summary}])
     assert "0.102 -> 0.181 (best stage 0.939)" in table
+
+
+def test_deployment_rows_head_the_page_with_both_timings_and_keep_the_suites_settings(tmp_path):
+    """Rows at deployment size (scripts/benchmark.py --rows deployment|latency) come first, each with
+    the call-only and the served speedup; adding them keeps the suite's meta (its rounds and load)."""
+    script = _load_script("benchmark")
+    speed = lambda x: {"median": x, "p10": x, "p90": x, "ci95": [x, x], "rounds": 600}  # noqa: E731
+    row = lambda variant, ms, acc: {"variant": variant, "runtime": "tflite", "batch": 1, "threads": 1,  # noqa: E731
+                                    "resolver": "default", "accuracy": acc, "accuracy_ci95": [acc, acc],
+                                    "latency_ms": {"p50": ms}, "latency_ms_served": {"p50": ms + 0.5}}
+    entry = {"name": "mobilenetv2-128-clutter", "data": "clutter@128",
+             "rows": [row("dense", 4.0, 0.8), row("fusion", 1.0, 0.79)],
+             "comparisons": [{"variant": "fusion", "baseline": "dense", "runtime": "tflite", "batch": 1, "threads": 1,
+                              "speedup": speed(4.0), "speedup_served": speed(3.0), "gzip_ratio": 5.0}],
+             "measured": {"load_average_1m": {"before_timing": 3.0, "after_timing": 4.0}}}
+    results = {"meta": {"machine": {"cores": 2}}, "models": [entry]}
+    table = script.deployment_table(results)
+    assert "| mobilenetv2-128-clutter | clutter@128 | tflite | fusion | 1.000 (4.000) | 4.00x (4.00–4.00) | " \
+           "1.5000 (4.5000) | 3.00x (3.00–3.00) | – | 5.0x | 0.790 ± 0.000 (0.800 ± 0.000) |" in table
+    assert "**served**" in "\n".join(script._deployment_top(results))
+    old = {"meta": {"machine": {"cpu": "A"}, "quick": False, "command": "python scripts/benchmark.py",
+                    "settings": {"runs": {"1": 2000}}}, "models": [{"name": "cnn"}]}
+    (tmp_path / "benchmarks.json").write_text(json.dumps(old))
+    new = {"meta": {"machine": {"cpu": "A"}, "quick": False, "command": "python scripts/benchmark.py --rows deployment",
+                    "settings": {"runs": {"1": 600}}, "rows": "deployment"}, "models": [entry]}
+    merged = script._merged(tmp_path / "benchmarks.json", new)
+    assert [m["name"] for m in merged["models"]] == ["cnn", "mobilenetv2-128-clutter"]
+    assert merged["meta"]["settings"]["runs"]["1"] == 2000
+    assert merged["meta"]["updates"] == ["python scripts/benchmark.py --rows deployment"]
+
+
+def test_reuse_takes_the_models_an_earlier_run_left_in_work(small_mlp, tmp_path):
+    """`--reuse --work DIR`: a deployment-size model is not trained (tens of minutes) twice."""
+    script = _load_script("benchmark")
+    small_mlp.save(tmp_path / "dense.keras")
+    again = script._trained(None, None, tmp_path / "dense.keras", reuse=True)  # no spec needed: nothing trains
+    assert all(np.array_equal(a, b) for a, b in zip(again.get_weights(), small_mlp.get_weights()))
+    peer, reached = script._peer(None, None, tmp_path / "dense.keras", reuse=True)
+    assert set(reached) and all(v == 0.0 for v in reached.values())

@@ -42,6 +42,8 @@ def test_run_writes_the_contracted_folder(inputs, tmp_path, capsys):
         ("dense", "tflite"), ("dense", "onnxruntime"), ("pruned", "tflite"), ("pruned", "onnxruntime")}
     row = next(r for r in report["results"] if r["file"] == "pruned.tflite")
     assert row["latency_ms"]["runs"] == 200 and row["latency_ms"]["p50"] <= row["latency_ms"]["p99"]
+    served = row["latency_ms_served"]  # the call with copy-in and copy-out, fewer runs in the same turns
+    assert 0 < served["runs"] < 200 and served["p50"] <= served["p99"]
     assert row["nonzero_params"] < row["params"] and row["batch"] == 1 and row["threads"] == 1
     assert all(v["ok"] and v["zeros_in_file"] == v["zeros_expected"] for v in report["verification"])
     assert report["recipe"]["stages"][0]["block"] == "auto"  # resolved recipe, defaults filled in

@@ -226,3 +226,22 @@ def test_interleaved_turns_time_the_warm_calls_and_block_one_the_cold():
             assert all(share > 0.4 for share in cold_share), cold_share
         switches = sum(a[0] != b[0] for a, b in zip(log, log[1:]))
         assert switches >= 45 // max(1, block - 1) - 1  # the files still take turns: drift hits both
+
+
+class _ServedRunner(_CacheRunner):
+    """A fake runner whose served call (copy-in, call, copy-out) costs more than the call alone."""
+
+    def serve(self, x):
+        self.invoke()
+        time.sleep(0.001)
+
+
+def test_served_timing_is_fewer_calls_in_the_same_turns_and_includes_the_copies():
+    from exporters.latency import measure_both, served_runs
+
+    log = []
+    runners = {n: _ServedRunner(n, log) for n in ("dense", "pruned")}
+    call, served = measure_both(runners, None, runs=45, warmup=1)
+    assert all(len(t) == 45 for t in call.values())
+    assert all(len(t) == served_runs(45) and 0 < len(t) < 45 for t in served.values())
+    assert all(np.median(served[n]) > np.median(call[n]) + 0.0008 for n in runners)

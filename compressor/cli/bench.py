@@ -6,12 +6,17 @@ JSON shape (`--json`):
     {"machine": {...}, "settings": {...},
      "files": [{"file", "runtime", "resolver", "input_shape", "inputs", "size_bytes", "gzip_bytes",
                 "latency_ms": {"p50", "p90", "p99", "mean", "std", "min", "max", "runs", "warmup"},
+                "latency_ms_served": {... the same keys},
                 "throughput_per_s", "accuracy", "accuracy_ci95", "test_samples", "notes"}, ...],
      "compare": {"latency_ratio": {"median", "p10", "p90", "ci95_low", "ci95_high", "rounds"},
-                 "speedup_of_model": float, "mcnemar": {...} | null}}     # only with --compare
+                 "latency_ratio_served": {... the same keys}, "speedup_of_model": float,
+                 "speedup_of_model_served": float, "mcnemar": {...} | null}}     # only with --compare
 
-`latency_ratio` is model / compare per interleaved round (below 1.0 the --model file is faster);
-`speedup_of_model` = 1 / its median: how many times as fast --model runs as --compare.
+`latency_ms` times the runtime call alone, the input placed before the clock; `latency_ms_served`
+times the call as a Python server makes it (input copied in, output copied out), one served call
+per three call-only ones in the same turns. `latency_ratio` is model / compare per interleaved
+round (below 1.0 the --model file is faster); `speedup_of_model` = 1 / its median: how many times
+as fast --model runs as --compare.
 """
 from __future__ import annotations
 
@@ -132,7 +137,7 @@ def bench_command(args, reporter) -> str:
         dataset = load_dataset(args.data)
         if not isinstance(dataset, Dataset):
             raise CompressorError("`compressor bench --data` takes labelled arrays "
-                                  f"(.npz, {', '.join(('mnist5k', 'digits'))} "
+                                  f"(.npz, {', '.join(('mnist5k', 'digits', 'mnist5k@SIZE', 'clutter@SIZE'))} "
                                   "or a function returning arrays); streamed data is read by `compressor run`")
     result = run_watched(measure, (args, paths, dataset, reporter), paths, limit, debug=getattr(args, "debug", False))
     return json.dumps(result, indent=2) if args.json else render_table(result)
@@ -142,7 +147,7 @@ def measure(args, paths: list[Path], dataset, reporter) -> dict:
     """Open, score and time every file (in the watched child); the JSON result."""
     from exporters.benchmark import correctness, machine_info
     from exporters.files import gzip_size
-    from exporters.latency import measure_interleaved
+    from exporters.latency import measure_both
     from exporters.runtimes import open_runner_safely
     from exporters.stats import accuracy_interval, latency_summary, mcnemar, ratio_summary, throughput
     from exporters.watchdog import beat, idle
@@ -171,10 +176,11 @@ def measure(args, paths: list[Path], dataset, reporter) -> dict:
         files.append(entry)
         runners[f"{i}:{path}"] = (runner, batch_input(shape, args.batch, x))
 
-    times = _time(runners, args, reporter, measure_interleaved)
+    times, served = _time(runners, args, reporter, measure_both)
     idle()
-    for entry, samples in zip(files, times):
+    for entry, samples, serve_samples in zip(files, times, served):
         entry["latency_ms"] = {**latency_summary(samples), "warmup": args.warmup}
+        entry["latency_ms_served"] = {**latency_summary(serve_samples), "warmup": args.warmup}
         entry["throughput_per_s"] = throughput(samples, args.batch)
 
     result = {
@@ -184,8 +190,10 @@ def measure(args, paths: list[Path], dataset, reporter) -> dict:
         "files": files,
     }
     if len(paths) > 1:
-        ratio = ratio_summary(times[0], times[1])
+        ratio, ratio_served = ratio_summary(times[0], times[1]), ratio_summary(served[0], served[1])
         result["compare"] = {"latency_ratio": ratio, "speedup_of_model": 1.0 / ratio["median"],
+                             "latency_ratio_served": ratio_served,
+                             "speedup_of_model_served": 1.0 / ratio_served["median"],
                              "mcnemar": mcnemar(correct[0], correct[1]) if len(correct) == 2 else None}
     return result
 
@@ -207,14 +215,14 @@ def _several_inputs(args, path: Path, runner, resolver: str, note, dataset, runn
             "gzip_bytes": gzip_size(path), "notes": [note] if note else [], "inputs": "random (fixed seed)"}
 
 
-def _time(runners: dict, args, reporter, measure) -> list[np.ndarray]:
-    """Interleaved invoke() timings. Each runner keeps its own input, so files with different
-    input shapes can still be compared round by round."""
+def _time(runners: dict, args, reporter, measure) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Interleaved timings, (call-only, served) per file. Each runner keeps its own input, so files
+    with different input shapes can still be compared round by round."""
     label = f"timing {len(runners)} file{'s' if len(runners) > 1 else ''} ({args.runs} runs, {args.warmup} warm-up)"
     with reporter.bar(label, args.runs) as bar:
-        out = measure({k: r for k, (r, _) in runners.items()}, {k: x for k, (_, x) in runners.items()}, args.runs,
-                      args.warmup, on_round=lambda i: bar.advance(), block=args.block)
-    return [out[label] for label in runners]
+        out, served = measure({k: r for k, (r, _) in runners.items()}, {k: x for k, (_, x) in runners.items()},
+                              args.runs, args.warmup, on_round=lambda i: bar.advance(), block=args.block)
+    return [out[label] for label in runners], [served[label] for label in runners]
 
 
 def _shape_text(shape) -> str:
@@ -242,6 +250,9 @@ def render_table(result: dict) -> str:
         ("p90 ms", lambda f: f"{f['latency_ms']['p90']:.4f}"),
         ("p99 ms", lambda f: f"{f['latency_ms']['p99']:.4f}"),
         ("mean ms", lambda f: f"{f['latency_ms']['mean']:.4f}"),
+        ("served p50 ms", lambda f: f"{f['latency_ms_served']['p50']:.4f}"),
+        ("served p90 ms", lambda f: f"{f['latency_ms_served']['p90']:.4f}"),
+        ("served runs", lambda f: f"{f['latency_ms_served']['runs']}"),
         ("throughput /s", lambda f: f"{f['throughput_per_s']:,.0f}"),
         ("size bytes", lambda f: f"{f['size_bytes']:,}"),
         ("gzip bytes", lambda f: f"{f['gzip_bytes']:,}"),
@@ -262,6 +273,9 @@ def render_table(result: dict) -> str:
         ci = (f", 95% CI {r['ci95_low']:.3f}-{r['ci95_high']:.3f}" if r["ci95_low"] is not None else "")
         lines.append(f"latency ratio {a} / {b}: median {r['median']:.3f} (p10 {r['p10']:.3f}, p90 {r['p90']:.3f}{ci}, "
                      f"{r['rounds']} rounds): {a} runs {cmp['speedup_of_model']:.2f}x as fast as {b}")
+        rs = cmp["latency_ratio_served"]
+        lines.append(f"served (copy-in + call + copy-out) ratio {a} / {b}: median {rs['median']:.3f} "
+                     f"({rs['rounds']} rounds): {a} runs {cmp['speedup_of_model_served']:.2f}x as fast as {b}")
         if cmp["mcnemar"]:
             m = cmp["mcnemar"]
             lines.append(f"McNemar paired test: {m['a_only']} samples only {a} gets right, {m['b_only']} only {b}; "
@@ -269,5 +283,7 @@ def render_table(result: dict) -> str:
     notes = [n for f in result["files"] for n in f["notes"]]
     lines += [f"note: {n}" for n in notes]
     m = result["machine"]
+    lines.append("p50/p90/p99 ms: the runtime call alone (input placed before the clock); served: the call with the "
+                 "input copied in and the output copied out, as a Python server pays it")
     lines.append(f"machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}")
     return buffer.getvalue().rstrip("\n") + "\n" + "\n".join(lines)

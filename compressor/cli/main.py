@@ -182,16 +182,20 @@ def _summary(report: dict, reporter) -> None:
         return
     table = Table(title="compressor: dense vs pruned (batch 1, 1 thread)")
     name = (report.get("metric") or {}).get("name", "accuracy")
-    for col in ("variant", "runtime", name, "p50 ms", "gzip bytes", "verified"):
+    for col in ("variant", "runtime", name, "p50 ms call", "p50 ms served", "gzip bytes", "verified"):
         table.add_column(col)
     ok = {v["file"]: v["ok"] for v in report["verification"]}
     for r in report["results"]:
         if r["batch"] == 1 and r["threads"] == 1:
             value = r["metric"]["value"] if r.get("metric") else r["accuracy"]
+            served = (r.get("latency_ms_served") or {}).get("p50")
             table.add_row(r["variant"], r["runtime"], f"{value:.4f}", f"{r['latency_ms']['p50']:.4f}",
+                          "n/a" if served is None else f"{served:.4f}",
                           f"{r['gzip_bytes']:,}", "ok" if ok.get(r["file"]) else "FAILED")
     console = Console()
     console.print(table)
+    console.print("p50 ms call: the runtime call alone, input placed before the clock; p50 ms served: with the "
+                  "input copied in and the output copied out, as a Python server calls it")
     for line in (report.get("goal_notes", []) + report.get("baseline_notes", []) + report.get("speed_notes", [])
                  + report.get("int8_notes", [])):
         console.print(f"note: {line}")

@@ -19,6 +19,7 @@ from compressor.data.checks import SPLIT_SEED, check_label_count, check_labels, 
 from compressor.data.checks import class_labels as check_class_labels
 
 BUILTIN = ("mnist5k", "digits")
+GENERATED = ("mnist5k@SIZE", "clutter@SIZE", "clutter128")  # compressor/data/generated.py
 CALIBRATION_LIMIT = 500  # training samples that stand in for a missing or empty x_calib
 
 
@@ -172,6 +173,18 @@ def digits() -> Dataset:
                   n_test=360, calib=300)
 
 
+def generated(spec: str, kind: str, size: int) -> Dataset:
+    """mnist5k's split, its digits drawn at `size` x `size` x 3 (compressor/data/generated.py): resized
+    (`mnist5k@SIZE`) or placed among clutter (`clutter@SIZE`, `clutter128`); made in memory, seeded."""
+    from compressor.data.generated import make
+
+    base = mnist5k()
+    digits = np.concatenate([base.x_train, base.x_test]).reshape(-1, 28, 28)
+    images = make(kind, size, digits)
+    n = len(base.x_train)
+    return Dataset(spec, images[:n], base.y_train, images[n:], base.y_test, images[:len(base.x_calib)])
+
+
 def _labels(arrays: dict, split: str):
     """`y_<split>`, or `y_<split>_0`, `y_<split>_1`, ... for a model with several outputs."""
     if arrays.get(f"y_{split}") is not None:
@@ -266,6 +279,13 @@ def load_dataset(spec: str | Path, settings=None, class_labels: bool = True):
         ds = mnist5k() if spec == "mnist5k" else digits()
         ds.x_calib = ds.x_calib[:limit]  # the set's own calibration split (500 / 300 samples), at most `limit`
         return ds
+    from compressor.data.generated import parse
+
+    task = parse(spec)
+    if task is not None:
+        ds = generated(spec, *task)
+        ds.x_calib = ds.x_calib[:limit]
+        return ds
     path = Path(spec)
     if path.suffix == ".npz":
         if not path.is_file():
@@ -287,7 +307,7 @@ def load_dataset(spec: str | Path, settings=None, class_labels: bool = True):
         return _from_function(spec, settings, class_labels)
     raise CompressorError(
         f"unknown data '{spec}'; pass a .npz file, a folder of class sub-folders of images, .tfrecord files, "
-        f"one of {', '.join(BUILTIN)}, or package.module:function"
+        f"one of {', '.join(BUILTIN + GENERATED)}, or package.module:function"
     )
 
 
