@@ -107,12 +107,14 @@ def export_all(dense, pruned, recipe, out: Path, reporter, judge, flops: tuple[i
         shipped.add(Artifact("dense", runtime, dense_path, dense_flops), dense)
         shipped.add(Artifact("pruned", runtime, pruned_path, pruned_flops), pruned)
     qat = functools.lru_cache(maxsize=1)(qat) if qat is not None else None
-    for target in targets.selected(recipe.targets):
-        if target.int8:
-            artifact, record, model = choose_int8(target, pruned, recipe, out, reporter, shipped.notes, judge, qat)
-            artifact.flops = pruned_flops
-            shipped.add(artifact, model, record["description"])
-            shipped.int8.append(record)
+    int8 = [t for t in targets.selected(recipe.targets) if t.int8]
+    reference = judge.keras(pruned, "budget").value if int8 else None  # once: every int8 target is judged on it
+    for target in int8:
+        artifact, record, model = choose_int8(target, pruned, recipe, out, reporter, shipped.notes, judge, qat,
+                                              reference)
+        artifact.flops = pruned_flops
+        shipped.add(artifact, model, record["description"])
+        shipped.int8.append(record)
     return shipped
 
 
@@ -150,14 +152,15 @@ CHOICE_RUNS = 30       # ... but never fewer runs per file than this
 
 
 def choose_int8(target, pruned, recipe, out: Path, reporter, notes: list[str], judge,
-                qat=None) -> tuple[Artifact, dict, object]:
+                qat=None, reference: float | None = None) -> tuple[Artifact, dict, object]:
     """Measure the target's int8 schemes on this model at batch 1 and keep the fastest within budget
     (`judge`: the task bound to the run's data, which scores and calibrates the candidates; `qat`: the
     quantization-aware fine-tune, tried when no post-training scheme holds the budget). Returns the
-    file, its record and the Keras model it computes (the fine-tuned one for `qat`)."""
+    file, its record and the Keras model it computes (the fine-tuned one for `qat`). `reference`: the
+    pruned model's score on the budget split, when the caller has it."""
     final = out / target.filename("pruned-int8")
     encode = _can_encode(pruned, target, reporter, notes)
-    reference = judge.keras(pruned, "budget").value
+    reference = judge.keras(pruned, "budget").value if reference is None else reference
     found = candidates.build(target, pruned, out, encode, judge, reference, qat)
     try:
         pool = _drop_rejected(target, found, final.name, notes, reporter)
