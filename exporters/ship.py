@@ -251,11 +251,23 @@ def over_budget(rec: dict) -> str:
             f"{rec['budget']:g}); raise {knob} or leave {rec['target']} out of the recipe's targets")
 
 
+def qat_line(rec: dict) -> str:
+    """Why an int8 file comes from a quantization-aware fine-tune: every post-training scheme missed."""
+    post = [c for c in rec["candidates"] if c.get("metric") is not None and c["scheme"] != "qat"]
+    best = min(post, key=lambda c: abs(rec["reference_metric"] - c["metric"]), default=None)  # all fell short
+    missed = (f"the best post-training scheme, {best['scheme']}, scored {best['metric']:.4f}" if best
+              else "no post-training scheme was built")
+    return (f"{rec['file']}: post-training int8 missed the {rec['metric']} budget ({missed} against the float "
+            f"model's {rec['reference_metric']:.4f}); shipped from a quantization-aware fine-tune, which scored "
+            f"{rec['chosen_metric']:.4f}")
+
+
 def int8_verdicts(results: list[dict], records: list[dict]) -> list[str]:
     """One line per runtime whose int8 file is not faster than its pruned float file at batch 1, 1 thread
     (such a file buys size, not speed, and the report must not present it as an improvement), and one
     per runtime where no int8 scheme stayed within the budget."""
     lines = [over_budget(rec) for rec in records if not rec.get("within_budget", True)]
+    lines += [qat_line(rec) for rec in records if rec.get("chosen") == "qat"]
     for rec in records:
         rows = {r["variant"]: r for r in results
                 if r["runtime"] == rec["runtime"] and r["batch"] == 1 and r["threads"] == 1}

@@ -60,6 +60,8 @@ def test_post_training_int8_that_misses_the_budget_ships_a_qat_file_within_it(ou
         assert rec["chosen"] == "qat" and rec["within_budget"], rec
         dynamic = by_scheme.get("dynamic-range") or by_scheme["dynamic"]
         assert "within the budget" in dynamic["skipped"]  # a convnet: float activations cannot win
+    notes = ship.int8_verdicts([], shipped.int8)
+    assert len(notes) == 2 and all("quantization-aware fine-tune" in n for n in notes), notes
 
 
 def test_qat_files_keep_every_pruned_zero(outlier_run):
