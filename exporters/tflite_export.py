@@ -22,35 +22,7 @@ from exporters.files import write_bytes_atomic
 
 
 def _converter(model: keras.Model) -> "tf.lite.TFLiteConverter":
-    """A converter of the model's inference function, traced once per model and shared by every file
-    written from it. `from_keras_model` first saves the model as a Keras SavedModel (which traces every
-    layer's call several times) and loads it back, on each conversion: 5 of the 6 minutes of
-    MobileNetV2's float files at 224 px on a loaded machine, against seconds for the traced function."""
-    model = unrolled(model)
-    return tf.lite.TFLiteConverter.from_concrete_functions([_inference_function(model)], model)
-
-
-_TRACED: dict = {}  # id(model) -> (model, its inference function): the last model's only
-
-
-def _inference_function(model: keras.Model):
-    """`model(x, training=False)` as a concrete function with a free batch dimension, outputs keyed by
-    the Keras output names (the file's signature then names them as from_keras_model did)."""
-    held = _TRACED.get(id(model))
-    if held is not None and held[0] is model:
-        return held[1]
-    specs = [tf.TensorSpec((None, *tensor.shape[1:]), tensor.dtype, name=name)
-             for tensor, name in zip(model.inputs, model.input_names)]
-
-    def infer(*inputs):
-        outputs = model(list(inputs) if len(inputs) > 1 else inputs[0], training=False)
-        outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
-        return dict(zip(model.output_names, outputs))
-
-    function = tf.function(infer).get_concrete_function(*specs)
-    _TRACED.clear()
-    _TRACED[id(model)] = (model, function)
-    return function
+    return tf.lite.TFLiteConverter.from_keras_model(unrolled(model))
 
 
 def _recurrent(layer) -> bool:

@@ -98,8 +98,7 @@ def floor(model, out: Path) -> None:
     """One float conversion per runtime, nothing else: what the export step cannot go below per file."""
     from exporters import onnx_export, tflite_export
 
-    tflite_export._TRACED.clear()  # cold: neither the traced function nor the ONNX graph of the export reused
-    onnx_export._CONVERTED.clear()
+    onnx_export._CONVERTED.clear()  # cold: not the ONNX graph the export converted
     with Clock() as tfl:
         tflite_export.export_float(model, out / "floor.tflite", sparse=False)
     with Clock() as onnx:
