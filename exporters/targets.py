@@ -75,6 +75,8 @@ class Scheme:
     name: str
     description: str
     options: dict = field(default_factory=dict)  # passed to the exporter
+    kind: str = "post-training"  # | "dynamic": float activations | "qat": from a quantization-aware fine-tune
+    exporter: str | None = None  # "module:function", instead of the target's own
 
 
 @dataclass(frozen=True)
@@ -112,8 +114,8 @@ class Target:
         """Write `model` for this target; `sparse` asks for compact storage of pruned weights. Every
         converter gets the model's export form (static shapes but the batch; compressor.core.export_form)."""
         scheme = scheme or self.schemes[0]
-        return _resolve(self.exporter)(export_form(model), path, calibration=calibration, sparse=sparse,
-                                       **scheme.options)
+        return _resolve(scheme.exporter or self.exporter)(export_form(model), path, calibration=calibration,
+                                                          sparse=sparse, **scheme.options)
 
     def fallback(self, when: str) -> Fallback | None:
         """The registry's fallback for `when`, or None where this target names none."""
@@ -142,6 +144,13 @@ _XNNPACK_SPARSE_INT8 = Fallback(
     "than 16x1) and the default interpreter would fail to run the file; dense int8 storage still keeps the "
     "zeros, gzip shrinks them")
 
+# tried only when every post-training full-integer scheme misses the budget (exporters/candidates.py)
+_QAT_TFLITE = Scheme("qat", "quantization-aware fine-tune (tfmot, pruning-preserving), then full-integer int8 "
+                     "weights and activations, sparse storage of pruned tensors", {"encode": True}, kind="qat",
+                     exporter="exporters.qat:export_tflite")
+_QAT_ONNX = Scheme("qat", "quantization-aware fine-tune (tfmot, pruning-preserving), written as QDQ with the "
+                   "fine-tune's int8 ranges", kind="qat", exporter="exporters.qat:export_onnx")
+
 TARGETS: Registry[Target] = Registry("target")
 TARGETS.register(Target("tflite", "tflite", TFLITE, False, "exporters.tflite_export:export_for_target", (4, 1),
                     (Scheme("float32", "float32 weights; pruned tensors block-sparse encoded"),),
@@ -151,9 +160,10 @@ TARGETS.register(Target("tflite-int8", "tflite", TFLITE, True, "exporters.tflite
                             {"int8": True, "encode": True}),
                      Scheme("int8-dense", "full-integer int8, per-channel weights, dense storage",
                             {"int8": True, "encode": False}),
+                     _QAT_TFLITE,
                      Scheme("dynamic-range", "int8 weights, float activations quantized at run time (for models whose "
                             "activations full-integer int8 loses accuracy on), sparse storage of pruned tensors",
-                            {"dynamic": True, "encode": True})),
+                            {"dynamic": True, "encode": True}, kind="dynamic")),
                     (_MISALIGNED, _XNNPACK_SPARSE_INT8)))
 TARGETS.register(Target("onnxruntime", "onnxruntime", ONNX, False, "exporters.onnx_export:export_for_target", (1, 1),
                     (Scheme("float32", "float32 weights; pruned initializers as sparse_initializer when compact"),),
@@ -169,8 +179,9 @@ TARGETS.register(Target("onnxruntime-int8", "onnxruntime", ONNX, True, "exporter
                      Scheme("qdq-per-channel-percentile", "the same with 99.999th-percentile activation ranges "
                             "(outliers clipped: for models min-max int8 loses accuracy on)",
                             {"mode": "static", "calibrate": "percentile"}),
+                     _QAT_ONNX,
                      Scheme("dynamic", "dynamic quantization: per-tensor int8 weights, activations scaled at run time "
-                            "(tiny MatMuls left float)", {"mode": "dynamic"})),
+                            "(tiny MatMuls left float)", {"mode": "dynamic"}, kind="dynamic")),
                     channel_block="exporters.targets:nchwc_channel_block"))
 NAMES: tuple[str, ...] = tuple(TARGETS)
 RUNTIMES: tuple[str, ...] = tuple(dict.fromkeys(t.runtime for t in TARGETS.values()))

@@ -81,7 +81,7 @@ def export_float(model: keras.Model, path: str | Path, sparse: bool = True) -> P
     conv = _converter(model)
     if sparse:
         conv.optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
-    return write_bytes_atomic(path, _convert(conv, model))
+    return write_bytes_atomic(path, convert(conv, model))
 
 
 def export_int8(model: keras.Model, path: str | Path, calibration: np.ndarray, sparse: bool = True,
@@ -106,7 +106,7 @@ def export_int8(model: keras.Model, path: str | Path, calibration: np.ndarray, s
         conv.optimizations = [tf.lite.Optimize.DEFAULT]  # the debugger takes no sparsity: encoded afterwards
         return write_bytes_atomic(path, _selective(conv, model, representative, float_layers, sparse))
     conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    return write_bytes_atomic(path, _convert(conv, model))
+    return write_bytes_atomic(path, convert(conv, model))
 
 
 def _selective(conv, model: keras.Model, representative, float_layers: list[str], sparse: bool) -> bytes:
@@ -138,7 +138,7 @@ def export_dynamic_range(model: keras.Model, path: str | Path, sparse: bool = Tr
     activations full-integer int8 cannot hold (attention softmax, LayerNorm, GELU of a transformer)."""
     conv = _converter(model)
     conv.optimizations = [tf.lite.Optimize.DEFAULT] + ([tf.lite.Optimize.EXPERIMENTAL_SPARSITY] if sparse else [])
-    return write_bytes_atomic(path, _convert(conv, model))
+    return write_bytes_atomic(path, convert(conv, model))
 
 
 def export_for_target(model: keras.Model, path: str | Path, *, calibration: np.ndarray | None = None,
@@ -159,7 +159,7 @@ def _first_error(text: str) -> str:
     return ""
 
 
-def _convert(conv, model) -> bytes:
+def convert(conv, model) -> bytes:
     try:
         with quiet_stderr() as captured:
             return conv.convert()

@@ -538,9 +538,18 @@ def _measured(entry: dict, meta: dict) -> str:
     return stamp["date"] + (f" ({stamp['commit']})" if stamp.get("commit") else "") + f", {timing}"
 
 
+EXPORT_TIME = [
+    "## Export time at deployment size", "",
+    "How long the export step (the four targets, the int8 choice and the verification) takes on keras.applications "
+    "models at 224 px, before and after the conversions were shared and the int8 schemes that cannot win were "
+    "skipped: `docs/EXPORT_TIME.md`, measured with `python scripts/export_time.py --model mobilenetv2 --size 224 "
+    "--floor` (wall and CPU seconds, with the machine's load).", "",
+]
+
+
 def render_page(results: dict) -> str:
     """docs/BENCHMARKS.md from benchmarks.json: header and headline, method, frontier, per-model results."""
-    lines = (_page_top(results) + _deployment_size() + _method(results) + frontier_section(results)
+    lines = (_page_top(results) + _deployment_size() + _method(results) + EXPORT_TIME + frontier_section(results)
              + ["## Full results", ""])
     for m in results["models"]:
         lines += _model_section(m)

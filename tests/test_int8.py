@@ -122,12 +122,14 @@ def test_int8_scheme_is_chosen_by_measurement_and_recorded(tmp_path, fast_recipe
     assert set(records) == {"tflite-int8", "onnxruntime-int8"}
     for rec in records.values():
         measured = [c for c in rec["candidates"] if c["p50_ms"] is not None]
-        assert rec["chosen"] in {c["scheme"] for c in measured} and len(rec["candidates"]) == len(measured)
+        skipped = [c for c in rec["candidates"] if c["skipped"]]
+        assert rec["chosen"] in {c["scheme"] for c in measured} and len(rec["candidates"]) == len(measured + skipped)
         assert all(c["accuracy"] is not None for c in measured) and rec["float_p50_ms"] > 0
         assert "faster_than_float" in rec
     assert {c["scheme"] for c in records["onnxruntime-int8"]["candidates"]} == {
-        "qdq-per-channel", "qdq-per-tensor", "qdq-per-channel-percentile", "dynamic"}
-    assert {c["scheme"] for c in records["tflite-int8"]["candidates"]} == {"int8-sparse", "int8-dense", "dynamic-range"}
+        "qdq-per-channel", "qdq-per-tensor", "qdq-per-channel-percentile", "qat", "dynamic"}
+    assert {c["scheme"] for c in records["tflite-int8"]["candidates"]} == {"int8-sparse", "int8-dense", "qat",
+                                                                          "dynamic-range"}
     assert all(v["ok"] for v in report["verification"])
     assert "## int8 schemes" in (tmp_path / "report.md").read_text()
     assert not list(tmp_path.glob(".candidate-*"))  # losing candidates are removed
@@ -304,7 +306,8 @@ def test_a_pruned_weight_regrown_in_a_tflite_file_fails(edge_files, tmp_path):
     assert not row["ok"] and re.search(r"[1-4] pruned zero\(s\) lost", row["problem"]), row
 
 
-def test_a_scheme_the_delegate_rejects_sparse_is_written_dense_and_still_chosen_from(tmp_path, fast_recipe, digits):
+def test_a_scheme_the_delegate_rejects_sparse_is_written_dense_and_still_chosen_from(tmp_path, fast_recipe, digits,
+                                                                                   monkeypatch):
     """A pruned conv's dynamic-range file with sparse storage is rejected by the default XNNPACK
     delegate (found on DenseNet121, whose full-integer int8 lost the accuracy that only dynamic-range
     kept). The registry's fallback says: write it with dense int8 storage. It then runs in the default
@@ -324,9 +327,11 @@ def test_a_scheme_the_delegate_rejects_sparse_is_written_dense_and_still_chosen_
     task = resolve(recipe, model)
     task.data = digits
     target = targets.target("tflite-int8")
+    # full-integer holds this budget, so on a convnet dynamic-range would not be built: build it anyway
+    monkeypatch.setattr("exporters.candidates.convolutional", lambda model: False)
     tflite_export.export_float(model, tmp_path / "pruned.tflite")
     notes = []
-    artifact, record = ship.choose_int8(target, model, recipe, tmp_path, Reporter(quiet=True), notes, task)
+    artifact, record, _ = ship.choose_int8(target, model, recipe, tmp_path, Reporter(quiet=True), notes, task)
     dynamic = next(c for c in record["candidates"] if c["scheme"] == "dynamic-range")
     assert dynamic["storage"] == "dense int8 storage" and dynamic["resolver"] == "default"
     assert dynamic["skipped"] is None and dynamic["p50_ms"] > 0

@@ -30,7 +30,7 @@ def test_every_target_exports_runs_and_reads_back_each_scheme(name, tiny, digits
     target = targets.target(name)
     assert target.extension in target.format.extensions and target.runtime == target.format.runtime
     assert target.dense_block[0] >= 1 and target.schemes
-    for scheme in target.schemes:
+    for scheme in [s for s in target.schemes if s.kind != "qat"]:  # qat converts a fine-tuned model: test_qat.py
         path = target.export(tiny, tmp_path / target.filename(f"m-{scheme.name}"), calibration=digits.x_calib,
                              scheme=scheme)
         assert targets.format_for(path) is target.format

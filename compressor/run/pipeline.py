@@ -22,7 +22,9 @@ from compressor.train.training import count_params
 from exporters import ship
 
 BACKOFF_AMOUNTS = (1.0, 0.75, 0.5, 0.25)
-VERIFY_SAMPLES = 2000  # test samples every exported file is compared with Keras on (the first ones)
+VERIFY_SAMPLES = 2000  # test samples every exported file is compared with Keras on (the first ones) ...
+VERIFY_MACS = 6e10     # ... fewer for a large model, down to VERIFY_MIN: about this many multiply-adds per file
+VERIFY_MIN = 200       # (MobileNetV2 at 224 px, 0.3 GMACs: 200 samples; a lost weight shows on any of them)
 
 
 def compress(model: keras.Model, data: DataSource, recipe: Recipe, out: str | Path, *, source: str = "model",
@@ -44,8 +46,8 @@ def compress(model: keras.Model, data: DataSource, recipe: Recipe, out: str | Pa
     save_model_atomic(pruned, out / "pruned.keras")
     frontier_files = ship.export_points(run.points or {}, recipe, out / "frontier", run.reporter, save_model_atomic)
     shipped = ship.export_all(run.dense, pruned, recipe, out, run.reporter, run.task,
-                              flops=(model_macs(run.dense), model_macs(pruned)))
-    x_check = run.data.sample("test", VERIFY_SAMPLES)[0]
+                              flops=(model_macs(run.dense), model_macs(pruned)), qat=_qat(run))
+    x_check = run.data.sample("test", verify_samples(model_macs(run.dense)))[0]
     verification = ship.verify_all(shipped, x_check, run.reporter, run.task)
     results, correct = _benchmark(run, shipped.artifacts, x_check)
     body = report.assemble(run, pruned, records, shipped, verification, results, frontier_files, source, load_notes)
@@ -56,6 +58,24 @@ def compress(model: keras.Model, data: DataSource, recipe: Recipe, out: str | Pa
         names = ", ".join(f"{v['file']} ({v['problem']})" for v in failed)
         raise CompressorError(f"verification failed for {names}; see {out / 'report.json'}")
     return body
+
+
+def verify_samples(macs: int) -> int:
+    """How many test samples each file is verified on: VERIFY_SAMPLES, fewer for a model of many MACs."""
+    return int(min(VERIFY_SAMPLES, max(VERIFY_MIN, VERIFY_MACS // max(macs, 1))))
+
+
+def _qat(run: Run):
+    """The quantization-aware fine-tune the exporter tries when post-training int8 misses the budget:
+    the run's training data, loss and batch size (compressor/train/qat.py)."""
+    def fine_tune(model):
+        from compressor.train import qat
+
+        run.reporter.step("post-training int8 missed the budget: quantization-aware fine-tune "
+                          f"({qat.EPOCHS} epoch)")
+        progress = run.reporter.epoch_callback("quantization-aware fine-tune", qat.EPOCHS)
+        return qat.fine_tune(model, run.data, run.task, run.recipe, progress)
+    return fine_tune
 
 
 def _benchmark(run: Run, artifacts, x_check):

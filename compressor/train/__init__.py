@@ -1,1 +1,1 @@
-"""Training: fine-tuning that keeps zeros, tf.distribute."""
+"""Training: fine-tuning that keeps zeros, tf.distribute, quantization-aware fine-tuning."""
