@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import provenance  # noqa: E402  (scripts/provenance.py)
 
 CLASSES = 10
+USER_MODELS = "## The models users bring"  # scripts/user_models.py's section of the page
 # keras.applications' smallest inputs for the two families that refuse 32x32 (the others take it)
 INPUT_SIZE = {"Xception": (71, 71, 3), "InceptionV3": (75, 75, 3)}
 
@@ -225,7 +226,10 @@ def main(argv=None) -> int:
         print(json.dumps(rows[-1]), flush=True)
         page = merged(previous, rows, list(builders(keras3)))
         (out / "families.json").write_text(json.dumps(page, indent=1))
-        (out / "FAMILIES.md").write_text(render(page))
+        tail = ""  # scripts/user_models.py's section ends the page: kept as it is
+        if (out / "FAMILIES.md").exists() and USER_MODELS in (out / "FAMILIES.md").read_text():
+            tail = "\n" + USER_MODELS + (out / "FAMILIES.md").read_text().split(USER_MODELS, 1)[1]
+        (out / "FAMILIES.md").write_text(render(page) + tail)
     return 0 if all(r["exit"] == 0 and r.get("verified") for r in rows) else 1
 
 

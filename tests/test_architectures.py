@@ -44,6 +44,16 @@ def convnext_blocks(blocks: int = 2, channels: int = 32):
     return keras.Model(inputs, outputs, name="convnext_blocks")
 
 
+def nasnet_cells():
+    """NASNet-A as NASNetMobile builds it (stem and reduction cells with ZeroPadding2D/Cropping2D,
+    adjust blocks, separable convs, Concatenates of five branches) with one normal cell per stack
+    and 8 filters: NASNetMobile's 771 layers take half a minute to build; scripts/families.py runs it."""
+    from tf_keras.src.applications.nasnet import NASNet  # keras.applications exports only Mobile and Large
+
+    return NASNet(input_shape=(32, 32, 3), penultimate_filters=192, num_blocks=1, stem_block_filters=8,
+                  weights=None, classes=10, default_size=32)
+
+
 FAMILIES = {
     "ConvNeXt-blocks": convnext_blocks,
     "MobileNetV2": lambda: APPS.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10),
@@ -53,6 +63,10 @@ FAMILIES = {
     "ResNet50V2": lambda: APPS.ResNet50V2(input_shape=(32, 32, 3), weights=None, classes=10),
     "DenseNet121": lambda: APPS.DenseNet121(input_shape=(32, 32, 3), weights=None, classes=10),
     "encoder": transformer_encoder,
+    "MobileNet": lambda: APPS.MobileNet(input_shape=(32, 32, 3), alpha=0.25, weights=None, classes=10),
+    "Xception": lambda: APPS.Xception(input_shape=(71, 71, 3), weights=None, classes=10),  # its smallest input
+    "InceptionV3": lambda: APPS.InceptionV3(input_shape=(75, 75, 3), weights=None, classes=10),  # likewise
+    "NASNet-cells": nasnet_cells,
 }
 
 
