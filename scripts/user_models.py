@@ -341,6 +341,13 @@ def render(rows: list[dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _write(page: Path, rows: list[dict], command: str) -> None:
+    """The page with its last section (SECTION to the end) replaced by the table."""
+    page.parent.mkdir(parents=True, exist_ok=True)
+    head = (page.read_text() if page.exists() else "").split(SECTION)[0].rstrip("\n")
+    page.write_text((head + "\n\n" if head else "") + render(rows, command))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", help=f"comma-separated subset of {','.join(MODELS)} (default: all)")
@@ -348,29 +355,32 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=3, help="dense training epochs before compression")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds one `compressor run` may take")
     parser.add_argument("--work", default="artifacts/user_models", help="where models and outputs are kept")
-    parser.add_argument("--page", default="docs/FAMILIES.md", help="the page whose last section is the table "
-                        "(user_models.json beside it)")
+    parser.add_argument("--page", default="docs/FAMILIES.md", help="the page whose last section is the table")
+    parser.add_argument("--json", default="docs/user_models.json", help="the rows as JSON")
+    parser.add_argument("--render", help="comma-separated JSON files of earlier sweeps: write the page from their "
+                        "rows (in order) without running anything")
     parser.add_argument("--train-only", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     work = Path(args.work).resolve()
     if args.train_only:
         train_and_save(args.train_only, work / args.train_only, args.epochs)
         return 0
+    if args.render:
+        rows = [row for part in args.render.split(",") for row in json.loads(Path(part).read_text())]
+        _write(Path(args.page), rows, rows[0]["command"] if rows else "python scripts/user_models.py")
+        return 0
     names = args.models.split(",") if args.models else list(MODELS)
     unknown = sorted(set(names) - set(MODELS))
     if unknown:
         parser.error(f"unknown models {unknown}; choose from {','.join(MODELS)}")
-    page = Path(args.page)
-    page.parent.mkdir(parents=True, exist_ok=True)
-    command = "python scripts/user_models.py " + " ".join(a for a in (argv or sys.argv[1:]) if a)
+    command = f"python scripts/user_models.py --train {args.train} --epochs {args.epochs}"
     rows = []
     for name in names:  # the table is rewritten after every model: a sweep of hours keeps what it finished
-        rows.append(run_model(name, args, work))
+        rows.append({**run_model(name, args, work), "command": command})
         print(json.dumps(rows[-1]), flush=True)
-        (page.parent / "user_models.json").write_text(json.dumps(rows, indent=1))
-        text = page.read_text() if page.exists() else ""
-        head = text.split(SECTION)[0].rstrip("\n")
-        page.write_text((head + "\n\n" if head else "") + render(rows, command.strip()))
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+        _write(Path(args.page), rows, command)
     return 0 if all(r["exit"] == 0 for r in rows) else 1
 
 
