@@ -196,6 +196,12 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def keeping_user_models(path: Path, text: str) -> str:
+    """The new page with scripts/user_models.py's section (which ends the page) kept as it was."""
+    old = path.read_text() if path.exists() else ""
+    return text + ("\n" + USER_MODELS + old.split(USER_MODELS, 1)[1] if USER_MODELS in old else "")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", help="comma-separated subset (default: all)")
@@ -226,10 +232,7 @@ def main(argv=None) -> int:
         print(json.dumps(rows[-1]), flush=True)
         page = merged(previous, rows, list(builders(keras3)))
         (out / "families.json").write_text(json.dumps(page, indent=1))
-        tail = ""  # scripts/user_models.py's section ends the page: kept as it is
-        if (out / "FAMILIES.md").exists() and USER_MODELS in (out / "FAMILIES.md").read_text():
-            tail = "\n" + USER_MODELS + (out / "FAMILIES.md").read_text().split(USER_MODELS, 1)[1]
-        (out / "FAMILIES.md").write_text(render(page) + tail)
+        (out / "FAMILIES.md").write_text(keeping_user_models(out / "FAMILIES.md", render(page)))
     return 0 if all(r["exit"] == 0 and r.get("verified") for r in rows) else 1
 
 
