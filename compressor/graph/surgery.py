@@ -520,8 +520,9 @@ def _zero_initialized(layer, config: dict) -> tuple[dict, dict]:
     every weight is overwritten right after, and drawing random kernels for a model of 20 M
     parameters took about half of its rebuild. Only keys the layer keeps as attributes of the same
     name are changed, so what is restored is what the layer's get_config() reads."""
-    keys = [key for key, value in config.items()
-            if key.endswith("_initializer") and value is not None and hasattr(layer, key)]
+    keys = [key for key, value in config.items()  # a read-only property (an RNN's, read off its cell) is left
+            if key.endswith("_initializer") and value is not None and hasattr(layer, key)
+            and not isinstance(getattr(type(layer), key, None), property)]
     return {**config, **{key: "zeros" for key in keys}}, {key: getattr(layer, key) for key in keys}
 
 
