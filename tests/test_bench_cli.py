@@ -434,3 +434,22 @@ def test_reuse_takes_the_models_an_earlier_run_left_in_work(small_mlp, tmp_path)
     assert all(np.array_equal(a, b) for a, b in zip(again.get_weights(), small_mlp.get_weights()))
     peer, reached = script._peer(None, None, tmp_path / "dense.keras", reuse=True)
     assert set(reached) and all(v == 0.0 for v in reached.values())
+
+
+def test_user_models_record_a_refusal_by_its_line_in_their_own_section_of_the_families_page(tmp_path):
+    """scripts/user_models.py and scripts/families.py write one page: each keeps the other's part."""
+    script, families = _load_script("user_models"), _load_script("families")
+    two_in, two_out = script.arrays_for("two-input", 50), script.arrays_for("two-output", 50)
+    assert {"x_train_0", "x_train_1", "y_train", "x_calib_0", "x_calib_1"} <= set(two_in)
+    assert two_out["y_train_0"].shape == (50,) and two_out["y_train_1"].shape == (50, 1)
+    page = tmp_path / "FAMILIES.md"
+    page.write_text(families.render([{"family": "MobileNet", "exit": 0}]))
+    refused = {"model": "two-input", "exit": 1, "error": "error: models with several inputs are refused",
+               "measured": "x"}
+    script._write(page, [refused], "python scripts/user_models.py")
+    script._write(page, [refused], "python scripts/user_models.py")  # a second sweep replaces the section
+    text = page.read_text()
+    assert text.count(script.SECTION) == 1 and "| 1: `error: models with several inputs are refused` |" in text
+    again = families.keeping_user_models(page, families.render([{"family": "Xception", "exit": 0}]))
+    assert "| Xception | 0 |" in again and "| MobileNet |" not in again
+    assert again.endswith(text.split(script.SECTION)[1])

@@ -23,8 +23,11 @@ RECIPE = {
 # (squeeze-excite, hard-swish) LiteRT, the encoder LiteRT's static-shape transformer forms. The int8
 # schemes on MobileNetV2-shaped blocks and the encoder in both runtimes are tests/test_int8.py's and
 # tests/test_export_verify.py's; scripts/families.py runs every family in both runtimes.
+# MobileNet (v1, alpha 0.25) onnxruntime. Xception, InceptionV3 and NASNet (about 20 M parameters at
+# their smallest inputs, or 771 layers) are tests/test_architectures.py's couplings and exact removal,
+# and scripts/families.py's end-to-end runs, as ResNet50V2 and DenseNet121 are.
 RUN = {"MobileNetV2": ["onnxruntime-int8"], "EfficientNetB0": ["onnxruntime"], "MobileNetV3Small": ["tflite"],
-       "encoder": ["tflite"]}
+       "encoder": ["tflite"], "MobileNet": ["onnxruntime"]}
 # One structured stage with a one-epoch fine-tune (BatchNorm re-estimation included) narrows the
 # network; cluster and sparse_opt (tests/test_stages_structured.py) would add a training graph each.
 # The weight stage leaves conv kernels (weight.conv_zeros), token-sequence Dense kernels

@@ -399,3 +399,16 @@ def test_surgered_cnn_exports_to_tflite_and_onnx(tmp_path):
     session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     onnx_out = session.run(None, {session.get_inputs()[0].name: x})[0]
     np.testing.assert_allclose(onnx_out, expected, atol=1e-4)
+
+
+def test_a_rebuilt_model_keeps_the_users_initializers_recurrent_layers_included():
+    """Surgery builds with zero initializers (every weight is set right after) and puts the user's back;
+    an LSTM's initializers are read-only properties of its cell and stay as they were."""
+    inputs = keras.Input((5, 4))
+    x = keras.layers.Dense(8, kernel_initializer="he_normal", name="proj")(inputs)
+    outputs = keras.layers.Dense(3)(keras.layers.LSTM(6, name="lstm")(x))
+    model = keras.Model(inputs, outputs)
+    pruned, result = remove_units(model, {"proj": [0, 1]})
+    assert result.units_after["proj"] == 6
+    assert pruned.get_layer("proj").get_config()["kernel_initializer"]["class_name"] == "HeNormal"
+    assert pruned.get_layer("lstm").get_config()["kernel_initializer"]["class_name"] == "GlorotUniform"

@@ -515,12 +515,26 @@ def _cuts(analysis: _Analysis, kept_of, merges_of, merge_exact: bool = False) ->
     return new_configs, new_weights
 
 
+def _zero_initialized(layer, config: dict) -> tuple[dict, dict]:
+    """The config with its initializers set to zeros, and the layer's own to restore after the build:
+    every weight is overwritten right after, and drawing random kernels for a model of 20 M
+    parameters took about half of its rebuild. Only keys the layer keeps as attributes of the same
+    name are changed, so what is restored is what the layer's get_config() reads."""
+    keys = [key for key, value in config.items()  # a read-only property (an RNN's, read off its cell) is left
+            if key.endswith("_initializer") and value is not None and hasattr(layer, key)
+            and not isinstance(getattr(type(layer), key, None), property)]
+    return {**config, **{key: "zeros" for key in keys}}, {key: getattr(layer, key) for key in keys}
+
+
 def _rebuilt(model, new_configs: dict, new_weights: dict):
     """A clone of `model` with the new configs, every layer holding its (cut) weights."""
+
+    initializers = {}
 
     def rebuild_layer(layer):
         try:
             config = new_configs.get(layer.name) or layer.get_config()
+            config, initializers[layer.name] = _zero_initialized(layer, config)
             rebuilt = type(layer).from_config(config)
         except Exception as error:  # any failure here is the layer's config round trip
             raise ValueError(
@@ -537,6 +551,8 @@ def _rebuilt(model, new_configs: dict, new_weights: dict):
         new_model.build(model.input_shape)
     for layer in model.layers:
         target = new_model.get_layer(layer.name)
+        for key, initializer in initializers.get(layer.name, {}).items():
+            setattr(target, key, initializer)  # the saved model's config names the user's initializers
         target.set_weights(new_weights[layer.name] if layer.name in new_weights else layer.get_weights())
     return new_model
 
