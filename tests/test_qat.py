@@ -55,7 +55,7 @@ def test_post_training_int8_that_misses_the_budget_ships_a_qat_file_within_it(ou
     assert len(calls) == 1  # one fine-tune serves both int8 targets
     for rec in shipped.int8:
         by_scheme = {c["scheme"]: c for c in rec["candidates"]}
-        post = [c for c in rec["candidates"] if c["scheme"] in ("int8-dense", "qdq-s8s8-per-channel")]
+        post = [c for c in rec["candidates"] if c["scheme"] in ("int8-dense", "qdq-per-channel", "qdq-per-tensor")]
         assert post and all(rec["reference_metric"] - c["metric"] > rec["budget"] for c in post), rec
         assert rec["chosen"] == "qat" and rec["within_budget"], rec
         dynamic = by_scheme.get("dynamic-range") or by_scheme["dynamic"]
