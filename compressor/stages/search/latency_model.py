@@ -384,16 +384,24 @@ def fit_line(table_ms: list[float], measured_ms: list[float]) -> tuple[float, fl
     return 0.0, b
 
 
-def measure_models(models: dict[str, object], runtime: str, batch: int = 1, runs: int = 300) -> dict[str, float]:
-    """p50 (ms) of whole Keras models exported for `runtime`, measured interleaved in one session."""
+def measure_models(models: dict[str, object], runtime: str, batch: int = 1, runs: int = 300,
+                   files=None) -> dict[str, float]:
+    """p50 (ms) of whole Keras models exported for `runtime`, measured interleaved in one session.
+    `files` (search.costs.Files): keep each label's exported file and reuse it when asked again."""
     from exporters.latency import measure_interleaved
     from exporters.runtimes import open_runner, timing_input
+
+    def export(model, path):
+        _export(model, path, runtime)
 
     with tempfile.TemporaryDirectory() as tmp:
         runners = {}
         for i, (label, model) in enumerate(models.items()):
-            path = Path(tmp) / targets.float_target(runtime).filename(f"m{i}")
-            _export(model, path, runtime)
+            if files is not None:
+                path = files.path(label, model, runtime, export)
+            else:
+                path = Path(tmp) / targets.float_target(runtime).filename(f"m{i}")
+                export(model, path)
             runners[label] = open_runner(path)
         x = {k: timing_input(r, batch) for k, r in runners.items()}
         times = _measure_each(runners, x, runs, measure_interleaved)
