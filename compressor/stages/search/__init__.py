@@ -26,7 +26,7 @@ from compressor.stages.base import StageContext, StageOutcome, stage
 from compressor.stages.search import tuning
 from compressor.stages.search.costs import Clock, Files
 from compressor.stages.search.latency_model import RUNTIMES, LatencyModel, measure_models, probe
-from compressor.stages.search.limits import FASTER, floors, lowest, roles
+from compressor.stages.search.limits import FASTER, floors, lowest, narrowest, roles
 
 MAX_SPEEDUP = 64.0  # without a speed goal the points double until the budget is crossed, at most to this
 
@@ -199,7 +199,8 @@ def _tables(model, names: list[str], cfg: SearchStage, ctx: StageContext,
         cache = Path(cfg.latency_cache) / default_cache(rt).name if cfg.latency_cache else None
         _log(ctx, f"search: latency table for {rt} (cached entries are reused)")
         with clock.phase("tables"):
-            out[rt] = LatencyModel(model, names, rt, cfg.goal.batch, step, cache, couplings=couplings)
+            out[rt] = LatencyModel(model, names, rt, cfg.goal.batch, step, cache, couplings=couplings,
+                                   low=narrowest(cfg))
     return out
 
 

@@ -139,14 +139,17 @@ def out_width(layer) -> int:
     return int(layer.output_shape[-1])
 
 
-def grid(full: int, step: int) -> list[int]:
+def grid(full: int, step: int, low: int = 1) -> list[int]:
     """Candidate widths measured for a dimension of `full` units: a few fractions, multiples of `step`,
-    plus one step and a single unit, since the search narrows a layer of one step or less unit by unit
-    (without them the interpolation would be flat below the smallest multiple and see no gain there)."""
-    points = {full} | {w for w in (1, step) if w < full}
+    plus one step and the narrowest width the search may reach (`low`: 1 lets it narrow a layer of one
+    step or less unit by unit; without these the interpolation would be flat below the smallest
+    multiple and see no gain there). Nothing narrower than `low` is measured: the search never goes
+    there (`limits.floors`), and each entry is an export and a timing session."""
+    low = max(1, min(low, full))
+    points = {full} | {w for w in (low, step) if low <= w < full}
     for f in LEVELS:
         w = int(round(full * f / step)) * step
-        if 0 < w < full:
+        if low <= w < full:
             points.add(w)
     return sorted(points)
 
@@ -276,8 +279,9 @@ class LatencyModel:
     """Predicted p50 (ms) of `model` with some units removed per group, on one runtime."""
 
     def __init__(self, model, group_names: list[str], runtime: str, batch: int = 1, step: int = 8,
-                 cache: str | Path | None = None, runs: int = 200, couplings: dict | None = None):
-        """`couplings`: `probe(model, group_names)` when several runtimes' models share one."""
+                 cache: str | Path | None = None, runs: int = 200, couplings: dict | None = None, low: int = 1):
+        """`couplings`: `probe(model, group_names)` when several runtimes' models share one; `low`: the
+        narrowest channel width the search may reach (attention heads are counted from 1)."""
         self.runtime, self.batch = runtime, batch
         self.table = LatencyTable.open(runtime, cache)
         shapes = measured_shapes(model)
@@ -287,9 +291,9 @@ class LatencyModel:
         self.terms = []
         for name, shape in shapes.items():
             diagonal = bool(a_in[name]) and a_in[name] == a_out[name] and len(a_in[name]) == 1
-            ins = grid(shape.in0, step) if a_in[name] and not diagonal else [shape.in0]
+            ins = grid(shape.in0, step, low) if a_in[name] and not diagonal else [shape.in0]
             heads = shape.kind == ATTENTION  # a few heads: every count matters, not multiples of `step`
-            outs = grid(shape.out0, 1 if heads else step) if a_out[name] else [shape.out0]
+            outs = (grid(shape.out0, 1) if heads else grid(shape.out0, step, low)) if a_out[name] else [shape.out0]
             self.terms.append(LayerTerm(name, shape, a_in[name], a_out[name], ins, outs, diagonal))
         wanted = {t.shape.key(i, o, batch): (t.shape, i, o) for t in self.terms for i, o in t.points()}
         self.entries = len(wanted)
