@@ -224,6 +224,7 @@ class Joint:
 
 PROBES = (0.5, 0.25)  # width fractions of the uniformly narrowed copies the calibration starts from
 MEASURE_RUNS = 1000  # interleaved rounds per whole-model measurement (exports, not rounds, dominate its cost)
+VISIT_RUNS = 500  # rounds when a point is measured beside the start as it is visited (the final session: MEASURE_RUNS)
 GAIN = 0.02  # without a goal the search goes on while each point measures at least this much faster
 MAX_AGAIN = 3  # with a goal, points visited again toward it when the per-point cut held one short
 
@@ -371,7 +372,7 @@ class _Search:
         enters the fit scaled to the start's reference measurement, so machine-load drift cancels."""
         speedups = {}
         for rt, lm in self.lms.items():
-            p50 = measure_models({"start": self.start, label: model}, rt, self.cfg.goal.batch, runs=MEASURE_RUNS,
+            p50 = measure_models({"start": self.start, label: model}, rt, self.cfg.goal.batch, runs=VISIT_RUNS,
                                  files=self.files)
             speedups[rt] = p50["start"] / p50[label]
             lm.observe(total, self.reference[rt] / speedups[rt])
