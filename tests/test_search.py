@@ -479,6 +479,9 @@ def test_no_visited_point_cuts_a_group_below_its_floor_or_more_than_half_at_once
     assert len(said) == 1 and "\n" not in said[0]
     assert any("goal 16.00x on onnxruntime not reachable at the width floors" in n for n in outcome.notes)
     assert sum(r["shipped"] for r in rows) == 1 and rows[outcome.details["chosen"]]["shipped"]
+    costs = outcome.details["costs"]  # where the search's time went, per phase and per point
+    assert costs["total_s"] > 0 and {"tables", "fine_tune", "recovery", "measure"} <= set(costs["seconds"])
+    assert all(set(r["seconds"]) == {"fine_tune", "recovery", "measure"} and r["epochs_spent"] == 0 for r in rows)
 
 
 def test_below_round_units_only_where_faster_and_never_for_a_bottleneck(digits, stand_in_runtime):
