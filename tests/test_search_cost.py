@@ -96,3 +96,19 @@ def test_the_clock_accounts_for_every_phase():
     record = clock.record()
     assert list(record["seconds"]) == list(PHASES) and record["counts"] == {"exports": 3}
     assert record["total_s"] >= sum(record["seconds"].values())
+
+
+def test_a_two_width_table_is_measured_on_its_cross_and_filled_in_as_a_product():
+    """in x out grids of 4 x 4 widths measure 7 entries; a cost that is a product of the two widths
+    (MACs-like, plus the per-model overhead) comes back exactly at every width, steps included."""
+    from compressor.stages.search.latency_model import LayerShape, LayerTerm, separable
+
+    ins, outs, base = [8, 16, 24, 32], [1, 8, 16, 32], 0.05
+
+    def cost(i, o):
+        return base + 0.001 * (-(-i // 16) * 16) * o  # input widths step in tiles of 16
+
+    term = LayerTerm("h", LayerShape("Dense", {}, (), 32, 32), {"a": 1}, {"b": 1}, ins, outs, False)
+    assert len(term.points()) == 7 and (16, 16) not in term.points()
+    filled = separable(ins, outs, cost, base)
+    assert filled == pytest.approx([[cost(i, o) for o in outs] for i in ins])
