@@ -55,9 +55,9 @@ def test_a_point_that_can_still_make_it_gets_its_whole_fine_tune_and_recovery(ep
     assert (value, extra, spent, why, epochs) == (0.945, 1, 3, None, [1, 1, 1])
 
 
-def test_a_point_within_budget_after_the_cut_is_fine_tuned_in_one_go(epochs):
-    value, extra, spent, why = tuning.tune(None, None, _cfg(), _Scripted([0.95, 0.96]), 0.95, "p")
-    assert (value, extra, spent, why, epochs) == (0.96, 0, 2, None, [2])
+def test_a_point_within_budget_after_its_first_epoch_saves_the_rest(epochs):
+    value, extra, spent, why = tuning.tune(None, None, _cfg(), _Scripted([0.90, 0.96]), 0.95, "p")
+    assert (value, extra, spent, why, epochs) == (0.96, 0, 1, "within budget after 1 of 2 epoch(s)", [1])
 
 
 def test_recovery_stops_when_the_remaining_epochs_cannot_close_the_gap(epochs):

@@ -6,7 +6,8 @@ could never come back (MobileNetV2: three points cut to 1-8 channels, 2 + 3 epoc
 after the cut (one evaluation) and after its first epoch. When the first epoch's gain, repeated for
 every epoch still allowed, cannot close the gap to the budget, the point stops there and counts as
 over; learning curves flatten, so this bound only stops points that the remaining epochs could not
-save. A point within budget right after the cut gets its whole fine-tune in one go, as before.
+save. A point within budget after an epoch stops its fine-tune there: the next point starts from it
+and is fine-tuned again.
 """
 from __future__ import annotations
 
@@ -23,27 +24,41 @@ def hopeless(task, floor: float, before: float, after: float, epochs_left: int) 
 
 
 def tune(model, ctx, cfg, task, floor: float, label: str, clock=None) -> tuple[float, int, int, str | None]:
-    """Fine-tune a just cut point (`cfg.epochs`), then up to `cfg.recover_epochs` more one at a time while
-    it is over the budget and improving. Returns (metric, recovery epochs, epochs spent in all, why it
-    stopped early or None); `clock` (search.costs.Clock) books the fine-tune and the recovery."""
+    """Fine-tune a just cut point (up to `cfg.epochs`), then up to `cfg.recover_epochs` more one at a time
+    while it is over the budget and improving. Returns (metric, recovery epochs, epochs spent in all, why
+    it stopped early or None); `clock` (search.costs.Clock) books the fine-tune and the recovery."""
     def phase(name):
         return clock.phase(name) if clock is not None else nullcontext()
 
-    epochs, spent, why = cfg.epochs, 0, None
     with phase("fine_tune"):
-        cut = task.keras(model).value if epochs > 1 else None
-        if cut is not None and not task.within(floor, cut):
-            recovery.finetune(model, ctx, 1, label)
-            spent, value = 1, task.keras(model).value
-            if hopeless(task, floor, cut, value, epochs - 1 + cfg.recover_epochs):
-                why = f"hopeless after {spent} epoch(s): {value:.4f} gaining {value - cut:+.4f} per epoch"
-                return value, 0, spent, why
-        recovery.finetune(model, ctx, epochs - spent, label)
-        spent = epochs
-        value = task.keras(model).value
+        value, spent, why, lost = _fine_tune(model, ctx, cfg, task, floor, label)
+    if lost:
+        return value, 0, spent, why
     with phase("recovery"):
-        value, extra, why = _recover(model, ctx, cfg.recover_epochs, task, floor, label, value)
-    return value, extra, spent + extra, why
+        value, extra, stopped = _recover(model, ctx, cfg.recover_epochs, task, floor, label, value)
+    return value, extra, spent + extra, stopped or why
+
+
+def _fine_tune(model, ctx, cfg, task, floor: float, label: str) -> tuple[float, int, str | None, bool]:
+    """`cfg.epochs` one at a time, ending once within budget (the next point is fine-tuned again, from
+    this one) or hopeless. Returns (metric, epochs, why it ended early or None, hopeless)."""
+    epochs = cfg.epochs
+    before = task.keras(model).value if epochs > 1 else None  # the cut alone: one evaluation
+    if epochs <= 0:
+        return task.keras(model).value, 0, None, False
+    spent = 0
+    while True:
+        recovery.finetune(model, ctx, 1, label)
+        spent += 1
+        value = task.keras(model).value
+        if spent == epochs:
+            return value, spent, None, False
+        if task.within(floor, value):
+            return value, spent, f"within budget after {spent} of {epochs} epoch(s)", False
+        if hopeless(task, floor, before, value, epochs - spent + cfg.recover_epochs):
+            return value, spent, (f"hopeless after {spent} epoch(s): {value:.4f}, "
+                                  f"{value - before:+.4f} in its last epoch"), True
+        before = value
 
 
 def _recover(model, ctx, limit: int, task, floor: float, label: str, value: float) -> tuple[float, int, str | None]:
