@@ -113,3 +113,26 @@ def test_a_two_width_table_is_measured_on_its_cross_and_filled_in_as_a_product()
     assert len(term.points()) == 7 and (16, 16) not in term.points()
     filled = separable(ins, outs, cost, base)
     assert np.allclose(filled, [[cost(i, o) for o in outs] for i in ins])
+
+
+def test_the_benchmark_pages_distillation_table_sets_on_beside_off():
+    """`scripts/benchmark.py --distill`: per model one row with distillation off and one with it on."""
+    from tests.test_bench_cli import _load_script
+
+    script = _load_script("benchmark")
+    assert script.distill_recipe().distill.enabled and not script.fixed_recipe().distill.enabled
+
+    def comparison(variant, rt, x):
+        return {"variant": variant, "baseline": "dense", "runtime": rt, "batch": 1, "threads": 1,
+                "speedup": {"median": x, "ci95": [x - 0.1, x + 0.1]}}
+    rows = [{"variant": v, "runtime": "tflite", "batch": 1, "threads": 1, "accuracy": a,
+             "accuracy_ci95": [a - .01, a + .01]} for v, a in (("fusion", 0.94), ("fusion-distill", 0.93))]
+    model = {"name": "m", "rows": rows,
+             "comparisons": [comparison(v, rt, x) for v, x in (("fusion", 2.0), ("fusion-distill", 1.5))
+                             for rt in ("tflite", "onnxruntime")],
+             "stages": [{"name": "search", "seconds": 40.0}], "distill_stages": [{"name": "search", "seconds": 90.0}],
+             "frontier": [{"shipped": True, "measured_speedup": {"tflite": 1.5}}], "distill_frontier": []}
+    text = "\n".join(script.distill_section({"models": [model]}))
+    assert "| m | off | 0.940 ± 0.010 | 2.00x (1.90–2.10) | 2.00x (1.90–2.10) | tflite 1.50x | 40 s |" in text
+    assert "| m | on | 0.930 ± 0.010 | 1.50x (1.40–1.60) | 1.50x (1.40–1.60) | no point shipped | 90 s |" in text
+    assert script.distill_section({"models": [{"name": "x"}]}) == []
