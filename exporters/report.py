@@ -70,8 +70,8 @@ def _header(report: dict) -> list[str]:
     on = f" (output '{metric['output']}')" if len(metric.get("per_output") or []) > 1 else ""
     lines += [f"Dense baseline test {metric['name']}{on}: **{_baseline(report):.4f}**; targets: "
               f"{', '.join(report['recipe']['targets'])}; {budget}{_multiple(report)}.", ""]
-    return (lines + [f"**Note: {line}**" for line in report.get("baseline_notes", [])]
-            + ([""] if report.get("baseline_notes") else []))
+    said = report.get("goal_notes", []) + report.get("baseline_notes", [])
+    return lines + [f"**Note: {line}**" for line in said] + ([""] if said else [])
 
 
 def _multiple(report: dict) -> str:

@@ -192,7 +192,7 @@ def _summary(report: dict, reporter) -> None:
                           f"{r['gzip_bytes']:,}", "ok" if ok.get(r["file"]) else "FAILED")
     console = Console()
     console.print(table)
-    for line in report.get("baseline_notes", []) + report.get("int8_notes", []):
+    for line in report.get("goal_notes", []) + report.get("baseline_notes", []) + report.get("int8_notes", []):
         console.print(f"note: {line}")
 
 

@@ -165,6 +165,9 @@ class SearchStage(_Strict):
     min_fraction: float = Field(0.0, ge=0.0, le=1.0, description="no group narrower than this fraction of its width")
     max_cut_fraction: float = Field(0.5, gt=0.0, le=0.95, description=(
         "largest fraction of a group's width one operating point may remove (later points may remove more)"))
+    goal_margin: float = Field(0.1, ge=0.0, le=1.0, description=(
+        "with a speed goal, a point ships only if its measured speed beats the goal by this fraction (room for the "
+        "final benchmark's noise); the most accurate such point ships"))
     latency_cache: str | None = Field(None, description="JSON latency table to read and extend (default: per machine)")
 
     @field_validator("points")

@@ -9,6 +9,7 @@ import numpy as np
 
 from compressor.core._tf import keras
 from compressor.data.sources import Dataset
+from compressor.run import goal
 from compressor.train import distribute
 from compressor.train.training import count_params
 
@@ -21,6 +22,8 @@ def assemble(run, pruned: keras.Model, records: list[dict], shipped, verificatio
 
     task, data, model = run.task, run.data, run.model
     params, _ = count_params(model)
+    search = search_results(records, frontier_files)
+    goal_check, goal_notes = goal.check(run.recipe, results, search.get("frontier", []), _search_notes(records), task)
     return {
         "tool_version": _version(),
         "machine": machine_info(),
@@ -44,8 +47,14 @@ def assemble(run, pruned: keras.Model, records: list[dict], shipped, verificatio
         "baseline_notes": undertrained_baseline(task, run.budget_baseline, records),  # likewise
         "target_notes": shipped.notes,
         "distribute": distribute.describe(),
-        **search_results(records, frontier_files),
+        "goal_check": goal_check,  # the shipped file against a speed goal (None: no goal)
+        "goal_notes": goal_notes,  # one line when the shipped file misses it; report.md and the summary show it
+        **search,
     }
+
+
+def _search_notes(records: list[dict]) -> list[str]:
+    return next((r["notes"] for r in records if r["name"] == "search"), [])
 
 
 def worker_report(run, records: list[dict]) -> dict:

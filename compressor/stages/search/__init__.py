@@ -23,6 +23,7 @@ from compressor.config.task import Task, context_task
 from compressor.graph import surgery
 from compressor.stages import observation, planning, recovery
 from compressor.stages.base import StageContext, StageOutcome, stage
+from compressor.stages.search import goal as goal_choice
 from compressor.stages.search import tuning
 from compressor.stages.search.costs import Clock, Files
 from compressor.stages.search.latency_model import RUNTIMES, LatencyModel, measure_models, probe
@@ -461,6 +462,7 @@ def apply(model, cfg: SearchStage, ctx: StageContext, amount: float = 1.0) -> St
     if not groups:
         return StageOutcome(start, {"removed": 0, "frontier": []}, ["search: no prunable Dense/Conv layers"])
     cfg, runtimes = _on_targets(cfg, ctx)
+    asked = cfg.goal.speedup if amount >= 1.0 else None  # over dense, before the stages' share is taken off
     cfg, goal_note = _relative_goal(cfg, ctx, model, start)
     if cfg is None:
         return StageOutcome(start, {"removed": 0, "frontier": []}, [goal_note])
@@ -468,7 +470,8 @@ def apply(model, cfg: SearchStage, ctx: StageContext, amount: float = 1.0) -> St
     members = {g.name: len(g.members) for g in groups}
     search, limits, goal, measured = _explore(start, groups, cfg, ctx, runtimes, (task, floor), amount)
     lms = search.lms
-    best, notes = _choose(search.rows, goal, cfg, _target_runtimes(ctx), task.name, floored=bool(search.notes))
+    best, notes = _choose(search.rows, goal, cfg, _target_runtimes(ctx), task.name, floored=bool(search.notes),
+                          higher=task.direction != "lower", asked=asked)
     notes += search.notes
     for i, row in enumerate(search.rows):
         row["shipped"] = i == best
@@ -518,8 +521,9 @@ def _explore(start, groups, cfg: SearchStage, ctx: StageContext, runtimes: tuple
                          _target_runtimes(ctx) if goal_less else None, clock=clock, files=files)
         limits = _set_floors(search, start, groups, cfg)
         points, goal = _speed_targets(cfg, search.lm, amount)
-        search.run(points, goal)
-        _correct_to_goal(search, goal, cfg)
+        points, aimed = goal_choice.aim(points, goal, cfg.goal_margin)  # the goal's point aimed above it by the margin
+        search.run(points, aimed)
+        _correct_to_goal(search, aimed, cfg)
         with clock.phase("final_measure"):
             measured = _measure(start, search, cfg, start_predicted, ctx.dense_model)
         clock.count("exports", files.exported)
@@ -561,14 +565,13 @@ def _relative_goal(cfg: SearchStage, ctx: StageContext, model, start) -> tuple[S
     if cfg.goal.speedup is None or dense is None or dense is model:
         return cfg, None
     runtime = cfg.goal.runtime
-    p50 = measure_models({"dense": dense, "start": start}, runtime, cfg.goal.batch)
-    done = p50["dense"] / p50["start"]
+    done = goal_choice.done_before(measure_models, dense, start, cfg)
     if done < 1.05:
         return cfg, None
     rest = cfg.goal.speedup / done
-    if rest <= 1.0:
+    if rest * (1.0 + cfg.goal_margin) <= 1.0:
         return None, (f"search: earlier stages already measured {done:.2f}x on {runtime}, meeting the "
-                      f"{cfg.goal.speedup:.2f}x goal; model left as they made it")
+                      f"{cfg.goal.speedup:.2f}x goal with the {cfg.goal_margin:.0%} margin; model left as they made it")
     goal = cfg.goal.model_copy(update={"speedup": rest})
     return cfg.model_copy(update={"goal": goal}), (
         f"search: earlier stages measured {done:.2f}x on {runtime}; the search aimed at the remaining {rest:.2f}x "
@@ -637,26 +640,29 @@ def _no_slower(rows: list[dict], good: list[int], runtimes: tuple[str, ...]) -> 
 
 
 def _choose(rows: list[dict], goal: float | None, cfg: SearchStage, runtimes: tuple[str, ...] | None = None,
-            metric: str = "accuracy", floored: bool = False) -> tuple[int | None, list[str]]:
-    """The goal point if it is within budget, else the fastest measured one: on the goal's runtime
-    when there is a goal, else on the recipe's target runtimes together; never one slower than the start.
-    `floored`: the search stopped at the width floors (what a missed goal is then blamed on)."""
+            metric: str = "accuracy", floored: bool = False, higher: bool = True,
+            asked: float | None = None) -> tuple[int | None, list[str]]:
+    """With a goal: the most accurate point whose measured speed meets it with `goal_margin`
+    (`goal.choose`), else the fastest measured one, saying why; without: the fastest on the recipe's
+    target runtimes together. Never one slower than the start. `floored`: the search stopped at the
+    width floors (what a missed goal is then blamed on); `asked`: the goal over the dense model."""
     runtime = cfg.goal.runtime
     judged = (runtimes or (runtime,)) if goal is None else (runtime,)
     good, slower = _no_slower(rows, [i for i, r in enumerate(rows) if r["within_budget"]], judged)
     if goal is None:
         return _fastest(rows, good, judged), slower
+    best, said = goal_choice.choose(rows, good, goal, runtime, cfg.goal_margin, cfg.goal.latency_ms, higher, asked)
+    if best is not None:
+        return best, slower + said
     fastest_here = min(good, key=lambda i: rows[i]["measured_ms"][runtime]) if good else None
-    hit = [i for i in good if rows[i]["reached"] and not rows[i].get("superseded")
-           and (abs(rows[i]["goal_speedup"] - round(goal, 3)) < 1e-6 or rows[i].get("corrected_for_goal"))]
-    if hit:
-        return hit[-1], slower
     if rows and not any(r.get("reached", True) for r in rows):
         top = max((r["predicted_speedup"] for r in rows), default=1.0)
         return fastest_here, slower + [f"search: goal {goal:.2f}x on {runtime} not reachable: the latency table "
                                        f"predicts at most {top:.2f}x at the width floors (fixed per-op cost dominates)"]
     reached = (f"{rows[fastest_here]['measured_speedup'][runtime]:.2f}x measured" if fastest_here is not None
                else "nothing")
-    why = "at the width floors" if floored else f"within the {metric} budget"
+    over = [r for r in rows if not r["within_budget"] and (goal_choice.measured(r, runtime) or 0.0) >= goal]
+    why = ("at the width floors" if floored else f"within the {metric} budget" if over or not good
+           else "as measured (the points within budget ran slower than predicted)")
     return fastest_here, slower + [f"search: goal {goal:.2f}x on {runtime} not reachable {why}; "
                                    f"best within budget: {reached}"]
