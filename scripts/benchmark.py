@@ -45,7 +45,7 @@ from compressor.core._tf import keras  # noqa: E402
 from exporters import targets as registry  # noqa: E402
 from exporters.latency import BLOCK  # noqa: E402
 
-VARIANTS = ("dense", "dense-int8", "tfmot-peer", "fusion-fixed", "fusion", "fusion-int8")
+VARIANTS = ("dense", "dense-int8", "tfmot-peer", "fusion-fixed", "fusion", "fusion-int8", "fusion-distill")
 RUNTIMES = {rt: fmt.extensions[0] for rt, fmt in registry.runtime_formats(registry.NAMES)}
 BATCHES = (1, 32)
 THREADS = (1, 2)
@@ -194,7 +194,7 @@ def build(spec, data, work: Path, settings: Settings = FULL) -> dict:
         log(f"{spec.name}: tfmot peer FAILED: {_one_line(exc)}")
     entry["seconds"]["tfmot-peer"] = round(time.perf_counter() - t, 1)
 
-    for variant in settings.fusions:
+    for variant in settings.fusions + (("fusion-distill",) if DISTILL else ()):
         t = time.perf_counter()
         _fusion(entry, dense, ds, folder / variant, variant, settings.bench, settings.reuse)
         entry["seconds"][variant] = round(time.perf_counter() - t, 1)
@@ -238,12 +238,22 @@ def build_latency_only(spec, work: Path) -> dict:
     return entry
 
 
-def _recipe(default: bool, bench: dict | None):
-    """The default recipe (or its fixed form), with the run's own report timed as `bench` says."""
+def _recipe(variant: str, bench: dict | None):
+    """The variant's recipe (default, fixed or distilled), with the run's own report timed as `bench` says."""
     from compressor.config.recipe import default_recipe
 
-    recipe = default_recipe() if default else fixed_recipe()
+    recipe = {"fusion": default_recipe, "fusion-fixed": fixed_recipe, "fusion-distill": distill_recipe}[variant]()
     return recipe if bench is None else recipe.model_copy(update={"bench": recipe.bench.model_copy(update=bench)})
+
+
+def distill_recipe():
+    """The default recipe with distillation from the dense model in every fine-tune (`distill: {enabled: true}`)."""
+    from compressor.config.recipe import Distill, default_recipe
+
+    return default_recipe().model_copy(update={"distill": Distill(enabled=True)})
+
+
+STAGE_KEYS = {"fusion": "stages", "fusion-fixed": "fixed_stages", "fusion-distill": "distill_stages"}
 
 
 def _compressed(entry: dict, dense, ds, out: Path, variant: str, recipe) -> dict:
@@ -265,13 +275,14 @@ def _compressed(entry: dict, dense, ds, out: Path, variant: str, recipe) -> dict
 
 def _fusion(entry: dict, dense, ds, out: Path, variant: str, bench: dict | None = None, reuse: bool = False) -> None:
     """One compressor run: `fusion` = the default recipe (goal-less search), `fusion-fixed` = without
-    the search; files, stages and the frontier are recorded, a failure is recorded, not fatal."""
+    the search, `fusion-distill` = the default recipe distilled (`--distill`); files, stages and the
+    frontier are recorded, a failure is recorded, not fatal."""
     from compressor.load.model_io import load_model
     from compressor.train.training import count_params
 
     default = variant == "fusion"
     try:
-        recipe = None if default and bench is None else _recipe(default, bench)
+        recipe = None if default and bench is None else _recipe(variant, bench)
         if reuse and (out / "report.json").is_file():  # an earlier run on this --work finished it
             report = json.loads((out / "report.json").read_text())
             log(f"{entry['name']}: {variant} reused from --work")
@@ -281,7 +292,7 @@ def _fusion(entry: dict, dense, ds, out: Path, variant: str, bench: dict | None 
         int8 = {rt: out / f"pruned-int8{ext}" for rt, ext in RUNTIMES.items() if (out / f"pruned-int8{ext}").is_file()}
         if int8 and default:
             entry["files"]["fusion-int8"] = int8
-        key = "stages" if default else "fixed_stages"
+        key = STAGE_KEYS[variant]
         entry[key] = [{k: s.get(k) for k in ("name", "amount", "params_before", "params_after", "nonzero_after",
                                              "accuracy_after", "seconds", "notes")} for s in report["stages"]]
         entry.setdefault("verification", []).extend(
@@ -290,6 +301,8 @@ def _fusion(entry: dict, dense, ds, out: Path, variant: str, bench: dict | None 
         if default:
             entry["frontier"] = report.get("frontier", [])
             entry["latency_model"] = report.get("latency_model", [])
+        if variant == "fusion-distill":
+            entry["distill_frontier"] = report.get("frontier", [])
         log(f"{entry['name']}: {variant} done ({', '.join(s['name'] for s in report['stages'])})")
     except Exception as exc:
         entry["errors"][f"{variant} failed"] = _one_line(exc)
@@ -550,6 +563,7 @@ EXPORT_TIME = [
 def render_page(results: dict) -> str:
     """docs/BENCHMARKS.md from benchmarks.json: header and headline, method, frontier, per-model results."""
     lines = (_page_top(results) + _deployment_size() + _method(results) + EXPORT_TIME + frontier_section(results)
+             + distill_section(results)
              + ["## Full results", ""])
     for m in results["models"]:
         lines += _model_section(m)
@@ -759,9 +773,45 @@ def frontier_section(results: dict) -> list[str]:
     return lines
 
 
+def _search_reach(stages: list[dict], frontier: list[dict]) -> str:
+    """The shipped search point's measured speedup over the search's start per runtime, and the search's seconds."""
+    shipped = next((r for r in frontier if r.get("shipped") or r.get("files") == ["pruned.keras"]), None)
+    seconds = next((s["seconds"] for s in stages if s["name"] == "search"), None)
+    speed = ", ".join(f"{rt} {v:.2f}x" for rt, v in sorted((shipped or {}).get("measured_speedup", {}).items()))
+    return f"{speed or 'no point shipped'} | {_f(seconds, '.0f')} s"
+
+
+def distill_section(results: dict) -> list[str]:
+    """`--distill`: the default recipe with distillation on beside it off, per model: the shipped file's
+    accuracy and speedup over dense (batch 1, 1 thread) and what the search reached within budget."""
+    models = [m for m in results["models"] if m.get("distill_stages")]
+    if not models:
+        return []
+    lines = ["## Distillation on vs off (`--distill`)", "",
+             "`fusion` = the default recipe (distillation off), `fusion-distill` = the same with "
+             "`distill: {enabled: true}` (alpha 0.5, T 4: every stage's and search point's fine-tune also learns "
+             "the dense model's softened outputs). Accuracy and speedups of the shipped `pruned.*` files over "
+             "dense at batch 1, 1 thread, timed in the tables below; the search's reach is its shipped point's "
+             "measured speedup over the search's start (report.json `frontier`).", "",
+             "| model | distillation | accuracy tflite ± 95% CI | speedup tflite | speedup onnxruntime | "
+             "search shipped point vs its start | search stage |", "|---|---|---|---|---|---|---|"]
+    for m in models:
+        for variant, label, stages, frontier in (
+                ("fusion", "off", m.get("stages", []), m.get("frontier", [])),
+                ("fusion-distill", "on", m["distill_stages"], m.get("distill_frontier", []))):
+            row = _find(m.get("rows", []), variant=variant, runtime="tflite", batch=1, threads=1)
+            speed = [_find(m.get("comparisons", []), variant=variant, baseline="dense", runtime=rt, batch=1,
+                           threads=1) for rt in ("tflite", "onnxruntime")]
+            speeds = " | ".join(_speed(c) if c else "–" for c in speed)
+            lines.append(f"| {m['name']} | {label} | {_acc(row) if row else '–'} | {speeds} | "
+                         f"{_search_reach(stages, frontier)} |")
+    return lines + [""]
+
+
 # ------------------------------------------------------------------------------------ main
 
 WORK_ROOT = Path(".")
+DISTILL = False  # --distill: also build the fusion-distill variant
 
 
 def _jsonable(value):
@@ -818,6 +868,8 @@ def _options(argv: list[str] | None):
     parser.add_argument("--quick", action="store_true", help="smoke test: two models, few rounds")
     parser.add_argument("--models", help=f"comma-separated subset of {', '.join(suite.MODELS)}")
     parser.add_argument("--work", help="keep the built files in this folder (default: a temporary folder, removed)")
+    parser.add_argument("--distill", action="store_true", help="also run the default recipe with distillation on "
+                        "(variant fusion-distill) and add the distillation on/off table")
     parser.add_argument("--update", action="store_true",
                         help="re-measure only --models and keep the other models' entries of the existing "
                              "benchmarks.json in --out (same machine only; each model's page row shows its date)")
@@ -924,8 +976,9 @@ def write_pages(out: Path, results: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global WORK_ROOT
+    global WORK_ROOT, DISTILL
     args, settings, names, out = _options(argv)
+    DISTILL = args.distill
     WORK_ROOT = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="compressor-bench-"))
     WORK_ROOT.mkdir(parents=True, exist_ok=True)
     WORK_ROOT = WORK_ROOT.resolve()

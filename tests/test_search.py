@@ -6,7 +6,7 @@ import pytest
 from compressor.config.recipe import parse_recipe
 from compressor.core._tf import keras
 from compressor.core.errors import CompressorError
-from compressor.stages import observation, planning, recovery, search
+from compressor.stages import observation, planning, search
 from compressor.stages.base import StageContext
 from compressor.stages.search.latency_model import LatencyModel, grid
 from exporters.frontier_plot import frontier_table, plot_frontier
@@ -219,7 +219,7 @@ def test_attention_heads_are_a_search_group_with_a_measured_table(digits, shared
         assert lm.layer_ms(removed) == {t.name: lm._layer(t, removed, lm.table.overhead(1)) for t in lm.terms}
     extra = search.allocate(lm, units, {}, importance[4], lm.predict() / 8.0, 8)
     assert extra["mha0"] + extra["mha1"] >= 1  # heads are bought like any other width
-    smaller = search._shrink(importance, extra, cfg, ctx, "test")
+    smaller = search._shrink(importance, extra)
     for name in ("mha0", "mha1"):
         assert smaller.get_layer(name)._num_heads == 2 - extra[name]
     assert smaller.predict(data.x_test[:4], verbose=0).shape == (4, 10)
@@ -429,16 +429,16 @@ class _LinearTable:
 @pytest.fixture
 def stand_in_runtime(monkeypatch):
     """Replace the latency tables and the runtime measurements by `_LinearTable`'s arithmetic."""
-    def tables(model, names, cfg, ctx, runtimes=None):
+    def tables(model, names, cfg, ctx, runtimes=None, clock=None):
         units = {g.name: g.units for g in search.search_groups(model)}
         return {rt: _LinearTable(units) for rt in ("onnxruntime", "tflite")}
 
-    def measure(models, runtime, batch=1, runs=0):
+    def measure(models, runtime, batch=1, runs=0, files=None):
         return {label: OVERHEAD_MS + UNIT_MS * _kept(m) for label, m in models.items()}
 
     monkeypatch.setattr(search, "_tables", tables)
     monkeypatch.setattr(search, "measure_models", measure)
-    monkeypatch.setattr(search, "calibrate", lambda lms, *a: ({rt: lm.predict() for rt, lm in lms.items()},) * 2)
+    monkeypatch.setattr(search, "calibrate", lambda lms, *a, **k: ({rt: lm.predict() for rt, lm in lms.items()},) * 2)
 
 
 def _cnn(digits, widths=(16, 32), epochs: int = 2) -> keras.Model:
@@ -479,6 +479,9 @@ def test_no_visited_point_cuts_a_group_below_its_floor_or_more_than_half_at_once
     assert len(said) == 1 and "\n" not in said[0]
     assert any("goal 16.00x on onnxruntime not reachable at the width floors" in n for n in outcome.notes)
     assert sum(r["shipped"] for r in rows) == 1 and rows[outcome.details["chosen"]]["shipped"]
+    costs = outcome.details["costs"]  # where the search's time went, per phase and per point
+    assert costs["total_s"] > 0 and {"tables", "fine_tune", "recovery", "measure"} <= set(costs["seconds"])
+    assert all(set(r["seconds"]) == {"fine_tune", "recovery", "measure"} and r["epochs_spent"] == 0 for r in rows)
 
 
 def test_below_round_units_only_where_faster_and_never_for_a_bottleneck(digits, stand_in_runtime):
@@ -551,12 +554,12 @@ def test_importance_is_on_one_scale_across_groups(digits):
 def test_bisection_runs_a_point_between_the_last_good_and_the_failing_one(digits, stand_in_runtime, monkeypatch):
     """Points that keep fewer than 40 of the MLP's 64+64 units fail the budget: after 2x holds and 4x
     fails, the search visits a point between them, and it is within budget and faster than 2x."""
-    real = recovery.recover
+    real = search.tuning.tune
 
-    def recover(model, ctx, limit, task, baseline, label):
-        acc, epochs = real(model, ctx, limit, task, baseline, label)
-        return (acc if _kept(model) >= 40 else 0.0), epochs
-    monkeypatch.setattr(search.recovery, "recover", recover)
+    def tune(model, *args):
+        acc, *rest = real(model, *args)
+        return (acc if _kept(model) >= 40 else 0.0), *rest
+    monkeypatch.setattr(search.tuning, "tune", tune)
     model = _mlp(64)
     model.compile("adam", "sparse_categorical_crossentropy")
     model.fit(digits.x_train, digits.y_train, epochs=3, verbose=0)

@@ -24,8 +24,10 @@ from compressor.graph import surgery
 from compressor.stages import observation, planning, recovery
 from compressor.stages.base import StageContext, StageOutcome, stage
 from compressor.stages.search import goal as goal_choice
+from compressor.stages.search import tuning
+from compressor.stages.search.costs import Clock, Files
 from compressor.stages.search.latency_model import RUNTIMES, LatencyModel, measure_models, probe
-from compressor.stages.search.limits import FASTER, floors, lowest, roles
+from compressor.stages.search.limits import FASTER, floors, lowest, narrowest, roles
 
 MAX_SPEEDUP = 64.0  # without a speed goal the points double until the budget is crossed, at most to this
 
@@ -140,8 +142,9 @@ def _add(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
     return {k: a.get(k, 0) + b.get(k, 0) for k in set(a) | set(b)}
 
 
-def _shrink(importance, extra: dict[str, int], cfg: SearchStage, ctx: StageContext, label: str):
-    """Remove the least important units per group (mean-replaced into the next layer), then fine-tune."""
+def _shrink(importance, extra: dict[str, int]):
+    """Remove the least important units per group (mean-replaced into the next layer); the fine-tune is
+    `tuning.tune`'s."""
     base, traces, activity, order, _ = importance
     base = recovery.copy(base)
     plan = {}
@@ -154,7 +157,7 @@ def _shrink(importance, extra: dict[str, int], cfg: SearchStage, ctx: StageConte
             planning.fold_into_consumers(base, tr, len(order[g]), offset={i: float(activity[g].mean[i]) for i in drop})
         plan[g] = drop
     pruned, _ = surgery.remove_units(base, plan)
-    return recovery.finetune(pruned, ctx, cfg.epochs, label)
+    return pruned
 
 
 def _speed_targets(cfg: SearchStage, lm: LatencyModel, amount: float) -> tuple[list[float], float | None]:
@@ -182,19 +185,23 @@ def _on_targets(cfg: SearchStage, ctx: StageContext) -> tuple[SearchStage, tuple
 
 
 def _tables(model, names: list[str], cfg: SearchStage, ctx: StageContext,
-            runtimes: tuple[str, ...] = RUNTIMES) -> dict[str, LatencyModel]:
+            runtimes: tuple[str, ...] = RUNTIMES, clock: Clock | None = None) -> dict[str, LatencyModel]:
     from pathlib import Path
 
     from compressor.stages.search.latency_model import default_cache
 
     step = max(1, ctx.recipe.unit_multiple())
     _log(ctx, f"search: which layers each of {len(names)} groups narrows (one surgery per group)")
-    couplings = probe(model, names)
+    clock = clock or Clock()
+    with clock.phase("couplings"):
+        couplings = probe(model, names)
     out = {}
     for rt in runtimes:
         cache = Path(cfg.latency_cache) / default_cache(rt).name if cfg.latency_cache else None
         _log(ctx, f"search: latency table for {rt} (cached entries are reused)")
-        out[rt] = LatencyModel(model, names, rt, cfg.goal.batch, step, cache, couplings=couplings)
+        with clock.phase("tables"):
+            out[rt] = LatencyModel(model, names, rt, cfg.goal.batch, step, cache, couplings=couplings,
+                                   low=narrowest(cfg))
     return out
 
 
@@ -218,6 +225,7 @@ class Joint:
 
 PROBES = (0.5, 0.25)  # width fractions of the uniformly narrowed copies the calibration starts from
 MEASURE_RUNS = 1000  # interleaved rounds per whole-model measurement (exports, not rounds, dominate its cost)
+VISIT_RUNS = 500  # rounds when a point is measured beside the start as it is visited (the final session: MEASURE_RUNS)
 GAIN = 0.02  # without a goal the search goes on while each point measures at least this much faster
 MAX_AGAIN = 3  # with a goal, points visited again toward it when the per-point cut held one short
 
@@ -235,7 +243,8 @@ def narrowed(model, units: dict[str, int], fraction: float, step: int) -> tuple[
     return smaller, removed
 
 
-def calibrate(lms: dict[str, LatencyModel], start, units: dict[str, int], step: int, batch: int):
+def calibrate(lms: dict[str, LatencyModel], start, units: dict[str, int], step: int, batch: int,
+              files: Files | None = None):
     """Fit each runtime's correction on whole models measured on it: the uniformly narrowed probes
     first, then the start model. Returns the start's measured p50 per runtime (the reference every
     later point is scaled to) and its prediction from the probes alone (honest: made before its own
@@ -244,7 +253,7 @@ def calibrate(lms: dict[str, LatencyModel], start, units: dict[str, int], step: 
     models = {"start": start, **{label: m for label, (m, _) in probes.items()}}
     reference, predicted = {}, {}
     for rt, lm in lms.items():
-        p50 = measure_models(models, rt, batch, runs=MEASURE_RUNS)
+        p50 = measure_models(models, rt, batch, runs=MEASURE_RUNS, files=files)
         for label, (_, removed) in probes.items():
             lm.observe(removed, p50[label])
         predicted[rt] = lm.predict()
@@ -265,7 +274,7 @@ class _Search:
 
     def __init__(self, model, cfg: SearchStage, ctx: StageContext, lms: dict[str, LatencyModel], units, floor, task,
                  reference: dict[str, float], follow: tuple[str, ...] | None = None,
-                 widths: dict[str, int] | None = None):
+                 widths: dict[str, int] | None = None, clock: Clock | None = None, files: Files | None = None):
         self.cfg, self.ctx, self.lms, self.units, self.floor, self.task = cfg, ctx, lms, units, floor, task
         self.start, self.reference = model, reference
         self.follow = follow or (cfg.goal.runtime,)
@@ -276,6 +285,8 @@ class _Search:
         self.good = (1.0, model, {})  # (speedup, fine-tuned model, units removed per group)
         self.bad = None  # (speedup, units removed per group) of the last point over the budget
         self.reached = self.capped = False  # capped: the per-point cut, not the floors, held the last point
+        self.clock, self.files = clock or Clock(), files
+        self._importance = None  # (good model, its importance): bisection visits from one model reuse it
 
     def _plan(self, speedup: float, importance, removed: dict[str, int]) -> dict[str, int]:
         """Units to remove at this point; sets `capped` when the per-point cut held it short of the
@@ -301,25 +312,30 @@ class _Search:
         check the budget, measure. None: no widths not visited yet (nothing new to try)."""
         _, start, removed = self.good
         self.reached = self.capped = False
-        importance = _importance(start, self.cfg, self.ctx)
+        importance = self.importance(start)
         extra = self._plan(speedup, importance, removed) if extra is None else extra
         total = _add(removed, extra)
         key = tuple(sorted(total.items()))
         if not any(extra.values()) or key in self.seen:
             return None
         label = f"search: fine-tune at {speedup:.2f}x"
-        model = _shrink(importance, extra, self.cfg, self.ctx, label)
-        metric, extra_epochs = recovery.recover(model, self.ctx, self.cfg.recover_epochs, self.task, self.floor, label)
+        before = dict(self.clock.seconds)
+        model = _shrink(importance, extra)
+        metric, extra_epochs, spent, stopped = tuning.tune(model, self.ctx, self.cfg, self.task, self.floor, label,
+                                                           self.clock)
         ok = self.task.within(self.floor, metric)  # the pipeline's own test, same rounding
         predicted = self.lm.predict() / self.lm.predict(total)
         self.reached = predicted >= 0.98 * speedup  # False: the floors or the per-point cut held the widths
         row = {"goal_speedup": round(speedup, 3), "predicted_speedup": round(predicted, 3), "reached": self.reached,
                "held_by": None if self.reached else "max_cut_fraction" if self.capped else "floors",
                "metric": metric, "accuracy": metric if self.task.is_accuracy else None, "within_budget": ok,
-               "recovery_epochs": extra_epochs,
+               "recovery_epochs": extra_epochs, "epochs_spent": spent, "stopped_early": stopped,
                "widths": {g: self.units[g] - total.get(g, 0) for g in self.units},
                "predicted_ms": {rt: lm.predict(total) for rt, lm in self.lms.items()}}
-        row["visit_speedup"] = self._observe(model, total)
+        with self.clock.phase("measure"):
+            row["visit_speedup"] = self._observe(model, total, f"point{len(self.rows)}")
+        row["seconds"] = {p: round(self.clock.seconds[p] - before.get(p, 0.0), 2)
+                          for p in ("fine_tune", "recovery", "measure")}
         self.rows.append(row)
         self.models.append(model)
         self.states.append((speedup, model, total))
@@ -344,14 +360,22 @@ class _Search:
                 extra[g] = wide - min(grid, key=lambda w: (abs(w - (wide + narrow) / 2), -w))
         return extra
 
-    def _observe(self, model, total: dict[str, int]) -> dict[str, float]:
+    def importance(self, model):
+        """`_importance` of the model the next point starts from (kept while that model stays the start)."""
+        if self._importance is None or self._importance[0] is not model:
+            with self.clock.phase("importance"):
+                self._importance = (model, _importance(model, self.cfg, self.ctx))
+        return self._importance[1]
+
+    def _observe(self, model, total: dict[str, int], label: str = "point") -> dict[str, float]:
         """Measure a point beside the start model (one interleaved session per runtime), refit each
         runtime's calibration with it, and return its measured speedups over the start. Its latency
         enters the fit scaled to the start's reference measurement, so machine-load drift cancels."""
         speedups = {}
         for rt, lm in self.lms.items():
-            p50 = measure_models({"start": self.start, "point": model}, rt, self.cfg.goal.batch, runs=MEASURE_RUNS)
-            speedups[rt] = p50["start"] / p50["point"]
+            p50 = measure_models({"start": self.start, label: model}, rt, self.cfg.goal.batch, runs=VISIT_RUNS,
+                                 files=self.files)
+            speedups[rt] = p50["start"] / p50[label]
             lm.observe(total, self.reference[rt] / speedups[rt])
         if isinstance(self.lm, Joint):
             self.lm.refresh()
@@ -444,18 +468,8 @@ def apply(model, cfg: SearchStage, ctx: StageContext, amount: float = 1.0) -> St
         return StageOutcome(start, {"removed": 0, "frontier": []}, [goal_note])
     units = {g.name: g.units for g in groups}
     members = {g.name: len(g.members) for g in groups}
-    lms = _tables(start, list(units), cfg, ctx, runtimes)
-    _log(ctx, "search: calibrating the latency tables on whole models measured on each runtime")
-    reference, start_predicted = calibrate(lms, start, units, max(1, ctx.recipe.unit_multiple()), cfg.goal.batch)
-    goal_less = cfg.goal.speedup is None and cfg.goal.latency_ms is None
-    search = _Search(start, cfg, ctx, lms, units, floor, task, reference,
-                     _target_runtimes(ctx) if goal_less else None)
-    limits = _set_floors(search, start, groups, cfg)
-    points, goal = _speed_targets(cfg, search.lm, amount)
-    points, aimed = goal_choice.aim(points, goal, cfg.goal_margin)  # the goal's point aimed above it by the margin
-    search.run(points, aimed)
-    _correct_to_goal(search, aimed, cfg)
-    measured = _measure(start, search, cfg, start_predicted, ctx.dense_model)
+    search, limits, goal, measured = _explore(start, groups, cfg, ctx, runtimes, (task, floor), amount)
+    lms = search.lms
     best, notes = _choose(search.rows, goal, cfg, _target_runtimes(ctx), task.name, floored=bool(search.notes),
                           higher=task.direction != "lower", asked=asked)
     notes += search.notes
@@ -473,7 +487,8 @@ def apply(model, cfg: SearchStage, ctx: StageContext, amount: float = 1.0) -> St
     notes += [goal_note] if goal_note else []
     if best is None:
         return StageOutcome(start, {"removed": 0, "frontier": search.rows, "latency_model": measured,
-                                    "calibration": calibration(lms), "limits": limits}, notes)
+                                    "calibration": calibration(lms), "limits": limits,
+                                    "costs": search.clock.record()}, notes)
     row = search.rows[best]
     removed = sum((units[g] - w) * members[g] for g, w in row["widths"].items())
     runtime = cfg.goal.runtime
@@ -484,9 +499,37 @@ def apply(model, cfg: SearchStage, ctx: StageContext, amount: float = 1.0) -> St
                "chosen": best, "widths": row["widths"], "frontier": search.rows, "latency_model": measured,
                "tables": {rt: {"path": str(lm.table.path), "entries": lm.entries, "measured_now": lm.table.measured}
                           for rt, lm in lms.items()},
-               "calibration": calibration(lms), "limits": limits}
+               "calibration": calibration(lms), "limits": limits, "costs": search.clock.record()}
     points = {point_label(i, r): m for i, (r, m) in enumerate(zip(search.rows, search.models)) if i != best}
     return StageOutcome(search.models[best], details, notes, points)
+
+
+def _explore(start, groups, cfg: SearchStage, ctx: StageContext, runtimes: tuple[str, ...], budget, amount: float):
+    """Tables, calibration, the points and the final measurement: (search, limits, goal, latency-model rows).
+    Every whole model is exported once per runtime for the whole search (`costs.Files`), and each phase's
+    time is booked on the search's clock (report.json: the search stage's `costs`)."""
+    (task, floor), units = budget, {g.name: g.units for g in groups}
+    clock, files = Clock(), Files()
+    try:
+        lms = _tables(start, list(units), cfg, ctx, runtimes, clock=clock)
+        _log(ctx, "search: calibrating the latency tables on whole models measured on each runtime")
+        with clock.phase("calibration"):
+            reference, start_predicted = calibrate(lms, start, units, max(1, ctx.recipe.unit_multiple()),
+                                                   cfg.goal.batch, files=files)
+        goal_less = cfg.goal.speedup is None and cfg.goal.latency_ms is None
+        search = _Search(start, cfg, ctx, lms, units, floor, task, reference,
+                         _target_runtimes(ctx) if goal_less else None, clock=clock, files=files)
+        limits = _set_floors(search, start, groups, cfg)
+        points, goal = _speed_targets(cfg, search.lm, amount)
+        points, aimed = goal_choice.aim(points, goal, cfg.goal_margin)  # the goal's point aimed above it by the margin
+        search.run(points, aimed)
+        _correct_to_goal(search, aimed, cfg)
+        with clock.phase("final_measure"):
+            measured = _measure(start, search, cfg, start_predicted, ctx.dense_model)
+        clock.count("exports", files.exported)
+    finally:
+        files.close()
+    return search, limits, goal, measured
 
 
 def _set_floors(search: _Search, start, groups, cfg: SearchStage) -> dict:
@@ -550,7 +593,7 @@ def _measure(start, search: _Search, cfg: SearchStage, start_predicted: dict[str
         models = {"start": start, **{f"point{i}": m for i, m in enumerate(search.models)}}
         if dense is not None and dense is not start:
             models["dense"] = dense
-        p50 = measure_models(models, rt, cfg.goal.batch, runs=MEASURE_RUNS)
+        p50 = measure_models(models, rt, cfg.goal.batch, runs=MEASURE_RUNS, files=search.files)
         start_ms[rt] = p50["start"]
         dense_ms[rt] = p50.get("dense", p50["start"])
         drift = p50["start"] / search.reference[rt]

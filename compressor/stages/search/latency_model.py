@@ -139,14 +139,17 @@ def out_width(layer) -> int:
     return int(layer.output_shape[-1])
 
 
-def grid(full: int, step: int) -> list[int]:
+def grid(full: int, step: int, low: int = 1) -> list[int]:
     """Candidate widths measured for a dimension of `full` units: a few fractions, multiples of `step`,
-    plus one step and a single unit, since the search narrows a layer of one step or less unit by unit
-    (without them the interpolation would be flat below the smallest multiple and see no gain there)."""
-    points = {full} | {w for w in (1, step) if w < full}
+    plus one step and the narrowest width the search may reach (`low`: 1 lets it narrow a layer of one
+    step or less unit by unit; without these the interpolation would be flat below the smallest
+    multiple and see no gain there). Nothing narrower than `low` is measured: the search never goes
+    there (`limits.floors`), and each entry is an export and a timing session."""
+    low = max(1, min(low, full))
+    points = {full} | {w for w in (low, step) if low <= w < full}
     for f in LEVELS:
         w = int(round(full * f / step)) * step
-        if 0 < w < full:
+        if low <= w < full:
             points.add(w)
     return sorted(points)
 
@@ -249,9 +252,27 @@ class LayerTerm:
         return max(1, w_in), max(1, w_out)
 
     def points(self) -> list[tuple[int, int]]:
+        """The widths measured: a depthwise layer's diagonal, else the cross through the full widths
+        (every input width at the full output, every output width at the full input; `separable`)."""
         if self.diagonal:
             return [(w + self.shape.in0 - self.shape.out0, w) for w in self.outs]
-        return [(i, o) for i in self.ins for o in self.outs]
+        full_in, full_out = self.shape.in0, self.shape.out0
+        return [(i, full_out) for i in self.ins] + [(full_in, o) for o in self.outs if o != full_out]
+
+
+def separable(ins: list[int], outs: list[int], entry, base: float) -> np.ndarray:
+    """The whole in x out grid (ms) from its cross through the full widths (`entry(i, o)` on the cross).
+
+    A layer's own cost (entry - base, the per-model overhead) is close to a product of an input and an
+    output factor, steps included (MACs are in x out, and SIMD tiles step each width on its own), so
+    cost(i, o) = cost(i, full) x cost(full, o) / cost(full, full): a 5 x 5 grid measures 9 entries
+    instead of 25. The whole-model calibration absorbs what the product misses."""
+    rows = np.maximum(np.array([entry(i, outs[-1]) for i in ins]) - base, 0.0)
+    cols = np.maximum(np.array([entry(ins[-1], o) for o in outs]) - base, 0.0)
+    corner = float(rows[-1])
+    if corner <= 1e-9:  # the layer costs no more than the overhead: add what each width changes
+        return base + np.maximum(np.add.outer(rows, cols) - corner, 0.0)
+    return base + np.outer(rows, cols) / corner
 
 
 def probe(model, group_names: list[str]) -> dict[str, tuple[dict[str, int], dict[str, int]]]:
@@ -276,8 +297,9 @@ class LatencyModel:
     """Predicted p50 (ms) of `model` with some units removed per group, on one runtime."""
 
     def __init__(self, model, group_names: list[str], runtime: str, batch: int = 1, step: int = 8,
-                 cache: str | Path | None = None, runs: int = 200, couplings: dict | None = None):
-        """`couplings`: `probe(model, group_names)` when several runtimes' models share one."""
+                 cache: str | Path | None = None, runs: int = 200, couplings: dict | None = None, low: int = 1):
+        """`couplings`: `probe(model, group_names)` when several runtimes' models share one; `low`: the
+        narrowest channel width the search may reach (attention heads are counted from 1)."""
         self.runtime, self.batch = runtime, batch
         self.table = LatencyTable.open(runtime, cache)
         shapes = measured_shapes(model)
@@ -287,9 +309,9 @@ class LatencyModel:
         self.terms = []
         for name, shape in shapes.items():
             diagonal = bool(a_in[name]) and a_in[name] == a_out[name] and len(a_in[name]) == 1
-            ins = grid(shape.in0, step) if a_in[name] and not diagonal else [shape.in0]
+            ins = grid(shape.in0, step, low) if a_in[name] and not diagonal else [shape.in0]
             heads = shape.kind == ATTENTION  # a few heads: every count matters, not multiples of `step`
-            outs = grid(shape.out0, 1 if heads else step) if a_out[name] else [shape.out0]
+            outs = (grid(shape.out0, 1) if heads else grid(shape.out0, step, low)) if a_out[name] else [shape.out0]
             self.terms.append(LayerTerm(name, shape, a_in[name], a_out[name], ins, outs, diagonal))
         wanted = {t.shape.key(i, o, batch): (t.shape, i, o) for t in self.terms for i, o in t.points()}
         self.entries = len(wanted)
@@ -315,9 +337,11 @@ class LatencyModel:
         grid_ms = self._grids.get(term.name)
         if grid_ms is None:  # read on first use: the table is complete by then
             key = term.shape.key
+            def entry(i, o):
+                return self.table.entries[key(i, o, self.batch)]
             grid_ms = self._grids[term.name] = (
-                np.array([self.table.entries[key(*p, self.batch)] for p in term.points()]) if term.diagonal
-                else np.array([[self.table.entries[key(i, o, self.batch)] for o in term.outs] for i in term.ins]))
+                np.array([entry(*p) for p in term.points()]) if term.diagonal
+                else separable(term.ins, term.outs, entry, self.table.overhead(self.batch)))
         if term.diagonal:
             value = float(np.interp(w_out, term.outs, grid_ms))
         else:
@@ -384,16 +408,24 @@ def fit_line(table_ms: list[float], measured_ms: list[float]) -> tuple[float, fl
     return 0.0, b
 
 
-def measure_models(models: dict[str, object], runtime: str, batch: int = 1, runs: int = 300) -> dict[str, float]:
-    """p50 (ms) of whole Keras models exported for `runtime`, measured interleaved in one session."""
+def measure_models(models: dict[str, object], runtime: str, batch: int = 1, runs: int = 300,
+                   files=None) -> dict[str, float]:
+    """p50 (ms) of whole Keras models exported for `runtime`, measured interleaved in one session.
+    `files` (search.costs.Files): keep each label's exported file and reuse it when asked again."""
     from exporters.latency import measure_interleaved
     from exporters.runtimes import open_runner, timing_input
+
+    def export(model, path):
+        _export(model, path, runtime)
 
     with tempfile.TemporaryDirectory() as tmp:
         runners = {}
         for i, (label, model) in enumerate(models.items()):
-            path = Path(tmp) / targets.float_target(runtime).filename(f"m{i}")
-            _export(model, path, runtime)
+            if files is not None:
+                path = files.path(label, model, runtime, export)
+            else:
+                path = Path(tmp) / targets.float_target(runtime).filename(f"m{i}")
+                export(model, path)
             runners[label] = open_runner(path)
         x = {k: timing_input(r, batch) for k, r in runners.items()}
         times = _measure_each(runners, x, runs, measure_interleaved)

@@ -93,6 +93,12 @@ def floors(units: dict[str, int], heads: set[str], roles_of: dict[str, str], cfg
     return out
 
 
+def narrowest(cfg) -> int:
+    """The narrowest width any channel group of more than that may reach under the recipe (`floors`):
+    HARD_FLOOR, or a smaller `min_width`. The latency tables measure nothing narrower."""
+    return min(cfg.min_width or HARD_FLOOR, HARD_FLOOR)
+
+
 def lowest(units: dict[str, int], removed: dict[str, int], floor: dict[str, int], max_cut: float) -> dict[str, int]:
     """The narrowest width each group may reach at the next point: its floor, and no more than
     `max_cut` of its current width removed at once."""
