@@ -34,16 +34,16 @@ def stand_in_search(monkeypatch):
         def observe(self, removed, measured_ms):
             self.samples.append((self.predict(removed), measured_ms))
 
-    def tables(model, names, cfg, ctx, runtimes=None):
+    def tables(model, names, cfg, ctx, runtimes=None, clock=None):
         units = {g.name: g.units for g in search.search_groups(model)}
         return {rt: Linear(units) for rt in ("onnxruntime", "tflite")}
 
-    def measure(models, runtime, batch=1, runs=0):
+    def measure(models, runtime, batch=1, runs=0, files=None):
         return {k: 0.01 + 0.001 * sum(surgery.prunable_layers(m).values()) for k, m in models.items()}
 
     monkeypatch.setattr(search, "_tables", tables)
     monkeypatch.setattr(search, "measure_models", measure)
-    monkeypatch.setattr(search, "calibrate", lambda lms, *a: ({rt: lm.predict() for rt, lm in lms.items()},) * 2)
+    monkeypatch.setattr(search, "calibrate", lambda lms, *a, **k: ({rt: lm.predict() for rt, lm in lms.items()},) * 2)
 
 
 def _run(tmp_path, capsys, model, arrays, recipe) -> dict:
