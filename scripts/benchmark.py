@@ -560,6 +560,12 @@ EXPORT_TIME = [
 ]
 
 
+def _per_batch(counts: dict, what: str) -> str:
+    """"200 runs at batch 1, 30 at batch 32" for the batches a run timed (a --rows run times batch 1 only)."""
+    parts = [f"{n} {what} at batch {b}" if i == 0 else f"{n} at batch {b}" for i, (b, n) in enumerate(counts.items())]
+    return ", ".join(parts)
+
+
 def render_page(results: dict) -> str:
     """docs/BENCHMARKS.md from benchmarks.json: header and headline, method, frontier, per-model results."""
     lines = (_page_top(results) + _deployment_size() + _method(results) + EXPORT_TIME + frontier_section(results)
@@ -666,8 +672,7 @@ def _method(results: dict) -> list[str]:
         "also carry `latency_ms_served` (the *served p50* column): the call as a Python server pays it, input copied "
         "in and output copied out (LiteRT `set_tensor` + `invoke` + `get_tensor`, onnxruntime `session.run` with a "
         "numpy feed), one served call after every 3 call-only ones in the same turns. After warm-up "
-        f"({meta['settings']['warmup']['1']} runs at batch 1, {meta['settings']['warmup']['32']} at batch 32), "
-        f"{meta['settings']['runs']['1']} rounds at batch 1 and {meta['settings']['runs']['32']} at batch 32, "
+        f"({_per_batch(meta['settings']['warmup'], 'runs')}), {_per_batch(meta['settings']['runs'], 'rounds')}, "
         "fixed intra-op threads. LiteRT uses its default resolver (XNNPACK) unless a file needs the builtin one "
         "(noted per row). Speedups are medians of per-round ratios, which cancel slow drift on a shared machine; "
         "absolute milliseconds are less trustworthy than ratios. The 95% CI covers round-to-round noise within "
