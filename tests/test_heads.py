@@ -10,40 +10,10 @@ import yaml
 
 from compressor.cli import main
 from compressor.core._tf import keras
-from compressor.stages import search
 from exporters.verify import _agreement
 
 L = keras.layers
 FOUR = ["tflite", "tflite-int8", "onnxruntime", "onnxruntime-int8"]
-
-
-@pytest.fixture
-def stand_in_search(monkeypatch):
-    """The search's loop without latency tables or runtime timing (tests/test_search.py measures those):
-    a point's latency is a fixed cost plus one per unit kept."""
-    from compressor.graph import surgery
-
-    class Linear:
-        def __init__(self, units):
-            self.units, self.samples, self.fit, self.entries = units, [], (0.0, 1.0), 0
-            self.table = type("T", (), {"path": "stand-in", "measured": 0})()
-
-        def predict(self, removed=None):
-            return 0.01 + 0.001 * sum(u - (removed or {}).get(g, 0) for g, u in self.units.items())
-
-        def observe(self, removed, measured_ms):
-            self.samples.append((self.predict(removed), measured_ms))
-
-    def tables(model, names, cfg, ctx, runtimes=None, clock=None):
-        units = {g.name: g.units for g in search.search_groups(model)}
-        return {rt: Linear(units) for rt in ("onnxruntime", "tflite")}
-
-    def measure(models, runtime, batch=1, runs=0, files=None):
-        return {k: 0.01 + 0.001 * sum(surgery.prunable_layers(m).values()) for k, m in models.items()}
-
-    monkeypatch.setattr(search, "_tables", tables)
-    monkeypatch.setattr(search, "measure_models", measure)
-    monkeypatch.setattr(search, "calibrate", lambda lms, *a, **k: ({rt: lm.predict() for rt, lm in lms.items()},) * 2)
 
 
 def _run(tmp_path, capsys, model, arrays, recipe) -> dict:
@@ -80,7 +50,7 @@ def _binary_model(x, y):
     return model
 
 
-def test_binary_head_on_normalized_raw_features_runs_end_to_end(tmp_path, capsys, stand_in_search):
+def test_binary_head_on_normalized_raw_features_runs_end_to_end(tmp_path, capsys, stand_in_runtime):
     """Labels (N, 1) for training and (N,) for testing, the default loss (auto): binary crossentropy,
     accuracy by threshold 0.5 in the stages, the search and every file; the int8 files score above
     the majority class (per-tensor int8 of the raw inputs before the Normalization scored exactly it)."""
@@ -145,7 +115,7 @@ def test_binary_labels_outside_0_1_are_one_line(tmp_path, capsys):
     assert code != 0 and err.count("\n") == 0 and "labels must be 0 or 1" in err, err
 
 
-def test_two_output_model_under_the_search_default_criterion(tmp_path, capsys, stand_in_search):
+def test_two_output_model_under_the_search_default_criterion(tmp_path, capsys, stand_in_runtime):
     """The README's two-output recipe with the search's default taylor criterion: each output's loss
     (sparse crossentropy, mae on (N,) labels against a (N, 1) output) summed into one gradient."""
     rng = np.random.default_rng(1)
@@ -182,7 +152,7 @@ def _two_inputs(n=500):
     return model, a, b, y
 
 
-def test_two_input_model_runs_end_to_end(tmp_path, capsys, stand_in_search):
+def test_two_input_model_runs_end_to_end(tmp_path, capsys, stand_in_runtime):
     """x_train_0, x_train_1 in the model's input order; every file takes both inputs by name, is
     verified against Keras and timed with both set."""
     model, a, b, y = _two_inputs()

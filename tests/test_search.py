@@ -10,6 +10,7 @@ from compressor.stages import observation, planning, search
 from compressor.stages.base import StageContext
 from compressor.stages.search.latency_model import LatencyModel, grid
 from exporters.frontier_plot import frontier_table, plot_frontier
+from tests.conftest import kept_units
 
 L = keras.layers
 
@@ -402,45 +403,6 @@ def test_couplings_probed_once_follow_mobilenetv2s_residual_groups_and_leave_the
 
 # ------------------------------------------------------------------ floors, one scale, bisection (issue 25)
 
-OVERHEAD_MS, UNIT_MS = 0.01, 0.001  # the stand-in runtime: a fixed cost plus a cost per unit kept
-
-
-def _kept(model) -> int:
-    from compressor.graph import surgery
-
-    return sum(surgery.prunable_layers(model).values())
-
-
-class _LinearTable:
-    """A latency table whose narrower is always faster: the search's own loop, no runtime measured."""
-
-    def __init__(self, units: dict[str, int]):
-        self.units, self.samples, self.fit, self.entries = units, [], (0.0, 1.0), 0
-        self.table = type("T", (), {"path": "stand-in", "measured": 0})()
-
-    def predict(self, removed=None):
-        removed = removed or {}
-        return OVERHEAD_MS + UNIT_MS * sum(u - removed.get(g, 0) for g, u in self.units.items())
-
-    def observe(self, removed, measured_ms):
-        self.samples.append((self.predict(removed), measured_ms))
-
-
-@pytest.fixture
-def stand_in_runtime(monkeypatch):
-    """Replace the latency tables and the runtime measurements by `_LinearTable`'s arithmetic."""
-    def tables(model, names, cfg, ctx, runtimes=None, clock=None):
-        units = {g.name: g.units for g in search.search_groups(model)}
-        return {rt: _LinearTable(units) for rt in ("onnxruntime", "tflite")}
-
-    def measure(models, runtime, batch=1, runs=0, files=None):
-        return {label: OVERHEAD_MS + UNIT_MS * _kept(m) for label, m in models.items()}
-
-    monkeypatch.setattr(search, "_tables", tables)
-    monkeypatch.setattr(search, "measure_models", measure)
-    monkeypatch.setattr(search, "calibrate", lambda lms, *a, **k: ({rt: lm.predict() for rt, lm in lms.items()},) * 2)
-
-
 def _cnn(digits, widths=(16, 32), epochs: int = 2) -> keras.Model:
     """A small Conv-BN CNN on the 8x8 digits: the first conv is the stem, the last the classifier's input."""
     keras.utils.set_random_seed(0)
@@ -558,7 +520,7 @@ def test_bisection_runs_a_point_between_the_last_good_and_the_failing_one(digits
 
     def tune(model, *args):
         acc, *rest = real(model, *args)
-        return (acc if _kept(model) >= 40 else 0.0), *rest
+        return (acc if kept_units(model) >= 40 else 0.0), *rest
     monkeypatch.setattr(search.tuning, "tune", tune)
     model = _mlp(64)
     model.compile("adam", "sparse_categorical_crossentropy")
